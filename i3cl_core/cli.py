@@ -1,0 +1,66 @@
+"""The ``i3cl`` command line.
+
+Each subcommand lives in the module that implements it, which exposes two functions:
+``add_arguments(parser)`` and ``run(args) -> int``. Heavy imports (torch, cv2, shapely) stay inside
+``run`` so that ``i3cl --help`` is fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "config": ("i3cl_core.config_cli", "print a resolved config (after _base_ and --set), or explain why it is invalid"),
+    "synth": ("i3cl_core.data.synth_cli", "generate a synthetic curved-text dataset (COCO json + images)"),
+    "browse": ("i3cl_core.data.browse", "draw a dataset's polygons on its images into PNG files"),
+    "evaluate": ("i3cl_core.evaluation.cli", "score predictions against ground truth (ArT, Total-Text, CTW1500, IC15)"),
+    "convert-dataset": ("i3cl_core.data.convert", "convert official ArT/LSVT/Total-Text/CTW1500 annotations to COCO"),
+}
+
+
+def _load(module: str):
+    return importlib.import_module(module)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="i3cl", description="I3CL arbitrary-shaped scene text detection")
+    from i3cl_core import __version__
+
+    parser.add_argument("--version", action="version", version=f"i3cl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        try:
+            mod = _load(module)
+        except ModuleNotFoundError as e:  # a subcommand whose module is missing must not break the others
+            if e.name and e.name.startswith("i3cl_core"):
+                continue
+            raise
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod.add_arguments(p)
+        p.set_defaults(_module=mod)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    from i3cl_core.config import ConfigError
+    from i3cl_core.data.errors import DatasetError
+
+    try:
+        return int(args._module.run(args) or 0)
+    except (ConfigError, DatasetError, FileNotFoundError) as e:
+        print(f"i3cl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"i3cl {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

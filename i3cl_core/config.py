@@ -1,0 +1,436 @@
+"""Typed configuration: pydantic models, YAML files with inheritance, command-line overrides.
+
+A config file is YAML whose top-level keys are the sections of :class:`I3CLConfig`
+(``data``, ``model``, ``train``, ``infer``, ``fuse``, ``pipeline``). It may name one or more
+base files with ``_base_`` (paths relative to the file); keys in the file override the base
+key by key (dicts merge, everything else replaces). ``--set train.lr=0.001`` style overrides
+are applied last; their values are parsed as YAML (``--set model.intra_cl=false``).
+
+Every error names the key, where the value came from (file or ``--set``) and what is allowed.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says which key and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+class DatasetSource(_Strict):
+    """One COCO annotation file and the folder its ``file_name`` entries are relative to."""
+
+    ann_file: str = Field(description="COCO json with images, annotations (polygon/RLE), optional lossweight")
+    img_root: str = Field(description="folder that the images' file_name entries are relative to")
+
+
+class AugmentConfig(_Strict):
+    """The training augmentations of I3CL_SPEC.md C.2."""
+
+    flip: Literal["original", "random", "none"] = Field(
+        "original",
+        description="original: every image is flipped, horizontally or vertically with p 0.5 each "
+        "(the release's behaviour, spec G.10); random: horizontal and vertical flips each with their "
+        "own probability; none: no flips",
+    )
+    hflip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    vflip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    policies: Literal["r50", "vitae", "resize_only"] = Field(
+        "r50", description="AutoAugment policy set: r50 (3 policies), vitae (4: adds resize only), resize_only"
+    )
+    rotate_prob: float = Field(0.5, ge=0.0, le=1.0)
+    rotate_angles: tuple[float, float] = Field(
+        (10.0, 15.0), description="rotation magnitude in degrees for policy 1 and policy 3"
+    )
+    rotate_fill: int = Field(128, ge=0, le=255)
+    photometric_prob: float = Field(0.5, ge=0.0, le=1.0)
+    photometric_factor: float = Field(1.54, gt=0.0, le=10.0)
+    scales: list[tuple[int, int]] = Field(
+        default_factory=lambda: [(800, 1800), (1000, 1800), (1200, 1800), (1400, 1800), (1600, 1800)],
+        description="(short side, long-side cap) pairs; one is chosen uniformly per image",
+    )
+    min_instance_area: float = Field(
+        4.0, ge=0.0, description="instances whose clipped polygon area (px^2) falls below this are dropped"
+    )
+
+    @field_validator("scales")
+    @classmethod
+    def _check_scales(cls, v: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        if not v:
+            raise ValueError("needs at least one (short, long_cap) pair")
+        for short, cap in v:
+            if short < 32 or cap < 32:
+                raise ValueError(f"({short}, {cap}): both sides must be >= 32 pixels")
+        return v
+
+
+class DataConfig(_Strict):
+    train: list[DatasetSource] = Field(default_factory=list, description="concatenated training sets")
+    val: DatasetSource | None = None
+    test: DatasetSource | None = None
+    min_image_size: int = Field(32, ge=1, description="images whose shorter side is below this are dropped")
+    dontcare: bool = Field(
+        True, description="treat iscrowd/ignore annotations as do-not-care regions (False: drop them)"
+    )
+    num_workers: int = Field(2, ge=0, le=64)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# model
+class BackboneConfig(_Strict):
+    name: str = Field(
+        "resnet50",
+        description="torchvision resnet18/34/50/101, 'timm:<model name>' for any timm features_only model, "
+        "or vitaev2_s",
+    )
+    weights: str | None = Field(None, description="local path of pretrained weights (never downloaded)")
+    frozen_stages: int = Field(1, ge=-1, le=4, description="-1: none; 0: stem; 1: stem + first stage; ...")
+    norm_eval: bool = Field(True, description="keep BatchNorm running statistics frozen (affine stays trainable)")
+
+
+class InterCLConfig(_Strict):
+    token_channels: int = Field(32, ge=1)
+    token_pool: int = Field(3, ge=1)
+    layers: int = Field(3, ge=1, le=24)
+    heads: int = Field(4, ge=1)
+    ffn_dim: int = Field(2048, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class ModelConfig(_Strict):
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    fpn_channels: int = Field(256, ge=8, le=1024)
+    intra_cl: bool = Field(True, description="IntraCL blocks on P2-P6")
+    inter_cl: bool = Field(True, description="InterCL block on the mask branch")
+    inter_cl_cfg: InterCLConfig = Field(default_factory=InterCLConfig)
+    num_classes: int = Field(1, ge=1, description="foreground classes (1 = text)")
+    representation_size: int = Field(1024, ge=8, description="width of the box head's two FC layers")
+    mask_head_convs: int = Field(4, ge=1, le=8)
+    # RPN
+    anchor_sizes: list[int] = Field(default_factory=lambda: [32, 64, 128, 256, 512])
+    anchor_ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0])
+    rpn_pre_nms_top_n_train: int = Field(2000, ge=1)
+    rpn_pre_nms_top_n_test: int = Field(1000, ge=1)
+    rpn_post_nms_top_n_train: int = Field(1000, ge=1)
+    rpn_post_nms_top_n_test: int = Field(1000, ge=1)
+    rpn_nms_thresh: float = Field(0.7, gt=0.0, le=1.0)
+    rpn_batch_size_per_image: int = Field(256, ge=1)
+    rpn_positive_fraction: float = Field(0.5, gt=0.0, le=1.0)
+    # RoI heads
+    box_batch_size_per_image: int = Field(512, ge=1)
+    box_positive_fraction: float = Field(0.25, gt=0.0, le=1.0)
+    dontcare_iof_thr: float = Field(
+        0.5, ge=0.0, le=1.0, description="anchors/RoIs covered more than this by a do-not-care region are ignored"
+    )
+    ignore_dontcare: bool = Field(True, description="False reproduces the release (do-not-care is background)")
+    # test
+    score_thr: float = Field(0.05, ge=0.0, le=1.0)
+    nms_thr: float = Field(0.35, gt=0.0, le=1.0)
+    max_detections: int = Field(100, ge=1)
+    mask_thr: float = Field(0.5, gt=0.0, lt=1.0)
+    test_short_side: int = Field(1185, ge=32)
+    test_long_side: int = Field(1950, ge=32)
+    size_divisible: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> "ModelConfig":
+        if self.inter_cl:
+            d = self.inter_cl_cfg.token_channels * self.inter_cl_cfg.token_pool**2
+            if d % self.inter_cl_cfg.heads:
+                raise ValueError(
+                    f"inter_cl_cfg: token_channels*token_pool^2 = {d} must be divisible by heads = "
+                    f"{self.inter_cl_cfg.heads}"
+                )
+        if len(self.anchor_sizes) != 5:
+            raise ValueError(f"anchor_sizes: needs 5 sizes, one per level P2-P6 (got {len(self.anchor_sizes)})")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# training, inference, fusion, pipeline
+class TrainConfig(_Strict):
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0.0, le=10.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    no_decay_keys: list[str] = Field(
+        default_factory=list, description="parameter-name substrings excluded from weight decay (AdamW recipe)"
+    )
+    epochs: int = Field(12, ge=1, le=10000)
+    lr_steps: list[int] = Field(default_factory=lambda: [8, 11], description="epochs after which lr x= gamma")
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    warmup_iters: int = Field(1000, ge=0)
+    warmup_ratio: float = Field(0.001, gt=0.0, le=1.0)
+    batch_size: int = Field(2, ge=1, le=1024, description="images per process")
+    grad_clip: float | None = Field(None, gt=0.0)
+    amp: bool = Field(False, description="mixed precision (CUDA only; ignored on CPU)")
+    checkpoint_interval_iters: int = Field(0, ge=0, description="0: only at epoch ends")
+    keep_last: int = Field(3, ge=1)
+    load_from: str | None = Field(None, description="checkpoint to start from (non-strict)")
+    eval_interval: int = Field(1, ge=0, description="epochs between evaluations on data.val (0: never)")
+    eval_protocol: Literal["art", "totaltext", "ctw1500", "icdar2015"] = "art"
+    seed: int = Field(0, ge=0)
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    log_interval: int = Field(20, ge=1)
+
+
+class InferConfig(_Strict):
+    score_thr: float = Field(0.45, ge=0.0, le=1.0, description="output filter on box score (ArT demo: 0.45)")
+    batch_size: int = Field(1, ge=1, le=256)
+    device: str = "auto"
+    polygon_epsilon: float = Field(0.005, ge=0.0, le=0.5, description="approxPolyDP epsilon x perimeter")
+    tta_flips: list[Literal["h", "v"]] = Field(default_factory=list)
+    tta_scales: list[int] = Field(default_factory=list, description="extra test short sides")
+
+
+class FuseConfig(_Strict):
+    iou_thr: float = Field(0.55, gt=0.0, le=1.0)
+    skip_thr: float = Field(0.05, ge=0.0, le=1.0)
+    keep_thr: float = Field(0.5, ge=0.0, le=1.0)
+    min_votes: int = Field(1, ge=1)
+    conf_type: Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"] = "avg"
+    model_weights: list[float] | None = None
+    uncertain_band: tuple[float, float] | None = Field(
+        None, description="fused scores in [low, keep_thr) become do-not-care regions instead of being dropped"
+    )
+    lossweight: Literal["score_x_votes", "score", "votes", "one"] = "score_x_votes"
+
+    @model_validator(mode="after")
+    def _check_band(self) -> "FuseConfig":
+        if self.model_weights is not None and any((not math.isfinite(w)) or w <= 0 for w in self.model_weights):
+            raise ValueError("model_weights: every weight must be finite and > 0")
+        if self.uncertain_band is not None:
+            lo, hi = self.uncertain_band
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ValueError(f"uncertain_band: needs 0 <= low <= high <= 1 (got {self.uncertain_band})")
+        return self
+
+
+class PipelineConfig(_Strict):
+    work_dir: str = "runs/demo"
+    teacher_configs: list[str] = Field(default_factory=list, description="one training config per teacher")
+    student_config: str | None = None
+    shard_size: int = Field(64, ge=1)
+
+
+class I3CLConfig(_Strict):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    infer: InferConfig = Field(default_factory=InferConfig)
+    fuse: FuseConfig = Field(default_factory=FuseConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+BASE_KEY = "_base_"
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file ({e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _merge(dst: dict, src: dict, origins: dict[str, str], origin_of, prefix: str = "") -> None:
+    """Merge ``src`` into ``dst`` in place (dicts recursively); ``origins[dotted key]`` records where
+    each leaf came from, as ``origin_of(dotted key)`` says."""
+    for key, value in src.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _merge(dst[key], value, origins, origin_of, dotted + ".")
+            continue
+        dst[key] = copy.deepcopy(value)
+        for k in [k for k in origins if k == dotted or k.startswith(dotted + ".")]:
+            del origins[k]
+        origins[dotted] = origin_of(dotted)
+
+
+def _load_tree(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, dict[str, str]]:
+    """The merged key tree of one config file and its bases, and the file each leaf came from."""
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise ConfigError(f"{path}: {BASE_KEY} inheritance cycle: {cycle}")
+    data = _read_yaml(path)
+    bases = data.pop(BASE_KEY, [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: {BASE_KEY} must be a file name or a list of file names")
+    tree: dict = {}
+    origins: dict[str, str] = {}
+    for base in bases:
+        base_path = Path(base) if os.path.isabs(base) else path.parent / base
+        if not base_path.exists():
+            raise ConfigError(f"{path}: {BASE_KEY} names {base!r}, which does not exist ({base_path})")
+        base_tree, base_origins = _load_tree(base_path, (*chain, path))
+        _merge(tree, base_tree, origins, lambda k, bo=base_origins, bp=str(base_path): bo.get(k, bp))
+    _merge(tree, data, origins, lambda k: str(path))
+    return tree, origins
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``'train.lr=0.001'`` -> (['train', 'lr'], 0.001). The value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=0.001")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: empty key component")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({e})") from None
+    return key.split("."), value
+
+
+def _apply_override(tree: dict, parts: list[str], value: Any, item: str, origins: dict[str, str]) -> None:
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = nxt
+    prefix = ".".join(parts[:-1]) + "." if len(parts) > 1 else ""
+    _merge(node, {parts[-1]: value}, origins, lambda k: f"--set {item}", prefix)
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """Field names of the sub-model at ``loc`` (for unknown-key messages)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return None
+        annotation = current.model_fields[part].annotation
+        current = _unwrap_model(annotation)
+        if current is None:
+            return None
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return sorted(current.model_fields)
+    return None
+
+
+def _unwrap_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _unwrap_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _field_description(model: type[BaseModel], loc: tuple) -> str | None:
+    current: Any = model
+    info = None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return None
+        info = current.model_fields[part]
+        current = _unwrap_model(info.annotation)
+    if info is None:
+        return None
+    bounds = []
+    for meta in info.metadata:
+        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(meta, attr, None) is not None:
+                bounds.append(f"{sym} {getattr(meta, attr)}")
+    parts = []
+    if bounds:
+        parts.append("allowed: " + " and ".join(bounds))
+    if info.description:
+        parts.append(info.description)
+    return "; ".join(parts) or None
+
+
+def _origin_of(loc: tuple, origins: dict[str, str]) -> str:
+    keys = [str(p) for p in loc if not isinstance(p, int)]
+    for n in range(len(keys), 0, -1):
+        dotted = ".".join(keys[:n])
+        if dotted in origins:
+            return origins[dotted]
+    return "defaults"
+
+
+def format_validation_error(err: ValidationError, origins: dict[str, str], model: type[BaseModel]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "<root>"
+        where = _origin_of(loc, origins)
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc)
+            hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"{key}: unknown key (from {where}){hint}")
+            continue
+        msg = e["msg"]
+        got = e.get("input")
+        desc = _field_description(model, loc)
+        text = f"{key}: {msg} (got {got!r}, from {where})"
+        if desc:
+            text += f"; {desc}"
+        lines.append(text)
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def build_config(tree: dict, origins: dict[str, str] | None = None) -> I3CLConfig:
+    try:
+        return I3CLConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, origins or {}, I3CLConfig)) from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> I3CLConfig:
+    """Load a YAML config (following ``_base_``), apply ``--set`` overrides, validate."""
+    tree, origins = _load_tree(Path(path)) if path is not None else ({}, {})
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        _apply_override(tree, parts, value, item, origins)
+    return build_config(tree, origins)
+
+
+def config_to_dict(cfg: BaseModel) -> dict:
+    return cfg.model_dump(mode="json")
+
+
+def save_config(cfg: BaseModel, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML, atomically."""
+    from i3cl_core.utils import atomic_write_text
+
+    return atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,20 @@
+"""``i3cl config CONFIG [--set key=value ...]``: print the resolved config as YAML."""
+from __future__ import annotations
+
+import argparse
+
+import yaml
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config file (may name _base_ files)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key, e.g. --set train.lr=0.001 (repeatable)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from i3cl_core.config import config_to_dict, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+    return 0

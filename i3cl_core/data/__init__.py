@@ -1,0 +1,1 @@
+"""Data: COCO polygon datasets, augmentations, the synthetic curved-text generator."""

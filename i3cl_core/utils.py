@@ -1,0 +1,63 @@
+"""Small shared helpers: atomic writes, safe paths, logging."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+LOGGER_NAME = "i3cl"
+
+
+def get_logger(name: str | None = None) -> logging.Logger:
+    logger = logging.getLogger(LOGGER_NAME if name is None else f"{LOGGER_NAME}.{name}")
+    root = logging.getLogger(LOGGER_NAME)
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+    return logger
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, sort_keys=False))
+
+
+def safe_join(root: str | os.PathLike, relative: str) -> Path:
+    """``root / relative``, refusing paths that escape ``root`` (absolute paths, ``..``, symlinks out)."""
+    root_path = Path(root).resolve()
+    if not isinstance(relative, str) or not relative:
+        raise ValueError(f"empty or non-string file name {relative!r}")
+    if os.path.isabs(relative):
+        raise ValueError(f"file name {relative!r} is absolute; it must be relative to the image root {root_path}")
+    full = (root_path / relative).resolve()
+    if full != root_path and root_path not in full.parents:
+        raise ValueError(f"file name {relative!r} escapes the image root {root_path}")
+    return full
