@@ -1,0 +1,29 @@
+# Quick start (README): `make demo` runs the main job, `make test` runs the tests.
+# Both create the virtual environment .venv inside the checkout on first use.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= data/demo
+
+.PHONY: demo test venv fonts clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+fonts:
+	@bash scripts/install_fonts.sh
+
+demo: $(STAMP) fonts
+	$(BIN)/i3cl synth --preset demo --out $(DEMO_DIR) --seed 0 --workers 2
+
+test: $(STAMP) fonts
+	$(BIN)/python -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,129 @@
+"""Polygon helpers shared by the dataset, the augmentations and the model.
+
+Polygons are float32 arrays of shape (K, 2) holding (x, y) in continuous image coordinates: pixel
+(col j, row i) covers [j, j+1) x [i, i+1). An *instance* is a list of such polygons (COCO allows
+several parts per annotation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+Polygon = np.ndarray  # (K, 2) float32
+Instance = list  # list[Polygon]
+
+
+@dataclass
+class RepairResult:
+    parts: list[Polygon]
+    status: str  # "ok", "repaired", "too_few_points", "zero_area", "invalid", "non_finite"
+
+
+def flat_to_polygon(flat) -> Polygon:
+    arr = np.asarray(flat, dtype=np.float64).reshape(-1, 2)
+    return arr.astype(np.float32)
+
+
+def polygon_area(poly: Polygon) -> float:
+    """Absolute shoelace area."""
+    if len(poly) < 3:
+        return 0.0
+    x = poly[:, 0].astype(np.float64)
+    y = poly[:, 1].astype(np.float64)
+    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2.0)
+
+
+def instance_area(parts: Instance) -> float:
+    return float(sum(polygon_area(p) for p in parts))
+
+
+def instance_box(parts: Instance) -> np.ndarray:
+    """Axis-aligned box (x1, y1, x2, y2) around all parts."""
+    pts = np.concatenate(parts, axis=0)
+    return np.array([pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()], dtype=np.float32)
+
+
+def _shapely_parts(geom) -> list[Polygon]:
+    """Exterior rings of the polygonal parts of a shapely geometry, largest first."""
+    import shapely
+
+    polys = []
+    for g in shapely.get_parts(geom):
+        if g.geom_type == "Polygon" and not g.is_empty and g.area > 0:
+            polys.append(g)
+        elif g.geom_type in ("MultiPolygon", "GeometryCollection"):
+            polys.extend(p for p in shapely.get_parts(g) if p.geom_type == "Polygon" and p.area > 0)
+    polys.sort(key=lambda g: -g.area)
+    return [np.asarray(g.exterior.coords[:-1], dtype=np.float32) for g in polys]
+
+
+def repair_polygon(poly: Polygon, keep: str = "largest") -> RepairResult:
+    """Validate one polygon; repair self-intersections with shapely ``make_valid``.
+
+    ``keep="largest"`` keeps the largest polygonal part of a repaired shape (a bow-tie becomes its
+    bigger lobe); ``keep="all"`` keeps every part.
+    """
+    if not np.all(np.isfinite(poly)):
+        return RepairResult([], "non_finite")
+    if len(poly) < 3 or len(np.unique(poly, axis=0)) < 3:
+        return RepairResult([], "too_few_points")
+    import shapely
+    from shapely.geometry import Polygon as SPolygon
+
+    g = SPolygon(poly)
+    if g.is_valid:
+        if g.area <= 0:
+            return RepairResult([], "zero_area")
+        return RepairResult([poly.astype(np.float32)], "ok")
+    parts = _shapely_parts(shapely.make_valid(g))
+    if not parts:
+        return RepairResult([], "zero_area")
+    return RepairResult(parts if keep == "all" else parts[:1], "repaired")
+
+
+def clip_instance(parts: Instance, width: float, height: float) -> Instance:
+    """Intersect an instance with the image rectangle [0, width] x [0, height]."""
+    pts = np.concatenate(parts, axis=0)
+    if pts[:, 0].min() >= 0 and pts[:, 1].min() >= 0 and pts[:, 0].max() <= width and pts[:, 1].max() <= height:
+        return parts
+    import shapely
+    from shapely.geometry import Polygon as SPolygon, box
+
+    frame = box(0, 0, width, height)
+    out: list[Polygon] = []
+    for p in parts:
+        g = SPolygon(p)
+        if not g.is_valid:
+            g = shapely.make_valid(g)
+        out.extend(_shapely_parts(g.intersection(frame)))
+    return out
+
+
+def rasterize_instance(parts: Instance, height: int, width: int) -> np.ndarray:
+    """Binary uint8 mask (H, W) of an instance, through pycocotools (the COCO convention)."""
+    from pycocotools import mask as mask_utils
+
+    flat = [p.astype(np.float64).reshape(-1).tolist() for p in parts if len(p) >= 3]
+    if not flat:
+        return np.zeros((height, width), dtype=np.uint8)
+    rles = mask_utils.frPyObjects(flat, height, width)
+    return mask_utils.decode(mask_utils.merge(rles)).astype(np.uint8)
+
+
+def mask_to_instance(mask: np.ndarray, min_area: float = 1.0) -> Instance:
+    """Outer contours of a binary mask as polygons (largest first), in continuous coordinates."""
+    import cv2
+
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    parts = []
+    for c in contours:
+        c = c.reshape(-1, 2).astype(np.float32)
+        if len(c) < 3:
+            continue
+        # contour points are pixel indices; the pixel's covered area extends to +1
+        poly = c + 0.5
+        if polygon_area(poly) >= min_area:
+            parts.append(poly)
+    parts.sort(key=lambda p: -polygon_area(p))
+    return parts

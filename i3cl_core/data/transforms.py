@@ -1,0 +1,271 @@
+"""Training augmentations of I3CL_SPEC.md C.2, applied to the image and its polygons together.
+
+Every transform is a callable ``(sample, rng) -> sample`` where ``rng`` is a
+``numpy.random.Generator``; a pipeline is therefore deterministic under a seed. Instances (text and
+do-not-care regions alike) live in one table inside :class:`Sample`: polygons, do-not-care flags,
+loss weights and annotation ids are dropped together by :meth:`Sample.keep`, so the release's bug
+G.6 (weights left behind when Rotate removes a box) cannot happen. Boxes are never stored: they are
+recomputed from the transformed polygons when the sample becomes tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+
+from i3cl_core.data.polygons import clip_instance, instance_area, instance_box
+
+
+@dataclass
+class Sample:
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    polygons: list  # per instance: list of (K, 2) float32 parts
+    iscrowd: np.ndarray  # (N,) bool: do-not-care region
+    lossweights: np.ndarray  # (N,) float32
+    ann_ids: np.ndarray  # (N,) int64
+    image_id: int = -1
+    file_name: str = ""
+    orig_size: tuple[int, int] = (0, 0)
+    log: list = field(default_factory=list)  # names of the transforms applied, for debugging
+
+    def __len__(self) -> int:
+        return len(self.polygons)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.shape[0], self.image.shape[1]
+
+    def keep(self, mask: np.ndarray) -> "Sample":
+        """Keep the instances where ``mask`` is True, every per-instance field in lockstep."""
+        mask = np.asarray(mask, dtype=bool)
+        assert mask.shape == (len(self),), (mask.shape, len(self))
+        return replace(
+            self,
+            polygons=[p for p, k in zip(self.polygons, mask) if k],
+            iscrowd=self.iscrowd[mask],
+            lossweights=self.lossweights[mask],
+            ann_ids=self.ann_ids[mask],
+        )
+
+    def map_points(self, fn: Callable[[np.ndarray], np.ndarray]) -> list:
+        return [[fn(p).astype(np.float32) for p in parts] for parts in self.polygons]
+
+    def to_tensors(self):
+        """(image [3, H, W] float in [0, 1], target dict); see i3cl_core.data.coco for the fields."""
+        import torch
+
+        h, w = self.size
+        image = torch.from_numpy(np.ascontiguousarray(self.image.transpose(2, 0, 1))).float().div_(255.0)
+        boxes = np.zeros((len(self), 4), dtype=np.float32)
+        for i, parts in enumerate(self.polygons):
+            boxes[i] = instance_box(parts)
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
+        care = ~self.iscrowd
+        target = {
+            "boxes": torch.from_numpy(boxes[care]).reshape(-1, 4),
+            "labels": torch.ones(int(care.sum()), dtype=torch.int64),
+            "polygons": [p for p, c in zip(self.polygons, care) if c],
+            "lossweights": torch.from_numpy(self.lossweights[care].astype(np.float32)),
+            "ann_ids": torch.from_numpy(self.ann_ids[care]),
+            "dontcare_boxes": torch.from_numpy(boxes[~care]).reshape(-1, 4),
+            "dontcare_polygons": [p for p, c in zip(self.polygons, care) if not c],
+            "image_id": self.image_id,
+            "file_name": self.file_name,
+            "orig_size": self.orig_size,
+        }
+        return image, target
+
+
+class Compose:
+    def __init__(self, transforms: Sequence[Callable]):
+        self.transforms = list(transforms)
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        for t in self.transforms:
+            sample = t(sample, rng)
+        return sample
+
+    def __repr__(self) -> str:
+        return f"Compose({', '.join(map(repr, self.transforms))})"
+
+
+class RandomFlip:
+    """``original``: every image flipped, horizontally or vertically with p 0.5 each (spec G.10);
+    ``random``: horizontal with ``hprob`` and vertical with ``vprob``, independently; ``none``."""
+
+    def __init__(self, mode: str = "original", hprob: float = 0.5, vprob: float = 0.5):
+        assert mode in ("original", "random", "none"), mode
+        self.mode, self.hprob, self.vprob = mode, hprob, vprob
+
+    def __call__(self, s: Sample, rng: np.random.Generator) -> Sample:
+        if self.mode == "none":
+            return s
+        if self.mode == "original":
+            horizontal = rng.random() < 0.5
+            flips = ["h"] if horizontal else ["v"]
+        else:
+            flips = [d for d, p in (("h", self.hprob), ("v", self.vprob)) if rng.random() < p]
+        h, w = s.size
+        for d in flips:
+            if d == "h":
+                s = replace(s, image=s.image[:, ::-1], polygons=s.map_points(lambda p: np.stack([w - p[:, 0], p[:, 1]], 1)[::-1]))
+            else:
+                s = replace(s, image=s.image[::-1], polygons=s.map_points(lambda p: np.stack([p[:, 0], h - p[:, 1]], 1)[::-1]))
+            s = replace(s, log=[*s.log, f"flip_{d}"])
+        # reversing the point order keeps clockwise polygons clockwise after a mirror
+        return replace(s, image=np.ascontiguousarray(s.image))
+
+    def __repr__(self) -> str:
+        return f"RandomFlip({self.mode})"
+
+
+class ClipAndFilter:
+    """Clip instances to the image and drop those that left it (area below ``min_area`` or a box
+    narrower than 1 px), all per-instance fields in lockstep."""
+
+    def __init__(self, min_area: float = 4.0):
+        self.min_area = min_area
+
+    def __call__(self, s: Sample, rng: np.random.Generator | None = None) -> Sample:
+        if len(s) == 0:
+            return s
+        h, w = s.size
+        clipped = [clip_instance(parts, w, h) for parts in s.polygons]
+        keep = np.zeros(len(s), dtype=bool)
+        for i, parts in enumerate(clipped):
+            if parts:
+                x1, y1, x2, y2 = instance_box(parts)
+                keep[i] = instance_area(parts) >= self.min_area and x2 - x1 >= 1 and y2 - y1 >= 1
+        s = replace(s, polygons=clipped)
+        return s.keep(keep)
+
+    def __repr__(self) -> str:
+        return f"ClipAndFilter({self.min_area})"
+
+
+class Rotate:
+    """Rotate by a fixed magnitude (degrees) with a random sign, with probability ``prob``, about the
+    image centre, on the same canvas (corners cut), image fill ``fill``; instances that leave the
+    image are dropped."""
+
+    def __init__(self, angle: float, prob: float = 0.5, fill: int = 128, min_area: float = 4.0):
+        self.angle, self.prob, self.fill = angle, prob, fill
+        self.filter = ClipAndFilter(min_area)
+
+    def __call__(self, s: Sample, rng: np.random.Generator) -> Sample:
+        if rng.random() >= self.prob:
+            return s
+        angle = self.angle if rng.random() < 0.5 else -self.angle
+        h, w = s.size
+        m = cv2.getRotationMatrix2D(((w - 1) / 2.0, (h - 1) / 2.0), angle, 1.0)
+        image = cv2.warpAffine(s.image, m, (w, h), flags=cv2.INTER_LINEAR, borderValue=(self.fill,) * 3)
+
+        def move(p: np.ndarray) -> np.ndarray:
+            # cv2 works on pixel centres: continuous coordinate x is pixel-centre coordinate x - 0.5
+            q = p.astype(np.float64) - 0.5
+            return q @ m[:, :2].T + m[:, 2] + 0.5
+
+        s = replace(s, image=image, polygons=s.map_points(move))
+        s = replace(s, log=[*s.log, f"rotate_{angle:+g}"])
+        return self.filter(s)
+
+    def __repr__(self) -> str:
+        return f"Rotate({self.angle}, p={self.prob})"
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    return image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+class Photometric:
+    """PIL-style enhancement with a fixed ``factor`` and probability ``prob``: ``color`` blends with
+    the grey image, ``brightness`` with black, ``contrast`` with the mean grey level."""
+
+    def __init__(self, kind: str, factor: float = 1.54, prob: float = 0.5):
+        assert kind in ("color", "brightness", "contrast"), kind
+        self.kind, self.factor, self.prob = kind, factor, prob
+
+    def __call__(self, s: Sample, rng: np.random.Generator) -> Sample:
+        if rng.random() >= self.prob:
+            return s
+        img = s.image.astype(np.float32)
+        if self.kind == "color":
+            base = _grey(s.image)[..., None]
+        elif self.kind == "brightness":
+            base = np.zeros_like(img)
+        else:
+            base = np.full_like(img, float(_grey(s.image).mean()))
+        out = base + self.factor * (img - base)
+        s = replace(s, image=np.clip(out + 0.5, 0, 255).astype(np.uint8))
+        s = replace(s, log=[*s.log, self.kind])
+        return s
+
+    def __repr__(self) -> str:
+        return f"Photometric({self.kind}, {self.factor}, p={self.prob})"
+
+
+def keep_ratio_scale(h: int, w: int, short: int, long_cap: int) -> float:
+    return min(long_cap / max(h, w), short / min(h, w))
+
+
+class Resize:
+    """Keep-ratio resize to one (short side, long-side cap) pair chosen uniformly."""
+
+    def __init__(self, scales: Sequence[tuple[int, int]], min_area: float = 4.0):
+        self.scales = [tuple(s) for s in scales]
+        self.filter = ClipAndFilter(min_area)
+
+    def __call__(self, s: Sample, rng: np.random.Generator) -> Sample:
+        short, cap = self.scales[int(rng.integers(len(self.scales)))] if len(self.scales) > 1 else self.scales[0]
+        h, w = s.size
+        scale = keep_ratio_scale(h, w, short, cap)
+        nw, nh = max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5))
+        if (nw, nh) == (w, h):
+            return s
+        image = cv2.resize(s.image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+        f = np.array([nw / w, nh / h], dtype=np.float32)
+        s = replace(s, image=image, polygons=s.map_points(lambda p: p * f))
+        s = replace(s, log=[*s.log, f"resize_{nw}x{nh}"])
+        return self.filter(s)
+
+    def __repr__(self) -> str:
+        return f"Resize({self.scales})"
+
+
+class OneOf:
+    """AutoAugment: apply one of the policies, chosen uniformly."""
+
+    def __init__(self, policies: Sequence[Compose]):
+        self.policies = list(policies)
+
+    def __call__(self, s: Sample, rng: np.random.Generator) -> Sample:
+        return self.policies[int(rng.integers(len(self.policies)))](s, rng)
+
+    def __repr__(self) -> str:
+        return f"OneOf({self.policies})"
+
+
+def build_train_transform(aug) -> Compose:
+    """The pipeline of spec C.2 from an :class:`i3cl_core.config.AugmentConfig`."""
+    resize = Resize(aug.scales, aug.min_instance_area)
+
+    def photometric():
+        return [Photometric(k, aug.photometric_factor, aug.photometric_prob) for k in ("color", "brightness", "contrast")]
+
+    rot1 = Rotate(aug.rotate_angles[0], aug.rotate_prob, aug.rotate_fill, aug.min_instance_area)
+    rot3 = Rotate(aug.rotate_angles[1], aug.rotate_prob, aug.rotate_fill, aug.min_instance_area)
+    policies = [Compose([rot1, resize]), Compose([*photometric(), resize]), Compose([*photometric(), rot3, resize])]
+    if aug.policies == "vitae":
+        policies = [Compose([resize]), *policies]
+    elif aug.policies == "resize_only":
+        policies = [Compose([resize])]
+    return Compose(
+        [RandomFlip(aug.flip, aug.hflip_prob, aug.vflip_prob), OneOf(policies), ClipAndFilter(aug.min_instance_area)]
+    )
+
+
+def build_test_transform(short: int, long_cap: int) -> Compose:
+    return Compose([Resize([(short, long_cap)], min_area=0.0)])

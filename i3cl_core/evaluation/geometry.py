@@ -1,0 +1,158 @@
+"""Polygon construction, repair and vectorised pairwise intersection areas (shapely 2).
+
+Conventions used by every protocol:
+
+* An *instance* is one polygon given as an ``(N, 2)`` array of ``x, y`` vertices, or (COCO multi-part
+  segmentations, RLE masks with several blobs) a list of such arrays whose union is the instance.
+* ``STATUS_OK``: a valid simple polygon. ``STATUS_REPAIRED``: the polygon was invalid (self-intersection,
+  duplicated vertices, ...) and was repaired with ``shapely.make_valid``; we keep the **union of the polygonal
+  parts** of the result (line or point debris is dropped). A bow-tie quadrilateral therefore becomes its two
+  triangles, whose area is half of its bounding box. ``STATUS_INVALID``: fewer than 3 vertices, a non-finite
+  coordinate, or zero area after repair; the geometry is an empty polygon (area 0, intersects nothing).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import shapely
+
+STATUS_OK = 0
+STATUS_REPAIRED = 1
+STATUS_INVALID = 2
+
+_EMPTY = shapely.Polygon()
+
+def as_parts(instance) -> list[np.ndarray]:
+    """Normalise an instance to a list of float64 ``(N, 2)`` arrays (no validity checks beyond shape)."""
+    if isinstance(instance, np.ndarray):
+        if instance.ndim == 2:
+            return [np.asarray(instance, dtype=np.float64).reshape(-1, 2)]
+        if instance.ndim == 1:
+            return [_flat_to_xy(instance)]
+        raise ValueError(f"polygon array must be (N, 2) or flat, got shape {instance.shape}")
+    parts = list(instance)
+    if parts and all(np.isscalar(v) or v is None for v in parts):  # a single flat list x0,y0,x1,y1,...
+        return [_flat_to_xy(parts)]
+    if parts and all(_is_point(p) for p in parts):  # a list of [x, y] points
+        return [np.asarray(parts, dtype=np.float64).reshape(-1, 2)]
+    out = []
+    for p in parts:
+        out.extend(as_parts(np.asarray(p, dtype=np.float64)) if not isinstance(p, np.ndarray) else as_parts(p))
+    return out
+
+
+def _is_point(p) -> bool:
+    return isinstance(p, (list, tuple, np.ndarray)) and len(p) == 2 and all(np.isscalar(v) or v is None for v in p)
+
+
+def _flat_to_xy(flat) -> np.ndarray:
+    arr = np.asarray(flat, dtype=np.float64).ravel()
+    if arr.size % 2:
+        raise ValueError(f"flat polygon has an odd number of coordinates ({arr.size})")
+    return arr.reshape(-1, 2)
+
+
+def _polygonal_union(geom) -> shapely.Geometry:
+    """Union of the polygonal parts of ``geom`` (Polygon/MultiPolygon/GeometryCollection)."""
+    if geom is None or geom.is_empty:
+        return _EMPTY
+    kind = shapely.get_type_id(geom)
+    if kind in (3, 6):  # Polygon, MultiPolygon
+        return geom
+    parts = [p for p in shapely.get_parts(geom) if shapely.get_type_id(p) in (3, 6)]
+    if not parts:
+        return _EMPTY
+    if len(parts) == 1:
+        return parts[0]
+    return shapely.union_all(parts)
+
+
+def _repair(geom) -> shapely.Geometry:
+    return _polygonal_union(shapely.make_valid(geom))
+
+
+def build_geometries(instances: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """Shapely geometries and status codes for a sequence of instances.
+
+    Single-part instances (the common case) are built with one vectorised ``shapely.polygons`` call; only
+    invalid ones go through ``make_valid`` one by one.
+    """
+    n = len(instances)
+    geoms = np.empty(n, dtype=object)
+    geoms[:] = _EMPTY
+    status = np.full(n, STATUS_INVALID, dtype=np.int8)
+    single_idx: list[int] = []
+    single_coords: list[np.ndarray] = []
+    multi: list[tuple[int, list[np.ndarray], bool]] = []
+    for i, inst in enumerate(instances):
+        parts = as_parts(inst)
+        good = [p for p in parts if len(p) >= 3 and np.isfinite(p).all()]
+        if not good:
+            continue  # STATUS_INVALID
+        if len(parts) == 1:
+            single_idx.append(i)
+            single_coords.append(good[0])
+        else:
+            multi.append((i, good, len(good) < len(parts)))
+    if single_idx:
+        lengths = np.fromiter((len(c) for c in single_coords), dtype=np.int64, count=len(single_coords))
+        coords = np.concatenate(single_coords, axis=0)
+        ring_ids = np.repeat(np.arange(len(single_coords)), lengths)
+        rings = shapely.linearrings(coords, indices=ring_ids)
+        polys = shapely.polygons(rings)
+        valid = shapely.is_valid(polys)
+        idx = np.asarray(single_idx)
+        geoms[idx] = polys
+        status[idx[valid]] = STATUS_OK
+        for k in np.flatnonzero(~valid):
+            geoms[idx[k]] = _repair(polys[k])
+            status[idx[k]] = STATUS_REPAIRED
+    for i, parts, dropped in multi:
+        polys = [shapely.Polygon(p) for p in parts]
+        broken = [not p.is_valid for p in polys]
+        geoms[i] = _polygonal_union(shapely.union_all([_repair(p) if b else p for p, b in zip(polys, broken)]))
+        status[i] = STATUS_REPAIRED if (dropped or any(broken)) else STATUS_OK
+    if n:
+        areas = shapely.area(geoms)
+        degenerate = ~(areas > 0)
+        status[degenerate] = STATUS_INVALID
+        geoms[degenerate] = _EMPTY
+    return geoms, status
+
+
+def pairwise_intersection(a: np.ndarray, b: np.ndarray, a_bounds: np.ndarray | None = None,
+                          b_bounds: np.ndarray | None = None) -> np.ndarray:
+    """``|a_i ∩ b_j|`` for all pairs, as a dense ``(len(a), len(b))`` float array.
+
+    Pairs whose bounding boxes do not overlap with positive area are skipped (their intersection area is 0);
+    the remaining pairs go through a single vectorised ``shapely.intersection`` call.
+    """
+    out = np.zeros((len(a), len(b)), dtype=np.float64)
+    if len(a) == 0 or len(b) == 0:
+        return out
+    ab = shapely.bounds(a) if a_bounds is None else a_bounds
+    bb = shapely.bounds(b) if b_bounds is None else b_bounds
+    ii, jj = candidate_pairs(ab, bb)
+    if len(ii):
+        out[ii, jj] = shapely.area(shapely.intersection(a[ii], b[jj]))
+    return out
+
+
+def candidate_pairs(ab: np.ndarray, bb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs whose bounding boxes overlap with positive area (NaN bounds of empty geometries never do)."""
+    overlap = ((ab[:, None, 0] < bb[None, :, 2]) & (bb[None, :, 0] < ab[:, None, 2])
+               & (ab[:, None, 1] < bb[None, :, 3]) & (bb[None, :, 1] < ab[:, None, 3]))
+    return np.nonzero(overlap)
+
+
+def polygon_to_flat(geom) -> list[list[float]]:
+    """Exterior rings of the polygonal parts of ``geom`` as COCO flat lists (holes are dropped)."""
+    out = []
+    for part in shapely.get_parts(geom):
+        if shapely.get_type_id(part) != 3 or part.is_empty:
+            continue
+        xy = np.asarray(part.exterior.coords)[:-1]
+        if len(xy) >= 3:
+            out.append([float(v) for v in xy.ravel()])
+    return out

@@ -1,0 +1,100 @@
+"""Typed configs: inheritance, overrides, and error messages that name key, file and range."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from i3cl_core.config import ConfigError, I3CLConfig, load_config, save_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _w(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_defaults_match_the_paper():
+    cfg = I3CLConfig()
+    assert cfg.model.nms_thr == 0.35 and cfg.model.score_thr == 0.05 and cfg.model.max_detections == 100
+    assert cfg.infer.score_thr == 0.45 and cfg.model.fpn_channels == 256
+
+
+def test_inheritance_chain_and_overrides(tmp_path):
+    _w(tmp_path / "base.yaml", "train:\n  lr: 0.01\n  epochs: 20\nmodel:\n  intra_cl: false\n  backbone: {name: resnet50, frozen_stages: 1}\n")
+    _w(tmp_path / "mid.yaml", "_base_: base.yaml\ntrain:\n  lr: 0.001\nmodel:\n  backbone: {frozen_stages: 0}\n")
+    leaf = _w(tmp_path / "sub" / "leaf.yaml", "_base_: ../mid.yaml\nmodel:\n  intra_cl: true\n")
+    cfg = load_config(leaf)
+    assert cfg.train.lr == 0.001 and cfg.train.epochs == 20
+    assert cfg.model.intra_cl is True
+    assert cfg.model.backbone.name == "resnet50" and cfg.model.backbone.frozen_stages == 0  # dicts merge key by key
+    cfg = load_config(leaf, ["train.lr=0.5", "model.inter_cl=false", "train.lr_steps=[2, 3]", "fuse.conf_type=max"])
+    assert cfg.train.lr == 0.5 and cfg.model.inter_cl is False and cfg.train.lr_steps == [2, 3]
+    assert cfg.fuse.conf_type == "max"
+
+
+def test_bad_value_names_key_file_and_range(tmp_path):
+    leaf = _w(tmp_path / "leaf.yaml", "_base_: base.yaml\n")
+    _w(tmp_path / "base.yaml", "fuse:\n  iou_thr: 1.7\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(leaf)
+    msg = str(e.value)
+    assert "fuse.iou_thr" in msg and "base.yaml" in msg and "<= 1" in msg and "1.7" in msg
+
+
+def test_override_error_names_the_override():
+    with pytest.raises(ConfigError, match=r"train\.lr: .*greater than 0 .*from --set train\.lr=-1.*allowed: > 0"):
+        load_config(None, ["train.lr=-1"])
+
+
+def test_unknown_key_lists_allowed_keys(tmp_path):
+    p = _w(tmp_path / "c.yaml", "model:\n  intra_cll: true\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "model.intra_cll: unknown key" in msg and str(p) in msg and "intra_cl" in msg.split("allowed keys here:")[1]
+
+
+def test_bad_literal_and_type():
+    with pytest.raises(ConfigError, match=r"fuse.conf_type: Input should be 'avg', 'max'"):
+        load_config(None, ["fuse.conf_type=mean"])
+    with pytest.raises(ConfigError, match=r"train.epochs: .*integer"):
+        load_config(None, ["train.epochs=many"])
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = _w(tmp_path / "bad.yaml", "train: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    cyc = _w(tmp_path / "a.yaml", "_base_: b.yaml\n")
+    _w(tmp_path / "b.yaml", "_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match="inheritance cycle"):
+        load_config(cyc)
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(None, ["train.lr"])
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    cfg = load_config(None, ["train.lr=0.02", "model.fpn_channels=64"])
+    out = save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(out) == cfg
+
+
+def test_every_shipped_config_validates():
+    files = sorted((REPO / "configs").rglob("*.yaml"))
+    assert files, "configs/ ships at least one recipe"
+    for f in files:
+        load_config(f)
+
+
+def test_cli_config_command(capsys):
+    from i3cl_core.cli import main
+
+    assert main(["config", "--set", "train.lr=0.123"]) == 0
+    assert "lr: 0.123" in capsys.readouterr().out
+    assert main(["config", "--set", "train.lr=abc"]) == 2
+    assert "train.lr" in capsys.readouterr().err
