@@ -24,22 +24,29 @@ STATUS_INVALID = 2
 _EMPTY = shapely.Polygon()
 
 def as_parts(instance) -> list[np.ndarray]:
-    """Normalise an instance to a list of float64 ``(N, 2)`` arrays (no validity checks beyond shape)."""
-    if isinstance(instance, np.ndarray):
-        if instance.ndim == 2:
-            return [np.asarray(instance, dtype=np.float64).reshape(-1, 2)]
+    """Normalise an instance to a list of float64 ``(N, 2)`` arrays (no validity checks beyond shape).
+
+    Accepted: an ``(N, 2)`` array, a flat ``[x0, y0, x1, y1, ...]`` list/array, a list of ``[x, y]`` points, or
+    a list of any of those (a multi-part instance).
+    """
+    if isinstance(instance, np.ndarray) and instance.dtype != object:
+        if instance.ndim == 2 and instance.shape[1] == 2:
+            return [instance.astype(np.float64, copy=False)]
         if instance.ndim == 1:
             return [_flat_to_xy(instance)]
+        if instance.ndim == 2 and instance.shape[0] == 0:
+            return [np.zeros((0, 2))]
         raise ValueError(f"polygon array must be (N, 2) or flat, got shape {instance.shape}")
     parts = list(instance)
-    if parts and all(np.isscalar(v) or v is None for v in parts):  # a single flat list x0,y0,x1,y1,...
+    if not parts:
+        return [np.zeros((0, 2))]
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return [q for p in parts for q in as_parts(p)]
+    if all(np.isscalar(v) or v is None for v in parts):  # a single flat list x0,y0,x1,y1,...
         return [_flat_to_xy(parts)]
-    if parts and all(_is_point(p) for p in parts):  # a list of [x, y] points
+    if all(_is_point(p) for p in parts):  # a list of [x, y] points
         return [np.asarray(parts, dtype=np.float64).reshape(-1, 2)]
-    out = []
-    for p in parts:
-        out.extend(as_parts(np.asarray(p, dtype=np.float64)) if not isinstance(p, np.ndarray) else as_parts(p))
-    return out
+    return [q for p in parts for q in as_parts(p if isinstance(p, np.ndarray) else np.asarray(p, dtype=np.float64))]
 
 
 def _is_point(p) -> bool:

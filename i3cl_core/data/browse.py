@@ -1,0 +1,242 @@
+"""``i3cl browse``: draw a COCO dataset's polygons (and optionally predictions) on its images.
+
+Care instances are drawn in green, do-not-care ones (``iscrowd: 1`` or ``ignore: true``) in red, and
+predictions from a COCO results file in blue with their score. Each polygon is labelled with its
+annotation id (plus ``w=<lossweight>`` when present and not 1). One PNG per image, named after the image.
+
+This module reads the json itself (no dependency on the dataset loader) and keeps heavy imports inside
+functions so that ``i3cl --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+# BGR (OpenCV) colours
+CARE_COLOUR = (0, 255, 0)  # green
+DONTCARE_COLOUR = (0, 0, 255)  # red
+PRED_COLOUR = (255, 128, 0)  # blue
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ann", required=True, help="COCO dataset json (images + annotations)")
+    parser.add_argument("--img-root", required=True, help="folder that the images' file_name entries are relative to")
+    parser.add_argument("--out", required=True, help="output folder for the PNG files (one per image)")
+    parser.add_argument("--limit", type=int, default=None, help="draw at most N images (in json order)")
+    parser.add_argument("--ids", type=int, nargs="+", default=None, metavar="ID", help="only these image ids")
+    parser.add_argument("--pred", default=None, help="COCO results json (list of {image_id, segmentation, score}) to overlay")
+    parser.add_argument("--min-score", type=float, default=0.0, help="hide predictions scoring below this (default 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    written = browse_dataset(
+        args.ann, args.img_root, args.out, limit=args.limit, pred_file=args.pred, ids=args.ids, min_score=args.min_score
+    )
+    print(f"i3cl browse: wrote {len(written)} PNG file(s) to {args.out}", file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def _dataset_error(msg: str) -> Exception:
+    from i3cl_core.data.errors import DatasetError
+
+    return DatasetError(msg)
+
+
+def _load_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _dataset_error(f"{path}: not valid json ({e})") from None
+
+
+def read_dataset(ann_file: str | os.PathLike) -> tuple[list[dict], dict[int, list[dict]]]:
+    """Images (json order) and annotations grouped by image id, with basic checks naming the file."""
+    data = _load_json(ann_file)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise _dataset_error(f"{ann_file}: not a COCO dataset (needs an 'images' list)")
+    images = []
+    for k, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
+            raise _dataset_error(f"{ann_file}: images[{k}] needs 'id' and a string 'file_name'")
+        images.append(img)
+    anns = data.get("annotations") or []
+    if not isinstance(anns, list):
+        raise _dataset_error(f"{ann_file}: 'annotations' must be a list")
+    by_image: dict[int, list[dict]] = defaultdict(list)
+    for k, ann in enumerate(anns):
+        if not isinstance(ann, dict) or "image_id" not in ann:
+            raise _dataset_error(f"{ann_file}: annotations[{k}] needs 'image_id'")
+        by_image[ann["image_id"]].append(ann)
+    return images, by_image
+
+
+def read_results(pred_file: str | os.PathLike) -> dict[int, list[dict]]:
+    """COCO results (a list of {image_id, segmentation, score}) grouped by image id."""
+    data = _load_json(pred_file)
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        data = data["annotations"]  # a dataset-shaped file with scores also works
+    if not isinstance(data, list):
+        raise _dataset_error(f"{pred_file}: COCO results must be a json list of {{image_id, segmentation, score}}")
+    by_image: dict[int, list[dict]] = defaultdict(list)
+    for k, det in enumerate(data):
+        if not isinstance(det, dict) or "image_id" not in det or "segmentation" not in det:
+            raise _dataset_error(f"{pred_file}: results[{k}] needs 'image_id' and 'segmentation'")
+        by_image[det["image_id"]].append(det)
+    return by_image
+
+
+def polygons_of(segmentation: Any, height: int, width: int) -> list:
+    """Polygons (int32 arrays of shape (K, 2)) from a COCO segmentation: polygon list, flat list or RLE."""
+    import numpy as np
+
+    polys = []
+    if isinstance(segmentation, dict):  # RLE
+        import cv2
+        from pycocotools import mask as mask_utils
+
+        rle = segmentation
+        if isinstance(rle.get("counts"), list):
+            h, w = rle.get("size", (height, width))
+            rle = mask_utils.frPyObjects(rle, h, w)
+        with warnings.catch_warnings():  # pycocotools' own numpy-2 deprecation notice
+            warnings.simplefilter("ignore", DeprecationWarning)
+            m = mask_utils.decode(rle)
+        if m.ndim == 3:
+            m = m.max(axis=2)
+        contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        return [c.reshape(-1, 2).astype(np.int32) for c in contours if len(c) >= 3]
+    if isinstance(segmentation, list) and segmentation and not isinstance(segmentation[0], list):
+        segmentation = [segmentation]  # a single flat polygon
+    for seg in segmentation or []:
+        try:
+            pts = np.asarray(seg, dtype=np.float64).reshape(-1, 2)
+        except (TypeError, ValueError):
+            continue
+        if len(pts) >= 2 and np.isfinite(pts).all():
+            polys.append(np.round(pts).astype(np.int32))
+    return polys
+
+
+# ------------------------------------------------------------------------------------------------ drawing
+
+
+def _label(img, text: str, anchor, colour, scale: float) -> None:
+    import cv2
+
+    h, w = img.shape[:2]
+    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    x = int(min(max(anchor[0], 0), max(w - tw - 1, 0)))
+    y = int(min(max(anchor[1] - 3, th + 1), h - base - 1))
+    cv2.rectangle(img, (x - 1, y - th - 1), (x + tw + 1, y + base), (0, 0, 0), -1)
+    cv2.putText(img, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
+
+
+def draw(img, anns: Iterable[dict], preds: Iterable[dict] = (), min_score: float = 0.0):
+    """Draw annotations (and predictions) on a BGR uint8 image in place and return it."""
+    import cv2
+
+    h, w = img.shape[:2]
+    thickness = max(1, round(min(h, w) / 600))
+    scale = max(0.35, min(h, w) / 1400)
+    labels = []
+    for det in preds:
+        score = det.get("score")
+        if score is not None and float(score) < min_score:
+            continue
+        polys = polygons_of(det.get("segmentation"), h, w)
+        cv2.polylines(img, polys, True, PRED_COLOUR, thickness, cv2.LINE_8)
+        if polys and score is not None:
+            top = min(polys, key=lambda p: p[:, 1].min())
+            labels.append((f"{float(score):.2f}", top[top[:, 1].argmin()], PRED_COLOUR))
+    # do-not-care last so that its colour shows where outlines touch
+    order = sorted(anns, key=lambda a: bool(a.get("iscrowd") or a.get("ignore")))
+    for ann in order:
+        dontcare = bool(ann.get("iscrowd")) or bool(ann.get("ignore"))
+        colour = DONTCARE_COLOUR if dontcare else CARE_COLOUR
+        polys = polygons_of(ann.get("segmentation"), h, w)
+        cv2.polylines(img, polys, True, colour, thickness, cv2.LINE_8)
+        if not polys:
+            continue
+        text = str(ann.get("id", ""))
+        lw = ann.get("lossweight")
+        if lw is not None and abs(float(lw) - 1.0) > 1e-6:
+            text += f" w={float(lw):.2f}"
+        first = polys[0][0]
+        labels.append((text, first, colour))
+    for text, anchor, colour in labels:  # labels on top of all lines
+        _label(img, text, anchor, colour, scale)
+    return img
+
+
+def browse_dataset(
+    ann_file: str | os.PathLike,
+    img_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    limit: int | None = None,
+    pred_file: str | os.PathLike | None = None,
+    ids: Iterable[int] | None = None,
+    min_score: float = 0.0,
+) -> list[Path]:
+    """Draw the dataset ``ann_file`` (images under ``img_root``) into ``out_dir/<image stem>.png``.
+
+    A ``file_name`` that escapes ``img_root`` raises DatasetError; a missing or unreadable image is
+    reported on stderr and skipped. Returns the PNG paths written, in json order.
+    """
+    import cv2
+    import numpy
+
+    from i3cl_core.utils import atomic_write_bytes, safe_join
+
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    images, anns_by_image = read_dataset(ann_file)
+    preds_by_image = read_results(pred_file) if pred_file is not None else {}
+    if ids is not None:
+        wanted = set(ids)
+        images = [im for im in images if im["id"] in wanted]
+        missing = wanted - {im["id"] for im in images}
+        if missing:
+            print(f"i3cl browse: image id(s) not in {ann_file}: {sorted(missing)}", file=sys.stderr)
+    if limit is not None:
+        images = images[:limit]
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    used: set[str] = set()
+    skipped = 0
+    for im in images:
+        try:
+            path = safe_join(img_root, im["file_name"])
+        except ValueError as e:
+            raise _dataset_error(f"{ann_file}: image id {im['id']}: {e}") from None
+        img = None
+        if path.is_file():
+            buf = numpy.fromfile(str(path), dtype=numpy.uint8)
+            img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+        if img is None:
+            what = "missing" if not path.exists() else "not a readable image"
+            print(f"i3cl browse: {ann_file}: image id {im['id']}: {path} is {what}, skipped", file=sys.stderr)
+            skipped += 1
+            continue
+        draw(img, anns_by_image.get(im["id"], []), preds_by_image.get(im["id"], []), min_score)
+        stem = Path(im["file_name"]).stem
+        name = f"{stem}.png" if stem not in used else f"{stem}_id{im['id']}.png"
+        used.add(stem)
+        ok, png = cv2.imencode(".png", img)
+        if not ok:
+            raise RuntimeError(f"could not encode PNG for image id {im['id']}")
+        written.append(atomic_write_bytes(out / name, png.tobytes()))
+    return written

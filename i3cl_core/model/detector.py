@@ -1,0 +1,173 @@
+"""The I3CL detector: backbone -> FPN -> IntraCL (per level) -> RPN -> RoI heads (InterCL on the
+mask branch) -> boxes, scores and polygons.
+
+Follow one image: ``I3CL.forward(images)`` normalises and pads the batch (and in eval mode resizes
+it to the test scale), ``features`` runs backbone, FPN and the five IntraCL blocks, the RPN proposes
+boxes, :class:`~i3cl_core.model.roi_heads.RoIHeads` classifies them and predicts 28x28 masks, and
+:func:`detections_to_polygons` pastes each mask into the original image and traces its polygon.
+
+Training: ``model(images, targets)`` returns the loss dict (``loss_rpn_cls``, ``loss_rpn_box``,
+``loss_rcnn_cls``, ``loss_rcnn_box``, ``loss_mask``). Images are float [3, H, W] in [0, 1], RGB;
+targets are the dataset's target dicts (see ``i3cl_core.data.coco``). Inference: ``model(images)``
+returns per image a dict with ``boxes`` [N, 4], ``scores`` [N], ``labels`` [N] and ``polygons``
+(N arrays (K, 2), clockwise) in the coordinates of the input images.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.image_list import ImageList
+
+from i3cl_core.model.backbone import FPN, build_backbone
+from i3cl_core.model.intra_cl import IntraCL
+from i3cl_core.model.roi_heads import RoIHeads
+from i3cl_core.model.rpn import I3CLRPN
+
+# ImageNet statistics of the release (RGB, 0-255), here on the 0-1 scale
+PIXEL_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)
+PIXEL_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
+
+
+class I3CL(nn.Module):
+    def __init__(self, cfg):
+        """``cfg`` is a :class:`i3cl_core.config.ModelConfig`."""
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = build_backbone(cfg.backbone)
+        self.neck = FPN(self.backbone.out_channels, cfg.fpn_channels)
+        self.intra_cl = nn.ModuleList(IntraCL(cfg.fpn_channels) for _ in range(5)) if cfg.intra_cl else None
+        self.rpn = I3CLRPN(cfg, cfg.fpn_channels)
+        self.roi_heads = RoIHeads(cfg, cfg.fpn_channels)
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(3, 1, 1), persistent=False)
+
+    # ------------------------------------------------------------------ input
+    def test_scale(self, h: int, w: int) -> float:
+        return min(self.cfg.test_long_side / max(h, w), self.cfg.test_short_side / min(h, w))
+
+    def preprocess(self, images: list[Tensor], resize: bool) -> tuple[ImageList, list[float]]:
+        """Normalise, optionally resize to the test scale (keep ratio), pad to a multiple of 32."""
+        out, scales = [], []
+        for img in images:
+            if img.dim() != 3 or img.shape[0] != 3:
+                raise ValueError(f"expected images of shape [3, H, W], got {tuple(img.shape)}")
+            img = (img - self.pixel_mean) / self.pixel_std
+            scale = 1.0
+            if resize:
+                h, w = img.shape[-2:]
+                scale = self.test_scale(h, w)
+                nh, nw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+                if (nh, nw) != (h, w):
+                    img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+            out.append(img)
+            scales.append(scale)
+        d = self.cfg.size_divisible
+        ph = int(math.ceil(max(i.shape[1] for i in out) / d) * d)
+        pw = int(math.ceil(max(i.shape[2] for i in out) / d) * d)
+        batch = out[0].new_zeros((len(out), 3, ph, pw))
+        for b, img in zip(batch, out):
+            b[:, : img.shape[1], : img.shape[2]].copy_(img)
+        return ImageList(batch, [tuple(i.shape[-2:]) for i in out]), scales
+
+    # ------------------------------------------------------------------ network
+    def features(self, batch: Tensor) -> list[Tensor]:
+        """[P2, P3, P4, P5, P6] after IntraCL."""
+        feats = self.neck(self.backbone(batch))
+        if self.intra_cl is not None:
+            feats = [block(f) for block, f in zip(self.intra_cl, feats)]
+        return feats
+
+    def forward(self, images: list[Tensor], targets: list[dict] | None = None):
+        if self.training:
+            if targets is None:
+                raise ValueError("I3CL needs targets in training mode")
+            image_list, _ = self.preprocess(images, resize=False)
+            targets = [self._targets_to_device(t, image_list.tensors.device) for t in targets]
+            feats = self.features(image_list.tensors)
+            proposals, rpn_losses = self.rpn(image_list, feats, targets)
+            _, roi_losses = self.roi_heads(feats, proposals, image_list.image_sizes, image_list.tensors.shape[-2:], targets)
+            return {**rpn_losses, **roi_losses}
+        return self.predict(images)
+
+    @staticmethod
+    def _targets_to_device(t: dict, device) -> dict:
+        return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in t.items()}
+
+    @torch.no_grad()
+    def predict(self, images: list[Tensor], resize: bool = True, polygons: bool = True, epsilon: float = 0.005) -> list[dict]:
+        image_list, scales = self.preprocess(images, resize=resize)
+        feats = self.features(image_list.tensors)
+        proposals, _ = self.rpn(image_list, feats)
+        detections, _ = self.roi_heads(feats, proposals, image_list.image_sizes, image_list.tensors.shape[-2:])
+        results = []
+        for det, scale, img in zip(detections, scales, images):
+            h, w = img.shape[-2:]
+            boxes = det["boxes"] / scale
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+            res = {"boxes": boxes, "scores": det["scores"], "labels": det["labels"], "mask_probs": det["mask_probs"]}
+            if polygons:
+                res.update(detections_to_polygons(boxes, det["scores"], det["mask_probs"], (h, w), self.cfg.mask_thr, epsilon))
+            results.append(res)
+        return results
+
+
+# ---------------------------------------------------------------------------------- masks -> polygons
+def paste_mask(prob: np.ndarray, box: np.ndarray, image_hw: tuple[int, int], thr: float) -> tuple[np.ndarray, int, int]:
+    """Binary mask of one detection inside its (integer, clipped) box: (mask, x0, y0)."""
+    import cv2
+
+    h, w = image_hw
+    x0, y0 = int(math.floor(box[0])), int(math.floor(box[1]))
+    x1, y1 = int(math.ceil(box[2])), int(math.ceil(box[3]))
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(max(x1, x0 + 1), w), min(max(y1, y0 + 1), h)
+    bw, bh = max(x1 - x0, 1), max(y1 - y0, 1)
+    # map the 28x28 grid (covering the float box) onto the integer crop, bilinear
+    m = prob.shape[0]
+    sx, sy = m / max(box[2] - box[0], 1e-3), m / max(box[3] - box[1], 1e-3)
+    affine = np.array([[sx, 0, (x0 - box[0]) * sx + 0.5 * sx - 0.5], [0, sy, (y0 - box[1]) * sy + 0.5 * sy - 0.5]], np.float32)
+    crop = cv2.warpAffine(prob.astype(np.float32), affine, (bw, bh), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+    return (crop >= thr).astype(np.uint8), x0, y0
+
+
+def mask_to_polygon(mask: np.ndarray, epsilon: float = 0.005) -> np.ndarray | None:
+    """Largest outer contour, simplified with approxPolyDP (epsilon x perimeter), clockwise on screen
+    (positive shoelace area with y pointing down); None when nothing usable remains."""
+    import cv2
+
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    contours = [c for c in contours if len(c) >= 3]
+    if not contours:
+        return None
+    c = max(contours, key=cv2.contourArea)
+    if epsilon > 0:
+        c = cv2.approxPolyDP(c, epsilon * cv2.arcLength(c, True), True)
+    poly = c.reshape(-1, 2).astype(np.float32)
+    if len(poly) < 3:
+        return None
+    x, y = poly[:, 0], poly[:, 1]
+    if float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) < 0:
+        poly = poly[::-1].copy()
+    return poly
+
+
+def detections_to_polygons(boxes: Tensor, scores: Tensor, mask_probs: Tensor, image_hw, thr: float, epsilon: float) -> dict:
+    """Polygons (original image coordinates) for each detection; detections whose mask yields no
+    polygon get ``None`` so that indices stay aligned with boxes and scores."""
+    polys = []
+    probs = mask_probs.detach().float().cpu().numpy()
+    for box, prob in zip(boxes.detach().cpu().numpy(), probs):
+        mask, x0, y0 = paste_mask(prob, box, image_hw, thr)
+        poly = mask_to_polygon(mask, epsilon)
+        polys.append(None if poly is None else poly + np.array([x0, y0], np.float32))
+    return {"polygons": polys}
+
+
+def build_model(cfg) -> I3CL:
+    """``cfg``: an :class:`~i3cl_core.config.I3CLConfig` or its ``model`` section."""
+    return I3CL(getattr(cfg, "model", cfg))

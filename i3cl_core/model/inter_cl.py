@@ -1,0 +1,101 @@
+"""InterCL: the inter-instance block with global context (I3CL_SPEC.md A.6).
+
+Applied to the mask branch's RoI features R [N, C, 14, 14] between the mask RoIAlign and the mask
+head. It runs per image: the n_i RoIs of image i form one sequence, so attention is across the
+instances of one image and never across images. This works for any batch size, in training and in
+inference (the release only ran batch size 1 at test).
+
+1. Global context (GCG): for each level P2-P5 a bias-free 1x1 conv, then global average pooling over
+   the image's valid (unpadded) area; the four vectors are summed: g_i in R^C. The release's
+   ``padding=1`` on these 1x1 convs is fixed to 0 (spec G.2), and pooling skips the batch padding so
+   an image's context does not depend on the other images in its batch.
+2. Instance transformer: conv1x1(C -> 32) -> adaptive max pool 3x3 -> 288-d tokens -> a 3-layer,
+   4-head post-norm TransformerEncoder (FFN 2048, dropout 0.1, no positional encoding) -> back to
+   [n_i, 32, 3, 3] -> conv1x1(32 -> C) -> bilinear upsample to 14x14 (align_corners=True).
+3. F = R + t_up + g_i.
+4. conv3x3(C -> C, no bias) -> conv1x1(C -> C) -> BN -> ReLU (no residual around this step).
+
+At C = 256: 5,483,136 parameters. With zero RoIs the input is returned unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GlobalContext(nn.Module):
+    """Sum over levels of GAP(conv1x1(P_l)) per image, over each image's valid area."""
+
+    def __init__(self, channels: int, num_levels: int = 4):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 1, bias=False) for _ in range(num_levels))
+
+    def forward(self, features: list[torch.Tensor], image_sizes: list[tuple[int, int]], padded_hw: tuple[int, int]):
+        context = None
+        for conv, feat in zip(self.convs, features):
+            y = conv(feat)
+            fh, fw = y.shape[-2:]
+            pooled = []
+            for i, (h, w) in enumerate(image_sizes):
+                vh = max(1, min(fh, -(-h * fh // padded_hw[0])))  # ceil(h / stride)
+                vw = max(1, min(fw, -(-w * fw // padded_hw[1])))
+                pooled.append(y[i, :, :vh, :vw].mean(dim=(1, 2)))
+            level = torch.stack(pooled)
+            context = level if context is None else context + level
+        return context  # [B, C]
+
+
+class InterCL(nn.Module):
+    def __init__(
+        self,
+        channels: int = 256,
+        token_channels: int = 32,
+        token_pool: int = 3,
+        layers: int = 3,
+        heads: int = 4,
+        ffn_dim: int = 2048,
+        dropout: float = 0.1,
+        num_levels: int = 4,
+    ):
+        super().__init__()
+        self.token_pool = token_pool
+        self.token_channels = token_channels
+        d_model = token_channels * token_pool * token_pool
+        self.context = GlobalContext(channels, num_levels)
+        self.to_tokens = nn.Conv2d(channels, token_channels, 1)
+        layer = nn.TransformerEncoderLayer(
+            d_model, heads, dim_feedforward=ffn_dim, dropout=dropout, activation="relu", batch_first=False, norm_first=False
+        )
+        self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.from_tokens = nn.Conv2d(token_channels, channels, 1)
+        self.fuse_conv3 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.fuse_conv1 = nn.Conv2d(channels, channels, 1)
+        self.norm = nn.BatchNorm2d(channels)
+
+    def forward(
+        self,
+        rois: torch.Tensor,
+        counts: list[int],
+        features: list[torch.Tensor],
+        image_sizes: list[tuple[int, int]],
+        padded_hw: tuple[int, int],
+    ) -> torch.Tensor:
+        """``rois`` [N, C, S, S] ordered image by image; ``counts[i]`` RoIs belong to image i;
+        ``features`` the FPN levels P2-P5 of the batch."""
+        if rois.shape[0] == 0:
+            return rois
+        assert sum(counts) == rois.shape[0], (counts, rois.shape)
+        context = self.context(features, image_sizes, padded_hw)  # [B, C]
+        size = rois.shape[-2:]
+        tokens = F.adaptive_max_pool2d(self.to_tokens(rois), self.token_pool).flatten(1)  # [N, d]
+        encoded = []
+        for chunk in torch.split(tokens, counts):
+            if chunk.shape[0] == 0:
+                continue
+            encoded.append(self.transformer(chunk.unsqueeze(1)).squeeze(1))  # sequence-first, batch 1
+        t = torch.cat(encoded).view(-1, self.token_channels, self.token_pool, self.token_pool)
+        t = F.interpolate(self.from_tokens(t), size=size, mode="bilinear", align_corners=True)
+        g = torch.repeat_interleave(context, torch.as_tensor(counts, device=rois.device), dim=0)
+        fused = rois + t + g[:, :, None, None]
+        return torch.relu(self.norm(self.fuse_conv1(self.fuse_conv3(fused))))
