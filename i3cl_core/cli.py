@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("i3cl_core.config_cli", "print a resolved config (after _base_ and --set), or explain why it is invalid"),
     "synth": ("i3cl_core.data.synth_cli", "generate a synthetic curved-text dataset (COCO json + images)"),
     "browse": ("i3cl_core.data.browse", "draw a dataset's polygons on its images into PNG files"),
+    "model-summary": ("i3cl_core.model.summary", "parameter counts per part of a model config, and output strides"),
     "evaluate": ("i3cl_core.evaluation.cli", "score predictions against ground truth (ArT, Total-Text, CTW1500, IC15)"),
     "convert-dataset": ("i3cl_core.data.convert", "convert official ArT/LSVT/Total-Text/CTW1500 annotations to COCO"),
 }
@@ -51,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from i3cl_core.config import ConfigError
     from i3cl_core.data.errors import DatasetError
+    from i3cl_core.model.backbone import CheckpointError
 
     try:
         return int(args._module.run(args) or 0)
-    except (ConfigError, DatasetError, FileNotFoundError) as e:
+    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError) as e:
         print(f"i3cl {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

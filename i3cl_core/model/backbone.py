@@ -120,7 +120,7 @@ class ResNetBackbone(nn.Module):
         result = self.load_state_dict(state, strict=False)
         log.info("backbone weights %s: %d missing, %d unexpected keys %s", path, len(result.missing_keys),
                  len(result.unexpected_keys), (result.missing_keys + result.unexpected_keys)[:5])
-        if len(result.missing_keys) == len(self.state_dict()):
+        if len(state) == len(result.unexpected_keys):
             raise CheckpointError(f"{path}: none of its keys match a torchvision {type(self).__name__}")
         return result
 
