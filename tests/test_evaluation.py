@@ -428,3 +428,16 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     bad.write_text("[1, 2]")
     assert main(["evaluate", "--gt", str(bad), "--pred", str(bad)]) == 2
     assert "gt.json" in capsys.readouterr().err
+
+
+def test_rle_tracing_matches_pixel_boundary():
+    from pycocotools import mask as mask_utils
+
+    from i3cl_core.evaluation.io import rle_to_parts
+
+    m = np.zeros((100, 200), np.uint8)
+    m[10:30, 100:140] = 1
+    m[50, 5] = 1  # a single pixel becomes a 1x1 square
+    parts = rle_to_parts(mask_utils.encode(np.asfortranarray(m)), "test")
+    boxes = sorted((p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()) for p in parts)
+    assert boxes == [(5, 50, 6, 51), (100, 10, 140, 30)]

@@ -634,9 +634,11 @@ def render_sample(
         x1 = min(int(math.ceil(pmax[0] + tx)) + 3, w)
         y1 = min(int(math.ceil(pmax[1] + ty)) + 3, h)
         roi_h = np.array([[1, 0, -x0], [0, 1, -y0], [0, 0, 1]]) @ full
-        warp = lambda m: cv2.warpPerspective(  # noqa: E731
-            m, roi_h, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR, borderValue=0
-        ).astype(np.float32) / 255.0
+
+        def warp(m: np.ndarray) -> np.ndarray:
+            dsize = (x1 - x0, y1 - y0)
+            return cv2.warpPerspective(m, roi_h, dsize, flags=cv2.INTER_LINEAR, borderValue=0).astype(np.float32) / 255.0
+
         ink = warp(mask)
         out = warp(outline) if outline is not None else None
         placed.append(Instance(text, poly, ink, out, (x0, y0, x1, y1), dontcare, {"dc": dc_kind}))

@@ -108,9 +108,10 @@ def format_report(objects: list[dict]) -> str:
                                                   if k.startswith(("bbox_", "segm_"))))
             continue
         rows = obj["sweep"] if "sweep" in obj else [obj]
-        if lines:
-            lines.append("")
-        lines.append(head)
+        if "sweep" in obj or not lines or lines[-1].startswith("COCO"):
+            if lines:
+                lines.append("")
+            lines.append(head)
         for r in rows:
             matched = r.get("num_matched", r.get("recall_credit"))
             matched_s = f"{matched:>9d}" if isinstance(matched, int) else f"{matched:>9.2f}"

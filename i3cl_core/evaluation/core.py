@@ -295,24 +295,21 @@ def _deteval_image(sigma: np.ndarray, tau: np.ndarray, tr: float, tp: float, k: 
     t_hit = tau > tp
     # 1) one-to-one: the GT has exactly one detection with sigma > tr and exactly one with tau > tp, it is the
     #    same detection, and that detection qualifies (sigma > tr, tau > tp) for no other GT
-    for g in range(n_g):
-        sc = np.flatnonzero(s_hit[g])
-        tc = np.flatnonzero(t_hit[g])
-        if len(sc) == 1 and len(tc) == 1 and sc[0] == tc[0]:
-            d = sc[0]
-            if det_free[d] and s_hit[:, d].sum() == 1 and t_hit[:, d].sum() == 1:
-                gt_free[g] = det_free[d] = False
-                rec += 1.0
-                prec += 1.0
-                counts["one_to_one"] += 1
+    s_cnt, t_cnt = s_hit.sum(axis=1), t_hit.sum(axis=1)
+    s_arg, t_arg = s_hit.argmax(axis=1), t_hit.argmax(axis=1)
+    one = (s_cnt == 1) & (t_cnt == 1) & (s_arg == t_arg)
+    one &= (s_hit.sum(axis=0)[s_arg] == 1) & (t_hit.sum(axis=0)[s_arg] == 1)
+    # column uniqueness means no detection is claimed by two rows, so this pass is order independent
+    gt_free[one] = False
+    det_free[s_arg[one]] = False
+    n_one = int(one.sum())
+    rec += n_one
+    prec += n_one
+    counts["one_to_one"] += n_one
     # 2) one-to-many (split): a free GT overlapped by >= 2 detections; candidates = free detections with
     #    tau >= tp; one candidate -> one-to-one if sigma >= tr; several -> credit k if their sigma sum >= tr
-    for g in range(n_g):
-        if not gt_free[g]:
-            continue
+    for g in np.flatnonzero(gt_free & ((sigma > 0).sum(axis=1) >= 2)):
         nz = np.flatnonzero(sigma[g] > 0)
-        if len(nz) < 2:
-            continue
         cand = nz[det_free[nz] & (tau[g, nz] >= tp)]
         if len(cand) == 1:
             d = cand[0]
@@ -329,12 +326,10 @@ def _deteval_image(sigma: np.ndarray, tau: np.ndarray, tr: float, tp: float, k: 
             counts["split"] += 1
     # 3) many-to-one (merge): a free detection overlapping >= 2 GT; candidates = free GT with sigma >= tp;
     #    one candidate -> one-to-one if sigma >= tr and tau >= tp; several -> credit if their tau sum >= tp
-    for d in range(n_d):
+    for d in np.flatnonzero((tau > 0).sum(axis=0) >= 2):
         if not det_free[d]:
             continue
         nz = np.flatnonzero(tau[:, d] > 0)
-        if len(nz) < 2:
-            continue
         cand = nz[gt_free[nz] & (sigma[nz, d] >= tp)]
         if len(cand) == 1:
             g = cand[0]

@@ -93,6 +93,10 @@ def build_geometries(instances: Sequence) -> tuple[np.ndarray, np.ndarray]:
     single_coords: list[np.ndarray] = []
     multi: list[tuple[int, list[np.ndarray], bool]] = []
     for i, inst in enumerate(instances):
+        if isinstance(inst, np.ndarray) and inst.ndim == 2 and inst.shape[1] == 2 and inst.dtype != object:
+            single_idx.append(i)  # fast path; size and finiteness are checked vectorised below
+            single_coords.append(inst)
+            continue
         parts = as_parts(inst)
         good = [p for p in parts if len(p) >= 3 and np.isfinite(p).all()]
         if not good:
@@ -104,12 +108,21 @@ def build_geometries(instances: Sequence) -> tuple[np.ndarray, np.ndarray]:
             multi.append((i, good, len(good) < len(parts)))
     if single_idx:
         lengths = np.fromiter((len(c) for c in single_coords), dtype=np.int64, count=len(single_coords))
-        coords = np.concatenate(single_coords, axis=0)
-        ring_ids = np.repeat(np.arange(len(single_coords)), lengths)
+        idx = np.asarray(single_idx)
+        coords = np.concatenate(single_coords, axis=0).astype(np.float64, copy=False)
+        finite = np.isfinite(coords).all(axis=1)
+        ok = lengths >= 3
+        if not finite.all():
+            ring_of_pt = np.repeat(np.arange(len(lengths)), lengths)
+            ok &= np.bincount(ring_of_pt[~finite], minlength=len(lengths)) == 0
+        keep_pt = np.repeat(ok, lengths)
+        coords = coords[keep_pt]
+        lengths, idx = lengths[ok], idx[ok]
+    if single_idx and len(idx):
+        ring_ids = np.repeat(np.arange(len(idx)), lengths)
         rings = shapely.linearrings(coords, indices=ring_ids)
         polys = shapely.polygons(rings)
         valid = shapely.is_valid(polys)
-        idx = np.asarray(single_idx)
         geoms[idx] = polys
         status[idx[valid]] = STATUS_OK
         for k in np.flatnonzero(~valid):

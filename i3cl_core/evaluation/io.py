@@ -34,7 +34,6 @@ import numpy as np
 
 from i3cl_core.data.errors import DatasetError
 
-MAX_REPORTED_UNKNOWN = 10
 
 
 @dataclass
@@ -157,8 +156,9 @@ def _bbox_points(bbox, where: str) -> np.ndarray:
 def rle_to_parts(rle: dict, where: str, size: tuple[int, int] | None = None) -> list[np.ndarray]:
     """Trace an RLE mask into polygons (outer boundaries of each blob; holes dropped).
 
-    OpenCV contours run through pixel centres; we offset them by half a pixel (mitre joins, square caps), so a
-    rectilinear blob gets exactly its pixel area.
+    Pixel ``(x, y)`` covers ``[x, x+1) x [y, y+1)``. OpenCV contours run through pixel centres; we offset them
+    outwards by half a pixel (mitre joins, square caps), so a rectilinear blob becomes exactly its pixel
+    boundary (a 40x20 block at column 100, row 10 -> the box [100, 140] x [10, 30]).
     """
     import cv2
     import shapely
@@ -178,7 +178,7 @@ def rle_to_parts(rle: dict, where: str, size: tuple[int, int] | None = None) -> 
     contours, _ = cv2.findContours(np.ascontiguousarray(m, dtype=np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     shapes = []
     for c in contours:
-        pts = c.reshape(-1, 2).astype(np.float64)
+        pts = c.reshape(-1, 2).astype(np.float64) + 0.5  # pixel (x, y) covers [x, x+1) x [y, y+1)
         if len(pts) == 1:
             line = shapely.Point(pts[0])
         else:
