@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("i3cl_core.data.synth_cli", "generate a synthetic curved-text dataset (COCO json + images)"),
     "browse": ("i3cl_core.data.browse", "draw a dataset's polygons on its images into PNG files"),
     "model-summary": ("i3cl_core.model.summary", "parameter counts per part of a model config, and output strides"),
+    "train": ("i3cl_core.engine.cli", "train a detector (one process, or under torchrun for DDP)"),
     "evaluate": ("i3cl_core.evaluation.cli", "score predictions against ground truth (ArT, Total-Text, CTW1500, IC15)"),
     "convert-dataset": ("i3cl_core.data.convert", "convert official ArT/LSVT/Total-Text/CTW1500 annotations to COCO"),
 }

@@ -186,8 +186,12 @@ class TrainConfig(_Strict):
     eval_interval: int = Field(1, ge=0, description="epochs between evaluations on data.val (0: never)")
     eval_protocol: Literal["art", "totaltext", "ctw1500", "icdar2015"] = "art"
     seed: int = Field(0, ge=0)
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N (under torchrun: cuda:LOCAL_RANK)")
     log_interval: int = Field(20, ge=1)
+    sync_bn: bool = Field(False, description="SyncBatchNorm for the BN layers outside the backbone under DDP (CUDA)")
+    tensorboard: bool = Field(False, description="also write TensorBoard scalars to work_dir/tb")
+    max_iters_per_epoch: int | None = Field(None, ge=1, description="cap on iterations per epoch (quick runs)")
+    nproc_per_node: int = Field(1, ge=1, description="processes per node when launched by the pipeline (torchrun)")
 
 
 class InferConfig(_Strict):

@@ -333,10 +333,14 @@ class CocoTextDataset:
 
     def __getitem__(self, idx: int):
         sample = self.load_sample(idx)
+        rng = np.random.default_rng([self.seed, self.epoch, idx])
+        sample_seed = int(rng.integers(2**62))  # seeds the model's anchor/RoI sampling for this image
         if self.transform is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, idx])
             sample = self.transform(sample, rng)
-        return sample.to_tensors()
+        image, target = sample.to_tensors()
+        target["seed"] = sample_seed
+        target["index"] = idx
+        return image, target
 
 
 def collate(batch):

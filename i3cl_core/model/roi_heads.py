@@ -26,7 +26,7 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes, roi_align
 
 from i3cl_core.model.inter_cl import InterCL
-from i3cl_core.model.rpn import dontcare_mask
+from i3cl_core.model.rpn import balanced_sample, dontcare_mask, sample_generator
 
 
 class RoIPooler(nn.Module):
@@ -138,7 +138,6 @@ class RoIHeads(nn.Module):
             self.inter_cl = InterCL(channels, ic.token_channels, ic.token_pool, ic.layers, ic.heads, ic.ffn_dim, ic.dropout)
         self.mask_head = MaskHead(channels, cfg.mask_head_convs, cfg.num_classes)
         self.matcher = det_utils.Matcher(0.5, 0.5, allow_low_quality_matches=False)
-        self.sampler = det_utils.BalancedPositiveNegativeSampler(cfg.box_batch_size_per_image, cfg.box_positive_fraction)
         self.box_coder = det_utils.BoxCoder((10.0, 10.0, 5.0, 5.0))
         self.num_classes = cfg.num_classes
         self.cfg = cfg
@@ -157,8 +156,9 @@ class RoIHeads(nn.Module):
             labels = torch.where(matched >= 0, t["labels"].to(props.device)[matched.clamp(min=0)], 0) if gt.numel() else torch.zeros_like(matched)
             if self.cfg.ignore_dontcare:
                 labels = torch.where(dontcare_mask(props, t.get("dontcare_boxes"), self.cfg.dontcare_iof_thr), -1, labels)
-            pos, neg = self.sampler([labels])
-            keep = torch.where(pos[0] | neg[0])[0]
+            pos, neg = balanced_sample(labels, self.cfg.box_batch_size_per_image, self.cfg.box_positive_fraction,
+                                       sample_generator(t, salt=2))
+            keep = torch.where(pos | neg)[0]
             # positives first: the mask branch takes them in this order
             keep = torch.cat([keep[labels[keep] > 0], keep[labels[keep] <= 0]])
             props, labels, matched = props[keep], labels[keep], matched[keep]

@@ -56,6 +56,32 @@ def dontcare_mask(boxes: Tensor, dontcare_boxes: Tensor | None, thr: float) -> T
     return (box_iof(boxes, dontcare_boxes.to(boxes)) > thr).any(dim=1)
 
 
+def sample_generator(target: dict, salt: int) -> torch.Generator | None:
+    """A CPU generator seeded from the target's ``seed`` (set by the dataset from (seed, epoch,
+    index)), so that anchor and RoI sampling of an image do not depend on how the batch is split
+    across processes; ``None`` (the global RNG) when the target has no seed."""
+    seed = target.get("seed")
+    if seed is None:
+        return None
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + salt) % (2**63 - 1))
+
+
+def balanced_sample(labels: Tensor, batch_size: int, positive_fraction: float, generator=None) -> tuple[Tensor, Tensor]:
+    """Random positives (label >= 1) up to ``batch_size * positive_fraction``, negatives (label 0)
+    filling the rest: boolean masks."""
+    positive = torch.where(labels >= 1)[0]
+    negative = torch.where(labels == 0)[0]
+    num_pos = min(positive.numel(), int(batch_size * positive_fraction))
+    num_neg = min(negative.numel(), batch_size - num_pos)
+    pos = positive[torch.randperm(positive.numel(), generator=generator)[:num_pos].to(labels.device)]
+    neg = negative[torch.randperm(negative.numel(), generator=generator)[:num_neg].to(labels.device)]
+    pos_mask = torch.zeros_like(labels, dtype=torch.bool)
+    neg_mask = torch.zeros_like(labels, dtype=torch.bool)
+    pos_mask[pos] = True
+    neg_mask[neg] = True
+    return pos_mask, neg_mask
+
+
 def weighted_rpn_loss(
     objectness: Tensor, deltas: Tensor, labels: Tensor, targets: Tensor, weights: Tensor, sampled_pos: Tensor, sampled_neg: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -131,9 +157,13 @@ class I3CLRPN(RegionProposalNetwork):
                 raise ValueError("the RPN needs targets in training mode")
             labels, matched_boxes, weights = self.assign(anchors, targets)
             regression_targets = self.box_coder.encode(matched_boxes, anchors)
-            pos, neg = self.fg_bg_sampler(labels)
-            pos = torch.where(torch.cat(pos))[0]
-            neg = torch.where(torch.cat(neg))[0]
+            sampled = [
+                balanced_sample(lab, self.fg_bg_sampler.batch_size_per_image, self.fg_bg_sampler.positive_fraction,
+                                sample_generator(t, salt=1))
+                for lab, t in zip(labels, targets)
+            ]
+            pos = torch.where(torch.cat([p for p, _ in sampled]))[0]
+            neg = torch.where(torch.cat([n for _, n in sampled]))[0]
             loss_obj, loss_box = weighted_rpn_loss(
                 objectness.flatten(), deltas, torch.cat(labels), torch.cat(regression_targets), torch.cat(weights), pos, neg
             )

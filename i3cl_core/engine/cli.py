@@ -1,0 +1,36 @@
+"""``i3cl train CONFIG [--set key=value ...] [--work-dir DIR] [--resume]``.
+
+The same command runs under ``torchrun --nproc_per_node=N -m i3cl_core.cli train ...`` (or
+``torchrun ... $(which i3cl) train ...``) for DistributedDataParallel.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML training config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--work-dir", help="output folder (default: work_dirs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from work_dir/checkpoints/latest.pth")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from i3cl_core.config import load_config
+    from i3cl_core.engine.train import TrainingError, train
+
+    cfg = load_config(args.config, args.overrides)
+    work_dir = Path(args.work_dir) if args.work_dir else Path("work_dirs") / Path(args.config).stem
+    try:
+        summary = train(cfg, work_dir, resume=args.resume, progress=not args.no_progress)
+    except TrainingError as e:
+        print(f"i3cl train: error: {e}")
+        return 1
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
+    return 0

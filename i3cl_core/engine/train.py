@@ -1,0 +1,427 @@
+"""Training: one process, or one process per GPU/CPU slot under ``torchrun`` (DDP).
+
+``train(cfg, work_dir, resume=False)`` is the whole stage. Layout of ``work_dir``::
+
+    config.yaml                resolved config of this run
+    checkpoints/epoch_N.pth    every epoch (keep the last ``train.keep_last``), iter_N.pth optionally
+    checkpoints/latest.pth     the most recent checkpoint (hard link)
+    checkpoints/best.pth       best validation H-mean (when ``data.val`` is set)
+    metrics.jsonl              one JSON object per logged step and per evaluation
+    metrics.json               summary of the finished run
+
+Distributed: launched by ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK set), NCCL on CUDA and gloo on CPU;
+each process takes ``train.batch_size`` images of a disjoint shard of every epoch's permutation, so
+N processes with batch b see the same global batches as one process with batch N*b. The learning rate
+is used as configured (no scaling rule, as the release).
+
+Reproducibility: augmentations and the model's anchor/RoI sampling are seeded per image from
+(seed, epoch, index); checkpoints hold the optimiser, scaler, counters and the torch RNG state, so
+``--resume`` after a kill ends with the same weights as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from i3cl_core.config import ConfigError, save_config
+from i3cl_core.model.backbone import CheckpointError
+from i3cl_core.utils import atomic_write_json, get_logger
+
+log = get_logger("train")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a NaN loss, ...); the message says where and what is kept."""
+
+
+# ------------------------------------------------------------------------------------ distributed
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> DistInfo:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {device_name!r} requested but CUDA is not available on this machine")
+    if use_cuda:
+        index = local_rank if world > 1 or device_name in ("auto", "cuda") else torch.device(device_name).index or 0
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(rank, world, local_rank, device)
+
+
+def _all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    if not info.distributed:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return {k: v / info.world_size for k, v in zip(values, t.tolist())}
+
+
+# ------------------------------------------------------------------------------------ data order
+class EpochSampler(torch.utils.data.Sampler):
+    """The dataset permuted by (seed, epoch), padded to a multiple of the number of processes and
+    dealt round-robin: process r takes positions r, r + N, r + 2N, ... ``skip`` drops the first
+    samples of this process's share (resuming inside an epoch)."""
+
+    def __init__(self, size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True):
+        self.size, self.num_replicas, self.rank, self.seed, self.shuffle = size, num_replicas, rank, seed, shuffle
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        total = math.ceil(self.size / self.num_replicas) * self.num_replicas
+        order += order[: total - self.size]
+        return order[self.rank :: self.num_replicas]
+
+    def __iter__(self):
+        return iter(self.indices()[self.skip :])
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.num_replicas) - self.skip
+
+
+# ------------------------------------------------------------------------------------ optimisation
+def build_optimizer(model: torch.nn.Module, tcfg) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if any(k in name for k in tcfg.no_decay_keys) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": tcfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    if tcfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=tcfg.lr, momentum=tcfg.momentum)
+    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas))
+
+
+def lr_at(tcfg, epoch: int, global_iter: int) -> float:
+    """Step decay by ``gamma`` after each epoch listed in ``lr_steps`` (1-based epoch counts, as
+    mmdetection's ``step=[8, 11]``) times a linear warm-up from ``warmup_ratio`` over the first
+    ``warmup_iters`` iterations."""
+    lr = tcfg.lr * tcfg.gamma ** sum(epoch >= s for s in tcfg.lr_steps)
+    if global_iter < tcfg.warmup_iters:
+        lr *= tcfg.warmup_ratio + (1.0 - tcfg.warmup_ratio) * global_iter / tcfg.warmup_iters
+    return lr
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def checkpoint_dir(work_dir: Path) -> Path:
+    return Path(work_dir) / "checkpoints"
+
+
+def _link_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:  # file systems without hard links
+        import shutil
+
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def find_latest(work_dir: Path) -> Path | None:
+    latest = checkpoint_dir(work_dir) / "latest.pth"
+    return latest if latest.is_file() else None
+
+
+def _prune(ckpt_dir: Path, keep_last: int, protect: set[Path]) -> None:
+    def number(p: Path) -> int:
+        return int(p.stem.split("_")[1])
+
+    for pattern in ("epoch_*.pth", "iter_*.pth"):
+        files = sorted(ckpt_dir.glob(pattern), key=number)
+        for p in files[:-keep_last]:
+            if p.resolve() not in protect:
+                p.unlink(missing_ok=True)
+
+
+def load_from(model: torch.nn.Module, path: str) -> tuple[list[str], list[str]]:
+    """Non-strict initialisation from a checkpoint of an earlier stage; logs the keys that are new
+    here (e.g. IntraCL/InterCL switched on) and those the checkpoint has that we don't."""
+    from i3cl_core.model.backbone import read_state_dict, strip_prefixes
+
+    state = strip_prefixes(read_state_dict(path, "load_from checkpoint"), prefixes=("module.",))
+    own = model.state_dict()
+    shape_mismatch = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    result = model.load_state_dict({k: v for k, v in state.items() if k not in shape_mismatch}, strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys) + shape_mismatch
+    loaded = len(own) - len(missing)
+    if loaded == 0:
+        raise CheckpointError(f"{path}: load_from matched none of the model's parameters")
+    log.info("load_from %s: %d tensors loaded; %d keys new in this model%s; %d keys of the checkpoint unused%s",
+             path, loaded, len(missing), f" ({_group_keys(missing)})" if missing else "",
+             len(unexpected), f" ({_group_keys(unexpected)})" if unexpected else "")
+    return missing, unexpected
+
+
+def _group_keys(keys: list[str]) -> str:
+    """'roi_heads.inter_cl.* (38), intra_cl.* (60)': keys grouped by their first two name parts."""
+    from collections import Counter
+
+    groups = Counter(".".join(k.split(".")[:2]) for k in keys)
+    return ", ".join(f"{g}.* ({n})" for g, n in groups.most_common())
+
+
+# ------------------------------------------------------------------------------------ the loop
+def _batch_ids(targets) -> list:
+    return [t.get("image_id") for t in targets]
+
+
+def train(cfg, work_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> dict:
+    """Train ``cfg`` (an :class:`~i3cl_core.config.I3CLConfig`) into ``work_dir``; returns a summary."""
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from i3cl_core.data.coco import CocoTextDataset, collate
+    from i3cl_core.data.transforms import build_train_transform
+    from i3cl_core.model.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+    from i3cl_core.model.detector import build_model
+
+    tcfg = cfg.train
+    if not cfg.data.train:
+        raise ConfigError("data.train: no training datasets configured")
+    info = init_distributed(tcfg.device)
+    work_dir = Path(work_dir)
+    ckpt_dir = checkpoint_dir(work_dir)
+    if info.main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, work_dir / "config.yaml")
+    torch.manual_seed(tcfg.seed)
+
+    dataset = CocoTextDataset(
+        [(s.ann_file, s.img_root) for s in cfg.data.train],
+        transform=build_train_transform(cfg.data.augment),
+        train=True,
+        min_image_size=cfg.data.min_image_size,
+        dontcare=cfg.data.dontcare,
+        seed=tcfg.seed,
+    )
+    val_dataset = None
+    if cfg.data.val is not None and tcfg.eval_interval > 0 and info.main:
+        val_dataset = CocoTextDataset([(cfg.data.val.ann_file, cfg.data.val.img_root)], train=False,
+                                      min_image_size=cfg.data.min_image_size, dontcare=cfg.data.dontcare)
+
+    model = build_model(cfg).to(info.device)
+    if tcfg.load_from and not resume:
+        load_from(model, tcfg.load_from)
+    if tcfg.sync_bn and info.distributed:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = build_optimizer(model, tcfg)
+    use_amp = tcfg.amp and info.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    start_epoch, start_iter, global_iter = 0, 0, 0
+    best = {"hmean": -1.0, "epoch": None}
+    history: list[dict] = []
+    if resume:
+        latest = find_latest(work_dir)
+        if latest is None:
+            log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
+        else:
+            ckpt = load_checkpoint(latest)
+            load_state_strict(model, ckpt["model"], str(latest))
+            try:
+                optimizer.load_state_dict(ckpt["optimizer"])
+                scaler.load_state_dict(ckpt["scaler"])
+            except (KeyError, ValueError) as e:
+                raise CheckpointError(f"{latest}: cannot resume, its training state does not fit this config ({e})") from None
+            start_epoch, start_iter, global_iter = ckpt["epoch"], ckpt["iter_in_epoch"], ckpt["global_iter"]
+            best, history = ckpt.get("best", best), ckpt.get("history", [])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if info.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+            log.info("resumed from %s: epoch %d, iteration %d of the epoch, %d iterations done",
+                     latest, start_epoch, start_iter, global_iter)
+
+    ddp_model = model
+    if info.distributed:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None, find_unused_parameters=True
+        )
+
+    sampler = EpochSampler(len(dataset), info.world_size, info.rank, seed=tcfg.seed)
+    loader = DataLoader(dataset, batch_size=tcfg.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
+                        collate_fn=collate, pin_memory=info.device.type == "cuda", persistent_workers=False)
+    iters_per_epoch = math.ceil(math.ceil(len(dataset) / info.world_size) / tcfg.batch_size)
+    if tcfg.max_iters_per_epoch:
+        iters_per_epoch = min(iters_per_epoch, tcfg.max_iters_per_epoch)
+
+    metrics_path = work_dir / "metrics.jsonl"
+    tb = None
+    if tcfg.tensorboard and info.main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(work_dir / "tb"))
+        except ImportError:
+            log.warning("train.tensorboard: the tensorboard package is not installed; skipping")
+
+    def write_metrics(record: dict) -> None:
+        if info.main:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            if tb is not None:
+                for k, v in record.items():
+                    if isinstance(v, (int, float)) and k not in ("epoch", "iter"):
+                        tb.add_scalar(k, v, record.get("iter", global_iter))
+
+    def save(name: str, epoch_done: int, iter_in_epoch: int) -> Path:
+        path = ckpt_dir / name
+        save_checkpoint(path, model, cfg, extra={
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": epoch_done,
+            "iter_in_epoch": iter_in_epoch,
+            "global_iter": global_iter,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None},
+            "best": best,
+            "history": history,
+        })
+        _link_atomic(path, ckpt_dir / "latest.pth")
+        return path
+
+    t_start = time.time()
+    images_seen = 0
+    if info.main:
+        log.info("training %d images (%d per process x %d processes), %d iterations per epoch, epochs %d-%d, device %s",
+                 len(dataset), tcfg.batch_size, info.world_size, iters_per_epoch, start_epoch + 1, tcfg.epochs, info.device)
+    for epoch in range(start_epoch, tcfg.epochs):
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch, skip=start_iter * tcfg.batch_size)
+        ddp_model.train()
+        bar = tqdm(total=iters_per_epoch, initial=start_iter, desc=f"epoch {epoch + 1}/{tcfg.epochs}",
+                   disable=not (progress and info.main), dynamic_ncols=True, leave=False)
+        running: dict[str, float] = {}
+        it = start_iter
+        for images, targets in loader:
+            if it >= iters_per_epoch:
+                break
+            lr = lr_at(tcfg, epoch, global_iter)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images = [im.to(info.device, non_blocking=True) for im in images]
+            with torch.autocast(info.device.type, enabled=use_amp):
+                losses = ddp_model(images, targets)
+            loss = sum(losses.values())
+            finite = torch.tensor([float(torch.isfinite(loss))], device=info.device)
+            if info.distributed:
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() < 1:
+                latest = find_latest(work_dir)
+                terms = {k: v.detach().item() for k, v in losses.items()}
+                raise TrainingError(
+                    f"loss became non-finite at iteration {global_iter + 1} (epoch {epoch + 1}, step {it + 1}); "
+                    f"image ids of the batch: {_batch_ids(targets)}; loss terms: {terms}; "
+                    f"last good checkpoint: {latest if latest else 'none yet'} (nothing saved after it)"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if tcfg.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tcfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            global_iter += 1
+            it += 1
+            images_seen += len(images) * info.world_size
+            for k, v in losses.items():
+                running[k] = running.get(k, 0.0) + v.detach().item()
+            running["n"] = running.get("n", 0) + 1
+            if it % tcfg.log_interval == 0 or it == iters_per_epoch:
+                n = running.pop("n")
+                means = _all_reduce_mean({k: v / n for k, v in running.items()}, info)
+                running = {}
+                elapsed = time.time() - t_start
+                record = {"epoch": epoch + 1, "iter": global_iter, "lr": lr, "loss": sum(means.values()), **means,
+                          "images_per_s": images_seen / max(elapsed, 1e-9), "time": elapsed}
+                write_metrics(record)
+                bar.set_postfix({"loss": f"{record['loss']:.3f}", **{k.replace("loss_", ""): f"{v:.3f}" for k, v in means.items()},
+                                 "lr": f"{lr:.2e}"})
+            if tcfg.checkpoint_interval_iters and global_iter % tcfg.checkpoint_interval_iters == 0 and info.main:
+                save(f"iter_{global_iter}.pth", epoch, it)
+            bar.update(1)
+        bar.close()
+        start_iter = 0
+
+        evaluation = None
+        if val_dataset is not None and ((epoch + 1) % tcfg.eval_interval == 0 or epoch + 1 == tcfg.epochs):
+            from i3cl_core.infer.predictor import evaluate_model
+
+            evaluation = evaluate_model(model, val_dataset, info.device, tcfg.eval_protocol, cfg.infer.score_thr,
+                                        batch_size=cfg.infer.batch_size, progress=progress)
+            evaluation.update(epoch=epoch + 1, iter=global_iter, time=time.time() - t_start)
+            history.append(evaluation)
+            write_metrics({"eval": True, **evaluation})
+            log.info("epoch %d: %s P %.4f R %.4f F %.4f (best threshold %.2f: F %.4f)", epoch + 1, tcfg.eval_protocol,
+                     evaluation["precision"], evaluation["recall"], evaluation["hmean"], evaluation["best_thr"],
+                     evaluation["best_hmean"])
+            if evaluation["hmean"] > best["hmean"]:
+                best = {"hmean": evaluation["hmean"], "epoch": epoch + 1}
+        if info.main:
+            path = save(f"epoch_{epoch + 1}.pth", epoch + 1, 0)
+            if evaluation is not None and best["epoch"] == epoch + 1:
+                _link_atomic(path, ckpt_dir / "best.pth")
+            protect = {p.resolve() for p in (ckpt_dir / "best.pth",) if p.exists()}
+            _prune(ckpt_dir, tcfg.keep_last, protect)
+        if info.distributed:
+            dist.barrier()
+
+    elapsed = time.time() - t_start
+    summary = {
+        "work_dir": str(work_dir),
+        "epochs": tcfg.epochs,
+        "iterations": global_iter,
+        "checkpoint": str(ckpt_dir / "latest.pth"),
+        "best_checkpoint": str(ckpt_dir / "best.pth") if (ckpt_dir / "best.pth").exists() else None,
+        "best": best,
+        "last_eval": history[-1] if history else None,
+        "seconds": elapsed,
+        "images_per_s": images_seen / max(elapsed, 1e-9),
+        "world_size": info.world_size,
+    }
+    if info.main:
+        atomic_write_json(work_dir / "metrics.json", {"summary": summary, "evaluations": history}, indent=2)
+        if tb is not None:
+            tb.close()
+    if info.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
