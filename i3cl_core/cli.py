@@ -17,6 +17,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "browse": ("i3cl_core.data.browse", "draw a dataset's polygons on its images into PNG files"),
     "model-summary": ("i3cl_core.model.summary", "parameter counts per part of a model config, and output strides"),
     "train": ("i3cl_core.engine.cli", "train a detector (one process, or under torchrun for DDP)"),
+    "infer": ("i3cl_core.infer.run", "run a checkpoint over images: COCO results, ArT submission, txt, PNGs"),
+    "ensemble": ("i3cl_core.pseudo.ensemble", "run several checkpoints over unlabeled images, sharded and resumable"),
+    "fuse": ("i3cl_core.pseudo.fuse", "fuse ensemble predictions into pseudo labels (train_lossweight.json)"),
     "evaluate": ("i3cl_core.evaluation.cli", "score predictions against ground truth (ArT, Total-Text, CTW1500, IC15)"),
     "convert-dataset": ("i3cl_core.data.convert", "convert official ArT/LSVT/Total-Text/CTW1500 annotations to COCO"),
 }

@@ -1,0 +1,56 @@
+"""Train the tiny demo teacher on 200 synthetic images; F-measure (ArT protocol) on the synthetic
+test split after every epoch, against wall-clock time. Goal (issue): F >= 0.8 within 10 minutes on
+2 CPU cores.
+
+    .venv/bin/python benchmarks/bench_teacher.py [--config configs/demo/teacher_a.yaml] [--epochs 8]
+        [--data data/demo] [--work-dir work_dirs/bench_teacher] [--set key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/demo/teacher_a.yaml")
+    ap.add_argument("--data", default="data/demo")
+    ap.add_argument("--work-dir", default="work_dirs/bench_teacher")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args()
+
+    from i3cl_core.config import load_config
+    from i3cl_core.data.synth import generate_demo
+    from i3cl_core.engine.train import train
+
+    data = Path(args.data)
+    if not (data / "train" / "annotations.json").exists():
+        generate_demo(data, seed=0, workers=2, progress=False)
+    cfg = load_config(args.config, [
+        f"data.train=[{{ann_file: {data}/train/annotations.json, img_root: {data}/train/images}}]",
+        f"data.val.ann_file={data}/test/annotations.json", f"data.val.img_root={data}/test/images",
+        *args.overrides,
+    ])
+    work = Path(args.work_dir)
+    shutil.rmtree(work, ignore_errors=True)
+    t0 = time.time()
+    summary = train(cfg, work, progress=False)
+    total = time.time() - t0
+    evals = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e.get("eval")]
+    print(f"\n{args.config}: {summary['iterations']} iterations, {summary['images_per_s']:.2f} training images/s "
+          f"(including evaluation time), {total:.0f} s in all")
+    print(f"{'epoch':>5} {'time s':>7} {'P':>6} {'R':>6} {'F@' + str(cfg.infer.score_thr):>7} {'best F':>7} {'at thr':>6}")
+    for e in evals:
+        print(f"{e['epoch']:>5} {e['time']:>7.0f} {e['precision']:>6.3f} {e['recall']:>6.3f} {e['hmean']:>7.3f} "
+              f"{e['best_hmean']:>7.3f} {e['best_thr']:>6.2f}")
+    within = [e for e in evals if e["time"] <= 600]
+    best10 = max((e["hmean"] for e in within), default=0.0)
+    print(f"best F within 10 minutes: {best10:.3f} (goal 0.8)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""``i3cl infer``: a checkpoint over a folder, glob, list or COCO json of images.
+
+Writes into ``--out``: ``results.json`` (COCO results), ``submission.json`` (ArT), ``images.json``
+(COCO ``images`` list with ids and sizes, usable as the IMAGES.json of ``i3cl fuse``), ``txt/<name>.txt``
+and, unless ``--no-vis``, ``vis/<name>.png``. Each image's detections are first written atomically to
+``per_image/<name>.json``; a re-run skips images that already have one (resumable over large folders),
+unless the checkpoint or the settings changed (``run.json`` records them). An unreadable image is
+reported and skipped; the run goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from i3cl_core.data.errors import DatasetError
+from i3cl_core.utils import atomic_write_json, atomic_write_text, get_logger, safe_join
+
+log = get_logger("infer")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+@dataclass
+class ImageItem:
+    image_id: int
+    path: Path
+    file_name: str  # as written to the outputs (relative to the image root when there is one)
+
+    @property
+    def key(self) -> str:
+        return self.file_name.replace("/", "__").replace("\\", "__")
+
+
+def collect_images(spec: str, img_root: str | None = None) -> list[ImageItem]:
+    """Images from a folder (sorted, not recursive), a COCO json (its ids; files under ``img_root``,
+    default the json's folder), a ``.txt`` list (one path per line, relative to the list's folder) or
+    a glob pattern. Ids are 1-based positions unless the COCO json gives them."""
+    p = Path(spec)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+        return [ImageItem(i + 1, f, f.name) for i, f in enumerate(files)]
+    if p.suffix.lower() == ".json" and p.is_file():
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{p}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+            raise DatasetError(f"{p}: expected a COCO json with an 'images' list")
+        root = Path(img_root) if img_root else p.parent
+        items = []
+        for i, im in enumerate(data["images"]):
+            if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
+                raise DatasetError(f"{p}: images[{i}] needs 'id' and 'file_name'")
+            try:
+                items.append(ImageItem(im["id"], safe_join(root, im["file_name"]), im["file_name"]))
+            except ValueError as e:
+                raise DatasetError(f"{p}: image {im['id']}: refused: {e}") from None
+        return items
+    if p.suffix.lower() == ".txt" and p.is_file():
+        lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        return [ImageItem(i + 1, (p.parent / ln) if not os.path.isabs(ln) else Path(ln), Path(ln).name)
+                for i, ln in enumerate(lines)]
+    files = sorted(glob.glob(spec, recursive=True))
+    if not files:
+        raise FileNotFoundError(f"{spec}: no such folder, json, list file, or glob matches")
+    return [ImageItem(i + 1, Path(f), Path(f).name) for i, f in enumerate(files)]
+
+
+class _ImageDataset:
+    """Decodes images in DataLoader workers; a failure becomes an error string, not an exception."""
+
+    def __init__(self, items: list[ImageItem]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        import cv2
+        import torch
+
+        item = self.items[i]
+        img = cv2.imread(str(item.path), cv2.IMREAD_COLOR)
+        if img is None:
+            reason = "missing" if not item.path.exists() else "unreadable or not an image"
+            return i, None, None, f"{item.path}: image {item.image_id} is {reason}"
+        rgb = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        return i, torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float().div_(255.0), rgb, None
+
+
+def _collate(batch):
+    return batch
+
+
+def _file_stats(path: str) -> list:
+    st = os.stat(path)
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+
+
+def infer_images(
+    checkpoint: str,
+    items: list[ImageItem],
+    out_dir: str | os.PathLike,
+    score_thr: float = 0.45,
+    device: str = "auto",
+    batch_size: int = 1,
+    num_workers: int = 1,
+    visualize: bool = True,
+    epsilon: float | None = None,
+    model_overrides: dict | None = None,
+    progress: bool = True,
+    model=None,
+    write_exports: bool = True,
+) -> dict:
+    """Run one checkpoint over ``items``; returns a summary (counts, seconds, failures)."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from i3cl_core.infer.export import art_entries, coco_result, draw_results, txt_lines
+    from i3cl_core.infer.predictor import resolve_device
+    from i3cl_core.model.checkpoint import load_model
+
+    out = Path(out_dir)
+    per_image = out / "per_image"
+    per_image.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+    cfg = None
+    if model is None:
+        model, cfg = load_model(checkpoint, dev, model_overrides)
+    eps = epsilon if epsilon is not None else (cfg.infer.polygon_epsilon if cfg is not None else 0.005)
+    manifest = {"checkpoint": _file_stats(checkpoint) if checkpoint else None, "score_thr": score_thr,
+                "epsilon": eps, "model_overrides": model_overrides or {}}
+    manifest_path = out / "run.json"
+    if manifest_path.exists():
+        previous = json.loads(manifest_path.read_text())
+        if previous != manifest:
+            stale = list(per_image.glob("*.json"))
+            log.warning("%s: checkpoint or settings changed since the last run; recomputing %d images", out, len(stale))
+            for f in stale:
+                f.unlink()
+    atomic_write_json(manifest_path, manifest, indent=2)
+
+    todo = [i for i, it in enumerate(items) if not (per_image / f"{it.key}.json").exists()]
+    skipped = len(items) - len(todo)
+    if skipped:
+        log.info("%s: %d of %d images already done, skipping them", out, skipped, len(items))
+    loader = DataLoader(_ImageDataset([items[i] for i in todo]), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=_collate)
+    failures: list[str] = []
+    t0 = time.time()
+    bar = tqdm(total=len(todo), desc=f"infer {Path(checkpoint).name if checkpoint else ''}", unit="img",
+               disable=not progress, dynamic_ncols=True)
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            good = [(j, t, rgb) for j, t, rgb, err in batch if err is None]
+            for _, _, _, err in batch:
+                if err is not None:
+                    failures.append(err)
+                    log.warning("skipping %s", err)
+            if good:
+                outputs = model.predict([t.to(dev) for _, t, _ in good], epsilon=eps)
+                for (j, t, rgb), o in zip(good, outputs):
+                    item = items[todo[j]]
+                    results = [
+                        coco_result(item.image_id, poly, float(s))
+                        for poly, s in zip(o["polygons"], o["scores"].tolist())
+                        if poly is not None and s > score_thr
+                    ]
+                    record = {"image_id": item.image_id, "file_name": item.file_name, "width": int(t.shape[-1]),
+                              "height": int(t.shape[-2]), "results": results}
+                    if visualize:
+                        draw_results(rgb, results, out / "vis" / f"{Path(item.key).stem}.png")
+                    atomic_write_json(per_image / f"{item.key}.json", record)
+            bar.update(len(batch))
+    bar.close()
+    seconds = time.time() - t0
+    summary = {"images": len(items), "processed": len(todo) - len(failures), "skipped_done": skipped,
+               "failed": len(failures), "failures": failures[:20], "seconds": round(seconds, 2),
+               "images_per_s": round((len(todo) - len(failures)) / max(seconds, 1e-9), 3), "out": str(out)}
+    if write_exports:
+        summary.update(write_outputs(items, out, txt_lines, art_entries))
+    if failures:
+        atomic_write_text(out / "failed.txt", "\n".join(failures) + "\n")
+    return summary
+
+
+def write_outputs(items: list[ImageItem], out: Path, txt_lines, art_entries) -> dict:
+    """Assemble results.json, submission.json, images.json and txt/ from the per-image files."""
+    results, submission, images = [], {}, []
+    for item in items:
+        f = out / "per_image" / f"{item.key}.json"
+        if not f.exists():
+            continue
+        rec = json.loads(f.read_text())
+        results.extend(rec["results"])
+        from i3cl_core.infer.export import art_key
+
+        submission[art_key(item.file_name)] = art_entries(rec["results"])
+        images.append({"id": rec["image_id"], "file_name": rec["file_name"], "width": rec["width"], "height": rec["height"]})
+        atomic_write_text(out / "txt" / f"{Path(item.key).stem}.txt", txt_lines(rec["results"]))
+    atomic_write_json(out / "results.json", results)
+    atomic_write_json(out / "submission.json", submission)
+    atomic_write_json(out / "images.json", {"images": images, "annotations": [], "categories": [{"id": 1, "name": "text"}]})
+    return {"detections": len(results), "results": str(out / "results.json"), "submission": str(out / "submission.json")}
+
+
+# ------------------------------------------------------------------------------------ CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="an i3cl checkpoint (.pth)")
+    p.add_argument("--images", required=True, help="folder, glob pattern, .txt list, or COCO json of images")
+    p.add_argument("--img-root", help="image root for a COCO json (default: the json's folder)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--score-thr", type=float, default=None, help="keep detections with score > this (default: the "
+                   "checkpoint config's infer.score_thr, 0.45 for the paper's recipes)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="image decoding processes")
+    p.add_argument("--short-side", type=int, help="test scale: short side (default from the checkpoint config)")
+    p.add_argument("--long-side", type=int, help="test scale: long-side cap")
+    p.add_argument("--no-vis", action="store_true", help="skip the PNG visualisations")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from i3cl_core.model.checkpoint import config_from_checkpoint, load_checkpoint
+
+    if args.batch_size < 1:
+        raise DatasetError("--batch-size must be >= 1")
+    items = collect_images(args.images, args.img_root)
+    if not items:
+        raise DatasetError(f"{args.images}: no images found")
+    overrides = {}
+    if args.short_side:
+        overrides["test_short_side"] = args.short_side
+    if args.long_side:
+        overrides["test_long_side"] = args.long_side
+    score_thr = args.score_thr
+    if score_thr is None:
+        score_thr = config_from_checkpoint(load_checkpoint(args.checkpoint), args.checkpoint).infer.score_thr
+    if not 0.0 <= score_thr <= 1.0:
+        raise DatasetError(f"--score-thr must be in [0, 1], got {score_thr}")
+    summary = infer_images(args.checkpoint, items, args.out, score_thr, args.device, args.batch_size, args.workers,
+                           visualize=not args.no_vis, model_overrides=overrides or None, progress=not args.no_progress)
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,401 @@
+"""``i3cl fuse``: ensemble predictions -> ``train_lossweight.json`` (+ a report beside it).
+
+Inputs: one prediction source per model (a COCO results json, an ArT submission json, or a folder of
+COCO results shard files as written by ``i3cl ensemble``) and ``IMAGES.json``, a COCO json whose
+``images`` list defines the unlabeled set. Output: a COCO dataset json that the training dataset
+loads directly (relative file names under the unlabeled root; each annotation with polygon
+``segmentation``, ``bbox``, ``area``, ``iscrowd``, ``lossweight``, plus ``score`` and ``votes``), and
+``report.json``/``report.md`` with histograms (PNG), sample pictures, and, with ``--gt``, the
+pseudo labels' precision/recall/F against the hidden ground truth (ArT protocol) per threshold.
+Nothing is dropped silently: unknown images, invalid polygons and empty models are counted and
+reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from i3cl_core.data.errors import DatasetError
+from i3cl_core.pseudo.fusion import canonical, cluster_predictions, pseudo_labels
+from i3cl_core.utils import atomic_write_json, atomic_write_text, get_logger
+
+log = get_logger("fuse")
+
+
+# ------------------------------------------------------------------------------------ loading
+def load_images(path: str | os.PathLike) -> list[dict]:
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(f"{p}: IMAGES.json not found") from None
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{p}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DatasetError(f"{p}: expected a COCO json with an 'images' list")
+    images, seen = [], set()
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or not all(k in im for k in ("id", "file_name", "width", "height")):
+            raise DatasetError(f"{p}: images[{i}] needs id, file_name, width and height")
+        if im["id"] in seen:
+            raise DatasetError(f"{p}: image id {im['id']} appears twice")
+        seen.add(im["id"])
+        images.append({k: im[k] for k in ("id", "file_name", "width", "height")})
+    if not images:
+        raise DatasetError(f"{p}: the images list is empty")
+    return images
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def load_model_predictions(source: str | os.PathLike, images: list[dict]) -> tuple[dict, dict]:
+    """``({image_id: [(polygon, score)]}, stats)`` for one model. ``source`` is a COCO results
+    json, an ArT submission json, or a folder of COCO results shards (``*.json``; a ``coverage.json``
+    there lists the image ids the model ran on)."""
+    from i3cl_core.evaluation.io import art_token
+
+    src = Path(source)
+    ids = {im["id"] for im in images}
+    stats = Counter()
+    unknown: list = []
+    coverage = None
+    if src.is_dir():
+        records = []
+        for f in sorted(src.glob("*.json")):
+            if f.name == "coverage.json":
+                coverage = set(_read_json(f)["images"])
+                continue
+            data = _read_json(f)
+            if not isinstance(data, list):
+                raise DatasetError(f"{f}: a shard must be a COCO results list")
+            records.extend(data)
+    elif src.is_file():
+        data = _read_json(src)
+        if isinstance(data, dict):  # ArT submission {"res_<n>": [{"points", "confidence"}]}
+            by_token = {}
+            for im in images:
+                by_token.setdefault(art_token(im["file_name"]), im["id"])
+            records = []
+            for key, entries in data.items():
+                token = art_token(key)
+                image_id = by_token.get(token)
+                if image_id is None:
+                    unknown.append(key)
+                    stats["unknown_image"] += len(entries) if isinstance(entries, list) else 1
+                    continue
+                for e in entries:
+                    records.append({"image_id": image_id, "points": e.get("points"), "score": e.get("confidence", 1.0)})
+        elif isinstance(data, list):
+            records = data
+        else:
+            raise DatasetError(f"{src}: expected a COCO results list or an ArT submission object")
+    else:
+        raise DatasetError(f"{src}: prediction file or folder not found")
+
+    preds: dict = {}
+    for r in records:
+        if not isinstance(r, dict) or "image_id" not in r:
+            raise DatasetError(f"{src}: each prediction needs an image_id (got {str(r)[:80]})")
+        if r["image_id"] not in ids:
+            stats["unknown_image"] += 1
+            if len(unknown) < 5:
+                unknown.append(r["image_id"])
+            continue
+        if "points" in r:
+            flat = r["points"]
+        else:
+            seg = r.get("segmentation")
+            flat = seg[0] if isinstance(seg, list) and seg and isinstance(seg[0], list) else None
+            if flat is None and isinstance(r.get("bbox"), list) and len(r["bbox"]) == 4:
+                x, y, w, h = r["bbox"]
+                flat = [x, y, x + w, y, x + w, y + h, x, y + h]
+        try:
+            poly = canonical(flat) if flat is not None else None
+        except (TypeError, ValueError):
+            poly = None
+        score = r.get("score")
+        if poly is None or not isinstance(score, (int, float)) or not np.isfinite(score):
+            stats["invalid_polygon"] += 1
+            continue
+        preds.setdefault(r["image_id"], []).append((poly, float(score)))
+        stats["predictions"] += 1
+    stats["images_with_predictions"] = len(preds)
+    return preds, {"source": str(src), **stats, "unknown_examples": unknown[:5],
+                   "coverage": None if coverage is None else len(coverage & ids), "missing_images": None
+                   if coverage is None else sorted(ids - coverage)[:5], "_coverage_set": coverage}
+
+
+# ------------------------------------------------------------------------------------ fusion
+def _fuse_one(args):
+    per_model, cfg, weights = args
+    clusters = cluster_predictions(per_model, weights, cfg.iou_thr, cfg.skip_thr, cfg.conf_type)
+    return [len(c.members) for c in clusters], pseudo_labels(clusters, len(per_model), cfg)
+
+
+def fuse_predictions(
+    sources: list[str],
+    images_json: str,
+    out: str | os.PathLike,
+    cfg,
+    gt: str | None = None,
+    img_root: str | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    samples: int = 4,
+) -> dict:
+    """Fuse K models' predictions over the images of ``images_json`` into ``out`` (a COCO json)."""
+    from tqdm import tqdm
+
+    t0 = time.time()
+    if not sources:
+        raise DatasetError("fuse: no prediction sources given")
+    images = load_images(images_json)
+    k = len(sources)
+    weights = np.ones(k) if cfg.model_weights is None else np.asarray(cfg.model_weights, dtype=np.float64)
+    if len(weights) != k:
+        raise DatasetError(f"fuse.model_weights: {len(weights)} weights for {k} prediction sources")
+    models, model_stats = [], []
+    for src in sources:
+        preds, stats = load_model_predictions(src, images)
+        coverage = stats.pop("_coverage_set")
+        if coverage is not None and coverage != {im["id"] for im in images}:
+            missing = len({im["id"] for im in images} - coverage)
+            raise DatasetError(f"{src}: models with mismatched image sets: this model ran on {len(coverage)} images, "
+                               f"{images_json} has {len(images)} ({missing} missing, e.g. {stats['missing_images']})")
+        if stats["predictions"] == 0:
+            log.warning("%s: no usable predictions at all (an empty prediction set)", src)
+        if stats.get("unknown_image"):
+            log.warning("%s: %d predictions for images not in %s were ignored (e.g. %s)", src, stats["unknown_image"],
+                        images_json, stats["unknown_examples"])
+        if stats.get("invalid_polygon"):
+            log.warning("%s: %d predictions with fewer than 3 points, non-finite values or zero area were ignored",
+                        src, stats["invalid_polygon"])
+        models.append(preds)
+        model_stats.append(stats)
+
+    jobs = [([m.get(im["id"], []) for m in models], cfg, weights) for im in images]
+    results = []
+    bar = tqdm(total=len(jobs), desc="fuse", unit="img", disable=not progress, dynamic_ncols=True)
+    if workers > 1 and len(jobs) > 64:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for r in pool.imap(_fuse_one, jobs, chunksize=32):
+                results.append(r)
+                bar.update(1)
+    else:
+        for job in jobs:
+            results.append(_fuse_one(job))
+            bar.update(1)
+    bar.close()
+
+    annotations, per_image, cluster_sizes = [], [], Counter()
+    for im, (sizes, labels) in zip(images, results):
+        cluster_sizes.update(sizes)
+        per_image.append(sum(1 for lab in labels if not lab["iscrowd"]))
+        for lab in labels:
+            poly = lab["polygon"]
+            x1, y1 = poly.min(axis=0)
+            x2, y2 = poly.max(axis=0)
+            x = poly[:, 0]
+            y = poly[:, 1]
+            area = abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": im["id"], "category_id": 1,
+                "segmentation": [[round(float(v), 2) for v in poly.reshape(-1)]],
+                "bbox": [round(float(x1), 2), round(float(y1), 2), round(float(x2 - x1), 2), round(float(y2 - y1), 2)],
+                "area": round(area, 2), "iscrowd": lab["iscrowd"], "lossweight": lab["lossweight"],
+                "score": round(lab["score"], 5), "votes": lab["votes"],
+            })
+    out = Path(out)
+    dataset = {
+        "info": {"description": "pseudo labels by Weighted Polygon Fusion", "models": [str(s) for s in sources],
+                 "fuse": cfg.model_dump(mode="json"), "images_json": str(images_json)},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "text"}],
+    }
+    atomic_write_json(out, dataset)
+    kept = [a for a in annotations if not a["iscrowd"]]
+    summary = {
+        "out": str(out),
+        "images": len(images),
+        "models": k,
+        "pseudo_labels": len(kept),
+        "dontcare": len(annotations) - len(kept),
+        "images_with_labels": sum(1 for n in per_image if n),
+        "labels_per_image": dict(sorted(Counter(min(n, 10) for n in per_image).items())),
+        "cluster_sizes": dict(sorted(cluster_sizes.items())),
+        "model_stats": model_stats,
+        "seconds": round(time.time() - t0, 2),
+    }
+    report_dir = out.parent
+    summary["report"] = str(write_report(dataset, summary, report_dir, sources, models, images, gt,
+                                         img_root or _default_root(images_json), samples))
+    log.info("fused %d models over %d images: %d pseudo labels, %d do-not-care -> %s", k, len(images), len(kept),
+             summary["dontcare"], out)
+    return summary
+
+
+def _default_root(images_json: str) -> str:
+    parent = Path(images_json).parent
+    return str(parent / "images") if (parent / "images").is_dir() else str(parent)
+
+
+# ------------------------------------------------------------------------------------ report
+def histogram_png(values, bins, title: str, path: Path) -> Path:
+    """A small bar chart (PIL only)."""
+    from PIL import Image, ImageDraw
+
+    counts, edges = np.histogram(np.asarray(values, dtype=float), bins=bins)
+    w, h, pad = 360, 200, 28
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.text((pad, 4), f"{title} (n={len(values)})", fill="black")
+    top = max(int(counts.max()), 1) if len(counts) else 1
+    bw = (w - 2 * pad) / max(len(counts), 1)
+    for i, c in enumerate(counts):
+        x0 = pad + i * bw
+        y0 = h - pad - (h - 2 * pad - 10) * c / top
+        d.rectangle([x0 + 1, y0, x0 + bw - 1, h - pad], fill=(70, 130, 180))
+    d.line([pad, h - pad, w - pad, h - pad], fill="black")
+    d.text((pad, h - pad + 4), f"{edges[0]:.2g}", fill="black")
+    d.text((w - pad - 24, h - pad + 4), f"{edges[-1]:.2g}", fill="black")
+    d.text((4, pad), str(top), fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def write_report(dataset, summary, report_dir: Path, sources, models, images, gt, img_root, samples) -> Path:
+    anns = dataset["annotations"]
+    kept = [a for a in anns if not a["iscrowd"]]
+    figs = report_dir / "report_figures"
+    pngs = {
+        "scores": histogram_png([a["score"] for a in anns], np.linspace(0, 1, 21), "fused score", figs / "scores.png"),
+        "votes": histogram_png([a["votes"] for a in anns], np.arange(0.5, len(sources) + 1.5), "votes", figs / "votes.png"),
+        "weights": histogram_png([a["lossweight"] for a in kept], np.linspace(0, 1, 21), "lossweight", figs / "weights.png"),
+    }
+    report = {k: v for k, v in summary.items() if k != "report"}
+    report["figures"] = {k: str(p) for k, p in pngs.items()}
+    if gt:
+        report["quality"] = pseudo_label_quality(dataset, gt, models, images, sources)
+    sample_paths = _draw_samples(dataset, img_root, figs, samples)
+    report["samples"] = [str(p) for p in sample_paths]
+    atomic_write_json(report_dir / "report.json", report, indent=2)
+    md = ["# Pseudo labels", "", f"* images: **{summary['images']}**, models: **{summary['models']}**",
+          f"* pseudo labels: **{summary['pseudo_labels']}**, do-not-care: **{summary['dontcare']}**, "
+          f"images with labels: **{summary['images_with_labels']}**", ""]
+    if gt:
+        q = report["quality"]
+        md += ["## Quality against the hidden ground truth (ArT protocol)", "",
+               "| source | threshold | P | R | F |", "|---|---|---|---|---|"]
+        for row in q["table"]:
+            md.append(f"| {row['source']} | {row['threshold']} | {row['precision']:.4f} | {row['recall']:.4f} | {row['hmean']:.4f} |")
+        md.append("")
+    md += [f"![{k}]({Path(p).relative_to(report_dir)})" for k, p in pngs.items()]
+    md += [f"![sample]({Path(p).relative_to(report_dir)})" for p in sample_paths]
+    atomic_write_text(report_dir / "report.md", "\n".join(md) + "\n")
+    return report_dir / "report.json"
+
+
+def pseudo_label_quality(dataset, gt_path, models, images, sources) -> dict:
+    """P/R/F (ArT protocol) of the fused labels per score threshold, and of every input model at its
+    best threshold, against the hidden ground truth."""
+    from i3cl_core.evaluation import load_ground_truth, prepare_polygons
+
+    gt = load_ground_truth(gt_path)
+    if gt.format != "coco":
+        raise DatasetError(f"{gt_path}: --gt must be a COCO json with the same image ids as the unlabeled set")
+    gt_by_image = {key: list(zip(im.polygons, im.dontcare)) for key, im in gt.images.items()}
+    fused = {}
+    for a in dataset["annotations"]:
+        if not a["iscrowd"]:
+            fused.setdefault(a["image_id"], []).append((np.asarray(a["segmentation"][0]).reshape(-1, 2), a["score"]))
+    prepared = prepare_polygons(gt_by_image, fused)
+    table = []
+    at_output = prepared.evaluate("art", 0.0)
+    table.append({"source": "fused (as written)", "threshold": "keep_thr", **_prf(at_output)})
+    sweep = prepared.sweep("art")
+    best = next(r for r in sweep if r["best"])
+    table.append({"source": "fused (best threshold)", "threshold": best["score_thr"], **_prf(best)})
+    per_model = []
+    for src, preds in zip(sources, models):
+        rows = prepare_polygons(gt_by_image, preds).sweep("art")
+        b = next(r for r in rows if r["best"])
+        per_model.append({"source": str(src), "best_threshold": b["score_thr"], **_prf(b)})
+        table.append({"source": f"model {Path(src).name} (best threshold)", "threshold": b["score_thr"], **_prf(b)})
+    return {"fused": _prf(at_output), "fused_sweep": [{"threshold": r["score_thr"], **_prf(r)} for r in sweep],
+            "models": per_model, "best_single_model_hmean": max((m["hmean"] for m in per_model), default=0.0),
+            "table": table}
+
+
+def _prf(r: dict) -> dict:
+    return {"precision": round(r["precision"], 4), "recall": round(r["recall"], 4), "hmean": round(r["hmean"], 4)}
+
+
+def _draw_samples(dataset, img_root, figs: Path, n: int) -> list[Path]:
+    import cv2
+
+    from i3cl_core.utils import safe_join
+
+    by_image = {}
+    for a in dataset["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    chosen = sorted(by_image, key=lambda i: -len(by_image[i]))[:n]
+    names = {im["id"]: im["file_name"] for im in dataset["images"]}
+    paths = []
+    for image_id in chosen:
+        try:
+            img = cv2.imread(str(safe_join(img_root, names[image_id])))
+        except ValueError:
+            img = None
+        if img is None:
+            continue
+        for a in by_image[image_id]:
+            pts = np.rint(np.asarray(a["segmentation"][0]).reshape(-1, 2)).astype(np.int32)
+            color = (0, 0, 255) if a["iscrowd"] else (0, 200, 0)
+            cv2.polylines(img, [pts], True, color, 1, cv2.LINE_AA)
+            cv2.putText(img, f"{a['score']:.2f}/{a['votes']}", (int(pts[:, 0].min()), max(10, int(pts[:, 1].min()) - 2)),
+                        cv2.FONT_HERSHEY_SIMPLEX, 0.35, color, 1, cv2.LINE_AA)
+        p = figs / f"sample_{image_id}.png"
+        cv2.imwrite(str(p), img)
+        paths.append(p)
+    return paths
+
+
+# ------------------------------------------------------------------------------------ CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--predictions", nargs="+", required=True, metavar="P",
+                   help="one per model: COCO results json, ArT submission json, or a folder of shard files")
+    p.add_argument("--images", required=True, metavar="IMAGES.json", help="COCO json whose images define the unlabeled set")
+    p.add_argument("--out", required=True, help="output COCO json (e.g. work_dir/pseudo/train_lossweight.json)")
+    p.add_argument("--config", help="YAML config whose fuse section to start from")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="fuse.KEY=VALUE",
+                   help="e.g. --set fuse.iou_thr=0.5 --set fuse.conf_type=max")
+    p.add_argument("--gt", help="ground truth of the unlabeled set, to measure pseudo-label quality")
+    p.add_argument("--img-root", help="image root of the unlabeled set (for sample pictures)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from i3cl_core.config import load_config
+
+    cfg = load_config(args.config, args.overrides).fuse
+    summary = fuse_predictions(args.predictions, args.images, args.out, cfg, gt=args.gt, img_root=args.img_root,
+                               workers=args.workers, progress=not args.no_progress)
+    printable = {k: v for k, v in summary.items() if k != "model_stats"}
+    print(json.dumps(printable))
+    return 0

@@ -1,0 +1,118 @@
+"""Inference and export: outputs, resumability, unreadable images, round trip into evaluate."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from i3cl_core.config import load_config
+from i3cl_core.infer.export import art_entries, art_key, coco_result, int_points, txt_lines
+from i3cl_core.infer.run import collect_images, infer_images
+from i3cl_core.model.checkpoint import save_checkpoint
+from i3cl_core.model.detector import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model overfitted for a few steps on 3 synthetic images, saved as a checkpoint."""
+    from i3cl_core.data.coco import CocoTextDataset
+    from i3cl_core.data.synth import generate_dataset
+
+    root = tmp_path_factory.mktemp("infer")
+    data = generate_dataset(root / "data", 3, seed=5, size=(160, 160), progress=False, cjk=False)
+    cfg = load_config(REPO / "configs" / "demo" / "tiny_model.yaml",
+                      ["model.test_short_side=160", "model.test_long_side=160", "infer.score_thr=0.3"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    ds = CocoTextDataset([(data["ann_file"], data["img_root"])])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.02, momentum=0.9)
+    model.train()
+    for step in range(60):
+        image, target = ds[step % len(ds)]
+        losses = model([image], [target])
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+    ckpt = save_checkpoint(root / "model.pth", model.eval(), cfg)
+    return {"ckpt": ckpt, "data": data, "root": root}
+
+
+def test_export_formats():
+    poly = np.array([[10.2, 5.0], [50.7, 5.0], [50.7, 20.0], [10.2, 20.0]])
+    r = coco_result(7, poly, 0.876543)
+    assert r["bbox"] == [10.2, 5.0, 40.5, 15.0] and r["score"] == 0.87654 and r["category_id"] == 1
+    assert art_key("gt_123.jpg") == "res_123" and art_key("sub/img_a_77.png") == "res_77"
+    assert art_entries([r]) == [{"points": [[10, 5], [51, 5], [51, 20], [10, 20]], "confidence": 0.87654}]
+    assert txt_lines([r]) == "10,5,51,5,51,20,10,20,0.87654\n"
+    assert int_points([[0, 0], [0.2, 0.1], [5, 5]]) is None  # collapses to 2 points
+
+
+def test_collect_images_from_folder_json_list_and_glob(tmp_path, trained):
+    img_root = Path(trained["data"]["img_root"])
+    by_dir = collect_images(str(img_root))
+    assert [i.image_id for i in by_dir] == [1, 2, 3]
+    by_json = collect_images(trained["data"]["ann_file"], str(img_root))
+    assert [i.file_name for i in by_json] == [i.file_name for i in by_dir]
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join(str(i.path) for i in by_dir[:2]))
+    assert len(collect_images(str(lst))) == 2
+    assert len(collect_images(str(img_root / "*.jpg"))) == 3
+    with pytest.raises(FileNotFoundError):
+        collect_images(str(tmp_path / "nothing*.jpg"))
+
+
+def test_infer_outputs_resume_and_bad_images(tmp_path, trained):
+    img_root = Path(trained["data"]["img_root"])
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for f in sorted(img_root.iterdir()):
+        (folder / f"gt_{len(list(folder.iterdir())) + 1}.jpg").write_bytes(f.read_bytes())
+    (folder / "gt_9.jpg").write_bytes(b"broken")
+    out = tmp_path / "out"
+    items = collect_images(str(folder))
+    s = infer_images(str(trained["ckpt"]), items, out, score_thr=0.3, device="cpu", num_workers=0, progress=False)
+    assert s["processed"] == 3 and s["failed"] == 1 and "gt_9.jpg" in s["failures"][0]
+    results = json.loads((out / "results.json").read_text())
+    sub = json.loads((out / "submission.json").read_text())
+    assert set(sub) == {"res_1", "res_2", "res_3"}
+    assert s["detections"] == len(results) > 0 and all(r["score"] > 0.3 for r in results)
+    assert sum(len(v) for v in sub.values()) == len(results)
+    for entry in sub["res_1"]:
+        pts = np.array(entry["points"], float)
+        x, y = pts[:, 0], pts[:, 1]
+        assert np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)) > 0  # clockwise on screen
+    assert (out / "vis" / "gt_1.png").exists() and (out / "txt" / "gt_2.txt").exists()
+    images = json.loads((out / "images.json").read_text())["images"]
+    assert [im["width"] for im in images] == [160, 160, 160]
+    # a second run skips the finished images and writes the same files
+    before = (out / "results.json").read_bytes()
+    s2 = infer_images(str(trained["ckpt"]), items, out, score_thr=0.3, device="cpu", num_workers=0, progress=False)
+    assert s2["skipped_done"] == 3 and s2["processed"] == 0 and (out / "results.json").read_bytes() == before
+    # changed settings invalidate the finished images
+    s3 = infer_images(str(trained["ckpt"]), items, out, score_thr=0.5, device="cpu", num_workers=0, progress=False)
+    assert s3["skipped_done"] == 0 and s3["processed"] == 3
+
+
+def test_round_trip_model_infer_evaluate(tmp_path, trained, capsys):
+    from i3cl_core.cli import main
+
+    data = trained["data"]
+    out = tmp_path / "pred"
+    assert main(["infer", "--checkpoint", str(trained["ckpt"]), "--images", data["ann_file"], "--img-root",
+                 data["img_root"], "--out", str(out), "--no-progress", "--no-vis", "--workers", "0"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--gt", data["ann_file"], "--pred", str(out / "results.json"), "--protocol", "art",
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    assert res["protocol"] == "art" and res["num_det_care"] > 0
+    assert res["hmean"] > 0.3, res  # the model has seen these images
+    # the ArT submission scores the same against the COCO ground truth
+    assert main(["evaluate", "--gt", data["ann_file"], "--pred", str(out / "submission.json"), "--protocol", "art",
+                 "--json"]) == 0
+    res2 = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    assert res2["num_gt_care"] == res["num_gt_care"] and abs(res2["hmean"] - res["hmean"]) < 0.1
