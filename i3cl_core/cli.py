@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fuse": ("i3cl_core.pseudo.fuse", "fuse ensemble predictions into pseudo labels (train_lossweight.json)"),
     "evaluate": ("i3cl_core.evaluation.cli", "score predictions against ground truth (ArT, Total-Text, CTW1500, IC15)"),
     "convert-dataset": ("i3cl_core.data.convert", "convert official ArT/LSVT/Total-Text/CTW1500 annotations to COCO"),
+    "convert-checkpoint": ("i3cl_core.model.convert", "import a checkpoint of the original mmdetection I3CL release"),
 }
 
 

@@ -101,6 +101,10 @@ class BackboneConfig(_Strict):
     weights: str | None = Field(None, description="local path of pretrained weights (never downloaded)")
     frozen_stages: int = Field(1, ge=-1, le=4, description="-1: none; 0: stem; 1: stem + first stage; ...")
     norm_eval: bool = Field(True, description="keep BatchNorm running statistics frozen (affine stays trainable)")
+    drop_path_rate: float = Field(0.3, ge=0.0, lt=1.0, description="vitaev2_s only: stochastic depth of the last block")
+    grad_checkpointing: bool = Field(
+        False, description="vitaev2_s only: recompute each cell in the backward pass (less memory, slower)"
+    )
 
 
 class InterCLConfig(_Strict):

@@ -373,6 +373,9 @@ def train(cfg, work_dir: str | os.PathLike, resume: bool = False, progress: bool
                 record = {"epoch": epoch + 1, "iter": global_iter, "lr": lr, "loss": sum(means.values()), **means,
                           "images_per_s": images_seen / max(elapsed, 1e-9), "time": elapsed}
                 write_metrics(record)
+                if not progress and info.main:  # plain progress lines (parsed by the Prefect flows)
+                    log.info("epoch %d/%d iter %d/%d loss %.4f lr %.3g %.2f img/s", epoch + 1, tcfg.epochs, it,
+                             iters_per_epoch, record["loss"], lr, record["images_per_s"])
                 bar.set_postfix({"loss": f"{record['loss']:.3f}", **{k.replace("loss_", ""): f"{v:.3f}" for k, v in means.items()},
                                  "lr": f"{lr:.2e}"})
             if tcfg.checkpoint_interval_iters and global_iter % tcfg.checkpoint_interval_iters == 0 and info.main:

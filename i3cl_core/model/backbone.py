@@ -61,6 +61,36 @@ def strip_prefixes(state: dict[str, torch.Tensor], prefixes=("module.", "backbon
     return state
 
 
+# prefixes of the parts of self-supervised checkpoints that are *not* the encoder to use (MoCo's key
+# encoder, BYOL's target network, EMA teachers): chosen only when nothing else matches as well
+_SECONDARY_ENCODERS = ("encoder_k", "key_encoder", "momentum", "target", "teacher", "ema")
+
+
+def select_prefix(state: dict[str, torch.Tensor], own_keys) -> tuple[dict[str, torch.Tensor], str]:
+    """The sub-dict of ``state`` whose keys, with one common prefix removed, match ``own_keys`` best,
+    and that prefix. Handles ``module.``, ``backbone.``, MoCo's ``module.encoder_q.`` (next to
+    ``encoder_k.``, ``queue``) and the like; a plain state dict comes back unchanged with prefix ''."""
+    own = set(own_keys)
+    counts: dict[str, int] = {}
+    for k in state:
+        parts = k.split(".")
+        for i in range(len(parts)):
+            if ".".join(parts[i:]) in own:
+                prefix = ".".join(parts[:i]) + "." if i else ""
+                counts[prefix] = counts.get(prefix, 0) + 1
+    if not counts:
+        return state, ""
+
+    def rank(p: str):
+        secondary = any(s in p.lower() for s in _SECONDARY_ENCODERS)
+        return (counts[p], not secondary, -len(p))
+
+    best = max(counts, key=rank)
+    if not best:
+        return state, ""
+    return {k[len(best):]: v for k, v in state.items() if k.startswith(best)}, best
+
+
 def load_pretrained(module: nn.Module, path: str, prefix_hint: str | None = None) -> tuple[list[str], list[str]]:
     """Non-strict load of local pretrained weights; logs and returns (missing, unexpected) keys."""
     state = read_state_dict(path, "pretrained weights")
@@ -87,6 +117,7 @@ class ResNetBackbone(nn.Module):
         import torchvision
 
         net = getattr(torchvision.models, name)(weights=None)
+        self.name = name
         # torchvision's own names, so torchvision / RegionCL state dicts load as they are
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
@@ -115,13 +146,22 @@ class ResNetBackbone(nn.Module):
         return self
 
     def load_weights(self, path: str):
-        state = strip_prefixes(read_state_dict(path, "backbone weights"))
+        """torchvision-style ResNet weights (ImageNet, or RegionCL / MoCo-style self-supervised ones),
+        possibly nested under ``state_dict``/``model`` and prefixed (``module.``, ``backbone.``,
+        ``module.encoder_q.``, ...); the classifier ``fc.*`` is dropped."""
+        state, prefix = select_prefix(read_state_dict(path, "backbone weights"), self.state_dict().keys())
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        own = self.state_dict()
+        shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
+        if shapes:  # another depth or width: refuse rather than load a part of it
+            raise CheckpointError(f"{path}: {len(shapes)} tensors have other shapes than in a torchvision "
+                                  f"{self.name} (another ResNet?), e.g. {'; '.join(shapes[:3])}")
         result = self.load_state_dict(state, strict=False)
-        log.info("backbone weights %s: %d missing, %d unexpected keys %s", path, len(result.missing_keys),
-                 len(result.unexpected_keys), (result.missing_keys + result.unexpected_keys)[:5])
+        log.info("backbone weights %s%s: %d loaded, %d missing, %d unexpected %s", path,
+                 f" (keys under {prefix!r})" if prefix else "", len(state) - len(result.unexpected_keys),
+                 len(result.missing_keys), len(result.unexpected_keys), (result.missing_keys + result.unexpected_keys)[:5])
         if len(state) == len(result.unexpected_keys):
-            raise CheckpointError(f"{path}: none of its keys match a torchvision {type(self).__name__}")
+            raise CheckpointError(f"{path}: none of its keys match a torchvision {self.name}")
         return result
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -173,7 +213,8 @@ def build_backbone(cfg) -> nn.Module:
     elif name == "vitaev2_s":
         from i3cl_core.model.vitae import ViTAEv2Backbone
 
-        backbone = ViTAEv2Backbone()
+        backbone = ViTAEv2Backbone(drop_path_rate=cfg.drop_path_rate, grad_checkpointing=cfg.grad_checkpointing,
+                                   frozen_stages=cfg.frozen_stages, norm_eval=cfg.norm_eval)
     else:
         raise ValueError(
             f"model.backbone.name: unknown backbone {name!r}; allowed: {', '.join(TORCHVISION_RESNETS)}, "

@@ -278,6 +278,30 @@ def histogram_png(values, bins, title: str, path: Path) -> Path:
     return path
 
 
+def pr_curve_png(rows: list[dict], path: Path) -> Path:
+    """Precision and recall of the fused labels against the score threshold (PIL only)."""
+    from PIL import Image, ImageDraw
+
+    w, h, pad = 360, 220, 30
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([pad, pad, w - pad, h - pad], outline="black")
+    d.text((pad, 6), "P (blue), R (red), F (green) vs score threshold", fill="black")
+
+    def xy(t, v):
+        return pad + (w - 2 * pad) * t, h - pad - (h - 2 * pad) * v
+
+    for key, color in (("precision", (30, 90, 200)), ("recall", (200, 40, 40)), ("hmean", (20, 150, 20))):
+        pts = [xy(r["threshold"], r[key]) for r in rows]
+        if len(pts) > 1:
+            d.line(pts, fill=color, width=2)
+    d.text((pad - 4, h - pad + 4), "0", fill="black")
+    d.text((w - pad - 6, h - pad + 4), "1", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
 def write_report(dataset, summary, report_dir: Path, sources, models, images, gt, img_root, samples) -> Path:
     anns = dataset["annotations"]
     kept = [a for a in anns if not a["iscrowd"]]

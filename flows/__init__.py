@@ -1,0 +1,6 @@
+"""Prefect flows of the semi-supervised pipeline: thin wrappers over ``i3cl_core.stages``.
+
+Flows (each with a ``default`` deployment, see ``flows/serve.py`` and ``prefect.yaml``):
+``ssl-pipeline`` (the parent) calls ``train-teachers``, ``ensemble-inference``,
+``fuse-pseudo-labels``, ``train-student`` and ``evaluate`` as subflows.
+"""

@@ -1,0 +1,143 @@
+"""The main job (``make demo``): the whole semi-supervised pipeline on the built-in synthetic data,
+through Prefect.
+
+1. starts a local Prefect server (SQLite under ``.prefect/``, 127.0.0.1 only),
+2. serves the deployments (``ssl-pipeline/default`` and one per stage) in a background process,
+3. runs ``ssl-pipeline/default`` on the synthetic demo data and follows its stages,
+4. prints the final table (each teacher's and the student's F on the test split, the pseudo labels'
+   precision/recall against the hidden ground truth) and where to look in the UI,
+5. stops serve and the server (``--keep-server`` leaves both up to browse the UI; Ctrl-C ends them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def wait_for_deployments(env: dict, names: list[str], timeout: float = 120) -> None:
+    os.environ.update({k: env[k] for k in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")})
+    from prefect import get_client
+
+    deadline = time.time() + timeout
+    with get_client(sync_client=True) as client:
+        while time.time() < deadline:
+            try:
+                for n in names:
+                    client.read_deployment_by_name(n)
+                return
+            except Exception:
+                time.sleep(1)
+    raise RuntimeError(f"deployments {names} were not registered within {timeout:.0f} s")
+
+
+def follow(run_id, poll: float = 10.0):
+    """Print each stage as it changes state; return the final flow run."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    seen: dict = {}
+    t0 = time.time()
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(run_id)
+            children = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id])))
+            for child in children:
+                flow_name = client.read_flow(child.flow_id).name
+                state = child.state.name if child.state else "?"
+                if seen.get(child.id) != state:
+                    seen[child.id] = state
+                    print(f"[{time.time() - t0:6.0f} s] {flow_name}: {state}", flush=True)
+            if run.state and run.state.is_final():
+                return run
+            time.sleep(poll)
+
+
+def print_table(summary: dict, ui: str) -> None:
+    scores = summary["scores"]
+    print("\n" + "=" * 72)
+    print(f"{'model':<22} {'P':>8} {'R':>8} {'F':>8}   (test split, ArT protocol, score > thr)")
+    print("-" * 72)
+    teacher_f = []
+    for name, s in scores.items():
+        print(f"{name:<22} {s['precision']:>8.4f} {s['recall']:>8.4f} {s['hmean']:>8.4f}")
+        if name.startswith("teacher"):
+            teacher_f.append(s["hmean"])
+    q = summary.get("pseudo_quality")
+    if q:
+        print(f"{'pseudo labels vs GT':<22} {q['precision']:>8.4f} {q['recall']:>8.4f} {q['hmean']:>8.4f}   "
+              f"({summary['pseudo_labels']} labels on the unlabeled split)")
+    student = [s["hmean"] for n, s in scores.items() if n.startswith("student")]
+    if teacher_f and student:
+        mean = sum(teacher_f) / len(teacher_f)
+        verdict = "above" if student[0] >= mean else "BELOW"
+        print("-" * 72)
+        print(f"student F {student[0]:.4f} is {verdict} the teachers' mean F {mean:.4f}")
+    print("=" * 72)
+    print(f"Prefect UI: {ui}  (flow run graph, task logs, artifacts: progress, tables, pseudo-label pictures)")
+    print(f"Outputs: {summary['work_dir']} (teachers/, predictions/, pseudo/report.md, student/, eval/)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work-dir", default="runs/demo")
+    ap.add_argument("--data-dir", default="data/demo")
+    ap.add_argument("--prefect-home", default=".prefect")
+    ap.add_argument("--port", type=int, default=4200)
+    ap.add_argument("--params", default="{}", help="extra ssl-pipeline parameters as JSON, e.g. "
+                    "'{\"fuse\": {\"keep_thr\": 0.6}}'")
+    ap.add_argument("--keep-server", action="store_true", help="leave the server and serve running afterwards")
+    args = ap.parse_args(argv)
+
+    from flows.server import LocalServer, free_port
+
+    os.chdir(REPO)
+    server = LocalServer(args.prefect_home, port=free_port(args.port))
+    print(f"starting a local Prefect server on {server.url} (SQLite in {server.home}) ...", flush=True)
+    server.start()
+    serve = None
+    try:
+        serve_log = open(server.home / "serve.log", "ab")
+        serve = subprocess.Popen([sys.executable, "-m", "flows.serve"], env=server.env, stdout=serve_log,
+                                 stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+        wait_for_deployments(server.env, ["ssl-pipeline/default", "fuse-pseudo-labels/default"])
+        print("deployments registered (ssl-pipeline/default and one per stage); running ssl-pipeline/default ...", flush=True)
+        from prefect.deployments import run_deployment
+
+        params = {"work_dir": str(Path(args.work_dir).resolve()), "data": {"demo_dir": str(Path(args.data_dir).resolve())}}
+        for k, v in json.loads(args.params).items():
+            params[k] = {**params.get(k, {}), **v} if isinstance(v, dict) and isinstance(params.get(k), dict) else v
+        run = run_deployment("ssl-pipeline/default", parameters=params, timeout=0)
+        ui = f"{server.url}/runs/flow-run/{run.id}"
+        print(f"flow run {run.name}: {ui}", flush=True)
+        run = follow(run.id)
+        if not run.state.is_completed():
+            print(f"ssl-pipeline ended {run.state.name}: {run.state.message}; see {ui} and {server.home}/serve.log")
+            return 1
+        summary = json.loads((Path(args.work_dir) / "summary.json").read_text())
+        print_table(summary, ui)
+        if args.keep_server:
+            print("server and serve keep running; press Ctrl-C to stop them")
+            signal.pause()
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if serve is not None and serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGTERM)
+            try:
+                serve.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(serve.pid, signal.SIGKILL)
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

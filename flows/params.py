@@ -1,0 +1,75 @@
+"""Typed flow parameters (the Prefect UI renders them as forms; bad values are refused before a run
+is created, naming the field)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from i3cl_core.config import FuseConfig  # noqa: F401  (re-exported: the fuse stage's parameters)
+
+DEMO_CONFIGS = "configs/demo"
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Dataset(_Params):
+    ann_file: str = Field(description="COCO json (polygons, optional iscrowd / lossweight)")
+    img_root: str = Field(description="folder its file_name entries are relative to")
+
+
+class DataParams(_Params):
+    """Where the labeled, unlabeled and test data are. Unset paths mean the built-in synthetic demo
+    data under ``demo_dir`` (generated when missing)."""
+
+    demo_dir: str = Field("data/demo", description="folder of the synthetic demo data")
+    demo_seed: int = Field(0, ge=0)
+    demo_size: int = Field(384, ge=64, le=2048, description="side of the square demo images")
+    demo_train: int = Field(200, ge=1, le=100000)
+    demo_unlabeled: int = Field(200, ge=1, le=100000)
+    demo_test: int = Field(100, ge=1, le=100000)
+    labeled: list[Dataset] | None = Field(None, description="labeled training sets (default: demo train split)")
+    unlabeled_images: str | None = Field(None, description="IMAGES.json of the unlabeled set")
+    unlabeled_root: str | None = Field(None, description="image root of the unlabeled set")
+    unlabeled_gt: str | None = Field(None, description="hidden ground truth of the unlabeled set (quality report only)")
+    test: Dataset | None = Field(None, description="test split for the final table")
+
+    def uses_demo(self) -> bool:
+        return self.labeled is None or self.unlabeled_images is None or self.test is None
+
+
+class ModelSpec(_Params):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="folder name under teachers/ or student/")
+    config: str = Field(description="training config (YAML)")
+    overrides: list[str] = Field(default_factory=list, description="--set style overrides, e.g. train.epochs=3")
+
+
+def _demo_teachers() -> list[ModelSpec]:
+    return [ModelSpec(name=n, config=f"{DEMO_CONFIGS}/{n}.yaml") for n in ("teacher_a", "teacher_b", "teacher_c")]
+
+
+class TrainParams(_Params):
+    teachers: list[ModelSpec] = Field(default_factory=_demo_teachers, min_length=1)
+    student: ModelSpec = Field(default_factory=lambda: ModelSpec(name="student", config=f"{DEMO_CONFIGS}/student.yaml"))
+    student_init: Literal["first_teacher", "scratch"] = Field(
+        "first_teacher", description="initialise the student from the first teacher (as the paper's ssl stage starts "
+        "from the mixtrain model) or from scratch")
+    nproc_per_node: int = Field(1, ge=1, le=64, description="torchrun processes per training")
+    overrides: list[str] = Field(default_factory=list, description="--set overrides applied to every training")
+
+
+class InferParams(_Params):
+    shard_size: int = Field(64, ge=1, le=100000, description="images per inference shard (one task each)")
+    score_thr: float = Field(0.05, ge=0.0, le=1.0, description="keep teacher detections with score >= this")
+    workers: int = Field(2, ge=1, le=256, description="shards run at once (thread pool)")
+    device: str = Field("cpu", description="cpu, cuda, cuda:N")
+    dask_address: str | None = Field(None, description="tcp://host:8786 of a Dask scheduler to run shards on")
+    tta_flips: list[Literal["h", "v"]] = Field(default_factory=list)
+    tta_scales: list[int] = Field(default_factory=list)
+
+
+class EvalParams(_Params):
+    protocol: Literal["art", "totaltext", "ctw1500", "icdar2015"] = "art"
+    score_thr: float | None = Field(None, ge=0.0, le=1.0, description="default: each model's infer.score_thr")

@@ -1,0 +1,342 @@
+"""The ssl-pipeline flow and its stage subflows.
+
+    ssl-pipeline
+      ├─ train-teachers        one task per teacher: torchrun subprocess, streamed logs, progress
+      ├─ ensemble-inference    one task per (teacher, shard) on a thread pool or a Dask cluster
+      ├─ fuse-pseudo-labels    Weighted Polygon Fusion -> pseudo/train_lossweight.json + report
+      ├─ train-student         labeled data + pseudo labels, each pseudo instance weighted
+      └─ evaluate              every model on the test split -> table
+
+Caching: the expensive tasks are cached on their inputs plus content fingerprints of the files they
+read (configs, annotation files, checkpoints, predictions), with results persisted under
+``work_dir/.prefect-results``. Re-running the pipeline with another fusion parameter therefore
+recomputes fusion and what follows only. Before using a cache entry the flow checks that the task's
+output files still exist; if they are gone the task runs again (``refresh_cache``).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.params import DataParams, EvalParams, FuseConfig, InferParams, ModelSpec, TrainParams
+from flows.runner import run_streaming
+from i3cl_core import stages
+from i3cl_core.stages import PipelineError, fingerprint
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = INPUTS + TASK_SOURCE
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _storage(wd: Path) -> Path:
+    """Task results (and cache records) of a run live in its work_dir."""
+    return wd / ".prefect-results"
+
+
+def _config_path(p: str) -> str:
+    path = Path(p)
+    if not path.is_absolute() and not path.exists() and (REPO / path).exists():
+        path = REPO / path
+    if not path.exists():
+        raise PipelineError(f"config {p} not found")
+    return str(path.resolve())
+
+
+def _key(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+
+
+def _data(data: DataParams) -> dict:
+    """Resolved data paths: explicit ones, else the synthetic demo splits (generated when missing)."""
+    demo = None
+    if data.uses_demo():
+        demo_dir = Path(data.demo_dir)
+        if not demo_dir.is_absolute():
+            demo_dir = Path.cwd() / demo_dir
+        demo = stages.ensure_demo_data(demo_dir, data.demo_seed, data.demo_train, data.demo_unlabeled, data.demo_test,
+                                       data.demo_size)
+    return {
+        "labeled": [d.model_dump() for d in data.labeled] if data.labeled else demo["labeled"],
+        "unlabeled_images": data.unlabeled_images or demo["unlabeled_images"],
+        "unlabeled_root": data.unlabeled_root or demo["unlabeled_root"],
+        "unlabeled_gt": data.unlabeled_gt if data.unlabeled_images else (data.unlabeled_gt or demo["unlabeled_gt"]),
+        "test": data.test.model_dump() if data.test else demo["test"],
+    }
+
+
+def _cancelled_checker():
+    """A function that tells whether the root flow run is being cancelled (read the run id here, in
+    the task's thread, where Prefect's context is available)."""
+    from prefect.runtime import flow_run
+
+    root = flow_run.root_flow_run_id
+    if not root:
+        return None
+
+    def cancelled() -> bool:
+        from prefect import get_client
+
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(root).state
+            return bool(state and (state.is_cancelling() or state.is_cancelled()))
+
+    return cancelled
+
+
+def _png_data_uri(path: str | Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+# ------------------------------------------------------------------------------------ tasks
+@task(cache_policy=CACHE, persist_result=True, task_run_name="train-{name}", cache_result_in_memory=False)
+def train_model(name: str, config_path: str, out_dir: str, nproc_per_node: int, inputs_fingerprint: str) -> str:
+    """One training in a torchrun subprocess; returns the checkpoint path."""
+    logger = get_run_logger()
+    out = Path(out_dir)
+    stamp = out / "inputs.fingerprint"
+    resume = (out / "checkpoints" / "latest.pth").exists() and stamp.exists() and stamp.read_text() == inputs_fingerprint \
+        and not (out / "metrics.json").exists()
+    if not resume:
+        for f in (out / "checkpoints").glob("*.pth") if (out / "checkpoints").exists() else []:
+            f.unlink()
+        (out / "metrics.json").unlink(missing_ok=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(inputs_fingerprint)
+    progress_id = create_progress_artifact(0.0, key=f"train-{_key(name)}", description=f"training {name}")
+    cmd = stages.train_command(Path(config_path), out, nproc_per_node, resume=resume)
+    logger.info("%s: %s%s", name, " ".join(cmd), " (resuming)" if resume else "")
+    with open(out / "train.log", "a", encoding="utf-8") as log_file:
+        def log_line(line: str) -> None:
+            logger.info("[%s] %s", name, line)
+            log_file.write(line + "\n")
+            log_file.flush()
+
+        rc = run_streaming(cmd, log_line, cancelled=_cancelled_checker(),
+                           on_progress=lambda f: update_progress_artifact(progress_id, 100.0 * f))
+    if rc != 0:
+        raise RuntimeError(f"training {name} failed with exit code {rc}; see {out / 'train.log'}")
+    update_progress_artifact(progress_id, 100.0)
+    ckpt = stages.trained_checkpoint(out)
+    if ckpt is None:
+        raise RuntimeError(f"training {name} ended without a final checkpoint in {out}")
+    return str(ckpt)
+
+
+@task(cache_policy=CACHE, persist_result=True, task_run_name="infer-{teacher}-{shard_index}")
+def infer_shard(teacher: str, checkpoint: str, checkpoint_fingerprint: str, shard_index: int, shard: list[dict],
+                out_dir: str, score_thr: float, device: str, flips: list[str], scales: list[int]) -> dict:
+    return stages.infer_shard(checkpoint, shard_index, shard, out_dir, score_thr, device, flips, scales)
+
+
+@task(cache_policy=CACHE, persist_result=True, task_run_name="fuse")
+def fuse_task(members: list[str], members_fingerprint: str, images_json: str, fuse: dict, out: str,
+              gt: str | None, img_root: str) -> dict:
+    from i3cl_core.pseudo.fuse import fuse_predictions
+
+    return fuse_predictions(members, images_json, out, FuseConfig(**fuse), gt=gt, img_root=img_root, progress=False)
+
+
+@task(cache_policy=CACHE, persist_result=True, task_run_name="evaluate-{model}")
+def evaluate_task(model: str, checkpoint: str, checkpoint_fingerprint: str, split: dict, split_fingerprint: str,
+                  out_json: str, protocol: str, score_thr: float | None) -> dict:
+    return stages.evaluate_checkpoint(checkpoint, split["ann_file"], split["img_root"], out_json, protocol, score_thr)
+
+
+def _run_cached(t, outputs_exist: bool, **kwargs):
+    """Call a cached task, forcing a recompute when its output files have gone."""
+    return (t if outputs_exist else t.with_options(refresh_cache=True))(**kwargs)
+
+
+def _train(spec: ModelSpec, role: str, wd: Path, data: dict, train: TrainParams, extra_sets: list[dict] | None = None,
+           load_from: str | None = None) -> str:
+    out = wd / role / spec.name
+    sets = data["labeled"] + (extra_sets or [])
+    cfg_path = stages.write_train_config(_config_path(spec.config), out, sets, [*train.overrides, *spec.overrides], load_from)
+    fp = fingerprint(cfg_path, *[s["ann_file"] for s in sets], *([load_from] if load_from else []))
+    return _run_cached(train_model.with_options(result_storage=_storage(wd)), stages.trained_checkpoint(out) is not None,
+                       name=spec.name, config_path=str(cfg_path), out_dir=str(out), nproc_per_node=train.nproc_per_node,
+                       inputs_fingerprint=fp)
+
+
+# ------------------------------------------------------------------------------------ flows
+@flow(name="train-teachers", log_prints=True, persist_result=True)
+def train_teachers(work_dir: str = "runs/demo", data: DataParams = DataParams(), train: TrainParams = TrainParams()) -> dict:
+    """Train every teacher (one after the other: trainings use all cores or GPUs themselves)."""
+    wd = stages.check_work_dir(work_dir)
+    d = _data(data)
+    names = [t.name for t in train.teachers]
+    if len(set(names)) != len(names):
+        raise PipelineError(f"train.teachers: names must be unique, got {names}")
+    checkpoints = {spec.name: _train(spec, "teachers", wd, d, train) for spec in train.teachers}
+    from i3cl_core.utils import atomic_write_json
+
+    atomic_write_json(wd / "teachers" / "teachers.json", checkpoints, indent=2)
+    return checkpoints
+
+
+def _teachers(wd: Path) -> dict:
+    listing = stages.require(wd / "teachers" / "teachers.json", "train-teachers", "run train-teachers (or ssl-pipeline)")
+    teachers = json.loads(listing.read_text())
+    for name, ckpt in teachers.items():
+        stages.require(Path(ckpt), "train-teachers", f"re-run train-teachers: teacher {name}'s checkpoint has gone")
+    return teachers
+
+
+@flow(name="ensemble-inference-shards")
+def _infer_all(wd: str, teachers: dict, shards: list, infer: InferParams) -> dict:
+    w = Path(wd)
+    storage = _storage(w)
+    futures = {}
+    for name, ckpt in teachers.items():
+        fp = fingerprint(ckpt)
+        out_dir = w / "predictions" / name
+        for i, shard in enumerate(shards):
+            exists = (out_dir / f"shard_{i:05d}.json").exists()
+            t = infer_shard.with_options(result_storage=storage, refresh_cache=not exists)
+            futures[(name, i)] = t.submit(teacher=name, checkpoint=ckpt, checkpoint_fingerprint=fp, shard_index=i,
+                                          shard=shard, out_dir=str(out_dir), score_thr=infer.score_thr,
+                                          device=infer.device, flips=list(infer.tta_flips), scales=list(infer.tta_scales))
+    progress_id = create_progress_artifact(0.0, key="ensemble-inference", description="shards done")
+    detections = {name: 0 for name in teachers}
+    for n, ((name, _), f) in enumerate(futures.items(), 1):
+        detections[name] += f.result()["detections"]
+        update_progress_artifact(progress_id, 100.0 * n / len(futures))
+    return detections
+
+
+@flow(name="ensemble-inference", log_prints=True, persist_result=True)
+def ensemble_inference(work_dir: str = "runs/demo", data: DataParams = DataParams(), infer: InferParams = InferParams()) -> dict:
+    """Every teacher over the unlabeled set, one task per (teacher, shard); finished shards are skipped."""
+    wd = stages.check_work_dir(work_dir, create=False)
+    d = _data(data)
+    teachers = _teachers(wd)
+    shards = stages.plan_inference(d["unlabeled_images"], d["unlabeled_root"], infer.shard_size)
+    if infer.dask_address:
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise PipelineError("infer.dask_address is set but prefect-dask is not installed (pip install prefect-dask)") from None
+        runner = DaskTaskRunner(address=infer.dask_address)
+    else:
+        runner = ThreadPoolTaskRunner(max_workers=infer.workers)
+    detections = _infer_all.with_options(task_runner=runner)(str(wd), teachers, shards, infer)
+    members = [stages.finish_model_predictions(wd / "predictions" / name, shards) for name in teachers]
+    from i3cl_core.utils import atomic_write_json
+
+    atomic_write_json(wd / "predictions" / "members.json", members, indent=2)
+    create_table_artifact([{"teacher": n, "shards": len(shards), "detections": detections[n]} for n in teachers],
+                          key="ensemble-detections", description="detections per teacher on the unlabeled set")
+    return {"members": members, "shards": len(shards), "detections": detections}
+
+
+@flow(name="fuse-pseudo-labels", log_prints=True, persist_result=True)
+def fuse_pseudo_labels(work_dir: str = "runs/demo", data: DataParams = DataParams(), fuse: FuseConfig = FuseConfig()) -> dict:
+    """Weighted Polygon Fusion of the teachers' predictions into pseudo/train_lossweight.json."""
+    wd = stages.check_work_dir(work_dir, create=False)
+    d = _data(data)
+    members_file = stages.require(wd / "predictions" / "members.json", "ensemble-inference", "run ensemble-inference first")
+    members = json.loads(members_file.read_text())
+    out = wd / "pseudo" / "train_lossweight.json"
+    summary = _run_cached(fuse_task.with_options(result_storage=_storage(wd)), out.exists(), members=members,
+                          members_fingerprint=fingerprint(*members), images_json=d["unlabeled_images"],
+                          fuse=fuse.model_dump(mode="json"), out=str(out), gt=d["unlabeled_gt"], img_root=d["unlabeled_root"])
+    _pseudo_artifacts(wd, summary)
+    return {k: v for k, v in summary.items() if k != "model_stats"}
+
+
+def _pseudo_artifacts(wd: Path, summary: dict) -> None:
+    report = json.loads((wd / "pseudo" / "report.json").read_text())
+    rows = [{"stat": k, "value": summary[k]} for k in ("images", "models", "pseudo_labels", "dontcare", "images_with_labels")]
+    quality = report.get("quality")
+    if quality:
+        rows += [{"stat": f"{r['source']} P/R/F", "value": f"{r['precision']:.3f} / {r['recall']:.3f} / {r['hmean']:.3f}"}
+                 for r in quality["table"]]
+    create_table_artifact(rows, key="pseudo-label-stats", description="pseudo labels (and quality vs the hidden GT)")
+    md = ["# Pseudo labels", "", f"{summary['pseudo_labels']} pseudo labels, {summary['dontcare']} do-not-care regions "
+          f"on {summary['images']} images from {summary['models']} models.", ""]
+    if quality:
+        from i3cl_core.pseudo.fuse import pr_curve_png
+
+        curve = pr_curve_png(quality["fused_sweep"], wd / "pseudo" / "report_figures" / "pr_curve.png")
+        md += ["## Precision / recall of the fused labels over the score threshold", f"![pr]({_png_data_uri(curve)})", ""]
+    md += [f"## {name}\n![{name}]({_png_data_uri(p)})" for name, p in report["figures"].items()]
+    md += ["## Samples"] + [f"![sample]({_png_data_uri(p)})" for p in report.get("samples", [])[:3]]
+    create_markdown_artifact("\n".join(md), key="pseudo-labels", description="histograms, PR curve and samples")
+
+
+@flow(name="train-student", log_prints=True, persist_result=True)
+def train_student(work_dir: str = "runs/demo", data: DataParams = DataParams(), train: TrainParams = TrainParams()) -> str:
+    """Retrain on the labeled data plus the pseudo labels (each pseudo instance's losses scaled by
+    its lossweight); starts from the first teacher by default."""
+    wd = stages.check_work_dir(work_dir, create=False)
+    d = _data(data)
+    pseudo = stages.require(wd / "pseudo" / "train_lossweight.json", "fuse-pseudo-labels", "run fuse-pseudo-labels first")
+    load_from = None
+    if train.student_init == "first_teacher":
+        load_from = _teachers(wd)[train.teachers[0].name]
+    extra = [{"ann_file": str(pseudo), "img_root": d["unlabeled_root"]}]
+    return _train(train.student, "student", wd, d, train, extra, load_from)
+
+
+@flow(name="evaluate", log_prints=True, persist_result=True)
+def evaluate(work_dir: str = "runs/demo", data: DataParams = DataParams(), evaluation: EvalParams = EvalParams()) -> dict:
+    """Every trained model of the work_dir on the test split -> eval/<model>.json and a table."""
+    wd = stages.check_work_dir(work_dir, create=False)
+    d = _data(data)
+    models = {}
+    for role in ("teachers", "student"):
+        for out in sorted((wd / role).glob("*")) if (wd / role).exists() else []:
+            ckpt = stages.trained_checkpoint(out)
+            if ckpt is not None:
+                models[f"{role[:-1] if role == 'teachers' else role}:{out.name}"] = str(ckpt)
+    if not models:
+        raise PipelineError(f"{wd}: no trained model to evaluate; run train-teachers first")
+    split_fp = fingerprint(d["test"]["ann_file"])
+    results = {}
+    for name, ckpt in models.items():
+        out_json = wd / "eval" / f"{name.replace(':', '_')}.json"
+        results[name] = _run_cached(evaluate_task.with_options(result_storage=_storage(wd)), out_json.exists(), model=name,
+                                    checkpoint=ckpt, checkpoint_fingerprint=fingerprint(ckpt), split=d["test"],
+                                    split_fingerprint=split_fp, out_json=str(out_json), protocol=evaluation.protocol,
+                                    score_thr=evaluation.score_thr)
+    rows = [{"model": n, "protocol": r["protocol"], "threshold": r["score_thr"], "precision": round(r["precision"], 4),
+             "recall": round(r["recall"], 4), "hmean": round(r["hmean"], 4), "best_hmean": round(r["best_hmean"], 4)}
+            for n, r in results.items()]
+    create_table_artifact(rows, key="model-metrics", description=f"models on the test split ({evaluation.protocol})")
+    return {n: {k: r[k] for k in ("precision", "recall", "hmean", "best_hmean", "best_thr", "score_thr")} for n, r in results.items()}
+
+
+@flow(name="ssl-pipeline", log_prints=True, persist_result=True)
+def ssl_pipeline(
+    work_dir: str = "runs/demo",
+    data: DataParams = DataParams(),
+    train: TrainParams = TrainParams(),
+    infer: InferParams = InferParams(),
+    fuse: FuseConfig = FuseConfig(),
+    evaluation: EvalParams = EvalParams(),
+) -> dict:
+    """The whole semi-supervised loop on one work_dir."""
+    wd = stages.check_work_dir(work_dir)
+    teachers = train_teachers(str(wd), data, train)
+    ensemble_inference(str(wd), data, infer)
+    pseudo = fuse_pseudo_labels(str(wd), data, fuse)
+    student = train_student(str(wd), data, train)
+    scores = evaluate(str(wd), data, evaluation)
+    report = json.loads((wd / "pseudo" / "report.json").read_text())
+    summary = {"work_dir": str(wd), "teachers": teachers, "student": student, "scores": scores,
+               "pseudo_labels": pseudo["pseudo_labels"], "pseudo_quality": (report.get("quality") or {}).get("fused")}
+    from i3cl_core.utils import atomic_write_json
+
+    atomic_write_json(wd / "summary.json", summary, indent=2)
+    return summary
+
+
+ALL_FLOWS = [ssl_pipeline, train_teachers, ensemble_inference, fuse_pseudo_labels, train_student, evaluate]

@@ -1,0 +1,80 @@
+"""Run a training subprocess (torchrun) from a task: stream its output into the run's logs, update
+a progress artifact, and stop the whole process group within seconds when the run is cancelled."""
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+
+PROGRESS = re.compile(r"epoch (\d+)/(\d+) iter (\d+)/(\d+)")
+
+
+def _die_with_parent() -> None:
+    """Child side: get SIGTERM if the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def run_streaming(cmd: list[str], log_line, cancelled=None, on_progress=None, env=None, poll: float = 2.0) -> int:
+    """Run ``cmd`` in its own process group; every output line goes to ``log_line(str)``;
+    ``cancelled()`` is polled every ``poll`` seconds and ends the group when it returns True;
+    ``on_progress(fraction)`` gets the training progress parsed from the output."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            start_new_session=True, preexec_fn=_die_with_parent, env=env)
+    stop = threading.Event()
+    state = {"cancelled": False}
+
+    def watch() -> None:
+        while not stop.wait(poll):
+            try:
+                if cancelled is not None and cancelled():
+                    state["cancelled"] = True
+                    kill_group(proc)
+                    return
+            except Exception:  # a failed state query must not kill the training
+                continue
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    last = 0.0
+    try:
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line:
+                log_line(line)
+            m = PROGRESS.search(line)
+            if m and on_progress is not None and time.time() - last > 2.0:
+                e, ne, i, ni = map(int, m.groups())
+                on_progress(((e - 1) * ni + i) / max(ne * ni, 1))
+                last = time.time()
+        rc = proc.wait()
+    finally:
+        stop.set()
+        kill_group(proc)  # whatever happened to us (exception, cancellation), leave no orphans
+    if state["cancelled"]:
+        raise RuntimeError("training stopped: the flow run was cancelled")
+    return rc

@@ -1,0 +1,187 @@
+"""The semi-supervised pipeline's stages as plain functions (paths and configs in, paths and small
+summaries out). ``flows/`` wraps them in Prefect flows and tasks; nothing here imports Prefect.
+
+One run is one ``work_dir`` (DESIGN.md section 4)::
+
+    pipeline.json                              version marker of the layout
+    teachers/<name>/config.yaml, checkpoints/latest.pth, metrics.json, train.log
+    predictions/<teacher>/shard_NNNNN.json     COCO results, one file per shard (+ coverage.json)
+    pseudo/train_lossweight.json, report.json, report.md, report_figures/
+    student/<name>/...                         as teachers
+    eval/<model>.json                          P/R/F on the test split
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from i3cl_core.utils import atomic_write_json, get_logger
+
+log = get_logger("pipeline")
+PIPELINE_VERSION = 1
+
+
+class PipelineError(RuntimeError):
+    """A work_dir or stage input that cannot be used; the message says what is missing and where."""
+
+
+# ------------------------------------------------------------------------------------ work_dir
+def check_work_dir(work_dir: str | os.PathLike, create: bool = True) -> Path:
+    """The work_dir, with its version marker checked (and written when new)."""
+    wd = Path(work_dir).resolve()
+    marker = wd / "pipeline.json"
+    if marker.exists():
+        try:
+            version = json.loads(marker.read_text()).get("pipeline_version")
+        except (json.JSONDecodeError, AttributeError):
+            version = None
+        if version != PIPELINE_VERSION:
+            raise PipelineError(f"{wd}: made by pipeline version {version!r}, this is version {PIPELINE_VERSION}; "
+                                "use a new work_dir (or move the old one away)")
+    elif create:
+        atomic_write_json(marker, {"pipeline_version": PIPELINE_VERSION, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+    else:
+        raise PipelineError(f"{wd}: not a pipeline work_dir (no pipeline.json); run ssl-pipeline or train-teachers first")
+    return wd
+
+
+def require(path: Path, stage: str, hint: str) -> Path:
+    if not Path(path).exists():
+        raise PipelineError(f"missing {path}: the {stage} stage has not produced it yet; {hint}")
+    return Path(path)
+
+
+def fingerprint(*paths) -> str:
+    """SHA-1 over the contents of files (folders: all their files, sorted); missing paths count as
+    absent. Used in cache keys so that a changed input file invalidates what was computed from it."""
+    h = hashlib.sha1()
+    for p in paths:
+        p = Path(p)
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            h.update(str(f.name).encode())
+            if not f.exists():
+                h.update(b"<absent>")
+                continue
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------ data
+def ensure_demo_data(data_dir: str | os.PathLike, seed: int = 0, num_train: int = 200, num_unlabeled: int = 200,
+                     num_test: int = 100, size: int = 384, workers: int = 2) -> dict:
+    """Generate the synthetic demo splits unless they already exist with these settings."""
+    from i3cl_core.data.synth import generate_demo
+
+    d = Path(data_dir)
+    stamp = d / "demo.json"
+    settings = {"seed": seed, "num_train": num_train, "num_unlabeled": num_unlabeled, "num_test": num_test, "size": size}
+    if not (stamp.exists() and json.loads(stamp.read_text()) == settings):
+        generate_demo(d, seed=seed, num_train=num_train, num_unlabeled=num_unlabeled, num_test=num_test,
+                      size=(size, size), workers=workers, progress=False)
+        atomic_write_json(stamp, settings)
+    return demo_paths(d)
+
+
+def demo_paths(d: str | os.PathLike) -> dict:
+    d = Path(d).resolve()
+    return {
+        "labeled": [{"ann_file": str(d / "train" / "annotations.json"), "img_root": str(d / "train" / "images")}],
+        "unlabeled_images": str(d / "unlabeled" / "images.json"),
+        "unlabeled_root": str(d / "unlabeled" / "images"),
+        "unlabeled_gt": str(d / "unlabeled" / "gt.json"),
+        "test": {"ann_file": str(d / "test" / "annotations.json"), "img_root": str(d / "test" / "images")},
+    }
+
+
+# ------------------------------------------------------------------------------------ training
+def write_train_config(base_config: str, out_dir: Path, train_sets: list[dict], overrides: list[str] | None = None,
+                       load_from: str | None = None) -> Path:
+    """Resolve ``base_config`` with the run's data and overrides into ``out_dir/config.yaml``."""
+    from i3cl_core.config import load_config, save_config
+
+    sets = ", ".join(f"{{ann_file: '{s['ann_file']}', img_root: '{s['img_root']}'}}" for s in train_sets)
+    extra = [f"data.train=[{sets}]", "data.val=null", "train.eval_interval=0"]
+    if load_from:
+        extra.append(f"train.load_from={load_from}")
+    cfg = load_config(base_config, [*extra, *(overrides or [])])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return save_config(cfg, out_dir / "config.yaml")
+
+
+def train_command(config_path: Path, work_dir: Path, nproc_per_node: int = 1, resume: bool = False) -> list[str]:
+    """The torchrun command line of one training (``--standalone``: single node, free port)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
+           "-m", "i3cl_core.cli", "train", str(config_path), "--work-dir", str(work_dir), "--no-progress"]
+    return cmd + (["--resume"] if resume else [])
+
+
+def trained_checkpoint(work_dir: Path) -> Path | None:
+    """``latest.pth`` of a finished training (metrics.json written at the end), else None."""
+    ckpt = Path(work_dir) / "checkpoints" / "latest.pth"
+    return ckpt if ckpt.exists() and (Path(work_dir) / "metrics.json").exists() else None
+
+
+# ------------------------------------------------------------------------------------ ensemble
+def plan_inference(images_json: str, img_root: str, shard_size: int) -> list[list[dict]]:
+    """Shards of the unlabeled set as lists of {id, path, file_name} (JSON-able, for task inputs)."""
+    from i3cl_core.infer.run import collect_images
+    from i3cl_core.pseudo.ensemble import plan_shards
+
+    items = collect_images(images_json, img_root)
+    if not items:
+        raise PipelineError(f"{images_json}: the unlabeled image set is empty")
+    return [[{"id": it.image_id, "path": str(it.path), "file_name": it.file_name} for it in s.items]
+            for s in plan_shards(items, shard_size)]
+
+
+def infer_shard(checkpoint: str, shard_index: int, shard: list[dict], out_dir: str, score_thr: float = 0.05,
+                device: str = "cpu", flips=(), scales=()) -> dict:
+    """One teacher on one shard -> ``out_dir/shard_NNNNN.json`` (atomic)."""
+    from i3cl_core.infer.predictor import resolve_device
+    from i3cl_core.infer.run import ImageItem
+    from i3cl_core.model.checkpoint import load_model
+    from i3cl_core.pseudo.ensemble import Shard, run_shard
+
+    dev = resolve_device(device)
+    model, cfg = load_model(checkpoint, dev)
+    s = Shard(shard_index, [ImageItem(d["id"], Path(d["path"]), d["file_name"]) for d in shard])
+    path = Path(out_dir) / s.name
+    result = run_shard(model, s, path, score_thr, dev, cfg.infer.polygon_epsilon, flips, scales)
+    return {**result, "path": str(path)}
+
+
+def finish_model_predictions(pred_dir: Path, shards: list[list[dict]]) -> str:
+    """Write coverage.json once every shard file of a model exists; returns the folder."""
+    from i3cl_core.pseudo.ensemble import Shard
+
+    missing = [i for i in range(len(shards)) if not (pred_dir / Shard(i, []).name).exists()]
+    if missing:
+        raise PipelineError(f"{pred_dir}: shards {missing[:5]} are missing")
+    atomic_write_json(pred_dir / "coverage.json", {"images": [d["id"] for s in shards for d in s]})
+    return str(pred_dir)
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def evaluate_checkpoint(checkpoint: str, ann_file: str, img_root: str, out_json: str, protocol: str = "art",
+                        score_thr: float | None = None, device: str = "auto") -> dict:
+    """P/R/F of a checkpoint on a labeled split (at ``score_thr``, default the checkpoint's
+    ``infer.score_thr``, plus the best threshold of a sweep) -> ``out_json``."""
+    from i3cl_core.data.coco import CocoTextDataset
+    from i3cl_core.infer.predictor import evaluate_model, resolve_device
+    from i3cl_core.model.checkpoint import load_model
+
+    dev = resolve_device(device)
+    model, cfg = load_model(checkpoint, dev)
+    ds = CocoTextDataset([(ann_file, img_root)], train=False)
+    thr = cfg.infer.score_thr if score_thr is None else score_thr
+    res = evaluate_model(model, ds, dev, protocol, thr)
+    res.update(checkpoint=str(checkpoint), split=str(ann_file))
+    atomic_write_json(out_json, res, indent=2)
+    return res

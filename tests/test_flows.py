@@ -1,0 +1,235 @@
+"""Prefect orchestration: a real local server, the served deployments, caching across runs,
+cancellation without orphans, parameter validation; plus the stage helpers without a server."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from i3cl_core.stages import PIPELINE_VERSION, PipelineError, check_work_dir, fingerprint, require
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------ no server
+def test_work_dir_version_and_missing_outputs(tmp_path):
+    wd = check_work_dir(tmp_path / "run")
+    assert json.loads((wd / "pipeline.json").read_text())["pipeline_version"] == PIPELINE_VERSION
+    (wd / "pipeline.json").write_text(json.dumps({"pipeline_version": 0}))
+    with pytest.raises(PipelineError, match="made by pipeline version 0, this is version"):
+        check_work_dir(wd)
+    with pytest.raises(PipelineError, match="not a pipeline work_dir"):
+        check_work_dir(tmp_path / "other", create=False)
+    with pytest.raises(PipelineError, match="the fuse-pseudo-labels stage has not produced it yet"):
+        require(tmp_path / "pseudo.json", "fuse-pseudo-labels", "run it first")
+
+
+def test_fingerprint_follows_content(tmp_path):
+    a = tmp_path / "a.json"
+    a.write_text("1")
+    f1 = fingerprint(a)
+    a.write_text("1")  # rewritten, same content
+    assert fingerprint(a) == f1
+    a.write_text("2")
+    assert fingerprint(a) != f1
+    assert fingerprint(tmp_path / "missing") != fingerprint(a)
+
+
+def _descendants(pid: int) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                stat = (p / "stat").read_text().split()
+            except OSError:
+                continue
+            if int(stat[3]) == pid:
+                out.append(int(p.name))
+                out.extend(_descendants(int(p.name)))
+    return out
+
+
+def test_run_streaming_streams_and_cancels_the_whole_group(tmp_path):
+    from flows.runner import run_streaming
+
+    script = "import subprocess, sys, time\n" \
+             "kids = [subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']) for _ in range(2)]\n" \
+             "print('epoch 1/2 iter 1/4 loss 1.0', flush=True)\n" \
+             "time.sleep(300)\n"
+    lines, progress = [], []
+    flag = {"cancel": False}
+    start = time.time()
+    import threading
+
+    threading.Timer(2.0, lambda: flag.__setitem__("cancel", True)).start()
+    pids_seen = []
+
+    def log_line(line):
+        lines.append(line)
+
+    def cancelled():
+        if not pids_seen:
+            pids_seen.extend(_descendants(os.getpid()))
+        return flag["cancel"]
+
+    with pytest.raises(RuntimeError, match="cancelled"):
+        run_streaming([sys.executable, "-c", script], log_line, cancelled=cancelled, on_progress=progress.append, poll=0.5)
+    assert time.time() - start < 15
+    assert lines == ["epoch 1/2 iter 1/4 loss 1.0"] and progress == [pytest.approx(1 / 8)]
+    time.sleep(0.5)
+    alive = [p for p in pids_seen if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]]
+    assert len(pids_seen) >= 3 and alive == []
+
+
+# ------------------------------------------------------------------------------------ real server
+TINY = ["train.epochs=1", "train.batch_size=2", "train.warmup_iters=2", "train.log_interval=1", "data.num_workers=0",
+        "model.test_short_side=128", "model.test_long_side=160", "data.augment.scales=[[112, 160]]"]
+
+
+def tiny_params(work_dir: Path, demo_dir: Path, keep_thr: float = 0.3, teachers=("teacher_a", "teacher_c")) -> dict:
+    return {
+        "work_dir": str(work_dir),
+        "data": {"demo_dir": str(demo_dir), "demo_size": 128, "demo_train": 6, "demo_unlabeled": 4, "demo_test": 3},
+        "train": {"teachers": [{"name": t, "config": f"configs/demo/{t}.yaml"} for t in teachers],
+                  "student": {"name": "student", "config": "configs/demo/student.yaml"}, "overrides": TINY},
+        "infer": {"shard_size": 2, "workers": 2},
+        "fuse": {"keep_thr": keep_thr},
+    }
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from flows.server import LocalServer
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with LocalServer(home, timeout=240) as server:
+        serve = subprocess.Popen([sys.executable, "-m", "flows.serve"], env=server.env, cwd=REPO, start_new_session=True,
+                                 stdout=open(home / "serve.log", "wb"), stderr=subprocess.STDOUT)
+        try:
+            from flows.demo import wait_for_deployments
+
+            wait_for_deployments(server.env, ["ssl-pipeline/default", "train-teachers/default", "fuse-pseudo-labels/default"])
+            yield server
+        finally:
+            os.killpg(serve.pid, 15)
+            serve.wait(timeout=60)
+
+
+def prefect_cli(server, *args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "prefect", *args], env=server.env, cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def run_id_from(output: str) -> str:
+    import re
+
+    m = re.search(r"UUID: ([0-9a-f-]{36})", output)
+    assert m, output
+    return m.group(1)
+
+
+def task_states(server, root_id: str) -> dict[str, str]:
+    """Task run name -> state name over the whole run tree under ``root_id``."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        ids, frontier = [root_id], [root_id]
+        while frontier:
+            kids = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)))
+            frontier = [str(k.id) for k in kids]
+            ids += frontier
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=ids)))
+        return {r.name: r.state.name for r in runs}
+
+
+@pytest.mark.slow
+def test_pipeline_deployment_runs_then_refuses_bad_params_and_reuses_caches(served, tmp_path, monkeypatch):
+    for k in ("PREFECT_API_URL", "PREFECT_HOME"):
+        monkeypatch.setenv(k, served.env[k])
+    wd, demo = tmp_path / "run", tmp_path / "demo"
+    params = tiny_params(wd, demo)
+    res = prefect_cli(served, "deployment", "run", "ssl-pipeline/default", "--params", json.dumps(params),
+                      "--watch", "--watch-interval", "2")
+    assert res.returncode == 0 and "Completed" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    first = task_states(served, run_id_from(res.stdout))
+    assert first["train-teacher_a"] == "Completed" and first["train-student"] == "Completed"
+    summary = json.loads((wd / "summary.json").read_text())
+    assert set(summary["scores"]) == {"teacher:teacher_a", "teacher:teacher_c", "student:student"}
+    assert (wd / "pseudo" / "train_lossweight.json").exists() and (wd / "predictions" / "teacher_a" / "coverage.json").exists()
+
+    # an invalid parameter is refused before any run is created, naming the field
+    bad = prefect_cli(served, "deployment", "run", "fuse-pseudo-labels/default", "--params",
+                      json.dumps({"work_dir": str(wd), "fuse": {"iou_thr": 1.7}}))
+    assert bad.returncode != 0 and "fuse.iou_thr" in bad.stdout + bad.stderr
+
+    # another fusion threshold: teachers and inference come back Cached, fusion and what follows run again
+    res2 = prefect_cli(served, "deployment", "run", "ssl-pipeline/default", "--params",
+                       json.dumps(tiny_params(wd, demo, keep_thr=0.1)), "--watch", "--watch-interval", "2")
+    assert res2.returncode == 0 and "Completed" in res2.stdout, res2.stdout[-3000:]
+    second = task_states(served, run_id_from(res2.stdout))
+    assert second["train-teacher_a"] == "Cached" and second["train-teacher_c"] == "Cached"
+    infer = {k: v for k, v in second.items() if k.startswith("infer-")}
+    assert len(infer) == 4 and set(infer.values()) == {"Cached"}
+    assert second["fuse"] == "Completed" and second["train-student"] == "Completed", second
+
+    # a cache hit whose output is gone is recomputed, not trusted
+    (wd / "predictions" / "teacher_c" / "shard_00001.json").unlink()
+    res3 = prefect_cli(served, "deployment", "run", "ensemble-inference/default", "--params",
+                       json.dumps({k: params[k] for k in ("work_dir", "data", "infer")}), "--watch", "--watch-interval", "2")
+    assert res3.returncode == 0, res3.stdout[-3000:]
+    third = task_states(served, run_id_from(res3.stdout))
+    assert third["infer-teacher_c-1"] == "Completed" and third["infer-teacher_a-0"] == "Cached"
+    assert (wd / "predictions" / "teacher_c" / "shard_00001.json").exists()
+
+
+@pytest.mark.slow
+def test_cancelled_training_leaves_no_child_processes(served, tmp_path, monkeypatch):
+    for k in ("PREFECT_API_URL", "PREFECT_HOME"):
+        monkeypatch.setenv(k, served.env[k])
+    wd = tmp_path / "cancel"
+    params = tiny_params(wd, tmp_path / "demo", teachers=("teacher_a",))
+    params["train"]["overrides"] = [o for o in TINY if not o.startswith("train.epochs")] + ["train.epochs=200"]
+    params = {k: params[k] for k in ("work_dir", "data", "train")}
+    res = prefect_cli(served, "deployment", "run", "train-teachers/default", "--params", json.dumps(params))
+    assert res.returncode == 0, res.stdout + res.stderr
+    run_id = run_id_from(res.stdout)
+
+    def trainers():
+        found = []
+        for p in Path("/proc").iterdir():
+            if p.name.isdigit():
+                try:
+                    cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    continue
+                if "i3cl_core.cli train" in cmd and str(wd) in cmd:
+                    found.append(int(p.name))
+        return found
+
+    deadline = time.time() + 240
+    while not (wd / "teachers" / "teacher_a" / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(1)
+    assert trainers(), "the training subprocess never started"
+    cancel = prefect_cli(served, "flow-run", "cancel", run_id)
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+    t0 = time.time()
+    while trainers() and time.time() - t0 < 60:
+        time.sleep(0.5)
+    assert trainers() == [], "training processes survived the cancellation"
+    assert time.time() - t0 < 30
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            state = client.read_flow_run(run_id).state
+            if state.is_final():
+                break
+            time.sleep(1)
+        assert state.name in ("Cancelled", "Cancelling")

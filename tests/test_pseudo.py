@@ -1,0 +1,286 @@
+"""Pseudo labelling: Weighted Polygon Fusion against ensemble-boxes WBF, order independence,
+pseudo-label rules, the fuse command's bad-input handling, and the resumable sharded ensemble."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from shapely.geometry import Polygon, box
+
+from i3cl_core.config import FuseConfig, load_config
+from i3cl_core.data.errors import DatasetError
+from i3cl_core.pseudo.fuse import fuse_predictions
+from i3cl_core.pseudo.fusion import canonical, cluster_predictions, pseudo_labels
+
+REPO = Path(__file__).resolve().parents[1]
+W, H = 640, 480
+
+
+def rect(x1, y1, x2, y2):
+    return np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], dtype=np.float64)
+
+
+def random_case(rng, k=3):
+    """K models' rectangles: jittered copies of a few objects (some missed) plus false positives."""
+    objects = rng.uniform([0, 0, 30, 15], [520, 420, 150, 80], (rng.integers(1, 9), 4))
+    preds = []
+    for _ in range(k):
+        p = []
+        for x, y, w, h in objects:
+            if rng.random() < 0.85:
+                x, y, w, h = np.array([x, y, w, h]) + rng.normal(0, 5, 4)
+                p.append((rect(x, y, x + abs(w) + 1, y + abs(h) + 1), float(rng.uniform(0.05, 1))))
+        for _ in range(rng.integers(0, 3)):
+            x, y = rng.uniform(0, 540), rng.uniform(0, 420)
+            p.append((rect(x, y, x + rng.uniform(10, 100), y + rng.uniform(10, 60)), float(rng.uniform(0.05, 1))))
+        preds.append([(np.clip(r, 0, [W, H]), s) for r, s in p])
+    return preds
+
+
+def as_wbf_input(preds):
+    boxes = [[[r[:, 0].min() / W, r[:, 1].min() / H, r[:, 0].max() / W, r[:, 1].max() / H] for r, _ in p] for p in preds]
+    scores = [[s for _, s in p] for p in preds]
+    labels = [[0] * len(p) for p in preds]
+    return boxes, scores, labels
+
+
+@pytest.mark.parametrize("conf_type", ["avg", "max", "box_and_model_avg", "absent_model_aware_avg"])
+def test_rectangles_cluster_and_score_exactly_like_wbf(conf_type):
+    from ensemble_boxes import weighted_boxes_fusion
+
+    rng = np.random.default_rng(hash(conf_type) % 2**32)
+    checked = 0
+    for _ in range(60):
+        preds = random_case(rng)
+        weights = rng.uniform(0.5, 2.0, 3)
+        b, s, lab = as_wbf_input(preds)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wb, ws, _ = weighted_boxes_fusion(b, s, lab, weights=weights.tolist(), iou_thr=0.55, skip_box_thr=0.1,
+                                              conf_type=conf_type)
+        clusters = cluster_predictions(preds, weights, iou_thr=0.55, skip_thr=0.1, conf_type=conf_type)
+        assert len(clusters) == len(wb)
+        ours = sorted(((round(c.score, 5), *(np.r_[c.points.min(0), c.points.max(0)] / [W, H, W, H])) for c in clusters))
+        ref = sorted(((round(float(sc), 5), *bx) for sc, bx in zip(ws, wb)))
+        for o, r in zip(ours, ref):
+            assert o[0] == pytest.approx(r[0], abs=2e-5)  # fused score
+            assert np.allclose(o[1:], r[1:], atol=1e-5)  # cluster geometry = WBF's weighted box
+        # the output polygon (mask vote) overlaps WBF's fused box with IoU >= 0.9
+        by_score = sorted(clusters, key=lambda c: -c.score)
+        for c, (sc, bx) in zip(by_score, sorted(zip(ws, wb), key=lambda t: -t[0])):
+            ref_box = box(*(np.array(bx) * [W, H, W, H]))
+            best = max(Polygon(cc.polygon).intersection(ref_box).area / Polygon(cc.polygon).union(ref_box).area
+                       for cc in by_score if abs(cc.score - sc) < 2e-5)
+            assert best >= 0.9
+            checked += 1
+    assert checked > 100
+
+
+def test_equal_weights_result_does_not_depend_on_model_order():
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        preds = random_case(rng, k=4)
+        # curved polygons too: resample-mean and vote paths
+        preds[0].append((np.array([[100, 100], [150, 90], [200, 100], [200, 130], [150, 120], [100, 130.0]]), 0.9))
+        preds[2].append((np.array([[102, 101], [200, 99], [201, 131], [101, 129.0]]), 0.8))
+
+        def signature(ps):
+            cl = cluster_predictions(ps, None, 0.5, 0.05, "avg")
+            return sorted((round(c.score, 6), c.votes, tuple(np.round(c.polygon, 4).ravel())) for c in cl)
+
+        base = signature(preds)
+        for perm in ([3, 2, 1, 0], [1, 3, 0, 2]):
+            assert signature([preds[i] for i in perm]) == base
+
+
+def test_pseudo_label_rules():
+    preds = [
+        [(rect(0, 0, 100, 30), 0.9), (rect(200, 200, 260, 230), 0.5), (rect(400, 0, 450, 20), 0.35)],
+        [(rect(2, 1, 101, 31), 0.8), (rect(201, 199, 259, 231), 0.4)],
+        [(rect(1, 0, 99, 30), 0.7)],
+    ]
+    clusters = cluster_predictions(preds, None, 0.55, 0.05, "avg")
+    cfg = FuseConfig(keep_thr=0.5, min_votes=2, uncertain_band=(0.1, 0.5))
+    labels = pseudo_labels(clusters, 3, cfg)
+    by_votes = {lab["votes"]: lab for lab in labels}
+    kept = by_votes[3]
+    assert kept["iscrowd"] == 0 and kept["score"] == pytest.approx(0.8)
+    assert kept["lossweight"] == pytest.approx(0.8 * 3 / 3)
+    assert by_votes[2]["iscrowd"] == 1 and by_votes[2]["lossweight"] == 0.0  # score 0.3: uncertain band
+    assert by_votes[1]["iscrowd"] == 1  # one vote, score 0.35/3 in the band
+    assert len(pseudo_labels(clusters, 3, FuseConfig(keep_thr=0.5, min_votes=2))) == 1
+    w = pseudo_labels(clusters, 3, FuseConfig(keep_thr=0.0, lossweight="votes"))
+    assert sorted(lab["lossweight"] for lab in w) == pytest.approx([1 / 3, 2 / 3, 1.0])
+
+
+def test_canonical_order():
+    ccw = np.array([[0, 10], [10, 10], [10, 0], [0, 0.0]])  # counter-clockwise on screen
+    c = canonical(ccw)
+    assert c.tolist() == [[0, 0], [10, 0], [10, 10], [0, 10]]
+    assert canonical([[0, 0], [1, 1]]) is None and canonical([[0, 0], [1, 1], [2, 2]]) is None
+    assert canonical([[0, 0], [np.nan, 1], [2, 0]]) is None
+
+
+# ------------------------------------------------------------------------------------ fuse command
+def _images(tmp_path, n=4):
+    images = [{"id": i, "file_name": f"u_{i}.jpg", "width": W, "height": H} for i in range(1, n + 1)]
+    p = tmp_path / "images.json"
+    p.write_text(json.dumps({"images": images, "annotations": []}))
+    return p, images
+
+
+def _results(preds_by_image):
+    out = []
+    for image_id, preds in preds_by_image.items():
+        for poly, s in preds:
+            out.append({"image_id": image_id, "category_id": 1, "segmentation": [np.asarray(poly).ravel().tolist()],
+                        "score": s})
+    return out
+
+
+def test_fuse_writes_a_loadable_lossweight_dataset(tmp_path):
+    import cv2
+
+    images_json, images = _images(tmp_path)
+    (tmp_path / "images").mkdir()
+    for im in images:
+        cv2.imwrite(str(tmp_path / "images" / im["file_name"]), np.full((H, W, 3), 120, np.uint8))
+    a = {1: [(rect(10, 10, 110, 40), 0.9), (rect(300, 300, 380, 330), 0.6)], 2: [(rect(50, 50, 150, 90), 0.8)]}
+    b = {1: [(rect(12, 11, 111, 41), 0.8)], 2: [(rect(51, 52, 149, 91), 0.7)], 99: [(rect(0, 0, 10, 10), 0.9)]}
+    c = {1: [(rect(11, 10, 109, 39), 0.7), ([[0, 0], [5, 5]], 0.9)], 3: [(rect(5, 5, 60, 30), 0.95)]}
+    files = []
+    for name, d in (("a", a), ("b", b), ("c", c)):
+        f = tmp_path / f"{name}.json"
+        f.write_text(json.dumps(_results(d)))
+        files.append(str(f))
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps({"images": images, "categories": [{"id": 1, "name": "text"}], "annotations": [
+        {"id": 1, "image_id": 1, "segmentation": [rect(10, 10, 110, 40).ravel().tolist()], "iscrowd": 0, "bbox": [10, 10, 100, 30]},
+        {"id": 2, "image_id": 2, "segmentation": [rect(50, 50, 150, 90).ravel().tolist()], "iscrowd": 0, "bbox": [50, 50, 100, 40]}]}))
+    out = tmp_path / "pseudo" / "train_lossweight.json"
+    cfg = load_config(None, ["fuse.keep_thr=0.3", "fuse.min_votes=2"]).fuse
+    summary = fuse_predictions(files, str(images_json), out, cfg, gt=str(gt), progress=False)
+    assert summary["pseudo_labels"] == 2 and summary["images_with_labels"] == 2
+    stats = {Path(s["source"]).stem: s for s in summary["model_stats"]}
+    assert stats["b"]["unknown_image"] == 1 and stats["c"]["invalid_polygon"] == 1  # counted, not silent
+    data = json.loads(out.read_text())
+    assert [im["file_name"] for im in data["images"]] == ["u_1.jpg", "u_2.jpg", "u_3.jpg", "u_4.jpg"]
+    ann = data["annotations"][0]
+    assert {"segmentation", "bbox", "area", "iscrowd", "lossweight", "score", "votes"} <= ann.keys()
+    assert all(0 < a["lossweight"] <= 1 for a in data["annotations"])
+    report = json.loads((tmp_path / "pseudo" / "report.json").read_text())
+    assert report["quality"]["fused"]["hmean"] == 1.0
+    assert Path(report["figures"]["scores"]).exists() and (tmp_path / "pseudo" / "report.md").exists()
+    # the training dataset loads it directly and concatenates it with a labeled set (weight 1)
+    from i3cl_core.data.coco import CocoTextDataset
+
+    labeled = tmp_path / "labeled.json"
+    labeled.write_text(json.dumps({"images": images[:1], "categories": [{"id": 1, "name": "text"}], "annotations": [
+        {"id": 1, "image_id": 1, "segmentation": [rect(10, 10, 110, 40).ravel().tolist()], "iscrowd": 0, "bbox": [10, 10, 100, 30]}]}))
+    ds = CocoTextDataset([(labeled, tmp_path / "images"), (out, tmp_path / "images")])
+    assert len(ds) == 3
+    weights = [ds[i][1]["lossweights"].tolist() for i in range(3)]
+    assert weights[0] == [1.0] and all(0 < w < 1 for w in weights[1] + weights[2])
+
+
+def test_fuse_bad_inputs(tmp_path):
+    images_json, _ = _images(tmp_path)
+    cfg = FuseConfig()
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    s = fuse_predictions([str(empty)], str(images_json), tmp_path / "o.json", cfg, progress=False)
+    assert s["pseudo_labels"] == 0 and s["model_stats"][0]["predictions"] == 0
+    broken = tmp_path / "broken.json"
+    broken.write_text("[{")
+    with pytest.raises(DatasetError, match="broken.json: malformed JSON"):
+        fuse_predictions([str(broken)], str(images_json), tmp_path / "o.json", cfg, progress=False)
+    with pytest.raises(DatasetError, match="model_weights: 2 weights for 1 prediction sources"):
+        fuse_predictions([str(empty)], str(images_json), tmp_path / "o.json", FuseConfig(model_weights=[1, 2]), progress=False)
+    shard_dir = tmp_path / "m"
+    shard_dir.mkdir()
+    (shard_dir / "shard_00000.json").write_text("[]")
+    (shard_dir / "coverage.json").write_text(json.dumps({"images": [1, 2]}))
+    with pytest.raises(DatasetError, match="mismatched image sets: this model ran on 2 images"):
+        fuse_predictions([str(shard_dir)], str(images_json), tmp_path / "o.json", cfg, progress=False)
+    with pytest.raises(DatasetError, match="prediction file or folder not found"):
+        fuse_predictions([str(tmp_path / "nope.json")], str(images_json), tmp_path / "o.json", cfg, progress=False)
+
+
+def test_fuse_accepts_art_submissions(tmp_path):
+    images_json, _ = _images(tmp_path)
+    art = tmp_path / "art.json"
+    art.write_text(json.dumps({"res_1": [{"points": rect(10, 10, 60, 30).tolist(), "confidence": 0.9}],
+                               "res_77": [{"points": rect(0, 0, 9, 9).tolist(), "confidence": 0.9}]}))
+    s = fuse_predictions([str(art)], str(images_json), tmp_path / "o.json", FuseConfig(keep_thr=0.3), progress=False)
+    assert s["pseudo_labels"] == 1 and s["model_stats"][0]["unknown_image"] == 1
+
+
+# ------------------------------------------------------------------------------------ ensemble
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    import torch
+
+    from i3cl_core.data.synth import generate_dataset
+    from i3cl_core.model.checkpoint import save_checkpoint
+    from i3cl_core.model.detector import build_model
+
+    root = tmp_path_factory.mktemp("ens")
+    data = generate_dataset(root / "unlabeled", 5, seed=21, size=(128, 128), progress=False, cjk=False)
+    ckpts = []
+    for seed in (0, 1):
+        cfg = load_config(REPO / "configs" / "demo" / "tiny_model.yaml",
+                          ["model.test_short_side=128", "model.test_long_side=128", "model.score_thr=0.3",
+                           "model.max_detections=20"])
+        torch.manual_seed(seed)
+        m = build_model(cfg).eval()
+        m.roi_heads.box_head.cls_score.bias.data = torch.tensor([0.0, 0.6])  # some confident detections
+        ckpts.append(str(save_checkpoint(root / f"teacher_{seed}.pth", m, cfg)))
+    return ckpts, data
+
+
+@pytest.mark.slow
+def test_killed_ensemble_resumes_without_recomputing(tmp_path, two_checkpoints):
+    ckpts, data = two_checkpoints
+    cmd = [sys.executable, "-m", "i3cl_core.cli", "ensemble", "--checkpoints", *ckpts, "--images", data["img_root"],
+           "--shard-size", "1", "--no-progress", "--out"]
+    subprocess.run(cmd + [str(tmp_path / "full")], check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(cmd + [str(tmp_path / "killed")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pred = tmp_path / "killed" / "predictions" / "teacher_0"
+    deadline = time.time() + 300
+    while len(list(pred.glob("shard_*.json"))) < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = {p.name: p.stat().st_mtime_ns for p in pred.glob("shard_*.json")}
+    assert 2 <= len(done_before) < 5 or not (tmp_path / "killed" / "predictions" / "teacher_1").exists()
+    res = subprocess.run(cmd + [str(tmp_path / "killed")], check=True, capture_output=True, text=True, timeout=600)
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["models"][0]["skipped_done"] == len(done_before)
+    for name, mtime in done_before.items():
+        assert (pred / name).stat().st_mtime_ns == mtime  # finished shards were not recomputed
+    full = sorted((tmp_path / "full").rglob("*.json"))
+    killed = sorted((tmp_path / "killed").rglob("*.json"))
+    assert [p.relative_to(tmp_path / "full") for p in full] == [p.relative_to(tmp_path / "killed") for p in killed]
+    for a, b in zip(full, killed):
+        if a.name != "members.json":
+            assert a.read_bytes() == b.read_bytes(), a.name
+
+
+def test_ensemble_then_fuse_round_trip(tmp_path, two_checkpoints):
+    from i3cl_core.pseudo.ensemble import run_ensemble
+
+    ckpts, data = two_checkpoints
+    s = run_ensemble(ckpts, data["img_root"], tmp_path / "ens", shard_size=2, progress=False, flips=["h"])
+    assert s["shards"] == 3 and len(s["members"]) == 2
+    out = tmp_path / "pseudo.json"
+    f = fuse_predictions(s["members"], s["images_json"], out, FuseConfig(keep_thr=0.0), progress=False)
+    assert f["images"] == 5 and f["models"] == 2
+    assert f["pseudo_labels"] == len(json.loads(out.read_text())["annotations"])
