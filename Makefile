@@ -20,7 +20,7 @@ fonts:
 	@bash scripts/install_fonts.sh
 
 demo: $(STAMP) fonts
-	$(BIN)/i3cl synth --preset demo --out $(DEMO_DIR) --seed 0 --workers 2
+	$(BIN)/python -m flows.demo --data-dir $(DEMO_DIR) $(DEMO_ARGS)
 
 test: $(STAMP) fonts
 	$(BIN)/python -m pytest -q

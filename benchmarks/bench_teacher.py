@@ -19,7 +19,8 @@ def main() -> None:
     ap.add_argument("--config", default="configs/demo/teacher_a.yaml")
     ap.add_argument("--data", default="data/demo")
     ap.add_argument("--work-dir", default="work_dirs/bench_teacher")
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="extra overrides (the benchmark's schedule: 8 epochs, lr steps after 6 and 7, 384 px)")
     args = ap.parse_args()
 
     from i3cl_core.config import load_config
@@ -32,6 +33,9 @@ def main() -> None:
     cfg = load_config(args.config, [
         f"data.train=[{{ann_file: {data}/train/annotations.json, img_root: {data}/train/images}}]",
         f"data.val.ann_file={data}/test/annotations.json", f"data.val.img_root={data}/test/images",
+        "train.epochs=8", "train.lr_steps=[6, 7]", "train.warmup_iters=100",
+        "data.augment.scales=[[320, 512], [352, 512], [384, 512], [416, 560]]",
+        "model.test_short_side=384", "model.test_long_side=512",
         *args.overrides,
     ])
     work = Path(args.work_dir)

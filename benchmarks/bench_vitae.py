@@ -9,21 +9,13 @@ ViTAEv2-S time per stage.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections import defaultdict
 
 import torch
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from bench_model_latency import timed  # median of repeats after a warm-up (same folder)
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ class DataParams(_Params):
 
     demo_dir: str = Field("data/demo", description="folder of the synthetic demo data")
     demo_seed: int = Field(0, ge=0)
-    demo_size: int = Field(384, ge=64, le=2048, description="side of the square demo images")
+    demo_size: int = Field(320, ge=64, le=2048, description="side of the square demo images")
     demo_train: int = Field(200, ge=1, le=100000)
     demo_unlabeled: int = Field(200, ge=1, le=100000)
     demo_test: int = Field(100, ge=1, le=100000)

@@ -210,7 +210,11 @@ class InferConfig(_Strict):
 class FuseConfig(_Strict):
     iou_thr: float = Field(0.55, gt=0.0, le=1.0)
     skip_thr: float = Field(0.05, ge=0.0, le=1.0)
-    keep_thr: float = Field(0.5, ge=0.0, le=1.0)
+    keep_thr: float = Field(
+        0.35, ge=0.0, le=1.0,
+        description="minimum fused score of a pseudo label; with conf_type avg the score already includes "
+        "agreement (x votes/K), so 0.35 of 3 models keeps mostly clusters that 2 or 3 models found",
+    )
     min_votes: int = Field(1, ge=1)
     conf_type: Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"] = "avg"
     model_weights: list[float] | None = None

@@ -14,7 +14,8 @@ from i3cl_core.config import load_config
 from i3cl_core.data.polygons import rasterize_instance
 from i3cl_core.model.backbone import CheckpointError
 from i3cl_core.model.checkpoint import load_model, save_checkpoint
-from i3cl_core.model.detector import build_model, mask_to_polygon
+from i3cl_core.data.polygons import mask_to_polygon
+from i3cl_core.model.detector import build_model
 from i3cl_core.model.inter_cl import InterCL
 from i3cl_core.model.intra_cl import IntraCL
 from i3cl_core.model.roi_heads import weighted_fastrcnn_loss

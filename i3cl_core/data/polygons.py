@@ -127,3 +127,25 @@ def mask_to_instance(mask: np.ndarray, min_area: float = 1.0) -> Instance:
             parts.append(poly)
     parts.sort(key=lambda p: -polygon_area(p))
     return parts
+
+
+def mask_to_polygon(mask: np.ndarray, epsilon: float = 0.005) -> np.ndarray | None:
+    """Largest outer contour of a binary mask, simplified with approxPolyDP (epsilon x perimeter),
+    clockwise on screen (positive shoelace area with y pointing down), in pixel-index coordinates;
+    None when nothing usable remains."""
+    import cv2
+
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    contours = [c for c in contours if len(c) >= 3]
+    if not contours:
+        return None
+    c = max(contours, key=cv2.contourArea)
+    if epsilon > 0:
+        c = cv2.approxPolyDP(c, epsilon * cv2.arcLength(c, True), True)
+    poly = c.reshape(-1, 2).astype(np.float32)
+    if len(poly) < 3:
+        return None
+    x, y = poly[:, 0], poly[:, 1]
+    if float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) < 0:
+        poly = poly[::-1].copy()
+    return poly

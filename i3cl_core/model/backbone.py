@@ -111,6 +111,22 @@ def load_pretrained(module: nn.Module, path: str, prefix_hint: str | None = None
     return missing, unexpected
 
 
+def freeze(modules) -> None:
+    """Eval mode and no gradients for ``modules`` (frozen stages)."""
+    for module in modules:
+        module.eval()
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+
+def freeze_bn_statistics(module: nn.Module) -> None:
+    """mmdetection's ``norm_eval``: BatchNorm layers keep their running statistics (eval mode) while
+    their affine parameters stay trainable."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 class ResNetBackbone(nn.Module):
     def __init__(self, name: str = "resnet50", frozen_stages: int = 1, norm_eval: bool = True):
         super().__init__()
@@ -131,18 +147,13 @@ class ResNetBackbone(nn.Module):
     def _freeze(self) -> None:
         stages = [[self.conv1, self.bn1], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
         for stage in stages[: self.frozen_stages + 1] if self.frozen_stages >= 0 else []:
-            for module in stage:
-                module.eval()
-                for p in module.parameters():
-                    p.requires_grad_(False)
+            freeze(stage)
 
     def train(self, mode: bool = True):
         super().train(mode)
         self._freeze()
         if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+            freeze_bn_statistics(self)
         return self
 
     def load_weights(self, path: str):
@@ -191,9 +202,7 @@ class TimmBackbone(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+            freeze_bn_statistics(self)
         return self
 
     def load_weights(self, path: str):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 
+from i3cl_core.data.polygons import mask_to_polygon
 from i3cl_core.model.backbone import FPN, build_backbone
 from i3cl_core.model.intra_cl import IntraCL
 from i3cl_core.model.roi_heads import RoIHeads
@@ -133,27 +134,6 @@ def paste_mask(prob: np.ndarray, box: np.ndarray, image_hw: tuple[int, int], thr
     crop = cv2.warpAffine(prob.astype(np.float32), affine, (bw, bh), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
     return (crop >= thr).astype(np.uint8), x0, y0
-
-
-def mask_to_polygon(mask: np.ndarray, epsilon: float = 0.005) -> np.ndarray | None:
-    """Largest outer contour, simplified with approxPolyDP (epsilon x perimeter), clockwise on screen
-    (positive shoelace area with y pointing down); None when nothing usable remains."""
-    import cv2
-
-    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    contours = [c for c in contours if len(c) >= 3]
-    if not contours:
-        return None
-    c = max(contours, key=cv2.contourArea)
-    if epsilon > 0:
-        c = cv2.approxPolyDP(c, epsilon * cv2.arcLength(c, True), True)
-    poly = c.reshape(-1, 2).astype(np.float32)
-    if len(poly) < 3:
-        return None
-    x, y = poly[:, 0], poly[:, 1]
-    if float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) < 0:
-        poly = poly[::-1].copy()
-    return poly
 
 
 def detections_to_polygons(boxes: Tensor, scores: Tensor, mask_probs: Tensor, image_hw, thr: float, epsilon: float) -> dict:

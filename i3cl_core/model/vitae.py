@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from i3cl_core.model.backbone import freeze, freeze_bn_statistics
 from i3cl_core.utils import get_logger
 
 log = get_logger("model")
@@ -356,19 +357,13 @@ class ViTAEv2Backbone(nn.Module):
         """``frozen_stages``: -1 none; 0 the first reduction cell (the stem); k >= 1 the first k stages."""
         if self.frozen_stages < 0:
             return
-        modules = [self.layers[0].RC] if self.frozen_stages == 0 else list(self.layers[: self.frozen_stages])
-        for module in modules:
-            module.eval()
-            for p in module.parameters():
-                p.requires_grad_(False)
+        freeze([self.layers[0].RC] if self.frozen_stages == 0 else list(self.layers[: self.frozen_stages]))
 
     def train(self, mode: bool = True):
         super().train(mode)
         self._freeze()
         if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+            freeze_bn_statistics(self)
         return self
 
     def _run(self, fn, *args):

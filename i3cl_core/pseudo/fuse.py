@@ -138,9 +138,11 @@ def load_model_predictions(source: str | os.PathLike, images: list[dict]) -> tup
 
 # ------------------------------------------------------------------------------------ fusion
 def _fuse_one(args):
+    """Clusters of one image -> (cluster sizes, pseudo labels, every cluster as (polygon, score))."""
     per_model, cfg, weights = args
     clusters = cluster_predictions(per_model, weights, cfg.iou_thr, cfg.skip_thr, cfg.conf_type)
-    return [len(c.members) for c in clusters], pseudo_labels(clusters, len(per_model), cfg)
+    everything = [(c.polygon, c.score) for c in clusters if c.polygon is not None]
+    return [len(c.members) for c in clusters], pseudo_labels(clusters, len(per_model), cfg), everything
 
 
 def fuse_predictions(
@@ -200,8 +202,9 @@ def fuse_predictions(
             bar.update(1)
     bar.close()
 
-    annotations, per_image, cluster_sizes = [], [], Counter()
-    for im, (sizes, labels) in zip(images, results):
+    annotations, per_image, cluster_sizes, all_clusters = [], [], Counter(), {}
+    for im, (sizes, labels, everything) in zip(images, results):
+        all_clusters[im["id"]] = everything
         cluster_sizes.update(sizes)
         per_image.append(sum(1 for lab in labels if not lab["iscrowd"]))
         for lab in labels:
@@ -241,7 +244,7 @@ def fuse_predictions(
         "seconds": round(time.time() - t0, 2),
     }
     report_dir = out.parent
-    summary["report"] = str(write_report(dataset, summary, report_dir, sources, models, images, gt,
+    summary["report"] = str(write_report(dataset, summary, report_dir, sources, models, all_clusters, gt,
                                          img_root or _default_root(images_json), samples))
     log.info("fused %d models over %d images: %d pseudo labels, %d do-not-care -> %s", k, len(images), len(kept),
              summary["dontcare"], out)
@@ -302,7 +305,7 @@ def pr_curve_png(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def write_report(dataset, summary, report_dir: Path, sources, models, images, gt, img_root, samples) -> Path:
+def write_report(dataset, summary, report_dir: Path, sources, models, all_clusters, gt, img_root, samples) -> Path:
     anns = dataset["annotations"]
     kept = [a for a in anns if not a["iscrowd"]]
     figs = report_dir / "report_figures"
@@ -314,7 +317,7 @@ def write_report(dataset, summary, report_dir: Path, sources, models, images, gt
     report = {k: v for k, v in summary.items() if k != "report"}
     report["figures"] = {k: str(p) for k, p in pngs.items()}
     if gt:
-        report["quality"] = pseudo_label_quality(dataset, gt, models, images, sources)
+        report["quality"] = pseudo_label_quality(dataset, gt, models, all_clusters, sources)
     sample_paths = _draw_samples(dataset, img_root, figs, samples)
     report["samples"] = [str(p) for p in sample_paths]
     atomic_write_json(report_dir / "report.json", report, indent=2)
@@ -334,9 +337,10 @@ def write_report(dataset, summary, report_dir: Path, sources, models, images, gt
     return report_dir / "report.json"
 
 
-def pseudo_label_quality(dataset, gt_path, models, images, sources) -> dict:
-    """P/R/F (ArT protocol) of the fused labels per score threshold, and of every input model at its
-    best threshold, against the hidden ground truth."""
+def pseudo_label_quality(dataset, gt_path, models, all_clusters, sources) -> dict:
+    """P/R/F (ArT protocol) against the hidden ground truth: of the pseudo labels as written, of all
+    fused clusters per score threshold (what another ``keep_thr`` would give), and of every input
+    model at its best threshold."""
     from i3cl_core.evaluation import load_ground_truth, prepare_polygons
 
     gt = load_ground_truth(gt_path)
@@ -347,13 +351,11 @@ def pseudo_label_quality(dataset, gt_path, models, images, sources) -> dict:
     for a in dataset["annotations"]:
         if not a["iscrowd"]:
             fused.setdefault(a["image_id"], []).append((np.asarray(a["segmentation"][0]).reshape(-1, 2), a["score"]))
-    prepared = prepare_polygons(gt_by_image, fused)
-    table = []
-    at_output = prepared.evaluate("art", 0.0)
-    table.append({"source": "fused (as written)", "threshold": "keep_thr", **_prf(at_output)})
-    sweep = prepared.sweep("art")
+    at_output = prepare_polygons(gt_by_image, fused).evaluate("art", 0.0)
+    table = [{"source": "pseudo labels (as written)", "threshold": "keep_thr", **_prf(at_output)}]
+    sweep = prepare_polygons(gt_by_image, all_clusters).sweep("art")
     best = next(r for r in sweep if r["best"])
-    table.append({"source": "fused (best threshold)", "threshold": best["score_thr"], **_prf(best)})
+    table.append({"source": "all fused clusters (best threshold)", "threshold": best["score_thr"], **_prf(best)})
     per_model = []
     for src, preds in zip(sources, models):
         rows = prepare_polygons(gt_by_image, preds).sweep("art")

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from i3cl_core.data.polygons import mask_to_polygon
+
 RESAMPLE_POINTS = 32
 VOTE_RESOLUTION = 96
 
@@ -192,15 +194,11 @@ def vote_polygon(members: list[Member], resolution: int = VOTE_RESOLUTION, epsil
         acc += m.weighted_score * mask
         total += m.weighted_score
     binary = (acc >= 0.5 * total).astype(np.uint8)
-    contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    contours = [c for c in contours if len(c) >= 3]
-    if not contours:
+    poly = mask_to_polygon(binary, epsilon)
+    if poly is None:
         return None
-    c = max(contours, key=cv2.contourArea)
-    if epsilon > 0:
-        c = cv2.approxPolyDP(c, epsilon * cv2.arcLength(c, True), True)
     # contour points are boundary pixel centres: grid coordinate g is image coordinate (g + 0.5) / s + origin
-    poly = (c.reshape(-1, 2).astype(np.float64) + 0.5) / s + (x0 - 0.5 / s, y0 - 0.5 / s)
+    poly = (poly.astype(np.float64) + 0.5) / s + (x0 - 0.5 / s, y0 - 0.5 / s)
     return canonical(poly)
 
 
