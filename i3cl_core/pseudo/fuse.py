@@ -131,7 +131,8 @@ def load_model_predictions(source: str | os.PathLike, images: list[dict]) -> tup
         preds.setdefault(r["image_id"], []).append((poly, float(score)))
         stats["predictions"] += 1
     stats["images_with_predictions"] = len(preds)
-    return preds, {"source": str(src), **stats, "unknown_examples": unknown[:5],
+    counts = {k: stats.get(k, 0) for k in ("predictions", "images_with_predictions", "unknown_image", "invalid_polygon")}
+    return preds, {"source": str(src), **counts, "unknown_examples": unknown[:5],
                    "coverage": None if coverage is None else len(coverage & ids), "missing_images": None
                    if coverage is None else sorted(ids - coverage)[:5], "_coverage_set": coverage}
 

@@ -7,17 +7,23 @@ Per image, K models each give (polygon, score) predictions; model k has weight w
 2. Each prediction joins the cluster whose *current fused geometry* it overlaps most, if that polygon
    IoU is > ``iou_thr``; otherwise it opens a new cluster. The current fused geometry is the
    weighted-score mean of the members' corresponding points, the exact analogue of WBF's coordinate
-   averaging: members with the same number of vertices correspond vertex by vertex (each polygon
-   clockwise, starting at the vertex nearest its box's top-left corner), otherwise every member is
-   resampled to 32 points by arc length first. For axis-aligned rectangles (4 vertices) this *is*
-   WBF's weighted box, so clusters and scores equal ``ensemble_boxes.weighted_boxes_fusion``.
+   averaging: quadrilaterals correspond vertex by vertex (each polygon clockwise, starting at the
+   vertex nearest its box's top-left corner), other polygons are first resampled to 32 points by arc
+   length from that vertex. For axis-aligned rectangles this *is* WBF's weighted box, so clusters
+   and scores equal ``ensemble_boxes.weighted_boxes_fusion``.
 3. Fused scores follow WBF's ``conf_type`` rules (avg, max, box_and_model_avg,
    absent_model_aware_avg; no overflow above 1 for avg).
-4. The output polygon of a cluster is a weighted vote of the member masks: each member is rasterised
-   inside the cluster's box (about 128 px on its long side), weighted by its weighted score; pixels
-   with at least half the total weight form the mask, whose largest outer contour is simplified
-   (approxPolyDP, 0.005 x perimeter) and returned clockwise. Unlike the point mean, the vote does not
-   need corresponding vertices, so curved polygons with different vertex counts fuse cleanly.
+4. The output polygon of a cluster is that point mean (WBF's rule; for quadrilaterals the corner
+   mean). Where the point mean self-intersects (members whose vertices correspond poorly), it is the
+   members' weighted mean *shape* instead: each member is rasterised in the cluster's box (160 cells
+   on its long side) and turned into a signed distance field
+   (negative inside); the weighted-score mean of these fields, cut at zero, is the fused mask, whose
+   largest outer contour is simplified (approxPolyDP, 0.002 x perimeter) and returned clockwise.
+   Averaging distance fields moves each boundary to the weighted mean of the members' boundaries,
+   the shape counterpart of WBF's coordinate averaging, without needing corresponding vertices, so
+   curved polygons with different vertex counts fuse cleanly. (A plain weighted mask vote at half
+   the weight would give the weighted *median* instead, which strays from WBF's box when a heavy
+   and a light member differ.)
 5. ``votes`` = number of distinct models in the cluster; a cluster is kept as a pseudo label if
    votes >= ``min_votes`` and score >= ``keep_thr``; clusters with a score inside ``uncertain_band``
    (when set) become do-not-care regions (``iscrowd: 1``) instead of being dropped.
@@ -32,7 +38,7 @@ import numpy as np
 from i3cl_core.data.polygons import mask_to_polygon
 
 RESAMPLE_POINTS = 32
-VOTE_RESOLUTION = 96
+MEAN_SHAPE_RESOLUTION = 160  # grid cells along the long side of a cluster for its mean shape
 
 
 @dataclass
@@ -41,6 +47,14 @@ class Member:
     score: float
     model: int
     weight: float  # model weight w_k
+    resampled: np.ndarray | None = None  # (32, 2) by arc length, for point correspondence
+
+    def points(self, quads: bool) -> np.ndarray:
+        if quads:
+            return self.polygon
+        if self.resampled is None:
+            self.resampled = resample(self.polygon)
+        return self.resampled
 
     @property
     def weighted_score(self) -> float:
@@ -53,8 +67,9 @@ class Cluster:
     points: np.ndarray | None = None  # current fused geometry (corresponding-point mean)
     geometry: object = None  # shapely polygon of ``points``
     bounds: np.ndarray | None = None
+    simple: bool = True  # ``points`` form a simple (valid) polygon
     score: float = 0.0  # fused score (after the conf_type rescaling)
-    polygon: np.ndarray | None = None  # output geometry (mask vote)
+    polygon: np.ndarray | None = None  # output geometry (corner mean or mean shape)
 
     @property
     def votes(self) -> int:
@@ -140,24 +155,47 @@ def resample(poly: np.ndarray, n: int = RESAMPLE_POINTS) -> np.ndarray:
     return np.stack([x, y], axis=1)
 
 
+def all_quads(members: list[Member]) -> bool:
+    return all(len(m.polygon) == 4 for m in members)
+
+
+def resample_many(polys: list[np.ndarray], n: int = RESAMPLE_POINTS) -> np.ndarray:
+    """:func:`resample` for many polygons at once: (len(polys), n, 2)."""
+    closed = [np.vstack([p, p[:1]]) for p in polys]
+    xy = np.concatenate(closed)
+    lengths = np.array([len(c) for c in closed])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    seg = np.sqrt((np.diff(xy, axis=0) ** 2).sum(axis=1))
+    seg[starts[1:] - 1] = 0.0  # no step from one polygon's closing point to the next polygon
+    cum = np.concatenate([[0.0], np.cumsum(seg)])
+    totals = cum[starts + lengths - 1] - cum[starts]
+    # one increasing parameter over all polygons: a gap of 1 between consecutive polygons
+    offset = cum[starts] + np.arange(len(polys))
+    param = cum + np.repeat(np.arange(len(polys)), lengths)
+    t = offset[:, None] + totals[:, None] * (np.arange(n) / n)[None, :]
+    x = np.interp(t.ravel(), param, xy[:, 0])
+    y = np.interp(t.ravel(), param, xy[:, 1])
+    return np.stack([x, y], axis=1).reshape(len(polys), n, 2)
+
+
 def mean_points(members: list[Member]) -> np.ndarray:
-    sizes = {len(m.polygon) for m in members}
-    if len(sizes) == 1:
-        pts = np.stack([m.polygon for m in members])
-    else:
-        pts = np.stack([resample(m.polygon) for m in members])
+    """Weighted-score mean of corresponding points: vertex by vertex for quadrilaterals, else after
+    resampling every member to 32 points by arc length."""
+    quads = all_quads(members)
+    pts = np.stack([m.points(quads) for m in members])
     w = np.array([m.weighted_score for m in members], dtype=np.float64)
     return (w[:, None, None] * pts).sum(axis=0) / w.sum()
 
 
 def _geometry(points: np.ndarray):
+    """(shapely geometry, whether ``points`` form a simple polygon); invalid ones are made valid."""
     import shapely
     from shapely.geometry import Polygon
 
     g = Polygon(points)
-    if not g.is_valid:
-        g = shapely.make_valid(g)
-    return g
+    if g.is_valid:
+        return g, True
+    return shapely.make_valid(g), False
 
 
 def _geometries(polys: list[np.ndarray]) -> list:
@@ -175,30 +213,33 @@ def _geometries(polys: list[np.ndarray]) -> list:
     return list(geoms)
 
 
-def vote_polygon(members: list[Member], resolution: int = VOTE_RESOLUTION, epsilon: float = 0.005) -> np.ndarray | None:
-    """Weighted mask vote of the members (see the module docstring); None if the vote is empty."""
+def mean_shape_polygon(members: list[Member], resolution: int = MEAN_SHAPE_RESOLUTION, epsilon: float = 0.002) -> np.ndarray | None:
+    """The weighted mean shape of the members (see the module docstring); None if it is empty."""
     import cv2
 
     allpts = np.concatenate([m.polygon for m in members])
-    x0, y0 = allpts.min(axis=0)
-    x1, y1 = allpts.max(axis=0)
-    s = resolution / max(x1 - x0, y1 - y0, 1e-6)
-    gw, gh = int(np.ceil((x1 - x0) * s)) + 2, int(np.ceil((y1 - y0) * s)) + 2
+    s = resolution / max(float(np.ptp(allpts[:, 0])), float(np.ptp(allpts[:, 1])), 1e-6)
+    margin = 3
+    x0, y0 = allpts.min(axis=0) - margin / s
+    gw = int(np.ceil(np.ptp(allpts[:, 0]) * s)) + 2 * margin + 1
+    gh = int(np.ceil(np.ptp(allpts[:, 1]) * s)) + 2 * margin + 1
     acc = np.zeros((gh, gw), dtype=np.float32)
     total = 0.0
     for m in members:
         # pixel (r, c) covers [c, c + 1): its centre c + 0.5 is grid coordinate c in cv2's convention
-        q = np.rint(((m.polygon - (x0, y0)) * s + 0.5) * 16).astype(np.int32)  # 4 fractional bits
+        q = np.rint(((m.polygon - (x0, y0)) * s - 0.5) * 16).astype(np.int32)  # 4 fractional bits
         mask = np.zeros((gh, gw), dtype=np.uint8)
         cv2.fillPoly(mask, [q], 1, lineType=cv2.LINE_8, shift=4)
-        acc += m.weighted_score * mask
+        outside = cv2.distanceTransform(1 - mask, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        inside = cv2.distanceTransform(mask, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        acc += m.weighted_score * (outside - inside)  # signed distance: negative inside
         total += m.weighted_score
-    binary = (acc >= 0.5 * total).astype(np.uint8)
-    poly = mask_to_polygon(binary, epsilon)
+    poly = mask_to_polygon((acc < 0).astype(np.uint8), epsilon)
     if poly is None:
         return None
-    # contour points are boundary pixel centres: grid coordinate g is image coordinate (g + 0.5) / s + origin
-    poly = (poly.astype(np.float64) + 0.5) / s + (x0 - 0.5 / s, y0 - 0.5 / s)
+    # contour points are boundary pixel centres; the true boundary lies half a pixel further out on
+    # average, which the +0.5 of the pixel-centre convention accounts for
+    poly = (poly.astype(np.float64) + 0.5) / s + (x0, y0)
     return canonical(poly)
 
 
@@ -231,12 +272,12 @@ def cluster_predictions(
     iou_thr: float = 0.55,
     skip_thr: float = 0.0,
     conf_type: str = "avg",
-    vote: bool = True,
-    epsilon: float = 0.005,
+    geometry: bool = True,
+    epsilon: float = 0.002,
 ) -> list[Cluster]:
     """Cluster one image's predictions of K models (``predictions[k]`` = [(polygon, score), ...]).
 
-    Returns every cluster with its fused score and (with ``vote``) its voted polygon, highest score
+    Returns every cluster with its fused score and (with ``geometry``) its output polygon, highest score
     first. Invalid polygons (fewer than 3 points, non-finite, zero area) must be filtered before;
     here they are skipped silently.
     """
@@ -249,15 +290,19 @@ def cluster_predictions(
     raw = [(poly, float(score), model) for model, preds in enumerate(predictions) for poly, score in preds if score >= skip_thr]
     members = [Member(p, s, model, float(weights[model]))
                for p, (_, s, model) in zip(canonical_many([r[0] for r in raw]), raw) if p is not None]
+    curved = [m for m in members if len(m.polygon) != 4]
+    if curved:
+        for m, r in zip(curved, resample_many([m.polygon for m in curved])):
+            m.resampled = r
     order = sorted(range(len(members)), key=lambda i: -members[i].weighted_score)  # stable for ties
-    member_geoms = _geometries([members[i].polygon for i in order])
+    member_geoms = np.array(_geometries([members[i].polygon for i in order]), dtype=object)
+    member_bounds = shapely.bounds(member_geoms) if len(order) else np.zeros((0, 4))
+    member_areas = shapely.area(member_geoms) if len(order) else np.zeros(0)
 
     clusters: list[Cluster] = []
-    geoms: list = []
+    geoms = np.empty(len(order), dtype=object)  # current fused geometry of cluster j
     bounds = np.zeros((len(order), 4))
     areas = np.zeros(len(order))
-    member_bounds = shapely.bounds(np.array(member_geoms, dtype=object)) if member_geoms else np.zeros((0, 4))
-    member_areas = shapely.area(np.array(member_geoms, dtype=object)) if member_geoms else np.zeros(0)
     for i, g, b, a in zip(order, member_geoms, member_bounds, member_areas):
         m = members[i]
         best = -1
@@ -268,11 +313,9 @@ def cluster_predictions(
             ih = np.minimum(cb[:, 3], b[3]) - np.maximum(cb[:, 1], b[1])
             # IoU <= I / (a + a_c - I) with I <= min(box intersection, a, a_c): skip clusters that cannot pass
             imax = np.minimum(np.minimum(np.maximum(iw, 0.0) * np.maximum(ih, 0.0), a), areas[:n])
-            bound = imax / np.maximum(a + areas[:n] - imax, 1e-12)
-            cand = np.where((iw > 0) & (ih > 0) & (bound > iou_thr))[0]
+            cand = np.flatnonzero((iw > 0) & (ih > 0) & (imax > iou_thr * (a + areas[:n] - imax)))
             if len(cand):
-                cg = np.array([geoms[j] for j in cand], dtype=object)
-                inter = shapely.area(shapely.intersection(cg, g))
+                inter = shapely.area(shapely.intersection(geoms[cand], g))
                 union = areas[cand] + a - inter
                 ious = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
                 j = int(np.argmax(ious))
@@ -280,23 +323,28 @@ def cluster_predictions(
                     best = int(cand[j])
         if best < 0:
             clusters.append(Cluster(members=[m], points=m.polygon))
-            geoms.append(g)
+            geoms[n] = g
             bounds[n] = b
             areas[n] = a
         else:
             c = clusters[best]
             c.members.append(m)
             c.points = mean_points(c.members)
-            geoms[best] = _geometry(c.points)
+            geoms[best], c.simple = _geometry(c.points)
             bounds[best] = np.concatenate([c.points.min(axis=0), c.points.max(axis=0)])
             areas[best] = geoms[best].area
-    for c, g in zip(clusters, geoms):
+    for c, g in zip(clusters, geoms[: len(clusters)]):
         c.geometry = g
         c.score = cluster_score(c.members, conf_type, weights)
-        if vote:
-            c.polygon = vote_polygon(c.members, epsilon=epsilon) if len(c.members) > 1 else c.members[0].polygon
-            if c.polygon is None:  # degenerate vote: fall back to the point mean
-                c.polygon = canonical(c.points)
+        if geometry:
+            if len(c.members) == 1:
+                c.polygon = c.members[0].polygon
+            elif c.simple:
+                c.polygon = c.points  # the point mean is a simple polygon: WBF's own rule
+            else:  # it self-intersects: the members' mean shape instead
+                c.polygon = mean_shape_polygon(c.members, epsilon=epsilon)
+                if c.polygon is None:
+                    c.polygon = canonical(c.points)
     clusters.sort(key=lambda c: -c.score)
     return clusters
 
