@@ -45,8 +45,10 @@ from __future__ import annotations
 
 import argparse
 import re
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used, so that `i3cl --help` stays fast
+    import torch
 
 # (pattern, replacement) on the original name, applied in order; the first match wins
 _RENAMES: list[tuple[str, str]] = [
@@ -186,6 +188,8 @@ def read_original(path: str) -> dict[str, torch.Tensor]:
     """The tensor dict of an original checkpoint (``{'meta', 'state_dict', 'optimizer'}`` or a bare
     state dict), loaded with ``weights_only=True`` (numpy scalars in ``meta`` are allowed)."""
     import os
+
+    import torch
 
     from i3cl_core.model.backbone import CheckpointError
 
