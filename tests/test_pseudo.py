@@ -132,8 +132,11 @@ def test_pseudo_label_rules():
     assert by_votes[2]["iscrowd"] == 1 and by_votes[2]["lossweight"] == 0.0  # score 0.3: uncertain band
     assert by_votes[1]["iscrowd"] == 1  # one vote, score 0.35/3 in the band
     assert len(pseudo_labels(clusters, 3, FuseConfig(keep_thr=0.5, min_votes=2))) == 1
-    w = pseudo_labels(clusters, 3, FuseConfig(keep_thr=0.0, lossweight="votes"))
+    w = pseudo_labels(clusters, 3, FuseConfig(keep_thr=0.0, min_votes=1, lossweight="votes"))
     assert sorted(lab["lossweight"] for lab in w) == pytest.approx([1 / 3, 2 / 3, 1.0])
+    # min_votes is capped at the number of models: a single model still yields pseudo labels
+    single = cluster_predictions(preds[:1], None, 0.55, 0.05, "max")
+    assert len(pseudo_labels(single, 1, FuseConfig(keep_thr=0.3, min_votes=2))) == 3
 
 
 def test_canonical_order():

@@ -25,7 +25,7 @@ Per image, K models each give (polygon, score) predictions; model k has weight w
    the weight would give the weighted *median* instead, which strays from WBF's box when a heavy
    and a light member differ.)
 5. ``votes`` = number of distinct models in the cluster; a cluster is kept as a pseudo label if
-   votes >= ``min_votes`` and score >= ``keep_thr``; clusters with a score inside ``uncertain_band``
+   votes >= ``min_votes`` (at most K) and score >= ``keep_thr``; clusters with a score inside ``uncertain_band``
    (when set) become do-not-care regions (``iscrowd: 1``) instead of being dropped.
 6. ``lossweight`` = score x votes / K by default (in [0, 1]); alternatives: score, votes / K, 1.
 """
@@ -362,11 +362,12 @@ def pseudo_labels(clusters: list[Cluster], num_models: int, cfg) -> list[dict]:
     kept text, do-not-care from the uncertain band, everything else dropped."""
     out = []
     formula = LOSSWEIGHT_FORMULAS[cfg.lossweight]
+    min_votes = min(cfg.min_votes, num_models)
     for c in clusters:
         if c.polygon is None:
             continue
         votes = c.votes
-        keep = votes >= cfg.min_votes and c.score >= cfg.keep_thr
+        keep = votes >= min_votes and c.score >= cfg.keep_thr
         uncertain = (not keep and cfg.uncertain_band is not None and cfg.uncertain_band[0] <= c.score < cfg.uncertain_band[1])
         if not (keep or uncertain):
             continue
