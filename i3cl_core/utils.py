@@ -50,6 +50,22 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = No
     return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, sort_keys=False))
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """Parse a json file; a missing file raises FileNotFoundError, bad content a DatasetError that
+    names the file and the position."""
+    from i3cl_core.data.errors import DatasetError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_bytes())
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text ({e})") from None
+
+
 def safe_join(root: str | os.PathLike, relative: str) -> Path:
     """``root / relative``, refusing paths that escape ``root`` (absolute paths, ``..``, symlinks out)."""
     root_path = Path(root).resolve()

@@ -1,14 +1,13 @@
 """COCO polygon dataset: original layout, bad input, augmentations, lockstep dropping."""
 from __future__ import annotations
 
-import json
 import logging
 
 import numpy as np
 import pytest
 import torch
 from conftest import rect, write_coco
-from shapely.geometry import Polygon as SPolygon, box as sbox
+from shapely.geometry import Polygon as SPolygon
 
 from i3cl_core.config import AugmentConfig
 from i3cl_core.data.coco import CocoTextDataset, collate, load_coco_records

@@ -363,7 +363,7 @@ def test_art_gt_with_coco_results(tmp_path):
 
 
 @pytest.mark.parametrize("content, needle", [
-    ("{not json", "not valid JSON"),
+    ("{not json", "malformed JSON at line 1"),
     ('{"foo": 1}', "not a COCO dataset"),
     ('{"gt_1": [{"points": [["a", 1], [2, 3], [4, 5]]}]}', "gt_1[0]"),
     ('{"gt_1": [{"transcription": "x"}]}', "gt_1[0]"),

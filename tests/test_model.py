@@ -158,7 +158,6 @@ def test_dontcare_regions_never_produce_negatives(ignore):
     image, target = text_image()
     dc = torch.tensor([[140.0, 60.0, 250.0, 100.0]])
     target = dict(target, dontcare_boxes=dc)
-    from torchvision.models.detection.image_list import ImageList
 
     il, _ = m.preprocess([image], resize=False)
     feats = m.features(il.tensors)

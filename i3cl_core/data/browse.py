@@ -10,13 +10,14 @@ functions so that ``i3cl --help`` stays fast.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
+
+from i3cl_core.utils import read_json
 
 # BGR (OpenCV) colours
 CARE_COLOUR = (0, 255, 0)  # green
@@ -51,19 +52,9 @@ def _dataset_error(msg: str) -> Exception:
     return DatasetError(msg)
 
 
-def _load_json(path: str | os.PathLike) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _dataset_error(f"{path}: not valid json ({e})") from None
-
-
 def read_dataset(ann_file: str | os.PathLike) -> tuple[list[dict], dict[int, list[dict]]]:
     """Images (json order) and annotations grouped by image id, with basic checks naming the file."""
-    data = _load_json(ann_file)
+    data = read_json(ann_file)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise _dataset_error(f"{ann_file}: not a COCO dataset (needs an 'images' list)")
     images = []
@@ -84,7 +75,7 @@ def read_dataset(ann_file: str | os.PathLike) -> tuple[list[dict], dict[int, lis
 
 def read_results(pred_file: str | os.PathLike) -> dict[int, list[dict]]:
     """COCO results (a list of {image_id, segmentation, score}) grouped by image id."""
-    data = _load_json(pred_file)
+    data = read_json(pred_file)
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
         data = data["annotations"]  # a dataset-shaped file with scores also works
     if not isinstance(data, list):

@@ -23,19 +23,21 @@ table, so a weight can never shift against its box.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from i3cl_core.data.errors import DatasetError
 from i3cl_core.data.polygons import flat_to_polygon, instance_area, instance_box, mask_to_instance, repair_polygon
-from i3cl_core.utils import get_logger, safe_join
+from i3cl_core.utils import get_logger, read_json, safe_join
+
+if TYPE_CHECKING:
+    from i3cl_core.data.transforms import Sample
 
 log = get_logger("data")
 
@@ -100,18 +102,11 @@ class LoadReport:
 
 def _load_json(path: Path) -> dict:
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        data = read_json(path)
     except FileNotFoundError:
         raise DatasetError(f"{path}: annotation file not found") from None
     except OSError as e:
         raise DatasetError(f"{path}: cannot read annotation file ({e})") from None
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{path}: not UTF-8 text ({e})") from None
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: expected a COCO json object with 'images' and 'annotations'")
     for key in ("images", "annotations"):

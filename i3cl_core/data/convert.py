@@ -25,12 +25,12 @@ area are skipped. The counts are printed.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from i3cl_core.data.errors import DatasetError
+from i3cl_core.utils import read_json
 
 FORMATS = ("art", "lsvt", "totaltext", "ctw1500")
 IMAGE_EXTS = (".jpg", ".JPG", ".jpeg", ".JPEG", ".png", ".PNG", ".bmp", ".gif")
@@ -204,10 +204,7 @@ def _natural_key(p: Path):
 def _read_art(ann: Path):
     if ann.is_dir():
         raise DatasetError(f"{ann}: art/lsvt --ann must be the json file")
-    try:
-        data = json.loads(ann.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{ann}: not valid JSON ({e})") from e
+    data = read_json(ann)
     if not isinstance(data, dict):
         raise DatasetError(f"{ann}: expected an object {{'gt_<n>': [...]}}")
 

@@ -24,7 +24,6 @@ evaluation time.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from i3cl_core.data.errors import DatasetError
+from i3cl_core.utils import read_json
 
 
 
@@ -92,17 +92,6 @@ def art_token(name: str):
         stem = stem.rsplit(".", 1)[0]
     tok = stem.rsplit("_", 1)[-1]
     return int(tok) if tok.isdigit() else tok
-
-
-def _read_json(path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: not valid JSON ({e})") from e
 
 
 def _points(value, where: str) -> np.ndarray:
@@ -207,7 +196,7 @@ def _is_dontcare(ann: dict) -> bool:
 
 def load_ground_truth(path) -> GroundTruth:
     """Read a COCO dataset json or an ArT-native json (see the module docstring)."""
-    data = _read_json(path)
+    data = read_json(path)
     src = str(path)
     if isinstance(data, dict) and "annotations" in data and "images" in data:
         return _gt_from_coco(data, src)
@@ -296,7 +285,7 @@ class _Collector:
 
 def load_predictions(path, gt: GroundTruth) -> Predictions:
     """Read a COCO results list (or a COCO dataset json with scored annotations) or an ArT submission json."""
-    data = _read_json(path)
+    data = read_json(path)
     src = str(path)
     if isinstance(data, dict) and "annotations" in data:
         data = data["annotations"]

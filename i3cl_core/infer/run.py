@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from i3cl_core.data.errors import DatasetError
-from i3cl_core.utils import atomic_write_json, atomic_write_text, get_logger, safe_join
+from i3cl_core.utils import atomic_write_json, atomic_write_text, get_logger, read_json, safe_join
 
 log = get_logger("infer")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
@@ -46,10 +46,7 @@ def collect_images(spec: str, img_root: str | None = None) -> list[ImageItem]:
         files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
         return [ImageItem(i + 1, f, f.name) for i, f in enumerate(files)]
     if p.suffix.lower() == ".json" and p.is_file():
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{p}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        data = read_json(p)
         if not isinstance(data, dict) or not isinstance(data.get("images"), list):
             raise DatasetError(f"{p}: expected a COCO json with an 'images' list")
         root = Path(img_root) if img_root else p.parent

@@ -16,7 +16,6 @@ per-instance loss weights (B) and do-not-care regions.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch

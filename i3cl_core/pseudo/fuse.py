@@ -23,7 +23,7 @@ import numpy as np
 
 from i3cl_core.data.errors import DatasetError
 from i3cl_core.pseudo.fusion import canonical, cluster_predictions, pseudo_labels
-from i3cl_core.utils import atomic_write_json, atomic_write_text, get_logger
+from i3cl_core.utils import atomic_write_json, atomic_write_text, get_logger, read_json
 
 log = get_logger("fuse")
 
@@ -32,11 +32,9 @@ log = get_logger("fuse")
 def load_images(path: str | os.PathLike) -> list[dict]:
     p = Path(path)
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = read_json(p)
     except FileNotFoundError:
         raise DatasetError(f"{p}: IMAGES.json not found") from None
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{p}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DatasetError(f"{p}: expected a COCO json with an 'images' list")
     images, seen = [], set()
@@ -50,13 +48,6 @@ def load_images(path: str | os.PathLike) -> list[dict]:
     if not images:
         raise DatasetError(f"{p}: the images list is empty")
     return images
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
 
 def load_model_predictions(source: str | os.PathLike, images: list[dict]) -> tuple[dict, dict]:
@@ -74,14 +65,14 @@ def load_model_predictions(source: str | os.PathLike, images: list[dict]) -> tup
         records = []
         for f in sorted(src.glob("*.json")):
             if f.name == "coverage.json":
-                coverage = set(_read_json(f)["images"])
+                coverage = set(read_json(f)["images"])
                 continue
-            data = _read_json(f)
+            data = read_json(f)
             if not isinstance(data, list):
                 raise DatasetError(f"{f}: a shard must be a COCO results list")
             records.extend(data)
     elif src.is_file():
-        data = _read_json(src)
+        data = read_json(src)
         if isinstance(data, dict):  # ArT submission {"res_<n>": [{"points", "confidence"}]}
             by_token = {}
             for im in images:
