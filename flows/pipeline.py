@@ -53,8 +53,21 @@ def _key(text: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
 
 
-def _data(data: DataParams) -> dict:
-    """Resolved data paths: explicit ones, else the synthetic demo splits (generated when missing)."""
+def _data(data: DataParams, wd: Path) -> dict:
+    """Resolved data paths: explicit ones, else the synthetic demo splits (generated when missing).
+    A stage run with the default ``data`` on an existing work_dir uses the data it was made with
+    (``work_dir/data.json``), so ``fuse-pseudo-labels/default -p work_dir=...`` needs no data paths."""
+    from i3cl_core.utils import atomic_write_json
+
+    saved = wd / "data.json"
+    if data == DataParams() and saved.exists():
+        return json.loads(saved.read_text())
+    resolved = _resolve_data(data)
+    atomic_write_json(saved, resolved, indent=2)
+    return resolved
+
+
+def _resolve_data(data: DataParams) -> dict:
     demo = None
     if data.uses_demo():
         demo_dir = Path(data.demo_dir)
@@ -171,7 +184,7 @@ def _train(spec: ModelSpec, role: str, wd: Path, data: dict, train: TrainParams,
 def train_teachers(work_dir: str = "runs/demo", data: DataParams = DataParams(), train: TrainParams = TrainParams()) -> dict:
     """Train every teacher (one after the other: trainings use all cores or GPUs themselves)."""
     wd = stages.check_work_dir(work_dir)
-    d = _data(data)
+    d = _data(data, wd)
     names = [t.name for t in train.teachers]
     if len(set(names)) != len(names):
         raise PipelineError(f"train.teachers: names must be unique, got {names}")
@@ -216,7 +229,7 @@ def _infer_all(wd: str, teachers: dict, shards: list, infer: InferParams) -> dic
 def ensemble_inference(work_dir: str = "runs/demo", data: DataParams = DataParams(), infer: InferParams = InferParams()) -> dict:
     """Every teacher over the unlabeled set, one task per (teacher, shard); finished shards are skipped."""
     wd = stages.check_work_dir(work_dir, create=False)
-    d = _data(data)
+    d = _data(data, wd)
     teachers = _teachers(wd)
     shards = stages.plan_inference(d["unlabeled_images"], d["unlabeled_root"], infer.shard_size)
     if infer.dask_address:
@@ -241,7 +254,7 @@ def ensemble_inference(work_dir: str = "runs/demo", data: DataParams = DataParam
 def fuse_pseudo_labels(work_dir: str = "runs/demo", data: DataParams = DataParams(), fuse: FuseConfig = FuseConfig()) -> dict:
     """Weighted Polygon Fusion of the teachers' predictions into pseudo/train_lossweight.json."""
     wd = stages.check_work_dir(work_dir, create=False)
-    d = _data(data)
+    d = _data(data, wd)
     members_file = stages.require(wd / "predictions" / "members.json", "ensemble-inference", "run ensemble-inference first")
     members = json.loads(members_file.read_text())
     out = wd / "pseudo" / "train_lossweight.json"
@@ -277,7 +290,7 @@ def train_student(work_dir: str = "runs/demo", data: DataParams = DataParams(), 
     """Retrain on the labeled data plus the pseudo labels (each pseudo instance's losses scaled by
     its lossweight); starts from the first teacher by default."""
     wd = stages.check_work_dir(work_dir, create=False)
-    d = _data(data)
+    d = _data(data, wd)
     pseudo = stages.require(wd / "pseudo" / "train_lossweight.json", "fuse-pseudo-labels", "run fuse-pseudo-labels first")
     load_from = None
     if train.student_init == "first_teacher":
@@ -290,7 +303,7 @@ def train_student(work_dir: str = "runs/demo", data: DataParams = DataParams(), 
 def evaluate(work_dir: str = "runs/demo", data: DataParams = DataParams(), evaluation: EvalParams = EvalParams()) -> dict:
     """Every trained model of the work_dir on the test split -> eval/<model>.json and a table."""
     wd = stages.check_work_dir(work_dir, create=False)
-    d = _data(data)
+    d = _data(data, wd)
     models = {}
     for role in ("teachers", "student"):
         for out in sorted((wd / role).glob("*")) if (wd / role).exists() else []:

@@ -233,3 +233,16 @@ def test_cancelled_training_leaves_no_child_processes(served, tmp_path, monkeypa
                 break
             time.sleep(1)
         assert state.name in ("Cancelled", "Cancelling")
+
+
+def test_stage_runs_without_data_params_reuse_the_work_dirs_data(tmp_path):
+    from flows.params import DataParams
+    from flows.pipeline import _data
+
+    explicit = DataParams(labeled=[{"ann_file": "/d/train.json", "img_root": "/d/train"}], unlabeled_images="/d/u.json",
+                          unlabeled_root="/d/u", unlabeled_gt=None, test={"ann_file": "/d/test.json", "img_root": "/d/test"})
+    wd = check_work_dir(tmp_path / "run")
+    first = _data(explicit, wd)
+    assert first["unlabeled_images"] == "/d/u.json" and first["labeled"][0]["ann_file"] == "/d/train.json"
+    assert _data(DataParams(), wd) == first  # defaults: the data the work_dir was made with, no demo generated
+    assert not (tmp_path / "data").exists()
