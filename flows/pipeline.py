@@ -29,6 +29,7 @@ from flows.params import DataParams, EvalParams, FuseConfig, InferParams, ModelS
 from flows.runner import run_streaming
 from i3cl_core import stages
 from i3cl_core.stages import PipelineError, fingerprint
+from i3cl_core.utils import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = INPUTS + TASK_SOURCE
@@ -57,8 +58,6 @@ def _data(data: DataParams, wd: Path) -> dict:
     """Resolved data paths: explicit ones, else the synthetic demo splits (generated when missing).
     A stage run with the default ``data`` on an existing work_dir uses the data it was made with
     (``work_dir/data.json``), so ``fuse-pseudo-labels/default -p work_dir=...`` needs no data paths."""
-    from i3cl_core.utils import atomic_write_json
-
     saved = wd / "data.json"
     if data == DataParams() and saved.exists():
         return json.loads(saved.read_text())
@@ -189,8 +188,6 @@ def train_teachers(work_dir: str = "runs/demo", data: DataParams = DataParams(),
     if len(set(names)) != len(names):
         raise PipelineError(f"train.teachers: names must be unique, got {names}")
     checkpoints = {spec.name: _train(spec, "teachers", wd, d, train) for spec in train.teachers}
-    from i3cl_core.utils import atomic_write_json
-
     atomic_write_json(wd / "teachers" / "teachers.json", checkpoints, indent=2)
     return checkpoints
 
@@ -242,8 +239,6 @@ def ensemble_inference(work_dir: str = "runs/demo", data: DataParams = DataParam
         runner = ThreadPoolTaskRunner(max_workers=infer.workers)
     detections = _infer_all.with_options(task_runner=runner)(str(wd), teachers, shards, infer)
     members = [stages.finish_model_predictions(wd / "predictions" / name, shards) for name in teachers]
-    from i3cl_core.utils import atomic_write_json
-
     atomic_write_json(wd / "predictions" / "members.json", members, indent=2)
     create_table_artifact([{"teacher": n, "shards": len(shards), "detections": detections[n]} for n in teachers],
                           key="ensemble-detections", description="detections per teacher on the unlabeled set")
@@ -346,8 +341,6 @@ def ssl_pipeline(
     report = json.loads((wd / "pseudo" / "report.json").read_text())
     summary = {"work_dir": str(wd), "teachers": teachers, "student": student, "scores": scores,
                "pseudo_labels": pseudo["pseudo_labels"], "pseudo_quality": (report.get("quality") or {}).get("fused")}
-    from i3cl_core.utils import atomic_write_json
-
     atomic_write_json(wd / "summary.json", summary, indent=2)
     return summary
 
