@@ -127,7 +127,24 @@ def freeze_bn_statistics(module: nn.Module) -> None:
             m.eval()
 
 
-class ResNetBackbone(nn.Module):
+class FreezableBackbone(nn.Module):
+    """Keeps frozen stages frozen and, with ``norm_eval``, BatchNorm statistics fixed whenever the
+    model is put in training mode; subclasses set ``norm_eval`` and override ``_freeze``."""
+
+    norm_eval: bool = False
+
+    def _freeze(self) -> None:
+        """Freeze the configured stages (none by default)."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._freeze()
+        if mode and self.norm_eval:
+            freeze_bn_statistics(self)
+        return self
+
+
+class ResNetBackbone(FreezableBackbone):
     def __init__(self, name: str = "resnet50", frozen_stages: int = 1, norm_eval: bool = True):
         super().__init__()
         import torchvision
@@ -148,13 +165,6 @@ class ResNetBackbone(nn.Module):
         stages = [[self.conv1, self.bn1], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
         for stage in stages[: self.frozen_stages + 1] if self.frozen_stages >= 0 else []:
             freeze(stage)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self._freeze()
-        if mode and self.norm_eval:
-            freeze_bn_statistics(self)
-        return self
 
     def load_weights(self, path: str):
         """torchvision-style ResNet weights (ImageNet, or RegionCL / MoCo-style self-supervised ones),
@@ -184,7 +194,7 @@ class ResNetBackbone(nn.Module):
         return [c2, c3, c4, c5]
 
 
-class TimmBackbone(nn.Module):
+class TimmBackbone(FreezableBackbone):
     """Any timm model with ``features_only``: the last four feature levels (strides 4-32)."""
 
     def __init__(self, model_name: str, frozen_stages: int = -1, norm_eval: bool = True):
@@ -198,12 +208,6 @@ class TimmBackbone(nn.Module):
         if self.strides != [4, 8, 16, 32]:
             raise ValueError(f"timm:{model_name}: feature strides {self.strides}, expected [4, 8, 16, 32]")
         self.norm_eval = norm_eval
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if mode and self.norm_eval:
-            freeze_bn_statistics(self)
-        return self
 
     def load_weights(self, path: str):
         return load_pretrained(self.body, path)

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from i3cl_core.model.backbone import freeze, freeze_bn_statistics
+from i3cl_core.model.backbone import FreezableBackbone, freeze
 from i3cl_core.utils import get_logger
 
 log = get_logger("model")
@@ -297,7 +297,7 @@ class Stage(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ backbone
-class ViTAEv2Backbone(nn.Module):
+class ViTAEv2Backbone(FreezableBackbone):
     """ViTAEv2-S feature extractor: ``forward(x)`` -> [C2, C3, C4, C5] with 64/128/256/512 channels
     at strides 4/8/16/32."""
 
@@ -358,13 +358,6 @@ class ViTAEv2Backbone(nn.Module):
         if self.frozen_stages < 0:
             return
         freeze([self.layers[0].RC] if self.frozen_stages == 0 else list(self.layers[: self.frozen_stages]))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self._freeze()
-        if mode and self.norm_eval:
-            freeze_bn_statistics(self)
-        return self
 
     def _run(self, fn, *args):
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
