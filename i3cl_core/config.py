@@ -124,6 +124,12 @@ class ModelConfig(_Strict):
     num_classes: int = Field(1, ge=1, description="foreground classes (1 = text)")
     representation_size: int = Field(1024, ge=8, description="width of the box head's two FC layers")
     mask_head_convs: int = Field(4, ge=1, le=8)
+    bf16_features: bool | Literal["auto"] = Field(
+        False, description="run backbone, FPN and IntraCL under bfloat16 autocast (heads, boxes and losses stay "
+        "float32); 'auto': only where the device computes bfloat16 natively (CPUs with AVX512-BF16/AMX, CUDA with "
+        "bf16 support), elsewhere it would be slower"
+    )
+    channels_last: bool = Field(False, description="NHWC memory format for the convolutions (faster with oneDNN on CPU)")
     # RPN
     anchor_sizes: list[int] = Field(default_factory=lambda: [32, 64, 128, 256, 512])
     anchor_ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0])

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from i3cl_core.config import load_config
+from i3cl_core.config import ConfigError, load_config
 from i3cl_core.data.polygons import rasterize_instance
 from i3cl_core.model.backbone import CheckpointError
 from i3cl_core.model.checkpoint import load_model, save_checkpoint
 from i3cl_core.data.polygons import mask_to_polygon
-from i3cl_core.model.detector import build_model
+from i3cl_core.model.detector import build_model, native_bf16
 from i3cl_core.model.inter_cl import InterCL
 from i3cl_core.model.intra_cl import IntraCL
 from i3cl_core.model.roi_heads import weighted_fastrcnn_loss
@@ -197,6 +197,51 @@ def test_batch_of_two_equals_each_image_alone():
     assert len(both[0]["boxes"]) > 0 and len(both[1]["boxes"]) > 0
     for x, y in zip(both, alone):
         _match(x, y)
+
+
+def _neck_dtypes(m):
+    seen = []
+    m.neck.register_forward_hook(lambda mod, inp, out: seen.append({o.dtype for o in out}))
+    return seen
+
+
+def test_bf16_features_and_channels_last():
+    """bf16_features computes backbone/FPN/IntraCL in bfloat16 but hands float32 features to the heads;
+    when it is off it must not switch off an enclosing autocast (the trainer's CUDA AMP)."""
+    torch.manual_seed(0)
+    ref = build_model(tiny_cfg()).train()
+    fast = build_model(tiny_cfg("model.bf16_features=true", "model.channels_last=true")).train()
+    fast.load_state_dict(ref.state_dict())
+    assert fast.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 128, 160)
+    seen = _neck_dtypes(fast)
+    with torch.no_grad():
+        a, b = ref.features(x), fast.features(x)
+    assert seen == [{torch.bfloat16}]
+    assert all(f.dtype == torch.float32 for f in b)
+    for fa, fb in zip(a, b):
+        assert fa.shape == fb.shape
+        rel = (fa - fb).norm() / fa.norm()
+        assert rel < 0.05, rel  # bfloat16 keeps 8 bits of mantissa
+    # training still produces finite losses and gradients for every trainable parameter of the backbone
+    image, target = text_image()
+    losses = fast([image], [target])
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert fast.backbone.conv1.weight.grad is not None and fast.backbone.conv1.weight.grad.dtype == torch.float32
+
+    seen = _neck_dtypes(ref)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref.features(x)
+    assert seen == [{torch.bfloat16}]  # the outer autocast stayed on inside features()
+
+    auto = build_model(tiny_cfg("model.bf16_features=auto")).eval()
+    seen = _neck_dtypes(auto)
+    with torch.no_grad():
+        auto.features(x)
+    assert seen == [{torch.bfloat16 if native_bf16(torch.device("cpu")) else torch.float32}]
+    with pytest.raises(ConfigError, match="bf16_features"):
+        tiny_cfg("model.bf16_features=sometimes")
 
 
 def test_mask_to_polygon_largest_contour_clockwise():

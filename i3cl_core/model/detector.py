@@ -15,6 +15,7 @@ returns per image a dict with ``boxes`` [N, 4], ``scores`` [N], ``labels`` [N] a
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -31,6 +32,18 @@ from i3cl_core.model.rpn import I3CLRPN
 # ImageNet statistics of the release (RGB, 0-255), here on the 0-1 scale
 PIXEL_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)
 PIXEL_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 convolutions natively (else bf16 autocast is emulated and slow)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        try:  # x86 with AVX512-BF16 or AMX; elsewhere oneDNN emulates bfloat16
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
 
 
 class I3CL(nn.Module):
@@ -76,11 +89,17 @@ class I3CL(nn.Module):
 
     # ------------------------------------------------------------------ network
     def features(self, batch: Tensor) -> list[Tensor]:
-        """[P2, P3, P4, P5, P6] after IntraCL."""
-        feats = self.neck(self.backbone(batch))
-        if self.intra_cl is not None:
-            feats = [block(f) for block, f in zip(self.intra_cl, feats)]
-        return feats
+        """[P2, P3, P4, P5, P6] after IntraCL, float32 (``model.bf16_features`` computes them in bfloat16)."""
+        if self.cfg.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        # no context at all when off: a disabled autocast would also switch off the trainer's CUDA AMP here
+        use_bf16 = self.cfg.bf16_features is True or (self.cfg.bf16_features == "auto" and native_bf16(batch.device))
+        bf16 = torch.autocast(batch.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+        with bf16:
+            feats = self.neck(self.backbone(batch))
+            if self.intra_cl is not None:
+                feats = [block(f) for block, f in zip(self.intra_cl, feats)]
+        return [f.float() for f in feats]
 
     def forward(self, images: list[Tensor], targets: list[dict] | None = None):
         if self.training:
@@ -150,4 +169,7 @@ def detections_to_polygons(boxes: Tensor, scores: Tensor, mask_probs: Tensor, im
 
 def build_model(cfg) -> I3CL:
     """``cfg``: an :class:`~i3cl_core.config.I3CLConfig` or its ``model`` section."""
-    return I3CL(getattr(cfg, "model", cfg))
+    model = I3CL(getattr(cfg, "model", cfg))
+    if model.cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
