@@ -91,6 +91,26 @@ def test_every_shipped_config_validates():
         load_config(f)
 
 
+def test_stage_recipes_chain_through_the_trainers_checkpoint_layout():
+    """Each stage's load_from is where `i3cl train <previous stage> --work-dir work_dirs/<family>_<stage>`
+    leaves its latest checkpoint (``<work_dir>/checkpoints/latest.pth``)."""
+    from i3cl_core.engine.train import checkpoint_dir
+
+    chained = 0
+    for family in ("i3cl_r50", "i3cl_r50_regioncl"):
+        for f in sorted((REPO / "configs" / family).glob("*.yaml")):
+            path = load_config(f).train.load_from
+            if path is None:
+                continue
+            work_dir = Path(path).parent.parent
+            assert Path(path) == checkpoint_dir(work_dir) / "latest.pth", f
+            assert work_dir.parent == Path("work_dirs") and work_dir.name.startswith(family + "_"), f
+            stage = work_dir.name[len(family) + 1:]
+            assert (REPO / "configs" / family / f"{stage}.yaml").exists(), f"{f}: no stage {stage!r} to load from"
+            chained += 1
+    assert chained == 8
+
+
 def test_cli_config_command(capsys):
     from i3cl_core.cli import main
 
