@@ -75,7 +75,7 @@ def test_frozen_stages_and_norm_eval():
     assert not any(p.requires_grad for p in bb.layer1.parameters()) and not bb.conv1.weight.requires_grad
     assert all(p.requires_grad for p in bb.layer2.parameters())
     assert not bb.layer3[0].bn1.training and bb.layer3[0].bn1.weight.requires_grad  # stats frozen, affine trains
-    assert m.intra_cl[0].norm.training  # BN outside the backbone trains normally
+    assert m.intra_cl[0].bn.training  # BN outside the backbone trains normally
 
 
 def test_model_summary_cli(capsys):
@@ -278,6 +278,14 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
         load_model(tmp_path / "foreign.pth")
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_model(tmp_path / "missing.pth")
+    # checkpoints of earlier versions named the IntraCL/InterCL BatchNorms `norm`
+    old = torch.load(path, weights_only=True)
+    old["model"] = {k.replace(".bn.", ".norm."): v for k, v in old["model"].items()}
+    assert "roi_heads.inter_cl.norm.running_var" in old["model"] and "intra_cl.4.norm.weight" in old["model"]
+    torch.save(old, tmp_path / "old.pth")
+    m3, _ = load_model(tmp_path / "old.pth")
+    for (k, v), (k3, v3) in zip(m.state_dict().items(), m3.state_dict().items()):
+        assert k == k3 and torch.equal(v, v3)
 
 
 def test_backbone_weights_from_a_local_path_only(tmp_path):

@@ -199,3 +199,22 @@ def test_nan_loss_stops_with_iteration_images_and_terms(tmp_path, tiny_data, mon
     assert "iteration 6 (epoch 2, step 2)" in msg and "image ids of the batch: [" in msg
     assert "'loss_rcnn_box': nan" in msg and "epoch_1.pth" not in msg and "latest.pth" in msg
     assert sorted(p.name for p in (tmp_path / "w" / "checkpoints").glob("epoch_*.pth")) == ["epoch_1.pth"]
+
+
+def test_vitae_no_decay_keys_select_the_releases_parameters():
+    """mmdet's custom_keys match substrings of parameter names; with the release's names the ViTAE
+    recipe's `norm` key exempts LayerNorms (backbone, InterCL transformer) but not the IntraCL/InterCL
+    BatchNorms, which the release calls `bn`."""
+    from i3cl_core.engine.train import build_optimizer
+    from i3cl_core.model.detector import build_model
+
+    tcfg = load_config(REPO / "configs" / "i3cl_vitae" / "train.yaml").train
+    model = build_model(load_config(REPO / "configs" / "demo" / "tiny_model.yaml"))
+    opt = build_optimizer(model, tcfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = ({names[id(p)] for p in g["params"]} for g in opt.param_groups)
+    assert opt.param_groups[0]["weight_decay"] == tcfg.weight_decay > 0 and opt.param_groups[1]["weight_decay"] == 0
+    assert {"intra_cl.0.bn.weight", "roi_heads.inter_cl.bn.weight", "roi_heads.inter_cl.fuse_conv3.weight"} <= decay
+    assert {"roi_heads.inter_cl.transformer.layers.0.norm1.weight",
+            "roi_heads.inter_cl.transformer.layers.0.norm2.bias"} <= no_decay
+    assert all("norm" in n for n in no_decay)

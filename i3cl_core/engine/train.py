@@ -177,7 +177,9 @@ def load_from(model: torch.nn.Module, path: str) -> tuple[list[str], list[str]]:
     here (e.g. IntraCL/InterCL switched on) and those the checkpoint has that we don't."""
     from i3cl_core.model.backbone import read_state_dict, strip_prefixes
 
-    state = strip_prefixes(read_state_dict(path, "load_from checkpoint"), prefixes=("module.",))
+    from i3cl_core.model.checkpoint import upgrade_state
+
+    state = upgrade_state(strip_prefixes(read_state_dict(path, "load_from checkpoint"), prefixes=("module.",)))
     own = model.state_dict()
     shape_mismatch = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     result = model.load_state_dict({k: v for k, v in state.items() if k not in shape_mismatch}, strict=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -58,7 +59,25 @@ def config_from_checkpoint(ckpt: dict, path: str = "checkpoint"):
         raise CheckpointError(f"{path}: its stored config is not valid for this version: {e}") from None
 
 
+# parameter names of earlier versions of this project -> current names
+_RENAMED = (
+    (re.compile(r"^(intra_cl\.\d+)\.norm\.(.+)$"), r"\1.bn.\2"),  # IntraCL/InterCL BatchNorm: `norm` -> `bn` (the
+    (re.compile(r"^(roi_heads\.inter_cl)\.norm\.(.+)$"), r"\1.bn.\2"),  # release's name) in November 2026
+)
+
+
+def upgrade_state(state: dict) -> dict:
+    """Rename the keys of checkpoints written by earlier versions (see ``_RENAMED``); others unchanged."""
+    out = {}
+    for key, value in state.items():
+        for pattern, new in _RENAMED:
+            key = pattern.sub(new, key)
+        out[key] = value
+    return out
+
+
 def load_state_strict(model: torch.nn.Module, state: dict, path: str) -> None:
+    state = upgrade_state(state)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

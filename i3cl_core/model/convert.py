@@ -15,7 +15,7 @@ neck.fpn_convs.{i}.conv.*                                   neck.fpn.layer_block
 intra_cl_module.{l}.conv1x1_reduce_channel.*                intra_cl.{l}.reduce.*
 intra_cl_module.{l}.{c,v,q}_layer_{kxk,kx1,1xk}.*           intra_cl.{l}.stages.{7:0,5:1,3:2}.{square,vertical,horizontal}.*
 intra_cl_module.{l}.conv1x1_return_channel.*                intra_cl.{l}.expand.*
-intra_cl_module.{l}.bn.*                                    intra_cl.{l}.norm.*
+intra_cl_module.{l}.bn.*                                    intra_cl.{l}.bn.*
 rpn_head.rpn_conv.* / rpn_cls.* / rpn_reg.*                 rpn.head.conv.0.0.* / cls_logits.* / bbox_pred.*
 roi_head.bbox_head.shared_fcs.{0,1}.*                       roi_heads.box_head.fc6.* / fc7.*
 roi_head.bbox_head.fc_cls.* (C+1 rows, background last)     roi_heads.box_head.cls_score.* rows [C, 0..K-1]
@@ -27,7 +27,7 @@ roi_head.inter_cl_module.conv1x1_reduce_channel.*           roi_heads.inter_cl.t
 roi_head.inter_cl_module.transformer_encoder_instance.*     roi_heads.inter_cl.transformer.*
 roi_head.inter_cl_module.conv1x1_return_channel.*           roi_heads.inter_cl.from_tokens.*
 roi_head.inter_cl_module.conv3x3_out.* / conv1x1_out.*      roi_heads.inter_cl.fuse_conv3.* / fuse_conv1.*
-roi_head.inter_cl_module.bn.*                               roi_heads.inter_cl.norm.*
+roi_head.inter_cl_module.bn.*                               roi_heads.inter_cl.bn.*
 roi_head.inter_cl_module.global_context_extract_module      roi_heads.inter_cl.context.convs.{i}.weight
   .conv1x1_list.{i}.weight
 =========================================================  ====================================================
@@ -57,7 +57,7 @@ _RENAMES: list[tuple[str, str]] = [
     (r"^neck\.fpn_convs\.(\d+)\.conv\.(weight|bias)$", r"neck.fpn.layer_blocks.\1.0.\2"),
     (r"^intra_cl_module\.(\d+)\.conv1x1_reduce_channel\.(weight|bias)$", r"intra_cl.\1.reduce.\2"),
     (r"^intra_cl_module\.(\d+)\.conv1x1_return_channel\.(weight|bias)$", r"intra_cl.\1.expand.\2"),
-    (r"^intra_cl_module\.(\d+)\.bn\.(.+)$", r"intra_cl.\1.norm.\2"),
+    (r"^intra_cl_module\.(\d+)\.bn\.(.+)$", r"intra_cl.\1.bn.\2"),
     (r"^rpn_head\.rpn_conv\.(weight|bias)$", r"rpn.head.conv.0.0.\1"),
     (r"^rpn_head\.rpn_cls\.(weight|bias)$", r"rpn.head.cls_logits.\1"),
     (r"^rpn_head\.rpn_reg\.(weight|bias)$", r"rpn.head.bbox_pred.\1"),
@@ -72,7 +72,7 @@ _RENAMES: list[tuple[str, str]] = [
     (r"^roi_head\.inter_cl_module\.transformer_encoder_instance\.(.+)$", r"roi_heads.inter_cl.transformer.\1"),
     (r"^roi_head\.inter_cl_module\.conv3x3_out\.(weight|bias)$", r"roi_heads.inter_cl.fuse_conv3.\1"),
     (r"^roi_head\.inter_cl_module\.conv1x1_out\.(weight|bias)$", r"roi_heads.inter_cl.fuse_conv1.\1"),
-    (r"^roi_head\.inter_cl_module\.bn\.(.+)$", r"roi_heads.inter_cl.norm.\1"),
+    (r"^roi_head\.inter_cl_module\.bn\.(.+)$", r"roi_heads.inter_cl.bn.\1"),
     (r"^roi_head\.inter_cl_module\.global_context_extract_module\.conv1x1_list\.(\d+)\.weight$",
      r"roi_heads.inter_cl.context.convs.\1.weight"),
 ]

@@ -71,7 +71,7 @@ class InterCL(nn.Module):
         self.from_tokens = nn.Conv2d(token_channels, channels, 1)
         self.fuse_conv3 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
         self.fuse_conv1 = nn.Conv2d(channels, channels, 1)
-        self.norm = nn.BatchNorm2d(channels)
+        self.bn = nn.BatchNorm2d(channels)  # the release's name (see IntraCL.bn)
 
     def forward(
         self,
@@ -98,4 +98,4 @@ class InterCL(nn.Module):
         t = F.interpolate(self.from_tokens(t), size=size, mode="bilinear", align_corners=True)
         g = torch.repeat_interleave(context, torch.as_tensor(counts, device=rois.device), dim=0)
         fused = rois + t + g[:, :, None, None]
-        return torch.relu(self.norm(self.fuse_conv1(self.fuse_conv3(fused))))
+        return torch.relu(self.bn(self.fuse_conv1(self.fuse_conv3(fused))))

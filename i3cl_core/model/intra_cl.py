@@ -39,8 +39,9 @@ class IntraCL(nn.Module):
         self.reduce = nn.Conv2d(channels, reduced, 1)
         self.stages = nn.Sequential(*[MultiKernelStage(reduced, k) for k in kernels])
         self.expand = nn.Conv2d(reduced, channels, 1)
-        self.norm = nn.BatchNorm2d(channels)
+        # named `bn` as in the release, so that a `norm` no-decay key (ViTAE recipe) leaves it decayed as there
+        self.bn = nn.BatchNorm2d(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.stages(self.reduce(x))
-        return x + torch.relu(self.norm(self.expand(y)))
+        return x + torch.relu(self.bn(self.expand(y)))
