@@ -198,7 +198,7 @@ class TrainConfig(_Strict):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N (under torchrun: cuda:LOCAL_RANK)")
     log_interval: int = Field(20, ge=1)
     sync_bn: bool = Field(False, description="SyncBatchNorm for the BN layers outside the backbone under DDP (CUDA)")
-    tensorboard: bool = Field(False, description="also write TensorBoard scalars to work_dir/tb")
+    tensorboard: bool = Field(False, description="also write TensorBoard scalars to work_dir/tb (train/*, val/*)")
     max_iters_per_epoch: int | None = Field(None, ge=1, description="cap on iterations per epoch (quick runs)")
     nproc_per_node: int = Field(1, ge=1, description="processes per node when launched by the pipeline (torchrun)")
 

@@ -78,7 +78,7 @@ def test_sampler_shards_are_the_single_process_batches():
 
 
 def test_training_writes_checkpoints_metrics_and_evaluates(tmp_path, tiny_data):
-    cfg_path = write_cfg(tmp_path / "c.yaml", tiny_data, eval_interval=1, keep_last=1)
+    cfg_path = write_cfg(tmp_path / "c.yaml", tiny_data, eval_interval=1, keep_last=1, tensorboard=True)
     cfg = load_config(cfg_path, [f"data.val.ann_file={tiny_data[1]['ann_file']}", f"data.val.img_root={tiny_data[1]['img_root']}"])
     summary = train(cfg, tmp_path / "w", progress=False)
     ck = tmp_path / "w" / "checkpoints"
@@ -91,6 +91,18 @@ def test_training_writes_checkpoints_metrics_and_evaluates(tmp_path, tiny_data):
     assert load_config(tmp_path / "w" / "config.yaml") == cfg
     saved = json.loads((tmp_path / "w" / "metrics.json").read_text())
     assert saved["summary"]["iterations"] == 8 and len(saved["evaluations"]) == 2
+    # TensorBoard (a dev dependency) holds the same numbers as metrics.jsonl
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "w" / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/loss_mask", "train/lr", "val/hmean", "val/precision"} <= tags
+    assert not any(t.endswith("/eval") or t.endswith("/epoch") for t in tags)
+    logged = [r for r in lines if not r.get("eval")]
+    assert [e.step for e in events.Scalars("train/loss")] == [r["iter"] for r in logged]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in logged], rel=1e-6)
+    assert [e.value for e in events.Scalars("val/hmean")] == pytest.approx([r["hmean"] for r in lines if r.get("eval")], abs=1e-6)
 
 
 @pytest.mark.slow

@@ -293,16 +293,19 @@ def train(cfg, work_dir: str | os.PathLike, resume: bool = False, progress: bool
 
             tb = SummaryWriter(str(work_dir / "tb"))
         except ImportError:
-            log.warning("train.tensorboard: the tensorboard package is not installed; skipping")
+            log.warning("train.tensorboard: the tensorboard package is not installed (pip install tensorboard); "
+                        "skipping, metrics.jsonl has the same numbers")
 
     def write_metrics(record: dict) -> None:
         if info.main:
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
-            if tb is not None:
+            if tb is not None:  # train/<term> per logged iteration, val/<measure> per evaluation
+                prefix = "val/" if record.get("eval") else "train/"
                 for k, v in record.items():
-                    if isinstance(v, (int, float)) and k not in ("epoch", "iter"):
-                        tb.add_scalar(k, v, record.get("iter", global_iter))
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "iter"):
+                        tb.add_scalar(prefix + k, v, record.get("iter", global_iter))
+                tb.flush()
 
     def save(name: str, epoch_done: int, iter_in_epoch: int) -> Path:
         path = ckpt_dir / name
