@@ -1,7 +1,7 @@
 """Training speed of the tiny teacher with and without the speed switches, side by side in one run.
 
 The same fixed batches (augmented once, held in memory, so data loading is not timed) go through
-forward, backward and an AdamW step for each setting; the baseline is float32 with contiguous (NCHW)
+forward, backward, gradient clipping and the optimizer step of the config for each setting; the baseline is float32 with contiguous (NCHW)
 tensors. Prints training images per second per setting and the ratio to the baseline.
 
     .venv/bin/python benchmarks/bench_train_speed.py [--config configs/demo/teacher_a.yaml]
@@ -30,9 +30,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/demo/teacher_a.yaml")
     ap.add_argument("--data", default="data/bench")
-    ap.add_argument("--batches", type=int, default=30, help="timed batches per setting")
+    ap.add_argument("--batches", type=int, default=30, help="timed batches per setting (>= 1)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed batches first (oneDNN kernel selection)")
     args = ap.parse_args()
+    if args.batches < 1 or args.warmup < 0:
+        ap.error("--batches must be >= 1 and --warmup >= 0")
 
     from i3cl_core.config import load_config
     from i3cl_core.data.coco import CocoTextDataset, collate
@@ -66,6 +68,8 @@ def main() -> None:
             losses = model(images, targets)
             optimizer.zero_grad(set_to_none=True)
             sum(losses.values()).backward()
+            if cfg.train.grad_clip:  # as the trainer does
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             optimizer.step()
         results[name] = args.batches * bs / (time.perf_counter() - t0)
 

@@ -92,8 +92,9 @@ def test_every_shipped_config_validates():
 
 
 def test_stage_recipes_chain_through_the_trainers_checkpoint_layout():
-    """Each stage's load_from is where `i3cl train <previous stage> --work-dir work_dirs/<family>_<stage>`
-    leaves its latest checkpoint (``<work_dir>/checkpoints/latest.pth``)."""
+    """Each stage's load_from is where `i3cl train configs/<family>/<previous stage>.yaml` (default work
+    dir) leaves its latest checkpoint (``<work_dir>/checkpoints/latest.pth``)."""
+    from i3cl_core.engine.cli import default_work_dir
     from i3cl_core.engine.train import checkpoint_dir
 
     chained = 0
@@ -106,9 +107,12 @@ def test_stage_recipes_chain_through_the_trainers_checkpoint_layout():
             assert Path(path) == checkpoint_dir(work_dir) / "latest.pth", f
             assert work_dir.parent == Path("work_dirs") and work_dir.name.startswith(family + "_"), f
             stage = work_dir.name[len(family) + 1:]
-            assert (REPO / "configs" / family / f"{stage}.yaml").exists(), f"{f}: no stage {stage!r} to load from"
+            previous = REPO / "configs" / family / f"{stage}.yaml"
+            assert previous.exists(), f"{f}: no stage {stage!r} to load from"
+            assert default_work_dir(str(previous)) == work_dir
             chained += 1
     assert chained == 8
+    assert default_work_dir("my_experiment.yaml") == Path("work_dirs/my_experiment")
 
 
 def test_cli_config_command(capsys):

@@ -10,10 +10,20 @@ import json
 from pathlib import Path
 
 
+def default_work_dir(config: str) -> Path:
+    """work_dirs/<folder>_<name> for configs/<folder>/<name>.yaml (the stage recipes' load_from layout),
+    work_dirs/<name> for a config outside such a folder."""
+    path = Path(config).resolve()
+    folder = path.parent.name
+    return Path("work_dirs") / (f"{folder}_{path.stem}" if folder and folder != "configs" and path.parent.parent.name == "configs"
+                                else path.stem)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML training config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--work-dir", help="output folder (default: work_dirs/<config name>)")
+    p.add_argument("--work-dir", help="output folder (default: work_dirs/<config folder>_<config name>, e.g. "
+                   "work_dirs/i3cl_r50_pretrain, where the next stage's load_from looks)")
     p.add_argument("--resume", action="store_true", help="continue from work_dir/checkpoints/latest.pth")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
@@ -23,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from i3cl_core.engine.train import TrainingError, train
 
     cfg = load_config(args.config, args.overrides)
-    work_dir = Path(args.work_dir) if args.work_dir else Path("work_dirs") / Path(args.config).stem
+    work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(args.config)
     try:
         summary = train(cfg, work_dir, resume=args.resume, progress=not args.no_progress)
     except TrainingError as e:

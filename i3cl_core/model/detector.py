@@ -99,7 +99,7 @@ class I3CL(nn.Module):
             feats = self.neck(self.backbone(batch))
             if self.intra_cl is not None:
                 feats = [block(f) for block, f in zip(self.intra_cl, feats)]
-        return [f.float() for f in feats]
+        return [f.float() for f in feats] if use_bf16 else feats  # under CUDA AMP they stay float16
 
     def forward(self, images: list[Tensor], targets: list[dict] | None = None):
         if self.training:
