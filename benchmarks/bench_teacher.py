@@ -14,6 +14,13 @@ import time
 from pathlib import Path
 
 
+def ensure_bench_data(data: Path) -> None:
+    """The benchmarks' synthetic data: seed 0, 320 px, 200 train / 200 unlabeled (hidden GT) / 100 test."""
+    from i3cl_core.stages import ensure_demo_data
+
+    ensure_demo_data(data, seed=0, num_train=200, num_unlabeled=200, num_test=100, size=320)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/demo/teacher_a.yaml")
@@ -25,11 +32,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from i3cl_core.config import load_config
-    from i3cl_core.stages import ensure_demo_data
     from i3cl_core.engine.train import train
 
     data = Path(args.data)
-    ensure_demo_data(data, seed=0, num_train=200, num_unlabeled=200, num_test=100, size=320)
+    ensure_bench_data(data)
     cfg = load_config(args.config, [
         f"data.train=[{{ann_file: {data}/train/annotations.json, img_root: {data}/train/images}}]",
         f"data.val.ann_file={data}/test/annotations.json", f"data.val.img_root={data}/test/images",

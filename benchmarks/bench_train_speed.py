@@ -41,10 +41,11 @@ def main() -> None:
     from i3cl_core.data.transforms import build_train_transform
     from i3cl_core.engine.train import build_optimizer
     from i3cl_core.model.detector import build_model, native_bf16
-    from i3cl_core.stages import ensure_demo_data
+
+    from bench_teacher import ensure_bench_data  # benchmarks/ is on sys.path when run as a script
 
     data = Path(args.data)
-    ensure_demo_data(data, seed=0, num_train=200, num_unlabeled=200, num_test=100, size=320)
+    ensure_bench_data(data)
     base = [f"data.train=[{{ann_file: {data}/train/annotations.json, img_root: {data}/train/images}}]"]
     cfg = load_config(args.config, base)
     dataset = CocoTextDataset([(s.ann_file, s.img_root) for s in cfg.data.train],
