@@ -176,7 +176,6 @@ def load_from(model: torch.nn.Module, path: str) -> tuple[list[str], list[str]]:
     """Non-strict initialisation from a checkpoint of an earlier stage; logs the keys that are new
     here (e.g. IntraCL/InterCL switched on) and those the checkpoint has that we don't."""
     from i3cl_core.model.backbone import read_state_dict, strip_prefixes
-
     from i3cl_core.model.checkpoint import upgrade_state
 
     state = upgrade_state(strip_prefixes(read_state_dict(path, "load_from checkpoint"), prefixes=("module.",)))
