@@ -110,13 +110,16 @@ def _png_data_uri(path: str | Path) -> str:
 @task(cache_policy=CACHE, persist_result=True, task_run_name="train-{name}", cache_result_in_memory=False)
 def train_model(name: str, config_path: str, out_dir: str, nproc_per_node: int, inputs_fingerprint: str) -> str:
     """One training in a torchrun subprocess; returns the checkpoint path."""
+    from i3cl_core.engine.train import checkpoint_dir
+
     logger = get_run_logger()
     out = Path(out_dir)
+    ckpt_dir = checkpoint_dir(out)
     stamp = out / "inputs.fingerprint"
-    resume = (out / "checkpoints" / "latest.pth").exists() and stamp.exists() and stamp.read_text() == inputs_fingerprint \
+    resume = (ckpt_dir / "latest.pth").exists() and stamp.exists() and stamp.read_text() == inputs_fingerprint \
         and not (out / "metrics.json").exists()
     if not resume:
-        for f in (out / "checkpoints").glob("*.pth") if (out / "checkpoints").exists() else []:
+        for f in ckpt_dir.glob("*.pth") if ckpt_dir.exists() else []:
             f.unlink()
         (out / "metrics.json").unlink(missing_ok=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)

@@ -124,7 +124,9 @@ def train_command(config_path: Path, work_dir: Path, nproc_per_node: int = 1, re
 
 def trained_checkpoint(work_dir: Path) -> Path | None:
     """``latest.pth`` of a finished training (metrics.json written at the end), else None."""
-    ckpt = Path(work_dir) / "checkpoints" / "latest.pth"
+    from i3cl_core.engine.train import checkpoint_dir
+
+    ckpt = checkpoint_dir(work_dir) / "latest.pth"
     return ckpt if ckpt.exists() and (Path(work_dir) / "metrics.json").exists() else None
 
 

@@ -25,13 +25,19 @@ def flat_to_polygon(flat) -> Polygon:
     return arr.astype(np.float32)
 
 
+def signed_area(poly) -> float:
+    """Shoelace area of an (N, 2) polygon, positive when clockwise on screen (y pointing down);
+    0 for fewer than 3 points."""
+    p = np.asarray(poly, dtype=np.float64)
+    if len(p) < 3:
+        return 0.0
+    x, y = p[:, 0], p[:, 1]
+    return float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2.0
+
+
 def polygon_area(poly: Polygon) -> float:
     """Absolute shoelace area."""
-    if len(poly) < 3:
-        return 0.0
-    x = poly[:, 0].astype(np.float64)
-    y = poly[:, 1].astype(np.float64)
-    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2.0)
+    return abs(signed_area(poly))
 
 
 def instance_area(parts: Instance) -> float:
@@ -145,7 +151,6 @@ def mask_to_polygon(mask: np.ndarray, epsilon: float = 0.005) -> np.ndarray | No
     poly = c.reshape(-1, 2).astype(np.float32)
     if len(poly) < 3:
         return None
-    x, y = poly[:, 0], poly[:, 1]
-    if float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) < 0:
+    if signed_area(poly) < 0:
         poly = poly[::-1].copy()
     return poly

@@ -34,6 +34,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from i3cl_core.data.polygons import polygon_area
+
 GENERATOR_VERSION = "1.0"
 CATEGORY = {"id": 1, "name": "text"}
 DONTCARE = "###"
@@ -751,7 +753,7 @@ def _annotation(inst: Instance) -> dict:
     poly = np.round(inst.polygon.astype(np.float64), 2)
     xs, ys = poly[:, 0], poly[:, 1]
     x0, y0 = float(xs.min()), float(ys.min())
-    area = 0.5 * abs(float(np.dot(xs, np.roll(ys, -1)) - np.dot(ys, np.roll(xs, -1))))
+    area = polygon_area(poly)
     return {
         "category_id": 1,
         "segmentation": [[float(v) for v in poly.reshape(-1)]],

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from i3cl_core.data.errors import DatasetError
+from i3cl_core.data.polygons import polygon_area
 from i3cl_core.pseudo.fusion import canonical, cluster_predictions, pseudo_labels
 from i3cl_core.utils import atomic_write_json, atomic_write_text, get_logger, read_json
 
@@ -203,9 +204,7 @@ def fuse_predictions(
             poly = lab["polygon"]
             x1, y1 = poly.min(axis=0)
             x2, y2 = poly.max(axis=0)
-            x = poly[:, 0]
-            y = poly[:, 1]
-            area = abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
+            area = polygon_area(poly)
             annotations.append({
                 "id": len(annotations) + 1, "image_id": im["id"], "category_id": 1,
                 "segmentation": [[round(float(v), 2) for v in poly.reshape(-1)]],

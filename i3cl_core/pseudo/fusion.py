@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from i3cl_core.data.polygons import mask_to_polygon
+from i3cl_core.data.polygons import mask_to_polygon, signed_area
 
 RESAMPLE_POINTS = 32
 MEAN_SHAPE_RESOLUTION = 160  # grid cells along the long side of a cluster for its mean shape
@@ -77,11 +77,6 @@ class Cluster:
 
 
 # ------------------------------------------------------------------------------------ geometry
-def signed_area(poly: np.ndarray) -> float:
-    x, y = poly[:, 0], poly[:, 1]
-    return float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]) + x[-1] * y[0] - x[0] * y[-1]) / 2.0
-
-
 def canonical(poly) -> np.ndarray | None:
     """Clockwise on screen (positive shoelace area with y down), first vertex nearest the top-left
     corner of the box; None for fewer than 3 points, non-finite values or zero area."""
