@@ -23,6 +23,7 @@ import numpy as np
 
 from i3cl_core.data.errors import DatasetError
 from i3cl_core.data.polygons import polygon_area
+from i3cl_core.infer.export import polygon_bbox
 from i3cl_core.pseudo.fusion import canonical, cluster_predictions, pseudo_labels
 from i3cl_core.utils import atomic_write_json, atomic_write_text, get_logger, read_json
 
@@ -202,14 +203,11 @@ def fuse_predictions(
         per_image.append(sum(1 for lab in labels if not lab["iscrowd"]))
         for lab in labels:
             poly = lab["polygon"]
-            x1, y1 = poly.min(axis=0)
-            x2, y2 = poly.max(axis=0)
-            area = polygon_area(poly)
             annotations.append({
                 "id": len(annotations) + 1, "image_id": im["id"], "category_id": 1,
                 "segmentation": [[round(float(v), 2) for v in poly.reshape(-1)]],
-                "bbox": [round(float(x1), 2), round(float(y1), 2), round(float(x2 - x1), 2), round(float(y2 - y1), 2)],
-                "area": round(area, 2), "iscrowd": lab["iscrowd"], "lossweight": lab["lossweight"],
+                "bbox": [round(v, 2) for v in polygon_bbox(poly)],
+                "area": round(polygon_area(poly), 2), "iscrowd": lab["iscrowd"], "lossweight": lab["lossweight"],
                 "score": round(lab["score"], 5), "votes": lab["votes"],
             })
     out = Path(out)
