@@ -200,6 +200,10 @@ class TrainConfig(_Strict):
     sync_bn: bool = Field(False, description="SyncBatchNorm for the BN layers outside the backbone under DDP (CUDA)")
     tensorboard: bool = Field(False, description="also write TensorBoard scalars to work_dir/tb (train/*, val/*)")
     max_iters_per_epoch: int | None = Field(None, ge=1, description="cap on iterations per epoch (quick runs)")
+    iters_per_epoch: int | None = Field(
+        None, ge=1, le=10_000_000, description="exact iterations per epoch, whatever the dataset size (further "
+        "shuffled passes follow when one pass is shorter): equal training budgets on datasets of different sizes"
+    )
     nproc_per_node: int = Field(1, ge=1, description="processes per node when launched by the pipeline (torchrun)")
 
 
@@ -216,6 +220,10 @@ class FuseConfig(_Strict):
     iou_thr: float = Field(0.55, gt=0.0, le=1.0)
     skip_thr: float = Field(0.05, ge=0.0, le=1.0)
     keep_thr: float = Field(0.6, ge=0.0, le=1.0, description="minimum fused score of a pseudo label")
+    auto_keep_thr: bool = Field(
+        True, description="with a labeled validation split, keep_thr is the fused score threshold with the best F "
+        "on it (the teachers run over that split too); without one, keep_thr as given"
+    )
     min_votes: int = Field(
         2, ge=1, description="minimum number of models in a cluster (capped at the number of models)"
     )
@@ -226,7 +234,9 @@ class FuseConfig(_Strict):
     )
     model_weights: list[float] | None = None
     uncertain_band: tuple[float, float] | None = Field(
-        None, description="fused scores in [low, keep_thr) become do-not-care regions instead of being dropped"
+        (0.2, 0.6), description="(low, high): clusters not kept whose fused score is in [low, high), or >= low with "
+        "too few votes, become do-not-care regions instead of being dropped (the student is not taught they are "
+        "background); null drops them. With auto_keep_thr, high follows the chosen keep_thr"
     )
     lossweight: Literal["score_x_votes", "score", "votes", "one"] = "score_x_votes"
 

@@ -75,23 +75,26 @@ def fingerprint(*paths) -> str:
 
 # ------------------------------------------------------------------------------------ data
 def ensure_demo_data(data_dir: str | os.PathLike, seed: int = 0, num_train: int = 200, num_unlabeled: int = 200,
-                     num_test: int = 100, size: int = 384, workers: int = 2) -> dict:
+                     num_test: int = 100, size: int = 384, workers: int = 2, num_val: int = 0) -> dict:
     """Generate the synthetic demo splits unless they already exist with these settings."""
     from i3cl_core.data.synth import generate_demo
 
     d = Path(data_dir)
     stamp = d / "demo.json"
-    settings = {"seed": seed, "num_train": num_train, "num_unlabeled": num_unlabeled, "num_test": num_test, "size": size}
+    settings = {"seed": seed, "num_train": num_train, "num_unlabeled": num_unlabeled, "num_test": num_test, "size": size,
+                "num_val": num_val}
     if not (stamp.exists() and json.loads(stamp.read_text()) == settings):
         generate_demo(d, seed=seed, num_train=num_train, num_unlabeled=num_unlabeled, num_test=num_test,
-                      size=(size, size), workers=workers, progress=False)
+                      size=(size, size), workers=workers, progress=False, num_val=num_val)
         atomic_write_json(stamp, settings)
-    return demo_paths(d)
+    return demo_paths(d, with_val=num_val > 0)
 
 
-def demo_paths(d: str | os.PathLike) -> dict:
+def demo_paths(d: str | os.PathLike, with_val: bool = False) -> dict:
     d = Path(d).resolve()
+    val = {"ann_file": str(d / "val" / "annotations.json"), "img_root": str(d / "val" / "images")} if with_val else None
     return {
+        "val": val,
         "labeled": [{"ann_file": str(d / "train" / "annotations.json"), "img_root": str(d / "train" / "images")}],
         "unlabeled_images": str(d / "unlabeled" / "images.json"),
         "unlabeled_root": str(d / "unlabeled" / "images"),
@@ -128,6 +131,17 @@ def trained_checkpoint(work_dir: Path) -> Path | None:
 
     ckpt = checkpoint_dir(work_dir) / "latest.pth"
     return ckpt if ckpt.exists() and (Path(work_dir) / "metrics.json").exists() else None
+
+
+def iterations_per_epoch(work_dir: Path) -> int:
+    """Iterations per epoch (per process) of a finished training, from its metrics.json: what a
+    control run is given (``train.iters_per_epoch``) to train exactly as long on less data."""
+    path = require(Path(work_dir) / "metrics.json", "training", f"the training in {work_dir} has not finished")
+    summary = json.loads(path.read_text())["summary"]
+    iters, epochs = int(summary["iterations"]), int(summary["epochs"])
+    if epochs < 1 or iters < epochs or iters % epochs:
+        raise PipelineError(f"{path}: {iters} iterations over {epochs} epochs is not a whole number per epoch")
+    return iters // epochs
 
 
 # ------------------------------------------------------------------------------------ ensemble
@@ -168,6 +182,29 @@ def finish_model_predictions(pred_dir: Path, shards: list[list[dict]]) -> str:
         raise PipelineError(f"{pred_dir}: shards {missing[:5]} are missing")
     atomic_write_json(pred_dir / "coverage.json", {"images": [d["id"] for s in shards for d in s]})
     return str(pred_dir)
+
+
+# ------------------------------------------------------------------------------------ fusion
+def fuse_stage(members: list[str], images_json: str, out: str, cfg, gt: str | None, img_root: str,
+               val_members: list[str] | None = None, val_ann_file: str | None = None) -> dict:
+    """Weighted Polygon Fusion into ``out``. With ``cfg.auto_keep_thr`` and the teachers' predictions
+    on a labeled validation split (``val_members`` over ``val_ann_file``), ``keep_thr`` is chosen
+    there first; ``gt`` (the unlabeled set's hidden ground truth) only measures the result."""
+    from i3cl_core.pseudo.fuse import fuse_predictions
+    from i3cl_core.pseudo.thresholds import choose_keep_thr, with_keep_thr
+
+    chosen = None
+    if cfg.auto_keep_thr and val_members and val_ann_file:
+        chosen = choose_keep_thr(val_members, val_ann_file, cfg)
+        cfg = with_keep_thr(cfg, chosen["keep_thr"])
+    summary = fuse_predictions(members, images_json, out, cfg, gt=gt, img_root=img_root, progress=False)
+    selection = {"keep_thr": cfg.keep_thr, "chosen_on": val_ann_file if chosen else None,
+                 "val": chosen["val"] if chosen else None, "val_sweep": chosen["sweep"] if chosen else None}
+    report_path = Path(summary["report"])
+    report = json.loads(report_path.read_text())
+    report["keep_thr_selection"] = selection
+    atomic_write_json(report_path, report, indent=2)
+    return {**summary, "keep_thr": cfg.keep_thr, "keep_thr_chosen_on": selection["chosen_on"]}
 
 
 # ------------------------------------------------------------------------------------ evaluation

@@ -131,7 +131,11 @@ def test_pseudo_label_rules():
     assert kept["lossweight"] == pytest.approx(0.8 * 3 / 3)
     assert by_votes[2]["iscrowd"] == 1 and by_votes[2]["lossweight"] == 0.0  # score 0.3: uncertain band
     assert by_votes[1]["iscrowd"] == 1  # one vote, score 0.35/3 in the band
-    assert len(pseudo_labels(clusters, 3, FuseConfig(keep_thr=0.5, min_votes=2))) == 1
+    assert len(pseudo_labels(clusters, 3, FuseConfig(keep_thr=0.5, min_votes=2, uncertain_band=None))) == 1
+    # a cluster with too few votes but a high score is uncertain too, not background
+    lone = cluster_predictions([[(rect(0, 0, 100, 30), 0.9)], [], []], None, 0.55, 0.05, "max")
+    assert [lab["iscrowd"] for lab in pseudo_labels(lone, 3, FuseConfig(keep_thr=0.5, min_votes=2))] == [1]
+    assert pseudo_labels(lone, 3, FuseConfig(keep_thr=0.5, min_votes=2, uncertain_band=None)) == []
     w = pseudo_labels(clusters, 3, FuseConfig(keep_thr=0.0, min_votes=1, lossweight="votes"))
     assert sorted(lab["lossweight"] for lab in w) == pytest.approx([1 / 3, 2 / 3, 1.0])
     # min_votes is capped at the number of models: a single model still yields pseudo labels
@@ -193,7 +197,10 @@ def test_fuse_writes_a_loadable_lossweight_dataset(tmp_path):
     assert [im["file_name"] for im in data["images"]] == ["u_1.jpg", "u_2.jpg", "u_3.jpg", "u_4.jpg"]
     ann = data["annotations"][0]
     assert {"segmentation", "bbox", "area", "iscrowd", "lossweight", "score", "votes"} <= ann.keys()
-    assert all(0 < a["lossweight"] <= 1 for a in data["annotations"])
+    assert all(0 < a["lossweight"] <= 1 for a in data["annotations"] if not a["iscrowd"])
+    # the default uncertain band: lone high-score clusters are do-not-care (weight 0), not background
+    dontcare = [a for a in data["annotations"] if a["iscrowd"]]
+    assert summary["dontcare"] == len(dontcare) == 2 and all(a["votes"] == 1 and a["lossweight"] == 0 for a in dontcare)
     report = json.loads((tmp_path / "pseudo" / "report.json").read_text())
     assert report["quality"]["fused"]["hmean"] == 1.0
     assert Path(report["figures"]["scores"]).exists() and (tmp_path / "pseudo" / "report.md").exists()
@@ -299,6 +306,73 @@ def test_ensemble_then_fuse_round_trip(tmp_path, two_checkpoints):
     s = run_ensemble(ckpts, data["img_root"], tmp_path / "ens", shard_size=2, progress=False, flips=["h"])
     assert s["shards"] == 3 and len(s["members"]) == 2
     out = tmp_path / "pseudo.json"
-    f = fuse_predictions(s["members"], s["images_json"], out, FuseConfig(keep_thr=0.0), progress=False)
+    f = fuse_predictions(s["members"], s["images_json"], out, FuseConfig(keep_thr=0.0, uncertain_band=None), progress=False)
     assert f["images"] == 5 and f["models"] == 2
     assert f["pseudo_labels"] == len(json.loads(out.read_text())["annotations"])
+
+
+# ------------------------------------------------------------------------------------ thresholds from val
+def _val_case(tmp_path, rng):
+    """A labeled validation split (10 images, 3 texts each) and two models' predictions on it: each
+    true text found by both models with scores in [0.55, 0.95], plus false positives with scores
+    below 0.5; and an unlabeled split (3 images) with predictions of the same kind."""
+    def split(name, n, labeled):
+        images, anns, preds = [], [], [[], []]
+        for i in range(1, n + 1):
+            images.append({"id": i, "file_name": f"{name}_{i}.jpg", "width": W, "height": H})
+            for j in range(3):
+                x, y = 20 + 200 * j, 40 + 30 * (i % 5)
+                r = rect(x, y, x + 150, y + 40)
+                anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 1, "iscrowd": 0,
+                             "segmentation": [r.ravel().tolist()], "bbox": [x, y, 150, 40], "area": 6000})
+                for m in range(2):
+                    preds[m].append({"image_id": i, "segmentation": [(r + rng.normal(0, 2, r.shape)).ravel().tolist()],
+                                     "score": float(rng.uniform(0.55, 0.95))})
+            for m in range(2):  # a false positive both models agree on
+                fp = rect(50, 300, 200, 340) + m
+                preds[m].append({"image_id": i, "segmentation": [fp.ravel().tolist()], "score": float(rng.uniform(0.1, 0.45))})
+        ann_file = tmp_path / f"{name}.json"
+        ann_file.write_text(json.dumps({"images": images, "annotations": anns if labeled else [],
+                                        "categories": [{"id": 1, "name": "text"}]}))
+        sources = []
+        for m in range(2):
+            p = tmp_path / f"{name}_model{m}.json"
+            p.write_text(json.dumps(preds[m]))
+            sources.append(str(p))
+        return ann_file, sources
+
+    return split("val", 10, True), split("unlabeled", 3, False)
+
+
+def test_keep_thr_is_chosen_on_the_validation_split_without_the_unlabeled_ground_truth(tmp_path):
+    from i3cl_core.pseudo.thresholds import choose_keep_thr
+    from i3cl_core.stages import fuse_stage
+
+    (val_json, val_sources), (unl_json, unl_sources) = _val_case(tmp_path, np.random.default_rng(0))
+    cfg = FuseConfig(keep_thr=0.05, auto_keep_thr=True, uncertain_band=(0.3, 0.4))
+    chosen = choose_keep_thr(val_sources, val_json, cfg)
+    # every true text scores >= 0.55, every false positive < 0.45: F is 1.0 exactly between them
+    assert 0.45 <= chosen["keep_thr"] <= 0.55 and chosen["val"]["hmean"] == 1.0
+    assert next(r for r in chosen["sweep"] if r["threshold"] == 0.05)["precision"] < 0.8
+
+    hidden_gt = tmp_path / "unlabeled_gt.json"  # never written: the selection must not need it
+    out = tmp_path / "pseudo" / "train_lossweight.json"
+    s = fuse_stage(unl_sources, str(unl_json), str(out), cfg, gt=None, img_root=str(tmp_path),
+                   val_members=val_sources, val_ann_file=str(val_json))
+    assert not hidden_gt.exists()
+    assert s["keep_thr"] == chosen["keep_thr"] and s["keep_thr_chosen_on"] == str(val_json)
+    data = json.loads(out.read_text())
+    kept = [a for a in data["annotations"] if not a["iscrowd"]]
+    assert len(kept) == 9 and all(a["score"] >= chosen["keep_thr"] for a in kept)
+    # the uncertain band now reaches from its low edge up to the chosen threshold
+    assert data["info"]["fuse"]["uncertain_band"] == [0.3, chosen["keep_thr"]]
+    dontcare = [a for a in data["annotations"] if a["iscrowd"]]
+    assert dontcare and all(0.3 <= a["score"] < chosen["keep_thr"] and a["lossweight"] == 0 for a in dontcare)
+    report = json.loads((out.parent / "report.json").read_text())
+    assert report["keep_thr_selection"]["chosen_on"] == str(val_json) and "quality" not in report
+
+    # switched off: keep_thr as given (0.05 lets the false positives through)
+    s_off = fuse_stage(unl_sources, str(unl_json), str(out), cfg.model_copy(update={"auto_keep_thr": False}), gt=None,
+                       img_root=str(tmp_path), val_members=val_sources, val_ann_file=str(val_json))
+    assert s_off["keep_thr"] == 0.05 and s_off["pseudo_labels"] == 12 and s_off["keep_thr_chosen_on"] is None
+    assert s_off["dontcare"] == 0  # the band [0.3, 0.4) lies above keep_thr 0.05: nothing is left out

@@ -77,6 +77,33 @@ def test_sampler_shards_are_the_single_process_batches():
     assert list(a) == a.indices()[2:] and len(a) == 3
 
 
+def test_sampler_with_a_fixed_epoch_length_cycles_fresh_permutations():
+    s = EpochSampler(4, 1, 0, seed=5, per_process=10)
+    s.set_epoch(2)
+    order = s.indices()
+    assert len(order) == len(s) == 10
+    assert sorted(order[:4]) == sorted(order[4:8]) == [0, 1, 2, 3]  # whole passes, each a permutation
+    plain = EpochSampler(4, 1, 0, seed=5)
+    plain.set_epoch(2)
+    assert order[:4] == plain.indices()  # the first pass is the ordinary epoch order
+    s.set_epoch(3)
+    assert s.indices() != order
+    # shorter than one pass: a prefix of the epoch's permutation; two processes deal it round-robin
+    short = EpochSampler(10, 2, 0, seed=1, per_process=3)
+    other = EpochSampler(10, 2, 1, seed=1, per_process=3)
+    whole = EpochSampler(10, 1, 0, seed=1)
+    assert [x for pair in zip(short.indices(), other.indices()) for x in pair] == whole.indices()[:6]
+
+
+def test_iters_per_epoch_trains_exactly_that_long(tmp_path, tiny_data):
+    cfg_path = write_cfg(tmp_path / "c.yaml", tiny_data, epochs=2, iters_per_epoch=5)
+    summary = train(load_config(cfg_path), tmp_path / "run", progress=False)
+    assert summary["iterations"] == 10
+    from i3cl_core.stages import iterations_per_epoch
+
+    assert iterations_per_epoch(tmp_path / "run") == 5
+
+
 def test_training_writes_checkpoints_metrics_and_evaluates(tmp_path, tiny_data):
     cfg_path = write_cfg(tmp_path / "c.yaml", tiny_data, eval_interval=1, keep_last=1, tensorboard=True)
     cfg = load_config(cfg_path, [f"data.val.ann_file={tiny_data[1]['ann_file']}", f"data.val.img_root={tiny_data[1]['img_root']}"])

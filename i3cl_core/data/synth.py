@@ -895,12 +895,14 @@ def generate_demo(
     num_test: int = 100,
     size: tuple[int, int] = (384, 384),
     workers: int = 1,
+    num_val: int = 0,
     progress: bool = True,
     cjk: bool | None = None,
     backgrounds_dir: str | os.PathLike | None = None,
 ) -> dict:
     """The demo dataset: ``train/`` (labeled), ``unlabeled/`` (images.json without annotations plus the
-    hidden gt.json) and ``test/``, each split from its own seed derived from ``seed``."""
+    hidden gt.json), ``test/`` and, with ``num_val`` > 0, a small labeled ``val/`` split (what the
+    pipeline chooses fusion thresholds on), each split from its own seed derived from ``seed``."""
     from i3cl_core.utils import atomic_write_json
 
     out = Path(out_dir)
@@ -912,6 +914,8 @@ def generate_demo(
         ),
         "test": generate_dataset(out / "test", num_test, seed=_split_seed(seed, 2), **common),
     }
+    if num_val > 0:
+        summary["val"] = generate_dataset(out / "val", num_val, seed=_split_seed(seed, 3), **common)
     import json
 
     gt_path = Path(summary["unlabeled"]["ann_file"])

@@ -88,30 +88,45 @@ def _all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, floa
 class EpochSampler(torch.utils.data.Sampler):
     """The dataset permuted by (seed, epoch), padded to a multiple of the number of processes and
     dealt round-robin: process r takes positions r, r + N, r + 2N, ... ``skip`` drops the first
-    samples of this process's share (resuming inside an epoch)."""
+    samples of this process's share (resuming inside an epoch). With ``per_process`` an epoch is
+    exactly that many samples per process: further permutations (seeded by seed, epoch and pass)
+    follow the first one as needed, and the order is cut there."""
 
-    def __init__(self, size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True):
+    def __init__(self, size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True,
+                 per_process: int | None = None):
         self.size, self.num_replicas, self.rank, self.seed, self.shuffle = size, num_replicas, rank, seed, shuffle
+        self.per_process = per_process
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
 
+    def _permutation(self, n_pass: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 7_919 * n_pass)
+        return torch.randperm(self.size, generator=g).tolist()
+
     def indices(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.size, generator=g).tolist()
+        order = self._permutation(0)
+        if self.per_process is None:
+            total = math.ceil(self.size / self.num_replicas) * self.num_replicas
+            order += order[: total - self.size]
         else:
-            order = list(range(self.size))
-        total = math.ceil(self.size / self.num_replicas) * self.num_replicas
-        order += order[: total - self.size]
+            total = self.per_process * self.num_replicas
+            n_pass = 1
+            while len(order) < total:
+                order += self._permutation(n_pass)
+                n_pass += 1
+            order = order[:total]
         return order[self.rank :: self.num_replicas]
 
     def __iter__(self):
         return iter(self.indices()[self.skip :])
 
     def __len__(self) -> int:
-        return math.ceil(self.size / self.num_replicas) - self.skip
+        share = math.ceil(self.size / self.num_replicas) if self.per_process is None else self.per_process
+        return share - self.skip
 
 
 # ------------------------------------------------------------------------------------ optimisation
@@ -277,10 +292,13 @@ def train(cfg, work_dir: str | os.PathLike, resume: bool = False, progress: bool
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None, find_unused_parameters=True
         )
 
-    sampler = EpochSampler(len(dataset), info.world_size, info.rank, seed=tcfg.seed)
+    per_process = None if tcfg.iters_per_epoch is None else tcfg.iters_per_epoch * tcfg.batch_size
+    sampler = EpochSampler(len(dataset), info.world_size, info.rank, seed=tcfg.seed, per_process=per_process)
     loader = DataLoader(dataset, batch_size=tcfg.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
                         collate_fn=collate, pin_memory=info.device.type == "cuda", persistent_workers=False)
     iters_per_epoch = math.ceil(math.ceil(len(dataset) / info.world_size) / tcfg.batch_size)
+    if tcfg.iters_per_epoch is not None:
+        iters_per_epoch = tcfg.iters_per_epoch
     if tcfg.max_iters_per_epoch:
         iters_per_epoch = min(iters_per_epoch, tcfg.max_iters_per_epoch)
 

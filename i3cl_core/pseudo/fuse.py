@@ -139,24 +139,11 @@ def _fuse_one(args):
     return [len(c.members) for c in clusters], pseudo_labels(clusters, len(per_model), cfg), everything
 
 
-def fuse_predictions(
-    sources: list[str],
-    images_json: str,
-    out: str | os.PathLike,
-    cfg,
-    gt: str | None = None,
-    img_root: str | None = None,
-    workers: int = 1,
-    progress: bool = True,
-    samples: int = 4,
-) -> dict:
-    """Fuse K models' predictions over the images of ``images_json`` into ``out`` (a COCO json)."""
-    from tqdm import tqdm
-
-    t0 = time.time()
+def _load_members(sources: list[str], images: list[dict], images_json, cfg) -> tuple[list[dict], list[dict], np.ndarray]:
+    """Every model's predictions on ``images`` (checked for a matching image set), their stats, and
+    the model weights."""
     if not sources:
         raise DatasetError("fuse: no prediction sources given")
-    images = load_images(images_json)
     k = len(sources)
     weights = np.ones(k) if cfg.model_weights is None else np.asarray(cfg.model_weights, dtype=np.float64)
     if len(weights) != k:
@@ -179,6 +166,12 @@ def fuse_predictions(
                         src, stats["invalid_polygon"])
         models.append(preds)
         model_stats.append(stats)
+    return models, model_stats, weights
+
+
+def _fuse_images(images: list[dict], models: list[dict], cfg, weights, workers: int = 1, progress: bool = False) -> list:
+    """``_fuse_one`` over every image (in a process pool with ``workers`` > 1), in image order."""
+    from tqdm import tqdm
 
     jobs = [([m.get(im["id"], []) for m in models], cfg, weights) for im in images]
     results = []
@@ -195,6 +188,34 @@ def fuse_predictions(
             results.append(_fuse_one(job))
             bar.update(1)
     bar.close()
+    return results
+
+
+def fuse_clusters(sources: list[str], images_json: str | os.PathLike, cfg) -> dict:
+    """``{image_id: pseudo labels}`` (dicts with polygon, score, votes, iscrowd, lossweight) of the
+    fusion of ``sources`` over the images of ``images_json``, in memory (nothing written)."""
+    images = load_images(images_json)
+    models, _, weights = _load_members(sources, images, images_json, cfg)
+    return {im["id"]: labels for im, (_, labels, _) in zip(images, _fuse_images(images, models, cfg, weights))}
+
+
+def fuse_predictions(
+    sources: list[str],
+    images_json: str,
+    out: str | os.PathLike,
+    cfg,
+    gt: str | None = None,
+    img_root: str | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    samples: int = 4,
+) -> dict:
+    """Fuse K models' predictions over the images of ``images_json`` into ``out`` (a COCO json)."""
+    t0 = time.time()
+    images = load_images(images_json)
+    k = len(sources)
+    models, model_stats, weights = _load_members(sources, images, images_json, cfg)
+    results = _fuse_images(images, models, cfg, weights, workers, progress)
 
     annotations, per_image, cluster_sizes, all_clusters = [], [], Counter(), {}
     for im, (sizes, labels, everything) in zip(images, results):

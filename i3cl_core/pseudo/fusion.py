@@ -25,8 +25,10 @@ Per image, K models each give (polygon, score) predictions; model k has weight w
    the weight would give the weighted *median* instead, which strays from WBF's box when a heavy
    and a light member differ.)
 5. ``votes`` = number of distinct models in the cluster; a cluster is kept as a pseudo label if
-   votes >= ``min_votes`` (at most K) and score >= ``keep_thr``; clusters with a score inside ``uncertain_band``
-   (when set) become do-not-care regions (``iscrowd: 1``) instead of being dropped.
+   votes >= ``min_votes`` (at most K) and score >= ``keep_thr``; with ``uncertain_band`` (low, high) set, the
+   clusters that are not kept but plausible (a score in [low, high), or a score >= low with too few votes)
+   become do-not-care regions (``iscrowd: 1``) instead of being dropped, so that the student is not taught
+   that they are background.
 6. ``lossweight`` = score x votes / K by default (in [0, 1]); alternatives: score, votes / K, 1.
 """
 from __future__ import annotations
@@ -363,7 +365,9 @@ def pseudo_labels(clusters: list[Cluster], num_models: int, cfg) -> list[dict]:
             continue
         votes = c.votes
         keep = votes >= min_votes and c.score >= cfg.keep_thr
-        uncertain = (not keep and cfg.uncertain_band is not None and cfg.uncertain_band[0] <= c.score < cfg.uncertain_band[1])
+        # not kept but plausible: a score inside the band, or a high score with too few votes
+        uncertain = (not keep and cfg.uncertain_band is not None and c.score >= cfg.uncertain_band[0]
+                     and (c.score < cfg.uncertain_band[1] or votes < min_votes))
         if not (keep or uncertain):
             continue
         weight = float(min(1.0, max(0.0, formula(c.score, votes, num_models)))) if keep else 0.0

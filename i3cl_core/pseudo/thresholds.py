@@ -1,0 +1,58 @@
+"""Fusion thresholds chosen on a labeled validation split, never on the unlabeled set.
+
+The teachers run over a small labeled split (``val``) exactly as they run over the unlabeled images;
+their predictions are fused with the run's fusion settings but ``keep_thr`` 0, and the fused clusters
+are scored against the split's labels (ArT protocol) at every score threshold. ``keep_thr`` becomes
+the threshold with the best F on that split. Only the validation split's labels are read: the
+unlabeled set's hidden ground truth, where one exists, is for measuring alone.
+"""
+from __future__ import annotations
+
+import os
+
+from i3cl_core.utils import get_logger
+
+log = get_logger("fuse")
+
+SWEEP = [round(0.05 * k, 2) for k in range(1, 20)]
+
+
+def val_sweep(sources: list[str], images_json: str | os.PathLike, cfg) -> list[dict]:
+    """P/R/F of the fused clusters (votes >= ``cfg.min_votes``) on the labeled split ``images_json``
+    (a COCO json with annotations) at every threshold of :data:`SWEEP`."""
+    from i3cl_core.evaluation import load_ground_truth, prepare_polygons
+    from i3cl_core.pseudo.fuse import fuse_clusters
+
+    gt = load_ground_truth(images_json)
+    gt_by_image = {key: list(zip(im.polygons, im.dontcare)) for key, im in gt.images.items()}
+    open_cfg = cfg.model_copy(update={"keep_thr": 0.0, "uncertain_band": None})
+    labels = fuse_clusters(sources, images_json, open_cfg)
+    fused = {image_id: [(lab["polygon"], lab["score"]) for lab in labs if not lab["iscrowd"]]
+             for image_id, labs in labels.items()}
+    rows = prepare_polygons(gt_by_image, fused).sweep("art", SWEEP)
+    return [{"threshold": r["score_thr"], "precision": round(r["precision"], 4), "recall": round(r["recall"], 4),
+             "hmean": round(r["hmean"], 4), "best": r["best"]} for r in rows]
+
+
+def choose_keep_thr(sources: list[str], images_json: str | os.PathLike, cfg) -> dict:
+    """``{"keep_thr", "val": P/R/F there, "sweep"}``: the fused-score threshold with the best F on the
+    labeled validation split (lowest threshold on ties)."""
+    rows = val_sweep(sources, images_json, cfg)
+    best = next(r for r in rows if r["best"])
+    if best["hmean"] <= 0.0:
+        log.warning("%s: the fused predictions match no validation label at any threshold; keeping keep_thr %.2f",
+                    images_json, cfg.keep_thr)
+        return {"keep_thr": cfg.keep_thr, "val": None, "sweep": rows}
+    log.info("keep_thr %.2f chosen on %s (F %.3f, P %.3f, R %.3f)", best["threshold"], images_json, best["hmean"],
+             best["precision"], best["recall"])
+    return {"keep_thr": float(best["threshold"]), "val": {k: best[k] for k in ("precision", "recall", "hmean")},
+            "sweep": rows}
+
+
+def with_keep_thr(cfg, keep_thr: float):
+    """``cfg`` with ``keep_thr`` replaced; an uncertain band then reaches from its low edge (at most
+    the new threshold) up to the new threshold."""
+    update = {"keep_thr": float(keep_thr)}
+    if cfg.uncertain_band is not None:
+        update["uncertain_band"] = (float(min(cfg.uncertain_band[0], keep_thr)), float(keep_thr))
+    return cfg.model_copy(update=update)
