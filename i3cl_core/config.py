@@ -35,6 +35,10 @@ class DatasetSource(_Strict):
 
     ann_file: str = Field(description="COCO json with images, annotations (polygon/RLE), optional lossweight")
     img_root: str = Field(description="folder that the images' file_name entries are relative to")
+    fraction: float | None = Field(
+        None, gt=0.0, le=1.0, description="share of every training epoch drawn from this set, spread evenly over "
+        "the batches (sets without one share the rest in proportion to their sizes); e.g. 0.5 for the pseudo labels"
+    )
 
 
 class AugmentConfig(_Strict):
@@ -87,6 +91,16 @@ class DataConfig(_Strict):
     )
     num_workers: int = Field(2, ge=0, le=64)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @model_validator(mode="after")
+    def _check_fractions(self) -> "DataConfig":
+        given = [s.fraction for s in self.train if s.fraction is not None]
+        total = sum(given)
+        if total > 1.0 + 1e-9:
+            raise ValueError(f"train: the fractions of the training sets add up to {total:.3f}, more than 1")
+        if given and len(given) == len(self.train) and abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train: every set has a fraction but they add up to {total:.3f}, not 1")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from i3cl_core.config import load_config
+from i3cl_core.config import ConfigError, load_config
 from i3cl_core.data.errors import DatasetError
 from i3cl_core.engine.train import EpochSampler, TrainingError, lr_at, train
 from i3cl_core.model.backbone import CheckpointError
@@ -93,6 +93,30 @@ def test_sampler_with_a_fixed_epoch_length_cycles_fresh_permutations():
     other = EpochSampler(10, 2, 1, seed=1, per_process=3)
     whole = EpochSampler(10, 1, 0, seed=1)
     assert [x for pair in zip(short.indices(), other.indices()) for x in pair] == whole.indices()[:6]
+
+
+def test_sampler_mix_gives_each_batch_its_share_of_each_set():
+    labeled, pseudo = list(range(5)), list(range(5, 105))  # 5 labeled images, 100 pseudo-labelled
+    one = EpochSampler(105, 1, 0, seed=2, per_process=40, mix=[(labeled, 0.5), (pseudo, 0.5)])
+    order = one.indices()
+    assert len(order) == 40
+    batches = [order[i:i + 2] for i in range(0, 40, 2)]
+    assert all(sum(x in labeled for x in b) == 1 for b in batches)  # one labeled image in every batch of 2
+    picks = [x for x in order if x in labeled]
+    assert all(sorted(picks[i:i + 5]) == labeled for i in range(0, 20, 5))  # cycled in whole passes
+    # two processes: each gets half of each set's share, still one of each per batch
+    a = EpochSampler(105, 2, 0, seed=2, per_process=20, mix=[(labeled, 0.5), (pseudo, 0.5)])
+    b = EpochSampler(105, 2, 1, seed=2, per_process=20, mix=[(labeled, 0.5), (pseudo, 0.5)])
+    for part in (a.indices(), b.indices()):
+        assert len(part) == 20 and all(sum(x in labeled for x in part[i:i + 2]) == 1 for i in range(0, 20, 2))
+    assert sorted(a.indices() + b.indices()) == sorted(order)
+
+
+def test_training_set_fractions_are_validated(tmp_path):
+    with pytest.raises(ConfigError, match="fractions of the training sets add up to 1.200"):
+        load_config(None, ["data.train=[{ann_file: a, img_root: b, fraction: 0.6}, {ann_file: c, img_root: d, fraction: 0.6}]"])
+    with pytest.raises(ConfigError, match="fraction"):
+        load_config(None, ["data.train=[{ann_file: a, img_root: b, fraction: 1.5}]"])
 
 
 def test_iters_per_epoch_trains_exactly_that_long(tmp_path, tiny_data):

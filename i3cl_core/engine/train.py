@@ -90,43 +90,88 @@ class EpochSampler(torch.utils.data.Sampler):
     dealt round-robin: process r takes positions r, r + N, r + 2N, ... ``skip`` drops the first
     samples of this process's share (resuming inside an epoch). With ``per_process`` an epoch is
     exactly that many samples per process: further permutations (seeded by seed, epoch and pass)
-    follow the first one as needed, and the order is cut there."""
+    follow the first one as needed, and the order is cut there.
+
+    ``mix`` = ``[(indices of group k, fraction of group k)]`` (fractions adding up to 1) draws each
+    group's share of the epoch from its own permutations instead, deals it round-robin, and spreads
+    every group evenly over each process's order (with two halves and batches of 2: one of each per
+    batch)."""
 
     def __init__(self, size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True,
-                 per_process: int | None = None):
+                 per_process: int | None = None, mix: list[tuple[list[int], float]] | None = None):
         self.size, self.num_replicas, self.rank, self.seed, self.shuffle = size, num_replicas, rank, seed, shuffle
-        self.per_process = per_process
+        self.per_process, self.mix = per_process, mix
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
 
-    def _permutation(self, n_pass: int) -> list[int]:
+    def _permutation(self, n: int, n_pass: int, group: int = 0) -> list[int]:
         if not self.shuffle:
-            return list(range(self.size))
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 7_919 * n_pass)
-        return torch.randperm(self.size, generator=g).tolist()
+            return list(range(n))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 7_919 * n_pass + 104_729 * group)
+        return torch.randperm(n, generator=g).tolist()
+
+    def _stream(self, n: int, length: int, group: int = 0) -> list[int]:
+        order, n_pass = self._permutation(n, 0, group), 1
+        while len(order) < length:
+            order += self._permutation(n, n_pass, group)
+            n_pass += 1
+        return order[:length]
+
+    def _share(self) -> int:
+        return math.ceil(self.size / self.num_replicas) if self.per_process is None else self.per_process
 
     def indices(self) -> list[int]:
-        order = self._permutation(0)
+        if self.mix is not None:
+            return self._mixed()
         if self.per_process is None:
+            order = self._permutation(self.size, 0)
             total = math.ceil(self.size / self.num_replicas) * self.num_replicas
             order += order[: total - self.size]
         else:
-            total = self.per_process * self.num_replicas
-            n_pass = 1
-            while len(order) < total:
-                order += self._permutation(n_pass)
-                n_pass += 1
-            order = order[:total]
+            order = self._stream(self.size, self.per_process * self.num_replicas)
         return order[self.rank :: self.num_replicas]
+
+    def _mixed(self) -> list[int]:
+        total = self._share() * self.num_replicas
+        exact = [f * total for _, f in self.mix]
+        counts = [int(math.floor(x)) for x in exact]
+        for k in sorted(range(len(exact)), key=lambda k: counts[k] - exact[k])[: total - sum(counts)]:
+            counts[k] += 1  # largest remainders first
+        keyed = []
+        for k, ((members, _), count) in enumerate(zip(self.mix, counts)):
+            mine = [members[i] for i in self._stream(len(members), count, group=k + 1)][self.rank :: self.num_replicas]
+            keyed += [((j + 0.5) / len(mine), k, idx) for j, idx in enumerate(mine)]
+        return [idx for _, _, idx in sorted(keyed)]
 
     def __iter__(self):
         return iter(self.indices()[self.skip :])
 
     def __len__(self) -> int:
-        share = math.ceil(self.size / self.num_replicas) if self.per_process is None else self.per_process
-        return share - self.skip
+        return self._share() - self.skip
+
+
+def dataset_mix(dataset, sources) -> list[tuple[list[int], float]] | None:
+    """``EpochSampler.mix`` from the training sets' ``fraction``s (None when no set has one): sets
+    without a fraction share the rest in proportion to their sizes."""
+    if all(s.fraction is None for s in sources):
+        return None
+    groups = [[] for _ in sources]
+    for i, record in enumerate(dataset.records):
+        groups[record.source].append(i)
+    free = [k for k, s in enumerate(sources) if s.fraction is None]
+    rest = 1.0 - sum(s.fraction for s in sources if s.fraction is not None)
+    free_size = sum(len(groups[k]) for k in free)
+    mix = []
+    for k, s in enumerate(sources):
+        share = s.fraction if s.fraction is not None else (rest * len(groups[k]) / free_size if free_size else 0.0)
+        if share > 0 and not groups[k]:
+            raise ConfigError(f"data.train[{k}] ({s.ann_file}): has a fraction of the epoch but no usable images")
+        if share > 0:
+            mix.append((groups[k], share))
+    norm = sum(f for _, f in mix)
+    return [(g, f / norm) for g, f in mix]
 
 
 # ------------------------------------------------------------------------------------ optimisation
@@ -293,7 +338,8 @@ def train(cfg, work_dir: str | os.PathLike, resume: bool = False, progress: bool
         )
 
     per_process = None if tcfg.iters_per_epoch is None else tcfg.iters_per_epoch * tcfg.batch_size
-    sampler = EpochSampler(len(dataset), info.world_size, info.rank, seed=tcfg.seed, per_process=per_process)
+    sampler = EpochSampler(len(dataset), info.world_size, info.rank, seed=tcfg.seed, per_process=per_process,
+                           mix=dataset_mix(dataset, cfg.data.train))
     loader = DataLoader(dataset, batch_size=tcfg.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
                         collate_fn=collate, pin_memory=info.device.type == "cuda", persistent_workers=False)
     iters_per_epoch = math.ceil(math.ceil(len(dataset) / info.world_size) / tcfg.batch_size)
