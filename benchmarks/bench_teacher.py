@@ -39,7 +39,7 @@ def main() -> None:
     cfg = load_config(args.config, [
         f"data.train=[{{ann_file: {data}/train/annotations.json, img_root: {data}/train/images}}]",
         f"data.val.ann_file={data}/test/annotations.json", f"data.val.img_root={data}/test/images",
-        "train.epochs=14", "train.lr_steps=[11, 13]", "train.warmup_iters=100", "train.eval_interval=2",
+        "train.epochs=14", "train.iters_per_epoch=null", "train.lr_steps=[11, 13]", "train.warmup_iters=100", "train.eval_interval=2",
         *args.overrides,
     ])
     work = Path(args.work_dir)

@@ -4,8 +4,9 @@ through Prefect.
 1. starts a local Prefect server (SQLite under ``.prefect/``, 127.0.0.1 only),
 2. serves the deployments (``ssl-pipeline/default`` and one per stage) in a background process,
 3. runs ``ssl-pipeline/default`` on the synthetic demo data and follows its stages,
-4. prints the final table (each teacher's and the student's F on the test split, the pseudo labels'
-   precision/recall against the hidden ground truth) and where to look in the UI,
+4. prints the final table (each teacher's, the control's and the student's F on the test split, the
+   pseudo labels' precision/recall against the hidden ground truth next to the best teacher's F on
+   the same unlabeled split) and where to look in the UI,
 5. stops serve and the server (``--keep-server`` leaves both up to browse the UI; Ctrl-C ends them).
 """
 from __future__ import annotations
@@ -62,27 +63,34 @@ def follow(run_id, poll: float = 10.0):
 
 def print_table(summary: dict, ui: str) -> None:
     scores = summary["scores"]
-    print("\n" + "=" * 72)
-    print(f"{'model':<22} {'P':>8} {'R':>8} {'F':>8}   (test split, ArT protocol, score > thr)")
-    print("-" * 72)
-    teacher_f = []
+    print("\n" + "=" * 78)
+    print(f"{'model':<26} {'P':>8} {'R':>8} {'F':>8}   (test split, ArT protocol, score > thr)")
+    print("-" * 78)
     for name, s in scores.items():
-        print(f"{name:<22} {s['precision']:>8.4f} {s['recall']:>8.4f} {s['hmean']:>8.4f}")
-        if name.startswith("teacher"):
-            teacher_f.append(s["hmean"])
+        print(f"{name:<26} {s['precision']:>8.4f} {s['recall']:>8.4f} {s['hmean']:>8.4f}")
     q = summary.get("pseudo_quality")
+    best = summary.get("best_teacher_on_unlabeled")
     if q:
-        print(f"{'pseudo labels vs GT':<22} {q['precision']:>8.4f} {q['recall']:>8.4f} {q['hmean']:>8.4f}   "
-              f"({summary['pseudo_labels']} labels on the unlabeled split)")
-    student = [s["hmean"] for n, s in scores.items() if n.startswith("student")]
-    if teacher_f and student:
-        mean = sum(teacher_f) / len(teacher_f)
-        verdict = "above" if student[0] >= mean else "BELOW"
-        print("-" * 72)
-        print(f"student F {student[0]:.4f} is {verdict} the teachers' mean F {mean:.4f}")
-    print("=" * 72)
+        print("-" * 78)
+        print(f"{'pseudo labels vs GT':<26} {q['precision']:>8.4f} {q['recall']:>8.4f} {q['hmean']:>8.4f}   "
+              f"({summary['pseudo_labels']} labels on the unlabeled split, keep_thr {summary.get('keep_thr')})")
+    if best:
+        print(f"{'best teacher on unlabeled':<26} {'':>8} {'':>8} {best['hmean']:>8.4f}   "
+              f"({best['name']} at its best threshold {best['thr']:.2f})")
+    print("-" * 78)
+    student = next((s["hmean"] for n, s in scores.items() if n.startswith("student:")), None)
+    control = next((s["hmean"] for n, s in scores.items() if n.startswith("control:")), None)
+    if student is not None and control is not None:
+        d = student - control
+        print(f"student F {student:.4f} vs control F {control:.4f} (same start, same iterations, labeled data only): "
+              f"{'+' if d >= 0 else ''}{100 * d:.1f} F points from the pseudo labels")
+    if q and best:
+        d = q["hmean"] - best["hmean"]
+        print(f"pseudo labels F {q['hmean']:.4f} vs the best teacher's {best['hmean']:.4f} on the unlabeled split: "
+              f"{'+' if d >= 0 else ''}{100 * d:.1f} F points from the ensemble")
+    print("=" * 78)
     print(f"Prefect UI: {ui}  (flow run graph, task logs, artifacts: progress, tables, pseudo-label pictures)")
-    print(f"Outputs: {summary['work_dir']} (teachers/, predictions/, pseudo/report.md, student/, eval/)")
+    print(f"Outputs: {summary['work_dir']} (teachers/, predictions/, pseudo/report.md, student/, control/, eval/)")
 
 
 def main(argv: list[str] | None = None) -> int:

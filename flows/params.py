@@ -27,10 +27,13 @@ class DataParams(_Params):
     demo_dir: str = Field("data/demo", description="folder of the synthetic demo data")
     demo_seed: int = Field(0, ge=0)
     demo_size: int = Field(320, ge=64, le=2048, description="side of the square demo images")
-    demo_train: int = Field(160, ge=1, le=100000)
-    demo_unlabeled: int = Field(160, ge=1, le=100000)
+    demo_train: int = Field(25, ge=1, le=100000, description="labeled demo images (scarce: where pseudo labels help)")
+    demo_unlabeled: int = Field(300, ge=1, le=100000)
+    demo_val: int = Field(25, ge=0, le=100000, description="labeled demo validation images (fusion threshold)")
     demo_test: int = Field(100, ge=1, le=100000)
     labeled: list[Dataset] | None = Field(None, description="labeled training sets (default: demo train split)")
+    val: Dataset | None = Field(None, description="labeled validation split on which fuse.auto_keep_thr chooses the "
+                                "fusion threshold (default: the demo's val split; none for your own data unless given)")
     unlabeled_images: str | None = Field(None, description="IMAGES.json of the unlabeled set")
     unlabeled_root: str | None = Field(None, description="image root of the unlabeled set")
     unlabeled_gt: str | None = Field(None, description="hidden ground truth of the unlabeled set (quality report only)")
@@ -47,7 +50,9 @@ class ModelSpec(_Params):
 
 
 def _demo_teachers() -> list[ModelSpec]:
-    return [ModelSpec(name=n, config=f"{DEMO_CONFIGS}/{n}.yaml") for n in ("teacher_a", "teacher_b", "teacher_c")]
+    # two different detectors (I3CL and plain Mask R-CNN): teacher_b (IntraCL only) is a third member where
+    # time allows
+    return [ModelSpec(name=n, config=f"{DEMO_CONFIGS}/{n}.yaml") for n in ("teacher_a", "teacher_c")]
 
 
 class TrainParams(_Params):
@@ -56,6 +61,11 @@ class TrainParams(_Params):
     student_init: Literal["first_teacher", "scratch"] = Field(
         "first_teacher", description="initialise the student from the first teacher (as the paper's ssl stage starts "
         "from the mixtrain model) or from scratch")
+    pseudo_fraction: float | None = Field(
+        0.5, gt=0.0, lt=1.0, description="share of every student batch drawn from the pseudo-labelled images, the "
+        "rest from the labeled sets (null: all images alike, so scarce labels are drowned out)")
+    control: bool = Field(True, description="also train a control: the student's config, start and number of "
+                          "iterations on the labeled data only (what the pseudo labels are measured against)")
     nproc_per_node: int = Field(1, ge=1, le=64, description="torchrun processes per training")
     overrides: list[str] = Field(default_factory=list, description="--set overrides applied to every training")
 
@@ -68,6 +78,15 @@ class InferParams(_Params):
     dask_address: str | None = Field(None, description="tcp://host:8786 of a Dask scheduler to run shards on")
     tta_flips: list[Literal["h", "v"]] = Field(default_factory=list)
     tta_scales: list[int] = Field(default_factory=list)
+
+
+class RoundParams(_Params):
+    """Rounds 2, 3, ... of iterated self-training: the previous round's student (plus, optionally, the
+    teachers) is the ensemble that labels the unlabeled set again."""
+
+    with_teachers: bool = Field(True, description="keep the teachers in the ensemble next to the previous student")
+    fuse: FuseConfig | None = Field(None, description="fusion settings for these rounds (default: the first round's)")
+    student_overrides: list[str] = Field(default_factory=list, description="--set overrides for these rounds' students")
 
 
 class EvalParams(_Params):

@@ -19,13 +19,16 @@ import base64
 import json
 import re
 from pathlib import Path
+from typing import Annotated
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.params import DataParams, EvalParams, FuseConfig, InferParams, ModelSpec, TrainParams
+from pydantic import Field
+
+from flows.params import DataParams, EvalParams, FuseConfig, InferParams, ModelSpec, RoundParams, TrainParams
 from flows.runner import run_streaming
 from i3cl_core import stages
 from i3cl_core.stages import PipelineError, fingerprint
@@ -73,13 +76,14 @@ def _resolve_data(data: DataParams) -> dict:
         if not demo_dir.is_absolute():
             demo_dir = Path.cwd() / demo_dir
         demo = stages.ensure_demo_data(demo_dir, data.demo_seed, data.demo_train, data.demo_unlabeled, data.demo_test,
-                                       data.demo_size)
+                                       data.demo_size, num_val=data.demo_val)
     return {
         "labeled": [d.model_dump() for d in data.labeled] if data.labeled else demo["labeled"],
         "unlabeled_images": data.unlabeled_images or demo["unlabeled_images"],
         "unlabeled_root": data.unlabeled_root or demo["unlabeled_root"],
         "unlabeled_gt": data.unlabeled_gt if data.unlabeled_images else (data.unlabeled_gt or demo["unlabeled_gt"]),
         "test": data.test.model_dump() if data.test else demo["test"],
+        "val": data.val.model_dump() if data.val else (demo["val"] if demo and not data.labeled else None),
     }
 
 
@@ -151,12 +155,10 @@ def infer_shard(teacher: str, checkpoint: str, checkpoint_fingerprint: str, shar
     return stages.infer_shard(checkpoint, shard_index, shard, out_dir, score_thr, device, flips, scales)
 
 
-@task(cache_policy=CACHE, persist_result=True, task_run_name="fuse")
-def fuse_task(members: list[str], members_fingerprint: str, images_json: str, fuse: dict, out: str,
-              gt: str | None, img_root: str) -> dict:
-    from i3cl_core.pseudo.fuse import fuse_predictions
-
-    return fuse_predictions(members, images_json, out, FuseConfig(**fuse), gt=gt, img_root=img_root, progress=False)
+@task(cache_policy=CACHE, persist_result=True, task_run_name="fuse-r{ssl_round}")
+def fuse_task(ssl_round: int, members: list[str], members_fingerprint: str, images_json: str, fuse: dict, out: str,
+              gt: str | None, img_root: str, val_members: list[str] | None, val_ann_file: str | None) -> dict:
+    return stages.fuse_stage(members, images_json, out, FuseConfig(**fuse), gt, img_root, val_members, val_ann_file)
 
 
 @task(cache_policy=CACHE, persist_result=True, task_run_name="evaluate-{model}")
@@ -170,14 +172,16 @@ def _run_cached(t, outputs_exist: bool, **kwargs):
     return (t if outputs_exist else t.with_options(refresh_cache=True))(**kwargs)
 
 
-def _train(spec: ModelSpec, role: str, wd: Path, data: dict, train: TrainParams, extra_sets: list[dict] | None = None,
-           load_from: str | None = None) -> str:
-    out = wd / role / spec.name
+def _train(spec: ModelSpec, out: Path, wd: Path, data: dict, train: TrainParams, extra_sets: list[dict] | None = None,
+           load_from: str | None = None, extra_overrides: list[str] | None = None, name: str | None = None) -> str:
+    """Train ``spec`` into ``out`` on the labeled sets plus ``extra_sets`` (cached on the resolved
+    config and the content of its inputs; task results stored in the work_dir ``wd``)."""
     sets = data["labeled"] + (extra_sets or [])
-    cfg_path = stages.write_train_config(_config_path(spec.config), out, sets, [*train.overrides, *spec.overrides], load_from)
+    overrides = [*train.overrides, *spec.overrides, *(extra_overrides or [])]
+    cfg_path = stages.write_train_config(_config_path(spec.config), out, sets, overrides, load_from)
     fp = fingerprint(cfg_path, *[s["ann_file"] for s in sets], *([load_from] if load_from else []))
     return _run_cached(train_model.with_options(result_storage=_storage(wd)), stages.trained_checkpoint(out) is not None,
-                       name=spec.name, config_path=str(cfg_path), out_dir=str(out), nproc_per_node=train.nproc_per_node,
+                       name=name or spec.name, config_path=str(cfg_path), out_dir=str(out), nproc_per_node=train.nproc_per_node,
                        inputs_fingerprint=fp)
 
 
@@ -190,7 +194,7 @@ def train_teachers(work_dir: str = "runs/demo", data: DataParams = DataParams(),
     names = [t.name for t in train.teachers]
     if len(set(names)) != len(names):
         raise PipelineError(f"train.teachers: names must be unique, got {names}")
-    checkpoints = {spec.name: _train(spec, "teachers", wd, d, train) for spec in train.teachers}
+    checkpoints = {spec.name: _train(spec, wd / "teachers" / spec.name, wd, d, train) for spec in train.teachers}
     atomic_write_json(wd / "teachers" / "teachers.json", checkpoints, indent=2)
     return checkpoints
 
@@ -203,35 +207,66 @@ def _teachers(wd: Path) -> dict:
     return teachers
 
 
+def _round_dir(wd: Path, ssl_round: int) -> Path:
+    """Round 1 lives in the work_dir itself; round r > 1 in ``rounds/r<r>/`` (predictions, pseudo, student)."""
+    return wd if ssl_round == 1 else wd / "rounds" / f"r{ssl_round}"
+
+
+def _student_checkpoint(wd: Path, ssl_round: int) -> str:
+    folder = _round_dir(wd, ssl_round) / "student"
+    done = [stages.trained_checkpoint(d) for d in sorted(folder.glob("*"))] if folder.exists() else []
+    done = [c for c in done if c is not None]
+    if not done:
+        raise PipelineError(f"{folder}: round {ssl_round} has no trained student yet; run train-student with "
+                            f"ssl_round={ssl_round} first")
+    return str(done[0])
+
+
+def _ensemble_models(wd: Path, ssl_round: int, with_teachers: bool) -> dict:
+    """Round 1: the teachers. Round r > 1: round r-1's student (plus the teachers with ``with_teachers``)."""
+    if ssl_round == 1:
+        return _teachers(wd)
+    models = {f"student-r{ssl_round - 1}": _student_checkpoint(wd, ssl_round - 1)}
+    return {**models, **_teachers(wd)} if with_teachers else models
+
+
 @flow(name="ensemble-inference-shards")
-def _infer_all(wd: str, teachers: dict, shards: list, infer: InferParams) -> dict:
-    w = Path(wd)
-    storage = _storage(w)
+def _infer_all(wd: str, pred_root: str, models: dict, shards: list, infer: InferParams, split: str, prefix: str) -> dict:
+    from i3cl_core.pseudo.ensemble import Shard
+
+    storage = _storage(Path(wd))
     futures = {}
-    for name, ckpt in teachers.items():
+    for name, ckpt in models.items():
         fp = fingerprint(ckpt)
-        out_dir = w / "predictions" / name
+        out_dir = Path(pred_root) / name
         for i, shard in enumerate(shards):
-            exists = (out_dir / f"shard_{i:05d}.json").exists()
+            exists = (out_dir / Shard(i, []).name).exists()
             t = infer_shard.with_options(result_storage=storage, refresh_cache=not exists)
-            futures[(name, i)] = t.submit(teacher=name, checkpoint=ckpt, checkpoint_fingerprint=fp, shard_index=i,
+            label = prefix + (name if split == "unlabeled" else f"{split}-{name}")
+            futures[(name, i)] = t.submit(teacher=label, checkpoint=ckpt, checkpoint_fingerprint=fp, shard_index=i,
                                           shard=shard, out_dir=str(out_dir), score_thr=infer.score_thr,
                                           device=infer.device, flips=list(infer.tta_flips), scales=list(infer.tta_scales))
-    progress_id = create_progress_artifact(0.0, key="ensemble-inference", description="shards done")
-    detections = {name: 0 for name in teachers}
+    progress_id = create_progress_artifact(0.0, key=f"ensemble-inference-{split}", description=f"{split} shards done")
+    detections = {name: 0 for name in models}
     for n, ((name, _), f) in enumerate(futures.items(), 1):
         detections[name] += f.result()["detections"]
         update_progress_artifact(progress_id, 100.0 * n / len(futures))
     return detections
 
 
-@flow(name="ensemble-inference", log_prints=True, persist_result=True)
-def ensemble_inference(work_dir: str = "runs/demo", data: DataParams = DataParams(), infer: InferParams = InferParams()) -> dict:
-    """Every teacher over the unlabeled set, one task per (teacher, shard); finished shards are skipped."""
+@flow(name="ensemble-inference", log_prints=True, persist_result=True, flow_run_name="ensemble-inference-r{ssl_round}")
+def ensemble_inference(work_dir: str = "runs/demo", data: DataParams = DataParams(), infer: InferParams = InferParams(),
+                       ssl_round: int = 1, with_teachers: bool = True) -> dict:
+    """Every ensemble model over the unlabeled set (and the labeled validation split, where one is
+    given, for the fusion threshold), one task per (model, shard); finished shards are skipped.
+    Round 1's ensemble is the teachers; a later round's is the previous round's student (and the
+    teachers with ``with_teachers``)."""
+    if ssl_round < 1:
+        raise PipelineError(f"ssl_round: must be >= 1, got {ssl_round}")
     wd = stages.check_work_dir(work_dir, create=False)
     d = _data(data, wd)
-    teachers = _teachers(wd)
-    shards = stages.plan_inference(d["unlabeled_images"], d["unlabeled_root"], infer.shard_size)
+    rd = _round_dir(wd, ssl_round)
+    models = _ensemble_models(wd, ssl_round, with_teachers)
     if infer.dask_address:
         try:
             from prefect_dask import DaskTaskRunner
@@ -240,37 +275,63 @@ def ensemble_inference(work_dir: str = "runs/demo", data: DataParams = DataParam
         runner = DaskTaskRunner(address=infer.dask_address)
     else:
         runner = ThreadPoolTaskRunner(max_workers=infer.workers)
-    detections = _infer_all.with_options(task_runner=runner)(str(wd), teachers, shards, infer)
-    members = [stages.finish_model_predictions(wd / "predictions" / name, shards) for name in teachers]
-    atomic_write_json(wd / "predictions" / "members.json", members, indent=2)
-    create_table_artifact([{"teacher": n, "shards": len(shards), "detections": detections[n]} for n in teachers],
-                          key="ensemble-detections", description="detections per teacher on the unlabeled set")
-    return {"members": members, "shards": len(shards), "detections": detections}
+    splits = {"unlabeled": (d["unlabeled_images"], d["unlabeled_root"], rd / "predictions")}
+    if d.get("val"):
+        splits["val"] = (d["val"]["ann_file"], d["val"]["img_root"], rd / "predictions_val")
+    result = {}
+    for split, (images, root, pred_root) in splits.items():
+        shards = stages.plan_inference(images, root, infer.shard_size)
+        detections = _infer_all.with_options(task_runner=runner, flow_run_name=f"ensemble-inference-shards-{split}")(
+            str(wd), str(pred_root), models, shards, infer, split, "" if ssl_round == 1 else f"r{ssl_round}-")
+        members = [stages.finish_model_predictions(pred_root / name, shards) for name in models]
+        atomic_write_json(pred_root / "members.json", members, indent=2)
+        result[split] = {"members": members, "shards": len(shards), "detections": detections}
+    create_table_artifact([{"model": n, "split": sp, "shards": r["shards"], "detections": r["detections"][n]}
+                           for sp, r in result.items() for n in models],
+                          key=f"ensemble-detections-r{ssl_round}", description="detections per ensemble model")
+    return {"members": result["unlabeled"]["members"], "shards": result["unlabeled"]["shards"],
+            "detections": result["unlabeled"]["detections"], "val_members": result.get("val", {}).get("members")}
 
 
-@flow(name="fuse-pseudo-labels", log_prints=True, persist_result=True)
-def fuse_pseudo_labels(work_dir: str = "runs/demo", data: DataParams = DataParams(), fuse: FuseConfig = FuseConfig()) -> dict:
-    """Weighted Polygon Fusion of the teachers' predictions into pseudo/train_lossweight.json."""
+@flow(name="fuse-pseudo-labels", log_prints=True, persist_result=True, flow_run_name="fuse-pseudo-labels-r{ssl_round}")
+def fuse_pseudo_labels(work_dir: str = "runs/demo", data: DataParams = DataParams(), fuse: FuseConfig = FuseConfig(),
+                       ssl_round: int = 1) -> dict:
+    """Weighted Polygon Fusion of the ensemble's predictions into pseudo/train_lossweight.json
+    (``fuse.auto_keep_thr``: the threshold chosen on the labeled validation split, never on the
+    unlabeled set's hidden ground truth, which only measures the result)."""
     wd = stages.check_work_dir(work_dir, create=False)
     d = _data(data, wd)
-    members_file = stages.require(wd / "predictions" / "members.json", "ensemble-inference", "run ensemble-inference first")
+    rd = _round_dir(wd, ssl_round)
+    members_file = stages.require(rd / "predictions" / "members.json", "ensemble-inference", "run ensemble-inference first")
     members = json.loads(members_file.read_text())
-    out = wd / "pseudo" / "train_lossweight.json"
-    summary = _run_cached(fuse_task.with_options(result_storage=_storage(wd)), out.exists(), members=members,
-                          members_fingerprint=fingerprint(*members), images_json=d["unlabeled_images"],
-                          fuse=fuse.model_dump(mode="json"), out=str(out), gt=d["unlabeled_gt"], img_root=d["unlabeled_root"])
-    _pseudo_artifacts(wd, summary)
+    val_file = rd / "predictions_val" / "members.json"
+    val_members = json.loads(val_file.read_text()) if d.get("val") and val_file.exists() else None
+    if fuse.auto_keep_thr and d.get("val") and val_members is None:
+        raise PipelineError(f"missing {val_file}: re-run ensemble-inference (it also runs the ensemble over the "
+                            "validation split, on which fuse.auto_keep_thr chooses keep_thr)")
+    out = rd / "pseudo" / "train_lossweight.json"
+    summary = _run_cached(fuse_task.with_options(result_storage=_storage(wd)), out.exists(), ssl_round=ssl_round,
+                          members=members,
+                          members_fingerprint=fingerprint(*members, *(val_members or [])),
+                          images_json=d["unlabeled_images"], fuse=fuse.model_dump(mode="json"), out=str(out),
+                          gt=d["unlabeled_gt"], img_root=d["unlabeled_root"], val_members=val_members,
+                          val_ann_file=d["val"]["ann_file"] if val_members else None)
+    _pseudo_artifacts(rd, summary, ssl_round)
     return {k: v for k, v in summary.items() if k != "model_stats"}
 
 
-def _pseudo_artifacts(wd: Path, summary: dict) -> None:
+def _pseudo_artifacts(wd: Path, summary: dict, ssl_round: int = 1) -> None:
     report = json.loads((wd / "pseudo" / "report.json").read_text())
     rows = [{"stat": k, "value": summary[k]} for k in ("images", "models", "pseudo_labels", "dontcare", "images_with_labels")]
     quality = report.get("quality")
     if quality:
         rows += [{"stat": f"{r['source']} P/R/F", "value": f"{r['precision']:.3f} / {r['recall']:.3f} / {r['hmean']:.3f}"}
                  for r in quality["table"]]
-    create_table_artifact(rows, key="pseudo-label-stats", description="pseudo labels (and quality vs the hidden GT)")
+    selection = report.get("keep_thr_selection") or {}
+    rows.append({"stat": "keep_thr", "value": f"{selection.get('keep_thr')} (chosen on {selection['chosen_on']})"
+                 if selection.get("chosen_on") else f"{selection.get('keep_thr')} (as given)"})
+    suffix = "" if ssl_round == 1 else f"-r{ssl_round}"
+    create_table_artifact(rows, key=f"pseudo-label-stats{suffix}", description="pseudo labels (and quality vs the hidden GT)")
     md = ["# Pseudo labels", "", f"{summary['pseudo_labels']} pseudo labels, {summary['dontcare']} do-not-care regions "
           f"on {summary['images']} images from {summary['models']} models.", ""]
     if quality:
@@ -280,34 +341,53 @@ def _pseudo_artifacts(wd: Path, summary: dict) -> None:
         md += ["## Precision / recall of the fused labels over the score threshold", f"![pr]({_png_data_uri(curve)})", ""]
     md += [f"## {name}\n![{name}]({_png_data_uri(p)})" for name, p in report["figures"].items()]
     md += ["## Samples"] + [f"![sample]({_png_data_uri(p)})" for p in report.get("samples", [])[:3]]
-    create_markdown_artifact("\n".join(md), key="pseudo-labels", description="histograms, PR curve and samples")
+    create_markdown_artifact("\n".join(md), key=f"pseudo-labels{suffix}", description="histograms, PR curve and samples")
 
 
-@flow(name="train-student", log_prints=True, persist_result=True)
-def train_student(work_dir: str = "runs/demo", data: DataParams = DataParams(), train: TrainParams = TrainParams()) -> str:
+@flow(name="train-student", log_prints=True, persist_result=True, flow_run_name="train-student-r{ssl_round}")
+def train_student(work_dir: str = "runs/demo", data: DataParams = DataParams(), train: TrainParams = TrainParams(),
+                  ssl_round: int = 1, extra_overrides: list[str] | None = None) -> dict:
     """Retrain on the labeled data plus the pseudo labels (each pseudo instance's losses scaled by
-    its lossweight); starts from the first teacher by default."""
+    its lossweight). Round 1 starts from the first teacher (``student_init``), a later round from the
+    previous round's student. In round 1, with ``train.control``, a control model follows: the
+    student's config, start and number of iterations, on the labeled data alone."""
     wd = stages.check_work_dir(work_dir, create=False)
     d = _data(data, wd)
-    pseudo = stages.require(wd / "pseudo" / "train_lossweight.json", "fuse-pseudo-labels", "run fuse-pseudo-labels first")
+    rd = _round_dir(wd, ssl_round)
+    pseudo = stages.require(rd / "pseudo" / "train_lossweight.json", "fuse-pseudo-labels", "run fuse-pseudo-labels first")
     load_from = None
-    if train.student_init == "first_teacher":
+    if ssl_round > 1:
+        load_from = _student_checkpoint(wd, ssl_round - 1)
+    elif train.student_init == "first_teacher":
         load_from = _teachers(wd)[train.teachers[0].name]
-    extra = [{"ann_file": str(pseudo), "img_root": d["unlabeled_root"]}]
-    return _train(train.student, "student", wd, d, train, extra, load_from)
+    extra = [{"ann_file": str(pseudo), "img_root": d["unlabeled_root"], "fraction": train.pseudo_fraction}]
+    name = train.student.name if ssl_round == 1 else f"{train.student.name}-r{ssl_round}"
+    student = _train(train.student, rd / "student" / train.student.name, wd, d, train, extra, load_from, extra_overrides,
+                     name=name)
+    result = {"student": student}
+    if train.control and ssl_round == 1:
+        iters = stages.iterations_per_epoch(Path(student).parents[1])
+        result["control"] = _train(train.student, wd / "control" / train.student.name, wd, d, train, None, load_from,
+                                   [*(extra_overrides or []), f"train.iters_per_epoch={iters}"],
+                                   name=f"control-{train.student.name}")
+    return result
 
 
 @flow(name="evaluate", log_prints=True, persist_result=True)
 def evaluate(work_dir: str = "runs/demo", data: DataParams = DataParams(), evaluation: EvalParams = EvalParams()) -> dict:
-    """Every trained model of the work_dir on the test split -> eval/<model>.json and a table."""
+    """Every trained model of the work_dir on the test split -> eval/<model>.json and a table:
+    ``teacher:<name>``, ``control:<name>``, ``student:<name>`` (round 1) and ``student-r<r>:<name>``."""
     wd = stages.check_work_dir(work_dir, create=False)
     d = _data(data, wd)
     models = {}
-    for role in ("teachers", "student"):
-        for out in sorted((wd / role).glob("*")) if (wd / role).exists() else []:
+    folders = [("teacher", wd / "teachers"), ("control", wd / "control"), ("student", wd / "student")]
+    rounds = sorted((wd / "rounds").glob("r*"), key=lambda p: int(p.name[1:])) if (wd / "rounds").exists() else []
+    folders += [(f"student-{r.name}", r / "student") for r in rounds if r.name[1:].isdigit()]
+    for role, folder in folders:
+        for out in sorted(folder.glob("*")) if folder.exists() else []:
             ckpt = stages.trained_checkpoint(out)
             if ckpt is not None:
-                models[f"{role[:-1] if role == 'teachers' else role}:{out.name}"] = str(ckpt)
+                models[f"{role}:{out.name}"] = str(ckpt)
     if not models:
         raise PipelineError(f"{wd}: no trained model to evaluate; run train-teachers first")
     split_fp = fingerprint(d["test"]["ann_file"])
@@ -325,6 +405,16 @@ def evaluate(work_dir: str = "runs/demo", data: DataParams = DataParams(), evalu
     return {n: {k: r[k] for k in ("precision", "recall", "hmean", "best_hmean", "best_thr", "score_thr")} for n, r in results.items()}
 
 
+def _best_teacher_on_unlabeled(report: dict) -> dict | None:
+    """The best ensemble member on the unlabeled split at its own best threshold (what the pseudo
+    labels must beat), from the fusion report's quality section."""
+    models = (report.get("quality") or {}).get("models") or []
+    if not models:
+        return None
+    best = max(models, key=lambda m: m["hmean"])
+    return {"name": Path(best["source"]).name, "hmean": best["hmean"], "thr": best["best_threshold"]}
+
+
 @flow(name="ssl-pipeline", log_prints=True, persist_result=True)
 def ssl_pipeline(
     work_dir: str = "runs/demo",
@@ -333,17 +423,31 @@ def ssl_pipeline(
     infer: InferParams = InferParams(),
     fuse: FuseConfig = FuseConfig(),
     evaluation: EvalParams = EvalParams(),
+    rounds: Annotated[int, Field(ge=1, le=10, description="rounds of self-training; round r > 1 labels the unlabeled "
+                                 "set again with round r-1's student (and the teachers)")] = 1,
+    later_rounds: RoundParams = RoundParams(),
 ) -> dict:
-    """The whole semi-supervised loop on one work_dir."""
+    """The whole semi-supervised loop on one work_dir, ``rounds`` times."""
     wd = stages.check_work_dir(work_dir)
     teachers = train_teachers(str(wd), data, train)
-    ensemble_inference(str(wd), data, infer)
-    pseudo = fuse_pseudo_labels(str(wd), data, fuse)
-    student = train_student(str(wd), data, train)
+    per_round = []
+    for r in range(1, rounds + 1):
+        later = r > 1
+        ensemble_inference(str(wd), data, infer, ssl_round=r, with_teachers=later_rounds.with_teachers)
+        pseudo = fuse_pseudo_labels(str(wd), data, (later_rounds.fuse or fuse) if later else fuse, ssl_round=r)
+        trained = train_student(str(wd), data, train, ssl_round=r,
+                                extra_overrides=list(later_rounds.student_overrides) if later else None)
+        report = json.loads((_round_dir(wd, r) / "pseudo" / "report.json").read_text())
+        per_round.append({"round": r, "student": trained["student"], "control": trained.get("control"),
+                          "pseudo_labels": pseudo["pseudo_labels"], "keep_thr": pseudo.get("keep_thr"),
+                          "pseudo_quality": (report.get("quality") or {}).get("fused"),
+                          "best_teacher_on_unlabeled": _best_teacher_on_unlabeled(report)})
     scores = evaluate(str(wd), data, evaluation)
-    report = json.loads((wd / "pseudo" / "report.json").read_text())
-    summary = {"work_dir": str(wd), "teachers": teachers, "student": student, "scores": scores,
-               "pseudo_labels": pseudo["pseudo_labels"], "pseudo_quality": (report.get("quality") or {}).get("fused")}
+    first = per_round[0]
+    summary = {"work_dir": str(wd), "teachers": teachers, "student": first["student"], "control": first["control"],
+               "scores": scores, "pseudo_labels": first["pseudo_labels"], "keep_thr": first["keep_thr"],
+               "pseudo_quality": first["pseudo_quality"], "best_teacher_on_unlabeled": first["best_teacher_on_unlabeled"],
+               "rounds": per_round}
     atomic_write_json(wd / "summary.json", summary, indent=2)
     return summary
 

@@ -87,18 +87,19 @@ def test_run_streaming_streams_and_cancels_the_whole_group(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ real server
-TINY = ["train.epochs=1", "train.batch_size=2", "train.warmup_iters=2", "train.log_interval=1", "data.num_workers=0",
+TINY = ["train.epochs=1", "train.iters_per_epoch=null", "train.batch_size=2", "train.warmup_iters=2", "train.log_interval=1", "data.num_workers=0",
         "model.test_short_side=128", "model.test_long_side=160", "data.augment.scales=[[112, 160]]"]
 
 
 def tiny_params(work_dir: Path, demo_dir: Path, keep_thr: float = 0.3, teachers=("teacher_a", "teacher_c")) -> dict:
     return {
         "work_dir": str(work_dir),
-        "data": {"demo_dir": str(demo_dir), "demo_size": 128, "demo_train": 6, "demo_unlabeled": 4, "demo_test": 3},
+        "data": {"demo_dir": str(demo_dir), "demo_size": 128, "demo_train": 6, "demo_unlabeled": 4, "demo_test": 3,
+                 "demo_val": 3},
         "train": {"teachers": [{"name": t, "config": f"configs/demo/{t}.yaml"} for t in teachers],
                   "student": {"name": "student", "config": "configs/demo/student.yaml"}, "overrides": TINY},
         "infer": {"shard_size": 2, "workers": 2},
-        "fuse": {"keep_thr": keep_thr},
+        "fuse": {"keep_thr": keep_thr, "auto_keep_thr": False},
     }
 
 
@@ -160,7 +161,8 @@ def test_pipeline_deployment_runs_then_refuses_bad_params_and_reuses_caches(serv
     first = task_states(served, run_id_from(res.stdout))
     assert first["train-teacher_a"] == "Completed" and first["train-student"] == "Completed"
     summary = json.loads((wd / "summary.json").read_text())
-    assert set(summary["scores"]) == {"teacher:teacher_a", "teacher:teacher_c", "student:student"}
+    assert set(summary["scores"]) == {"teacher:teacher_a", "teacher:teacher_c", "student:student", "control:student"}
+    assert {"hmean"} <= set(summary["pseudo_quality"]) and set(summary["best_teacher_on_unlabeled"]) == {"name", "hmean", "thr"}
     assert (wd / "pseudo" / "train_lossweight.json").exists() and (wd / "predictions" / "teacher_a" / "coverage.json").exists()
 
     # an invalid parameter is refused before any run is created, naming the field
@@ -175,8 +177,8 @@ def test_pipeline_deployment_runs_then_refuses_bad_params_and_reuses_caches(serv
     second = task_states(served, run_id_from(res2.stdout))
     assert second["train-teacher_a"] == "Cached" and second["train-teacher_c"] == "Cached"
     infer = {k: v for k, v in second.items() if k.startswith("infer-")}
-    assert len(infer) == 4 and set(infer.values()) == {"Cached"}
-    assert second["fuse"] == "Completed" and second["train-student"] == "Completed", second
+    assert len(infer) == 8 and set(infer.values()) == {"Cached"}  # 2 unlabeled + 2 validation shards per teacher
+    assert second["fuse-r1"] == "Completed" and second["train-student"] == "Completed", second
 
     # a cache hit whose output is gone is recomputed, not trusted
     (wd / "predictions" / "teacher_c" / "shard_00001.json").unlink()
@@ -186,6 +188,54 @@ def test_pipeline_deployment_runs_then_refuses_bad_params_and_reuses_caches(serv
     third = task_states(served, run_id_from(res3.stdout))
     assert third["infer-teacher_c-1"] == "Completed" and third["infer-teacher_a-0"] == "Cached"
     assert (wd / "predictions" / "teacher_c" / "shard_00001.json").exists()
+
+
+@pytest.mark.slow
+def test_two_rounds_and_the_control_run(served, tmp_path, monkeypatch):
+    for k in ("PREFECT_API_URL", "PREFECT_HOME"):
+        monkeypatch.setenv(k, served.env[k])
+    wd, demo = tmp_path / "run", tmp_path / "demo"
+    params = tiny_params(wd, demo, teachers=("teacher_a",))
+    params["fuse"] = {"keep_thr": 0.2}  # auto_keep_thr on: chosen on the demo's validation split
+    params.update(rounds=2, later_rounds={"fuse": {"keep_thr": 0.2, "auto_keep_thr": False}})
+    res = prefect_cli(served, "deployment", "run", "ssl-pipeline/default", "--params", json.dumps(params),
+                      "--watch", "--watch-interval", "2")
+    assert res.returncode == 0 and "Completed" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    first = task_states(served, run_id_from(res.stdout))
+    summary = json.loads((wd / "summary.json").read_text())
+    assert set(summary["scores"]) == {"teacher:teacher_a", "control:student", "student:student", "student-r2:student"}
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    # round 2's ensemble is round 1's student plus the teacher, with its own predictions and pseudo labels
+    assert json.loads((wd / "rounds" / "r2" / "predictions" / "members.json").read_text()) == [
+        str(wd / "rounds" / "r2" / "predictions" / n) for n in ("student-r1", "teacher_a")]
+    assert (wd / "rounds" / "r2" / "pseudo" / "train_lossweight.json").exists()
+    assert first["infer-r2-student-r1-0"] == "Completed" and first["train-student-r2"] == "Completed"
+    report = json.loads((wd / "pseudo" / "report.json").read_text())
+    assert report["keep_thr_selection"]["chosen_on"].endswith("val/annotations.json")
+
+    # the control: the student's start and number of iterations, the labeled data alone
+    import yaml
+
+    student_cfg = yaml.safe_load((wd / "student" / "student" / "config.yaml").read_text())
+    control_cfg = yaml.safe_load((wd / "control" / "student" / "config.yaml").read_text())
+    labeled = str((demo / "train" / "annotations.json").resolve())
+    assert [s["ann_file"] for s in control_cfg["data"]["train"]] == [labeled]
+    assert [s["ann_file"] for s in student_cfg["data"]["train"]] == [labeled, str(wd / "pseudo" / "train_lossweight.json")]
+    assert control_cfg["train"]["load_from"] == student_cfg["train"]["load_from"]
+    iters = [json.loads((wd / r / "student" / "metrics.json").read_text())["summary"]["iterations"] for r in ("student", "control")]
+    assert iters[0] == iters[1] > 0
+
+    # a changed round-2 parameter: round 1 comes back Cached, round 2's fusion and student run again
+    params["later_rounds"]["fuse"]["keep_thr"] = 0.1
+    res2 = prefect_cli(served, "deployment", "run", "ssl-pipeline/default", "--params", json.dumps(params),
+                       "--watch", "--watch-interval", "2")
+    assert res2.returncode == 0 and "Completed" in res2.stdout, res2.stdout[-3000:]
+    second = task_states(served, run_id_from(res2.stdout))
+    round1 = ["train-teacher_a", "infer-teacher_a-0", "infer-val-teacher_a-0", "fuse-r1", "train-student",
+              "train-control-student"]
+    assert all(second[t] == "Cached" for t in round1), second
+    assert second["infer-r2-student-r1-0"] == "Cached"  # round 1's student did not change
+    assert second["fuse-r2"] == "Completed" and second["train-student-r2"] == "Completed", second
 
 
 @pytest.mark.slow

@@ -5,14 +5,22 @@ import argparse
 import sys
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
 
 
 def _side(text: str) -> int:
@@ -42,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=["demo"], default=None, help="demo: train/unlabeled/test splits")
     parser.add_argument("--num-unlabeled", type=_positive_int, default=200, help="demo preset: unlabeled images (default 200)")
     parser.add_argument("--num-test", type=_positive_int, default=100, help="demo preset: test images (default 100)")
+    parser.add_argument("--num-val", type=_non_negative_int, default=0, help="demo preset: labeled validation images (default 0: none)")
     parser.add_argument("--no-cjk", action="store_true", help="Latin text only, even when a CJK font is installed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -65,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
             num_train=args.num_images or 200,
             num_unlabeled=args.num_unlabeled,
             num_test=args.num_test,
+            num_val=args.num_val,
             size=tuple(args.size or (384, 384)),
             workers=args.workers,
             progress=progress,
