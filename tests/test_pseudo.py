@@ -376,3 +376,24 @@ def test_keep_thr_is_chosen_on_the_validation_split_without_the_unlabeled_ground
                        img_root=str(tmp_path), val_members=val_sources, val_ann_file=str(val_json))
     assert s_off["keep_thr"] == 0.05 and s_off["pseudo_labels"] == 12 and s_off["keep_thr_chosen_on"] is None
     assert s_off["dontcare"] == 0  # the band [0.3, 0.4) lies above keep_thr 0.05: nothing is left out
+
+
+def test_ensemble_recomputes_shards_when_the_checkpoint_changed(tmp_path, two_checkpoints, caplog):
+    import shutil
+
+    from i3cl_core.pseudo.ensemble import run_ensemble
+
+    ckpts, data = two_checkpoints
+    ckpt = tmp_path / "m" / "checkpoints" / "latest.pth"
+    ckpt.parent.mkdir(parents=True)
+    shutil.copy(ckpts[0], ckpt)
+    run_ensemble([str(ckpt)], data["img_root"], tmp_path / "ens", shard_size=2, progress=False)
+    shard = tmp_path / "ens" / "predictions" / "m" / "shard_00000.json"
+    first = shard.read_text()
+    again = run_ensemble([str(ckpt)], data["img_root"], tmp_path / "ens", shard_size=2, progress=False)
+    assert again["models"][0]["computed"] == 0  # same checkpoint: resumed, nothing recomputed
+    shutil.copy(ckpts[1], ckpt)  # retrained under the same path
+    with caplog.at_level("WARNING"):
+        third = run_ensemble([str(ckpt)], data["img_root"], tmp_path / "ens", shard_size=2, progress=False)
+    assert third["models"][0]["computed"] == 3 and "checkpoint" in caplog.text and "changed" in caplog.text
+    assert shard.read_text() != first

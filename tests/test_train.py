@@ -112,6 +112,26 @@ def test_sampler_mix_gives_each_batch_its_share_of_each_set():
     assert sorted(a.indices() + b.indices()) == sorted(order)
 
 
+def test_dataset_mix_from_fractions(caplog):
+    from types import SimpleNamespace
+
+    from i3cl_core.config import DatasetSource
+    from i3cl_core.engine.train import dataset_mix
+
+    ds = SimpleNamespace(records=[SimpleNamespace(source=k) for k in (0, 0, 1, 1, 1, 1, 1, 1, 2, 2)])
+    srcs = [DatasetSource(ann_file="a", img_root="r"), DatasetSource(ann_file="b", img_root="r", fraction=0.5),
+            DatasetSource(ann_file="c", img_root="r")]
+    mix = dataset_mix(ds, srcs)
+    # b has its half; a and c share the other half by size (2 and 2 images)
+    assert [(g, round(f, 3)) for g, f in mix] == [([0, 1], 0.25), ([2, 3, 4, 5, 6, 7], 0.5), ([8, 9], 0.25)]
+    assert dataset_mix(ds, [DatasetSource(ann_file=x, img_root="r") for x in "abc"]) is None
+    # a set given a fraction but left without images (e.g. no pseudo label at all): said, and skipped
+    empty = SimpleNamespace(records=[SimpleNamespace(source=0)] * 3)
+    with caplog.at_level("WARNING"):
+        mix = dataset_mix(empty, srcs[:2])
+    assert mix == [([0, 1, 2], 1.0)] and "no usable images" in caplog.text
+
+
 def test_training_set_fractions_are_validated(tmp_path):
     with pytest.raises(ConfigError, match="fractions of the training sets add up to 1.200"):
         load_config(None, ["data.train=[{ann_file: a, img_root: b, fraction: 0.6}, {ann_file: c, img_root: d, fraction: 0.6}]"])

@@ -167,7 +167,9 @@ def dataset_mix(dataset, sources) -> list[tuple[list[int], float]] | None:
     for k, s in enumerate(sources):
         share = s.fraction if s.fraction is not None else (rest * len(groups[k]) / free_size if free_size else 0.0)
         if share > 0 and not groups[k]:
-            raise ConfigError(f"data.train[{k}] ({s.ann_file}): has a fraction of the epoch but no usable images")
+            log.warning("data.train[%d] (%s): no usable images, so its fraction %.2f of the epoch goes to the other "
+                        "sets", k, s.ann_file, share)
+            continue
         if share > 0:
             mix.append((groups[k], share))
     norm = sum(f for _, f in mix)

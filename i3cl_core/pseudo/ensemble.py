@@ -157,6 +157,7 @@ def run_ensemble(
 
     from i3cl_core.infer.predictor import resolve_device
     from i3cl_core.model.checkpoint import load_model
+    from i3cl_core.stages import fingerprint
 
     if not checkpoints and not extra:
         raise DatasetError("ensemble: give at least one checkpoint (or --extra prediction file)")
@@ -177,6 +178,15 @@ def run_ensemble(
         name = model_name(ckpt, taken)
         pred_dir = out / "predictions" / name
         pred_dir.mkdir(parents=True, exist_ok=True)
+        stamp, fp = pred_dir / "checkpoint.sha1", fingerprint(ckpt)
+        if stamp.exists() and stamp.read_text() != fp:
+            stale = sorted(pred_dir.glob("shard_*.json"))
+            log.warning("%s: the checkpoint %s changed since its shards were written; recomputing %d shards",
+                        pred_dir, ckpt, len(stale))
+            for f in stale:
+                f.unlink()
+            (pred_dir / "coverage.json").unlink(missing_ok=True)
+        stamp.write_text(fp)
         todo = [s for s in shards if not (pred_dir / s.name).exists()]
         done = len(shards) - len(todo)
         if todo:
