@@ -1,0 +1,269 @@
+"""Does the semi-supervised loop help? A controlled benchmark where labels are scarce.
+
+Synthetic data (seed 0, 320 px): 25 labeled train images, 400 unlabeled images (their ground truth
+hidden: read only to measure the pseudo labels), a labeled validation split of 25 images (the fusion
+threshold is chosen there, as a user would), and 100 test images. Per seed:
+
+1. teachers: two demo teachers (I3CL and plain Mask R-CNN) trained from scratch on the labeled images;
+2. ensemble: every teacher (with the test-time augmentation of ``--tta-flips``/``--tta-scales``) over
+   the unlabeled images and the validation split;
+3. fusion: Weighted Polygon Fusion; ``keep_thr`` is the best-F threshold of the fused validation
+   predictions (``i3cl_core.pseudo.thresholds``);
+4. arms, all from the same teacher checkpoint (the first teacher), same iterations, same schedule,
+   same seed of the data order:
+     control      labeled images only
+     ssl          labeled + pseudo labels, each weighted by its lossweight
+     ssl_uniform  labeled + the same pseudo labels, every weight 1 (isolates the weighting)
+     oracle       labeled + the unlabeled images with their true labels (the upper bound)
+     ssl_r2       round 2 of self-training: the ssl student plus the teachers label the unlabeled
+                  images again; trained as long again, from the ssl student
+5. every model on the test split (ArT protocol, each model's ``infer.score_thr``).
+
+Prints one table: mean and spread (min..max) over seeds of F per arm, the pseudo labels' P/R/F against
+the hidden ground truth, and each teacher's F on the unlabeled split at its best threshold.
+
+    .venv/bin/python benchmarks/bench_ssl.py [--seeds 1 2] [--work-dir work_dirs/bench_ssl]
+        [--arms control ssl ssl_uniform oracle] [--set-arms key=value ...] [--set-fuse key=value ...]
+
+About 30 minutes per seed on 2 idle CPU cores at 2.5-3 training images/s (2 x 400 teacher
+iterations, 4 x 300 arm iterations, 2 x 425 ensemble and 6 x 100 test inferences), one hour for the
+default two seeds; ssl_r2 (not in the default arms) adds about 7 minutes per seed. Finished trainings and ensemble shards
+are reused when the benchmark is run again on the same work dir with the same settings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ARMS = ("control", "ssl", "ssl_uniform", "oracle", "ssl_r2")
+
+
+def ensure_data(data: Path, args) -> dict:
+    from i3cl_core.stages import ensure_demo_data
+
+    return ensure_demo_data(data, seed=0, num_train=args.labeled, num_unlabeled=args.unlabeled, num_test=args.test,
+                            size=320, num_val=args.val)
+
+
+def train(config: str, out: Path, sets: list[dict], overrides: list[str], load_from: str | None = None) -> str:
+    """One training (the pipeline's torchrun command), skipped when ``out`` holds a finished run made
+    from the same resolved config and the same input files."""
+    from i3cl_core.stages import fingerprint, train_command, trained_checkpoint, write_train_config
+
+    stamp = out / "inputs.fingerprint"
+    previous = stamp.read_text() if stamp.exists() else None
+    cfg_path = write_train_config(config, out, sets, overrides, load_from)
+    fp = fingerprint(cfg_path, *[s["ann_file"] for s in sets], *([load_from] if load_from else []))
+    ckpt = trained_checkpoint(out)
+    if ckpt is not None and previous == fp:
+        return str(ckpt)
+    for name in ("checkpoints", "metrics.json", "metrics.jsonl"):
+        p = out / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    cfg_path = write_train_config(config, out, sets, overrides, load_from)
+    t0 = time.time()
+    with open(out / "train.log", "w", encoding="utf-8") as log:
+        rc = subprocess.run(train_command(cfg_path, out), stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
+    if rc != 0:
+        sys.exit(f"training {out} failed (exit {rc}); see {out / 'train.log'}")
+    stamp.write_text(fp)
+    summary = json.loads((out / "metrics.json").read_text())["summary"]
+    print(f"  trained {out.relative_to(out.parents[1])}: {summary.get('iterations')} iterations, "
+          f"{summary.get('images_per_s', 0):.2f} img/s, {time.time() - t0:.0f} s", flush=True)
+    return str(trained_checkpoint(out))
+
+
+def uniform_weights(src: Path, dst: Path) -> Path:
+    from i3cl_core.utils import atomic_write_json
+
+    data = json.loads(src.read_text())
+    for a in data["annotations"]:
+        if not a["iscrowd"]:
+            a["lossweight"] = 1.0
+    return atomic_write_json(dst, data)
+
+
+def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
+    from i3cl_core.config import load_config
+    from i3cl_core.pseudo.ensemble import run_ensemble
+    from i3cl_core.stages import evaluate_checkpoint, fingerprint, fuse_stage
+
+    sd = wd / f"seed{seed}"
+    t0 = time.time()
+    print(f"seed {seed}: teachers", flush=True)
+    teacher_sets = d["labeled"]
+    teachers = {}
+    for name in args.teachers:
+        teachers[name] = train(f"configs/demo/{name}.yaml", sd / "teachers" / name, teacher_sets,
+                               [f"train.seed={seed * 10 + len(teachers)}", *args.set_teachers])
+    t_teachers = time.time() - t0
+
+    print(f"seed {seed}: ensemble over {args.unlabeled} unlabeled + {args.val} validation images", flush=True)
+    t1 = time.time()
+    ens_kw = dict(shard_size=50, score_thr=0.05, device="cpu", flips=args.tta_flips, scales=args.tta_scales,
+                  progress=False)
+    ens_u = run_ensemble(list(teachers.values()), d["unlabeled_images"], sd / "ensemble_unlabeled",
+                         img_root=d["unlabeled_root"], **ens_kw)
+    ens_v = run_ensemble(list(teachers.values()), d["val"]["ann_file"], sd / "ensemble_val",
+                         img_root=d["val"]["img_root"], **ens_kw)
+    t_ensemble = time.time() - t1
+
+    fuse_cfg = load_config(None, [f"fuse.{o}" if not o.startswith("fuse.") else o for o in args.set_fuse]).fuse
+    pseudo = sd / "pseudo" / "train_lossweight.json"
+    summary = fuse_stage(ens_u["members"], ens_u["images_json"], str(pseudo), fuse_cfg, d["unlabeled_gt"],
+                         d["unlabeled_root"], ens_v["members"], d["val"]["ann_file"])
+    report = json.loads(Path(summary["report"]).read_text())
+    quality, chosen = report["quality"], report["keep_thr_selection"]
+    uniform = uniform_weights(pseudo, sd / "pseudo" / "train_uniform.json")
+    teacher_unl = {n: {"hmean": m["hmean"], "thr": m["best_threshold"]} for n, m in zip(teachers, quality["models"])}
+
+    u_root = d["unlabeled_root"]
+    mix = args.pseudo_fraction
+    arm_sets = {
+        "control": [],
+        "ssl": [{"ann_file": str(pseudo), "img_root": u_root, "fraction": mix}],
+        "ssl_uniform": [{"ann_file": str(uniform), "img_root": u_root, "fraction": mix}],
+        "oracle": [{"ann_file": d["unlabeled_gt"], "img_root": u_root, "fraction": mix}],
+    }
+    start = teachers[args.teachers[0]]
+    arm_ckpts, t_arms = {}, {}
+    round2 = None
+    for arm in args.arms:
+        print(f"seed {seed}: arm {arm}", flush=True)
+        if arm == "ssl_r2":  # round 2: the ssl student and the teachers label the unlabeled set again
+            if "ssl" not in arm_ckpts:
+                sys.exit("--arms: ssl_r2 needs the ssl arm (it starts from its student)")
+            t2 = time.time()
+            members = [arm_ckpts["ssl"], *teachers.values()]
+            e_u = run_ensemble(members, d["unlabeled_images"], sd / "r2_ensemble_unlabeled", img_root=u_root, **ens_kw)
+            e_v = run_ensemble(members, d["val"]["ann_file"], sd / "r2_ensemble_val", img_root=d["val"]["img_root"],
+                               **ens_kw)
+            pseudo2 = sd / "r2_pseudo" / "train_lossweight.json"
+            s2 = fuse_stage(e_u["members"], e_u["images_json"], str(pseudo2), fuse_cfg, d["unlabeled_gt"], u_root,
+                            e_v["members"], d["val"]["ann_file"])
+            round2 = {"pseudo": json.loads(Path(s2["report"]).read_text())["quality"]["fused"], "keep_thr": s2["keep_thr"]}
+            arm_ckpts[arm] = train("configs/demo/student.yaml", sd / "arms" / arm,
+                                   d["labeled"] + [{"ann_file": str(pseudo2), "img_root": u_root, "fraction": mix}],
+                                   [f"train.seed={seed}", *ARM_SCHEDULE, *args.set_arms], load_from=arm_ckpts["ssl"])
+            t_arms[arm] = time.time() - t2
+            continue
+        t2 = time.time()
+        arm_ckpts[arm] = train("configs/demo/student.yaml", sd / "arms" / arm, d["labeled"] + arm_sets[arm],
+                               [f"train.seed={seed}", *ARM_SCHEDULE, *args.set_arms], load_from=start)
+        t_arms[arm] = time.time() - t2
+
+    print(f"seed {seed}: evaluation on the test split", flush=True)
+    scores = {}
+    for name, ckpt in {**{f"teacher:{n}": c for n, c in teachers.items()}, **arm_ckpts}.items():
+        out = sd / "eval" / f"{name.replace(':', '_')}.json"
+        r = json.loads(out.read_text()) if out.exists() else None
+        if r is None or r.get("checkpoint_fingerprint") != fingerprint(ckpt):
+            r = evaluate_checkpoint(ckpt, d["test"]["ann_file"], d["test"]["img_root"], str(out))
+            r["checkpoint_fingerprint"] = fingerprint(ckpt)
+            out.write_text(json.dumps(r, indent=2))
+        scores[name] = {k: r[k] for k in ("precision", "recall", "hmean", "best_hmean", "score_thr")}
+    result = {"seed": seed, "scores": scores, "pseudo": quality["fused"], "pseudo_labels": summary["pseudo_labels"],
+              "dontcare": summary["dontcare"], "keep_thr": chosen["keep_thr"], "val_fused": chosen["val"],
+              "teachers_on_unlabeled": teacher_unl, "round2": round2,
+              "seconds": {"teachers": round(t_teachers), "ensemble": round(t_ensemble),
+                          **{f"arm_{a}": round(t) for a, t in t_arms.items()}, "total": round(time.time() - t0)}}
+    (sd / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+# every arm: same start, same number of iterations (12 epochs x 25 iterations of 2 images), same
+# learning-rate schedule and seed
+ARM_SCHEDULE = ["train.epochs=12", "train.iters_per_epoch=25", "train.lr_steps=[10]", "train.warmup_iters=20"]
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    m = statistics.fmean(values)
+    return f"{m:.3f} ({min(values):.3f}..{max(values):.3f})" if len(values) > 1 else f"{m:.3f}"
+
+
+def print_table(results: list[dict], args) -> None:
+    print("\n" + "=" * 86)
+    print(f"SSL benchmark: {args.labeled} labeled / {args.unlabeled} unlabeled / {args.val} val / {args.test} test images, "
+          f"seeds {[r['seed'] for r in results]}")
+    print(f"{'row':<34} {'F mean (min..max)':>22} {'P mean':>8} {'R mean':>8}  per seed")
+    print("-" * 86)
+    rows = [f"teacher:{n}" for n in args.teachers] + list(args.arms)
+    for row in rows:
+        vals = [r["scores"][row] for r in results if row in r["scores"]]
+        f = [v["hmean"] for v in vals]
+        print(f"{row:<34} {spread(f):>22} {statistics.fmean(v['precision'] for v in vals):>8.3f} "
+              f"{statistics.fmean(v['recall'] for v in vals):>8.3f}  {' '.join(f'{x:.3f}' for x in f)}")
+    print("-" * 86)
+    pf = [r["pseudo"]["hmean"] for r in results]
+    print(f"{'pseudo labels vs hidden GT':<34} {spread(pf):>22} {statistics.fmean(r['pseudo']['precision'] for r in results):>8.3f} "
+          f"{statistics.fmean(r['pseudo']['recall'] for r in results):>8.3f}  keep_thr {[r['keep_thr'] for r in results]}")
+    for n in args.teachers:
+        tf = [r["teachers_on_unlabeled"][n]["hmean"] for r in results]
+        print(f"{'teacher ' + n + ' on unlabeled (best thr)':<34} {spread(tf):>22}   "
+              f"thr {[r['teachers_on_unlabeled'][n]['thr'] for r in results]}")
+    best_t = [max(v["hmean"] for v in r["teachers_on_unlabeled"].values()) for r in results]
+    print("-" * 86)
+
+    def diff(a, b):
+        d = [r["scores"][a]["hmean"] - r["scores"][b]["hmean"] for r in results if a in r["scores"] and b in r["scores"]]
+        return spread(d)
+
+    if "ssl" in args.arms and "control" in args.arms:
+        print(f"{'ssl - control':<34} {diff('ssl', 'control'):>22}   (goal >= +0.030)")
+    if "ssl" in args.arms and "ssl_uniform" in args.arms:
+        print(f"{'ssl - ssl_uniform':<34} {diff('ssl', 'ssl_uniform'):>22}   (goal >= 0)")
+    if "oracle" in args.arms and "control" in args.arms:
+        print(f"{'oracle - control':<34} {diff('oracle', 'control'):>22}")
+    if "ssl_r2" in args.arms:
+        print(f"{'ssl_r2 - ssl (round 2 over 1)':<34} {diff('ssl_r2', 'ssl'):>22}   (round 2 trains its "
+              "iterations again, from the ssl student)")
+        p2 = [r["round2"]["pseudo"]["hmean"] for r in results if r.get("round2")]
+        print(f"{'round-2 pseudo labels vs hidden GT':<34} {spread(p2):>22}")
+    print(f"{'pseudo labels - best teacher':<34} {spread([p - b for p, b in zip(pf, best_t)]):>22}   (goal >= +0.020)")
+    secs = [r["seconds"] for r in results]
+    print(f"time per seed (s): {secs}")
+    print("=" * 86)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="data/bench_ssl")
+    ap.add_argument("--work-dir", default="work_dirs/bench_ssl")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--arms", nargs="+", default=list(ARMS[:4]), choices=ARMS)
+    ap.add_argument("--teachers", nargs="+", default=["teacher_a", "teacher_c"])
+    ap.add_argument("--labeled", type=int, default=25)
+    ap.add_argument("--unlabeled", type=int, default=400)
+    ap.add_argument("--val", type=int, default=25)
+    ap.add_argument("--test", type=int, default=100)
+    ap.add_argument("--tta-flips", nargs="*", default=[], choices=["h", "v"])
+    ap.add_argument("--tta-scales", nargs="*", type=int, default=[])
+    ap.add_argument("--pseudo-fraction", type=float, default=0.5,
+                    help="share of every batch from the unlabeled images (as the pipeline's train.pseudo_fraction)")
+    ap.add_argument("--set-teachers", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--set-arms", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--set-fuse", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args()
+    args.set_teachers = TEACHER_SCHEDULE + args.set_teachers
+
+    d = ensure_data(Path(args.data), args)
+    wd = Path(args.work_dir)
+    results = [run_seed(s, d, args, wd) for s in args.seeds]
+    (wd / "results.json").write_text(json.dumps(results, indent=2))
+    print_table(results, args)
+
+
+# the teachers: 16 epochs of 25 iterations (400 iterations of 2 images), lr x0.1 after epoch 13
+TEACHER_SCHEDULE = ["train.epochs=16", "train.iters_per_epoch=25", "train.lr_steps=[13]", "train.warmup_iters=50"]
+
+if __name__ == "__main__":
+    main()
