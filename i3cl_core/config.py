@@ -42,12 +42,12 @@ class DatasetSource(_Strict):
 
 
 class AugmentConfig(_Strict):
-    """The training augmentations of I3CL_SPEC.md C.2."""
+    """The training augmentations (docs/model.md)."""
 
     flip: Literal["original", "random", "none"] = Field(
         "original",
         description="original: every image is flipped, horizontally or vertically with p 0.5 each "
-        "(the release's behaviour, spec G.10); random: horizontal and vertical flips each with their "
+        "(the release's behaviour, docs/model.md); random: horizontal and vertical flips each with their "
         "own probability; none: no flips",
     )
     hflip_prob: float = Field(0.5, ge=0.0, le=1.0)

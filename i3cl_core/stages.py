@@ -1,7 +1,7 @@
 """The semi-supervised pipeline's stages as plain functions (paths and configs in, paths and small
 summaries out). ``flows/`` wraps them in Prefect flows and tasks; nothing here imports Prefect.
 
-One run is one ``work_dir`` (DESIGN.md section 4)::
+One run is one ``work_dir``::
 
     pipeline.json                              version marker of the layout
     teachers/<name>/config.yaml, checkpoints/latest.pth, metrics.json, train.log

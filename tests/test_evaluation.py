@@ -1,4 +1,4 @@
-"""Evaluation protocols against the hand-made cases of EVAL_PROTOCOLS.md section 7, plus I/O and CLI.
+"""Evaluation protocols against hand-made cases, plus I/O and CLI.
 
 Geometry is built here from the case descriptions. Expected numbers are the table's RRC-style columns
 (``curved`` / ``mm-van``) for art/ctw1500/icdar2015 and ``dtv.7/.6`` for totaltext, except where our documented

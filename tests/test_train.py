@@ -199,7 +199,7 @@ def test_two_process_gloo_ddp_matches_one_process(tmp_path, tiny_data):
     # per-process batch 1 x 2 processes == batch 2 x 1 process. IntraCL/InterCL off: their BatchNorm
     # uses per-process statistics (as the release), which legitimately differs from a batch of 2.
     # A positive fraction of 1/128 makes every image contribute exactly one positive RoI, so the
-    # batch-level normalisers (spec B: the mask loss is a mean over all positives of the batch) equal
+    # batch-level normalisers (as in the release: the mask loss is a mean over all positives of the batch) equal
     # the mean of per-process ones, as DDP's gradient averaging computes.
     common = dict(epochs=1, warmup_iters=0, lr=0.005)
     one = write_cfg(tmp_path / "one.yaml", tiny_data, batch_size=2, **common)

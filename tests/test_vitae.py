@@ -69,7 +69,7 @@ def test_drop_path_schedules():
     step = 0.3 / 13
     cumulative = rates(ViTAEv2Backbone(drop_path_rate=0.3))
     assert cumulative[0] == [0.0, round(step, 4)] and cumulative[3] == [round(12 * step, 4), 0.3]
-    release = rates(ViTAEv2Backbone(drop_path_rate=0.3, drop_path_schedule="release"))  # spec G.14
+    release = rates(ViTAEv2Backbone(drop_path_rate=0.3, drop_path_schedule="release"))  # the release's schedule, docs/model.md
     assert release[2][0] == round(2 * step, 4) and release[3] == [round(8 * step, 4), round(9 * step, 4)]
 
 

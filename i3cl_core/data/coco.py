@@ -1,7 +1,7 @@
 """COCO polygon datasets for text detection.
 
 One :class:`CocoTextDataset` concatenates one or more (annotation file, image root) pairs. It reads
-the fields of I3CL_SPEC.md C.1: ``segmentation`` (polygon list or RLE), ``bbox``, ``iscrowd`` or
+these fields: ``segmentation`` (polygon list or RLE), ``bbox``, ``iscrowd`` or
 ``ignore`` (do-not-care regions), and an optional per-annotation ``lossweight`` (default 1.0). The
 original release's files (``data/art/train.json`` + ``train_images/``, ``*_lossweight.json``) load
 unchanged.

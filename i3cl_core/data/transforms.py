@@ -1,4 +1,4 @@
-"""Training augmentations of I3CL_SPEC.md C.2, applied to the image and its polygons together.
+"""Training augmentations (docs/model.md), applied to the image and its polygons together.
 
 Every transform is a callable ``(sample, rng) -> sample`` where ``rng`` is a
 ``numpy.random.Generator``; a pipeline is therefore deterministic under a seed. Instances (text and
@@ -93,7 +93,7 @@ class Compose:
 
 
 class RandomFlip:
-    """``original``: every image flipped, horizontally or vertically with p 0.5 each (spec G.10);
+    """``original``: every image flipped, horizontally or vertically with p 0.5 each (docs/model.md);
     ``random``: horizontal with ``hprob`` and vertical with ``vprob``, independently; ``none``."""
 
     def __init__(self, mode: str = "original", hprob: float = 0.5, vprob: float = 0.5):
@@ -249,7 +249,7 @@ class OneOf:
 
 
 def build_train_transform(aug) -> Compose:
-    """The pipeline of spec C.2 from an :class:`i3cl_core.config.AugmentConfig`."""
+    """The augmentation pipeline from an :class:`i3cl_core.config.AugmentConfig`."""
     resize = Resize(aug.scales, aug.min_instance_area)
 
     def photometric():

@@ -1,4 +1,4 @@
-"""Output formats of detections (DESIGN.md section 4, I3CL_SPEC.md section E).
+"""Output formats of detections (docs/model.md).
 
 * COCO results: ``{"image_id", "category_id": 1, "segmentation": [[x1, y1, ...]], "bbox": [x, y, w, h],
   "score"}``, polygons in original image coordinates, clockwise on screen;

@@ -1,4 +1,4 @@
-"""Backbones (C2-C5 at strides 4/8/16/32) and the FPN (P2-P6), spec A.1-A.2.
+"""Backbones (C2-C5 at strides 4/8/16/32) and the FPN (P2-P6).
 
 * torchvision ResNets (``resnet18/34/50/101``): the stem and the first ``frozen_stages`` stages are
   frozen; with ``norm_eval`` every BatchNorm keeps its running statistics frozen while its affine

@@ -2,7 +2,7 @@
 the original mmdetection-based I3CL release.
 
 The original's parameter names are mapped to ours (table below), the 63-class heads are cut down to
-our classes (spec A.7), and the result is loaded strictly into ``build_model(cfg)`` and written as an
+our classes, and the result is loaded strictly into ``build_model(cfg)`` and written as an
 i3cl checkpoint. Every key of the original is either mapped or deliberately dropped; anything else
 is listed and makes the command fail.
 
@@ -38,7 +38,7 @@ Dropped on purpose: buffers we recompute (``relative_position_index``, ``attn_ma
 The config decides which modules exist: IntraCL/InterCL tensors of the original are dropped when
 the config switches the module off, and a module the config switches on but the original lacks
 (e.g. a mixtrain-stage checkpoint, modules off) keeps its fresh initialisation. Both are reported.
-The release's GCG 1x1 convs had padding=1 (spec G.2), which we fix to 0, so with InterCL on the
+The release's GCG 1x1 convs had padding=1 (docs/model.md), which we fix to 0, so with InterCL on the
 converted model's outputs are close to, but not bit-identical with, the original's.
 """
 from __future__ import annotations
@@ -82,7 +82,7 @@ _DROP = re.compile(r"(relative_position_index|attn_mask)$")
 _STAGE_OF_KERNEL = {7: 0, 5: 1, 3: 2}
 _BRANCH = {"c": "square", "v": "vertical", "q": "horizontal"}
 
-GCG_NOTE = ("note: the release's GCG 1x1 convs had padding=1 (spec G.2); ours have padding 0, so the converted "
+GCG_NOTE = ("note: the release's GCG 1x1 convs had padding=1 (docs/model.md); ours have padding 0, so the converted "
             "model's InterCL context differs slightly and outputs are not bit-identical with the original")
 
 

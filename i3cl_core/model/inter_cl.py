@@ -1,4 +1,4 @@
-"""InterCL: the inter-instance block with global context (I3CL_SPEC.md A.6).
+"""InterCL: the inter-instance block with global context.
 
 Applied to the mask branch's RoI features R [N, C, 14, 14] between the mask RoIAlign and the mask
 head. It runs per image: the n_i RoIs of image i form one sequence, so attention is across the
@@ -7,7 +7,7 @@ inference (the release only ran batch size 1 at test).
 
 1. Global context (GCG): for each level P2-P5 a bias-free 1x1 conv, then global average pooling over
    the image's valid (unpadded) area; the four vectors are summed: g_i in R^C. The release's
-   ``padding=1`` on these 1x1 convs is fixed to 0 (spec G.2), and pooling skips the batch padding so
+   ``padding=1`` on these 1x1 convs is fixed to 0 (docs/model.md), and pooling skips the batch padding so
    an image's context does not depend on the other images in its batch.
 2. Instance transformer: conv1x1(C -> 32) -> adaptive max pool 3x3 -> 288-d tokens -> a 3-layer,
    4-head post-norm TransformerEncoder (FFN 2048, dropout 0.1, no positional encoding) -> back to

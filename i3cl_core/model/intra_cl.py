@@ -1,4 +1,4 @@
-"""IntraCL: the intra-instance multi-receptive-field block (I3CL_SPEC.md A.3).
+"""IntraCL: the intra-instance multi-receptive-field block.
 
 One block per FPN level (P2-P6, no weight sharing), applied to the FPN outputs before both the RPN
 and the RoI extractors. With C input channels and c = C/4:

@@ -1,4 +1,4 @@
-"""RoI heads of I3CL_SPEC.md A.5: box branch (Shared2FC), mask branch (FCN, with InterCL in front),
+"""RoI heads: box branch (Shared2FC), mask branch (FCN, with InterCL in front),
 per-instance loss weights (B) and do-not-care regions.
 
 * RoIAlign with ``aligned=True``, 7x7 for boxes and 14x14 for masks, on P2-P5 with the canonical
@@ -99,7 +99,7 @@ class MaskHead(nn.Module):
 def weighted_fastrcnn_loss(
     class_logits: Tensor, box_regression: Tensor, labels: Tensor, regression_targets: Tensor, weights: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """R-CNN losses of spec B over the sampled RoIs of the batch. ``weights`` holds each sampled
+    """R-CNN losses over the sampled RoIs of the batch. ``weights`` holds each sampled
     RoI's label weight: the matched GT's lossweight for positives, 1 for negatives."""
     ce = F.cross_entropy(class_logits, labels, reduction="none")
     loss_cls = (ce * weights).sum() / max(int((weights > 0).sum()), 1)

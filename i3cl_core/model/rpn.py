@@ -1,4 +1,4 @@
-"""Region proposal network of I3CL_SPEC.md A.4, with per-instance loss weights (B) and
+"""Region proposal network with per-instance loss weights and
 do-not-care regions.
 
 Built on torchvision's anchor generator, head, box coder, sampler and proposal filtering; what
@@ -85,7 +85,7 @@ def balanced_sample(labels: Tensor, batch_size: int, positive_fraction: float, g
 def weighted_rpn_loss(
     objectness: Tensor, deltas: Tensor, labels: Tensor, targets: Tensor, weights: Tensor, sampled_pos: Tensor, sampled_neg: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """RPN losses (spec B). All inputs are concatenated over the batch; ``weights`` is the matched
+    """RPN losses. All inputs are concatenated over the batch; ``weights`` is the matched
     GT's lossweight per anchor; ``sampled_pos``/``sampled_neg`` are index tensors."""
     sampled = torch.cat([sampled_pos, sampled_neg])
     num = max(sampled.numel(), 1)

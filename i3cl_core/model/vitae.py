@@ -1,4 +1,4 @@
-"""ViTAEv2-S backbone (window attention without shift in stages 1-2, global attention in 3-4), spec A.1.
+"""ViTAEv2-S backbone (window attention without shift in stages 1-2, global attention in 3-4).
 
 ViTAEv2 stacks four stages. Each stage starts with a *reduction cell* (RC) that downsamples and
 widens the token map, followed by ``depth`` *normal cells* (NC). Both cell types run a
@@ -30,7 +30,7 @@ multiple of the window and crops afterwards. At sizes divisible by 32 (the detec
 nothing is padded before the reduction cells, the same as the original.
 
 Stochastic depth: linspace(0, drop_path_rate, sum(depths)) sliced *cumulatively* per stage. The
-release slices with the previous stage's depth instead (spec G.14: [0:2], [2:4], [2:10], [8:10]);
+release slices with the previous stage's depth instead (docs/model.md: [0:2], [2:4], [2:10], [8:10]);
 ``drop_path_schedule="release"`` reproduces that.
 
 Parameter names follow the layout of the official ViTAEv2 code as far as we know it
@@ -320,7 +320,7 @@ class ViTAEv2Backbone(FreezableBackbone):
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         if drop_path_schedule == "cumulative":
             starts = [sum(depths[:i]) for i in range(len(depths))]
-        elif drop_path_schedule == "release":  # spec G.14: offset by the previous stage's depth only
+        elif drop_path_schedule == "release":  # docs/model.md: offset by the previous stage's depth only
             starts = [0] + depths[:-1]
         else:
             raise ValueError(f"drop_path_schedule: {drop_path_schedule!r} (cumulative or release)")

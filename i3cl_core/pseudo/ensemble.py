@@ -1,6 +1,6 @@
 """``i3cl ensemble``: every model over an unlabeled image set, sharded and resumable.
 
-Layout written under ``--out`` (DESIGN.md section 4)::
+Layout written under ``--out``::
 
     images.json                       the unlabeled set (COCO images with sizes): IMAGES.json for fuse
     predictions/<model>/shard_00000.json   COCO results of one model on one shard, written atomically

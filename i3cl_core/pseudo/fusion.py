@@ -1,4 +1,4 @@
-"""Weighted Polygon Fusion (DESIGN.md section 5): the polygon counterpart of Weighted Boxes Fusion.
+"""Weighted Polygon Fusion: the polygon counterpart of Weighted Boxes Fusion.
 
 Per image, K models each give (polygon, score) predictions; model k has weight w_k.
 
