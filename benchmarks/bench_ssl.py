@@ -55,12 +55,12 @@ def ensure_data(data: Path, args) -> dict:
 def train(config: str, out: Path, sets: list[dict], overrides: list[str], load_from: str | None = None) -> str:
     """One training (the pipeline's torchrun command), skipped when ``out`` holds a finished run made
     from the same resolved config and the same input files."""
-    from i3cl_core.stages import fingerprint, train_command, trained_checkpoint, write_train_config
+    from i3cl_core.stages import train_command, trained_checkpoint, training_fingerprint, write_train_config
 
     stamp = out / "inputs.fingerprint"
     previous = stamp.read_text() if stamp.exists() else None
     cfg_path = write_train_config(config, out, sets, overrides, load_from)
-    fp = fingerprint(cfg_path, *[s["ann_file"] for s in sets], *([load_from] if load_from else []))
+    fp = training_fingerprint(cfg_path, sets, load_from)
     ckpt = trained_checkpoint(out)
     if ckpt is not None and previous == fp:
         return str(ckpt)

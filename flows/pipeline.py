@@ -179,7 +179,7 @@ def _train(spec: ModelSpec, out: Path, wd: Path, data: dict, train: TrainParams,
     sets = data["labeled"] + (extra_sets or [])
     overrides = [*train.overrides, *spec.overrides, *(extra_overrides or [])]
     cfg_path = stages.write_train_config(_config_path(spec.config), out, sets, overrides, load_from)
-    fp = fingerprint(cfg_path, *[s["ann_file"] for s in sets], *([load_from] if load_from else []))
+    fp = stages.training_fingerprint(cfg_path, sets, load_from)
     return _run_cached(train_model.with_options(result_storage=_storage(wd)), stages.trained_checkpoint(out) is not None,
                        name=name or spec.name, config_path=str(cfg_path), out_dir=str(out), nproc_per_node=train.nproc_per_node,
                        inputs_fingerprint=fp)

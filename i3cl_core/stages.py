@@ -119,6 +119,12 @@ def write_train_config(base_config: str, out_dir: Path, train_sets: list[dict], 
     return save_config(cfg, out_dir / "config.yaml")
 
 
+def training_fingerprint(config_path: Path, train_sets: list[dict], load_from: str | None = None) -> str:
+    """What a finished training depends on: its resolved config and the contents of its annotation
+    files and start checkpoint (a rewritten pseudo-label file under the same name counts as new)."""
+    return fingerprint(config_path, *[s["ann_file"] for s in train_sets], *([load_from] if load_from else []))
+
+
 def train_command(config_path: Path, work_dir: Path, nproc_per_node: int = 1, resume: bool = False) -> list[str]:
     """The torchrun command line of one training (``--standalone``: single node, free port)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
