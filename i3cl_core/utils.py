@@ -56,6 +56,8 @@ def read_json(path: str | os.PathLike) -> Any:
     from i3cl_core.data.errors import DatasetError
 
     path = Path(path)
+    if path.is_dir():
+        raise DatasetError(f"{path}: is a folder; expected a json file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     try:

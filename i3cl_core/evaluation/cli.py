@@ -4,6 +4,10 @@ Output: a table by default; with ``--json``, JSON Lines on stdout: one object pe
 art, totaltext, ctw1500, icdar2015 for ``--protocol all``), then one ``{"protocol": "coco_map", ...}`` object
 with ``--coco-map``. With ``--sweep`` a protocol's object is ``{"protocol", "best": {...}, "sweep": [...]}``.
 ``--out FILE`` also writes all objects as one JSON list.
+
+Problems that make a score meaningless (no image shared by ground truth and predictions, predictions for
+images the ground truth does not have, skipped GT polygons) are warnings on stderr in every output mode;
+with ``--strict`` the first two exit with code 3 (after printing the scores).
 """
 from __future__ import annotations
 
@@ -12,12 +16,14 @@ import json
 import sys
 
 PROTOCOL_CHOICES = ("art", "totaltext", "ctw1500", "icdar2015", "all")
+GT_FORMATS = "a COCO dataset json or an ArT json ({'gt_<n>': [...]})"
+PRED_FORMATS = "a COCO results json (a list), a COCO dataset json with scored annotations, or an ArT submission json ({'res_<n>': [...]})"
+EXIT_STRICT = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gt", required=True, help="ground truth: COCO dataset json or ArT json ({'gt_<n>': [...]})")
-    parser.add_argument("--pred", required=True,
-                        help="predictions: COCO results list or ArT submission json ({'res_<n>': [...]})")
+    parser.add_argument("--gt", required=True, help=f"ground truth: {GT_FORMATS}")
+    parser.add_argument("--pred", required=True, help=f"predictions: {PRED_FORMATS}")
     parser.add_argument("--protocol", default="art", choices=PROTOCOL_CHOICES,
                         help="art/ctw1500/icdar2015: RRC-style IoU>0.5; totaltext: DetEval (default: art)")
     parser.add_argument("--json", action="store_true", help="print JSON Lines (one object per protocol) instead of a table")
@@ -30,12 +36,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="IoU protocols: RRC greedy (default) or greedy by descending IoU")
     parser.add_argument("--tr", type=float, default=0.7, help="DetEval recall (sigma) threshold (default 0.7)")
     parser.add_argument("--tp", type=float, default=0.6, help="DetEval precision (tau) threshold (default 0.6)")
+    parser.add_argument("--deteval-mode", default="strict", choices=("strict", "official"),
+                        help="totaltext: strict (default: one detection must pass both tests in the one-to-one "
+                             "pass) or official (the rules of Total-Text's Deteval.py; docs/evaluation.md)")
+    parser.add_argument("--strict", action="store_true",
+                        help=f"exit {EXIT_STRICT} when no image is shared by --gt and --pred or when predictions "
+                             "name images that are not in the ground truth")
     parser.add_argument("--out", default=None, help="also write the results to this JSON file (a list)")
 
 
 def _options(protocol: str, args) -> dict:
     if protocol == "totaltext":
-        return {"tr": args.tr, "tp": args.tp}
+        return {"tr": args.tr, "tp": args.tp, "deteval_mode": args.deteval_mode}
     return {"match": args.match}
 
 
@@ -54,6 +66,13 @@ def run(args) -> int:
     from i3cl_core.evaluation.core import PROTOCOLS, prepare
     from i3cl_core.evaluation.io import load_ground_truth, load_predictions
 
+    from pathlib import Path
+
+    from i3cl_core.data.errors import DatasetError
+
+    for flag, path, formats in (("--gt", args.gt, GT_FORMATS), ("--pred", args.pred, PRED_FORMATS)):
+        if Path(path).is_dir():
+            raise DatasetError(f"{flag} {path}: is a folder; give a json file: {formats}")
     gt = load_ground_truth(args.gt)
     preds = load_predictions(args.pred, gt)
     prep = prepare(gt, preds)
@@ -77,24 +96,38 @@ def run(args) -> int:
             print(json.dumps(obj, ensure_ascii=False))
     else:
         print(format_report(objects))
-        _warnings(objects, sys.stderr)
+    serious = _warnings(objects, len(preds.by_image), sys.stderr)
     if args.out:
         from i3cl_core.utils import atomic_write_json
 
         atomic_write_json(args.out, objects, indent=1)
+    if serious and args.strict:
+        print(f"--strict: exit {EXIT_STRICT}", file=sys.stderr)
+        return EXIT_STRICT
     return 0
 
 
-def _warnings(objects, stream) -> None:
+def _warnings(objects, num_known_images: int, stream) -> bool:
+    """Print the warnings on ``stream``; True when the images of the two files do not correspond."""
     first = next((o.get("best") or o for o in objects if o.get("protocol") != "coco_map"), None)
     if not first:
-        return
-    if first.get("num_unknown_images"):
-        print(f"warning: {first['num_unknown_predictions']} predictions for {first['num_unknown_images']} images not "
+        return False
+    serious = False
+    n_unknown = first.get("num_unknown_images", 0)
+    if n_unknown and not num_known_images:
+        print(f"warning: the ground truth and the predictions share no image: all {n_unknown} predicted images "
+              f"are unknown to the ground truth (first ids: {first['unknown_image_ids']}); the scores are 0 by "
+              "construction. Check that both files use the same ids (COCO image_id, or ArT gt_<n> / res_<n>).",
+              file=stream)
+        serious = True
+    elif n_unknown:
+        print(f"warning: {first['num_unknown_predictions']} predictions for {n_unknown} images not "
               f"in the ground truth were ignored (first ids: {first['unknown_image_ids']})", file=stream)
+        serious = True
     if first.get("num_invalid_gt"):
         print(f"warning: {first['num_invalid_gt']} GT polygons with < 3 points, non-finite coordinates or zero area "
               f"were skipped", file=stream)
+    return serious
 
 
 def format_report(objects: list[dict]) -> str:

@@ -20,6 +20,9 @@ from .geometry import STATUS_INVALID, STATUS_REPAIRED, build_geometries, candida
 PROTOCOLS = ("art", "totaltext", "ctw1500", "icdar2015")
 IOU_PROTOCOLS = ("art", "ctw1500", "icdar2015")
 MATCH_MODES = ("greedy", "best_iou")
+# ``strict``: the one-to-one pass needs one detection that passes both sigma and tau (our reading of the
+# protocol); ``official``: the rules of Total-Text's published ``Deteval.py`` (see _deteval_image)
+DETEVAL_MODES = ("strict", "official")
 DEFAULT_SWEEP = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 .. 0.95
 MAX_REPORTED_UNKNOWN = 10
 
@@ -141,7 +144,7 @@ class PreparedEval:
     # ------------------------------------------------------------------ public
     def evaluate(self, protocol: str = "art", score_thr: float | None = None, *, match: str = "greedy",
                  iou_thr: float = 0.5, dc_thr: float = 0.5, tr: float = 0.7, tp: float = 0.6,
-                 split_credit: float = 0.8) -> dict:
+                 split_credit: float = 0.8, deteval_mode: str = "strict") -> dict:
         """Dataset-wide P/R/H-mean and the counts behind them for one protocol."""
         if protocol in IOU_PROTOCOLS:
             if match not in MATCH_MODES:
@@ -149,8 +152,10 @@ class PreparedEval:
             res = self._iou_protocol(score_thr, match, iou_thr, dc_thr)
             res.update(match=match, iou_thr=iou_thr)
         elif protocol == "totaltext":
-            res = self._deteval(score_thr, tr, tp, dc_thr, split_credit)
-            res.update(tr=tr, tp=tp)
+            if deteval_mode not in DETEVAL_MODES:
+                raise ValueError(f"deteval_mode must be one of {DETEVAL_MODES}, got {deteval_mode!r}")
+            res = self._deteval(score_thr, tr, tp, dc_thr, split_credit, deteval_mode == "official")
+            res.update(tr=tr, tp=tp, deteval_mode=deteval_mode)
         else:
             raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}")
         out = {"protocol": protocol, "precision": res.pop("precision"), "recall": res.pop("recall"),
@@ -214,7 +219,7 @@ class PreparedEval:
                     num_matched=n_match, num_gt_dontcare=n_gt_dc, num_det_dontcare=n_det_dc,
                     num_invalid_det=n_invalid, num_repaired_det=n_repaired)
 
-    def _deteval(self, score_thr, tr, tp, dc_thr, k) -> dict:
+    def _deteval(self, score_thr, tr, tp, dc_thr, k, official) -> dict:
         n_gt = n_det = n_gt_dc = n_det_dc = n_invalid = n_repaired = 0
         rec = prec = 0.0
         counts = {"one_to_one": 0, "split": 0, "merge": 0}
@@ -237,7 +242,7 @@ class PreparedEval:
             sigma = np.round(inter / im.gt_area[im.gt_care][:, None], 2)
             with np.errstate(divide="ignore", invalid="ignore"):
                 tau = np.round(np.where(d_area[None, :] > 0, inter / np.where(d_area > 0, d_area, 1)[None, :], 0.0), 2)
-            r, p, c = _deteval_image(sigma, tau, tr, tp, k)
+            r, p, c = _deteval_image(sigma, tau, tr, tp, k, official)
             rec += r
             prec += p
             for name in counts:
@@ -284,8 +289,20 @@ def _best_iou(iou: np.ndarray, thr: float) -> int:
     return n
 
 
-def _deteval_image(sigma: np.ndarray, tau: np.ndarray, tr: float, tp: float, k: float):
-    """DetEval on one image (rows = care GT in file order, columns = care detections in file order)."""
+def _deteval_image(sigma: np.ndarray, tau: np.ndarray, tr: float, tp: float, k: float, official: bool = False):
+    """DetEval on one image (rows = care GT in file order, columns = care detections in file order).
+
+    The two modes differ in three places, all where detections overlap several objects:
+
+    * one-to-one, ``strict``: the GT's only detection with sigma > tr is also its only one with tau > tp,
+      and that detection passes either test for no other GT. ``official``: the GT has exactly one
+      detection with sigma > tr and exactly one with tau > tp (they may be different detections); the
+      first passes sigma > tr for no other GT, the second tau > tp for no other GT; the sigma one is used.
+    * split candidates: ``strict`` takes free detections with sigma > 0 and tau >= tp; ``official`` every
+      free detection with tau >= tp (sigma may have rounded to 0).
+    * merge candidates: ``strict`` takes free GT with tau > 0 and sigma >= tp; ``official`` every free GT
+      with sigma >= tp.
+    """
     n_g, n_d = sigma.shape
     gt_free = np.ones(n_g, dtype=bool)
     det_free = np.ones(n_d, dtype=bool)
@@ -293,24 +310,26 @@ def _deteval_image(sigma: np.ndarray, tau: np.ndarray, tr: float, tp: float, k: 
     counts = {"one_to_one": 0, "split": 0, "merge": 0}
     s_hit = sigma > tr
     t_hit = tau > tp
-    # 1) one-to-one: the GT has exactly one detection with sigma > tr and exactly one with tau > tp, it is the
-    #    same detection, and that detection qualifies (sigma > tr, tau > tp) for no other GT
+    # 1) one-to-one
     s_cnt, t_cnt = s_hit.sum(axis=1), t_hit.sum(axis=1)
     s_arg, t_arg = s_hit.argmax(axis=1), t_hit.argmax(axis=1)
-    one = (s_cnt == 1) & (t_cnt == 1) & (s_arg == t_arg)
-    one &= (s_hit.sum(axis=0)[s_arg] == 1) & (t_hit.sum(axis=0)[s_arg] == 1)
-    # column uniqueness means no detection is claimed by two rows, so this pass is order independent
+    one = (s_cnt == 1) & (t_cnt == 1)
+    if official:
+        one &= (s_hit.sum(axis=0)[s_arg] == 1) & (t_hit.sum(axis=0)[t_arg] == 1)
+    else:
+        one &= (s_arg == t_arg) & (s_hit.sum(axis=0)[s_arg] == 1) & (t_hit.sum(axis=0)[s_arg] == 1)
+    # column uniqueness of sigma > tr means no detection is claimed by two rows: order independent
     gt_free[one] = False
     det_free[s_arg[one]] = False
     n_one = int(one.sum())
     rec += n_one
     prec += n_one
     counts["one_to_one"] += n_one
-    # 2) one-to-many (split): a free GT overlapped by >= 2 detections; candidates = free detections with
-    #    tau >= tp; one candidate -> one-to-one if sigma >= tr; several -> credit k if their sigma sum >= tr
+    # 2) one-to-many (split): a free GT overlapped by >= 2 detections (sigma > 0); one candidate ->
+    #    one-to-one if sigma >= tr; several -> credit k if their sigma sum >= tr
     for g in np.flatnonzero(gt_free & ((sigma > 0).sum(axis=1) >= 2)):
-        nz = np.flatnonzero(sigma[g] > 0)
-        cand = nz[det_free[nz] & (tau[g, nz] >= tp)]
+        pool = np.arange(n_d) if official else np.flatnonzero(sigma[g] > 0)
+        cand = pool[det_free[pool] & (tau[g, pool] >= tp)]
         if len(cand) == 1:
             d = cand[0]
             if sigma[g, d] >= tr and tau[g, d] >= tp:
@@ -324,13 +343,14 @@ def _deteval_image(sigma: np.ndarray, tau: np.ndarray, tr: float, tp: float, k: 
             rec += k
             prec += k * len(cand)
             counts["split"] += 1
-    # 3) many-to-one (merge): a free detection overlapping >= 2 GT; candidates = free GT with sigma >= tp;
-    #    one candidate -> one-to-one if sigma >= tr and tau >= tp; several -> credit if their tau sum >= tp
+    # 3) many-to-one (merge): a free detection overlapping >= 2 GT (tau > 0); candidates = free GT with
+    #    sigma >= tp (tp, as the published code has it); one -> one-to-one if sigma >= tr and tau >= tp;
+    #    several -> credit if their tau sum >= tp
     for d in np.flatnonzero((tau > 0).sum(axis=0) >= 2):
         if not det_free[d]:
             continue
-        nz = np.flatnonzero(tau[:, d] > 0)
-        cand = nz[gt_free[nz] & (sigma[nz, d] >= tp)]
+        pool = np.arange(n_g) if official else np.flatnonzero(tau[:, d] > 0)
+        cand = pool[gt_free[pool] & (sigma[pool, d] >= tp)]
         if len(cand) == 1:
             g = cand[0]
             if sigma[g, d] >= tr and tau[g, d] >= tp:
@@ -368,7 +388,8 @@ def evaluate(gt, preds, protocol: str = "art", score_thr: float | None = None, *
     """Score ``preds`` against ``gt`` with one protocol (``art``, ``totaltext``, ``ctw1500``, ``icdar2015``).
 
     ``score_thr`` drops predictions with score < T first. Options: ``match`` (``greedy``/``best_iou``) and
-    ``iou_thr`` for the IoU protocols, ``tr``/``tp`` for totaltext, ``dc_thr`` for both.
+    ``iou_thr`` for the IoU protocols, ``tr``/``tp`` and ``deteval_mode`` (``strict``/``official``) for
+    totaltext, ``dc_thr`` for both.
     """
     return _prepared(gt, preds).evaluate(protocol, score_thr, **options)
 
