@@ -21,7 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ensemble": ("i3cl_core.pseudo.ensemble", "run several checkpoints over unlabeled images, sharded and resumable"),
     "fuse": ("i3cl_core.pseudo.fuse", "fuse ensemble predictions into pseudo labels (train_lossweight.json)"),
     "evaluate": ("i3cl_core.evaluation.cli", "score predictions against ground truth (ArT, Total-Text, CTW1500, IC15)"),
-    "convert-dataset": ("i3cl_core.data.convert", "convert official ArT/LSVT/Total-Text/CTW1500 annotations to COCO"),
+    "export-submission": ("i3cl_core.infer.submission", "write predictions as the input files of the official Total-Text / CTW1500 / ArT scripts"),
+    "convert-dataset": ("i3cl_core.data.convert", "convert ArT/LSVT/Total-Text/CTW1500/ICDAR2015/MLT/RCTW/mmocr/PaddleOCR annotations to COCO"),
     "convert-checkpoint": ("i3cl_core.model.convert", "import a checkpoint of the original mmdetection I3CL release"),
 }
 

@@ -215,3 +215,31 @@ def test_cli_folder_given_as_gt_or_pred_says_so(tmp_path, capsys):
     assert main(["evaluate", "--gt", g, "--pred", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--pred" in err and "is a folder" in err and "ArT submission json" in err
+
+
+# ---------------------------------------------------------------- exports for the official scripts
+def test_export_submission_formats_and_round_trip(tmp_path, capsys):
+    import json
+
+    from i3cl_core.cli import main
+
+    images = {"images": [{"id": 1, "file_name": "img1.jpg", "width": 200, "height": 100},
+                         {"id": 2, "file_name": "sub/img2.jpg", "width": 200, "height": 100}],
+              "annotations": [], "categories": [{"id": 1, "name": "text"}]}
+    preds = [{"image_id": 1, "score": 0.9, "segmentation": [[0.4, 0.6, 100.2, 0, 100, 20, 0, 20]]},
+             {"image_id": 1, "score": 0.2, "segmentation": [[0, 50, 10, 50, 10, 60]]},
+             {"image_id": 1, "score": 0.8, "segmentation": [[5, 5, 5.2, 5.1, 5.4, 4.9]]}]  # collapses to 1 point
+    (tmp_path / "images.json").write_text(json.dumps(images))
+    (tmp_path / "pred.json").write_text(json.dumps(preds))
+    base = ["export-submission", "--pred", str(tmp_path / "pred.json"), "--images", str(tmp_path / "images.json")]
+    assert main(base + ["--format", "totaltext", "--out", str(tmp_path / "tt"), "--score-thr", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "1 polygons had fewer than 3" in err
+    assert (tmp_path / "tt" / "img1.txt").read_text() == "1,0,0,100,20,100,20,0\n"  # y first
+    assert (tmp_path / "tt" / "img2.txt").read_text() == ""  # every image gets a file
+    assert main(base + ["--format", "ctw1500", "--out", str(tmp_path / "ctw")]) == 0
+    assert (tmp_path / "ctw" / "img1.txt").read_text().splitlines() == ["0,1,100,0,100,20,0,20", "0,50,10,50,10,60"]
+    assert main(base + ["--format", "art", "--out", str(tmp_path / "art")]) == 0
+    sub = json.loads((tmp_path / "art" / "submission.json").read_text())
+    assert sub["res_img1"][0] == {"points": [[0, 1], [100, 0], [100, 20], [0, 20]], "confidence": 0.9}
+    assert sub["res_img2"] == []

@@ -1,4 +1,4 @@
-"""``i3cl convert-dataset``: official ArT / LSVT / Total-Text / CTW1500 annotations -> our COCO layout.
+"""``i3cl convert-dataset``: text-detection annotations in the formats datasets and tools ship -> our COCO layout.
 
 Output: ``{"images": [{id, file_name, width, height}], "annotations": [{id, image_id, category_id: 1,
 segmentation: [[x0, y0, ...], ...], bbox, area, iscrowd, transcription}], "categories": [{id: 1, name: "text"}]}``
@@ -18,6 +18,28 @@ Input formats (``--ann``):
   labels do-not-care). The image is ``<stem>.<ext>`` (``.txt``/``.xml`` stem), also trying the integer
   stem without zero padding.
 
+* ``plain``: a folder of per-image ``.txt`` files (or one file), one polygon per line
+  ``x1,y1,...,xn,yn[,text]`` (the way many repositories ship CTW1500 and Total-Text). The text is whatever
+  follows the coordinates; ``###``, ``#`` and ``DONTCARE`` mark do-not-care, CTW1500's trailing ``CARE``
+  means care (no text). The image is the label file's stem without a ``gt_``/``poly_gt_`` prefix (and
+  ``img1.jpg.txt`` names ``img1.jpg``). ``ctw1500`` and ``totaltext`` read such files too.
+* ``icdar2015``: per-image ``gt_img_<n>.txt``, lines ``x1,y1,...,x4,y4,transcription`` (the text may hold
+  commas; ``###`` = do-not-care); image ``img_<n>``. ``mlt2017``: the same with a script column before the
+  text (``x1,...,y4,Latin,text``). ``rctw17``: a difficulty column before the text (``x1,...,y4,1,"text"``,
+  difficulty 1 = do-not-care); image ``<stem>``.
+* ``mmocr``: an mmocr 1.x text-detection json ``{"metainfo", "data_list": [{"img_path", "height",
+  "width", "instances": [{"polygon", "bbox", "ignore", "text"}]}]}`` (``img_path`` relative to
+  ``--img-root``, else its base name); sizes come from the json.
+* ``paddleocr``: PPOCRLabel's ``Label.txt``, lines ``path<TAB>[{"transcription", "points", "difficult"}]``
+  (do-not-care: ``###`` or ``difficult``); ``path`` relative to ``--img-root``, else without its first
+  folder, else its base name.
+
+Image sizes are read from each file's header (Pillow opens lazily; no pixel is decoded). ``--no-images``
+converts the annotations alone: file names follow the rules above with ``--image-ext`` (default
+``.jpg``), sizes come from ``--sizes`` (a json ``{file_name: [width, height]}`` or a COCO json with
+``images``), from the annotation file itself (mmocr), or are left out with one warning (training needs
+them: convert again with the images).
+
 Self-intersecting polygons are repaired (``shapely.make_valid``, keeping every polygonal part: the
 segmentation then lists several polygons); polygons with fewer than 3 points, non-finite coordinates or zero
 area are skipped. The counts are printed.
@@ -32,7 +54,7 @@ from pathlib import Path
 from i3cl_core.data.errors import DatasetError
 from i3cl_core.utils import read_json
 
-FORMATS = ("art", "lsvt", "totaltext", "ctw1500")
+FORMATS = ("art", "lsvt", "totaltext", "ctw1500", "plain", "icdar2015", "mlt2017", "rctw17", "mmocr", "paddleocr")
 IMAGE_EXTS = (".jpg", ".JPG", ".jpeg", ".JPEG", ".png", ".PNG", ".bmp", ".gif")
 
 
@@ -44,6 +66,8 @@ class ConvertStats:
     repaired: int = 0
     skipped: int = 0
     skipped_where: list = field(default_factory=list)
+    without_size: int = 0
+    warnings: list = field(default_factory=list)
 
     def summary(self) -> str:
         s = (f"{self.images} images, {self.annotations} annotations ({self.dontcare} do-not-care); "
@@ -58,59 +82,142 @@ class ConvertStats:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", required=True, choices=FORMATS, help="annotation format")
     parser.add_argument("--ann", required=True, help="annotation json (art/lsvt), or a folder / file of txt or xml labels")
-    parser.add_argument("--img-root", required=True, help="image folder; file_name is written relative to it")
+    parser.add_argument("--img-root", default=None,
+                        help="image folder; file_name is written relative to it (required unless --no-images)")
     parser.add_argument("--out", required=True, help="output COCO json")
+    parser.add_argument("--no-images", action="store_true",
+                        help="convert the annotations alone, without reading any image")
+    parser.add_argument("--sizes", default=None,
+                        help="with --no-images: json {file_name: [width, height]} or a COCO json with 'images'")
+    parser.add_argument("--image-ext", default=".jpg", help="with --no-images: extension of derived image names")
 
 
 def run(args) -> int:
+    import sys
+
     from i3cl_core.utils import atomic_write_json
 
-    dataset, stats = convert(args.format, args.ann, args.img_root)
+    if args.img_root is None and not args.no_images:
+        raise DatasetError("--img-root is required (or --no-images to convert the annotations alone)")
+    dataset, stats = convert(args.format, args.ann, args.img_root, no_images=args.no_images, sizes=args.sizes,
+                             image_ext=args.image_ext)
     atomic_write_json(args.out, dataset)
+    for w in stats.warnings:
+        print(f"warning: {w}", file=sys.stderr)
     print(f"wrote {args.out}: {stats.summary()}")
     return 0
 
 
 # ------------------------------------------------------------------ core
-def convert(fmt: str, ann, img_root) -> tuple[dict, ConvertStats]:
-    """Convert and return ``(coco_dataset, stats)``. Raises DatasetError / FileNotFoundError on bad input."""
+@dataclass
+class _Images:
+    """Where image files are looked up (``root``), or, with ``root`` None, how their names are made up."""
+
+    root: Path | None
+    ext: str = ".jpg"
+
+    def find(self, stems: list[str], where: str) -> str:
+        if self.root is None:
+            return f"{stems[0]}{self.ext}"
+        return _find_image(self.root, stems, where)
+
+    def resolve(self, name: str, where: str) -> str:
+        """A file name given by the annotations: as is, else without its first folder, else its base name."""
+        if self.root is None:
+            return name
+        parts = Path(name).parts
+        for cand in (name, str(Path(*parts[1:])) if len(parts) > 1 else None, Path(name).name):
+            if cand and (self.root / cand).is_file():
+                return Path(cand).as_posix()
+        raise DatasetError(f"{where}: image {name!r} not found under {self.root} (also tried its base name)")
+
+
+def convert(fmt: str, ann, img_root=None, *, no_images: bool = False, sizes=None,
+            image_ext: str = ".jpg") -> tuple[dict, ConvertStats]:
+    """Convert and return ``(coco_dataset, stats)``. Raises DatasetError / FileNotFoundError on bad input.
+
+    ``no_images``: read no image (names derived with ``image_ext``; sizes from ``sizes``, a json path or
+    a ``{file_name: (width, height)}`` dict, or from the annotations, or left out with a warning)."""
     ann = Path(ann)
-    img_root = Path(img_root)
     if not ann.exists():
         raise FileNotFoundError(f"{ann}: no such file or folder")
-    if not img_root.is_dir():
-        raise FileNotFoundError(f"{img_root}: image root is not a folder")
+    if no_images:
+        images = _Images(None, image_ext if image_ext.startswith(".") else f".{image_ext}")
+    else:
+        if img_root is None:
+            raise DatasetError("an image root is needed to read image sizes (or convert with no_images)")
+        img_root = Path(img_root)
+        if not img_root.is_dir():
+            raise FileNotFoundError(f"{img_root}: image root is not a folder")
+        images = _Images(img_root)
+    readers = {"art": _read_art, "lsvt": _read_art, "totaltext": _read_totaltext, "ctw1500": _read_ctw1500,
+               "plain": _read_plain, "icdar2015": _read_quads, "mlt2017": _read_quads, "rctw17": _read_quads,
+               "mmocr": _read_mmocr, "paddleocr": _read_paddleocr}
+    if fmt not in readers:
+        raise DatasetError(f"unknown format {fmt!r}; choose from {FORMATS}")
     if fmt in ("art", "lsvt"):
         records = _read_art(ann)
-    elif fmt == "totaltext":
-        records = _read_totaltext(ann, img_root)
-    elif fmt == "ctw1500":
-        records = _read_ctw1500(ann, img_root)
+    elif fmt in ("icdar2015", "mlt2017", "rctw17"):
+        records = _read_quads(ann, images, fmt)
     else:
-        raise DatasetError(f"unknown format {fmt!r}; choose from {FORMATS}")
-    return _build(records, img_root)
+        records = readers[fmt](ann, images)
+    size_table = _load_sizes(sizes) if sizes is not None else {}
+    return _build(records, images.root, size_table)
 
 
-# each record: (image_id or None, file_name relative to img_root, source description, [(points, text, dontcare)])
-def _build(records, img_root: Path) -> tuple[dict, ConvertStats]:
+def _load_sizes(sizes) -> dict:
+    """``{file_name: (width, height)}`` from a dict or a json file (mapping, or COCO ``images``)."""
+    if isinstance(sizes, dict):
+        data = sizes
+    else:
+        data = read_json(sizes)
+    if isinstance(data, dict) and isinstance(data.get("images"), list):
+        data = {im.get("file_name"): (im.get("width"), im.get("height")) for im in data["images"]
+                if isinstance(im, dict)}
+    if not isinstance(data, dict):
+        raise DatasetError(f"{sizes}: expected {{file_name: [width, height]}} or a COCO json with 'images'")
+    out = {}
+    for name, wh in data.items():
+        try:
+            w, h = (int(wh["width"]), int(wh["height"])) if isinstance(wh, dict) else (int(wh[0]), int(wh[1]))
+        except (TypeError, ValueError, KeyError, IndexError):
+            raise DatasetError(f"{sizes}: size of {name!r} must be [width, height], got {wh!r}") from None
+        if w <= 0 or h <= 0:
+            raise DatasetError(f"{sizes}: size of {name!r} must be positive, got {wh!r}")
+        out[str(name)] = (w, h)
+    return out
+
+
+# each record: (image_id or None, file_name relative to img_root, source description,
+#               [(points, text, dontcare)], (width, height) from the annotations or None)
+def _build(records, img_root: Path | None, size_table: dict | None = None) -> tuple[dict, ConvertStats]:
     from i3cl_core.utils import safe_join
 
     stats = ConvertStats()
     images, annotations = [], []
     used_ids = set()
     next_id = 1
-    for image_id, file_name, where, items in records:
+    size_table = size_table or {}
+    for record in records:
+        image_id, file_name, where, items = record[:4]
+        known_size = record[4] if len(record) > 4 else None
         if image_id is None or image_id in used_ids:
             while next_id in used_ids:
                 next_id += 1
             image_id = next_id
         used_ids.add(image_id)
         try:
-            path = safe_join(img_root, file_name)
+            path = safe_join(img_root if img_root is not None else ".", file_name)
         except ValueError as e:
             raise DatasetError(f"{where}: {e}") from e
-        width, height = _image_size(path, where)
-        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+        entry = {"id": image_id, "file_name": file_name}
+        if img_root is not None:
+            entry["width"], entry["height"] = _image_size(path, where)
+        elif file_name in size_table or known_size is not None:
+            entry["width"], entry["height"] = size_table.get(file_name) or known_size
+        else:
+            stats.without_size += 1
+        images.append(entry)
         for k, (points, text, dc) in enumerate(items):
             polys, repaired = _clean_polygon(points)
             if not polys:
@@ -130,6 +237,10 @@ def _build(records, img_root: Path) -> tuple[dict, ConvertStats]:
             stats.dontcare += int(bool(dc))
     stats.images = len(images)
     stats.annotations = len(annotations)
+    if stats.without_size:
+        stats.warnings.append(f"{stats.without_size} of {stats.images} images have no width/height (no image read, "
+                              "not in --sizes); training and --coco-map need them: convert with the images or "
+                              "give --sizes")
     dataset = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "text"}]}
     return dataset, stats
 
@@ -237,11 +348,14 @@ _TT_RECORD = re.compile(
 _NUM = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-def _read_totaltext(ann: Path, img_root: Path):
+def _read_totaltext(ann: Path, images: _Images):
     records = []
     for f in sorted(_label_files(ann, (".txt",)), key=_natural_key):
-        text = f.read_text(encoding="utf-8", errors="replace")
+        text = f.read_text(encoding="utf-8-sig", errors="replace")
         where = str(f)
+        if "x:" not in text and _looks_plain(text):  # the comma-separated variant many repositories ship
+            records.append(_plain_record(f, text, images))
+            continue
         items = []
         matched = 0
         for m in _TT_RECORD.finditer(text):
@@ -256,7 +370,7 @@ def _read_totaltext(ann: Path, img_root: Path):
             raise DatasetError(f"{where}: no 'x: [[...]], y: [[...]], ornt: [...], transcriptions: [...]' records")
         stem = f.stem
         img_stem = stem[len("poly_gt_"):] if stem.startswith("poly_gt_") else stem
-        records.append((_int_suffix(img_stem), _find_image(img_root, [img_stem], where), where, items))
+        records.append((_int_suffix(img_stem), images.find([img_stem], where), where, items))
     return records
 
 
@@ -266,12 +380,12 @@ def _int_suffix(stem: str):
 
 
 # ------------------------------------------------------------------ CTW1500
-def _read_ctw1500(ann: Path, img_root: Path):
+def _read_ctw1500(ann: Path, images: _Images):
     files = sorted(_label_files(ann, (".txt", ".xml")), key=_natural_key)
     records = []
     for f in files:
         if f.suffix.lower() == ".xml":
-            records.extend(_read_ctw_xml(f, img_root))
+            records.extend(_read_ctw_xml(f, images))
             continue
         where = str(f)
         items = []
@@ -281,7 +395,7 @@ def _read_ctw1500(ann: Path, img_root: Path):
                 continue
             items.append(_ctw_line(line, f"{where} line {n}"))
         stems = [f.stem] + ([str(int(f.stem)), f"{int(f.stem):04d}"] if f.stem.isdigit() else [])
-        records.append((_int_suffix(f.stem), _find_image(img_root, stems, where), where, items))
+        records.append((_int_suffix(f.stem), images.find(stems, where), where, items))
     return records
 
 
@@ -293,18 +407,20 @@ def _ctw_line(line: str, where: str):
         coords, text, dc = line, "", False
     try:
         vals = [float(v) for v in coords.strip().strip(",").split(",") if v.strip()]
-    except ValueError as e:
-        raise DatasetError(f"{where}: coordinates must be numbers ({e})") from e
+    except ValueError:  # a trailing text or CARE flag: the plain comma-separated variant
+        return _plain_line(line, where)
     if "####" not in line and len(vals) == 32:  # 2017 label: box + 14 offsets from (xmin, ymin)
         xmin, ymin = vals[0], vals[1]
         pts = [(xmin + vals[4 + 2 * i], ymin + vals[5 + 2 * i]) for i in range(14)]
         return pts, text, dc
     if len(vals) % 2:
-        raise DatasetError(f"{where}: odd number of coordinates ({len(vals)})")
+        if "####" in line:
+            raise DatasetError(f"{where}: odd number of coordinates ({len(vals)})")
+        return _plain_line(line, where)  # a numeric text after the coordinates
     return list(zip(vals[0::2], vals[1::2])), text, dc
 
 
-def _read_ctw_xml(f: Path, img_root: Path):
+def _read_ctw_xml(f: Path, images: _Images):
     import xml.etree.ElementTree as ET
 
     try:
@@ -330,8 +446,180 @@ def _read_ctw_xml(f: Path, img_root: Path):
             if len(vals) % 2:
                 raise DatasetError(f"{where} box {k}: odd number of coordinates in <segs>")
             items.append((list(zip(vals[0::2], vals[1::2])), label, label == "###"))
-        if not (img_root / name).is_file():
+        if images.root is not None and not (images.root / name).is_file():
             stem = Path(name).stem
-            name = _find_image(img_root, [stem] + ([str(int(stem))] if stem.isdigit() else []), where)
+            name = images.find([stem] + ([str(int(stem))] if stem.isdigit() else []), where)
         records.append((_int_suffix(Path(name).stem), name, where, items))
+    return records
+
+
+# ------------------------------------------------------------------ plain comma-separated polygons
+_DONTCARE_TEXT = {"###", "#", "DONTCARE", "DONT CARE", "NOT CARE"}
+
+
+def _is_number(tok: str) -> bool:
+    try:
+        float(tok)
+    except ValueError:
+        return False
+    return True
+
+
+def _looks_plain(text: str) -> bool:
+    first = next((ln for ln in text.splitlines() if ln.strip()), "")
+    toks = first.split(",")
+    return len(toks) >= 6 and all(_is_number(t) for t in toks[:6])
+
+
+def _plain_line(line: str, where: str):
+    """``x1,y1,...,xn,yn[,text]`` -> (points, text, dontcare). The text is everything after the last of an
+    even number of leading numbers (so a numeric text such as ``2019`` after the coordinates stays text)."""
+    toks = line.split(",")
+    n = 0
+    while n < len(toks) and _is_number(toks[n].strip()):
+        n += 1
+    if n % 2:
+        n -= 1
+    if n < 6:
+        raise DatasetError(f"{where}: expected x1,y1,...,xn,yn[,text] with at least 3 points, got {line[:80]!r}")
+    vals = [float(t) for t in toks[:n]]
+    text = ",".join(toks[n:]).strip()
+    if text.startswith("####"):  # CTW1500 2020: ####text
+        text = text[4:]
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        text = text[1:-1]
+    dc = text.upper() in _DONTCARE_TEXT
+    if text.upper() == "CARE":
+        text = ""
+    return list(zip(vals[0::2], vals[1::2])), text, dc
+
+
+def _label_stem(f: Path) -> str:
+    """Image stem of a label file: without ``poly_gt_`` / ``gt_``; ``img1.jpg.txt`` -> ``img1.jpg``."""
+    stem = f.stem
+    for prefix in ("poly_gt_", "gt_"):
+        if stem.startswith(prefix) and len(stem) > len(prefix):
+            return stem[len(prefix):]
+    return stem
+
+
+def _plain_record(f: Path, text: str, images: _Images):
+    where = str(f)
+    items = [_plain_line(line.strip(), f"{where} line {n}")
+             for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    stem = _label_stem(f)
+    if Path(stem).suffix.lower() in {e.lower() for e in IMAGE_EXTS}:  # img1.jpg.txt
+        name = stem if images.root is None else images.resolve(stem, where)
+        return _int_suffix(Path(stem).stem), name, where, items
+    stems = [stem] + ([str(int(stem)), f"{int(stem):04d}"] if stem.isdigit() else [])
+    return _int_suffix(stem), images.find(stems, where), where, items
+
+
+def _read_plain(ann: Path, images: _Images):
+    return [_plain_record(f, f.read_text(encoding="utf-8-sig", errors="replace"), images)
+            for f in sorted(_label_files(ann, (".txt",)), key=_natural_key)]
+
+
+# ------------------------------------------------------------------ ICDAR2015 / MLT 2017 / RCTW-17
+def _read_quads(ann: Path, images: _Images, fmt: str):
+    """Four points and a text per line; MLT 2017 adds a script column, RCTW-17 a difficulty column."""
+    records = []
+    for f in sorted(_label_files(ann, (".txt",)), key=_natural_key):
+        where = str(f)
+        items = []
+        for n, raw in enumerate(f.read_text(encoding="utf-8-sig", errors="replace").splitlines(), start=1):
+            line = raw.strip()
+            if not line:
+                continue
+            toks = line.split(",")
+            lw = f"{where} line {n}"
+            extra = 0 if fmt == "icdar2015" else 1
+            if len(toks) < 8 + extra:
+                raise DatasetError(f"{lw}: expected x1,y1,...,x4,y4,{'' if not extra else 'script,' if fmt == 'mlt2017' else 'difficulty,'}"
+                                   f"text, got {line[:80]!r}")
+            try:
+                vals = [float(t) for t in toks[:8]]
+            except ValueError:
+                raise DatasetError(f"{lw}: the first 8 values must be numbers, got {line[:80]!r}") from None
+            text = ",".join(toks[8 + extra:]).strip()
+            if len(text) >= 2 and text[0] == text[-1] == '"':
+                text = text[1:-1]
+            dc = text == "###"
+            if fmt == "rctw17":
+                flag = toks[8].strip()
+                if flag not in ("0", "1"):
+                    raise DatasetError(f"{lw}: the difficulty column must be 0 or 1, got {flag!r}")
+                dc = dc or flag == "1"
+            items.append((list(zip(vals[0::2], vals[1::2])), text, dc))
+        stem = _label_stem(f)
+        records.append((_int_suffix(stem), images.find([stem], where), where, items))
+    return records
+
+
+# ------------------------------------------------------------------ mmocr 1.x textdet json
+def _read_mmocr(ann: Path, images: _Images):
+    if ann.is_dir():
+        raise DatasetError(f"{ann}: mmocr --ann must be the json file (e.g. textdet_test.json)")
+    data = read_json(ann)
+    if not isinstance(data, dict) or not isinstance(data.get("data_list"), list):
+        raise DatasetError(f"{ann}: expected an mmocr 1.x json with 'metainfo' and a 'data_list' list")
+    records = []
+    for i, entry in enumerate(data["data_list"]):
+        where = f"{ann}: data_list[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("img_path"), str):
+            raise DatasetError(f"{where}: expected an object with 'img_path'")
+        size = None
+        if entry.get("width") is not None and entry.get("height") is not None:
+            try:
+                size = (int(entry["width"]), int(entry["height"]))
+            except (TypeError, ValueError):
+                raise DatasetError(f"{where}: width/height must be integers") from None
+        items = []
+        for k, inst in enumerate(entry.get("instances", [])):
+            if not isinstance(inst, dict):
+                raise DatasetError(f"{where}.instances[{k}]: expected an object")
+            pts = inst.get("polygon")
+            if not pts and inst.get("bbox"):
+                try:
+                    x0, y0, x1, y1 = (float(v) for v in inst["bbox"])
+                except (TypeError, ValueError):
+                    raise DatasetError(f"{where}.instances[{k}]: bbox must be [x1, y1, x2, y2]") from None
+                pts = [x0, y0, x1, y0, x1, y1, x0, y1]
+            if pts is None:
+                raise DatasetError(f"{where}.instances[{k}]: no 'polygon' or 'bbox'")
+            text = str(inst.get("text", ""))
+            items.append((pts, text, bool(inst.get("ignore", False)) or text == "###"))
+        name = images.resolve(entry["img_path"], where)
+        records.append((_int_suffix(Path(name).stem), name, where, items, size))
+    return records
+
+
+# ------------------------------------------------------------------ PaddleOCR (PPOCRLabel Label.txt)
+def _read_paddleocr(ann: Path, images: _Images):
+    import json
+
+    files = _label_files(ann, (".txt",))
+    records = []
+    for f in files:
+        for n, raw in enumerate(f.read_text(encoding="utf-8-sig", errors="replace").splitlines(), start=1):
+            if not raw.strip():
+                continue
+            where = f"{f} line {n}"
+            if "\t" not in raw:
+                raise DatasetError(f"{where}: expected 'path<TAB>[{{\"transcription\", \"points\"}}, ...]'")
+            path, payload = raw.split("\t", 1)
+            try:
+                entries = json.loads(payload)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{where}: the annotation list is not valid JSON ({e.msg})") from None
+            if not isinstance(entries, list):
+                raise DatasetError(f"{where}: expected a list of annotations after the TAB")
+            items = []
+            for k, e in enumerate(entries):
+                if not isinstance(e, dict) or "points" not in e:
+                    raise DatasetError(f"{where}[{k}]: expected an object with 'points'")
+                text = str(e.get("transcription", ""))
+                items.append((e["points"], text, text == "###" or bool(e.get("difficult", False))))
+            name = images.resolve(path.strip(), where)
+            records.append((_int_suffix(Path(name).stem), name, where, items))
     return records

@@ -4,7 +4,11 @@
   "score"}``, polygons in original image coordinates, clockwise on screen;
 * ArT submission json: ``{"res_<n>": [{"points": [[x, y], ...], "confidence": c}]}``, the key from the
   last ``_``-separated token of the file stem (``gt_123.jpg`` -> ``res_123``), integer points;
-* per-image txt lines ``x1,y1,...,xn,yn,score`` with integer coordinates.
+* per-image txt lines ``x1,y1,...,xn,yn,score`` with integer coordinates;
+* the official scripts' inputs (``i3cl export-submission``): Total-Text's ``Deteval.py`` reads one
+  ``<image stem>.txt`` per image with lines ``y1,x1,...,yn,xn`` (integers, **y first**); the CTW1500
+  2020 kit one ``<image stem>.txt`` per image with lines ``x1,y1,...,xn,yn`` (integers). Both without
+  scores: threshold first.
 """
 from __future__ import annotations
 
@@ -58,6 +62,26 @@ def txt_lines(results: list[dict]) -> str:
         pts = int_points(r["segmentation"][0])
         if pts is not None:
             lines.append(",".join(str(v) for p in pts for v in p) + f",{float(r['score']):.5f}")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def totaltext_lines(results: list[dict]) -> str:
+    """Total-Text Deteval.py input: ``y1,x1,...,yn,xn`` per detection (integer coordinates)."""
+    lines = []
+    for r in results:
+        pts = int_points(r["segmentation"][0])
+        if pts is not None:
+            lines.append(",".join(f"{y},{x}" for x, y in pts))
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def ctw1500_lines(results: list[dict]) -> str:
+    """CTW1500 evaluation-kit input: ``x1,y1,...,xn,yn`` per detection (integer coordinates)."""
+    lines = []
+    for r in results:
+        pts = int_points(r["segmentation"][0])
+        if pts is not None:
+            lines.append(",".join(f"{x},{y}" for x, y in pts))
     return "\n".join(lines) + ("\n" if lines else "")
 
 
