@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from i3cl_core.config import FuseConfig  # noqa: F401  (re-exported: the fuse stage's parameters)
 
@@ -78,6 +78,21 @@ class InferParams(_Params):
     dask_address: str | None = Field(None, description="tcp://host:8786 of a Dask scheduler to run shards on")
     tta_flips: list[Literal["h", "v"]] = Field(default_factory=list)
     tta_scales: list[int] = Field(default_factory=list)
+    extra_members: list[str] = Field(
+        default_factory=list,
+        description="predictions of other detectors on the unlabeled images, fused next to the teachers: a COCO "
+        "results or ArT json, or FORMAT:PATH with FORMAT paddleocr, rapidocr, doctr or mmocr")
+    extra_val_members: list[str] = Field(
+        default_factory=list,
+        description="the same detectors on the labeled validation split, in the same order (needed when a "
+        "validation split chooses keep_thr)")
+
+    @model_validator(mode="after")
+    def _extras_pair(self):
+        if self.extra_val_members and len(self.extra_val_members) != len(self.extra_members):
+            raise ValueError(f"extra_val_members: {len(self.extra_val_members)} entries for "
+                             f"{len(self.extra_members)} extra_members; give one per extra member, same order")
+        return self
 
 
 class RoundParams(_Params):

@@ -276,6 +276,9 @@ def ensemble_inference(work_dir: str = "runs/demo", data: DataParams = DataParam
     else:
         runner = ThreadPoolTaskRunner(max_workers=infer.workers)
     splits = {"unlabeled": (d["unlabeled_images"], d["unlabeled_root"], rd / "predictions")}
+    if d.get("val") and len(infer.extra_members) != len(infer.extra_val_members):
+        raise PipelineError("infer.extra_members: with a validation split, give the same detectors' predictions on it "
+                            "in infer.extra_val_members (same order), so that keep_thr is chosen on the same ensemble")
     if d.get("val"):
         splits["val"] = (d["val"]["ann_file"], d["val"]["img_root"], rd / "predictions_val")
     result = {}
@@ -284,6 +287,8 @@ def ensemble_inference(work_dir: str = "runs/demo", data: DataParams = DataParam
         detections = _infer_all.with_options(task_runner=runner, flow_run_name=f"ensemble-inference-shards-{split}")(
             str(wd), str(pred_root), models, shards, infer, split, "" if ssl_round == 1 else f"r{ssl_round}-")
         members = [stages.finish_model_predictions(pred_root / name, shards) for name in models]
+        members += stages.extra_members(infer.extra_members if split == "unlabeled" else infer.extra_val_members,
+                                        shards, pred_root / "extra")
         atomic_write_json(pred_root / "members.json", members, indent=2)
         result[split] = {"members": members, "shards": len(shards), "detections": detections}
     create_table_artifact([{"model": n, "split": sp, "shards": r["shards"], "detections": r["detections"][n]}
@@ -306,6 +311,9 @@ def fuse_pseudo_labels(work_dir: str = "runs/demo", data: DataParams = DataParam
     members = json.loads(members_file.read_text())
     val_file = rd / "predictions_val" / "members.json"
     val_members = json.loads(val_file.read_text()) if d.get("val") and val_file.exists() else None
+    if val_members is not None and len(val_members) != len(members):
+        raise PipelineError(f"{members_file} lists {len(members)} members but {val_file} {len(val_members)}: re-run "
+                            "ensemble-inference (infer.extra_members and infer.extra_val_members pair up)")
     if fuse.auto_keep_thr and d.get("val") and val_members is None:
         raise PipelineError(f"missing {val_file}: re-run ensemble-inference (it also runs the ensemble over the "
                             "validation split, on which fuse.auto_keep_thr chooses keep_thr)")

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "infer": ("i3cl_core.infer.run", "run a checkpoint over images: COCO results, ArT submission, txt, PNGs"),
     "ensemble": ("i3cl_core.pseudo.ensemble", "run several checkpoints over unlabeled images, sharded and resumable"),
     "fuse": ("i3cl_core.pseudo.fuse", "fuse ensemble predictions into pseudo labels (train_lossweight.json)"),
+    "convert-predictions": ("i3cl_core.pseudo.external", "PaddleOCR/RapidOCR, docTR or mmocr predictions -> COCO results (for --extra)"),
     "evaluate": ("i3cl_core.evaluation.cli", "score predictions against ground truth (ArT, Total-Text, CTW1500, IC15)"),
     "export-submission": ("i3cl_core.infer.submission", "write predictions as the input files of the official Total-Text / CTW1500 / ArT scripts"),
     "convert-dataset": ("i3cl_core.data.convert", "convert ArT/LSVT/Total-Text/CTW1500/ICDAR2015/MLT/RCTW/mmocr/PaddleOCR annotations to COCO"),

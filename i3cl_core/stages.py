@@ -164,6 +164,15 @@ def plan_inference(images_json: str, img_root: str, shard_size: int) -> list[lis
             for s in plan_shards(items, shard_size)]
 
 
+def extra_members(specs: list[str], shards: list[list[dict]], out_dir) -> list[str]:
+    """Member paths of other detectors' predictions (``infer.extra_members``) on the images of ``shards``;
+    ``FORMAT:PATH`` entries are converted to COCO results in ``out_dir``."""
+    from i3cl_core.pseudo.external import prepare_extra
+
+    images = [{"id": d["id"], "file_name": d["file_name"]} for shard in shards for d in shard]
+    return [prepare_extra(spec, images, out_dir, k) for k, spec in enumerate(specs)]
+
+
 def infer_shard(checkpoint: str, shard_index: int, shard: list[dict], out_dir: str, score_thr: float = 0.05,
                 device: str = "cpu", flips=(), scales=()) -> dict:
     """One teacher on one shard -> ``out_dir/shard_NNNNN.json`` (atomic)."""

@@ -204,7 +204,9 @@ def run_ensemble(
         members.append(str(pred_dir))
         per_model.append({"model": name, "checkpoint": ckpt, "shards": len(shards), "skipped_done": done,
                           "computed": len(todo)})
-    members.extend(str(e) for e in extra or [])
+    from i3cl_core.pseudo.external import prepare_extra
+
+    members.extend(prepare_extra(e, table, out / "extra", k) for k, e in enumerate(extra or []))
     atomic_write_json(out / "members.json", members, indent=2)
     return {"images": len(items), "shards": len(shards), "models": per_model, "members": members,
             "unreadable": failures[:20], "num_unreadable": len(failures), "seconds": round(time.time() - t0, 2),
@@ -221,7 +223,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--tta-flips", nargs="*", default=[], choices=["h", "v"])
     p.add_argument("--tta-scales", nargs="*", type=int, default=[], help="extra test short sides")
-    p.add_argument("--extra", nargs="*", default=[], help="prediction files of other detectors (COCO results or ArT json)")
+    p.add_argument("--extra", nargs="*", default=[], help="predictions of other detectors: a COCO results or ArT json, or FORMAT:PATH with FORMAT "
+                        "paddleocr, rapidocr, doctr or mmocr (converted into OUT/extra/)")
     p.add_argument("--no-progress", action="store_true")
 
 
