@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from i3cl_core.config import ConfigError
     from i3cl_core.data.errors import DatasetError
-    from i3cl_core.model.backbone import CheckpointError
+    from i3cl_core.model.errors import CheckpointError
 
     try:
         return int(args._module.run(args) or 0)

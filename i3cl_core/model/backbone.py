@@ -18,15 +18,12 @@ from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from i3cl_core.model.errors import CheckpointError  # noqa: F401  (raised here; importable from here too)
 from i3cl_core.utils import get_logger
 
 log = get_logger("model")
 
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-
-
-class CheckpointError(RuntimeError):
-    """A weights or checkpoint file that cannot be used; the message names the file."""
 
 
 def read_state_dict(path: str, what: str = "weights") -> dict[str, torch.Tensor]:
