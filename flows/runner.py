@@ -2,7 +2,6 @@
 a progress artifact, and stop the whole process group within seconds when the run is cancelled."""
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import signal
@@ -14,11 +13,11 @@ PROGRESS = re.compile(r"epoch (\d+)/(\d+) iter (\d+)/(\d+)")
 
 
 def _die_with_parent() -> None:
-    """Child side: get SIGTERM if the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except OSError:
-        pass
+    """Child side: SIGTERM when the parent dies (torchrun then stops its trainers, which stop their
+    DataLoader workers the same way)."""
+    from i3cl_core.utils import die_with_parent
+
+    die_with_parent(signal.SIGTERM)
 
 
 def kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:

@@ -116,3 +116,57 @@ def test_round_trip_model_infer_evaluate(tmp_path, trained, capsys):
                  "--json"]) == 0
     res2 = json.loads(capsys.readouterr().out.strip().splitlines()[0])
     assert res2["num_gt_care"] == res["num_gt_care"] and abs(res2["hmean"] - res["hmean"]) < 0.1
+
+
+def test_same_base_name_in_two_folders_stays_apart(tmp_path, trained):
+    """d1/x.jpg and d2/x.jpg (different images) get distinct names, ids and output files, in infer and in
+    the ensemble."""
+    from i3cl_core.pseudo.ensemble import run_ensemble
+
+    files = sorted(Path(trained["data"]["img_root"]).iterdir())
+    for d, f in (("d1", files[0]), ("d2", files[1])):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "x.jpg").write_bytes(f.read_bytes())
+    lst = tmp_path / "list.txt"
+    lst.write_text("d1/x.jpg\nd2/x.jpg\n")
+    items = collect_images(str(lst))
+    assert [(i.image_id, i.file_name) for i in items] == [(1, "d1/x.jpg"), (2, "d2/x.jpg")]
+    assert [i.file_name for i in collect_images(str(tmp_path / "d*" / "x.jpg"))] == ["d1/x.jpg", "d2/x.jpg"]
+    out = tmp_path / "out"
+    s = infer_images(str(trained["ckpt"]), items, out, score_thr=0.3, device="cpu", num_workers=0, progress=False)
+    assert s["processed"] == 2
+    per_image = sorted(p.name for p in (out / "per_image").iterdir())
+    assert per_image == ["d1__x.jpg.json", "d2__x.jpg.json"]
+    assert sorted(p.name for p in (out / "txt").iterdir()) == ["d1__x.txt", "d2__x.txt"]
+    assert sorted(p.name for p in (out / "vis").iterdir()) == ["d1__x.png", "d2__x.png"]
+    recs = [json.loads((out / "per_image" / n).read_text()) for n in per_image]
+    assert [r["image_id"] for r in recs] == [1, 2] and recs[0]["results"] != recs[1]["results"]
+    images = json.loads((out / "images.json").read_text())["images"]
+    assert [im["file_name"] for im in images] == ["d1/x.jpg", "d2/x.jpg"]
+    ens = run_ensemble([str(trained["ckpt"])], str(lst), tmp_path / "ens", shard_size=8, device="cpu", progress=False)
+    table = json.loads(open(ens["images_json"]).read())["images"]
+    assert [(im["id"], im["file_name"]) for im in table] == [(1, "d1/x.jpg"), (2, "d2/x.jpg")]
+    # the same file listed twice, or a COCO json naming one file for two ids, is refused
+    lst.write_text("d1/x.jpg\nd1/./x.jpg\n")
+    with pytest.raises(Exception, match="listed twice"):
+        collect_images(str(lst))
+    bad = tmp_path / "imgs.json"
+    bad.write_text(json.dumps({"images": [{"id": 1, "file_name": "d1/x.jpg"}, {"id": 2, "file_name": "d1/x.jpg"}]}))
+    with pytest.raises(Exception, match="same file_name 'd1/x.jpg'"):
+        collect_images(str(bad), str(tmp_path))
+
+
+def test_infer_exit_code_when_every_image_fails(tmp_path, trained, capsys):
+    from i3cl_core.cli import main
+
+    lst = tmp_path / "list.txt"
+    lst.write_text("missing1.jpg\nmissing2.jpg\n")
+    rc = main(["infer", "--checkpoint", str(trained["ckpt"]), "--images", str(lst), "--out", str(tmp_path / "o"),
+               "--no-progress", "--workers", "0", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "2 of 2 images failed" in err and "no image could be processed" in err
+    (tmp_path / "ok.jpg").write_bytes(sorted(Path(trained["data"]["img_root"]).iterdir())[0].read_bytes())
+    lst.write_text("missing1.jpg\nok.jpg\n")
+    rc = main(["infer", "--checkpoint", str(trained["ckpt"]), "--images", str(lst), "--out", str(tmp_path / "o2"),
+               "--no-progress", "--workers", "0", "--device", "cpu"])
+    assert rc == 0 and "1 of 2 images failed" in capsys.readouterr().err

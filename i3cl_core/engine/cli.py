@@ -32,6 +32,15 @@ def run(args: argparse.Namespace) -> int:
     from i3cl_core.config import load_config
     from i3cl_core.engine.train import TrainingError, train
 
+    import os
+
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: die with it, even when it is SIGKILLed
+        from i3cl_core.utils import die_with_parent
+
+        parent = os.getppid()
+        die_with_parent()
+        if os.getppid() != parent:  # it died before the request took effect
+            return 1
     cfg = load_config(args.config, args.overrides)
     work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(args.config)
     try:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from i3cl_core.config import ConfigError, save_config
 from i3cl_core.model.backbone import CheckpointError
-from i3cl_core.utils import atomic_write_json, get_logger
+from i3cl_core.utils import atomic_write_json, get_logger, worker_init
 
 log = get_logger("train")
 
@@ -343,7 +343,8 @@ def train(cfg, work_dir: str | os.PathLike, resume: bool = False, progress: bool
     sampler = EpochSampler(len(dataset), info.world_size, info.rank, seed=tcfg.seed, per_process=per_process,
                            mix=dataset_mix(dataset, cfg.data.train))
     loader = DataLoader(dataset, batch_size=tcfg.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-                        collate_fn=collate, pin_memory=info.device.type == "cuda", persistent_workers=False)
+                        collate_fn=collate, pin_memory=info.device.type == "cuda", persistent_workers=False,
+                        worker_init_fn=worker_init)
     iters_per_epoch = math.ceil(math.ceil(len(dataset) / info.world_size) / tcfg.batch_size)
     if tcfg.iters_per_epoch is not None:
         iters_per_epoch = tcfg.iters_per_epoch

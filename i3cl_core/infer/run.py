@@ -51,9 +51,18 @@ def collect_images(spec: str, img_root: str | None = None) -> list[ImageItem]:
             raise DatasetError(f"{p}: expected a COCO json with an 'images' list")
         root = Path(img_root) if img_root else p.parent
         items = []
+        seen_ids: dict = {}
+        seen_names: dict = {}
         for i, im in enumerate(data["images"]):
             if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
                 raise DatasetError(f"{p}: images[{i}] needs 'id' and 'file_name'")
+            if im["id"] in seen_ids:
+                raise DatasetError(f"{p}: images[{seen_ids[im['id']]}] and images[{i}] have the same id {im['id']!r}")
+            if im["file_name"] in seen_names:
+                raise DatasetError(f"{p}: images {seen_names[im['file_name']]!r} and {im['id']!r} have the same "
+                                   f"file_name {im['file_name']!r}")
+            seen_ids[im["id"]] = i
+            seen_names[im["file_name"]] = im["id"]
             try:
                 items.append(ImageItem(im["id"], safe_join(root, im["file_name"]), im["file_name"]))
             except ValueError as e:
@@ -61,12 +70,31 @@ def collect_images(spec: str, img_root: str | None = None) -> list[ImageItem]:
         return items
     if p.suffix.lower() == ".txt" and p.is_file():
         lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        return [ImageItem(i + 1, (p.parent / ln) if not os.path.isabs(ln) else Path(ln), Path(ln).name)
-                for i, ln in enumerate(lines)]
+        return _unique_names([ImageItem(i + 1, (p.parent / ln) if not os.path.isabs(ln) else Path(ln), Path(ln).name)
+                              for i, ln in enumerate(lines)], str(p))
     files = sorted(glob.glob(spec, recursive=True))
     if not files:
         raise FileNotFoundError(f"{spec}: no such folder, json, list file, or glob matches")
-    return [ImageItem(i + 1, Path(f), Path(f).name) for i, f in enumerate(files)]
+    return _unique_names([ImageItem(i + 1, Path(f), Path(f).name) for i, f in enumerate(files)], spec)
+
+
+def _unique_names(items: list[ImageItem], spec: str) -> list[ImageItem]:
+    """Base names, unless two images share one: then every name is the path relative to the images'
+    common folder (``d1/x.jpg``, ``d2/x.jpg``), so ids and output files cannot collide. The same file
+    listed twice is an error."""
+    resolved: dict[str, ImageItem] = {}
+    for it in items:
+        key = os.path.normpath(os.path.abspath(it.path))
+        if key in resolved:
+            raise DatasetError(f"{spec}: image {it.path} is listed twice (as {resolved[key].image_id} and {it.image_id})")
+        resolved[key] = it
+    if len({it.file_name for it in items}) == len(items):
+        return items
+    common = os.path.commonpath([os.path.abspath(it.path) for it in items])
+    for it in items:
+        it.file_name = Path(os.path.relpath(os.path.abspath(it.path), common)).as_posix()
+    log.info("%s: images share base names; naming them by their path under %s", spec, common)
+    return items
 
 
 class _ImageDataset:
@@ -148,8 +176,10 @@ def infer_images(
     skipped = len(items) - len(todo)
     if skipped:
         log.info("%s: %d of %d images already done, skipping them", out, skipped, len(items))
+    from i3cl_core.utils import worker_init
+
     loader = DataLoader(_ImageDataset([items[i] for i in todo]), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=_collate)
+                        num_workers=num_workers, collate_fn=_collate, worker_init_fn=worker_init)
     failures: list[str] = []
     t0 = time.time()
     bar = tqdm(total=len(todo), desc=f"infer {Path(checkpoint).name if checkpoint else ''}", unit="img",
@@ -169,7 +199,7 @@ def infer_images(
                     results = [
                         coco_result(item.image_id, poly, float(s))
                         for poly, s in zip(o["polygons"], o["scores"].tolist())
-                        if poly is not None and s > score_thr
+                        if poly is not None and s >= score_thr
                     ]
                     record = {"image_id": item.image_id, "file_name": item.file_name, "width": int(t.shape[-1]),
                               "height": int(t.shape[-2]), "results": results}
@@ -215,7 +245,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", required=True, help="folder, glob pattern, .txt list, or COCO json of images")
     p.add_argument("--img-root", help="image root for a COCO json (default: the json's folder)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--score-thr", type=float, default=None, help="keep detections with score > this (default: the "
+    p.add_argument("--score-thr", type=float, default=None, help="keep detections with score >= this (default: the "
                    "checkpoint config's infer.score_thr, 0.45 for the paper's recipes)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--batch-size", type=int, default=1)
@@ -247,4 +277,13 @@ def run(args: argparse.Namespace) -> int:
     summary = infer_images(args.checkpoint, items, args.out, score_thr, args.device, args.batch_size, args.workers,
                            visualize=not args.no_vis, model_overrides=overrides or None, progress=not args.no_progress)
     print(json.dumps(summary))
+    done = summary["processed"] + summary["skipped_done"]
+    if summary["failed"]:
+        import sys
+
+        print(f"i3cl infer: {summary['failed']} of {summary['images']} images failed (listed in "
+              f"{Path(args.out) / 'failed.txt'}); first: {summary['failures'][0]}", file=sys.stderr)
+        if done == 0:
+            print("i3cl infer: error: no image could be processed", file=sys.stderr)
+            return 1
     return 0
