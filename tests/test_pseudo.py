@@ -221,14 +221,18 @@ def test_fuse_bad_inputs(tmp_path):
     cfg = FuseConfig()
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
-    s = fuse_predictions([str(empty)], str(images_json), tmp_path / "o.json", cfg, progress=False)
+    with pytest.raises(DatasetError, match="empty.json: no usable prediction at all"):
+        fuse_predictions([str(empty)], str(images_json), tmp_path / "o.json", cfg, progress=False)
+    assert not (tmp_path / "o.json").exists()  # nothing for a student to train on
+    s = fuse_predictions([str(empty)], str(images_json), tmp_path / "o.json", cfg, progress=False, allow_empty=True)
     assert s["pseudo_labels"] == 0 and s["model_stats"][0]["predictions"] == 0
     broken = tmp_path / "broken.json"
     broken.write_text("[{")
     with pytest.raises(DatasetError, match="broken.json: malformed JSON"):
         fuse_predictions([str(broken)], str(images_json), tmp_path / "o.json", cfg, progress=False)
     with pytest.raises(DatasetError, match="model_weights: 2 weights for 1 prediction sources"):
-        fuse_predictions([str(empty)], str(images_json), tmp_path / "o.json", FuseConfig(model_weights=[1, 2]), progress=False)
+        fuse_predictions([str(empty)], str(images_json), tmp_path / "o.json", FuseConfig(model_weights=[1, 2]),
+                         progress=False, allow_empty=True)
     shard_dir = tmp_path / "m"
     shard_dir.mkdir()
     (shard_dir / "shard_00000.json").write_text("[]")
@@ -397,3 +401,22 @@ def test_ensemble_recomputes_shards_when_the_checkpoint_changed(tmp_path, two_ch
         third = run_ensemble([str(ckpt)], data["img_root"], tmp_path / "ens", shard_size=2, progress=False)
     assert third["models"][0]["computed"] == 3 and "checkpoint" in caplog.text and "changed" in caplog.text
     assert shard.read_text() != first
+
+
+def test_fuse_cli_refuses_wrong_shaped_predictions_foreign_overrides_and_reports_capped_votes(tmp_path, capsys):
+    from i3cl_core.cli import main
+
+    images_json, _ = _images(tmp_path)
+    wrong = tmp_path / "wrong.json"  # records without image ids' polygons: nothing usable
+    wrong.write_text(json.dumps([{"image_id": 1, "segmentation": [[1, 2]], "score": 0.9}]))
+    base = ["fuse", "--predictions", str(wrong), str(wrong), "--images", str(images_json), "--out",
+            str(tmp_path / "p.json"), "--no-progress", "--set", "fuse.auto_keep_thr=false"]
+    assert main(base) == 2
+    assert "wrong.json: no usable prediction at all (1 invalid polygons" in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()
+    assert main(base + ["--allow-empty"]) == 0 and (tmp_path / "p.json").exists()
+    capsys.readouterr()
+    assert main(base + ["--allow-empty", "--set", "train.lr=5"]) == 2
+    assert "--set train.lr=5: i3cl fuse reads only fuse.* settings" in capsys.readouterr().err
+    assert main(base + ["--allow-empty", "--set", "fuse.min_votes=5"]) == 0
+    assert "fuse.min_votes=5 is more than the 2 prediction sources; using 2" in capsys.readouterr().err

@@ -139,7 +139,8 @@ def _fuse_one(args):
     return [len(c.members) for c in clusters], pseudo_labels(clusters, len(per_model), cfg), everything
 
 
-def _load_members(sources: list[str], images: list[dict], images_json, cfg) -> tuple[list[dict], list[dict], np.ndarray]:
+def _load_members(sources: list[str], images: list[dict], images_json, cfg,
+                  allow_empty: bool = False) -> tuple[list[dict], list[dict], np.ndarray]:
     """Every model's predictions on ``images`` (checked for a matching image set), their stats, and
     the model weights."""
     if not sources:
@@ -157,6 +158,11 @@ def _load_members(sources: list[str], images: list[dict], images_json, cfg) -> t
             raise DatasetError(f"{src}: models with mismatched image sets: this model ran on {len(coverage)} images, "
                                f"{images_json} has {len(images)} ({missing} missing, e.g. {stats['missing_images']})")
         if stats["predictions"] == 0:
+            if not allow_empty:
+                raise DatasetError(f"{src}: no usable prediction at all ({stats.get('invalid_polygon', 0)} invalid "
+                                   f"polygons, {stats.get('unknown_image', 0)} for unknown images); the fused labels "
+                                   "would be wrong. Check the file, or pass allow_empty (--allow-empty) if this "
+                                   "model really found nothing")
             log.warning("%s: no usable predictions at all (an empty prediction set)", src)
         if stats.get("unknown_image"):
             log.warning("%s: %d predictions for images not in %s were ignored (e.g. %s)", src, stats["unknown_image"],
@@ -195,7 +201,7 @@ def fuse_clusters(sources: list[str], images_json: str | os.PathLike, cfg) -> di
     """``{image_id: pseudo labels}`` (dicts with polygon, score, votes, iscrowd, lossweight) of the
     fusion of ``sources`` over the images of ``images_json``, in memory (nothing written)."""
     images = load_images(images_json)
-    models, _, weights = _load_members(sources, images, images_json, cfg)
+    models, _, weights = _load_members(sources, images, images_json, cfg, allow_empty=True)
     return {im["id"]: labels for im, (_, labels, _) in zip(images, _fuse_images(images, models, cfg, weights))}
 
 
@@ -209,12 +215,13 @@ def fuse_predictions(
     workers: int = 1,
     progress: bool = True,
     samples: int = 4,
+    allow_empty: bool = False,
 ) -> dict:
     """Fuse K models' predictions over the images of ``images_json`` into ``out`` (a COCO json)."""
     t0 = time.time()
     images = load_images(images_json)
     k = len(sources)
-    models, model_stats, weights = _load_members(sources, images, images_json, cfg)
+    models, model_stats, weights = _load_members(sources, images, images_json, cfg, allow_empty)
     results = _fuse_images(images, models, cfg, weights, workers, progress)
 
     annotations, per_image, cluster_sizes, all_clusters = [], [], Counter(), {}
@@ -423,15 +430,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gt", help="ground truth of the unlabeled set, to measure pseudo-label quality")
     p.add_argument("--img-root", help="image root of the unlabeled set (for sample pictures)")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--allow-empty", action="store_true",
+                   help="accept a prediction source with no usable prediction (default: an error)")
     p.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
-    from i3cl_core.config import load_config
+    import sys
 
+    from i3cl_core.config import ConfigError, load_config
+
+    unused = [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith("fuse.")]
+    if unused:
+        raise ConfigError(f"--set {unused[0]}: i3cl fuse reads only fuse.* settings (got {', '.join(unused)})")
     cfg = load_config(args.config, args.overrides).fuse
+    if cfg.min_votes > len(args.predictions):
+        print(f"i3cl fuse: fuse.min_votes={cfg.min_votes} is more than the {len(args.predictions)} prediction sources; "
+              f"using {len(args.predictions)} (every model must agree)", file=sys.stderr)
     summary = fuse_predictions(args.predictions, args.images, args.out, cfg, gt=args.gt, img_root=args.img_root,
-                               workers=args.workers, progress=not args.no_progress)
+                               workers=args.workers, progress=not args.no_progress, allow_empty=args.allow_empty)
     printable = {k: v for k, v in summary.items() if k != "model_stats"}
     print(json.dumps(printable))
     return 0
