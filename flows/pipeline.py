@@ -111,7 +111,7 @@ def _png_data_uri(path: str | Path) -> str:
 
 
 # ------------------------------------------------------------------------------------ tasks
-@task(cache_policy=CACHE, persist_result=True, task_run_name="train-{name}", cache_result_in_memory=False)
+@task(cache_policy=CACHE, persist_result=True, result_serializer="json", task_run_name="train-{name}", cache_result_in_memory=False)
 def train_model(name: str, config_path: str, out_dir: str, nproc_per_node: int, inputs_fingerprint: str) -> str:
     """One training in a torchrun subprocess; returns the checkpoint path."""
     from i3cl_core.engine.train import checkpoint_dir
@@ -149,19 +149,19 @@ def train_model(name: str, config_path: str, out_dir: str, nproc_per_node: int, 
     return str(ckpt)
 
 
-@task(cache_policy=CACHE, persist_result=True, task_run_name="infer-{teacher}-{shard_index}")
+@task(cache_policy=CACHE, persist_result=True, result_serializer="json", task_run_name="infer-{teacher}-{shard_index}")
 def infer_shard(teacher: str, checkpoint: str, checkpoint_fingerprint: str, shard_index: int, shard: list[dict],
                 out_dir: str, score_thr: float, device: str, flips: list[str], scales: list[int]) -> dict:
     return stages.infer_shard(checkpoint, shard_index, shard, out_dir, score_thr, device, flips, scales)
 
 
-@task(cache_policy=CACHE, persist_result=True, task_run_name="fuse-r{ssl_round}")
+@task(cache_policy=CACHE, persist_result=True, result_serializer="json", task_run_name="fuse-r{ssl_round}")
 def fuse_task(ssl_round: int, members: list[str], members_fingerprint: str, images_json: str, fuse: dict, out: str,
               gt: str | None, img_root: str, val_members: list[str] | None, val_ann_file: str | None) -> dict:
     return stages.fuse_stage(members, images_json, out, FuseConfig(**fuse), gt, img_root, val_members, val_ann_file)
 
 
-@task(cache_policy=CACHE, persist_result=True, task_run_name="evaluate-{model}")
+@task(cache_policy=CACHE, persist_result=True, result_serializer="json", task_run_name="evaluate-{model}")
 def evaluate_task(model: str, checkpoint: str, checkpoint_fingerprint: str, split: dict, split_fingerprint: str,
                   out_json: str, protocol: str, score_thr: float | None) -> dict:
     return stages.evaluate_checkpoint(checkpoint, split["ann_file"], split["img_root"], out_json, protocol, score_thr)
@@ -186,7 +186,7 @@ def _train(spec: ModelSpec, out: Path, wd: Path, data: dict, train: TrainParams,
 
 
 # ------------------------------------------------------------------------------------ flows
-@flow(name="train-teachers", log_prints=True, persist_result=True)
+@flow(name="train-teachers", log_prints=True, persist_result=True, result_serializer="json")
 def train_teachers(work_dir: str = "runs/demo", data: DataParams = DataParams(), train: TrainParams = TrainParams()) -> dict:
     """Train every teacher (one after the other: trainings use all cores or GPUs themselves)."""
     wd = stages.check_work_dir(work_dir)
@@ -254,7 +254,7 @@ def _infer_all(wd: str, pred_root: str, models: dict, shards: list, infer: Infer
     return detections
 
 
-@flow(name="ensemble-inference", log_prints=True, persist_result=True, flow_run_name="ensemble-inference-r{ssl_round}")
+@flow(name="ensemble-inference", log_prints=True, persist_result=True, result_serializer="json", flow_run_name="ensemble-inference-r{ssl_round}")
 def ensemble_inference(work_dir: str = "runs/demo", data: DataParams = DataParams(), infer: InferParams = InferParams(),
                        ssl_round: int = 1, with_teachers: bool = True) -> dict:
     """Every ensemble model over the unlabeled set (and the labeled validation split, where one is
@@ -298,7 +298,7 @@ def ensemble_inference(work_dir: str = "runs/demo", data: DataParams = DataParam
             "detections": result["unlabeled"]["detections"], "val_members": result.get("val", {}).get("members")}
 
 
-@flow(name="fuse-pseudo-labels", log_prints=True, persist_result=True, flow_run_name="fuse-pseudo-labels-r{ssl_round}")
+@flow(name="fuse-pseudo-labels", log_prints=True, persist_result=True, result_serializer="json", flow_run_name="fuse-pseudo-labels-r{ssl_round}")
 def fuse_pseudo_labels(work_dir: str = "runs/demo", data: DataParams = DataParams(), fuse: FuseConfig = FuseConfig(),
                        ssl_round: int = 1) -> dict:
     """Weighted Polygon Fusion of the ensemble's predictions into pseudo/train_lossweight.json
@@ -352,7 +352,7 @@ def _pseudo_artifacts(wd: Path, summary: dict, ssl_round: int = 1) -> None:
     create_markdown_artifact("\n".join(md), key=f"pseudo-labels{suffix}", description="histograms, PR curve and samples")
 
 
-@flow(name="train-student", log_prints=True, persist_result=True, flow_run_name="train-student-r{ssl_round}")
+@flow(name="train-student", log_prints=True, persist_result=True, result_serializer="json", flow_run_name="train-student-r{ssl_round}")
 def train_student(work_dir: str = "runs/demo", data: DataParams = DataParams(), train: TrainParams = TrainParams(),
                   ssl_round: int = 1, extra_overrides: list[str] | None = None) -> dict:
     """Retrain on the labeled data plus the pseudo labels (each pseudo instance's losses scaled by
@@ -381,7 +381,7 @@ def train_student(work_dir: str = "runs/demo", data: DataParams = DataParams(), 
     return result
 
 
-@flow(name="evaluate", log_prints=True, persist_result=True)
+@flow(name="evaluate", log_prints=True, persist_result=True, result_serializer="json")
 def evaluate(work_dir: str = "runs/demo", data: DataParams = DataParams(), evaluation: EvalParams = EvalParams()) -> dict:
     """Every trained model of the work_dir on the test split -> eval/<model>.json and a table:
     ``teacher:<name>``, ``control:<name>``, ``student:<name>`` (round 1) and ``student-r<r>:<name>``."""
@@ -423,7 +423,7 @@ def _best_teacher_on_unlabeled(report: dict) -> dict | None:
     return {"name": Path(best["source"]).name, "hmean": best["hmean"], "thr": best["best_threshold"]}
 
 
-@flow(name="ssl-pipeline", log_prints=True, persist_result=True)
+@flow(name="ssl-pipeline", log_prints=True, persist_result=True, result_serializer="json")
 def ssl_pipeline(
     work_dir: str = "runs/demo",
     data: DataParams = DataParams(),

@@ -187,3 +187,29 @@ def test_select_prefix_prefers_the_query_encoder():
     sub, prefix = select_prefix(state, own)
     assert prefix == "encoder_q." and set(sub) == set(own)
     assert select_prefix({k: torch.zeros(1) for k in own}, own)[1] == ""
+
+
+class _Payload:
+    """Stands for any object a pickle could carry."""
+
+    def __init__(self):
+        self.x = 1
+
+
+def test_pickled_objects_are_refused_with_safe_advice(tmp_path):
+    import torch
+
+    from i3cl_core.model.backbone import read_state_dict
+    from i3cl_core.model.checkpoint import load_checkpoint
+    from i3cl_core.model.convert import read_original
+
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "meta": _Payload()}, path)
+    for call in (lambda: load_checkpoint(path), lambda: read_state_dict(str(path)), lambda: read_original(str(path))):
+        with pytest.raises(CheckpointError) as e:
+            call()
+        msg = str(e.value)
+        assert "evil.pth" in msg and "could run code" in msg
+        assert "weights_only=False" not in msg or "trust" in msg  # never the bare advice to unpickle
+    with pytest.raises(CheckpointError, match="i3cl convert-checkpoint"):
+        load_checkpoint(path)

@@ -164,6 +164,13 @@ def test_pipeline_deployment_runs_then_refuses_bad_params_and_reuses_caches(serv
     assert set(summary["scores"]) == {"teacher:teacher_a", "teacher:teacher_c", "student:student", "control:student"}
     assert {"hmean"} <= set(summary["pseudo_quality"]) and set(summary["best_teacher_on_unlabeled"]) == {"name", "hmean", "thr"}
     assert (wd / "pseudo" / "train_lossweight.json").exists() and (wd / "predictions" / "teacher_a" / "coverage.json").exists()
+    # no pickle crosses the work dir: every persisted task result is a JSON record with a JSON payload
+    records = [f for f in (wd / ".prefect-results").rglob("*") if f.is_file()]
+    assert records
+    for f in records:
+        rec = json.loads(f.read_bytes())
+        assert rec["metadata"]["serializer"]["type"] == "json", f
+        assert b"\x80\x04" not in f.read_bytes() and "cloudpickle" not in f.read_text()
 
     # an invalid parameter is refused before any run is created, naming the field
     bad = prefect_cli(served, "deployment", "run", "fuse-pseudo-labels/default", "--params",

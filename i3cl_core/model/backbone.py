@@ -35,8 +35,9 @@ def read_state_dict(path: str, what: str = "weights") -> dict[str, torch.Tensor]
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle with code objects, not a torch file ...
-        raise CheckpointError(f"{path}: cannot read {what}: the file is truncated, corrupt or not a torch "
-                              f"checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        from i3cl_core.model.errors import unreadable_checkpoint
+
+        raise unreadable_checkpoint(path, what, e) from None
     for key in ("state_dict", "model", "model_state", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict) and obj[key]:
             obj = obj[key]

@@ -42,8 +42,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path}: cannot read checkpoint: truncated, corrupt or not a torch file ({first})") from None
+        from i3cl_core.model.errors import unreadable_checkpoint
+
+        raise unreadable_checkpoint(path, "checkpoint", e) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"{path}: not an i3cl checkpoint (expected a dict with format={FORMAT!r}, 'model' and "
                               "'config'); original mmdetection checkpoints are imported with `i3cl convert-checkpoint`")

@@ -207,7 +207,14 @@ def read_original(path: str) -> dict[str, torch.Tensor]:
             with torch.serialization.safe_globals([scalar, np.dtype, *dtypes]):
                 obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:
-            msg = str(first).splitlines()[0][:200] if str(first) else type(first).__name__
+            text = str(first)
+            if "weights only load failed" in text.lower() or "unsupported global" in text.lower():
+                raise CheckpointError(
+                    f"{path}: the original checkpoint holds Python objects besides tensors and numpy scalars, which "
+                    "are not unpickled here (that could run code). On a machine where you trust the file, keep only "
+                    "its weights with the release's own environment: python -c \"import torch; c = torch.load('IN', "
+                    "weights_only=False); torch.save({'state_dict': c['state_dict']}, 'OUT')\", then convert OUT") from None
+            msg = text.splitlines()[0][:200] if text else type(first).__name__
             raise CheckpointError(f"{path}: cannot read the original checkpoint: truncated, corrupt or not a torch "
                                   f"file ({msg})") from None
     if isinstance(obj, dict) and obj.get("format") == "i3cl-checkpoint":
