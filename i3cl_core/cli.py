@@ -14,6 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("i3cl_core.config_cli", "print a resolved config (after _base_ and --set), or explain why it is invalid"),
     "synth": ("i3cl_core.data.synth_cli", "generate a synthetic curved-text dataset (COCO json + images)"),
+    "check-data": ("i3cl_core.data.check", "check every image of a config's datasets (exists, decodes, size) before training"),
     "browse": ("i3cl_core.data.browse", "draw a dataset's polygons on its images into PNG files"),
     "model-summary": ("i3cl_core.model.summary", "parameter counts per part of a model config, and output strides"),
     "train": ("i3cl_core.engine.cli", "train a detector (one process, or under torchrun for DDP)"),

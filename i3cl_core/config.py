@@ -90,6 +90,9 @@ class DataConfig(_Strict):
         True, description="treat iscrowd/ignore annotations as do-not-care regions (False: drop them)"
     )
     num_workers: int = Field(2, ge=0, le=64)
+    check_images: bool = Field(
+        True, description="before training, check that every image exists, decodes its header and has the json's "
+        "size (all problems listed at once; `i3cl check-data` runs the same check alone)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     @model_validator(mode="after")

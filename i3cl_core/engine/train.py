@@ -287,6 +287,15 @@ def train(cfg, work_dir: str | os.PathLike, resume: bool = False, progress: bool
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, work_dir / "config.yaml")
     torch.manual_seed(tcfg.seed)
+    if cfg.data.check_images and info.main:  # every problem now, not hours in when training reaches it
+        from i3cl_core.data.check import check_sources, raise_on_problems
+
+        sources = [(s.ann_file, s.img_root) for s in cfg.data.train]
+        if cfg.data.val is not None and tcfg.eval_interval > 0:
+            sources.append((cfg.data.val.ann_file, cfg.data.val.img_root))
+        checked = check_sources(sources, workers=8)
+        log.info(checked.summary())
+        raise_on_problems(checked)
 
     dataset = CocoTextDataset(
         [(s.ann_file, s.img_root) for s in cfg.data.train],

@@ -1,0 +1,99 @@
+"""``i3cl check-data CONFIG``: every image of every dataset of a config, checked before training.
+
+For each image listed in ``data.train``, ``data.val`` and ``data.test``: the file exists, its header
+decodes (Pillow reads the header only; ``--decode`` decodes every pixel too, which also finds truncated
+files), and its size equals the json's ``width`` x ``height``. Images are checked in a thread pool
+(``--workers``), at a few seconds per thousand images on local disks. All problems are listed at once,
+before any training starts; training runs the same header check first (``data.check_images``).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from i3cl_core.data.errors import DatasetError
+
+
+@dataclass
+class CheckResult:
+    images: int = 0
+    problems: list = field(default_factory=list)  # "file: image id: what is wrong"
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        rate = 1000 * self.seconds / max(self.images, 1)
+        head = (f"checked {self.images} images in {self.seconds:.2f} s ({rate:.2f} s per 1000 images): "
+                f"{len(self.problems)} problem(s)")
+        return head
+
+
+def _check_one(item, decode: bool) -> str | None:
+    from PIL import Image
+
+    ann_file, image_id, path, width, height = item
+    where = f"{ann_file}: image {image_id} ({path})"
+    if not Path(path).is_file():
+        return f"{where}: file missing"
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            if decode:
+                im.load()
+    except Exception as e:  # UnidentifiedImageError, OSError (truncated), DecompressionBombError ...
+        return f"{where}: cannot be decoded ({type(e).__name__}: {str(e)[:120]})"
+    if size != (width, height):
+        return f"{where}: the json says {width}x{height}, the file is {size[0]}x{size[1]}"
+    return None
+
+
+def check_sources(sources, workers: int = 8, decode: bool = False) -> CheckResult:
+    """Check every image of ``sources`` (``(ann_file, img_root)`` pairs): see the module docstring.
+    Structural errors of the json itself raise DatasetError as when loading it."""
+    from i3cl_core.data.coco import load_coco_records
+
+    t0 = time.time()
+    items = []
+    for ann_file, img_root in sources:
+        records, _ = load_coco_records(ann_file, img_root, keep_empty=True, check_files=False, min_image_size=1)
+        items.extend((str(ann_file), r.image_id, str(r.path), r.width, r.height) for r in records)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        problems = [p for p in pool.map(lambda it: _check_one(it, decode), items) if p]
+    return CheckResult(images=len(items), problems=problems, seconds=time.time() - t0)
+
+
+def config_sources(cfg) -> list[tuple[str, str]]:
+    sources = [(s.ann_file, s.img_root) for s in cfg.data.train]
+    for s in (cfg.data.val, cfg.data.test):
+        if s is not None:
+            sources.append((s.ann_file, s.img_root))
+    return sources
+
+
+def raise_on_problems(result: CheckResult, limit: int = 20) -> None:
+    if result.problems:
+        shown = "\n  ".join(result.problems[:limit])
+        more = f"\n  ... and {len(result.problems) - limit} more" if len(result.problems) > limit else ""
+        raise DatasetError(f"{len(result.problems)} of {result.images} images cannot be used:\n  {shown}{more}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config whose data sets to check")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--workers", type=int, default=8, help="threads (default 8)")
+    parser.add_argument("--decode", action="store_true", help="decode every pixel (finds truncated files; slower)")
+
+
+def run(args) -> int:
+    import sys
+
+    from i3cl_core.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    result = check_sources(config_sources(cfg), args.workers, args.decode)
+    for p in result.problems:
+        print(p, file=sys.stderr)
+    print(result.summary())
+    return 1 if result.problems else 0

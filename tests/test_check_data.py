@@ -1,0 +1,64 @@
+"""Pre-flight check: every image of every set, all problems at once, before training starts."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _dataset(root: Path) -> Path:
+    (root / "img").mkdir(parents=True)
+    Image.new("RGB", (64, 48), "white").save(root / "img" / "ok.jpg")
+    Image.new("RGB", (64, 48), "white").save(root / "img" / "wrong_size.jpg")
+    (root / "img" / "not_an_image.jpg").write_bytes(b"hello")
+    Image.new("RGB", (400, 300), "white").save(root / "img" / "full.jpg", quality=95)
+    data = (root / "img" / "full.jpg").read_bytes()
+    (root / "img" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    names = [("ok.jpg", 64, 48), ("wrong_size.jpg", 100, 48), ("not_an_image.jpg", 64, 48), ("missing.jpg", 64, 48),
+             ("truncated.jpg", 400, 300)]
+    images = [{"id": i + 1, "file_name": n, "width": w, "height": h} for i, (n, w, h) in enumerate(names)]
+    anns = [{"id": i + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0, "bbox": [2, 2, 30, 10],
+             "segmentation": [[2, 2, 32, 2, 32, 12, 2, 12]]} for i in range(len(names))]
+    ann = root / "train.json"
+    ann.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "text"}]}))
+    return ann
+
+
+def _config(tmp_path, ann: Path) -> Path:
+    cfg = {"_base_": str(REPO / "configs" / "demo" / "tiny_model.yaml"),
+           "data": {"train": [{"ann_file": str(ann), "img_root": str(ann.parent / "img")}], "num_workers": 0},
+           "train": {"epochs": 1, "batch_size": 1, "eval_interval": 0}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_check_data_lists_every_problem(tmp_path, capsys):
+    from i3cl_core.cli import main
+
+    cfg = _config(tmp_path, _dataset(tmp_path / "d"))
+    assert main(["check-data", str(cfg)]) == 1
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 3, lines  # header checks: truncated.jpg's header is fine
+    assert any("image 2" in ln and "the json says 100x48, the file is 64x48" in ln for ln in lines)
+    assert any("image 3" in ln and "cannot be decoded" in ln for ln in lines)
+    assert any("image 4" in ln and "file missing" in ln for ln in lines)
+    assert "checked 5 images" in out.out and "3 problem(s)" in out.out and "per 1000 images" in out.out
+    assert main(["check-data", str(cfg), "--decode"]) == 1
+    err = capsys.readouterr().err
+    assert "image 5" in err and "truncated" in err.lower()
+
+
+def test_training_refuses_bad_images_before_it_starts(tmp_path, capsys):
+    from i3cl_core.cli import main
+
+    cfg = _config(tmp_path, _dataset(tmp_path / "d"))
+    rc = main(["train", str(cfg), "--work-dir", str(tmp_path / "w"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "3 of 5 images cannot be used" in err and "missing.jpg" in err and "wrong_size.jpg" in err
+    assert not (tmp_path / "w" / "checkpoints" / "latest.pth").exists()
