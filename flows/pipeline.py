@@ -437,6 +437,8 @@ def ssl_pipeline(
 ) -> dict:
     """The whole semi-supervised loop on one work_dir, ``rounds`` times."""
     wd = stages.check_work_dir(work_dir)
+    checked = stages.preflight(_data(data, wd))  # every image of every split, before hours of training
+    print(f"pre-flight: {checked['images']} images checked in {checked['seconds']} s")
     teachers = train_teachers(str(wd), data, train)
     per_round = []
     for r in range(1, rounds + 1):

@@ -164,6 +164,19 @@ def plan_inference(images_json: str, img_root: str, shard_size: int) -> list[lis
             for s in plan_shards(items, shard_size)]
 
 
+def preflight(d: dict, workers: int = 8) -> dict:
+    """Check every image of a pipeline's data (labeled sets, validation and test splits, unlabeled images)
+    before any stage runs; all problems are raised at once (DatasetError)."""
+    from i3cl_core.data.check import check_sources, raise_on_problems
+
+    sources = [(s["ann_file"], s["img_root"]) for s in d["labeled"]]
+    sources += [(d[k]["ann_file"], d[k]["img_root"]) for k in ("val", "test") if d.get(k)]
+    sources.append((d["unlabeled_images"], d["unlabeled_root"]))
+    result = check_sources(sources, workers)
+    raise_on_problems(result)
+    return {"images": result.images, "seconds": round(result.seconds, 2)}
+
+
 def extra_members(specs: list[str], shards: list[list[dict]], out_dir) -> list[str]:
     """Member paths of other detectors' predictions (``infer.extra_members``) on the images of ``shards``;
     ``FORMAT:PATH`` entries are converted to COCO results in ``out_dir``."""
