@@ -62,6 +62,12 @@ def read_dataset(ann_file: str | os.PathLike) -> tuple[list[dict], dict[int, lis
         if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
             raise _dataset_error(f"{ann_file}: images[{k}] needs 'id' and a string 'file_name'")
         images.append(img)
+    from i3cl_core.data.validate import unique_ids
+
+    try:
+        unique_ids(images, str(ann_file))
+    except Exception as e:
+        raise _dataset_error(str(e)) from None
     anns = data.get("annotations") or []
     if not isinstance(anns, list):
         raise _dataset_error(f"{ann_file}: 'annotations' must be a list")

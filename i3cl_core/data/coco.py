@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from i3cl_core.data.errors import DatasetError
+from i3cl_core.data.validate import far_outside
 from i3cl_core.data.polygons import flat_to_polygon, instance_area, instance_box, mask_to_instance, repair_polygon
 from i3cl_core.utils import get_logger, read_json, safe_join
 
@@ -213,6 +214,9 @@ def load_coco_records(
                 reasons.append(res.status)
         if not parts:
             report.note(reasons[0] if reasons else "empty_segmentation", ann_id)
+            continue
+        if any(far_outside(part, record.width, record.height) for part in parts):
+            report.note("far_outside_image", ann_id)  # e.g. coordinates of another scale or file
             continue
         box = instance_box(parts)
         if box[2] <= 0 or box[3] <= 0 or box[0] >= record.width or box[1] >= record.height:

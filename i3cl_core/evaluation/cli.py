@@ -97,6 +97,9 @@ def run(args) -> int:
     else:
         print(format_report(objects))
     serious = _warnings(objects, len(preds.by_image), sys.stderr)
+    if preds.num_outside_image:
+        print(f"warning: {preds.num_outside_image} predictions have points more than one image size outside their "
+              "image (kept, as false positives unless they match); check the coordinate scale", file=sys.stderr)
     if args.out:
         from i3cl_core.utils import atomic_write_json
 

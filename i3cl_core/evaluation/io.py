@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from i3cl_core.data.errors import DatasetError
+from i3cl_core.data.validate import far_outside
 from i3cl_core.utils import read_json
 
 
@@ -79,6 +80,7 @@ class Predictions:
     source: str = "<memory>"
     unknown_image_ids: list = field(default_factory=list)  # unique, first seen first
     num_unknown_predictions: int = 0
+    num_outside_image: int = 0  # predictions with a point more than one image size outside their image
     _cache: Any = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -215,8 +217,11 @@ def _gt_from_coco(data: dict, src: str) -> GroundTruth:
         key = img["id"]
         if key in images:
             raise DatasetError(f"{src}: duplicate image id {key!r} (images[{k}])")
-        images[key] = GtImage(key=key, file_name=str(img.get("file_name", key)), width=img.get("width"),
-                              height=img.get("height"))
+        from i3cl_core.data.validate import image_size
+
+        size = image_size(img.get("width"), img.get("height"), f"{src}: image {key!r}", required=False)
+        images[key] = GtImage(key=key, file_name=str(img.get("file_name", key)), width=size and size[0],
+                              height=size and size[1])
     for k, ann in enumerate(data["annotations"]):
         where = f"{src}: annotation {ann.get('id', f'#{k}') if isinstance(ann, dict) else f'#{k}'}"
         if not isinstance(ann, dict):
@@ -249,15 +254,9 @@ def _gt_from_art(data: dict, src: str) -> GroundTruth:
 
 
 def _score(value, where: str) -> float:
-    if value is None:
-        return 1.0
-    try:
-        s = float(value)
-    except (TypeError, ValueError) as e:
-        raise DatasetError(f"{where}: score/confidence must be a number, got {value!r}") from e
-    if math.isnan(s):
-        raise DatasetError(f"{where}: score/confidence is NaN")
-    return s
+    from i3cl_core.data.validate import score_value
+
+    return score_value(value, where)
 
 
 class _Collector:
@@ -266,6 +265,7 @@ class _Collector:
         self.by_image: dict = {}
         self.unknown: dict = {}
         self.num_unknown = 0
+        self.num_outside = 0
         self.fmt = fmt
         self.src = src
 
@@ -274,13 +274,17 @@ class _Collector:
             self.num_unknown += 1
             self.unknown.setdefault(raw_id, None)
             return
+        img = self.gt.images[key]
+        if any(far_outside(part, img.width, img.height) for part in instance):
+            self.num_outside += 1
         polys, scores = self.by_image.setdefault(key, ([], []))
         polys.append(instance)
         scores.append(score)
 
     def result(self) -> Predictions:
         return Predictions(by_image=self.by_image, format=self.fmt, source=self.src,
-                           unknown_image_ids=list(self.unknown), num_unknown_predictions=self.num_unknown)
+                           unknown_image_ids=list(self.unknown), num_unknown_predictions=self.num_unknown,
+                           num_outside_image=self.num_outside)
 
 
 def load_predictions(path, gt: GroundTruth) -> Predictions:

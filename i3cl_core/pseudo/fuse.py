@@ -45,6 +45,9 @@ def load_images(path: str | os.PathLike) -> list[dict]:
             raise DatasetError(f"{p}: images[{i}] needs id, file_name, width and height")
         if im["id"] in seen:
             raise DatasetError(f"{p}: image id {im['id']} appears twice")
+        from i3cl_core.data.validate import image_size
+
+        image_size(im["width"], im["height"], f"{p}: image {im['id']!r}")
         seen.add(im["id"])
         images.append({k: im[k] for k in ("id", "file_name", "width", "height")})
     if not images:
@@ -96,8 +99,11 @@ def load_model_predictions(source: str | os.PathLike, images: list[dict]) -> tup
     else:
         raise DatasetError(f"{src}: prediction file or folder not found")
 
+    from i3cl_core.data.validate import far_outside, score_value
+
+    sizes = {im["id"]: (im["width"], im["height"]) for im in images}
     preds: dict = {}
-    for r in records:
+    for k, r in enumerate(records):
         if not isinstance(r, dict) or "image_id" not in r:
             raise DatasetError(f"{src}: each prediction needs an image_id (got {str(r)[:80]})")
         if r["image_id"] not in ids:
@@ -117,14 +123,19 @@ def load_model_predictions(source: str | os.PathLike, images: list[dict]) -> tup
             poly = canonical(flat) if flat is not None else None
         except (TypeError, ValueError):
             poly = None
-        score = r.get("score")
-        if poly is None or not isinstance(score, (int, float)) or not np.isfinite(score):
+        score = score_value(r.get("score"), f"{src}: prediction #{k} (image {r['image_id']!r})")
+        if poly is None:
             stats["invalid_polygon"] += 1
             continue
-        preds.setdefault(r["image_id"], []).append((poly, float(score)))
+        w, h = sizes[r["image_id"]]
+        if far_outside(poly, w, h):
+            stats["outside_image"] += 1
+            continue
+        preds.setdefault(r["image_id"], []).append((poly, score))
         stats["predictions"] += 1
     stats["images_with_predictions"] = len(preds)
-    counts = {k: stats.get(k, 0) for k in ("predictions", "images_with_predictions", "unknown_image", "invalid_polygon")}
+    counts = {k: stats.get(k, 0) for k in ("predictions", "images_with_predictions", "unknown_image", "invalid_polygon",
+                                           "outside_image")}
     return preds, {"source": str(src), **counts, "unknown_examples": unknown[:5],
                    "coverage": None if coverage is None else len(coverage & ids), "missing_images": None
                    if coverage is None else sorted(ids - coverage)[:5], "_coverage_set": coverage}
@@ -167,6 +178,9 @@ def _load_members(sources: list[str], images: list[dict], images_json, cfg,
         if stats.get("unknown_image"):
             log.warning("%s: %d predictions for images not in %s were ignored (e.g. %s)", src, stats["unknown_image"],
                         images_json, stats["unknown_examples"])
+        if stats.get("outside_image"):
+            log.warning("%s: %d predictions with points more than one image size outside their image were ignored",
+                        src, stats["outside_image"])
         if stats.get("invalid_polygon"):
             log.warning("%s: %d predictions with fewer than 3 points, non-finite values or zero area were ignored",
                         src, stats["invalid_polygon"])

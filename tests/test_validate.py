@@ -1,0 +1,85 @@
+"""One rule per field, the same in every command: string scores, sizes, far-outside coordinates, ids."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from i3cl_core.data.errors import DatasetError
+
+
+def _files(tmp_path, score=0.9, width=320, coords=(10, 10, 110, 10, 110, 40, 10, 40)):
+    (tmp_path / "img").mkdir(exist_ok=True)
+    Image.new("RGB", (320, 240)).save(tmp_path / "img" / "a.jpg")
+    images = [{"id": 1, "file_name": "a.jpg", "width": width, "height": 240}]
+    gt = {"images": images, "categories": [{"id": 1, "name": "text"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [10, 10, 100, 30],
+                           "segmentation": [list(coords)]}]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "images.json").write_text(json.dumps({**gt, "annotations": []}))
+    pred = [{"image_id": 1, "score": score, "segmentation": [list(coords)]}]
+    (tmp_path / "pred.json").write_text(json.dumps(pred))
+    return tmp_path
+
+
+def test_string_score_is_refused_by_evaluate_and_fuse_alike(tmp_path):
+    from i3cl_core.config import FuseConfig
+    from i3cl_core.evaluation import load_ground_truth, load_predictions
+    from i3cl_core.pseudo.fuse import fuse_predictions
+
+    d = _files(tmp_path, score="0.9")
+    gt = load_ground_truth(d / "gt.json")
+    with pytest.raises(DatasetError, match=r"pred.json: result #0 .*score must be a number in \[0, 1\], got '0.9' \(str\)"):
+        load_predictions(d / "pred.json", gt)
+    with pytest.raises(DatasetError, match=r"pred.json: prediction #0 .*score must be a number in \[0, 1\], got '0.9'"):
+        fuse_predictions([str(d / "pred.json")], str(d / "images.json"), d / "o.json", FuseConfig(), progress=False)
+    for bad in (True, 1.5, float("nan")):
+        d = _files(tmp_path, score=bad)
+        with pytest.raises(DatasetError, match="score must be a number in"):
+            load_predictions(d / "pred.json", load_ground_truth(d / "gt.json"))
+
+
+def test_negative_width_is_refused_by_evaluate_fuse_and_train_alike(tmp_path):
+    from i3cl_core.config import FuseConfig
+    from i3cl_core.data.coco import load_coco_records
+    from i3cl_core.evaluation import load_ground_truth
+    from i3cl_core.pseudo.fuse import fuse_predictions
+
+    d = _files(tmp_path, width=-320)
+    with pytest.raises(DatasetError, match="width and height must be positive integers"):
+        load_ground_truth(d / "gt.json")
+    with pytest.raises(DatasetError, match="width and height must be positive integers"):
+        fuse_predictions([str(d / "pred.json")], str(d / "images.json"), d / "o.json", FuseConfig(), progress=False)
+    with pytest.raises(DatasetError, match="width and height must be positive integers"):
+        load_coco_records(d / "gt.json", d / "img")
+
+
+def test_far_outside_coordinates_are_counted_and_dropped(tmp_path, capsys):
+    from i3cl_core.cli import main
+    from i3cl_core.config import FuseConfig
+    from i3cl_core.data.coco import load_coco_records
+    from i3cl_core.pseudo.fuse import fuse_predictions
+
+    d = _files(tmp_path, coords=(10, 10, 1e12, 10, 1e12, 40, 10, 40))
+    records, report = load_coco_records(d / "gt.json", d / "img", keep_empty=True)
+    assert report.dropped["far_outside_image"] == 1 and not records[0].instances
+    assert main(["evaluate", "--gt", str(d / "gt.json"), "--pred", str(d / "pred.json")]) == 0
+    assert "1 predictions have points more than one image size outside their image" in capsys.readouterr().err
+    cfg = FuseConfig(auto_keep_thr=False)
+    with pytest.raises(DatasetError, match="no usable prediction"):
+        fuse_predictions([str(d / "pred.json")], str(d / "images.json"), d / "o.json", cfg, progress=False)
+    s = fuse_predictions([str(d / "pred.json")], str(d / "images.json"), d / "o.json", cfg, progress=False,
+                         allow_empty=True)
+    assert s["model_stats"][0]["outside_image"] == 1 and s["pseudo_labels"] == 0
+
+
+def test_browse_refuses_duplicate_image_ids(tmp_path, capsys):
+    from i3cl_core.cli import main
+
+    d = _files(tmp_path)
+    data = json.loads((d / "gt.json").read_text())
+    data["images"].append(dict(data["images"][0], file_name="b.jpg"))
+    (d / "dup.json").write_text(json.dumps(data))
+    assert main(["browse", "--ann", str(d / "dup.json"), "--img-root", str(d / "img"), "--out", str(d / "v")]) == 2
+    assert "images[0] and images[1] have the same id 1" in capsys.readouterr().err
