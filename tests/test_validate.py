@@ -83,3 +83,24 @@ def test_browse_refuses_duplicate_image_ids(tmp_path, capsys):
     (d / "dup.json").write_text(json.dumps(data))
     assert main(["browse", "--ann", str(d / "dup.json"), "--img-root", str(d / "img"), "--out", str(d / "v")]) == 2
     assert "images[0] and images[1] have the same id 1" in capsys.readouterr().err
+
+
+def test_one_image_reader_names_truncated_files_everywhere(tmp_path, capsys):
+    """A truncated JPEG: infer's reader, the training reader and browse all refuse it, naming the file."""
+    from i3cl_core.cli import main
+    from i3cl_core.data.image_io import read_image
+
+    d = _files(tmp_path)
+    Image.new("RGB", (320, 240), "white").save(d / "img" / "full.jpg", quality=95)
+    data = (d / "img" / "full.jpg").read_bytes()
+    (d / "img" / "a.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetError, match=r"a\.jpg: image 1 is a truncated JPEG"):
+        read_image(d / "img" / "a.jpg", "image 1")
+    assert read_image(d / "img" / "full.jpg").shape == (240, 320, 3)
+    from i3cl_core.data.coco import load_coco_records, read_image as read_record
+
+    records, _ = load_coco_records(d / "gt.json", d / "img")
+    with pytest.raises(DatasetError, match="truncated JPEG"):
+        read_record(records[0])
+    assert main(["browse", "--ann", str(d / "gt.json"), "--img-root", str(d / "img"), "--out", str(d / "v")]) == 0
+    assert "a.jpg: image id 1 is a truncated JPEG" in capsys.readouterr().err

@@ -194,6 +194,8 @@ def browse_dataset(
     import cv2
     import numpy
 
+    from i3cl_core.data.errors import DatasetError
+    from i3cl_core.data.image_io import read_image
     from i3cl_core.utils import atomic_write_bytes, safe_join
 
     if limit is not None and limit < 0:
@@ -219,13 +221,10 @@ def browse_dataset(
             path = safe_join(img_root, im["file_name"])
         except ValueError as e:
             raise _dataset_error(f"{ann_file}: image id {im['id']}: {e}") from None
-        img = None
-        if path.is_file():
-            buf = numpy.fromfile(str(path), dtype=numpy.uint8)
-            img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
-        if img is None:
-            what = "missing" if not path.exists() else "not a readable image"
-            print(f"i3cl browse: {ann_file}: image id {im['id']}: {path} is {what}, skipped", file=sys.stderr)
+        try:
+            img = read_image(path, f"image id {im['id']}", rgb=False)
+        except DatasetError as e:
+            print(f"i3cl browse: {ann_file}: {e}, skipped", file=sys.stderr)
             skipped += 1
             continue
         draw(img, anns_by_image.get(im["id"], []), preds_by_image.get(im["id"], []), min_score)

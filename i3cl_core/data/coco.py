@@ -254,13 +254,9 @@ def load_coco_records(
 
 def read_image(record: ImageRecord) -> np.ndarray:
     """RGB uint8 image (H, W, 3); a missing or unreadable file raises DatasetError."""
-    import cv2
+    from i3cl_core.data.image_io import read_image as decode
 
-    img = cv2.imread(str(record.path), cv2.IMREAD_COLOR)
-    if img is None:
-        reason = "missing" if not record.path.exists() else "unreadable or not an image"
-        raise DatasetError(f"{record.path}: image {record.image_id} is {reason}")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return decode(record.path, f"image {record.image_id}")
 
 
 class CocoTextDataset:

@@ -107,15 +107,15 @@ class _ImageDataset:
         return len(self.items)
 
     def __getitem__(self, i: int):
-        import cv2
         import torch
 
+        from i3cl_core.data.image_io import read_image
+
         item = self.items[i]
-        img = cv2.imread(str(item.path), cv2.IMREAD_COLOR)
-        if img is None:
-            reason = "missing" if not item.path.exists() else "unreadable or not an image"
-            return i, None, None, f"{item.path}: image {item.image_id} is {reason}"
-        rgb = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        try:
+            rgb = read_image(item.path, f"image {item.image_id}")
+        except DatasetError as e:
+            return i, None, None, str(e)
         return i, torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float().div_(255.0), rgb, None
 
 

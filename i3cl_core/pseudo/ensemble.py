@@ -119,19 +119,20 @@ def predict_with_tta(model, image, epsilon: float, flips=(), scales=()) -> list[
 def run_shard(model, shard: Shard, path: Path, score_thr: float, device, epsilon: float = 0.005,
               flips=(), scales=()) -> dict:
     """Predict one shard with one loaded model and write its COCO results atomically."""
-    import cv2
     import torch
 
+    from i3cl_core.data.image_io import read_image
     from i3cl_core.infer.export import coco_result
 
     results, failures = [], []
     with torch.no_grad():
         for it in shard.items:
-            img = cv2.imread(str(it.path), cv2.IMREAD_COLOR)
-            if img is None:
-                failures.append(f"{it.path}: image {it.image_id} is unreadable")
+            try:
+                rgb = read_image(it.path, f"image {it.image_id}")
+            except DatasetError as e:
+                failures.append(str(e))
                 continue
-            t = torch.from_numpy(np.ascontiguousarray(cv2.cvtColor(img, cv2.COLOR_BGR2RGB).transpose(2, 0, 1)))
+            t = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
             t = t.float().div_(255.0).to(device)
             for poly, s in predict_with_tta(model, t, epsilon, flips, scales):
                 if s >= score_thr:

@@ -405,6 +405,7 @@ def _prf(r: dict) -> dict:
 def _draw_samples(dataset, img_root, figs: Path, n: int) -> list[Path]:
     import cv2
 
+    from i3cl_core.data.image_io import read_image
     from i3cl_core.utils import safe_join
 
     by_image = {}
@@ -415,10 +416,8 @@ def _draw_samples(dataset, img_root, figs: Path, n: int) -> list[Path]:
     paths = []
     for image_id in chosen:
         try:
-            img = cv2.imread(str(safe_join(img_root, names[image_id])))
-        except ValueError:
-            img = None
-        if img is None:
+            img = read_image(safe_join(img_root, names[image_id]), rgb=False)
+        except (ValueError, DatasetError):
             continue
         for a in by_image[image_id]:
             pts = np.rint(np.asarray(a["segmentation"][0]).reshape(-1, 2)).astype(np.int32)
