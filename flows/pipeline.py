@@ -106,8 +106,37 @@ def _cancelled_checker():
     return cancelled
 
 
-def _png_data_uri(path: str | Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+ARTIFACT_BUDGET = 450_000  # bytes of markdown per artifact (pictures included): the UI renders it whole
+
+
+def _image_uri(path: str | Path, max_side: int = 560, quality: int = 80) -> str:
+    """A compact JPEG thumbnail of ``path`` as a data URI (charts and sample pictures alike)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        im.thumbnail((max_side, max_side))
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=quality, optimize=True)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def markdown_with_images(title: str, blocks: list[tuple[str, list[tuple[str, str | Path]]]], intro: str = "",
+                         budget: int = ARTIFACT_BUDGET) -> str:
+    """CommonMark for an artifact: ``# title``, ``intro``, then per block ``## heading`` and its pictures
+    (alt text, file), every block separated by a blank line; thumbnails shrink until the whole text fits
+    ``budget`` bytes."""
+    for max_side, quality in ((560, 80), (420, 70), (320, 60), (240, 50)):
+        parts = [f"# {title}"] + ([intro] if intro else [])
+        for heading, images in blocks:
+            parts.append(f"## {heading}")
+            parts += [f"![{alt}]({_image_uri(p, max_side, quality)})" for alt, p in images if Path(p).exists()]
+        text = "\n\n".join(parts) + "\n"
+        if len(text.encode()) <= budget:
+            return text
+    return text
 
 
 # ------------------------------------------------------------------------------------ tasks
@@ -340,16 +369,18 @@ def _pseudo_artifacts(wd: Path, summary: dict, ssl_round: int = 1) -> None:
                  if selection.get("chosen_on") else f"{selection.get('keep_thr')} (as given)"})
     suffix = "" if ssl_round == 1 else f"-r{ssl_round}"
     create_table_artifact(rows, key=f"pseudo-label-stats{suffix}", description="pseudo labels (and quality vs the hidden GT)")
-    md = ["# Pseudo labels", "", f"{summary['pseudo_labels']} pseudo labels, {summary['dontcare']} do-not-care regions "
-          f"on {summary['images']} images from {summary['models']} models.", ""]
+    blocks = []
     if quality:
         from i3cl_core.pseudo.fuse import pr_curve_png
 
         curve = pr_curve_png(quality["fused_sweep"], wd / "pseudo" / "report_figures" / "pr_curve.png")
-        md += ["## Precision / recall of the fused labels over the score threshold", f"![pr]({_png_data_uri(curve)})", ""]
-    md += [f"## {name}\n![{name}]({_png_data_uri(p)})" for name, p in report["figures"].items()]
-    md += ["## Samples"] + [f"![sample]({_png_data_uri(p)})" for p in report.get("samples", [])[:3]]
-    create_markdown_artifact("\n".join(md), key=f"pseudo-labels{suffix}", description="histograms, PR curve and samples")
+        blocks.append(("Precision / recall of the fused labels over the score threshold", [("PR curve", curve)]))
+    blocks += [(name, [(name, p)]) for name, p in report["figures"].items()]
+    blocks.append(("Samples", [(f"sample {k + 1}", p) for k, p in enumerate(report.get("samples", [])[:3])]))
+    intro = (f"{summary['pseudo_labels']} pseudo labels, {summary['dontcare']} do-not-care regions on "
+             f"{summary['images']} images from {summary['models']} models.")
+    create_markdown_artifact(markdown_with_images("Pseudo labels", blocks, intro), key=f"pseudo-labels{suffix}",
+                             description="histograms, PR curve and samples")
 
 
 @flow(name="train-student", log_prints=True, persist_result=True, result_serializer="json", flow_run_name="train-student-r{ssl_round}")

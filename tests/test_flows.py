@@ -303,3 +303,32 @@ def test_stage_runs_without_data_params_reuse_the_work_dirs_data(tmp_path):
     assert first["unlabeled_images"] == "/d/u.json" and first["labeled"][0]["ann_file"] == "/d/train.json"
     assert _data(DataParams(), wd) == first  # defaults: the data the work_dir was made with, no demo generated
     assert not (tmp_path / "data").exists()
+
+
+def test_artifact_markdown_is_commonmark_with_every_picture_within_budget(tmp_path):
+    """The pseudo-labels artifact rendered blank in the UI when a heading followed a picture line without a
+    blank line; every block is now separated, and thumbnails keep the text under the budget."""
+    from markdown_it import MarkdownIt
+    from PIL import Image
+
+    from flows.pipeline import markdown_with_images
+
+    pics = []
+    rng = __import__("numpy").random.default_rng(0)
+    for k in range(6):  # noisy pictures compress badly: the budget has to shrink them
+        p = tmp_path / f"p{k}.png"
+        Image.fromarray(rng.integers(0, 255, (900, 1200, 3), dtype="uint8")).save(p)
+        pics.append(p)
+    blocks = [("Scores", [("scores", pics[0])]), ("Votes", [("votes", pics[1])]),
+              ("Samples", [(f"sample {k}", p) for k, p in enumerate(pics[2:])])]
+    text = markdown_with_images("Pseudo labels", blocks, "12 pseudo labels.", budget=300_000)
+    assert len(text.encode()) <= 300_000
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("#") and i > 0:
+            assert lines[i - 1] == "", f"no blank line before {line!r}"
+    tokens = MarkdownIt("commonmark").parse(text)
+    headings = [tokens[i + 1].content for i, t in enumerate(tokens) if t.type == "heading_open"]
+    assert headings == ["Pseudo labels", "Scores", "Votes", "Samples"]
+    images = [c for t in tokens if t.type == "inline" for c in (t.children or []) if c.type == "image"]
+    assert len(images) == 6 and all(i.attrs["src"].startswith("data:image/jpeg;base64,") for i in images)
