@@ -369,13 +369,9 @@ def _pseudo_artifacts(wd: Path, summary: dict, ssl_round: int = 1) -> None:
                  if selection.get("chosen_on") else f"{selection.get('keep_thr')} (as given)"})
     suffix = "" if ssl_round == 1 else f"-r{ssl_round}"
     create_table_artifact(rows, key=f"pseudo-label-stats{suffix}", description="pseudo labels (and quality vs the hidden GT)")
-    blocks = []
-    if quality:
-        from i3cl_core.pseudo.fuse import pr_curve_png
-
-        curve = pr_curve_png(quality["fused_sweep"], wd / "pseudo" / "report_figures" / "pr_curve.png")
-        blocks.append(("Precision / recall of the fused labels over the score threshold", [("PR curve", curve)]))
-    blocks += [(name, [(name, p)]) for name, p in report["figures"].items()]
+    headings = {"pr_curve": "Precision / recall / F of the fused labels over the score threshold",
+                "scores": "Fused scores", "votes": "Votes per pseudo label", "weights": "Loss weights"}
+    blocks = [(headings.get(name, name), [(name, p)]) for name, p in report["figures"].items()]
     blocks.append(("Samples", [(f"sample {k + 1}", p) for k, p in enumerate(report.get("samples", [])[:3])]))
     intro = (f"{summary['pseudo_labels']} pseudo labels, {summary['dontcare']} do-not-care regions on "
              f"{summary['images']} images from {summary['models']} models.")

@@ -204,6 +204,11 @@ def test_fuse_writes_a_loadable_lossweight_dataset(tmp_path):
     report = json.loads((tmp_path / "pseudo" / "report.json").read_text())
     assert report["quality"]["fused"]["hmean"] == 1.0
     assert Path(report["figures"]["scores"]).exists() and (tmp_path / "pseudo" / "report.md").exists()
+    from PIL import Image
+
+    for name in ("scores", "votes", "weights", "pr_curve"):  # matplotlib figures, not empty canvases
+        with Image.open(report["figures"][name]) as im:
+            assert im.size[0] >= 400 and len(set(im.convert("L").getdata())) > 20, name
     # the training dataset loads it directly and concatenates it with a labeled set (weight 1)
     from i3cl_core.data.coco import CocoTextDataset
 

@@ -25,6 +25,7 @@ from i3cl_core.data.errors import DatasetError
 from i3cl_core.data.polygons import polygon_area
 from i3cl_core.infer.export import polygon_bbox
 from i3cl_core.pseudo.fusion import canonical, cluster_predictions, pseudo_labels
+from i3cl_core.pseudo.report import histogram_png, pr_curve_png
 from i3cl_core.utils import atomic_write_json, atomic_write_text, get_logger, read_json
 
 log = get_logger("fuse")
@@ -288,67 +289,24 @@ def _default_root(images_json: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ report
-def histogram_png(values, bins, title: str, path: Path) -> Path:
-    """A small bar chart (PIL only)."""
-    from PIL import Image, ImageDraw
-
-    counts, edges = np.histogram(np.asarray(values, dtype=float), bins=bins)
-    w, h, pad = 360, 200, 28
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    d.text((pad, 4), f"{title} (n={len(values)})", fill="black")
-    top = max(int(counts.max()), 1) if len(counts) else 1
-    bw = (w - 2 * pad) / max(len(counts), 1)
-    for i, c in enumerate(counts):
-        x0 = pad + i * bw
-        y0 = h - pad - (h - 2 * pad - 10) * c / top
-        d.rectangle([x0 + 1, y0, x0 + bw - 1, h - pad], fill=(70, 130, 180))
-    d.line([pad, h - pad, w - pad, h - pad], fill="black")
-    d.text((pad, h - pad + 4), f"{edges[0]:.2g}", fill="black")
-    d.text((w - pad - 24, h - pad + 4), f"{edges[-1]:.2g}", fill="black")
-    d.text((4, pad), str(top), fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
-
-
-def pr_curve_png(rows: list[dict], path: Path) -> Path:
-    """Precision and recall of the fused labels against the score threshold (PIL only)."""
-    from PIL import Image, ImageDraw
-
-    w, h, pad = 360, 220, 30
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    d.rectangle([pad, pad, w - pad, h - pad], outline="black")
-    d.text((pad, 6), "P (blue), R (red), F (green) vs score threshold", fill="black")
-
-    def xy(t, v):
-        return pad + (w - 2 * pad) * t, h - pad - (h - 2 * pad) * v
-
-    for key, color in (("precision", (30, 90, 200)), ("recall", (200, 40, 40)), ("hmean", (20, 150, 20))):
-        pts = [xy(r["threshold"], r[key]) for r in rows]
-        if len(pts) > 1:
-            d.line(pts, fill=color, width=2)
-    d.text((pad - 4, h - pad + 4), "0", fill="black")
-    d.text((w - pad - 6, h - pad + 4), "1", fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
-
-
 def write_report(dataset, summary, report_dir: Path, sources, models, all_clusters, gt, img_root, samples) -> Path:
     anns = dataset["annotations"]
     kept = [a for a in anns if not a["iscrowd"]]
     figs = report_dir / "report_figures"
     pngs = {
         "scores": histogram_png([a["score"] for a in anns], np.linspace(0, 1, 21), "fused score", figs / "scores.png"),
-        "votes": histogram_png([a["votes"] for a in anns], np.arange(0.5, len(sources) + 1.5), "votes", figs / "votes.png"),
-        "weights": histogram_png([a["lossweight"] for a in kept], np.linspace(0, 1, 21), "lossweight", figs / "weights.png"),
+        "votes": histogram_png([a["votes"] for a in anns], np.arange(0.5, len(sources) + 1.5), "votes", figs / "votes.png",
+                               xlabel="models agreeing on the instance"),
+        "weights": histogram_png([a["lossweight"] for a in kept], np.linspace(0, 1, 21), "lossweight", figs / "weights.png",
+                                 xlabel="per-instance loss weight"),
     }
     report = {k: v for k, v in summary.items() if k != "report"}
     report["figures"] = {k: str(p) for k, p in pngs.items()}
     if gt:
-        report["quality"] = pseudo_label_quality(dataset, gt, models, all_clusters, sources)
+        q = report["quality"] = pseudo_label_quality(dataset, gt, models, all_clusters, sources)
+        pngs["pr_curve"] = pr_curve_png(q["fused_sweep"], figs / "pr_curve.png", keep_thr=dataset["info"]["fuse"]["keep_thr"],
+                                        teachers=[{"name": Path(m["source"]).name, "hmean": m["hmean"]} for m in q["models"]])
+        report["figures"]["pr_curve"] = str(pngs["pr_curve"])
     sample_paths = _draw_samples(dataset, img_root, figs, samples)
     report["samples"] = [str(p) for p in sample_paths]
     atomic_write_json(report_dir / "report.json", report, indent=2)
