@@ -486,7 +486,18 @@ def ssl_pipeline(
                "pseudo_quality": first["pseudo_quality"], "best_teacher_on_unlabeled": first["best_teacher_on_unlabeled"],
                "rounds": per_round}
     atomic_write_json(wd / "summary.json", summary, indent=2)
+    _summary_artifact(wd, summary)
     return summary
+
+
+def _summary_artifact(wd: Path, summary: dict) -> None:
+    """summary.md with its figures, and the same as the parent run's markdown artifact."""
+    from i3cl_core.run_summary import write_summary
+
+    written = write_summary(wd, summary, json.loads((wd / "data.json").read_text()))
+    text = markdown_with_images("SSL pipeline summary", written["blocks"], written["text_head"].strip())
+    create_markdown_artifact(text, key="ssl-pipeline-summary", description="final table, figures and samples")
+    print(f"run summary: {written['md']}")
 
 
 ALL_FLOWS = [ssl_pipeline, train_teachers, ensemble_inference, fuse_pseudo_labels, train_student, evaluate]

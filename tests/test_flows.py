@@ -164,6 +164,18 @@ def test_pipeline_deployment_runs_then_refuses_bad_params_and_reuses_caches(serv
     assert set(summary["scores"]) == {"teacher:teacher_a", "teacher:teacher_c", "student:student", "control:student"}
     assert {"hmean"} <= set(summary["pseudo_quality"]) and set(summary["best_teacher_on_unlabeled"]) == {"name", "hmean", "thr"}
     assert (wd / "pseudo" / "train_lossweight.json").exists() and (wd / "predictions" / "teacher_a" / "coverage.json").exists()
+    # the run summary: summary.md with its figures, and the same as the parent run's markdown artifact
+    md = (wd / "summary.md").read_text()
+    assert "| control:student |" in md and "SSL gain (student - control" in md
+    figs = sorted(p.name for p in (wd / "summary_figures").iterdir())
+    assert "f_per_model.png" in figs and any(f.startswith("sample_") for f in figs)
+    assert any(f.startswith("train_teachers_teacher_a") for f in figs)
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ssl-pipeline-summary"])))
+    assert arts and "F per model" in arts[-1].data and arts[-1].data.count("data:image/jpeg;base64,") >= 3
     # no pickle crosses the work dir: every persisted task result is a JSON record with a JSON payload
     records = [f for f in (wd / ".prefect-results").rglob("*") if f.is_file()]
     assert records

@@ -124,3 +124,38 @@ def training_curve_png(metrics_jsonl: Path, path: Path, title: str) -> Path | No
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="upper right")
     return _save(fig, path)
+
+
+def side_by_side_png(image_rgb: np.ndarray, panels: list[tuple[str, list, str]], path: Path, title: str = "") -> Path:
+    """One picture per panel (``(title, polygons, colour)``; a polygon is an (N, 2) array, or
+    ``(array, "dashed")`` for a do-not-care region), side by side, with a legend."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Polygon
+
+    plt = _plt()
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.6))
+    axes = np.atleast_1d(axes)
+    handles = []
+    for ax, (name, polys, colour) in zip(axes, panels):
+        ax.imshow(image_rgb)
+        for poly in polys:
+            dashed = isinstance(poly, tuple)
+            pts = np.asarray(poly[0] if dashed else poly, dtype=float).reshape(-1, 2)
+            ax.add_patch(Polygon(pts, closed=True, fill=False, lw=1.2, edgecolor="lightgrey" if dashed else colour,
+                                 ls="--" if dashed else "-"))
+        ax.set_title(f"{name} ({sum(1 for p in polys if not isinstance(p, tuple))})", fontsize=9)
+        ax.axis("off")
+        handles.append(Line2D([], [], color=colour, lw=2, label=name))
+    handles.append(Line2D([], [], color="lightgrey", lw=2, ls="--", label="do-not-care"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(bottom=0.12)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    tmp.replace(path)
+    plt.close(fig)
+    return path
