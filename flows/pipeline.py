@@ -140,6 +140,23 @@ def markdown_with_images(title: str, blocks: list[tuple[str, list[tuple[str, str
 
 
 # ------------------------------------------------------------------------------------ tasks
+EPOCH = re.compile(r"epoch (\d+)/(\d+) iter")
+
+
+def _curve_artifact(name: str, out: Path, when: str) -> None:
+    """The training's loss and learning-rate curve as a markdown artifact (one version per epoch)."""
+    from i3cl_core.pseudo.report import training_curve_png
+
+    try:
+        png = training_curve_png(out / "metrics.jsonl", out / "train_curve.png", f"{name} ({when})")
+    except Exception as e:  # a figure must never stop a training
+        get_run_logger().warning("training curve of %s not drawn: %s", name, e)
+        return
+    if png is not None:
+        create_markdown_artifact(markdown_with_images(f"Training {name}", [(when, [("loss and learning rate", png)])]),
+                                 key=f"training-curve-{_key(name)}", description=f"training curve of {name} ({when})")
+
+
 @task(cache_policy=CACHE, persist_result=True, result_serializer="json", task_run_name="train-{name}", cache_result_in_memory=False)
 def train_model(name: str, config_path: str, out_dir: str, nproc_per_node: int, inputs_fingerprint: str) -> str:
     """One training in a torchrun subprocess; returns the checkpoint path."""
@@ -161,17 +178,24 @@ def train_model(name: str, config_path: str, out_dir: str, nproc_per_node: int, 
     progress_id = create_progress_artifact(0.0, key=f"train-{_key(name)}", description=f"training {name}")
     cmd = stages.train_command(Path(config_path), out, nproc_per_node, resume=resume)
     logger.info("%s: %s%s", name, " ".join(cmd), " (resuming)" if resume else "")
+    epoch = {"seen": 0}
     with open(out / "train.log", "a", encoding="utf-8") as log_file:
         def log_line(line: str) -> None:
             logger.info("[%s] %s", name, line)
             log_file.write(line + "\n")
             log_file.flush()
+            m = EPOCH.search(line)
+            if m and int(m.group(1)) > epoch["seen"]:  # a new epoch began: publish the curve so far
+                if epoch["seen"]:
+                    _curve_artifact(name, out, f"epoch {epoch['seen']}/{m.group(2)}")
+                epoch["seen"] = int(m.group(1))
 
         rc = run_streaming(cmd, log_line, cancelled=_cancelled_checker(),
                            on_progress=lambda f: update_progress_artifact(progress_id, 100.0 * f))
     if rc != 0:
         raise RuntimeError(f"training {name} failed with exit code {rc}; see {out / 'train.log'}")
     update_progress_artifact(progress_id, 100.0)
+    _curve_artifact(name, out, "finished")
     ckpt = stages.trained_checkpoint(out)
     if ckpt is None:
         raise RuntimeError(f"training {name} ended without a final checkpoint in {out}")

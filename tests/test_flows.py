@@ -176,6 +176,9 @@ def test_pipeline_deployment_runs_then_refuses_bad_params_and_reuses_caches(serv
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ssl-pipeline-summary"])))
     assert arts and "F per model" in arts[-1].data and arts[-1].data.count("data:image/jpeg;base64,") >= 3
+    with get_client(sync_client=True) as client:  # the training curve (one version per epoch; TINY trains one)
+        curves = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["training-curve-teacher-a"])))
+    assert curves and any("finished" in a.data for a in curves) and "data:image/jpeg" in curves[-1].data
     # no pickle crosses the work dir: every persisted task result is a JSON record with a JSON payload
     records = [f for f in (wd / ".prefect-results").rglob("*") if f.is_file()]
     assert records
