@@ -39,26 +39,40 @@ def wait_for_deployments(env: dict, names: list[str], timeout: float = 120) -> N
     raise RuntimeError(f"deployments {names} were not registered within {timeout:.0f} s")
 
 
-def follow(run_id, poll: float = 10.0):
-    """Print each stage as it changes state; return the final flow run."""
+def follow(run_id, work_dir: str | None = None, poll: float = 2.0, plain_every: float = 30.0):
+    """Print each stage as it changes state and, from the work dir, each training's and each ensemble
+    model's progress (flows/progress.py); return the final flow run."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
+    from flows.progress import ProgressView, scan
+
+    view = ProgressView(plain_every=plain_every)
     seen: dict = {}
+    names: dict = {}
     t0 = time.time()
-    with get_client(sync_client=True) as client:
-        while True:
-            run = client.read_flow_run(run_id)
-            children = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id])))
-            for child in children:
-                flow_name = client.read_flow(child.flow_id).name
-                state = child.state.name if child.state else "?"
-                if seen.get(child.id) != state:
-                    seen[child.id] = state
-                    print(f"[{time.time() - t0:6.0f} s] {flow_name}: {state}", flush=True)
-            if run.state and run.state.is_final():
-                return run
-            time.sleep(poll)
+    try:
+        with get_client(sync_client=True) as client:
+            while True:
+                run = client.read_flow_run(run_id)
+                children = client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id])))
+                for child in children:
+                    state = child.state.name if child.state else "?"
+                    if seen.get(child.id) != state:
+                        seen[child.id] = state
+                        if child.flow_id not in names:
+                            names[child.flow_id] = client.read_flow(child.flow_id).name
+                        flow_name = names[child.flow_id]  # our run names carry the round: ensemble-inference-r2
+                        label = child.name if child.name.startswith(flow_name) else flow_name
+                        view.message(f"[{time.time() - t0:6.0f} s] {label}: {state}")
+                if work_dir:
+                    view.update(scan(Path(work_dir)))
+                if run.state and run.state.is_final():
+                    return run
+                time.sleep(poll)
+    finally:
+        view.close()
 
 
 def print_table(summary: dict, ui: str) -> None:
@@ -125,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         run = run_deployment("ssl-pipeline/default", parameters=params, timeout=0)
         ui = f"{server.url}/runs/flow-run/{run.id}"
         print(f"flow run {run.name}: {ui}", flush=True)
-        run = follow(run.id)
+        run = follow(run.id, params["work_dir"])
         if not run.state.is_completed():
             print(f"ssl-pipeline ended {run.state.name}: {run.state.message}; see {ui} and {server.home}/serve.log")
             return 1

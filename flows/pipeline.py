@@ -337,6 +337,7 @@ def ensemble_inference(work_dir: str = "runs/demo", data: DataParams = DataParam
     result = {}
     for split, (images, root, pred_root) in splits.items():
         shards = stages.plan_inference(images, root, infer.shard_size)
+        atomic_write_json(pred_root / "plan.json", {"shards": len(shards), "images": sum(len(x) for x in shards)})
         detections = _infer_all.with_options(task_runner=runner, flow_run_name=f"ensemble-inference-shards-{split}")(
             str(wd), str(pred_root), models, shards, infer, split, "" if ssl_round == 1 else f"r{ssl_round}-")
         members = [stages.finish_model_predictions(pred_root / name, shards) for name in models]
