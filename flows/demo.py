@@ -78,7 +78,7 @@ def follow(run_id, work_dir: str | None = None, poll: float = 2.0, plain_every: 
 def print_table(summary: dict, ui: str) -> None:
     scores = summary["scores"]
     print("\n" + "=" * 78)
-    print(f"{'model':<26} {'P':>8} {'R':>8} {'F':>8}   (test split, ArT protocol, score > thr)")
+    print(f"{'model':<26} {'P':>8} {'R':>8} {'F':>8}   (test split, ArT protocol, score >= thr)")
     print("-" * 78)
     for name, s in scores.items():
         print(f"{name:<26} {s['precision']:>8.4f} {s['recall']:>8.4f} {s['hmean']:>8.4f}")
@@ -104,7 +104,7 @@ def print_table(summary: dict, ui: str) -> None:
               f"{'+' if d >= 0 else ''}{100 * d:.1f} F points from the ensemble")
     print("=" * 78)
     print(f"Prefect UI: {ui}  (flow run graph, task logs, artifacts: progress, tables, pseudo-label pictures)")
-    print(f"Outputs: {summary['work_dir']} (teachers/, predictions/, pseudo/report.md, student/, control/, eval/)")
+    print(f"Outputs: {summary['work_dir']} (summary.md with its figures, teachers/, predictions/, pseudo/report.md, student/, control/, eval/)")
 
 
 def main(argv: list[str] | None = None) -> int:
