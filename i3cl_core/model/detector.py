@@ -47,6 +47,20 @@ def native_bf16(device: torch.device) -> bool:
 
 
 class I3CL(nn.Module):
+    """The I3CL detector: a Mask R-CNN for text with IntraCL blocks on the FPN levels and InterCL in
+    the mask branch (docs/model.md).
+
+    image -> normalise, resize to the test scale, pad to 32 -> backbone (C2-C5) -> FPN (P2-P6) ->
+    IntraCL per level -> RPN proposals -> RoI heads: box branch (class scores, box deltas) and mask
+    branch (RoI features -> InterCL -> FCN mask head) -> per-instance masks pasted into the image and
+    traced into polygons (:meth:`predict`).
+
+    Training: ``model(images, targets)`` returns the loss dict (``loss_rpn_cls``, ``loss_rpn_box``,
+    ``loss_rcnn_cls``, ``loss_rcnn_box``, ``loss_mask``); targets carry per-instance ``lossweights``
+    and do-not-care regions. Coordinates follow the pixel-area convention (pixel (x, y) covers
+    [x, x+1) x [y, y+1)).
+    """
+
     def __init__(self, cfg):
         """``cfg`` is a :class:`i3cl_core.config.ModelConfig`."""
         super().__init__()

@@ -47,6 +47,13 @@ class GlobalContext(nn.Module):
 
 
 class InterCL(nn.Module):
+    """Inter-instance collaborative learning in the mask branch: the RoI features of one image attend
+    to each other. Each RoI [C, S, S] becomes a token (1x1 conv to ``token_channels``, adaptive max pool
+    to ``token_pool`` x ``token_pool``, flattened); a transformer encoder runs over the image's tokens;
+    the result is mapped back (1x1 conv, bilinear up to S x S) and added to the RoI together with the
+    image's global context (:class:`GlobalContext`); a 3x3 and a 1x1 conv, BatchNorm and ReLU follow.
+    RoIs never attend across images."""
+
     def __init__(
         self,
         channels: int = 256,

@@ -33,6 +33,11 @@ class MultiKernelStage(nn.Module):
 
 
 class IntraCL(nn.Module):
+    """Intra-instance collaborative learning on one FPN level: a residual block whose branch reduces
+    the channels by 4 (1x1), applies one :class:`MultiKernelStage` per kernel size (7, 5, 3: square,
+    vertical and horizontal kernels, so that long, thin and curved text gets receptive fields of its
+    own shape), expands back (1x1) and adds ``relu(bn(.))`` to the input. Shape unchanged."""
+
     def __init__(self, channels: int = 256, kernels: tuple[int, ...] = (7, 5, 3)):
         super().__init__()
         reduced = channels // 4

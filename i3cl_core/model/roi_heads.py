@@ -126,6 +126,16 @@ def polygon_mask_targets(polygons: list, boxes: Tensor, size: int) -> Tensor:
 
 
 class RoIHeads(nn.Module):
+    """Box and mask branches on the RPN's proposals.
+
+    Training: proposals (plus the GT boxes) are matched to the GT at IoU 0.5, sampled (``box_batch_size_per_image``
+    per image, a positive fraction), and carry their GT's box, mask polygon and per-instance loss weight;
+    proposals on do-not-care regions are neither positives nor negatives. The box branch
+    (:class:`BoxHead` on 7x7 RoIAlign) gives the weighted classification and box losses; the mask
+    branch (14x14 RoIAlign of the positives, :class:`InterCL`, :class:`MaskHead`) the mask loss against
+    28x28 targets rasterised from the polygons. Inference: class scores and decoded boxes, per-class
+    NMS, then masks for the kept boxes."""
+
     def __init__(self, cfg, channels: int):
         super().__init__()
         self.box_pooler = RoIPooler(7)

@@ -98,6 +98,12 @@ def weighted_rpn_loss(
 
 
 class I3CLRPN(RegionProposalNetwork):
+    """torchvision's RPN with the release's settings: one anchor size per FPN level and three aspect
+    ratios, anchors matched at IoU 0.7 / 0.3 (low-quality matches only above ``min_pos_iou``), and
+    per-instance loss weights: each sampled anchor's classification and box terms are scaled by the
+    ``lossweight`` of the GT instance it matched (negatives weigh 1); anchors on do-not-care regions
+    are ignored."""
+
     def __init__(self, cfg, in_channels: int):
         sizes = tuple((s,) for s in cfg.anchor_sizes)
         ratios = (tuple(cfg.anchor_ratios),) * len(sizes)
