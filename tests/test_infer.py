@@ -115,7 +115,16 @@ def test_round_trip_model_infer_evaluate(tmp_path, trained, capsys):
     assert main(["evaluate", "--gt", data["ann_file"], "--pred", str(out / "submission.json"), "--protocol", "art",
                  "--json"]) == 0
     res2 = json.loads(capsys.readouterr().out.strip().splitlines()[0])
-    assert res2["num_gt_care"] == res["num_gt_care"] and abs(res2["hmean"] - res["hmean"]) < 0.1
+    # exactly what the COCO results give once their points are rounded as the ArT export rounds them
+    rounded = [dict(r, segmentation=[[v for p in int_points(r["segmentation"][0]) for v in p]])
+               for r in json.loads((out / "results.json").read_text()) if int_points(r["segmentation"][0])]
+    (tmp_path / "rounded.json").write_text(json.dumps(rounded))
+    assert main(["evaluate", "--gt", data["ann_file"], "--pred", str(tmp_path / "rounded.json"), "--protocol", "art",
+                 "--json"]) == 0
+    res3 = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    for k in ("num_gt_care", "num_det_care", "num_matched", "precision", "recall", "hmean"):
+        assert res2[k] == res3[k], k
+    assert abs(res2["hmean"] - res["hmean"]) < 0.05  # rounding to integers moves few matches
 
 
 def test_same_base_name_in_two_folders_stays_apart(tmp_path, trained):

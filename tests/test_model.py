@@ -337,3 +337,52 @@ def test_tiny_model_overfits_one_image():
                 best = max(best, (g & d).sum() / (g | d).sum())
         ious.append(best)
     assert min(ious) >= 0.7, ious
+
+
+# ---------------------------------------------------------------- masks, mask targets, TTA
+def test_paste_mask_maps_the_grid_onto_the_box():
+    from i3cl_core.model.detector import paste_mask
+
+    full = np.ones((28, 28), np.float32)
+    mask, x0, y0 = paste_mask(full, np.array([10.0, 20.0, 50.0, 40.0]), (100, 100), 0.5)
+    assert (x0, y0) == (10, 20) and mask.shape == (20, 40) and mask.all()
+    left = np.zeros((28, 28), np.float32)
+    left[:, :14] = 1.0  # the left half of the box
+    mask, _, _ = paste_mask(left, np.array([10.0, 20.0, 50.0, 40.0]), (100, 100), 0.5)
+    assert mask[:, :19].all() and not mask[:, 21:].any()
+    # a box sticking out of the image is clipped to it
+    mask, x0, y0 = paste_mask(full, np.array([-5.0, 90.0, 30.0, 120.0]), (100, 100), 0.5)
+    assert (x0, y0) == (0, 90) and mask.shape == (10, 30) and mask.all()
+
+
+def test_polygon_mask_targets_rasterise_inside_each_box():
+    from i3cl_core.model.roi_heads import polygon_mask_targets
+
+    box = torch.tensor([[10.0, 20.0, 50.0, 40.0], [10.0, 20.0, 50.0, 40.0]])
+    whole = [np.array([[10, 20], [50, 20], [50, 40], [10, 40]], float)]
+    left = [np.array([[10, 20], [30, 20], [30, 40], [10, 40]], float)]
+    t = polygon_mask_targets([whole, left], box, 28)
+    assert t.shape == (2, 28, 28) and t[0].sum() == 28 * 28
+    assert t[1][:, :14].sum() == 14 * 28 and t[1][:, 14:].sum() == 0
+
+
+def test_tta_scales_do_not_touch_the_models_config():
+    from i3cl_core.config import load_config
+    from i3cl_core.model.detector import build_model
+    from i3cl_core.pseudo.ensemble import predict_with_tta
+
+    cfg = load_config(REPO / "configs" / "demo" / "tiny_model.yaml", ["model.test_short_side=128", "model.test_long_side=160"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    model.roi_heads.box_head.cls_score.bias.data = torch.tensor([0.0, 0.6])
+    img = torch.rand(3, 120, 150)
+    before = model.cfg.model_dump()
+    with torch.no_grad():
+        fused = predict_with_tta(model, img, 0.005, flips=["h"], scales=[96])
+        assert model.cfg.model_dump() == before
+        direct = model.predict([img], test_sides=(96, 160))[0]
+        plain = model.predict([img])[0]
+    assert model.cfg.model_dump() == before
+    assert isinstance(fused, list) and all(0 <= s <= 1 for _, s in fused)
+    # the per-call scale is the one used: the 96-px run differs from the config's 128 px
+    assert direct["boxes"].shape != plain["boxes"].shape or not torch.allclose(direct["boxes"], plain["boxes"])

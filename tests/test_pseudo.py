@@ -294,7 +294,9 @@ def test_killed_ensemble_resumes_without_recomputing(tmp_path, two_checkpoints):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = {p.name: p.stat().st_mtime_ns for p in pred.glob("shard_*.json")}
-    assert 2 <= len(done_before) < 5 or not (tmp_path / "killed" / "predictions" / "teacher_1").exists()
+    n_full = len(list((tmp_path / "full" / "predictions").rglob("shard_*.json")))
+    n_killed = len(list((tmp_path / "killed" / "predictions").rglob("shard_*.json")))
+    assert len(done_before) >= 2 and n_killed < n_full  # killed mid-run, after some finished shards
     res = subprocess.run(cmd + [str(tmp_path / "killed")], check=True, capture_output=True, text=True, timeout=600)
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["models"][0]["skipped_done"] == len(done_before)

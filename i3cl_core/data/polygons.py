@@ -117,22 +117,33 @@ def rasterize_instance(parts: Instance, height: int, width: int) -> np.ndarray:
     return mask_utils.decode(mask_utils.merge(rles)).astype(np.uint8)
 
 
-def mask_to_instance(mask: np.ndarray, min_area: float = 1.0) -> Instance:
-    """Outer contours of a binary mask as polygons (largest first), in continuous coordinates."""
+def mask_to_parts(mask: np.ndarray) -> list[np.ndarray]:
+    """The pixel boundary of every blob of a binary mask (outer boundaries; holes dropped), in the
+    pixel-area convention: pixel ``(x, y)`` covers ``[x, x+1) x [y, y+1)``, so a 40x20 block at column
+    100, row 10 becomes exactly the box [100, 140] x [10, 30]. OpenCV's contours run through pixel
+    centres; they are offset outwards by half a pixel (mitre joins, square caps for lines and points)."""
     import cv2
+    import shapely
 
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    parts = []
+    contours, _ = cv2.findContours(np.ascontiguousarray(mask, dtype=np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    shapes = []
     for c in contours:
-        c = c.reshape(-1, 2).astype(np.float32)
-        if len(c) < 3:
-            continue
-        # contour points are pixel indices; the pixel's covered area extends to +1
-        poly = c + 0.5
-        if polygon_area(poly) >= min_area:
-            parts.append(poly)
-    parts.sort(key=lambda p: -polygon_area(p))
-    return parts
+        pts = c.reshape(-1, 2).astype(np.float64) + 0.5
+        line = shapely.Point(pts[0]) if len(pts) == 1 else shapely.LineString(np.vstack([pts, pts[:1]]))
+        shapes.append(shapely.buffer(line, 0.5, cap_style="square", join_style="mitre"))
+        if len(pts) >= 3:
+            shapes.append(shapely.make_valid(shapely.Polygon(pts)))
+    if not shapes:
+        return []
+    parts = [np.asarray(g.exterior.coords)[:-1] for g in shapely.get_parts(shapely.union_all(shapes))
+             if shapely.get_type_id(g) == 3 and not g.is_empty]
+    return sorted(parts, key=lambda q: -polygon_area(q))
+
+
+def mask_to_instance(mask: np.ndarray, min_area: float = 1.0) -> list[np.ndarray]:
+    """Polygons of a binary mask for training (largest first; parts below ``min_area`` dropped), on
+    the same pixel boundaries as the evaluation (:func:`mask_to_parts`)."""
+    return [q.astype(np.float32) for q in mask_to_parts(mask) if polygon_area(q) >= min_area]
 
 
 def mask_to_polygon(mask: np.ndarray, epsilon: float = 0.005) -> np.ndarray | None:

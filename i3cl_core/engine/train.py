@@ -223,15 +223,16 @@ def find_latest(work_dir: Path) -> Path | None:
     return latest if latest.is_file() else None
 
 
-def _prune(ckpt_dir: Path, keep_last: int, protect: set[Path]) -> None:
+def _prune(ckpt_dir: Path, keep_last: int) -> None:
+    """Keep the last ``keep_last`` epoch/iteration checkpoints. ``best.pth`` and ``latest.pth`` are hard
+    links (or copies), so removing the epoch file they were made from leaves them intact."""
     def number(p: Path) -> int:
         return int(p.stem.split("_")[1])
 
     for pattern in ("epoch_*.pth", "iter_*.pth"):
         files = sorted(ckpt_dir.glob(pattern), key=number)
         for p in files[:-keep_last]:
-            if p.resolve() not in protect:
-                p.unlink(missing_ok=True)
+            p.unlink(missing_ok=True)
 
 
 def load_from(model: torch.nn.Module, path: str) -> tuple[list[str], list[str]]:
@@ -482,8 +483,7 @@ def train(cfg, work_dir: str | os.PathLike, resume: bool = False, progress: bool
             path = save(f"epoch_{epoch + 1}.pth", epoch + 1, 0)
             if evaluation is not None and best["epoch"] == epoch + 1:
                 _link_atomic(path, ckpt_dir / "best.pth")
-            protect = {p.resolve() for p in (ckpt_dir / "best.pth",) if p.exists()}
-            _prune(ckpt_dir, tcfg.keep_last, protect)
+            _prune(ckpt_dir, tcfg.keep_last)
         if info.distributed:
             dist.barrier()
 

@@ -151,8 +151,6 @@ def rle_to_parts(rle: dict, where: str, size: tuple[int, int] | None = None) -> 
     outwards by half a pixel (mitre joins, square caps), so a rectilinear blob becomes exactly its pixel
     boundary (a 40x20 block at column 100, row 10 -> the box [100, 140] x [10, 30]).
     """
-    import cv2
-    import shapely
     from pycocotools import mask as mask_utils
 
     try:
@@ -166,25 +164,9 @@ def rle_to_parts(rle: dict, where: str, size: tuple[int, int] | None = None) -> 
         raise DatasetError(f"{where}: unreadable RLE segmentation ({e})") from e
     if m.ndim == 3:
         m = m.max(axis=2)
-    contours, _ = cv2.findContours(np.ascontiguousarray(m, dtype=np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    shapes = []
-    for c in contours:
-        pts = c.reshape(-1, 2).astype(np.float64) + 0.5  # pixel (x, y) covers [x, x+1) x [y, y+1)
-        if len(pts) == 1:
-            line = shapely.Point(pts[0])
-        else:
-            line = shapely.LineString(np.vstack([pts, pts[:1]]))
-        shapes.append(shapely.buffer(line, 0.5, cap_style="square", join_style="mitre"))
-        if len(pts) >= 3:
-            shapes.append(shapely.make_valid(shapely.Polygon(pts)))
-    if not shapes:
-        return [np.zeros((0, 2))]
-    merged = shapely.union_all(shapes)
-    parts = []
-    for p in shapely.get_parts(merged):
-        if shapely.get_type_id(p) == 3 and not p.is_empty:
-            parts.append(np.asarray(p.exterior.coords)[:-1])
-    return parts or [np.zeros((0, 2))]
+    from i3cl_core.data.polygons import mask_to_parts
+
+    return mask_to_parts(m) or [np.zeros((0, 2))]
 
 
 def _is_art_dict(data: Any, prefix: str) -> bool:

@@ -74,11 +74,16 @@ class I3CL(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(3, 1, 1), persistent=False)
 
     # ------------------------------------------------------------------ input
-    def test_scale(self, h: int, w: int) -> float:
-        return min(self.cfg.test_long_side / max(h, w), self.cfg.test_short_side / min(h, w))
+    def test_scale(self, h: int, w: int, sides: tuple[int, int] | None = None) -> float:
+        """Resize factor of an h x w image: the short side to ``sides[0]`` unless the long side would
+        exceed ``sides[1]`` (default: the config's ``test_short_side``, ``test_long_side``)."""
+        short, long = sides or (self.cfg.test_short_side, self.cfg.test_long_side)
+        return min(long / max(h, w), short / min(h, w))
 
-    def preprocess(self, images: list[Tensor], resize: bool) -> tuple[ImageList, list[float]]:
-        """Normalise, optionally resize to the test scale (keep ratio), pad to a multiple of 32."""
+    def preprocess(self, images: list[Tensor], resize: bool,
+                   sides: tuple[int, int] | None = None) -> tuple[ImageList, list[float]]:
+        """Normalise, optionally resize to the test scale (keep ratio; ``sides`` overrides the
+        config's test sides), pad to a multiple of 32."""
         out, scales = [], []
         for img in images:
             if img.dim() != 3 or img.shape[0] != 3:
@@ -87,7 +92,7 @@ class I3CL(nn.Module):
             scale = 1.0
             if resize:
                 h, w = img.shape[-2:]
-                scale = self.test_scale(h, w)
+                scale = self.test_scale(h, w, sides)
                 nh, nw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
                 if (nh, nw) != (h, w):
                     img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
@@ -132,8 +137,11 @@ class I3CL(nn.Module):
         return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in t.items()}
 
     @torch.no_grad()
-    def predict(self, images: list[Tensor], resize: bool = True, polygons: bool = True, epsilon: float = 0.005) -> list[dict]:
-        image_list, scales = self.preprocess(images, resize=resize)
+    def predict(self, images: list[Tensor], resize: bool = True, polygons: bool = True, epsilon: float = 0.005,
+                test_sides: tuple[int, int] | None = None) -> list[dict]:
+        """Detections in original image coordinates (boxes, scores, labels, mask_probs, and polygons);
+        ``test_sides`` (short, long) replaces the config's test scale for this call only."""
+        image_list, scales = self.preprocess(images, resize=resize, sides=test_sides)
         feats = self.features(image_list.tensors)
         proposals, _ = self.rpn(image_list, feats)
         detections, _ = self.roi_heads(feats, proposals, image_list.image_sizes, image_list.tensors.shape[-2:])

@@ -94,15 +94,11 @@ def predict_with_tta(model, image, epsilon: float, flips=(), scales=()) -> list[
             img = torch.flip(image, dims=[-1])
         elif flip == "v":
             img = torch.flip(image, dims=[-2])
-        if short is not None:
-            saved = (model.cfg.test_short_side, model.cfg.test_long_side)
-            model.cfg.test_short_side = short
-            model.cfg.test_long_side = max(saved[1], int(saved[1] * short / saved[0]))
-        try:
-            out = model.predict([img], epsilon=epsilon)[0]
-        finally:
-            if short is not None:
-                model.cfg.test_short_side, model.cfg.test_long_side = saved
+        sides = None
+        if short is not None:  # another short side, the long side limit scaled alike (never below the config's)
+            base_short, base_long = model.cfg.test_short_side, model.cfg.test_long_side
+            sides = (short, max(base_long, int(base_long * short / base_short)))
+        out = model.predict([img], epsilon=epsilon, test_sides=sides)[0]
         preds = []
         for poly, s in zip(out["polygons"], out["scores"].tolist()):
             if poly is not None:
