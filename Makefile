@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= data/demo
 
-.PHONY: demo test venv fonts clean-venv
+.PHONY: demo test venv fonts browser clean-venv
 
 venv: $(STAMP)
 
@@ -19,10 +19,13 @@ $(STAMP): pyproject.toml
 fonts:
 	@bash scripts/install_fonts.sh
 
+browser:
+	@bash scripts/install_browser.sh
+
 demo: $(STAMP) fonts
 	$(BIN)/python -m flows.demo --data-dir $(DEMO_DIR) $(DEMO_ARGS)
 
-test: $(STAMP) fonts
+test: $(STAMP) fonts browser
 	$(BIN)/python -m pytest -q
 
 clean-venv:
