@@ -30,7 +30,7 @@ from pydantic import Field
 
 from flows.params import DataParams, EvalParams, FuseConfig, InferParams, ModelSpec, RoundParams, TrainParams
 from flows.runner import run_streaming
-from i3cl_core import stages
+from i3cl_core import stages, variants
 from i3cl_core.stages import PipelineError, fingerprint
 from i3cl_core.utils import atomic_write_json
 
@@ -226,16 +226,20 @@ def _run_cached(t, outputs_exist: bool, **kwargs):
 
 
 def _train(spec: ModelSpec, out: Path, wd: Path, data: dict, train: TrainParams, extra_sets: list[dict] | None = None,
-           load_from: str | None = None, extra_overrides: list[str] | None = None, name: str | None = None) -> str:
+           load_from: str | None = None, extra_overrides: list[str] | None = None, name: str | None = None,
+           pseudo: dict | None = None) -> str:
     """Train ``spec`` into ``out`` on the labeled sets plus ``extra_sets`` (cached on the resolved
     config and the content of its inputs; task results stored in the work_dir ``wd``)."""
     sets = data["labeled"] + (extra_sets or [])
     overrides = [*train.overrides, *spec.overrides, *(extra_overrides or [])]
     cfg_path = stages.write_train_config(_config_path(spec.config), out, sets, overrides, load_from)
     fp = stages.training_fingerprint(cfg_path, sets, load_from)
-    return _run_cached(train_model.with_options(result_storage=_storage(wd)), stages.trained_checkpoint(out) is not None,
+    ckpt = _run_cached(train_model.with_options(result_storage=_storage(wd)), stages.trained_checkpoint(out) is not None,
                        name=name or spec.name, config_path=str(cfg_path), out_dir=str(out), nproc_per_node=train.nproc_per_node,
                        inputs_fingerprint=fp)
+    variants.write_lineage(out, data_sets=sets, load_from=load_from, config=str(cfg_path), pseudo=pseudo,
+                           flow_run_id=_flow_run_id())
+    return ckpt
 
 
 # ------------------------------------------------------------------------------------ flows
@@ -371,19 +375,40 @@ def fuse_pseudo_labels(work_dir: str = "runs/demo", data: DataParams = DataParam
     if fuse.auto_keep_thr and d.get("val") and val_members is None:
         raise PipelineError(f"missing {val_file}: re-run ensemble-inference (it also runs the ensemble over the "
                             "validation split, on which fuse.auto_keep_thr chooses keep_thr)")
-    out = rd / "pseudo" / "train_lossweight.json"
+    members_fp = fingerprint(*members, *(val_members or []))
+    fuse_params = fuse.model_dump(mode="json")
+    # every variant of the pseudo labels in its own folder, keyed by what it is made from; current.json
+    # names the one the student uses. Re-fusing with other parameters adds a variant, nothing is overwritten.
+    key = variants.variant_key(members=members_fp, fuse=fuse_params, images=fingerprint(d["unlabeled_images"]),
+                               val=fingerprint(d["val"]["ann_file"]) if val_members else None)
+    out = rd / "pseudo" / key / "train_lossweight.json"
     summary = _run_cached(fuse_task.with_options(result_storage=_storage(wd)), out.exists(), ssl_round=ssl_round,
-                          members=members,
-                          members_fingerprint=fingerprint(*members, *(val_members or [])),
-                          images_json=d["unlabeled_images"], fuse=fuse.model_dump(mode="json"), out=str(out),
+                          members=members, members_fingerprint=members_fp,
+                          images_json=d["unlabeled_images"], fuse=fuse_params, out=str(out),
                           gt=d["unlabeled_gt"], img_root=d["unlabeled_root"], val_members=val_members,
                           val_ann_file=d["val"]["ann_file"] if val_members else None)
-    _pseudo_artifacts(rd, summary, ssl_round)
-    return {k: v for k, v in summary.items() if k != "model_stats"}
+    variants.set_current(rd / "pseudo", key, {"path": str(out), "fuse": fuse_params, "flow_run_id": _flow_run_id()})
+    _pseudo_artifacts(out.parent, summary, ssl_round)
+    suffix = "" if ssl_round == 1 else f"-r{ssl_round}"
+    rows = [{"variant": r["variant"] + (" (current)" if r["current"] else ""), "keep_thr": r["keep_thr"],
+             "min_votes": r["fuse"].get("min_votes"), "conf_type": r["fuse"].get("conf_type"),
+             "iou_thr": r["fuse"].get("iou_thr"), "pseudo_labels": r["pseudo_labels"],
+             "F_vs_hidden_GT": (r["quality"] or {}).get("hmean"),
+             "models": ", ".join(m for m, _ in r["models"]) or "-"}
+            for r in variants.compare(wd) if r["stage"] == str((rd / "pseudo").relative_to(wd))]
+    create_table_artifact(rows, key=f"pseudo-variants{suffix}", description="every fused variant of this work dir's "
+                          "pseudo labels and the models trained on each")
+    return {**{k: v for k, v in summary.items() if k != "model_stats"}, "variant": key}
 
 
-def _pseudo_artifacts(wd: Path, summary: dict, ssl_round: int = 1) -> None:
-    report = json.loads((wd / "pseudo" / "report.json").read_text())
+def _flow_run_id() -> str | None:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id) if flow_run.id else None
+
+
+def _pseudo_artifacts(variant_dir: Path, summary: dict, ssl_round: int = 1) -> None:
+    report = json.loads((variant_dir / "report.json").read_text())
     rows = [{"stat": k, "value": summary[k]} for k in ("images", "models", "pseudo_labels", "dontcare", "images_with_labels")]
     quality = report.get("quality")
     if quality:
@@ -414,7 +439,9 @@ def train_student(work_dir: str = "runs/demo", data: DataParams = DataParams(), 
     wd = stages.check_work_dir(work_dir, create=False)
     d = _data(data, wd)
     rd = _round_dir(wd, ssl_round)
-    pseudo = stages.require(rd / "pseudo" / "train_lossweight.json", "fuse-pseudo-labels", "run fuse-pseudo-labels first")
+    pseudo = variants.pseudo_file(rd / "pseudo")
+    if pseudo is None:
+        raise PipelineError(f"{rd / 'pseudo'}: no pseudo labels; run fuse-pseudo-labels first")
     load_from = None
     if ssl_round > 1:
         load_from = _student_checkpoint(wd, ssl_round - 1)
@@ -422,8 +449,10 @@ def train_student(work_dir: str = "runs/demo", data: DataParams = DataParams(), 
         load_from = _teachers(wd)[train.teachers[0].name]
     extra = [{"ann_file": str(pseudo), "img_root": d["unlabeled_root"], "fraction": train.pseudo_fraction}]
     name = train.student.name if ssl_round == 1 else f"{train.student.name}-r{ssl_round}"
+    lineage_pseudo = {"variant": variants.current_variant(rd / "pseudo"), "path": str(pseudo),
+                      "fingerprint": fingerprint(pseudo), "fuse": json.loads(pseudo.read_text()).get("info", {}).get("fuse")}
     student = _train(train.student, rd / "student" / train.student.name, wd, d, train, extra, load_from, extra_overrides,
-                     name=name)
+                     name=name, pseudo=lineage_pseudo)
     result = {"student": student}
     if train.control and ssl_round == 1:
         iters = stages.iterations_per_epoch(Path(student).parents[1])
@@ -499,7 +528,7 @@ def ssl_pipeline(
         pseudo = fuse_pseudo_labels(str(wd), data, (later_rounds.fuse or fuse) if later else fuse, ssl_round=r)
         trained = train_student(str(wd), data, train, ssl_round=r,
                                 extra_overrides=list(later_rounds.student_overrides) if later else None)
-        report = json.loads((_round_dir(wd, r) / "pseudo" / "report.json").read_text())
+        report = json.loads((variants.pseudo_file(_round_dir(wd, r) / "pseudo").parent / "report.json").read_text())
         per_round.append({"round": r, "student": trained["student"], "control": trained.get("control"),
                           "pseudo_labels": pseudo["pseudo_labels"], "keep_thr": pseudo.get("keep_thr"),
                           "pseudo_quality": (report.get("quality") or {}).get("fused"),
@@ -509,7 +538,11 @@ def ssl_pipeline(
     summary = {"work_dir": str(wd), "teachers": teachers, "student": first["student"], "control": first["control"],
                "scores": scores, "pseudo_labels": first["pseudo_labels"], "keep_thr": first["keep_thr"],
                "pseudo_quality": first["pseudo_quality"], "best_teacher_on_unlabeled": first["best_teacher_on_unlabeled"],
-               "rounds": per_round}
+               "rounds": per_round,
+               "lineage": {"pseudo_variant": variants.current_variant(wd / "pseudo"),
+                           "pseudo_labels_file": str(variants.pseudo_file(wd / "pseudo")),
+                           "data": {k: v for k, v in _data(data, wd).items()}, "code": variants.code_version(),
+                           "flow_run_id": _flow_run_id()}}
     atomic_write_json(wd / "summary.json", summary, indent=2)
     _summary_artifact(wd, summary)
     return summary

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert-predictions": ("i3cl_core.pseudo.external", "PaddleOCR/RapidOCR, docTR or mmocr predictions -> COCO results (for --extra)"),
     "evaluate": ("i3cl_core.evaluation.cli", "score predictions against ground truth (ArT, Total-Text, CTW1500, IC15)"),
     "export-submission": ("i3cl_core.infer.submission", "write predictions as the input files of the official Total-Text / CTW1500 / ArT scripts"),
+    "runs": ("i3cl_core.variants", "compare a work dir's pseudo-label variants and the models trained on each; gc old ones"),
     "convert-dataset": ("i3cl_core.data.convert", "convert ArT/LSVT/Total-Text/CTW1500/ICDAR2015/MLT/RCTW/mmocr/PaddleOCR annotations to COCO"),
     "convert-checkpoint": ("i3cl_core.model.convert", "import a checkpoint of the original mmdetection I3CL release"),
 }

@@ -58,8 +58,10 @@ def sample_panels(wd: Path, data: dict, figs: Path, n: int = 3) -> list[Path]:
     from i3cl_core.pseudo.report import side_by_side_png
     from i3cl_core.utils import safe_join
 
-    pseudo_file = wd / "pseudo" / "train_lossweight.json"
-    if not pseudo_file.exists():
+    from i3cl_core.variants import pseudo_file as current_pseudo
+
+    pseudo_file = current_pseudo(wd / "pseudo")
+    if pseudo_file is None:
         return []
     pseudo = json.loads(pseudo_file.read_text())
     by_image: dict = {}
@@ -67,7 +69,8 @@ def sample_panels(wd: Path, data: dict, figs: Path, n: int = 3) -> list[Path]:
         by_image.setdefault(a["image_id"], []).append(a)
     chosen = sorted(by_image, key=lambda i: (-sum(1 for a in by_image[i] if not a["iscrowd"]), i))[:n]
     names = {im["id"]: im["file_name"] for im in pseudo["images"]}
-    report = json.loads((wd / "pseudo" / "report.json").read_text()) if (wd / "pseudo" / "report.json").exists() else {}
+    report_file = pseudo_file.parent / "report.json"
+    report = json.loads(report_file.read_text()) if report_file.exists() else {}
     thr = {Path(m["source"]).name: m["best_threshold"] for m in (report.get("quality") or {}).get("models", [])}
     teachers = sorted(p.name for p in (wd / "predictions").iterdir() if p.is_dir()) if (wd / "predictions").exists() else []
     preds = {t: _predictions_by_image(wd / "predictions" / t, set(chosen), thr.get(t, 0.5)) for t in teachers}
@@ -106,7 +109,10 @@ def write_summary(wd: Path, summary: dict, data: dict) -> dict:
     if summary.get("scores"):
         bar = f_per_model_png(summary["scores"], figs / "f_per_model.png")
         blocks.append(("F per model on the test split", [("F per model", bar)]))
-    report = wd / "pseudo" / "report.json"
+    from i3cl_core.variants import pseudo_file
+
+    current = pseudo_file(wd / "pseudo")
+    report = current.parent / "report.json" if current else wd / "pseudo" / "report.json"
     if report.exists():
         pr = json.loads(report.read_text()).get("figures", {}).get("pr_curve")
         if pr and Path(pr).exists():

@@ -163,7 +163,15 @@ def test_pipeline_deployment_runs_then_refuses_bad_params_and_reuses_caches(serv
     summary = json.loads((wd / "summary.json").read_text())
     assert set(summary["scores"]) == {"teacher:teacher_a", "teacher:teacher_c", "student:student", "control:student"}
     assert {"hmean"} <= set(summary["pseudo_quality"]) and set(summary["best_teacher_on_unlabeled"]) == {"name", "hmean", "thr"}
-    assert (wd / "pseudo" / "train_lossweight.json").exists() and (wd / "predictions" / "teacher_a" / "coverage.json").exists()
+    from i3cl_core import variants
+
+    first_variant = variants.current_variant(wd / "pseudo")
+    assert variants.pseudo_file(wd / "pseudo") == wd / "pseudo" / first_variant / "train_lossweight.json"
+    assert (wd / "predictions" / "teacher_a" / "coverage.json").exists()
+    lineage = json.loads((wd / "student" / "student" / "lineage.json").read_text())
+    assert lineage["pseudo"]["variant"] == first_variant and lineage["pseudo"]["fuse"]["keep_thr"] == 0.3
+    assert lineage["load_from"].endswith("teacher_a/checkpoints/latest.pth") and lineage["code"]["package"]
+    assert summary["lineage"]["pseudo_variant"] == first_variant
     # the run summary: summary.md with its figures, and the same as the parent run's markdown artifact
     md = (wd / "summary.md").read_text()
     assert "| control:student |" in md and "SSL gain (student - control" in md
@@ -201,6 +209,26 @@ def test_pipeline_deployment_runs_then_refuses_bad_params_and_reuses_caches(serv
     infer = {k: v for k, v in second.items() if k.startswith("infer-")}
     assert len(infer) == 8 and set(infer.values()) == {"Cached"}  # 2 unlabeled + 2 validation shards per teacher
     assert second["fuse-r1"] == "Completed" and second["train-student"] == "Completed", second
+    # the re-fusion added a variant and moved current; the first variant is still there, and the student
+    # now records the second
+    second_variant = variants.current_variant(wd / "pseudo")
+    assert second_variant != first_variant and (wd / "pseudo" / first_variant / "train_lossweight.json").exists()
+    assert json.loads((wd / "student" / "student" / "lineage.json").read_text())["pseudo"]["variant"] == second_variant
+    # a third run with the first parameters reuses the first variant: fusion Cached, no new variant
+    res4 = prefect_cli(served, "deployment", "run", "fuse-pseudo-labels/default", "--params",
+                       json.dumps({"work_dir": str(wd), "fuse": params["fuse"]}), "--watch", "--watch-interval", "2")
+    assert res4.returncode == 0, res4.stdout[-3000:]
+    assert task_states(served, run_id_from(res4.stdout))["fuse-r1"] == "Cached"
+    assert variants.current_variant(wd / "pseudo") == first_variant
+    assert sorted(p.name for p in (wd / "pseudo").iterdir() if p.is_dir()) == sorted([first_variant, second_variant])
+    from i3cl_core.cli import main
+
+    assert main(["runs", "compare", str(wd)]) == 0
+    rows = variants.compare(wd)
+    assert [r["variant"] for r in rows if r["current"]] == [first_variant]
+    assert [m for r in rows if r["variant"] == second_variant for m, _ in r["models"]] == ["student/student"]
+    # gc keeps what current or a lineage needs: here both variants
+    assert variants.gc(wd, keep=0, dry_run=True) == []
 
     # a cache hit whose output is gone is recomputed, not trusted
     (wd / "predictions" / "teacher_c" / "shard_00001.json").unlink()
@@ -230,9 +258,11 @@ def test_two_rounds_and_the_control_run(served, tmp_path, monkeypatch):
     # round 2's ensemble is round 1's student plus the teacher, with its own predictions and pseudo labels
     assert json.loads((wd / "rounds" / "r2" / "predictions" / "members.json").read_text()) == [
         str(wd / "rounds" / "r2" / "predictions" / n) for n in ("student-r1", "teacher_a")]
-    assert (wd / "rounds" / "r2" / "pseudo" / "train_lossweight.json").exists()
+    from i3cl_core import variants
+
+    assert variants.pseudo_file(wd / "rounds" / "r2" / "pseudo") is not None
     assert first["infer-r2-student-r1-0"] == "Completed" and first["train-student-r2"] == "Completed"
-    report = json.loads((wd / "pseudo" / "report.json").read_text())
+    report = json.loads((variants.pseudo_file(wd / "pseudo").parent / "report.json").read_text())
     assert report["keep_thr_selection"]["chosen_on"].endswith("val/annotations.json")
 
     # the control: the student's start and number of iterations, the labeled data alone
@@ -242,7 +272,7 @@ def test_two_rounds_and_the_control_run(served, tmp_path, monkeypatch):
     control_cfg = yaml.safe_load((wd / "control" / "student" / "config.yaml").read_text())
     labeled = str((demo / "train" / "annotations.json").resolve())
     assert [s["ann_file"] for s in control_cfg["data"]["train"]] == [labeled]
-    assert [s["ann_file"] for s in student_cfg["data"]["train"]] == [labeled, str(wd / "pseudo" / "train_lossweight.json")]
+    assert [s["ann_file"] for s in student_cfg["data"]["train"]] == [labeled, str(variants.pseudo_file(wd / "pseudo"))]
     assert control_cfg["train"]["load_from"] == student_cfg["train"]["load_from"]
     iters = [json.loads((wd / r / "student" / "metrics.json").read_text())["summary"]["iterations"] for r in ("student", "control")]
     assert iters[0] == iters[1] > 0

@@ -301,6 +301,7 @@ def write_report(dataset, summary, report_dir: Path, sources, models, all_cluste
                                  xlabel="per-instance loss weight"),
     }
     report = {k: v for k, v in summary.items() if k != "report"}
+    report["fuse"] = dataset["info"]["fuse"]
     report["figures"] = {k: str(p) for k, p in pngs.items()}
     if gt:
         q = report["quality"] = pseudo_label_quality(dataset, gt, models, all_clusters, sources)

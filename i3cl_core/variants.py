@@ -1,0 +1,210 @@
+"""Stage outputs kept per variant, and what every model was made from.
+
+Fusion (the step researchers re-run most) writes each variant of its pseudo labels into its own folder,
+``pseudo/<key>/`` (``train_lossweight.json``, ``report.json``, ``report.md``, figures), where ``key`` is a
+short fingerprint of its inputs and parameters; ``pseudo/current.json`` (written atomically) names the
+variant the next stage uses. Re-fusing with new parameters adds a variant and moves ``current``;
+re-fusing with earlier parameters finds that variant again. Nothing is overwritten.
+
+A work dir made before variants existed (``pseudo/train_lossweight.json`` directly) keeps loading: it
+is read as a variant named ``legacy``.
+
+``lineage.json`` next to a trained model records what it was made from (data files and their
+fingerprints, the start checkpoint, the pseudo-label variant and its fusion parameters, the config,
+the code version, the flow run). ``compare`` and ``gc`` back ``i3cl runs compare`` / ``i3cl runs gc``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+from i3cl_core.utils import atomic_write_json
+
+CURRENT = "current.json"
+LEGACY = "legacy"
+
+
+def variant_key(**inputs) -> str:
+    """12 hex digits of SHA-1 over the JSON of ``inputs`` (sorted keys)."""
+    return hashlib.sha1(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def variant_dir(stage_dir: Path, key: str) -> Path:
+    return Path(stage_dir) / key
+
+
+def set_current(stage_dir: Path, key: str, info: dict) -> Path:
+    """Point ``stage_dir/current.json`` at variant ``key`` (atomic); ``info`` describes it."""
+    return atomic_write_json(Path(stage_dir) / CURRENT, {"variant": key, "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                                         **info}, indent=2)
+
+
+def current_variant(stage_dir: Path) -> str | None:
+    stage_dir = Path(stage_dir)
+    f = stage_dir / CURRENT
+    if f.exists():
+        return json.loads(f.read_text())["variant"]
+    if (stage_dir / "train_lossweight.json").exists():
+        return LEGACY
+    return None
+
+
+def pseudo_file(stage_dir: Path, variant: str | None = None) -> Path | None:
+    """The pseudo labels of ``variant`` (default: the current one), or None when there are none."""
+    stage_dir = Path(stage_dir)
+    variant = variant or current_variant(stage_dir)
+    if variant is None:
+        return None
+    path = stage_dir / "train_lossweight.json" if variant == LEGACY else stage_dir / variant / "train_lossweight.json"
+    return path if path.exists() else None
+
+
+def variants(stage_dir: Path) -> list[dict]:
+    """Every variant of a pseudo-label folder, oldest first: key, path, parameters, counts, quality."""
+    stage_dir = Path(stage_dir)
+    out = []
+    if (stage_dir / "train_lossweight.json").exists():
+        out.append(_describe(stage_dir, LEGACY, stage_dir))
+    for d in sorted((p for p in stage_dir.iterdir() if p.is_dir() and (p / "train_lossweight.json").exists()),
+                    key=lambda p: (p / "train_lossweight.json").stat().st_mtime) if stage_dir.exists() else []:
+        out.append(_describe(stage_dir, d.name, d))
+    current = current_variant(stage_dir)
+    for v in out:
+        v["current"] = v["variant"] == current
+    return out
+
+
+def _describe(stage_dir: Path, key: str, folder: Path) -> dict:
+    report = json.loads((folder / "report.json").read_text()) if (folder / "report.json").exists() else {}
+    params = report.get("fuse") or {}
+    if not params:
+        info = json.loads((folder / "train_lossweight.json").read_text()).get("info", {})
+        params = info.get("fuse", {})
+    quality = (report.get("quality") or {}).get("fused")
+    return {"variant": key, "path": str(folder / "train_lossweight.json"), "fuse": params,
+            "pseudo_labels": report.get("pseudo_labels"), "dontcare": report.get("dontcare"),
+            "keep_thr": (report.get("keep_thr_selection") or {}).get("keep_thr", params.get("keep_thr")),
+            "quality": quality}
+
+
+# ------------------------------------------------------------------ lineage
+def code_version() -> dict:
+    import subprocess
+
+    from i3cl_core import __version__
+
+    commit = None
+    try:
+        repo = Path(__file__).resolve().parents[1]
+        res = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if res.returncode == 0:
+            commit = res.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"package": __version__, "git_commit": commit}
+
+
+def write_lineage(model_dir: Path, *, data_sets: list[dict], load_from: str | None, config: str,
+                  pseudo: dict | None = None, flow_run_id: str | None = None) -> Path:
+    """``model_dir/lineage.json``: what this model was made from."""
+    from i3cl_core.stages import fingerprint
+
+    sets = [{**s, "fingerprint": fingerprint(s["ann_file"])} for s in data_sets]
+    record = {"data": sets, "load_from": load_from, "load_from_fingerprint": fingerprint(load_from) if load_from else None,
+              "config": config, "pseudo": pseudo, "code": code_version(), "flow_run_id": flow_run_id,
+              "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return atomic_write_json(Path(model_dir) / "lineage.json", record, indent=2)
+
+
+def _lineages(work_dir: Path) -> list[tuple[Path, dict]]:
+    return [(f.parent, json.loads(f.read_text())) for f in sorted(Path(work_dir).rglob("lineage.json"))
+            if ".prefect-results" not in f.parts]
+
+
+def _pseudo_dirs(work_dir: Path) -> list[Path]:
+    wd = Path(work_dir)
+    dirs = [wd / "pseudo"] + sorted(p / "pseudo" for p in (wd / "rounds").glob("r*")) if (wd / "rounds").exists() \
+        else [wd / "pseudo"]
+    return [d for d in dirs if d.exists()]
+
+
+def compare(work_dir: Path) -> list[dict]:
+    """One row per pseudo-label variant (every round): parameters, counts, quality, the models trained on
+    it and their F on the test split (from eval/)."""
+    wd = Path(work_dir)
+    lineages = _lineages(wd)
+    scores = {}
+    for f in sorted((wd / "eval").glob("*.json")) if (wd / "eval").exists() else []:
+        try:
+            r = json.loads(f.read_text())
+            scores[str(Path(r["checkpoint"]).parents[1])] = r["hmean"]
+        except (KeyError, ValueError, IndexError):
+            continue
+    rows = []
+    for stage in _pseudo_dirs(wd):
+        for v in variants(stage):
+            users = [(str(d.relative_to(wd)), scores.get(str(d))) for d, lin in lineages
+                     if (lin.get("pseudo") or {}).get("path") == v["path"]]
+            rows.append({"stage": str(stage.relative_to(wd)), **v, "models": users})
+    return rows
+
+
+def gc(work_dir: Path, keep: int, dry_run: bool = False) -> list[Path]:
+    """Remove pseudo-label variants beyond the ``keep`` most recent of each stage folder that neither
+    ``current`` nor any model's lineage needs; returns what was (or would be) removed."""
+    wd = Path(work_dir)
+    needed = {(lin.get("pseudo") or {}).get("path") for _, lin in _lineages(wd)}
+    removed = []
+    for stage in _pseudo_dirs(wd):
+        vs = variants(stage)
+        for v in vs[:-keep] if keep > 0 else vs:
+            if v["current"] or v["path"] in needed or v["variant"] == LEGACY:
+                continue
+            folder = Path(v["path"]).parent
+            removed.append(folder)
+            if not dry_run:
+                shutil.rmtree(folder)
+    return removed
+
+
+# ------------------------------------------------------------------ CLI: i3cl runs compare|gc
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="runs_command", metavar="ACTION", required=True)
+    c = sub.add_parser("compare", help="one row per pseudo-label variant and the models trained on it")
+    c.add_argument("work_dir")
+    c.add_argument("--json", action="store_true")
+    g = sub.add_parser("gc", help="remove old pseudo-label variants that nothing current depends on")
+    g.add_argument("work_dir")
+    g.add_argument("--keep", type=int, default=3, help="variants to keep per stage folder, newest first (default 3)")
+    g.add_argument("--dry-run", action="store_true")
+
+
+def run(args) -> int:
+    from i3cl_core.data.errors import DatasetError
+
+    wd = Path(args.work_dir)
+    if not wd.is_dir():
+        raise DatasetError(f"{wd}: no such work dir")
+    if args.runs_command == "compare":
+        rows = compare(wd)
+        if args.json:
+            print(json.dumps(rows, indent=1))
+            return 0
+        print(f"{'stage':<14} {'variant':<13} {'cur':<3} {'keep_thr':>8} {'min_votes':>9} {'conf_type':<10} "
+              f"{'labels':>7} {'F vs GT':>8}  models (F on test)")
+        for r in rows:
+            f = r["fuse"]
+            q = f"{r['quality']['hmean']:.4f}" if r.get("quality") else "-"
+            models = ", ".join(f"{m} ({s:.4f})" if s is not None else m for m, s in r["models"]) or "-"
+            print(f"{r['stage']:<14} {r['variant']:<13} {'*' if r['current'] else '':<3} {str(r['keep_thr']):>8} "
+                  f"{str(f.get('min_votes', '-')):>9} {str(f.get('conf_type', '-')):<10} {str(r['pseudo_labels']):>7} "
+                  f"{q:>8}  {models}")
+        return 0
+    removed = gc(wd, args.keep, args.dry_run)
+    for p in removed:
+        print(("would remove " if args.dry_run else "removed ") + str(p))
+    print(f"{len(removed)} variant(s) {'to remove' if args.dry_run else 'removed'}")
+    return 0
