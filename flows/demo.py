@@ -104,7 +104,7 @@ def print_table(summary: dict, ui: str) -> None:
               f"{'+' if d >= 0 else ''}{100 * d:.1f} F points from the ensemble")
     print("=" * 78)
     print(f"Prefect UI: {ui}  (flow run graph, task logs, artifacts: progress, tables, pseudo-label pictures)")
-    print(f"Outputs: {summary['work_dir']} (summary.md with its figures, teachers/, predictions/, pseudo/report.md, student/, control/, eval/)")
+    print(f"Outputs: {summary['work_dir']} (summary.md with its figures, teachers/, predictions/, pseudo/<variant>/report.md, student/, control/, eval/)")
 
 
 def main(argv: list[str] | None = None) -> int:
