@@ -10,7 +10,7 @@ def unreadable_checkpoint(path: str, what: str, exc: BaseException) -> Checkpoin
     retrying with ``weights_only=False``, which would run whatever code a malicious file holds; ours says
     what to do safely instead."""
     text = str(exc)
-    if "weights only load failed" in text.lower() or "unsupported global" in text.lower():
+    if "unsupported global" in text.lower():  # a pickled object, not a corrupt file
         return CheckpointError(
             f"{path}: cannot read {what}: it holds Python objects besides tensors, which are only loaded as "
             "plain weights here (unpickling them could run code). If the file comes from a source you trust, "
