@@ -108,7 +108,8 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
 
     print(f"seed {seed}: ensemble over {args.unlabeled} unlabeled + {args.val} validation images", flush=True)
     t1 = time.time()
-    ens_kw = dict(shard_size=50, score_thr=0.05, device="cpu", flips=args.tta_flips, scales=args.tta_scales,
+    ens_kw = dict(shard_size=50, score_thr=0.05, devices=["cpu"], batch_size=1, precision="fp32", flips=args.tta_flips,
+                  scales=args.tta_scales,
                   progress=False)
     ens_u = run_ensemble(list(teachers.values()), d["unlabeled_images"], sd / "ensemble_unlabeled",
                          img_root=d["unlabeled_root"], **ens_kw)

@@ -2,7 +2,7 @@
 is created, naming the field)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -73,9 +73,20 @@ class TrainParams(_Params):
 class InferParams(_Params):
     shard_size: int = Field(64, ge=1, le=100000, description="images per inference shard (one task each)")
     score_thr: float = Field(0.05, ge=0.0, le=1.0, description="keep teacher detections with score >= this")
-    workers: int = Field(2, ge=1, le=256, description="shards run at once (thread pool)")
-    device: str = Field("cpu", description="cpu, cuda, cuda:N")
-    dask_address: str | None = Field(None, description="tcp://host:8786 of a Dask scheduler to run shards on")
+    devices: Literal["auto"] | list[Annotated[str, Field(pattern=r"^(cpu|cuda(:[0-9]+)?)$")]] = Field(
+        "auto", description="inference workers, one per entry: 'auto' (every visible GPU, else the CPU) or a list "
+        "such as ['cuda:0', 'cuda:1'] or ['cpu', 'cpu']")
+    batch_size: int = Field(4, ge=1, le=256, description="images per forward pass")
+    loader_workers: int = Field(2, ge=0, le=64, description="image-decoding processes per inference worker")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: float16 autocast on CUDA, bfloat16 features on CPUs that compute them natively, "
+        "else float32")
+    dask_address: str | None = Field(None, description="tcp://host:8786 of a running Dask scheduler to run shards on")
+    dask_workers: int | None = Field(None, ge=1, le=1024, description="start a local Dask cluster of this many "
+                                     "worker processes (one device each) for this stage, and stop it after")
+    dask_resource: str | None = Field("GPU", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Dask worker resource "
+                                      "each shard task requests one unit of (workers started with --resources GPU=1 "
+                                      "run one shard at a time); null: no resource request")
     tta_flips: list[Literal["h", "v"]] = Field(default_factory=list)
     tta_scales: list[int] = Field(default_factory=list)
     extra_members: list[str] = Field(
@@ -87,8 +98,24 @@ class InferParams(_Params):
         description="the same detectors on the labeled validation split, in the same order (needed when a "
         "validation split chooses keep_thr)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict):
+            if "device" in data:
+                raise ValueError("infer.device was replaced by infer.devices: 'auto' or a list such as ['cuda:0', 'cuda:1']")
+            if "workers" in data:
+                raise ValueError("infer.workers was replaced by infer.devices: one inference worker per listed device "
+                                 "(['cpu', 'cpu'] for two on the CPU)")
+        return data
+
     @model_validator(mode="after")
     def _extras_pair(self):
+        if self.dask_address and self.dask_workers:
+            raise ValueError("infer.dask_address and infer.dask_workers: give one (an existing scheduler, or a local "
+                             "cluster the stage starts), not both")
+        if isinstance(self.devices, list) and not self.devices:
+            raise ValueError("infer.devices: the list is empty; give 'auto' or at least one device")
         if self.extra_val_members and len(self.extra_val_members) != len(self.extra_members):
             raise ValueError(f"extra_val_members: {len(self.extra_val_members)} entries for "
                              f"{len(self.extra_members)} extra_members; give one per extra member, same order")

@@ -204,8 +204,10 @@ def train_model(name: str, config_path: str, out_dir: str, nproc_per_node: int, 
 
 @task(cache_policy=CACHE, persist_result=True, result_serializer="json", task_run_name="infer-{teacher}-{shard_index}")
 def infer_shard(teacher: str, checkpoint: str, checkpoint_fingerprint: str, shard_index: int, shard: list[dict],
-                out_dir: str, score_thr: float, device: str, flips: list[str], scales: list[int]) -> dict:
-    return stages.infer_shard(checkpoint, shard_index, shard, out_dir, score_thr, device, flips, scales)
+                out_dir: str, score_thr: float, devices: str | list[str], flips: list[str], scales: list[int],
+                batch_size: int, precision: str, loader_workers: int, dask_local: bool) -> dict:
+    return stages.infer_shard(checkpoint, shard_index, shard, out_dir, score_thr, devices, flips, scales, batch_size,
+                              loader_workers, precision, dask_local)
 
 
 @task(cache_policy=CACHE, persist_result=True, result_serializer="json", task_run_name="fuse-r{ssl_round}")
@@ -288,27 +290,85 @@ def _ensemble_models(wd: Path, ssl_round: int, with_teachers: bool) -> dict:
 
 
 @flow(name="ensemble-inference-shards")
-def _infer_all(wd: str, pred_root: str, models: dict, shards: list, infer: InferParams, split: str, prefix: str) -> dict:
+def _infer_all(wd: str, pred_root: str, models: dict, shards: list, infer: InferParams, split: str, prefix: str,
+               dask_local: bool = False) -> dict:
+    """One task per (model, shard), model by model, so that each inference worker loads a model once
+    and keeps it for that model's shards; with Dask each task requests one ``infer.dask_resource``."""
+    import contextlib
+
     from i3cl_core.pseudo.ensemble import Shard
 
     storage = _storage(Path(wd))
+    resources = contextlib.nullcontext()
+    if (infer.dask_address or infer.dask_workers) and infer.dask_resource:
+        import dask
+
+        resources = dask.annotate(resources={infer.dask_resource: 1})
     futures = {}
-    for name, ckpt in models.items():
-        fp = fingerprint(ckpt)
-        out_dir = Path(pred_root) / name
-        for i, shard in enumerate(shards):
-            exists = (out_dir / Shard(i, []).name).exists()
-            t = infer_shard.with_options(result_storage=storage, refresh_cache=not exists)
-            label = prefix + (name if split == "unlabeled" else f"{split}-{name}")
-            futures[(name, i)] = t.submit(teacher=label, checkpoint=ckpt, checkpoint_fingerprint=fp, shard_index=i,
-                                          shard=shard, out_dir=str(out_dir), score_thr=infer.score_thr,
-                                          device=infer.device, flips=list(infer.tta_flips), scales=list(infer.tta_scales))
+    with resources:
+        for name, ckpt in models.items():
+            fp = fingerprint(ckpt)
+            out_dir = Path(pred_root) / name
+            for i, shard in enumerate(shards):
+                exists = (out_dir / Shard(i, []).name).exists()
+                t = infer_shard.with_options(result_storage=storage, refresh_cache=not exists)
+                label = prefix + (name if split == "unlabeled" else f"{split}-{name}")
+                futures[(name, i)] = t.submit(teacher=label, checkpoint=ckpt, checkpoint_fingerprint=fp, shard_index=i,
+                                              shard=shard, out_dir=str(out_dir), score_thr=infer.score_thr,
+                                              devices=infer.devices, flips=list(infer.tta_flips),
+                                              scales=list(infer.tta_scales), batch_size=infer.batch_size,
+                                              precision=infer.precision, loader_workers=infer.loader_workers,
+                                              dask_local=dask_local)
     progress_id = create_progress_artifact(0.0, key=f"ensemble-inference-{split}", description=f"{split} shards done")
     detections = {name: 0 for name in models}
     for n, ((name, _), f) in enumerate(futures.items(), 1):
         detections[name] += f.result()["detections"]
         update_progress_artifact(progress_id, 100.0 * n / len(futures))
     return detections
+
+
+def _task_runner(infer: InferParams):
+    """The engine the shard tasks run on: a thread pool with one thread per inference worker (one per
+    ``infer.devices`` entry), an existing Dask scheduler, or a local Dask cluster started for the stage."""
+    if not (infer.dask_address or infer.dask_workers):
+        from i3cl_core.pseudo.ensemble import resolve_devices
+
+        try:
+            devices = resolve_devices(infer.devices)
+        except ValueError as e:
+            raise PipelineError(str(e)) from None
+        return ThreadPoolTaskRunner(max_workers=len(devices)), devices
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise PipelineError("infer.dask_address / infer.dask_workers need prefect-dask: pip install 'i3cl[dask]'") from None
+    if infer.dask_address:
+        _check_dask_cluster(infer.dask_address, infer.dask_resource)
+        return DaskTaskRunner(address=infer.dask_address), None
+    kwargs = {"n_workers": infer.dask_workers, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1",
+              "dashboard_address": None}
+    if infer.dask_resource:
+        kwargs["resources"] = {infer.dask_resource: 1}
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs), None
+
+
+def _check_dask_cluster(address: str, resource: str | None) -> None:
+    """Refuse a scheduler that cannot be reached, has no workers, or whose workers offer no
+    ``resource`` (the shard tasks would wait for ever)."""
+    from distributed import Client
+
+    try:
+        with Client(address, timeout=30) as client:
+            workers = client.scheduler_info(n_workers=-1)["workers"]
+    except OSError as e:
+        raise PipelineError(f"infer.dask_address: no Dask scheduler reachable at {address} ({e})") from None
+    if not workers:
+        raise PipelineError(f"infer.dask_address: the scheduler at {address} has no workers; start some with "
+                            f"`dask worker {address} --nworkers 1 --nthreads 1 --resources {resource or 'GPU'}=1`")
+    if resource and not any(w.get("resources", {}).get(resource) for w in workers.values()):
+        raise PipelineError(f"infer.dask_address: no worker of {address} offers the resource {resource!r} that shard "
+                            f"tasks request; start workers with `--resources {resource}=1` (one per GPU) or set "
+                            "infer.dask_resource to null")
 
 
 @flow(name="ensemble-inference", log_prints=True, persist_result=True, result_serializer="json", flow_run_name="ensemble-inference-r{ssl_round}")
@@ -324,14 +384,9 @@ def ensemble_inference(work_dir: str = "runs/demo", data: DataParams = DataParam
     d = _data(data, wd)
     rd = _round_dir(wd, ssl_round)
     models = _ensemble_models(wd, ssl_round, with_teachers)
-    if infer.dask_address:
-        try:
-            from prefect_dask import DaskTaskRunner
-        except ImportError:
-            raise PipelineError("infer.dask_address is set but prefect-dask is not installed (pip install prefect-dask)") from None
-        runner = DaskTaskRunner(address=infer.dask_address)
-    else:
-        runner = ThreadPoolTaskRunner(max_workers=infer.workers)
+    runner, devices = _task_runner(infer)
+    if devices:
+        print(f"ensemble inference: {len(devices)} worker(s) on {', '.join(devices)}")
     splits = {"unlabeled": (d["unlabeled_images"], d["unlabeled_root"], rd / "predictions")}
     if d.get("val") and len(infer.extra_members) != len(infer.extra_val_members):
         raise PipelineError("infer.extra_members: with a validation split, give the same detectors' predictions on it "
@@ -342,8 +397,14 @@ def ensemble_inference(work_dir: str = "runs/demo", data: DataParams = DataParam
     for split, (images, root, pred_root) in splits.items():
         shards = stages.plan_inference(images, root, infer.shard_size)
         atomic_write_json(pred_root / "plan.json", {"shards": len(shards), "images": sum(len(x) for x in shards)})
-        detections = _infer_all.with_options(task_runner=runner, flow_run_name=f"ensemble-inference-shards-{split}")(
-            str(wd), str(pred_root), models, shards, infer, split, "" if ssl_round == 1 else f"r{ssl_round}-")
+        try:
+            detections = _infer_all.with_options(task_runner=runner, flow_run_name=f"ensemble-inference-shards-{split}")(
+                str(wd), str(pred_root), models, shards, infer, split, "" if ssl_round == 1 else f"r{ssl_round}-",
+                dask_local=bool(infer.dask_workers))
+        finally:  # the models the thread-pool workers kept: free them (and the GPUs) for the trainings
+            from i3cl_core.pseudo.ensemble import release_device_workers
+
+            release_device_workers()
         members = [stages.finish_model_predictions(pred_root / name, shards) for name in models]
         members += stages.extra_members(infer.extra_members if split == "unlabeled" else infer.extra_val_members,
                                         shards, pred_root / "extra")

@@ -187,19 +187,17 @@ def extra_members(specs: list[str], shards: list[list[dict]], out_dir) -> list[s
 
 
 def infer_shard(checkpoint: str, shard_index: int, shard: list[dict], out_dir: str, score_thr: float = 0.05,
-                device: str = "cpu", flips=(), scales=()) -> dict:
-    """One teacher on one shard -> ``out_dir/shard_NNNNN.json`` (atomic)."""
-    from i3cl_core.infer.predictor import resolve_device
+                devices: str | list[str] = "auto", flips=(), scales=(), batch_size: int = 4, loader_workers: int = 2,
+                precision: str = "auto", dask_local: bool = False) -> dict:
+    """One teacher on one shard -> ``out_dir/shard_NNNNN.json`` (atomic), on a free inference worker
+    of this process (see :func:`i3cl_core.pseudo.ensemble.worker_devices`)."""
     from i3cl_core.infer.run import ImageItem
-    from i3cl_core.model.checkpoint import load_model
-    from i3cl_core.pseudo.ensemble import Shard, run_shard
+    from i3cl_core.pseudo.ensemble import Shard, worker_devices
+    from i3cl_core.pseudo.ensemble import infer_shard as run
 
-    dev = resolve_device(device)
-    model, cfg = load_model(checkpoint, dev)
     s = Shard(shard_index, [ImageItem(d["id"], Path(d["path"]), d["file_name"]) for d in shard])
-    path = Path(out_dir) / s.name
-    result = run_shard(model, s, path, score_thr, dev, cfg.infer.polygon_epsilon, flips, scales)
-    return {**result, "path": str(path)}
+    return run(checkpoint, s, out_dir, score_thr, worker_devices(devices, dask_local), flips, scales, batch_size,
+               loader_workers, precision)
 
 
 def finish_model_predictions(pred_dir: Path, shards: list[list[dict]]) -> str:

@@ -98,7 +98,7 @@ def tiny_params(work_dir: Path, demo_dir: Path, keep_thr: float = 0.3, teachers=
                  "demo_val": 3},
         "train": {"teachers": [{"name": t, "config": f"configs/demo/{t}.yaml"} for t in teachers],
                   "student": {"name": "student", "config": "configs/demo/student.yaml"}, "overrides": TINY},
-        "infer": {"shard_size": 2, "workers": 2},
+        "infer": {"shard_size": 2, "devices": ["cpu", "cpu"]},
         "fuse": {"keep_thr": keep_thr, "auto_keep_thr": False},
     }
 

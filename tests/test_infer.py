@@ -152,7 +152,7 @@ def test_same_base_name_in_two_folders_stays_apart(tmp_path, trained):
     assert [r["image_id"] for r in recs] == [1, 2] and recs[0]["results"] != recs[1]["results"]
     images = json.loads((out / "images.json").read_text())["images"]
     assert [im["file_name"] for im in images] == ["d1/x.jpg", "d2/x.jpg"]
-    ens = run_ensemble([str(trained["ckpt"])], str(lst), tmp_path / "ens", shard_size=8, device="cpu", progress=False)
+    ens = run_ensemble([str(trained["ckpt"])], str(lst), tmp_path / "ens", shard_size=8, devices=["cpu"], progress=False)
     table = json.loads(open(ens["images_json"]).read())["images"]
     assert [(im["id"], im["file_name"]) for im in table] == [(1, "d1/x.jpg"), (2, "d2/x.jpg")]
     # the same file listed twice, or a COCO json naming one file for two ids, is refused

@@ -427,3 +427,74 @@ def test_fuse_cli_refuses_wrong_shaped_predictions_foreign_overrides_and_reports
     assert "--set train.lr=5: i3cl fuse reads only fuse.* settings" in capsys.readouterr().err
     assert main(base + ["--allow-empty", "--set", "fuse.min_votes=5"]) == 0
     assert "fuse.min_votes=5 is more than the 2 prediction sources; using 2" in capsys.readouterr().err
+
+
+def test_two_cpu_workers_write_the_same_shard_files_as_one_and_load_each_model_once(tmp_path, two_checkpoints):
+    from i3cl_core.pseudo.ensemble import run_ensemble
+
+    ckpts, data = two_checkpoints
+    kw = dict(shard_size=1, progress=False, batch_size=2, loader_workers=1, precision="fp32")
+    one = run_ensemble(ckpts, data["img_root"], tmp_path / "one", devices=["cpu"], **kw)
+    two = run_ensemble(ckpts, data["img_root"], tmp_path / "two", devices=["cpu", "cpu"], **kw)
+    assert one["devices"] == ["cpu"] and two["devices"] == ["cpu", "cpu"]
+    assert one["model_loads_per_worker"] == [2]  # 10 (model, shard) jobs, each model loaded once
+    assert sum(two["model_loads_per_worker"]) <= 4 and max(two["model_loads_per_worker"]) <= 2
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.json") if p.name != "members.json")
+    assert len([f for f in files if f.name.startswith("shard_")]) == 10
+    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.json")
+                           if p.name != "members.json")
+    for f in files:
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+    assert sum(len(json.loads((tmp_path / "one" / f).read_text())) for f in files if f.name.startswith("shard_")) > 0
+
+
+def test_batched_inference_matches_one_image_at_a_time(tmp_path, two_checkpoints):
+    from i3cl_core.pseudo.ensemble import run_ensemble
+
+    ckpts, data = two_checkpoints
+    a = run_ensemble(ckpts[:1], data["img_root"], tmp_path / "b1", shard_size=5, devices=["cpu"], batch_size=1,
+                     loader_workers=0, precision="fp32", progress=False)
+    b = run_ensemble(ckpts[:1], data["img_root"], tmp_path / "b3", shard_size=5, devices=["cpu"], batch_size=3,
+                     loader_workers=2, precision="fp32", progress=False)
+    r1 = json.loads(Path(a["members"][0], "shard_00000.json").read_text())
+    r3 = json.loads(Path(b["members"][0], "shard_00000.json").read_text())
+    assert len(r1) == len(r3) > 0  # the same detections, scores equal to float rounding
+    for x, y in zip(sorted(r1, key=lambda r: (r["image_id"], -r["score"])), sorted(r3, key=lambda r: (r["image_id"], -r["score"]))):
+        assert x["image_id"] == y["image_id"] and abs(x["score"] - y["score"]) < 1e-4
+
+
+def test_bad_devices_and_precisions_are_refused_before_any_work(tmp_path, two_checkpoints, capsys):
+    from i3cl_core.cli import main
+    from i3cl_core.pseudo.ensemble import resolve_devices, resolve_precision
+
+    ckpts, data = two_checkpoints
+    assert resolve_devices("auto") == ["cpu"] and resolve_devices(["cpu", "cpu"]) == ["cpu", "cpu"]
+    with pytest.raises(ValueError, match=r"'cuda:1' requested but this machine has 0 visible CUDA device"):
+        resolve_devices(["cuda:1"])
+    with pytest.raises(ValueError, match="not a device"):
+        resolve_devices(["gpu0"])
+    with pytest.raises(ValueError, match="fp16 autocast needs a CUDA device"):
+        resolve_precision("fp16", "cpu")
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("auto", "cpu") in ("fp32", "bf16")
+    base = ["ensemble", "--checkpoints", ckpts[0], "--images", data["img_root"], "--out", str(tmp_path / "e"), "--no-progress"]
+    assert main(base + ["--devices", "cuda:0"]) == 2
+    assert "--devices: 'cuda:0' requested" in capsys.readouterr().err
+    assert main(base + ["--precision", "fp16"]) == 2
+    assert "--precision: fp16 autocast needs a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
+def test_infer_params_name_the_renamed_fields():
+    from pydantic import ValidationError
+
+    from flows.params import InferParams
+
+    with pytest.raises(ValidationError, match="infer.device was replaced by infer.devices"):
+        InferParams(device="cuda")
+    with pytest.raises(ValidationError, match="infer.workers was replaced by infer.devices"):
+        InferParams(workers=2)
+    with pytest.raises(ValidationError, match="devices"):
+        InferParams(devices=["gpu:0"])
+    with pytest.raises(ValidationError, match="give one"):
+        InferParams(dask_address="tcp://127.0.0.1:8786", dask_workers=2)
+    assert InferParams(devices=["cuda:0", "cuda:1"]).devices == ["cuda:0", "cuda:1"]

@@ -97,11 +97,14 @@ def _unique_names(items: list[ImageItem], spec: str) -> list[ImageItem]:
     return items
 
 
-class _ImageDataset:
-    """Decodes images in DataLoader workers; a failure becomes an error string, not an exception."""
+class ImageDataset:
+    """Decodes images in DataLoader workers: ``(index, float tensor [3, H, W] in [0, 1], RGB array or
+    None, error)``; a failure becomes an error string, not an exception. ``keep_rgb``: also return the
+    decoded array (for drawing), else None."""
 
-    def __init__(self, items: list[ImageItem]):
+    def __init__(self, items: list[ImageItem], keep_rgb: bool = False):
         self.items = items
+        self.keep_rgb = keep_rgb
 
     def __len__(self) -> int:
         return len(self.items)
@@ -116,10 +119,12 @@ class _ImageDataset:
             rgb = read_image(item.path, f"image {item.image_id}")
         except DatasetError as e:
             return i, None, None, str(e)
-        return i, torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float().div_(255.0), rgb, None
+        tensor = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float().div_(255.0)
+        return i, tensor, rgb if self.keep_rgb else None, None
 
 
-def _collate(batch):
+def collate_items(batch):
+    """DataLoader collate: the list of ImageDataset entries as it is (images differ in size)."""
     return batch
 
 
@@ -178,8 +183,8 @@ def infer_images(
         log.info("%s: %d of %d images already done, skipping them", out, skipped, len(items))
     from i3cl_core.utils import worker_init
 
-    loader = DataLoader(_ImageDataset([items[i] for i in todo]), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=_collate, worker_init_fn=worker_init)
+    loader = DataLoader(ImageDataset([items[i] for i in todo], keep_rgb=visualize), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=collate_items, worker_init_fn=worker_init)
     failures: list[str] = []
     t0 = time.time()
     bar = tqdm(total=len(todo), desc=f"infer {Path(checkpoint).name if checkpoint else ''}", unit="img",

@@ -11,13 +11,24 @@ A shard file that exists is finished and is skipped on a re-run, so a killed ens
 it stopped and ends with the same files. Optional test-time augmentation (horizontal/vertical flips,
 extra test scales) runs each model on every variant and merges the variants per model with the same
 polygon fusion (equal weights, ``avg``) before the ensemble fusion sees them.
+
+Workers: one per entry of ``--devices`` (``auto``: every visible GPU, else the CPU). The (model,
+shard) jobs go to whichever worker is free; a worker loads each model once and keeps it, decodes
+images in DataLoader processes and predicts ``--batch-size`` images per forward pass, in float16
+autocast on CUDA or bfloat16 features on CPUs that compute them natively (``--precision auto``).
+A shard file depends on the shard, the model, the batch size and the precision, never on the
+number of workers. The pipeline's ensemble stage runs the same :func:`infer_shard`.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import queue
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,60 +92,235 @@ def _flip_poly(poly: np.ndarray, w: int, h: int, flip: str) -> np.ndarray:
     return p[::-1]
 
 
-def predict_with_tta(model, image, epsilon: float, flips=(), scales=()) -> list[tuple[np.ndarray, float]]:
-    """(polygon, score) of one image; with TTA the variants are fused per model."""
+# ------------------------------------------------------------------------------------ devices
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_devices(spec: str | list[str] | tuple[str, ...] = "auto") -> list[str]:
+    """``auto``: every visible GPU (``cuda:0`` .. ``cuda:N-1``), else one CPU worker; a list is
+    checked entry by entry (``cpu``, ``cuda``, ``cuda:N``; an entry may repeat: two workers on it)."""
+    import torch
+
+    if spec == "auto" or spec == ["auto"]:
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"cuda:{i}" for i in range(n)] or ["cpu"]
+    if isinstance(spec, str):
+        spec = [spec]
+    if not spec:
+        raise ValueError("infer.devices: give 'auto' or at least one device")
+    out = []
+    for name in spec:
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"infer.devices: {name!r} is not a device (cpu, cuda, cuda:N)") from None
+        if dev.type == "cuda":
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            index = dev.index or 0
+            if index >= n:
+                raise ValueError(f"infer.devices: {name!r} requested but this machine has {n} visible CUDA device(s)")
+            out.append(f"cuda:{index}")
+        elif dev.type == "cpu":
+            out.append("cpu")
+        else:
+            raise ValueError(f"infer.devices: {name!r}: only cpu and cuda devices are supported")
+    return out
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto``: float16 autocast (AMP) on CUDA; on a CPU bfloat16 features where it computes them
+    natively (AVX512-BF16 / AMX), else float32. ``fp16`` needs CUDA."""
+    import torch
+
+    from i3cl_core.model.detector import native_bf16
+
+    dev = torch.device(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"infer.precision: {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        if dev.type == "cuda":
+            return "fp16"
+        return "bf16" if native_bf16(dev) else "fp32"
+    if precision == "fp16" and dev.type != "cuda":
+        raise ValueError(f"infer.precision: fp16 autocast needs a CUDA device, not {device}; use bf16 or fp32")
+    return precision
+
+
+def _precision_context(precision: str, device: str):
+    import torch
+
+    if precision == "fp16":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()  # bf16: the model's own bf16_features switch, set when it is loaded
+
+
+class DeviceWorkers:
+    """The inference workers of one process: one per entry of ``devices``. A shard task holds a worker
+    while it runs (tasks beyond the number of workers wait for one to be free), and each worker keeps
+    the models it has loaded, so every teacher is loaded once per worker, not once per shard."""
+
+    def __init__(self, devices: list[str], max_models: int = 8):
+        self.devices = list(devices)
+        self.max_models = max_models
+        self._free: queue.Queue[int] = queue.Queue()
+        for i in range(len(self.devices)):
+            self._free.put(i)
+        self._models: list[OrderedDict] = [OrderedDict() for _ in self.devices]
+        self.loads = [0] * len(self.devices)
+
+    @contextlib.contextmanager
+    def take(self):
+        i = self._free.get()
+        try:
+            yield i
+        finally:
+            self._free.put(i)
+
+    def model(self, worker: int, checkpoint: str, precision: str):
+        """(model, cfg, precision) of ``checkpoint`` on this worker's device, loaded on first use (a
+        checkpoint file replaced under the same name is loaded again)."""
+        from i3cl_core.model.checkpoint import load_model
+
+        st = os.stat(checkpoint)
+        device = self.devices[worker]
+        prec = resolve_precision(precision, device)
+        key = (os.path.abspath(checkpoint), st.st_size, st.st_mtime_ns, prec)
+        cache = self._models[worker]
+        if key not in cache:
+            overrides = {"bf16_features": True} if prec == "bf16" else {"bf16_features": False}
+            cache[key] = load_model(checkpoint, device, overrides)
+            self.loads[worker] += 1
+            while len(cache) > self.max_models:
+                cache.popitem(last=False)
+        cache.move_to_end(key)
+        model, cfg = cache[key]
+        return model, cfg, prec
+
+    def release(self) -> None:
+        """Drop every loaded model (and the CUDA cache), e.g. before a training needs the GPUs."""
+        for cache in self._models:
+            cache.clear()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def worker_devices(spec: str | list[str] = "auto", dask_local: bool = False) -> list[str]:
+    """The devices of this process's inference workers. Outside Dask: :func:`resolve_devices`. In a
+    Dask worker process exactly one: on a cluster the flow started itself (``dask_local``), worker
+    ``k`` takes entry ``k`` (mod their number) of the resolved list; on an external cluster each
+    worker is expected to see its own GPU as the first (``CUDA_VISIBLE_DEVICES=k dask worker ...``
+    or dask-cuda's ``dask cuda worker``), so ``auto`` means ``cuda:0`` there, else the CPU."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return resolve_devices(spec)
+    if not dask_local and spec in ("auto", ["auto"]):
+        return resolve_devices("auto")[:1]
+    devices = resolve_devices(spec)
+    index = int(worker.name) if str(worker.name).isdigit() else 0
+    return [devices[index % len(devices)]]
+
+
+_WORKERS: dict[tuple[str, ...], DeviceWorkers] = {}
+_WORKERS_LOCK = threading.Lock()
+
+
+def device_workers(devices: list[str]) -> DeviceWorkers:
+    """The process-wide :class:`DeviceWorkers` for this device list (created on first use)."""
+    key = tuple(devices)
+    with _WORKERS_LOCK:
+        if key not in _WORKERS:
+            _WORKERS[key] = DeviceWorkers(list(devices))
+        return _WORKERS[key]
+
+
+def release_device_workers() -> None:
+    with _WORKERS_LOCK:
+        for w in _WORKERS.values():
+            w.release()
+        _WORKERS.clear()
+
+
+# ------------------------------------------------------------------------------------ one shard
+def predict_with_tta(model, images: list, epsilon: float, flips=(), scales=()) -> list[list[tuple[np.ndarray, float]]]:
+    """(polygon, score) per image of a batch; with TTA each variant runs on the whole batch and the
+    variants are fused per image and model."""
     import torch
 
     variants = [(None, None)] + [(f, None) for f in flips] + [(None, s) for s in scales]
-    h, w = image.shape[-2:]
-    outputs = []
+    per_image: list[list[list]] = [[] for _ in images]
     for flip, short in variants:
-        img = image
+        batch = images
         if flip == "h":
-            img = torch.flip(image, dims=[-1])
+            batch = [torch.flip(im, dims=[-1]) for im in images]
         elif flip == "v":
-            img = torch.flip(image, dims=[-2])
+            batch = [torch.flip(im, dims=[-2]) for im in images]
         sides = None
         if short is not None:  # another short side, the long side limit scaled alike (never below the config's)
             base_short, base_long = model.cfg.test_short_side, model.cfg.test_long_side
             sides = (short, max(base_long, int(base_long * short / base_short)))
-        out = model.predict([img], epsilon=epsilon, test_sides=sides)[0]
-        preds = []
-        for poly, s in zip(out["polygons"], out["scores"].tolist()):
-            if poly is not None:
-                preds.append((_flip_poly(poly, w, h, flip) if flip else poly, s))
-        outputs.append(preds)
-    if len(outputs) == 1:
-        return outputs[0]
+        outputs = model.predict(batch, epsilon=epsilon, test_sides=sides)
+        for k, (im, out) in enumerate(zip(images, outputs)):
+            h, w = im.shape[-2:]
+            per_image[k].append([(_flip_poly(poly, w, h, flip) if flip else poly, s)
+                                 for poly, s in zip(out["polygons"], out["scores"].float().tolist()) if poly is not None])
+    if len(variants) == 1:
+        return [v[0] for v in per_image]
     from i3cl_core.pseudo.fusion import cluster_predictions
 
-    clusters = cluster_predictions(outputs, None, iou_thr=0.55, skip_thr=0.0, conf_type="avg", epsilon=epsilon)
-    return [(c.polygon, c.score) for c in clusters if c.polygon is not None]
+    fused = []
+    for outputs in per_image:
+        clusters = cluster_predictions(outputs, None, iou_thr=0.55, skip_thr=0.0, conf_type="avg", epsilon=epsilon)
+        fused.append([(c.polygon, c.score) for c in clusters if c.polygon is not None])
+    return fused
 
 
-def run_shard(model, shard: Shard, path: Path, score_thr: float, device, epsilon: float = 0.005,
-              flips=(), scales=()) -> dict:
-    """Predict one shard with one loaded model and write its COCO results atomically."""
+def run_shard(model, shard: Shard, path: Path, score_thr: float, device, epsilon: float = 0.005, flips=(), scales=(),
+              batch_size: int = 1, loader_workers: int = 0, precision: str = "fp32") -> dict:
+    """Predict one shard with one loaded model and write its COCO results atomically. Images are
+    decoded in ``loader_workers`` DataLoader processes and predicted ``batch_size`` at a time; the
+    file depends on the shard, the model, the batch size and the precision only (not on which worker
+    or how many ran it)."""
     import torch
+    from torch.utils.data import DataLoader
 
-    from i3cl_core.data.image_io import read_image
     from i3cl_core.infer.export import coco_result
+    from i3cl_core.infer.run import ImageDataset, collate_items
+    from i3cl_core.utils import worker_init
 
+    loader = DataLoader(ImageDataset(shard.items), batch_size=batch_size, shuffle=False,
+                        num_workers=min(loader_workers, len(shard.items)), collate_fn=collate_items,
+                        worker_init_fn=worker_init)
     results, failures = [], []
-    with torch.no_grad():
-        for it in shard.items:
-            try:
-                rgb = read_image(it.path, f"image {it.image_id}")
-            except DatasetError as e:
-                failures.append(str(e))
+    with torch.inference_mode(), _precision_context(precision, str(device)):
+        for batch in loader:
+            failures += [err for _, _, _, err in batch if err is not None]
+            good = [(j, t) for j, t, _, err in batch if err is None]
+            if not good:
                 continue
-            t = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
-            t = t.float().div_(255.0).to(device)
-            for poly, s in predict_with_tta(model, t, epsilon, flips, scales):
-                if s >= score_thr:
-                    results.append(coco_result(it.image_id, poly, s))
+            preds = predict_with_tta(model, [t.to(device, non_blocking=True) for _, t in good], epsilon, flips, scales)
+            for (j, _), image_preds in zip(good, preds):
+                item = shard.items[j]
+                results += [coco_result(item.image_id, poly, s) for poly, s in image_preds if s >= score_thr]
     atomic_write_json(path, results)
     return {"shard": shard.index, "images": len(shard.items), "detections": len(results), "failures": failures}
+
+
+def infer_shard(checkpoint: str, shard: Shard, out_dir: str | os.PathLike, score_thr: float, devices: list[str],
+                flips=(), scales=(), batch_size: int = 1, loader_workers: int = 0, precision: str = "auto") -> dict:
+    """One model on one shard on a free worker of this process -> ``out_dir/shard_NNNNN.json``
+    (the ensemble stage's unit of work, the same for ``i3cl ensemble`` and the pipeline)."""
+    workers = device_workers(devices)
+    with workers.take() as w:
+        model, cfg, prec = workers.model(w, checkpoint, precision)
+        path = Path(out_dir) / shard.name
+        result = run_shard(model, shard, path, score_thr, workers.devices[w], cfg.infer.polygon_epsilon, flips, scales,
+                           batch_size, loader_workers, prec)
+    return {**result, "path": str(path), "device": workers.devices[w], "worker": w, "precision": prec}
 
 
 def run_ensemble(
@@ -144,20 +330,28 @@ def run_ensemble(
     shard_size: int = 64,
     img_root: str | None = None,
     score_thr: float = 0.05,
-    device: str = "auto",
+    devices: str | list[str] = "auto",
     flips=(),
     scales=(),
     extra: list[str] | None = None,
     progress: bool = True,
+    batch_size: int = 4,
+    loader_workers: int = 2,
+    precision: str = "auto",
 ) -> dict:
+    """Every checkpoint over ``images``: (model, shard) jobs, model by model, on one worker per
+    device (``devices``); finished shard files are kept and skipped."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
-    from i3cl_core.infer.predictor import resolve_device
-    from i3cl_core.model.checkpoint import load_model
     from i3cl_core.stages import fingerprint
 
     if not checkpoints and not extra:
         raise DatasetError("ensemble: give at least one checkpoint (or --extra prediction file)")
+    devs = resolve_devices(devices)
+    for d in devs:
+        resolve_precision(precision, d)  # refuse fp16 on a CPU before any work
     out = Path(out)
     items = collect_images(images, img_root)
     items, table, failures = image_table(items)
@@ -167,9 +361,8 @@ def run_ensemble(
         raise DatasetError(f"{images}: no readable images")
     atomic_write_json(out / "images.json", {"images": table, "annotations": [], "categories": [{"id": 1, "name": "text"}]})
     shards = plan_shards(items, shard_size)
-    dev = resolve_device(device)
     taken: set[str] = set()
-    members, per_model = [], []
+    members, per_model, jobs = [], [], []
     t0 = time.time()
     for ckpt in checkpoints:
         name = model_name(ckpt, taken)
@@ -185,28 +378,36 @@ def run_ensemble(
             (pred_dir / "coverage.json").unlink(missing_ok=True)
         stamp.write_text(fp)
         todo = [s for s in shards if not (pred_dir / s.name).exists()]
-        done = len(shards) - len(todo)
-        if todo:
-            model, cfg = load_model(ckpt, dev)
-            eps = cfg.infer.polygon_epsilon
-            bar = tqdm(total=sum(len(s.items) for s in todo), desc=f"ensemble {name}", unit="img", disable=not progress,
-                       dynamic_ncols=True)
-            for s in todo:
-                r = run_shard(model, s, pred_dir / s.name, score_thr, dev, eps, flips, scales)
-                failures.extend(r["failures"])
-                bar.update(len(s.items))
-            bar.close()
-            del model
-        atomic_write_json(pred_dir / "coverage.json", {"images": [it.image_id for it in items]})
+        jobs += [(ckpt, s, pred_dir) for s in todo]
         members.append(str(pred_dir))
-        per_model.append({"model": name, "checkpoint": ckpt, "shards": len(shards), "skipped_done": done,
+        per_model.append({"model": name, "checkpoint": ckpt, "shards": len(shards), "skipped_done": len(shards) - len(todo),
                           "computed": len(todo)})
+    workers = device_workers(devs)
+    bar = tqdm(total=sum(len(s.items) for _, s, _ in jobs), desc="ensemble", unit="img", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        with ThreadPoolExecutor(max_workers=len(devs), thread_name_prefix="ensemble-worker") as pool:
+            futures = [pool.submit(infer_shard, ckpt, s, pred_dir, score_thr, devs, flips, scales, batch_size,
+                                   loader_workers, precision) for ckpt, s, pred_dir in jobs]
+            for f in futures:  # in submission order: a failure stops the run with its own error
+                r = f.result()
+                failures.extend(r["failures"])
+                bar.update(r["images"])
+    finally:
+        bar.close()
+        loads = list(workers.loads)
+        release_device_workers()
+    for ckpt, pred_dir in zip(checkpoints, members):
+        atomic_write_json(Path(pred_dir) / "coverage.json", {"images": [it.image_id for it in items]})
     from i3cl_core.pseudo.external import prepare_extra
 
     members.extend(prepare_extra(e, table, out / "extra", k) for k, e in enumerate(extra or []))
     atomic_write_json(out / "members.json", members, indent=2)
+    seconds = time.time() - t0
+    computed = sum(len(s.items) for _, s, _ in jobs)
     return {"images": len(items), "shards": len(shards), "models": per_model, "members": members,
-            "unreadable": failures[:20], "num_unreadable": len(failures), "seconds": round(time.time() - t0, 2),
+            "unreadable": failures[:20], "num_unreadable": len(failures), "seconds": round(seconds, 2),
+            "images_per_s": round(computed / max(seconds, 1e-9), 3), "devices": devs, "model_loads_per_worker": loads,
             "images_json": str(out / "images.json")}
 
 
@@ -217,7 +418,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("--score-thr", type=float, default=0.05, help="keep detections with score >= this")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--devices", nargs="+", default=["auto"],
+                   help="auto (every visible GPU, else the CPU) or devices, one inference worker each: cuda:0 cuda:1, cpu cpu")
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    p.add_argument("--loader-workers", type=int, default=2, help="image-decoding processes per inference worker")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: fp16 autocast on CUDA, bf16 features on CPUs with native bfloat16, else fp32")
     p.add_argument("--tta-flips", nargs="*", default=[], choices=["h", "v"])
     p.add_argument("--tta-scales", nargs="*", type=int, default=[], help="extra test short sides")
     p.add_argument("--extra", nargs="*", default=[], help="predictions of other detectors: a COCO results or ArT json, or FORMAT:PATH with FORMAT "
@@ -226,9 +432,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.shard_size < 1:
-        raise DatasetError("--shard-size must be >= 1")
+    for flag, value in (("--shard-size", args.shard_size), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise DatasetError(f"{flag} must be >= 1, got {value}")
+    if args.loader_workers < 0:
+        raise DatasetError(f"--loader-workers must be >= 0, got {args.loader_workers}")
+    try:  # bad device names and precisions are refused before any work
+        devices = resolve_devices("auto" if args.devices == ["auto"] else args.devices)
+        for d in devices:
+            resolve_precision(args.precision, d)
+    except ValueError as e:
+        raise DatasetError(str(e).replace("infer.devices", "--devices").replace("infer.precision", "--precision")) from None
     summary = run_ensemble(args.checkpoints, args.images, args.out, args.shard_size, args.img_root, args.score_thr,
-                           args.device, args.tta_flips, args.tta_scales, args.extra, progress=not args.no_progress)
+                           devices, args.tta_flips, args.tta_scales, args.extra, progress=not args.no_progress,
+                           batch_size=args.batch_size, loader_workers=args.loader_workers, precision=args.precision)
     print(json.dumps(summary))
     return 0

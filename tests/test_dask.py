@@ -1,0 +1,147 @@
+"""The ensemble-inference flow on a real Dask cluster (``distributed.LocalCluster``, two worker
+processes, each one device): the same shard files as the thread pool, byte for byte, and a worker
+killed mid-run costs nothing but a re-run of its shard."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("prefect_dask", reason="the [dask] extra is not installed (pip install -e '.[dask]')")
+
+REPO = Path(__file__).resolve().parents[1]
+
+RUN = """
+import json, sys
+from flows.pipeline import ensemble_inference
+for wd, infer in json.loads(sys.argv[1]):
+    print(json.dumps(ensemble_inference(work_dir=wd, infer=infer)), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from flows.server import LocalServer
+
+    with LocalServer(tmp_path_factory.mktemp("prefect-home"), timeout=240) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """Two small random teachers (confident enough to detect) and 8 unlabeled images."""
+    import torch
+
+    from i3cl_core.config import load_config
+    from i3cl_core.data.synth import generate_dataset
+    from i3cl_core.model.checkpoint import save_checkpoint
+    from i3cl_core.model.detector import build_model
+
+    root = tmp_path_factory.mktemp("dask")
+    data = generate_dataset(root / "unlabeled", 8, seed=5, size=(256, 256), progress=False, cjk=False)
+    ckpts = {}
+    for seed in (0, 1):
+        cfg = load_config(REPO / "configs" / "demo" / "tiny_model.yaml",
+                          ["model.test_short_side=256", "model.test_long_side=256", "model.max_detections=20"])
+        torch.manual_seed(seed)
+        m = build_model(cfg).eval()
+        m.roi_heads.box_head.cls_score.bias.data = torch.tensor([0.0, 0.6])
+        ckpts[f"teacher_{seed}"] = str(save_checkpoint(root / f"teacher_{seed}.pth", m, cfg))
+    return ckpts, data
+
+
+def make_work_dir(path: Path, teachers) -> str:
+    from i3cl_core.stages import check_work_dir
+
+    ckpts, data = teachers
+    wd = check_work_dir(path)
+    (wd / "teachers").mkdir()
+    (wd / "teachers" / "teachers.json").write_text(json.dumps(ckpts))
+    (wd / "data.json").write_text(json.dumps({
+        "labeled": [], "val": None, "test": None, "unlabeled_gt": None,
+        "unlabeled_images": data["img_root"], "unlabeled_root": data["img_root"]}))
+    return str(wd)
+
+
+def run_flows(server, runs: list, **popen) -> subprocess.Popen:
+    env = {**server.env, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", RUN, json.dumps(runs)], env=env, cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **popen)
+
+
+def predictions(wd: str) -> dict[str, bytes]:
+    root = Path(wd) / "predictions"
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.json"))
+            if p.name not in ("members.json",)}
+
+
+INFER = {"shard_size": 1, "precision": "fp32", "batch_size": 2, "loader_workers": 0}
+
+
+def _dask_worker_pids(root_pid: int) -> list[int]:
+    """Processes under ``root_pid`` started by multiprocessing's spawn (the Dask worker processes)."""
+    found = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes()
+            pid = int(p.name)
+            ancestors, cur = set(), pid
+            for _ in range(8):
+                cur = int((Path("/proc") / str(cur) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                ancestors.add(cur)
+                if cur <= 1:
+                    break
+        except (OSError, ValueError, IndexError):
+            continue
+        if root_pid in ancestors and b"spawn_main" in cmd:
+            found.append(pid)
+    return found
+
+
+@pytest.mark.slow
+def test_local_dask_cluster_writes_the_thread_pools_shard_files(server, teachers, tmp_path):
+    pool, dask = make_work_dir(tmp_path / "pool", teachers), make_work_dir(tmp_path / "dask", teachers)
+    proc = run_flows(server, [[pool, {**INFER, "devices": ["cpu"]}], [dask, {**INFER, "dask_workers": 2}]])
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-4000:]
+    a, b = predictions(pool), predictions(dask)
+    assert len([k for k in a if "shard_" in k]) == 16  # 2 teachers x 8 shards
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k] == b[k], k
+    assert sum(len(json.loads(v)) for k, v in a.items() if "shard_" in k) > 0
+    assert "ensemble inference: 1 worker(s) on cpu" in out + err  # the thread-pool run's line; Dask runs have none
+
+
+@pytest.mark.slow
+def test_a_killed_dask_worker_costs_only_its_shard(server, teachers, tmp_path):
+    ref = make_work_dir(tmp_path / "ref", teachers)
+    proc = run_flows(server, [[ref, {**INFER, "devices": ["cpu"]}]])
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-4000:]
+    wd = make_work_dir(tmp_path / "killed", teachers)
+    proc = run_flows(server, [[wd, {**INFER, "dask_workers": 2}]])
+    shards = Path(wd) / "predictions"
+    deadline, killed = time.time() + 300, None
+    while time.time() < deadline and proc.poll() is None:
+        done = len(list(shards.rglob("shard_*.json"))) if shards.exists() else 0
+        workers = _dask_worker_pids(proc.pid)
+        if done >= 2 and len(workers) == 2:
+            killed = workers[0]
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    assert killed is not None, "no shard finished on a two-worker cluster in time"
+    done_at_kill = len(list(shards.rglob("shard_*.json")))
+    assert done_at_kill < 16, "the run had finished before the worker was killed"
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-4000:]
+    assert not Path(f"/proc/{killed}").exists() or "Z" in Path(f"/proc/{killed}/stat").read_text().split()[2]
+    assert predictions(wd) == predictions(ref)  # every shard there, each byte for byte as without the kill
