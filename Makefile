@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= data/demo
 
-.PHONY: demo test venv fonts browser clean-venv
+.PHONY: demo test venv fonts browser slurm clean-venv
 
 venv: $(STAMP)
 
@@ -22,10 +22,13 @@ fonts:
 browser:
 	@bash scripts/install_browser.sh
 
+slurm:
+	@bash scripts/slurm_local.sh install
+
 demo: $(STAMP) fonts
 	$(BIN)/python -m flows.demo --data-dir $(DEMO_DIR) $(DEMO_ARGS)
 
-test: $(STAMP) fonts browser
+test: $(STAMP) fonts browser slurm
 	$(BIN)/python -m pytest -q
 
 clean-venv:

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from i3cl_core.config import FuseConfig  # noqa: F401  (re-exported: the fuse stage's parameters)
+from i3cl_core.engine.launch import SlurmLauncher, TorchrunLauncher
 
 DEMO_CONFIGS = "configs/demo"
 
@@ -66,7 +67,12 @@ class TrainParams(_Params):
         "rest from the labeled sets (null: all images alike, so scarce labels are drowned out)")
     control: bool = Field(True, description="also train a control: the student's config, start and number of "
                           "iterations on the labeled data only (what the pseudo labels are measured against)")
-    nproc_per_node: int = Field(1, ge=1, le=64, description="torchrun processes per training")
+    nproc_per_node: int = Field(1, ge=1, le=64, description="torchrun processes per training (per node)")
+    launcher: TorchrunLauncher | SlurmLauncher = Field(
+        default_factory=TorchrunLauncher, discriminator="kind",
+        description="how trainings start: torchrun on this machine (kind: torchrun; nnodes, rdzv_endpoint for a "
+        "static multi-node run) or a Slurm batch job per training (kind: slurm; nodes, gpus_per_node, time, "
+        "partition, account)")
     overrides: list[str] = Field(default_factory=list, description="--set overrides applied to every training")
 
 

@@ -29,7 +29,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from flows.params import DataParams, EvalParams, FuseConfig, InferParams, ModelSpec, RoundParams, TrainParams
-from flows.runner import run_streaming
+from flows.runner import run_slurm, run_streaming
 from i3cl_core import stages, variants
 from i3cl_core.stages import PipelineError, fingerprint
 from i3cl_core.utils import atomic_write_json
@@ -157,18 +157,28 @@ def _curve_artifact(name: str, out: Path, when: str) -> None:
                                  key=f"training-curve-{_key(name)}", description=f"training curve of {name} ({when})")
 
 
-@task(cache_policy=CACHE, persist_result=True, result_serializer="json", task_run_name="train-{name}", cache_result_in_memory=False)
-def train_model(name: str, config_path: str, out_dir: str, nproc_per_node: int, inputs_fingerprint: str) -> str:
-    """One training in a torchrun subprocess; returns the checkpoint path."""
+@task(cache_policy=(INPUTS - "launcher") + TASK_SOURCE, persist_result=True, result_serializer="json",
+      task_run_name="train-{name}", cache_result_in_memory=False)
+def train_model(name: str, config_path: str, out_dir: str, nproc_per_node: int, inputs_fingerprint: str,
+                launcher: dict | None = None) -> str:
+    """One training, launched by ``launcher`` (torchrun here, or a Slurm job); returns the checkpoint
+    path. How it is launched is not part of the cache key: the same inputs give the same model."""
+    from i3cl_core.engine.launch import SlurmLauncher, TorchrunLauncher
     from i3cl_core.engine.train import checkpoint_dir
 
+    launch = SlurmLauncher(**launcher) if (launcher or {}).get("kind") == "slurm" else TorchrunLauncher(**(launcher or {}))
     logger = get_run_logger()
     out = Path(out_dir)
     ckpt_dir = checkpoint_dir(out)
     stamp = out / "inputs.fingerprint"
-    resume = (ckpt_dir / "latest.pth").exists() and stamp.exists() and stamp.read_text() == inputs_fingerprint \
-        and not (out / "metrics.json").exists()
-    if not resume:
+    same_inputs = stamp.exists() and stamp.read_text() == inputs_fingerprint
+    attach = False
+    if isinstance(launch, SlurmLauncher) and same_inputs:
+        from i3cl_core.engine.launch import SlurmJob
+
+        attach = SlurmJob.recorded(out) is not None  # an earlier attempt's job still runs: follow it, touch nothing
+    resume = (ckpt_dir / "latest.pth").exists() and same_inputs and not (out / "metrics.json").exists()
+    if not resume and not attach:
         for f in ckpt_dir.glob("*.pth") if ckpt_dir.exists() else []:
             f.unlink()
         (out / "metrics.json").unlink(missing_ok=True)
@@ -176,8 +186,6 @@ def train_model(name: str, config_path: str, out_dir: str, nproc_per_node: int, 
     stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(inputs_fingerprint)
     progress_id = create_progress_artifact(0.0, key=f"train-{_key(name)}", description=f"training {name}")
-    cmd = stages.train_command(Path(config_path), out, nproc_per_node, resume=resume)
-    logger.info("%s: %s%s", name, " ".join(cmd), " (resuming)" if resume else "")
     epoch = {"seen": 0}
     with open(out / "train.log", "a", encoding="utf-8") as log_file:
         def log_line(line: str) -> None:
@@ -190,8 +198,19 @@ def train_model(name: str, config_path: str, out_dir: str, nproc_per_node: int, 
                     _curve_artifact(name, out, f"epoch {epoch['seen']}/{m.group(2)}")
                 epoch["seen"] = int(m.group(1))
 
-        rc = run_streaming(cmd, log_line, cancelled=_cancelled_checker(),
-                           on_progress=lambda f: update_progress_artifact(progress_id, 100.0 * f))
+        progress = lambda f: update_progress_artifact(progress_id, 100.0 * f)  # noqa: E731
+        if isinstance(launch, SlurmLauncher):
+            logger.info("%s: Slurm job, %d node(s) x %d process(es)%s", name, launch.nodes, nproc_per_node,
+                        " (resuming)" if resume else "")
+            rc = run_slurm(name, config_path, out, launch, nproc_per_node, resume, attach, log_line,
+                           cancelled=_cancelled_checker(), on_progress=progress)
+        else:
+            cmd = stages.train_command(Path(config_path), out, nproc_per_node, resume=resume, launcher=launch)
+            logger.info("%s: %s%s", name, " ".join(cmd), " (resuming)" if resume else "")
+            if launch.nnodes > 1:
+                logger.info("%s: start the same command on the other %d node(s), each with its --node_rank",
+                            name, launch.nnodes - 1)
+            rc = run_streaming(cmd, log_line, cancelled=_cancelled_checker(), on_progress=progress)
     if rc != 0:
         raise RuntimeError(f"training {name} failed with exit code {rc}; see {out / 'train.log'}")
     update_progress_artifact(progress_id, 100.0)
@@ -238,7 +257,7 @@ def _train(spec: ModelSpec, out: Path, wd: Path, data: dict, train: TrainParams,
     fp = stages.training_fingerprint(cfg_path, sets, load_from)
     ckpt = _run_cached(train_model.with_options(result_storage=_storage(wd)), stages.trained_checkpoint(out) is not None,
                        name=name or spec.name, config_path=str(cfg_path), out_dir=str(out), nproc_per_node=train.nproc_per_node,
-                       inputs_fingerprint=fp)
+                       inputs_fingerprint=fp, launcher=train.launcher.model_dump(mode="json"))
     variants.write_lineage(out, data_sets=sets, load_from=load_from, config=str(cfg_path), pseudo=pseudo,
                            flow_run_id=_flow_run_id())
     return ckpt

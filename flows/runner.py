@@ -1,5 +1,6 @@
-"""Run a training subprocess (torchrun) from a task: stream its output into the run's logs, update
-a progress artifact, and stop the whole process group within seconds when the run is cancelled."""
+"""Run a training from a task, as a torchrun subprocess or a Slurm batch job: stream its output into
+the run's logs, update a progress artifact, and stop it (the whole process group, or ``scancel``)
+within seconds when the run is cancelled."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,15 @@ import threading
 import time
 
 PROGRESS = re.compile(r"epoch (\d+)/(\d+) iter (\d+)/(\d+)")
+
+
+def progress_fraction(line: str) -> float | None:
+    """The share of the training done, from a trainer's ``epoch e/E iter i/I`` log line."""
+    m = PROGRESS.search(line)
+    if not m:
+        return None
+    e, ne, i, ni = map(int, m.groups())
+    return ((e - 1) * ni + i) / max(ne * ni, 1)
 
 
 def _die_with_parent() -> None:
@@ -65,10 +75,9 @@ def run_streaming(cmd: list[str], log_line, cancelled=None, on_progress=None, en
             line = line.rstrip()
             if line:
                 log_line(line)
-            m = PROGRESS.search(line)
-            if m and on_progress is not None and time.time() - last > 2.0:
-                e, ne, i, ni = map(int, m.groups())
-                on_progress(((e - 1) * ni + i) / max(ne * ni, 1))
+            fraction = progress_fraction(line)
+            if fraction is not None and on_progress is not None and time.time() - last > 2.0:
+                on_progress(fraction)
                 last = time.time()
         rc = proc.wait()
     finally:
@@ -77,3 +86,32 @@ def run_streaming(cmd: list[str], log_line, cancelled=None, on_progress=None, en
     if state["cancelled"]:
         raise RuntimeError("training stopped: the flow run was cancelled")
     return rc
+
+
+def run_slurm(name: str, config_path, out_dir, launcher, nproc_per_node: int, resume: bool, attach: bool, log_line,
+              cancelled=None, on_progress=None) -> int:
+    """One training as a Slurm job. ``attach``: a job this work_dir submitted earlier for the same
+    inputs that is still queued or running is followed instead of submitting another; otherwise such
+    a job is cancelled first. Returns the job's exit code."""
+    from i3cl_core.engine.launch import SlurmJob, sbatch_script
+
+    job = SlurmJob.recorded(out_dir)
+    if job is not None and not attach:
+        log_line(f"cancelling slurm job {job.job_id}: it trains on earlier inputs")
+        job.cancel()
+        job = None
+    if job is None:
+        job = SlurmJob.submit(sbatch_script(name, config_path, out_dir, launcher, nproc_per_node, resume), out_dir)
+        log_line(f"submitted slurm job {job.job_id} ({launcher.nodes} node(s)); log {job.log_path}")
+    else:
+        log_line(f"following slurm job {job.job_id}, still {job.state()[0].lower()} from an earlier attempt")
+    last = {"t": 0.0}
+
+    def on_line(line: str) -> None:
+        log_line(line)
+        fraction = progress_fraction(line)
+        if fraction is not None and on_progress is not None and time.time() - last["t"] > 2.0:
+            on_progress(fraction)
+            last["t"] = time.time()
+
+    return job.follow(on_line, cancelled, poll=launcher.poll_s)

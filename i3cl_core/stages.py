@@ -125,11 +125,13 @@ def training_fingerprint(config_path: Path, train_sets: list[dict], load_from: s
     return fingerprint(config_path, *[s["ann_file"] for s in train_sets], *([load_from] if load_from else []))
 
 
-def train_command(config_path: Path, work_dir: Path, nproc_per_node: int = 1, resume: bool = False) -> list[str]:
-    """The torchrun command line of one training (``--standalone``: single node, free port)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
-           "-m", "i3cl_core.cli", "train", str(config_path), "--work-dir", str(work_dir), "--no-progress"]
-    return cmd + (["--resume"] if resume else [])
+def train_command(config_path: Path, work_dir: Path, nproc_per_node: int = 1, resume: bool = False,
+                  launcher=None) -> list[str]:
+    """The torchrun command line of one training (``--standalone`` on one node unless ``launcher``,
+    a :class:`~i3cl_core.engine.launch.TorchrunLauncher`, says ``nnodes > 1``)."""
+    from i3cl_core.engine.launch import torchrun_command
+
+    return torchrun_command(config_path, work_dir, nproc_per_node, resume, launcher)
 
 
 def trained_checkpoint(work_dir: Path) -> Path | None:
