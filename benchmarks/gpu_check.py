@@ -7,8 +7,9 @@ Parts (each in its own process, so that peak memory and failures stay per part):
                 ``--iters`` iterations with AMP (float16 autocast + gradient scaling): images/s and
                 peak GPU memory.
 * ``infer``     inference at the ArT test scale (short side 1185, long side <= 1950) on synthetic
-                images: I3CL with AMP, with bfloat16 features, in float32; torchvision's
-                maskrcnn_resnet50_fpn with AMP in the same process (ratio). Polygons are traced as
+                images: I3CL with float16 features (AMP; heads float32, as ``infer.precision: auto``
+                runs it on CUDA), with bfloat16 features, in float32; torchvision's
+                maskrcnn_resnet50_fpn under float16 autocast in the same process (ratio). Polygons are traced as
                 the pipeline does. Random weights on both, one text class.
 * ``pipeline``  the tiny ssl-pipeline on demo data (teachers, ensemble with ``infer.devices=auto``,
                 fusion, student, evaluation) on a local Prefect server: seconds per stage.
@@ -129,14 +130,16 @@ def part_infer(args, device, tmp: Path) -> list[dict]:
         return len(images) / (time.perf_counter() - t0), n / len(images)
 
     rows = []
-    settings = [("fp16", False, "AMP fp16")] if cuda else []
-    settings += [("fp32", True, "bf16_features"), ("fp32", False, "float32")]
-    for precision, bf16, label in settings:
-        ours.cfg.bf16_features = bf16
-        ips, dets = run(lambda im: ours.predict([im])[0]["polygons"], precision)
+    # ours as the ensemble stage runs it (infer.precision): float16 or bfloat16 features, float32 heads
+    settings = [("fp16", "AMP fp16 features")] if cuda else []
+    settings += [("bf16", "bf16_features"), ("fp32", "float32")]
+    for precision, label in settings:
+        ours.cfg.bf16_features = precision == "bf16"
+        ours.fp16_features = precision == "fp16"
+        ips, dets = run(lambda im: ours.predict([im])[0]["polygons"], "fp32")
         rows.append({"check": f"inference I3CL ({Path(config).stem})", "setting": f"{label}, {short}/{long}, polygons traced",
                      "images_per_s": round(ips, 2), "detections": round(dets, 1)})
-    ours.cfg.bf16_features = False
+    ours.cfg.bf16_features, ours.fp16_features = False, False
     tv_precision = "fp16" if cuda else "fp32"
     ips, dets = run(lambda im: tv([im])[0]["boxes"], tv_precision)
     rows.append({"check": "inference torchvision maskrcnn_resnet50_fpn", "setting": f"{'AMP fp16' if cuda else 'float32'}, "

@@ -85,8 +85,8 @@ class InferParams(_Params):
     batch_size: int = Field(4, ge=1, le=256, description="images per forward pass")
     loader_workers: int = Field(2, ge=0, le=64, description="image-decoding processes per inference worker")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: float16 autocast on CUDA, bfloat16 features on CPUs that compute them natively, "
-        "else float32")
+        "auto", description="precision of backbone, FPN and IntraCL (heads stay float32) - auto: float16 on CUDA, "
+        "bfloat16 on CPUs that compute it natively, else float32")
     dask_address: str | None = Field(None, description="tcp://host:8786 of a running Dask scheduler to run shards on")
     dask_workers: int | None = Field(None, ge=1, le=1024, description="start a local Dask cluster of this many "
                                      "worker processes (one device each) for this stage, and stop it after")

@@ -26,11 +26,8 @@ for wd, infer in json.loads(sys.argv[1]):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from flows.server import LocalServer
-
-    with LocalServer(tmp_path_factory.mktemp("prefect-home"), timeout=240) as srv:
-        yield srv
+def server(prefect_server):
+    return prefect_server
 
 
 @pytest.fixture(scope="module")

@@ -378,7 +378,7 @@ def test_tta_scales_do_not_touch_the_models_config():
     img = torch.rand(3, 120, 150)
     before = model.cfg.model_dump()
     with torch.no_grad():
-        fused = predict_with_tta(model, img, 0.005, flips=["h"], scales=[96])
+        fused = predict_with_tta(model, [img], 0.005, flips=["h"], scales=[96])[0]
         assert model.cfg.model_dump() == before
         direct = model.predict([img], test_sides=(96, 160))[0]
         plain = model.predict([img])[0]
@@ -386,3 +386,22 @@ def test_tta_scales_do_not_touch_the_models_config():
     assert isinstance(fused, list) and all(0 <= s <= 1 for _, s in fused)
     # the per-call scale is the one used: the 96-px run differs from the config's 128 px
     assert direct["boxes"].shape != plain["boxes"].shape or not torch.allclose(direct["boxes"], plain["boxes"])
+
+
+def test_fp16_features_keep_heads_boxes_and_masks_in_float32():
+    from i3cl_core.config import load_config
+    from i3cl_core.model.detector import build_model
+
+    cfg = load_config(REPO / "configs" / "demo" / "tiny_model.yaml", ["model.test_short_side=128", "model.test_long_side=128"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    model.roi_heads.box_head.cls_score.bias.data = torch.tensor([0.0, 0.6])
+    img = [torch.rand(3, 128, 128)]
+    with torch.inference_mode():
+        ref = model.predict(img)[0]
+        model.fp16_features = True  # what infer.precision=fp16 sets (float16 autocast of backbone, FPN, IntraCL)
+        low = model.predict(img)[0]
+    assert ref["boxes"].dtype == low["boxes"].dtype == low["scores"].dtype == torch.float32
+    assert len(ref["scores"]) > 0 and abs(len(ref["scores"]) - len(low["scores"])) <= 2
+    n = min(len(ref["scores"]), len(low["scores"]), 5)
+    assert torch.allclose(ref["scores"][:n], low["scores"][:n], atol=5e-3)

@@ -144,11 +144,8 @@ def slurm(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from flows.server import LocalServer
-
-    with LocalServer(tmp_path_factory.mktemp("prefect-home"), timeout=240) as srv:
-        yield srv
+def server(prefect_server):
+    return prefect_server
 
 
 RUN = """

@@ -72,6 +72,9 @@ class I3CL(nn.Module):
         self.roi_heads = RoIHeads(cfg, cfg.fpn_channels)
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(3, 1, 1), persistent=False)
+        # inference only: run backbone, FPN and IntraCL under float16 autocast (CUDA AMP for the heavy
+        # convolutions; the heads, boxes and masks stay float32, so coordinates keep their precision)
+        self.fp16_features = False
 
     # ------------------------------------------------------------------ input
     def test_scale(self, h: int, w: int, sides: tuple[int, int] | None = None) -> float:
@@ -113,12 +116,13 @@ class I3CL(nn.Module):
             batch = batch.contiguous(memory_format=torch.channels_last)
         # no context at all when off: a disabled autocast would also switch off the trainer's CUDA AMP here
         use_bf16 = self.cfg.bf16_features is True or (self.cfg.bf16_features == "auto" and native_bf16(batch.device))
-        bf16 = torch.autocast(batch.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-        with bf16:
+        dtype = torch.float16 if self.fp16_features and not self.training else torch.bfloat16 if use_bf16 else None
+        autocast = torch.autocast(batch.device.type, dtype=dtype) if dtype is not None else nullcontext()
+        with autocast:
             feats = self.neck(self.backbone(batch))
             if self.intra_cl is not None:
                 feats = [block(f) for block, f in zip(self.intra_cl, feats)]
-        return [f.float() for f in feats] if use_bf16 else feats  # under CUDA AMP they stay float16
+        return [f.float() for f in feats] if dtype is not None else feats  # under the trainer's CUDA AMP they stay float16
 
     def forward(self, images: list[Tensor], targets: list[dict] | None = None):
         if self.training:

@@ -15,7 +15,8 @@ polygon fusion (equal weights, ``avg``) before the ensemble fusion sees them.
 Workers: one per entry of ``--devices`` (``auto``: every visible GPU, else the CPU). The (model,
 shard) jobs go to whichever worker is free; a worker loads each model once and keeps it, decodes
 images in DataLoader processes and predicts ``--batch-size`` images per forward pass, in float16
-autocast on CUDA or bfloat16 features on CPUs that compute them natively (``--precision auto``).
+features on CUDA or bfloat16 features on CPUs that compute them natively (``--precision auto``;
+heads, boxes and masks stay float32).
 A shard file depends on the shard, the model, the batch size and the precision, never on the
 number of workers. The pipeline's ensemble stage runs the same :func:`infer_shard`.
 """
@@ -128,8 +129,9 @@ def resolve_devices(spec: str | list[str] | tuple[str, ...] = "auto") -> list[st
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """``auto``: float16 autocast (AMP) on CUDA; on a CPU bfloat16 features where it computes them
-    natively (AVX512-BF16 / AMX), else float32. ``fp16`` needs CUDA."""
+    """``auto``: float16 features (AMP) on CUDA; on a CPU bfloat16 features where it computes them
+    natively (AVX512-BF16 / AMX), else float32. ``fp16`` needs CUDA. Either way only the backbone,
+    FPN and IntraCL run in the low precision; heads, boxes and masks stay float32."""
     import torch
 
     from i3cl_core.model.detector import native_bf16
@@ -144,14 +146,6 @@ def resolve_precision(precision: str, device: str) -> str:
     if precision == "fp16" and dev.type != "cuda":
         raise ValueError(f"infer.precision: fp16 autocast needs a CUDA device, not {device}; use bf16 or fp32")
     return precision
-
-
-def _precision_context(precision: str, device: str):
-    import torch
-
-    if precision == "fp16":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()  # bf16: the model's own bf16_features switch, set when it is loaded
 
 
 class DeviceWorkers:
@@ -187,8 +181,10 @@ class DeviceWorkers:
         key = (os.path.abspath(checkpoint), st.st_size, st.st_mtime_ns, prec)
         cache = self._models[worker]
         if key not in cache:
-            overrides = {"bf16_features": True} if prec == "bf16" else {"bf16_features": False}
-            cache[key] = load_model(checkpoint, device, overrides)
+            # the network's features in bfloat16 (bf16) or float16 (fp16); heads, boxes and masks stay float32
+            model, cfg = load_model(checkpoint, device, {"bf16_features": prec == "bf16"})
+            model.fp16_features = prec == "fp16"
+            cache[key] = (model, cfg)
             self.loads[worker] += 1
             while len(cache) > self.max_models:
                 cache.popitem(last=False)
@@ -280,10 +276,10 @@ def predict_with_tta(model, images: list, epsilon: float, flips=(), scales=()) -
 
 
 def run_shard(model, shard: Shard, path: Path, score_thr: float, device, epsilon: float = 0.005, flips=(), scales=(),
-              batch_size: int = 1, loader_workers: int = 0, precision: str = "fp32") -> dict:
+              batch_size: int = 1, loader_workers: int = 0) -> dict:
     """Predict one shard with one loaded model and write its COCO results atomically. Images are
     decoded in ``loader_workers`` DataLoader processes and predicted ``batch_size`` at a time; the
-    file depends on the shard, the model, the batch size and the precision only (not on which worker
+    file depends on the shard, the model (and the precision it was loaded in), the batch size only (not on which worker
     or how many ran it)."""
     import torch
     from torch.utils.data import DataLoader
@@ -296,7 +292,7 @@ def run_shard(model, shard: Shard, path: Path, score_thr: float, device, epsilon
                         num_workers=min(loader_workers, len(shard.items)), collate_fn=collate_items,
                         worker_init_fn=worker_init)
     results, failures = [], []
-    with torch.inference_mode(), _precision_context(precision, str(device)):
+    with torch.inference_mode():
         for batch in loader:
             failures += [err for _, _, _, err in batch if err is not None]
             good = [(j, t) for j, t, _, err in batch if err is None]
@@ -319,7 +315,7 @@ def infer_shard(checkpoint: str, shard: Shard, out_dir: str | os.PathLike, score
         model, cfg, prec = workers.model(w, checkpoint, precision)
         path = Path(out_dir) / shard.name
         result = run_shard(model, shard, path, score_thr, workers.devices[w], cfg.infer.polygon_epsilon, flips, scales,
-                           batch_size, loader_workers, prec)
+                           batch_size, loader_workers)
     return {**result, "path": str(path), "device": workers.devices[w], "worker": w, "precision": prec}
 
 
@@ -423,7 +419,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     p.add_argument("--loader-workers", type=int, default=2, help="image-decoding processes per inference worker")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto: fp16 autocast on CUDA, bf16 features on CPUs with native bfloat16, else fp32")
+                   help="precision of backbone, FPN and IntraCL (heads stay fp32); auto: fp16 on CUDA, bf16 on CPUs with native "
+                        "bfloat16, else fp32")
     p.add_argument("--tta-flips", nargs="*", default=[], choices=["h", "v"])
     p.add_argument("--tta-scales", nargs="*", type=int, default=[], help="extra test short sides")
     p.add_argument("--extra", nargs="*", default=[], help="predictions of other detectors: a COCO results or ArT json, or FORMAT:PATH with FORMAT "
