@@ -40,12 +40,3 @@ def coco_factory(tmp_path):
     def make(images, annotations, **kw):
         return write_coco(tmp_path, images, annotations, **kw)
     return make
-
-
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory):
-    """A local Prefect server shared by the tests that run flows in subprocesses (Dask, Slurm)."""
-    from flows.server import LocalServer
-
-    with LocalServer(tmp_path_factory.mktemp("prefect-home"), timeout=240) as srv:
-        yield srv

@@ -3,6 +3,7 @@ processes, each one device): the same shard files as the thread pool, byte for b
 killed mid-run costs nothing but a re-run of its shard."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("prefect_dask", reason="the [dask] extra is not installed (pip install -e '.[dask]')")
+# found, not imported: importing Prefect here would fix its settings before the other tests' servers exist
+if importlib.util.find_spec("prefect_dask") is None:
+    pytest.skip("the [dask] extra is not installed (pip install -e '.[dask]')", allow_module_level=True)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,8 +29,11 @@ for wd, infer in json.loads(sys.argv[1]):
 
 
 @pytest.fixture(scope="module")
-def server(prefect_server):
-    return prefect_server
+def server(tmp_path_factory):
+    from flows.server import LocalServer
+
+    with LocalServer(tmp_path_factory.mktemp("prefect-home"), timeout=240) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -144,8 +144,11 @@ def slurm(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(prefect_server):
-    return prefect_server
+def server(tmp_path_factory):
+    from flows.server import LocalServer
+
+    with LocalServer(tmp_path_factory.mktemp("prefect-home"), timeout=240) as srv:
+        yield srv
 
 
 RUN = """
@@ -171,14 +174,21 @@ def start_flow(server, params: dict) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def flow_run_id(server, name: str) -> str:
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+CANCEL = """
+from prefect import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+from prefect.states import Cancelling
+with get_client(sync_client=True) as client:
+    runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["train-teachers"])))
+    run = sorted(runs, key=lambda r: r.created)[-1]
+    client.set_flow_run_state(run.id, Cancelling(), force=True)
+"""
 
-    with temporary_settings({PREFECT_API_URL: server.env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[name])))
-        return str(sorted(runs, key=lambda r: r.created)[-1].id)
+
+def cancel_latest_train_teachers_run(server) -> None:
+    """Ask the API to cancel the newest train-teachers run, from another process (Prefect is never
+    imported into the test process: its settings would stay bound to the first server it saw)."""
+    subprocess.run([sys.executable, "-c", CANCEL], env=server.env, cwd=REPO, check=True, capture_output=True, timeout=120)
 
 
 @pytest.mark.slow
@@ -193,12 +203,7 @@ def test_pipeline_training_on_a_real_slurm_cancel_and_resume(slurm, server, tmp_
         time.sleep(0.2)
     assert latest.exists(), proc.communicate()[0][-3000:]
     job_id = json.loads((out / "slurm_job.json").read_text())["job_id"]
-    from prefect import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-    from prefect.states import Cancelling
-
-    with temporary_settings({PREFECT_API_URL: server.env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
-        client.set_flow_run_state(flow_run_id(server, "train-teachers"), Cancelling(), force=True)
+    cancel_latest_train_teachers_run(server)
     text, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "the flow run was cancelled" in text
     state = SlurmJob(job_id, out).state()[0]
