@@ -292,7 +292,7 @@ def _round_dir(wd: Path, ssl_round: int) -> Path:
 
 def _student_checkpoint(wd: Path, ssl_round: int) -> str:
     folder = _round_dir(wd, ssl_round) / "student"
-    done = [stages.trained_checkpoint(d) for d in sorted(folder.glob("*"))] if folder.exists() else []
+    done = [stages.trained_checkpoint(d) for _, d in variants.model_runs(folder)]
     done = [c for c in done if c is not None]
     if not done:
         raise PipelineError(f"{folder}: round {ssl_round} has no trained student yet; run train-student with "
@@ -531,14 +531,24 @@ def train_student(work_dir: str = "runs/demo", data: DataParams = DataParams(), 
     name = train.student.name if ssl_round == 1 else f"{train.student.name}-r{ssl_round}"
     lineage_pseudo = {"variant": variants.current_variant(rd / "pseudo"), "path": str(pseudo),
                       "fingerprint": fingerprint(pseudo), "fuse": json.loads(pseudo.read_text()).get("info", {}).get("fuse")}
-    student = _train(train.student, rd / "student" / train.student.name, wd, d, train, extra, load_from, extra_overrides,
-                     name=name, pseudo=lineage_pseudo)
+    # each student in its own folder, keyed by what it starts from: re-training after a re-fusion keeps the
+    # earlier student (and its lineage and score); current.json names the one evaluate and round r+1 use
+    spec = {"spec": train.student.model_dump(), "overrides": [*train.overrides, *(extra_overrides or [])],
+            "load_from": fingerprint(load_from) if load_from else None}
+    root = rd / "student" / train.student.name
+    key = variants.variant_key(pseudo=lineage_pseudo["fingerprint"], fraction=train.pseudo_fraction, **spec)
+    student = _train(train.student, root / key, wd, d, train, extra, load_from, extra_overrides, name=name,
+                     pseudo=lineage_pseudo)
+    variants.set_current(root, key, {"pseudo_variant": lineage_pseudo["variant"], "checkpoint": student})
     result = {"student": student}
     if train.control and ssl_round == 1:
         iters = stages.iterations_per_epoch(Path(student).parents[1])
-        result["control"] = _train(train.student, wd / "control" / train.student.name, wd, d, train, None, load_from,
+        croot = wd / "control" / train.student.name
+        ckey = variants.variant_key(iters_per_epoch=iters, **spec)
+        result["control"] = _train(train.student, croot / ckey, wd, d, train, None, load_from,
                                    [*(extra_overrides or []), f"train.iters_per_epoch={iters}"],
                                    name=f"control-{train.student.name}")
+        variants.set_current(croot, ckey, {"checkpoint": result["control"]})
     return result
 
 
@@ -553,10 +563,10 @@ def evaluate(work_dir: str = "runs/demo", data: DataParams = DataParams(), evalu
     rounds = sorted((wd / "rounds").glob("r*"), key=lambda p: int(p.name[1:])) if (wd / "rounds").exists() else []
     folders += [(f"student-{r.name}", r / "student") for r in rounds if r.name[1:].isdigit()]
     for role, folder in folders:
-        for out in sorted(folder.glob("*")) if folder.exists() else []:
+        for name, out in variants.model_runs(folder):  # students and controls: their current variant
             ckpt = stages.trained_checkpoint(out)
             if ckpt is not None:
-                models[f"{role}:{out.name}"] = str(ckpt)
+                models[f"{role}:{name}"] = str(ckpt)
     if not models:
         raise PipelineError(f"{wd}: no trained model to evaluate; run train-teachers first")
     split_fp = fingerprint(d["test"]["ann_file"])
@@ -567,6 +577,7 @@ def evaluate(work_dir: str = "runs/demo", data: DataParams = DataParams(), evalu
                                     checkpoint=ckpt, checkpoint_fingerprint=fingerprint(ckpt), split=d["test"],
                                     split_fingerprint=split_fp, out_json=str(out_json), protocol=evaluation.protocol,
                                     score_thr=evaluation.score_thr)
+        atomic_write_json(Path(ckpt).parents[1] / "test_eval.json", results[name], indent=2)  # kept with the variant
     rows = [{"model": n, "protocol": r["protocol"], "threshold": r["score_thr"], "precision": round(r["precision"], 4),
              "recall": round(r["recall"], 4), "hmean": round(r["hmean"], 4), "best_hmean": round(r["best_hmean"], 4)}
             for n, r in results.items()]

@@ -39,13 +39,15 @@ def _last_match(path: Path, pattern: re.Pattern, tail_bytes: int = 4096):
 
 def scan(work_dir: Path) -> list[Activity]:
     """Every training and every ensemble model of the work dir that has started, with its progress."""
+    from i3cl_core.variants import model_runs
+
     wd = Path(work_dir)
     out = []
     runs = []
     for role in ("teachers", "control", "student"):
-        runs += [(f"{role}/{p.name}", p) for p in sorted((wd / role).glob("*"))] if (wd / role).exists() else []
+        runs += [(f"{role}/{name}", p) for name, p in model_runs(wd / role, running=True)]
     for rd in sorted((wd / "rounds").glob("r*")) if (wd / "rounds").exists() else []:
-        runs += [(f"{rd.name}/student/{p.name}", p) for p in sorted((rd / "student").glob("*"))]
+        runs += [(f"{rd.name}/student/{name}", p) for name, p in model_runs(rd / "student", running=True)]
     for name, run in runs:
         m = _last_match(run / "train.log", TRAIN_LINE)
         if m is None:

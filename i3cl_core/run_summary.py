@@ -118,12 +118,14 @@ def write_summary(wd: Path, summary: dict, data: dict) -> dict:
         if pr and Path(pr).exists():
             blocks.append(("Pseudo labels over the score threshold", [("PR curve", Path(pr))]))
     curves = []
+    from i3cl_core.variants import model_runs
+
     for role in ("teachers", "control", "student"):
-        for run in sorted((wd / role).glob("*")) if (wd / role).exists() else []:
+        for name, run in model_runs(wd / role):
             if (run / "metrics.jsonl").exists():
-                png = training_curve_png(run / "metrics.jsonl", figs / f"train_{role}_{run.name}.png", f"{role}/{run.name}")
+                png = training_curve_png(run / "metrics.jsonl", figs / f"train_{role}_{name}.png", f"{role}/{name}")
                 if png:
-                    curves.append((f"{role}/{run.name}", png))
+                    curves.append((f"{role}/{name}", png))
     if curves:
         blocks.append(("Training curves", curves))
     samples = sample_panels(wd, data, figs)

@@ -6,8 +6,8 @@ One run is one ``work_dir``::
     pipeline.json                              version marker of the layout
     teachers/<name>/config.yaml, checkpoints/latest.pth, metrics.json, train.log
     predictions/<teacher>/shard_NNNNN.json     COCO results, one file per shard (+ coverage.json)
-    pseudo/train_lossweight.json, report.json, report.md, report_figures/
-    student/<name>/...                         as teachers
+    pseudo/<key>/train_lossweight.json, report.json, report.md, report_figures/; pseudo/current.json
+    student/<name>/<key>/..., current.json     as teachers, one folder per variant (see i3cl_core.variants)
     eval/<model>.json                          P/R/F on the test split
 """
 from __future__ import annotations

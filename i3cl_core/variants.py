@@ -6,8 +6,14 @@ short fingerprint of its inputs and parameters; ``pseudo/current.json`` (written
 variant the next stage uses. Re-fusing with new parameters adds a variant and moves ``current``;
 re-fusing with earlier parameters finds that variant again. Nothing is overwritten.
 
-A work dir made before variants existed (``pseudo/train_lossweight.json`` directly) keeps loading: it
-is read as a variant named ``legacy``.
+Trained students and controls are kept the same way: ``student/<name>/<key>/`` (and
+``control/<name>/<key>/``), ``key`` a fingerprint of what the training starts from (the pseudo-label
+variant, the model spec and overrides, the start checkpoint), with ``student/<name>/current.json``
+naming the one downstream stages use (:func:`current_model_dir`). Re-training after a re-fusion adds a
+folder; the earlier student, its lineage and its test score stay.
+
+A work dir made before variants existed (``pseudo/train_lossweight.json``, ``student/<name>/checkpoints``
+directly) keeps loading: its files are read as a variant named ``legacy``.
 
 ``lineage.json`` next to a trained model records what it was made from (data files and their
 fingerprints, the start checkpoint, the pseudo-label variant and its fusion parameters, the config,
@@ -50,6 +56,28 @@ def current_variant(stage_dir: Path) -> str | None:
     if (stage_dir / "train_lossweight.json").exists():
         return LEGACY
     return None
+
+
+def current_model_dir(model_root: Path) -> Path:
+    """The folder of the current variant of a student or control (``student/<name>/<key>/``, as
+    ``current.json`` names it), or ``model_root`` itself for one trained before variants existed."""
+    model_root = Path(model_root)
+    f = model_root / CURRENT
+    return model_root / json.loads(f.read_text())["variant"] if f.exists() else model_root
+
+
+def model_runs(stage_dir: Path, running: bool = False) -> list[tuple[str, Path]]:
+    """``(name, folder)`` of every model under ``stage_dir`` (``student/``, ``control/``, ``teachers/``):
+    its current variant; with ``running`` also the variants that are still training."""
+    stage_dir = Path(stage_dir)
+    out = []
+    for root in sorted(p for p in stage_dir.glob("*") if p.is_dir()) if stage_dir.exists() else []:
+        current = current_model_dir(root)
+        out.append((root.name, current))
+        if running and (root / CURRENT).exists():
+            out += [(f"{root.name}@{v.name}", v) for v in sorted(p for p in root.glob("*") if p.is_dir())
+                    if v != current and (v / "train.log").exists() and not (v / "metrics.json").exists()]
+    return out
 
 
 def pseudo_file(stage_dir: Path, variant: str | None = None) -> Path | None:
@@ -137,7 +165,9 @@ def compare(work_dir: Path) -> list[dict]:
     wd = Path(work_dir)
     lineages = _lineages(wd)
     scores = {}
-    for f in sorted((wd / "eval").glob("*.json")) if (wd / "eval").exists() else []:
+    files = sorted((wd / "eval").glob("*.json")) if (wd / "eval").exists() else []
+    files += [d / "test_eval.json" for d, _ in lineages if (d / "test_eval.json").exists()]  # every variant's own
+    for f in files:
         try:
             r = json.loads(f.read_text())
             scores[str(Path(r["checkpoint"]).parents[1])] = r["hmean"]

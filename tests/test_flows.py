@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from i3cl_core.stages import PIPELINE_VERSION, PipelineError, check_work_dir, fingerprint, require
+from i3cl_core.variants import current_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,7 +169,9 @@ def test_pipeline_deployment_runs_then_refuses_bad_params_and_reuses_caches(serv
     first_variant = variants.current_variant(wd / "pseudo")
     assert variants.pseudo_file(wd / "pseudo") == wd / "pseudo" / first_variant / "train_lossweight.json"
     assert (wd / "predictions" / "teacher_a" / "coverage.json").exists()
-    lineage = json.loads((wd / "student" / "student" / "lineage.json").read_text())
+    first_student = current_model_dir(wd / "student" / "student")
+    assert first_student.parent == wd / "student" / "student"  # student/<name>/<key>/
+    lineage = json.loads((first_student / "lineage.json").read_text())
     assert lineage["pseudo"]["variant"] == first_variant and lineage["pseudo"]["fuse"]["keep_thr"] == 0.3
     assert lineage["load_from"].endswith("teacher_a/checkpoints/latest.pth") and lineage["code"]["package"]
     assert summary["lineage"]["pseudo_variant"] == first_variant
@@ -213,7 +216,11 @@ def test_pipeline_deployment_runs_then_refuses_bad_params_and_reuses_caches(serv
     # now records the second
     second_variant = variants.current_variant(wd / "pseudo")
     assert second_variant != first_variant and (wd / "pseudo" / first_variant / "train_lossweight.json").exists()
-    assert json.loads((wd / "student" / "student" / "lineage.json").read_text())["pseudo"]["variant"] == second_variant
+    second_student = current_model_dir(wd / "student" / "student")
+    assert json.loads((second_student / "lineage.json").read_text())["pseudo"]["variant"] == second_variant
+    # ... in a folder of its own: the first student, its lineage and its score are still there
+    assert second_student != first_student and (first_student / "checkpoints" / "latest.pth").exists()
+    assert json.loads((first_student / "lineage.json").read_text())["pseudo"]["variant"] == first_variant
     # a third run with the first parameters reuses the first variant: fusion Cached, no new variant
     res4 = prefect_cli(served, "deployment", "run", "fuse-pseudo-labels/default", "--params",
                        json.dumps({"work_dir": str(wd), "fuse": params["fuse"]}), "--watch", "--watch-interval", "2")
@@ -226,7 +233,10 @@ def test_pipeline_deployment_runs_then_refuses_bad_params_and_reuses_caches(serv
     assert main(["runs", "compare", str(wd)]) == 0
     rows = variants.compare(wd)
     assert [r["variant"] for r in rows if r["current"]] == [first_variant]
-    assert [m for r in rows if r["variant"] == second_variant for m, _ in r["models"]] == ["student/student"]
+    used = {r["variant"]: r["models"] for r in rows}
+    assert [m for m, _ in used[second_variant]] == [str(second_student.relative_to(wd))]
+    assert [m for m, _ in used[first_variant]] == [str(first_student.relative_to(wd))]
+    assert all(f is not None for v in (first_variant, second_variant) for _, f in used[v])  # each with its test F
     # gc keeps what current or a lineage needs: here both variants
     assert variants.gc(wd, keep=0, dry_run=True) == []
 
@@ -268,13 +278,13 @@ def test_two_rounds_and_the_control_run(served, tmp_path, monkeypatch):
     # the control: the student's start and number of iterations, the labeled data alone
     import yaml
 
-    student_cfg = yaml.safe_load((wd / "student" / "student" / "config.yaml").read_text())
-    control_cfg = yaml.safe_load((wd / "control" / "student" / "config.yaml").read_text())
+    student_cfg = yaml.safe_load((current_model_dir(wd / "student" / "student") / "config.yaml").read_text())
+    control_cfg = yaml.safe_load((current_model_dir(wd / "control" / "student") / "config.yaml").read_text())
     labeled = str((demo / "train" / "annotations.json").resolve())
     assert [s["ann_file"] for s in control_cfg["data"]["train"]] == [labeled]
     assert [s["ann_file"] for s in student_cfg["data"]["train"]] == [labeled, str(variants.pseudo_file(wd / "pseudo"))]
     assert control_cfg["train"]["load_from"] == student_cfg["train"]["load_from"]
-    iters = [json.loads((wd / r / "student" / "metrics.json").read_text())["summary"]["iterations"] for r in ("student", "control")]
+    iters = [json.loads((current_model_dir(wd / r / "student") / "metrics.json").read_text())["summary"]["iterations"] for r in ("student", "control")]
     assert iters[0] == iters[1] > 0
 
     # a changed round-2 parameter: round 1 comes back Cached, round 2's fusion and student run again

@@ -62,13 +62,12 @@ def test_artifact_pages_render_headings_pictures_and_rows(tmp_path):
         res = subprocess.run([sys.executable, "-c", FLOW, str(tmp_path)], env=server.env, cwd=REPO,
                              capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
-        import os
-
-        os.environ.update({k: server.env[k] for k in ("PREFECT_API_URL", "PREFECT_HOME")})
         from prefect import get_client
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+        from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        with get_client(sync_client=True) as client:
+        # an explicit settings context: an earlier test of this process may have bound Prefect to its own server
+        with temporary_settings({PREFECT_API_URL: server.env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
             arts = {a.key: a for a in client.read_artifacts(
                 artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["browser-md", "browser-table"])))}
         assert set(arts) == {"browser-md", "browser-table"}

@@ -57,3 +57,23 @@ def test_runs_cli(tmp_path, capsys):
     assert "aaaaaaaaaaaa" in out and "*" in out and "0.6000" in out
     assert main(["runs", "gc", str(tmp_path / "run"), "--keep", "0", "--dry-run"]) == 0
     assert "0 variant(s) to remove" in capsys.readouterr().out
+
+
+def test_students_are_kept_per_variant_and_old_layouts_still_load(tmp_path):
+    from i3cl_core.variants import current_model_dir, model_runs, set_current
+
+    legacy = tmp_path / "student" / "old"
+    (legacy / "checkpoints").mkdir(parents=True)  # trained before variants: the folder itself
+    root = tmp_path / "student" / "student"
+    for key in ("k1", "k2"):
+        (root / key).mkdir(parents=True)
+        (root / key / "train.log").write_text("epoch 1/1 iter 1/1 loss 1.0\n")
+    (root / "k1" / "metrics.json").write_text("{}")
+    set_current(root, "k1", {})
+    assert current_model_dir(root) == root / "k1" and current_model_dir(legacy) == legacy
+    assert model_runs(tmp_path / "student") == [("old", legacy), ("student", root / "k1")]
+    # k2 is still training (no metrics.json): the progress display lists it too
+    assert model_runs(tmp_path / "student", running=True)[-1] == ("student@k2", root / "k2")
+    set_current(root, "k2", {})
+    assert model_runs(tmp_path / "student", running=True) == [("old", legacy), ("student", root / "k2")]
+    assert model_runs(tmp_path / "missing") == []
