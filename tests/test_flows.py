@@ -387,3 +387,84 @@ def test_artifact_markdown_is_commonmark_with_every_picture_within_budget(tmp_pa
     assert headings == ["Pseudo labels", "Scores", "Votes", "Samples"]
     images = [c for t in tokens if t.type == "inline" for c in (t.children or []) if c.type == "image"]
     assert len(images) == 6 and all(i.attrs["src"].startswith("data:image/jpeg;base64,") for i in images)
+
+
+def _random_teachers_work_dir(wd: Path, images: int = 8) -> Path:
+    """A work dir with two small random teachers (confident enough to detect) over ``images`` images:
+    what the ensemble stage needs, without training."""
+    import torch
+
+    from i3cl_core.config import load_config
+    from i3cl_core.data.synth import generate_dataset
+    from i3cl_core.model.checkpoint import save_checkpoint
+    from i3cl_core.model.detector import build_model
+
+    wd = check_work_dir(wd)
+    data = generate_dataset(wd.parent / f"{wd.name}-images", images, seed=7, size=(256, 256), progress=False, cjk=False)
+    ckpts = {}
+    for seed in (0, 1):
+        cfg = load_config(REPO / "configs" / "demo" / "tiny_model.yaml",
+                          ["model.test_short_side=256", "model.test_long_side=256", "model.max_detections=20"])
+        torch.manual_seed(seed)
+        m = build_model(cfg).eval()
+        m.roi_heads.box_head.cls_score.bias.data = torch.tensor([0.0, 0.6])
+        ckpts[f"teacher_{seed}"] = str(save_checkpoint(wd.parent / f"{wd.name}-teacher_{seed}.pth", m, cfg))
+    (wd / "teachers").mkdir()
+    (wd / "teachers" / "teachers.json").write_text(json.dumps(ckpts))
+    (wd / "data.json").write_text(json.dumps({"labeled": [], "val": None, "test": None, "unlabeled_gt": None,
+                                              "unlabeled_images": data["img_root"], "unlabeled_root": data["img_root"]}))
+    return wd
+
+
+@pytest.mark.slow
+def test_a_killed_ensemble_run_retried_from_the_api_reuses_finished_shards(served, tmp_path, monkeypatch):
+    """kill -9 of the flow-run process in the middle of the ensemble stage, then the UI's Retry (the run
+    set back to AwaitingRetry through the API): finished shards are kept as they are and the end result
+    equals an uninterrupted run's, byte for byte."""
+    for k in ("PREFECT_API_URL", "PREFECT_HOME"):
+        monkeypatch.setenv(k, served.env[k])
+    infer = {"shard_size": 1, "devices": ["cpu"], "precision": "fp32", "loader_workers": 0}
+    ref, wd = _random_teachers_work_dir(tmp_path / "ref"), _random_teachers_work_dir(tmp_path / "killed")
+    res = prefect_cli(served, "deployment", "run", "ensemble-inference/default", "--params",
+                      json.dumps({"work_dir": str(ref), "infer": infer}), "--watch", "--watch-interval", "2")
+    assert res.returncode == 0 and "Completed" in res.stdout, res.stdout[-3000:]
+    res = prefect_cli(served, "deployment", "run", "ensemble-inference/default", "--params",
+                      json.dumps({"work_dir": str(wd), "infer": infer}))
+    run_id = run_id_from(res.stdout)
+    shards = wd / "predictions"
+    serve_pid = int(next(p.name for p in Path("/proc").iterdir() if p.name.isdigit()
+                         and b"flows.serve" in (p / "cmdline").read_bytes()))
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(shards.rglob("shard_*.json"))) < 3:
+        time.sleep(0.05)
+    flow_procs = _descendants(serve_pid)
+    assert flow_procs, "no flow-run process under the serve process"
+    for pid in flow_procs:  # the flow-run process (and anything it started)
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    done = {p: p.stat().st_mtime_ns for p in shards.rglob("shard_*.json")}
+    assert 3 <= len(done) < 16, len(done)
+    from prefect import get_client
+    from prefect.states import AwaitingRetry
+
+    with get_client(sync_client=True) as client:
+        deadline = time.time() + 120
+        while time.time() < deadline and not client.read_flow_run(run_id).state.is_final():
+            time.sleep(1)
+        assert client.read_flow_run(run_id).state.name == "Crashed"
+        client.set_flow_run_state(run_id, AwaitingRetry(), force=True)  # what the UI's Retry does
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            state = client.read_flow_run(run_id).state
+            if state.is_final() and state.name != "Crashed":
+                break
+            time.sleep(1)
+        assert state.name == "Completed", state
+    for p, mtime in done.items():
+        assert p.stat().st_mtime_ns == mtime, f"{p} was recomputed"
+    ref_files = {p.relative_to(ref / "predictions"): p.read_bytes() for p in (ref / "predictions").rglob("*.json")
+                 if p.name != "members.json"}
+    got = {p.relative_to(shards): p.read_bytes() for p in shards.rglob("*.json") if p.name != "members.json"}
+    assert len([k for k in ref_files if k.name.startswith("shard_")]) == 16 and got == ref_files
