@@ -148,3 +148,25 @@ def test_a_killed_dask_worker_costs_only_its_shard(server, teachers, tmp_path):
     assert proc.returncode == 0, err[-4000:]
     assert not Path(f"/proc/{killed}").exists() or "Z" in Path(f"/proc/{killed}/stat").read_text().split()[2]
     assert predictions(wd) == predictions(ref)  # every shard there, each byte for byte as without the kill
+
+
+CHECK = """
+from distributed import LocalCluster
+from flows.pipeline import _check_dask_cluster
+from i3cl_core.stages import PipelineError
+with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+    for resource in ("GPU", None):
+        try:
+            _check_dask_cluster(cluster.scheduler_address, resource)
+            print("accepted", resource)
+        except PipelineError as e:
+            print("refused", resource, e)
+"""
+
+
+def test_a_scheduler_whose_workers_lack_the_resource_is_refused_with_what_to_start():
+    res = subprocess.run([sys.executable, "-c", CHECK], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert any(ln.startswith("refused GPU") and "--resources GPU=1" in ln for ln in lines), res.stdout
+    assert "accepted None" in lines  # without a resource request any worker will do
