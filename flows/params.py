@@ -83,7 +83,7 @@ class InferParams(_Params):
         "auto", description="inference workers, one per entry: 'auto' (every visible GPU, else the CPU) or a list "
         "such as ['cuda:0', 'cuda:1'] or ['cpu', 'cpu']")
     batch_size: int = Field(4, ge=1, le=256, description="images per forward pass")
-    loader_workers: int = Field(2, ge=0, le=64, description="image-decoding processes per inference worker")
+    loader_workers: int = Field(2, ge=0, le=64, description="image-decoding threads per inference worker")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="precision of backbone, FPN and IntraCL (heads stay float32) - auto: float16 on CUDA, "
         "bfloat16 on CPUs that compute it natively, else float32")

@@ -14,7 +14,7 @@ polygon fusion (equal weights, ``avg``) before the ensemble fusion sees them.
 
 Workers: one per entry of ``--devices`` (``auto``: every visible GPU, else the CPU). The (model,
 shard) jobs go to whichever worker is free; a worker loads each model once and keeps it, decodes
-images in DataLoader processes and predicts ``--batch-size`` images per forward pass, in float16
+images in its own pool of decoding threads and predicts ``--batch-size`` images per forward pass, in float16
 features on CUDA or bfloat16 features on CPUs that compute them natively (``--precision auto``;
 heads, boxes and masks stay float32).
 A shard file depends on the shard, the model, the batch size and the precision, never on the
@@ -160,6 +160,7 @@ class DeviceWorkers:
         for i in range(len(self.devices)):
             self._free.put(i)
         self._models: list[OrderedDict] = [OrderedDict() for _ in self.devices]
+        self._decoders: list = [None] * len(self.devices)
         self.loads = [0] * len(self.devices)
 
     @contextlib.contextmanager
@@ -192,10 +193,27 @@ class DeviceWorkers:
         model, cfg = cache[key]
         return model, cfg, prec
 
+    def decoder(self, worker: int, threads: int):
+        """This worker's pool of ``threads`` image-decoding threads, started on first use and kept (None:
+        decode inline). Threads, not processes: the decoders (OpenCV, Pillow) release the GIL, and a
+        forked decoding process of a process whose other threads are computing can deadlock."""
+        if threads < 1:
+            return None
+        if self._decoders[worker] is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._decoders[worker] = ThreadPoolExecutor(threads, thread_name_prefix=f"decode-{worker}")
+        return self._decoders[worker]
+
     def release(self) -> None:
-        """Drop every loaded model (and the CUDA cache), e.g. before a training needs the GPUs."""
+        """Drop every loaded model (and the CUDA cache) and stop the decoding processes, e.g. before a
+        training needs the GPUs."""
         for cache in self._models:
             cache.clear()
+        for k, pool in enumerate(self._decoders):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+            self._decoders[k] = None
         import torch
 
         if torch.cuda.is_available():
@@ -275,33 +293,48 @@ def predict_with_tta(model, images: list, epsilon: float, flips=(), scales=()) -
     return fused
 
 
+def decode(job: tuple[str, str]) -> tuple[np.ndarray | None, str | None]:
+    """``(path, what)`` -> (RGB array, None) or (None, error): one image, in a decoding thread."""
+    from i3cl_core.data.image_io import read_image
+
+    try:
+        return read_image(job[0], job[1]), None
+    except DatasetError as e:
+        return None, str(e)
+
+
 def run_shard(model, shard: Shard, path: Path, score_thr: float, device, epsilon: float = 0.005, flips=(), scales=(),
-              batch_size: int = 1, loader_workers: int = 0) -> dict:
+              batch_size: int = 1, decoder=None) -> dict:
     """Predict one shard with one loaded model and write its COCO results atomically. Images are
-    decoded in ``loader_workers`` DataLoader processes and predicted ``batch_size`` at a time; the
-    file depends on the shard, the model (and the precision it was loaded in), the batch size only (not on which worker
-    or how many ran it)."""
+    decoded by ``decoder`` (a thread pool, see :meth:`DeviceWorkers.decoder`; None: inline) ahead of the
+    model predicts ``batch_size`` at a time; the file depends on the shard, the model (and the precision
+    it was loaded in) and the batch size only, not on which worker or how many ran it."""
     import torch
-    from torch.utils.data import DataLoader
 
     from i3cl_core.infer.export import coco_result
-    from i3cl_core.infer.run import ImageDataset, collate_items
-    from i3cl_core.utils import worker_init
 
-    loader = DataLoader(ImageDataset(shard.items), batch_size=batch_size, shuffle=False,
-                        num_workers=min(loader_workers, len(shard.items)), collate_fn=collate_items,
-                        worker_init_fn=worker_init)
-    results, failures = [], []
+    jobs = [(str(it.path), f"image {it.image_id}") for it in shard.items]
+    decoded = decoder.map(decode, jobs) if decoder is not None else map(decode, jobs)  # in order, decoded ahead
+    results, failures, batch = [], [], []
+
+    def flush() -> None:
+        preds = predict_with_tta(model, [t for _, t in batch], epsilon, flips, scales)
+        for (j, _), image_preds in zip(batch, preds):
+            item = shard.items[j]
+            results.extend(coco_result(item.image_id, poly, s) for poly, s in image_preds if s >= score_thr)
+        batch.clear()
+
     with torch.inference_mode():
-        for batch in loader:
-            failures += [err for _, _, _, err in batch if err is not None]
-            good = [(j, t) for j, t, _, err in batch if err is None]
-            if not good:
+        for j, (rgb, err) in enumerate(decoded):
+            if err is not None:
+                failures.append(err)
                 continue
-            preds = predict_with_tta(model, [t.to(device, non_blocking=True) for _, t in good], epsilon, flips, scales)
-            for (j, _), image_preds in zip(good, preds):
-                item = shard.items[j]
-                results += [coco_result(item.image_id, poly, s) for poly, s in image_preds if s >= score_thr]
+            t = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).to(device, non_blocking=True)
+            batch.append((j, t.float().div_(255.0)))
+            if len(batch) == batch_size:
+                flush()
+        if batch:
+            flush()
     atomic_write_json(path, results)
     return {"shard": shard.index, "images": len(shard.items), "detections": len(results), "failures": failures}
 
@@ -315,7 +348,7 @@ def infer_shard(checkpoint: str, shard: Shard, out_dir: str | os.PathLike, score
         model, cfg, prec = workers.model(w, checkpoint, precision)
         path = Path(out_dir) / shard.name
         result = run_shard(model, shard, path, score_thr, workers.devices[w], cfg.infer.polygon_epsilon, flips, scales,
-                           batch_size, loader_workers)
+                           batch_size, workers.decoder(w, loader_workers))
     return {**result, "path": str(path), "device": workers.devices[w], "worker": w, "precision": prec}
 
 
@@ -417,7 +450,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", nargs="+", default=["auto"],
                    help="auto (every visible GPU, else the CPU) or devices, one inference worker each: cuda:0 cuda:1, cpu cpu")
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
-    p.add_argument("--loader-workers", type=int, default=2, help="image-decoding processes per inference worker")
+    p.add_argument("--loader-workers", type=int, default=2, help="image-decoding threads per inference worker")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="precision of backbone, FPN and IntraCL (heads stay fp32); auto: fp16 on CUDA, bf16 on CPUs with native "
                         "bfloat16, else fp32")
