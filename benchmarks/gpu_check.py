@@ -42,7 +42,7 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _images(out: Path, n: int, side: int) -> list[str]:
+def _images(out: Path, n: int, side: int) -> tuple[dict, list[str]]:
     from i3cl_core.data.synth import generate_dataset
 
     data = generate_dataset(out, n, seed=3, size=(side, side), progress=False, cjk=False, workers=min(8, os.cpu_count() or 1))

@@ -40,3 +40,35 @@ def coco_factory(tmp_path):
     def make(images, annotations, **kw):
         return write_coco(tmp_path, images, annotations, **kw)
     return make
+
+
+def random_teachers(root: Path, side: int = 256, seeds=(0, 1)) -> dict[str, str]:
+    """Small random I3CL teachers (tiny_model, a classifier biased to detect), one checkpoint per seed:
+    what the ensemble stage needs, without training. ``{"teacher_<seed>": path}``."""
+    import torch
+
+    from i3cl_core.config import load_config
+    from i3cl_core.model.checkpoint import save_checkpoint
+    from i3cl_core.model.detector import build_model
+
+    ckpts = {}
+    for seed in seeds:
+        cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo" / "tiny_model.yaml",
+                          [f"model.test_short_side={side}", f"model.test_long_side={side}", "model.max_detections=20"])
+        torch.manual_seed(seed)
+        m = build_model(cfg).eval()
+        m.roi_heads.box_head.cls_score.bias.data = torch.tensor([0.0, 0.6])
+        ckpts[f"teacher_{seed}"] = str(save_checkpoint(Path(root) / f"teacher_{seed}.pth", m, cfg))
+    return ckpts
+
+
+def ensemble_work_dir(path: Path, ckpts: dict[str, str], img_root: str) -> Path:
+    """A pipeline work dir whose teachers are ``ckpts`` and whose unlabeled set is ``img_root``."""
+    from i3cl_core.stages import check_work_dir
+
+    wd = check_work_dir(path)
+    (wd / "teachers").mkdir()
+    (wd / "teachers" / "teachers.json").write_text(json.dumps(ckpts))
+    (wd / "data.json").write_text(json.dumps({"labeled": [], "val": None, "test": None, "unlabeled_gt": None,
+                                              "unlabeled_images": img_root, "unlabeled_root": img_root}))
+    return wd

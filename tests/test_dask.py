@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ensemble_work_dir, random_teachers
+
 # found, not imported: importing Prefect here would fix its settings before the other tests' servers exist
 if importlib.util.find_spec("prefect_dask") is None:
     pytest.skip("the [dask] extra is not installed (pip install -e '.[dask]')", allow_module_level=True)
@@ -38,38 +40,17 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
-    """Two small random teachers (confident enough to detect) and 8 unlabeled images."""
-    import torch
-
-    from i3cl_core.config import load_config
+    """Two small random teachers and 8 unlabeled images."""
     from i3cl_core.data.synth import generate_dataset
-    from i3cl_core.model.checkpoint import save_checkpoint
-    from i3cl_core.model.detector import build_model
 
     root = tmp_path_factory.mktemp("dask")
     data = generate_dataset(root / "unlabeled", 8, seed=5, size=(256, 256), progress=False, cjk=False)
-    ckpts = {}
-    for seed in (0, 1):
-        cfg = load_config(REPO / "configs" / "demo" / "tiny_model.yaml",
-                          ["model.test_short_side=256", "model.test_long_side=256", "model.max_detections=20"])
-        torch.manual_seed(seed)
-        m = build_model(cfg).eval()
-        m.roi_heads.box_head.cls_score.bias.data = torch.tensor([0.0, 0.6])
-        ckpts[f"teacher_{seed}"] = str(save_checkpoint(root / f"teacher_{seed}.pth", m, cfg))
-    return ckpts, data
+    return random_teachers(root), data
 
 
 def make_work_dir(path: Path, teachers) -> str:
-    from i3cl_core.stages import check_work_dir
-
     ckpts, data = teachers
-    wd = check_work_dir(path)
-    (wd / "teachers").mkdir()
-    (wd / "teachers" / "teachers.json").write_text(json.dumps(ckpts))
-    (wd / "data.json").write_text(json.dumps({
-        "labeled": [], "val": None, "test": None, "unlabeled_gt": None,
-        "unlabeled_images": data["img_root"], "unlabeled_root": data["img_root"]}))
-    return str(wd)
+    return str(ensemble_work_dir(path, ckpts, data["img_root"]))
 
 
 def run_flows(server, runs: list, **popen) -> subprocess.Popen:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from i3cl_core.stages import PIPELINE_VERSION, PipelineError, check_work_dir, fingerprint, require
+from conftest import ensemble_work_dir, random_teachers
 from i3cl_core.variants import current_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -390,30 +391,12 @@ def test_artifact_markdown_is_commonmark_with_every_picture_within_budget(tmp_pa
 
 
 def _random_teachers_work_dir(wd: Path, images: int = 8) -> Path:
-    """A work dir with two small random teachers (confident enough to detect) over ``images`` images:
-    what the ensemble stage needs, without training."""
-    import torch
-
-    from i3cl_core.config import load_config
+    """A work dir with two small random teachers over ``images`` images (no training needed)."""
     from i3cl_core.data.synth import generate_dataset
-    from i3cl_core.model.checkpoint import save_checkpoint
-    from i3cl_core.model.detector import build_model
 
-    wd = check_work_dir(wd)
     data = generate_dataset(wd.parent / f"{wd.name}-images", images, seed=7, size=(256, 256), progress=False, cjk=False)
-    ckpts = {}
-    for seed in (0, 1):
-        cfg = load_config(REPO / "configs" / "demo" / "tiny_model.yaml",
-                          ["model.test_short_side=256", "model.test_long_side=256", "model.max_detections=20"])
-        torch.manual_seed(seed)
-        m = build_model(cfg).eval()
-        m.roi_heads.box_head.cls_score.bias.data = torch.tensor([0.0, 0.6])
-        ckpts[f"teacher_{seed}"] = str(save_checkpoint(wd.parent / f"{wd.name}-teacher_{seed}.pth", m, cfg))
-    (wd / "teachers").mkdir()
-    (wd / "teachers" / "teachers.json").write_text(json.dumps(ckpts))
-    (wd / "data.json").write_text(json.dumps({"labeled": [], "val": None, "test": None, "unlabeled_gt": None,
-                                              "unlabeled_images": data["img_root"], "unlabeled_root": data["img_root"]}))
-    return wd
+    (wd.parent / f"{wd.name}-teachers").mkdir()
+    return ensemble_work_dir(wd, random_teachers(wd.parent / f"{wd.name}-teachers"), data["img_root"])
 
 
 @pytest.mark.slow

@@ -426,7 +426,7 @@ def run_ensemble(
         bar.close()
         loads = list(workers.loads)
         release_device_workers()
-    for ckpt, pred_dir in zip(checkpoints, members):
+    for pred_dir in members:
         atomic_write_json(Path(pred_dir) / "coverage.json", {"images": [it.image_id for it in items]})
     from i3cl_core.pseudo.external import prepare_extra
 
