@@ -255,7 +255,18 @@ class FuseConfig(_Strict):
         "too few votes, become do-not-care regions instead of being dropped (the student is not taught they are "
         "background); null drops them. With auto_keep_thr, high follows the chosen keep_thr"
     )
-    lossweight: Literal["score_x_votes", "score", "votes", "one"] = "score_x_votes"
+    lossweight_formula: Literal["score_x_votes", "score", "votes", "one"] = Field(
+        "score_x_votes", description="each kept pseudo label's lossweight: fused score x votes / number of models, "
+        "the fused score, votes / number of models, or 1"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "lossweight" in data:
+            raise ValueError("lossweight was renamed lossweight_formula (the formula that gives each pseudo label its "
+                             "lossweight); rename the key")
+        return data
 
     @model_validator(mode="after")
     def _check_band(self) -> "FuseConfig":
@@ -268,20 +279,12 @@ class FuseConfig(_Strict):
         return self
 
 
-class PipelineConfig(_Strict):
-    work_dir: str = "runs/demo"
-    teacher_configs: list[str] = Field(default_factory=list, description="one training config per teacher")
-    student_config: str | None = None
-    shard_size: int = Field(64, ge=1)
-
-
 class I3CLConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     infer: InferConfig = Field(default_factory=InferConfig)
     fuse: FuseConfig = Field(default_factory=FuseConfig)
-    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
 
 # ----------------------------------------------------------------------------------------------

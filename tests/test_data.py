@@ -13,6 +13,7 @@ from i3cl_core.config import AugmentConfig
 from i3cl_core.data.coco import CocoTextDataset, collate, load_coco_records
 from i3cl_core.data.errors import DatasetError
 from i3cl_core.data.polygons import instance_area
+from i3cl_core.structures import Instances
 from i3cl_core.data.transforms import (
     ClipAndFilter, Compose, Photometric, RandomFlip, Resize, Rotate, Sample, build_train_transform,
 )
@@ -44,13 +45,13 @@ def test_original_release_layout_loads_unchanged(tmp_path):
     assert len(ds) == 3
     img, tgt = ds[2]
     assert img.shape == (3, 240, 320) and img.dtype == torch.float32 and 0 <= img.min() and img.max() <= 1
-    assert tgt["boxes"].tolist() == [[5, 5, 45, 45], [100, 100, 150, 120]]
-    assert tgt["lossweights"].tolist() == [0.25, 1.0]
-    assert tgt["ann_ids"].tolist() == [7, 8]
-    assert tgt["labels"].tolist() == [1, 1]
-    assert tgt["dontcare_boxes"].tolist() == [[200, 10, 250, 30]]
+    assert tgt["instances"].boxes.tolist() == [[5, 5, 45, 45], [100, 100, 150, 120]]
+    assert tgt["instances"].lossweight.tolist() == [0.25, 1.0]
+    assert tgt["instances"].ann_id.tolist() == [7, 8]
+    assert tgt["instances"].labels.tolist() == [1, 1]
+    assert tgt["dontcare"].boxes.tolist() == [[200, 10, 250, 30]]
     # default weight 1.0 when absent
-    assert ds[0][1]["lossweights"].tolist() == [1.0]
+    assert ds[0][1]["instances"].lossweight.tolist() == [1.0]
     images, targets = collate([ds[0], ds[1]])
     assert len(images) == 2 and targets[1]["image_id"] == 2
 
@@ -67,11 +68,11 @@ def test_rle_and_bbox_only_and_ignore(coco_factory):
             {"id": 3, "image_id": 1, "segmentation": [rect(0, 200, 50, 20)], "ignore": True}]
     ann, root = coco_factory([_img(1)], anns)
     _, tgt = CocoTextDataset([(ann, root)])[0]
-    b = tgt["boxes"]
+    b = tgt["instances"].boxes
     assert b.shape == (2, 4)
     assert b[0].tolist() == [100, 50, 200, 80]  # the mask's pixel boundary, as the evaluation traces it
     assert b[1].tolist() == [10, 10, 40, 22]
-    assert tgt["dontcare_boxes"].tolist() == [[0, 200, 50, 220]]
+    assert tgt["dontcare"].boxes.tolist() == [[0, 200, 50, 220]]
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -139,8 +140,8 @@ def test_geometry_problems_counted_once_per_dataset(coco_factory, caplog):
     assert len(msgs) == 1  # one report line per dataset, not one per sample
     assert "2 too few points (annotation ids 2, 6)" in msgs[0] and "repaired (annotation ids 3, 5)" in msgs[0]
     _, tgt = ds[0]
-    assert tgt["ann_ids"].tolist() == [1, 3, 5]
-    bowtie = tgt["polygons"][1][0]
+    assert tgt["instances"].ann_id.tolist() == [1, 3, 5]
+    bowtie = tgt["instances"].polygons[1][0]
     assert SPolygon(bowtie).is_valid and SPolygon(bowtie).area == pytest.approx(40 * 25 / 2)  # one lobe kept
 
 
@@ -159,20 +160,20 @@ def _sample(n=6, w=400, h=300, seed=0):
         polys.append([np.array([[x, y], [x + 70, y + 5], [x + 65, y + 35], [x - 3, y + 30]], np.float32)])
         crowd.append(i % 3 == 2)
     img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
-    return Sample(img, polys, np.array(crowd), np.linspace(0.1, 1.0, n).astype(np.float32),
-                  np.arange(100, 100 + n, dtype=np.int64), 1, "x.jpg", (h, w))
+    return Sample(img, Instances(polygons=polys, iscrowd=np.array(crowd), lossweight=np.linspace(0.1, 1.0, n).astype(np.float32),
+                                 ann_id=np.arange(100, 100 + n, dtype=np.int64)), 1, "x.jpg", (h, w))
 
 
 def test_rotation_keeps_polygon_area_and_boxes_contain_polygons():
     s = _sample()
     # put polygons well inside so none is clipped by a 10 degree rotation
-    s.polygons = [[p[0] * 0.5 + np.array([100, 75], np.float32)] for p in s.polygons]
-    areas = [instance_area(p) for p in s.polygons]
+    s = s.with_polygons([[p[0] * 0.5 + np.array([100, 75], np.float32)] for p in s.instances.polygons])
+    areas = [instance_area(p) for p in s.instances.polygons]
     out = Rotate(10, prob=1.0)(s, np.random.default_rng(1))
     assert len(out) == len(s)
-    assert np.allclose([instance_area(p) for p in out.polygons], areas, rtol=1e-4)
+    assert np.allclose([instance_area(p) for p in out.instances.polygons], areas, rtol=1e-4)
     img, tgt = out.to_tensors()
-    for b, parts in zip(tgt["boxes"], tgt["polygons"]):
+    for b, parts in zip(tgt["instances"].boxes, tgt["instances"].polygons):
         pts = np.concatenate(parts)
         assert (pts[:, 0] >= b[0].item() - 1e-4).all() and (pts[:, 0] <= b[2].item() + 1e-4).all()
         assert (pts[:, 1] >= b[1].item() - 1e-4).all() and (pts[:, 1] <= b[3].item() + 1e-4).all()
@@ -183,11 +184,12 @@ def test_rotation_moves_polygons_with_the_pixels():
     img = np.zeros((201, 301, 3), np.uint8)
     img[40:60, 200:240] = 255
     poly = np.array([[200, 40], [240, 40], [240, 60], [200, 60]], np.float32)
-    s = Sample(img, [[poly]], np.array([False]), np.ones(1, np.float32), np.zeros(1, np.int64))
+    s = Sample(img, Instances(polygons=[[poly]], iscrowd=np.array([False]), lossweight=np.ones(1, np.float32),
+                                 ann_id=np.zeros(1, np.int64)))
     out = Rotate(15, prob=1.0, fill=0)(s, np.random.default_rng(0))
     from i3cl_core.data.polygons import rasterize_instance
 
-    m = rasterize_instance(out.polygons[0], 201, 301).astype(bool)
+    m = rasterize_instance(out.instances.polygons[0], 201, 301).astype(bool)
     bright = out.image[..., 0] > 127
     iou = (m & bright).sum() / (m | bright).sum()
     assert iou > 0.9
@@ -196,18 +198,18 @@ def test_rotation_moves_polygons_with_the_pixels():
 def test_weights_and_flags_stay_aligned_after_drops():
     s = _sample(n=30, seed=3)
     # move polygons so a rotation pushes several out of the image
-    s.polygons = [[p[0] * 1.0 + np.array([0 if i % 2 else 330, 0], np.float32)] for i, p in enumerate(s.polygons)]
-    by_id = {int(a): (float(w), bool(c)) for a, w, c in zip(s.ann_ids, s.lossweights, s.iscrowd)}
+    s = s.with_polygons([[p[0] * 1.0 + np.array([0 if i % 2 else 330, 0], np.float32)] for i, p in enumerate(s.instances.polygons)])
+    by_id = {int(a): (float(w), bool(c)) for a, w, c in zip(s.instances.ann_id, s.instances.lossweight, s.instances.iscrowd)}
     dropped_any = False
     for seed in range(20):
         out = Compose([Rotate(15, 1.0), Resize([(150, 400)]), ClipAndFilter(4.0)])(s, np.random.default_rng(seed))
         dropped_any |= len(out) < len(s)
-        assert len(out.polygons) == len(out.iscrowd) == len(out.lossweights) == len(out.ann_ids)
-        for a, w, c in zip(out.ann_ids, out.lossweights, out.iscrowd):
+        assert set(out.instances.fields()) == {"polygons", "iscrowd", "lossweight", "ann_id"}
+        for a, w, c in zip(out.instances.ann_id, out.instances.lossweight, out.instances.iscrowd):
             assert by_id[int(a)] == (float(w), bool(c))
         _, tgt = out.to_tensors()
-        assert len(tgt["boxes"]) == len(tgt["lossweights"]) == len(tgt["ann_ids"]) == len(tgt["polygons"])
-        for a, w in zip(tgt["ann_ids"].tolist(), tgt["lossweights"].tolist()):
+        assert len(tgt["instances"]) == int((~out.instances.iscrowd).sum()) and len(tgt["dontcare"]) == int(out.instances.iscrowd.sum())
+        for a, w in zip(tgt["instances"].ann_id.tolist(), tgt["instances"].lossweight.tolist()):
             assert by_id[a][0] == pytest.approx(w) and not by_id[a][1]
     assert dropped_any
 
@@ -219,7 +221,7 @@ def test_flips_mirror_polygons_and_keep_clockwise_order():
     for mode_seed in range(6):
         out = RandomFlip("original")(s, np.random.default_rng(mode_seed))
         flip = out.log[-1]
-        for p0, p1 in zip(s.polygons, out.polygons):
+        for p0, p1 in zip(s.instances.polygons, out.instances.polygons):
             a, b = p0[0], p1[0][::-1]
             if flip == "flip_h":
                 assert np.allclose(b[:, 0], 400 - a[:, 0]) and np.allclose(b[:, 1], a[:, 1])
@@ -227,7 +229,7 @@ def test_flips_mirror_polygons_and_keep_clockwise_order():
                 assert np.allclose(b[:, 1], 300 - a[:, 1]) and np.allclose(b[:, 0], a[:, 0])
             assert LinearRing(p0[0]).is_ccw == LinearRing(p1[0]).is_ccw
     flips = {RandomFlip("original")(s, np.random.default_rng(k)).log[-1] for k in range(20)}
-    assert flips == {"flip_h", "flip_v"}  # the release always flips (G.10)
+    assert flips == {"flip_h", "flip_v"}  # the original release always flips
     assert RandomFlip("none")(s, np.random.default_rng(0)).log == []
 
 
@@ -235,7 +237,7 @@ def test_resize_keep_ratio_and_scales_polygons():
     s = _sample(n=4, w=400, h=300)
     out = Resize([(150, 1000)])(s, np.random.default_rng(0))
     assert out.size == (150, 200)
-    assert np.allclose(out.polygons[0][0], s.polygons[0][0] * 0.5)
+    assert np.allclose(out.instances.polygons[0][0], s.instances.polygons[0][0] * 0.5)
     out = Resize([(600, 700)])(s, np.random.default_rng(0))  # the long-side cap wins
     assert out.size == (525, 700)
 
@@ -243,7 +245,8 @@ def test_resize_keep_ratio_and_scales_polygons():
 def test_photometric_factors():
     img = np.full((10, 10, 3), 100, np.uint8)
     img[:5] = 50
-    s = Sample(img, [], np.zeros(0, bool), np.zeros(0, np.float32), np.zeros(0, np.int64))
+    s = Sample(img, Instances(polygons=[], iscrowd=np.zeros(0, bool), lossweight=np.zeros(0, np.float32),
+                                 ann_id=np.zeros(0, np.int64)))
     b = Photometric("brightness", 1.54, 1.0)(s, np.random.default_rng(0)).image
     assert b[0, 0, 0] == 77 and b[9, 9, 0] == 154
     c = Photometric("contrast", 1.54, 1.0)(s, np.random.default_rng(0)).image
@@ -264,6 +267,6 @@ def test_pipeline_is_deterministic_under_seed(coco_factory):
 
     a, b, c = run(0, 0), run(0, 0), run(0, 1)
     for (ia, ta), (ib, tb) in zip(a, b):
-        assert torch.equal(ia, ib) and torch.equal(ta["boxes"], tb["boxes"])
-        assert torch.equal(ta["lossweights"], tb["lossweights"])
+        assert torch.equal(ia, ib) and torch.equal(ta["instances"].boxes, tb["instances"].boxes)
+        assert torch.equal(ta["instances"].lossweight, tb["instances"].lossweight)
     assert any(ia.shape != ic.shape or not torch.equal(ia, ic) for (ia, _), (ic, _) in zip(a, c))

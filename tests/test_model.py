@@ -15,11 +15,13 @@ from i3cl_core.data.polygons import rasterize_instance
 from i3cl_core.model.backbone import CheckpointError
 from i3cl_core.model.checkpoint import load_model, save_checkpoint
 from i3cl_core.data.polygons import mask_to_polygon
+from i3cl_core.structures import Instances
 from i3cl_core.model.detector import build_model, native_bf16
 from i3cl_core.model.inter_cl import InterCL
 from i3cl_core.model.intra_cl import IntraCL
 from i3cl_core.model.roi_heads import weighted_fastrcnn_loss
-from i3cl_core.model.rpn import box_iof, weighted_rpn_loss
+from i3cl_core.model.rpn import weighted_rpn_loss
+from i3cl_core.model.sampling import box_iof
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "demo" / "tiny_model.yaml"
@@ -39,11 +41,13 @@ def text_image(h=256, w=256):
         polys.append(np.array([[x, y - th - 3], [x + tw, y - th - 3], [x + tw, y + b], [x, y + b]], np.float32))
     image = torch.from_numpy(img).permute(2, 0, 1).float() / 255
     target = {
-        "boxes": torch.tensor([[p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()] for p in polys]),
-        "labels": torch.ones(len(polys), dtype=torch.int64),
-        "polygons": [[p] for p in polys],
-        "lossweights": torch.ones(len(polys)),
-        "dontcare_boxes": torch.zeros((0, 4)),
+        "instances": Instances(
+            boxes=torch.tensor([[p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()] for p in polys]),
+            labels=torch.ones(len(polys), dtype=torch.int64),
+            polygons=[[p] for p in polys],
+            lossweight=torch.ones(len(polys)),
+        ),
+        "dontcare": Instances(boxes=torch.zeros((0, 4)), polygons=[]),
     }
     return image, target
 
@@ -102,7 +106,9 @@ def test_gradients_reach_every_intra_and_inter_cl_parameter():
 
 
 def _losses_with_weights(m, image, target, weights):
-    t = dict(target, lossweights=torch.tensor(weights, dtype=torch.float32))
+    inst = Instances(**target["instances"].fields())
+    inst.lossweight = torch.tensor(weights, dtype=torch.float32)
+    t = dict(target, instances=inst)
     torch.manual_seed(123)  # the same anchors and RoIs are sampled every time
     return {k: v.item() for k, v in m([image], [t]).items()}
 
@@ -131,9 +137,9 @@ def test_weighted_rpn_loss_by_hand():
     labels = torch.tensor([1.0, 1.0, 0.0, 0.0])
     deltas = torch.tensor([[1.0, 0, 0, 0], [0, 2.0, 0, 0], [5.0, 5, 5, 5], [5.0, 5, 5, 5]])
     targets = torch.zeros(4, 4)
-    w = torch.tensor([0.5, 0.0, 1.0, 1.0])
+    w = torch.tensor([0.5, 0.0, 1.0, 1.0])  # as the assignment gives them: negatives weigh 1
     pos, neg = torch.tensor([0, 1]), torch.tensor([2, 3])
-    lo, lb = weighted_rpn_loss(obj, deltas, labels, targets, w, pos, neg)
+    lo, lb = weighted_rpn_loss(obj, deltas, Instances(labels=labels, regression_targets=targets, lossweight=w), pos, neg)
     bce = torch.nn.functional.binary_cross_entropy_with_logits(obj, labels, reduction="none")
     assert lo.item() == pytest.approx(((0.5 * bce[0]) + 0 * bce[1] + bce[2] + bce[3]).item() / 4)
     assert lb.item() == pytest.approx((0.5 * 1.0 + 0.0 * 2.0) / 4)  # normaliser: all 4 sampled anchors
@@ -145,7 +151,7 @@ def test_weighted_fastrcnn_loss_by_hand():
     box = torch.tensor([[1.0, 0, 0, 0], [0, 3.0, 0, 0], [9.0, 9, 9, 9]])
     reg = torch.zeros(3, 4)
     w = torch.tensor([2.0, 0.0, 1.0])
-    lc, lb = weighted_fastrcnn_loss(logits, box, labels, reg, w)
+    lc, lb = weighted_fastrcnn_loss(logits, box, Instances(labels=labels, regression_targets=reg, lossweight=w))
     ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
     assert lc.item() == pytest.approx((2 * ce[0] + ce[2]).item() / 2)  # a w=0 positive leaves the count
     assert lb.item() == pytest.approx(2 * 1.0 / 3)  # divided by all sampled RoIs
@@ -157,22 +163,22 @@ def test_dontcare_regions_never_produce_negatives(ignore):
     m = build_model(tiny_cfg(f"model.ignore_dontcare={str(ignore).lower()}")).train()
     image, target = text_image()
     dc = torch.tensor([[140.0, 60.0, 250.0, 100.0]])
-    target = dict(target, dontcare_boxes=dc)
+    target = dict(target, dontcare=Instances(boxes=dc, polygons=[None]))
 
     il, _ = m.preprocess([image], resize=False)
     feats = m.features(il.tensors)
     anchors = m.rpn.anchor_generator(il, feats)
-    labels, _, _ = m.rpn.assign(anchors, [target])
+    labels = m.rpn.assign(anchors[0], target).labels
     covered = box_iof(anchors[0], dc)[:, 0] > 0.5
     assert covered.sum() > 50
-    neg_in_dc = ((labels[0] == 0) & covered).sum().item()
+    neg_in_dc = ((labels == 0) & covered).sum().item()
     proposals = [torch.cat([dc + torch.tensor([2.0, 1, -3, 2]), dc * 1.01, torch.tensor([[0.0, 0, 50, 50]])])]
     samples = m.roi_heads.sample(proposals, [target])
-    rois, lab = samples[0][0], samples[0][1]
+    rois, lab = samples[0].boxes, samples[0].labels
     roi_neg_in_dc = ((lab == 0) & (box_iof(rois, dc)[:, 0] > 0.5)).sum().item()
     if ignore:
         assert neg_in_dc == 0 and roi_neg_in_dc == 0
-        assert (labels[0][covered] == -1).all()
+        assert (labels[covered] == -1).all()
     else:  # the release's behaviour: do-not-care regions are plain background
         assert neg_in_dc > 0 and roi_neg_in_dc > 0
 
@@ -328,7 +334,7 @@ def test_tiny_model_overfits_one_image():
         opt.step()
     out = m.eval()([image])[0]
     ious = []
-    for gt in target["polygons"]:
+    for gt in target["instances"].polygons:
         g = rasterize_instance(gt, 256, 256).astype(bool)
         best = 0.0
         for poly, score in zip(out["polygons"], out["scores"]):

@@ -136,7 +136,7 @@ def test_pseudo_label_rules():
     lone = cluster_predictions([[(rect(0, 0, 100, 30), 0.9)], [], []], None, 0.55, 0.05, "max")
     assert [lab["iscrowd"] for lab in pseudo_labels(lone, 3, FuseConfig(keep_thr=0.5, min_votes=2))] == [1]
     assert pseudo_labels(lone, 3, FuseConfig(keep_thr=0.5, min_votes=2, uncertain_band=None)) == []
-    w = pseudo_labels(clusters, 3, FuseConfig(keep_thr=0.0, min_votes=1, lossweight="votes"))
+    w = pseudo_labels(clusters, 3, FuseConfig(keep_thr=0.0, min_votes=1, lossweight_formula="votes"))
     assert sorted(lab["lossweight"] for lab in w) == pytest.approx([1 / 3, 2 / 3, 1.0])
     # min_votes is capped at the number of models: a single model still yields pseudo labels
     single = cluster_predictions(preds[:1], None, 0.55, 0.05, "max")
@@ -217,7 +217,7 @@ def test_fuse_writes_a_loadable_lossweight_dataset(tmp_path):
         {"id": 1, "image_id": 1, "segmentation": [rect(10, 10, 110, 40).ravel().tolist()], "iscrowd": 0, "bbox": [10, 10, 100, 30]}]}))
     ds = CocoTextDataset([(labeled, tmp_path / "images"), (out, tmp_path / "images")])
     assert len(ds) == 3
-    weights = [ds[i][1]["lossweights"].tolist() for i in range(3)]
+    weights = [ds[i][1]["instances"].lossweight.tolist() for i in range(3)]
     assert weights[0] == [1.0] and all(0 < w < 1 for w in weights[1] + weights[2])
 
 

@@ -136,8 +136,11 @@ def text_image(h: int, w: int):
         (tw, th), b = cv2.getTextSize(txt, cv2.FONT_HERSHEY_SIMPLEX, 1.2, 3)
         boxes.append([x, y - th - 3, x + tw, y + b])
     polys = [[np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32)] for x0, y0, x1, y1 in boxes]
-    target = {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.ones(len(boxes), dtype=torch.int64),
-              "polygons": polys, "lossweights": torch.ones(len(boxes)), "dontcare_boxes": torch.zeros((0, 4))}
+    from i3cl_core.structures import Instances
+
+    target = {"instances": Instances(boxes=torch.tensor(boxes, dtype=torch.float32), labels=torch.ones(len(boxes), dtype=torch.int64),
+                                     polygons=polys, lossweight=torch.ones(len(boxes))),
+              "dontcare": Instances(boxes=torch.zeros((0, 4)), polygons=[])}
     return torch.from_numpy(img).permute(2, 0, 1).float() / 255, target
 
 

@@ -16,10 +16,12 @@ Problems are handled in two ways:
   per dataset.
 
 Each sample is ``(image, target)``: a float tensor [3, H, W] in [0, 1] (RGB) and a dict with
-``boxes`` [N, 4] (x1, y1, x2, y2), ``labels`` [N] (1 = text), ``polygons`` (N lists of (K, 2)
-arrays), ``lossweights`` [N], ``ann_ids`` [N], ``dontcare_boxes`` [M, 4], ``dontcare_polygons``,
-``image_id``, ``file_name`` and ``orig_size`` (H, W). Care instances and their weights are kept in one
-table, so a weight can never shift against its box.
+``instances`` (an :class:`~i3cl_core.structures.Instances` of the text instances: ``boxes`` [N, 4]
+(x1, y1, x2, y2), ``labels`` [N] (1 = text), ``polygons`` (N lists of (K, 2) arrays), ``lossweight`` [N],
+``ann_id`` [N]), ``dontcare`` (``boxes`` [M, 4] and ``polygons`` of the do-not-care regions),
+``image_id``, ``file_name``, ``orig_size`` (H, W), ``seed`` (of the model's anchor and RoI sampling for
+this image) and ``index``. The fields of an instance travel together, so a weight can never shift
+against its box.
 """
 from __future__ import annotations
 
@@ -302,6 +304,7 @@ class CocoTextDataset:
 
     def load_sample(self, idx: int) -> "Sample":
         from i3cl_core.data.transforms import Sample
+        from i3cl_core.structures import Instances
 
         record = self.records[idx]
         image = read_image(record)
@@ -309,10 +312,12 @@ class CocoTextDataset:
         inst = record.instances
         sample = Sample(
             image=image,
-            polygons=[i.parts for i in inst],
-            iscrowd=np.array([i.iscrowd for i in inst], dtype=bool),
-            lossweights=np.array([i.lossweight for i in inst], dtype=np.float32),
-            ann_ids=np.array([i.ann_id for i in inst], dtype=np.int64),
+            instances=Instances(
+                polygons=[i.parts for i in inst],
+                iscrowd=np.array([i.iscrowd for i in inst], dtype=bool),
+                lossweight=np.array([i.lossweight for i in inst], dtype=np.float32),
+                ann_id=np.array([i.ann_id for i in inst], dtype=np.int64),
+            ),
             image_id=record.image_id,
             file_name=record.file_name,
             orig_size=(h, w),
@@ -323,7 +328,8 @@ class CocoTextDataset:
                 "%s: image %s is %dx%d but the json says %dx%d; polygons rescaled",
                 record.path, record.image_id, w, h, record.width, record.height,
             )
-            sample.polygons = [[p * np.array([sx, sy], dtype=np.float32) for p in parts] for parts in sample.polygons]
+            scale = np.array([sx, sy], dtype=np.float32)
+            sample = sample.with_polygons([[p * scale for p in parts] for parts in sample.instances.polygons])
         return sample
 
     def __getitem__(self, idx: int):

@@ -2,9 +2,10 @@
 
 Every transform is a callable ``(sample, rng) -> sample`` where ``rng`` is a
 ``numpy.random.Generator``; a pipeline is therefore deterministic under a seed. Instances (text and
-do-not-care regions alike) live in one table inside :class:`Sample`: polygons, do-not-care flags,
-loss weights and annotation ids are dropped together by :meth:`Sample.keep`, so the release's bug
-G.6 (weights left behind when Rotate removes a box) cannot happen. Boxes are never stored: they are
+do-not-care regions alike) live in one :class:`~i3cl_core.structures.Instances` inside :class:`Sample`:
+polygons, do-not-care flags, loss weights and annotation ids are dropped together by :meth:`Sample.keep`,
+so the original release's bug of loss weights left behind when a rotation removes a box (the weights
+of the following instances shift by one) cannot happen. Boxes are never stored: they are
 recomputed from the transformed polygons when the sample becomes tensors.
 """
 from __future__ import annotations
@@ -16,22 +17,22 @@ import cv2
 import numpy as np
 
 from i3cl_core.data.polygons import clip_instance, instance_area, instance_box
+from i3cl_core.structures import Instances
 
 
 @dataclass
 class Sample:
+    """One training image and its instances (text and do-not-care regions alike) as numpy data."""
+
     image: np.ndarray  # (H, W, 3) uint8 RGB
-    polygons: list  # per instance: list of (K, 2) float32 parts
-    iscrowd: np.ndarray  # (N,) bool: do-not-care region
-    lossweights: np.ndarray  # (N,) float32
-    ann_ids: np.ndarray  # (N,) int64
+    instances: Instances  # polygons, iscrowd (do-not-care), lossweight, ann_id: see i3cl_core.structures
     image_id: int = -1
     file_name: str = ""
     orig_size: tuple[int, int] = (0, 0)
     log: list = field(default_factory=list)  # names of the transforms applied, for debugging
 
     def __len__(self) -> int:
-        return len(self.polygons)
+        return len(self.instances)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -41,37 +42,44 @@ class Sample:
         """Keep the instances where ``mask`` is True, every per-instance field in lockstep."""
         mask = np.asarray(mask, dtype=bool)
         assert mask.shape == (len(self),), (mask.shape, len(self))
-        return replace(
-            self,
-            polygons=[p for p, k in zip(self.polygons, mask) if k],
-            iscrowd=self.iscrowd[mask],
-            lossweights=self.lossweights[mask],
-            ann_ids=self.ann_ids[mask],
-        )
+        return replace(self, instances=self.instances[mask])
+
+    def with_polygons(self, polygons: list, **changes) -> "Sample":
+        """A copy whose instances have ``polygons`` (same count, same order) instead of their own."""
+        inst = Instances(**self.instances.fields())
+        inst.polygons = polygons
+        return replace(self, instances=inst, **changes)
 
     def map_points(self, fn: Callable[[np.ndarray], np.ndarray]) -> list:
-        return [[fn(p).astype(np.float32) for p in parts] for parts in self.polygons]
+        return [[fn(p).astype(np.float32) for p in parts] for parts in self.instances.polygons]
 
     def to_tensors(self):
-        """(image [3, H, W] float in [0, 1], target dict); see i3cl_core.data.coco for the fields."""
+        """(image [3, H, W] float in [0, 1], target): the target holds ``instances`` (the text instances:
+        ``boxes``, ``labels``, ``polygons``, ``lossweight``, ``ann_id`` as tensors and lists), ``dontcare``
+        (``boxes``, ``polygons`` of the do-not-care regions) and the image's ``image_id``, ``file_name``,
+        ``orig_size``."""
         import torch
 
         h, w = self.size
         image = torch.from_numpy(np.ascontiguousarray(self.image.transpose(2, 0, 1))).float().div_(255.0)
+        inst = self.instances
         boxes = np.zeros((len(self), 4), dtype=np.float32)
-        for i, parts in enumerate(self.polygons):
+        for i, parts in enumerate(inst.polygons):
             boxes[i] = instance_box(parts)
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
-        care = ~self.iscrowd
+        care = ~inst.iscrowd
+        text = inst[care]
+        dontcare = inst[~care]
         target = {
-            "boxes": torch.from_numpy(boxes[care]).reshape(-1, 4),
-            "labels": torch.ones(int(care.sum()), dtype=torch.int64),
-            "polygons": [p for p, c in zip(self.polygons, care) if c],
-            "lossweights": torch.from_numpy(self.lossweights[care].astype(np.float32)),
-            "ann_ids": torch.from_numpy(self.ann_ids[care]),
-            "dontcare_boxes": torch.from_numpy(boxes[~care]).reshape(-1, 4),
-            "dontcare_polygons": [p for p, c in zip(self.polygons, care) if not c],
+            "instances": Instances(
+                boxes=torch.from_numpy(boxes[care]).reshape(-1, 4),
+                labels=torch.ones(len(text), dtype=torch.int64),
+                polygons=text.polygons,
+                lossweight=torch.from_numpy(text.lossweight.astype(np.float32)),
+                ann_id=torch.from_numpy(text.ann_id),
+            ),
+            "dontcare": Instances(boxes=torch.from_numpy(boxes[~care]).reshape(-1, 4), polygons=dontcare.polygons),
             "image_id": self.image_id,
             "file_name": self.file_name,
             "orig_size": self.orig_size,
@@ -111,9 +119,9 @@ class RandomFlip:
         h, w = s.size
         for d in flips:
             if d == "h":
-                s = replace(s, image=s.image[:, ::-1], polygons=s.map_points(lambda p: np.stack([w - p[:, 0], p[:, 1]], 1)[::-1]))
+                s = s.with_polygons(image=s.image[:, ::-1], polygons=s.map_points(lambda p: np.stack([w - p[:, 0], p[:, 1]], 1)[::-1]))
             else:
-                s = replace(s, image=s.image[::-1], polygons=s.map_points(lambda p: np.stack([p[:, 0], h - p[:, 1]], 1)[::-1]))
+                s = s.with_polygons(image=s.image[::-1], polygons=s.map_points(lambda p: np.stack([p[:, 0], h - p[:, 1]], 1)[::-1]))
             s = replace(s, log=[*s.log, f"flip_{d}"])
         # reversing the point order keeps clockwise polygons clockwise after a mirror
         return replace(s, image=np.ascontiguousarray(s.image))
@@ -133,13 +141,13 @@ class ClipAndFilter:
         if len(s) == 0:
             return s
         h, w = s.size
-        clipped = [clip_instance(parts, w, h) for parts in s.polygons]
+        clipped = [clip_instance(parts, w, h) for parts in s.instances.polygons]
         keep = np.zeros(len(s), dtype=bool)
         for i, parts in enumerate(clipped):
             if parts:
                 x1, y1, x2, y2 = instance_box(parts)
                 keep[i] = instance_area(parts) >= self.min_area and x2 - x1 >= 1 and y2 - y1 >= 1
-        s = replace(s, polygons=clipped)
+        s = s.with_polygons(clipped)
         return s.keep(keep)
 
     def __repr__(self) -> str:
@@ -168,7 +176,7 @@ class Rotate:
             q = p.astype(np.float64) - 0.5
             return q @ m[:, :2].T + m[:, 2] + 0.5
 
-        s = replace(s, image=image, polygons=s.map_points(move))
+        s = s.with_polygons(image=image, polygons=s.map_points(move))
         s = replace(s, log=[*s.log, f"rotate_{angle:+g}"])
         return self.filter(s)
 
@@ -227,7 +235,7 @@ class Resize:
             return s
         image = cv2.resize(s.image, (nw, nh), interpolation=cv2.INTER_LINEAR)
         f = np.array([nw / w, nh / h], dtype=np.float32)
-        s = replace(s, image=image, polygons=s.map_points(lambda p: p * f))
+        s = s.with_polygons(image=image, polygons=s.map_points(lambda p: p * f))
         s = replace(s, log=[*s.log, f"resize_{nw}x{nh}"])
         return self.filter(s)
 

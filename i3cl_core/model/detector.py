@@ -28,6 +28,7 @@ from i3cl_core.model.backbone import FPN, build_backbone
 from i3cl_core.model.intra_cl import IntraCL
 from i3cl_core.model.roi_heads import RoIHeads
 from i3cl_core.model.rpn import I3CLRPN
+from i3cl_core.structures import Instances
 
 # ImageNet statistics of the release (RGB, 0-255), here on the 0-1 scale
 PIXEL_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)
@@ -56,7 +57,7 @@ class I3CL(nn.Module):
     traced into polygons (:meth:`predict`).
 
     Training: ``model(images, targets)`` returns the loss dict (``loss_rpn_cls``, ``loss_rpn_box``,
-    ``loss_rcnn_cls``, ``loss_rcnn_box``, ``loss_mask``); targets carry per-instance ``lossweights``
+    ``loss_rcnn_cls``, ``loss_rcnn_box``, ``loss_mask``); targets carry per-instance ``lossweight``
     and do-not-care regions. Coordinates follow the pixel-area convention (pixel (x, y) covers
     [x, x+1) x [y, y+1)).
     """
@@ -138,7 +139,7 @@ class I3CL(nn.Module):
 
     @staticmethod
     def _targets_to_device(t: dict, device) -> dict:
-        return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in t.items()}
+        return {k: (v.to(device) if isinstance(v, (Tensor, Instances)) else v) for k, v in t.items()}
 
     @torch.no_grad()
     def predict(self, images: list[Tensor], resize: bool = True, polygons: bool = True, epsilon: float = 0.005,

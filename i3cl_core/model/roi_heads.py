@@ -25,7 +25,8 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes, roi_align
 
 from i3cl_core.model.inter_cl import InterCL
-from i3cl_core.model.rpn import balanced_sample, dontcare_mask, sample_generator
+from i3cl_core.model.sampling import balanced_sample, dontcare_boxes, dontcare_mask, sample_generator
+from i3cl_core.structures import Instances
 
 
 class RoIPooler(nn.Module):
@@ -96,18 +97,17 @@ class MaskHead(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ losses
-def weighted_fastrcnn_loss(
-    class_logits: Tensor, box_regression: Tensor, labels: Tensor, regression_targets: Tensor, weights: Tensor
-) -> tuple[Tensor, Tensor]:
-    """R-CNN losses over the sampled RoIs of the batch. ``weights`` holds each sampled
-    RoI's label weight: the matched GT's lossweight for positives, 1 for negatives."""
+def weighted_fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, rois: Instances) -> tuple[Tensor, Tensor]:
+    """R-CNN losses over the sampled RoIs of the batch (``rois``: ``labels``, ``regression_targets`` and
+    ``lossweight``, the matched GT's for positives, 1 for negatives)."""
+    labels, lossweight = rois.labels, rois.lossweight
     ce = F.cross_entropy(class_logits, labels, reduction="none")
-    loss_cls = (ce * weights).sum() / max(int((weights > 0).sum()), 1)
+    loss_cls = (ce * lossweight).sum() / max(int((lossweight > 0).sum()), 1)
     pos = torch.where(labels > 0)[0]
     n = class_logits.shape[0]
     deltas = box_regression.reshape(n, -1, 4)[pos, labels[pos] - 1]
-    l1 = (deltas - regression_targets[pos]).abs().sum(dim=1)
-    loss_box = (l1 * weights[pos]).sum() / max(n, 1)
+    l1 = (deltas - rois.regression_targets[pos]).abs().sum(dim=1)
+    loss_box = (l1 * lossweight[pos]).sum() / max(n, 1)
     return loss_cls, loss_box
 
 
@@ -152,29 +152,38 @@ class RoIHeads(nn.Module):
         self.cfg = cfg
 
     # -------------------------------------------------------------------- training samples
-    def sample(self, proposals: list[Tensor], targets: list[dict]):
-        """Per image: sampled RoIs, labels, regression targets, label weights, matched GT index."""
+    def sample(self, proposals: list[Tensor], targets: list[dict]) -> list[Instances]:
+        """Per image, the sampled RoIs as :class:`Instances` (positives first): ``boxes``, ``labels``,
+        ``regression_targets``, ``lossweight`` (the matched GT's for positives, 1 for negatives) and
+        ``matched_index`` (the matched GT instance, -1 for negatives)."""
         out = []
         for props, t in zip(proposals, targets):
-            gt = t["boxes"].to(props)
-            props = torch.cat([props, gt])
-            if gt.numel() == 0:
+            gt = t["instances"]
+            gt_boxes = gt.boxes.to(props)
+            props = torch.cat([props, gt_boxes])
+            if len(gt) == 0:
                 matched = torch.full((props.shape[0],), -1, dtype=torch.int64, device=props.device)
+                labels = torch.zeros_like(matched)
             else:
-                matched = self.matcher(box_iou(gt, props))
-            labels = torch.where(matched >= 0, t["labels"].to(props.device)[matched.clamp(min=0)], 0) if gt.numel() else torch.zeros_like(matched)
+                matched = self.matcher(box_iou(gt_boxes, props))
+                labels = torch.where(matched >= 0, gt.labels.to(props.device)[matched.clamp(min=0)], 0)
             if self.cfg.ignore_dontcare:
-                labels = torch.where(dontcare_mask(props, t.get("dontcare_boxes"), self.cfg.dontcare_iof_thr), -1, labels)
+                labels = torch.where(dontcare_mask(props, dontcare_boxes(t), self.cfg.dontcare_iof_thr), -1, labels)
             pos, neg = balanced_sample(labels, self.cfg.box_batch_size_per_image, self.cfg.box_positive_fraction,
                                        sample_generator(t, salt=2))
             keep = torch.where(pos | neg)[0]
             # positives first: the mask branch takes them in this order
             keep = torch.cat([keep[labels[keep] > 0], keep[labels[keep] <= 0]])
-            props, labels, matched = props[keep], labels[keep], matched[keep]
-            gt_w = t["lossweights"].to(props) if "lossweights" in t else torch.ones(gt.shape[0], device=props.device)
-            weights = torch.where(labels > 0, gt_w[matched.clamp(min=0)] if gt.numel() else 1.0, torch.ones_like(props[:, 0]))
-            reg = self.box_coder.encode_single(gt[matched.clamp(min=0)] if gt.numel() else torch.zeros_like(props), props)
-            out.append((props, labels, reg, weights, matched))
+            rois = Instances(boxes=props, labels=labels, matched_index=matched)[keep]
+            positive = rois.labels > 0
+            if len(gt):
+                idx = rois.matched_index.clamp(min=0)
+                rois.lossweight = torch.where(positive, gt.lossweight.to(props)[idx], torch.ones_like(rois.boxes[:, 0]))
+                rois.regression_targets = self.box_coder.encode_single(gt_boxes[idx], rois.boxes)
+            else:
+                rois.lossweight = torch.ones_like(rois.boxes[:, 0])
+                rois.regression_targets = self.box_coder.encode_single(torch.zeros_like(rois.boxes), rois.boxes)
+            out.append(rois)
         return out
 
     # -------------------------------------------------------------------- mask branch
@@ -188,19 +197,17 @@ class RoIHeads(nn.Module):
         features = features[:4]  # P2-P5
         if self.training:
             samples = self.sample(proposals, targets)
-            rois = [s[0] for s in samples]
-            labels = torch.cat([s[1] for s in samples])
-            reg_targets = torch.cat([s[2] for s in samples])
-            weights = torch.cat([s[3] for s in samples])
-            class_logits, box_regression = self.box_head(self.box_pooler(features, rois))
-            loss_cls, loss_box = weighted_fastrcnn_loss(class_logits, box_regression, labels, reg_targets, weights)
+            class_logits, box_regression = self.box_head(self.box_pooler(features, [r.boxes for r in samples]))
+            loss_cls, loss_box = weighted_fastrcnn_loss(class_logits, box_regression, Instances.cat(samples))
             # mask branch on the positives of each image
             pos_boxes, pos_labels, mask_targets = [], [], []
-            for (props, lab, _, _, matched), t in zip(samples, targets):
-                p = lab > 0
-                pos_boxes.append(props[p])
-                pos_labels.append(lab[p])
-                mask_targets.append(polygon_mask_targets([t["polygons"][j] for j in matched[p].tolist()], props[p], 28))
+            for rois, t in zip(samples, targets):
+                positives = rois[rois.labels > 0]
+                pos_boxes.append(positives.boxes)
+                pos_labels.append(positives.labels)
+                polygons = t["instances"].polygons
+                mask_targets.append(polygon_mask_targets([polygons[j] for j in positives.matched_index.tolist()],
+                                                         positives.boxes, 28))
             mask_logits = self.mask_forward(features, pos_boxes, image_sizes, padded_hw)
             pos_labels = torch.cat(pos_labels)
             if pos_labels.numel() == 0:

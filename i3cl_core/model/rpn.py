@@ -22,6 +22,9 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 from torchvision.ops import box_iou
 
+from i3cl_core.model.sampling import balanced_sample, dontcare_boxes, dontcare_mask, sample_generator
+from i3cl_core.structures import Instances
+
 
 class FlooredMatcher(det_utils.Matcher):
     """torchvision's Matcher whose low-quality matches need an IoU of at least ``min_pos_iou``."""
@@ -38,62 +41,17 @@ class FlooredMatcher(det_utils.Matcher):
         matches[pred_idx] = all_matches[pred_idx]
 
 
-def box_iof(boxes: Tensor, regions: Tensor) -> Tensor:
-    """[N, M] intersection over the area of ``boxes`` (not the union)."""
-    if boxes.numel() == 0 or regions.numel() == 0:
-        return boxes.new_zeros((boxes.shape[0], regions.shape[0]))
-    lt = torch.max(boxes[:, None, :2], regions[None, :, :2])
-    rb = torch.min(boxes[:, None, 2:], regions[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=2)
-    area = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(dim=1)
-    return inter / area.clamp(min=1e-6)[:, None]
-
-
-def dontcare_mask(boxes: Tensor, dontcare_boxes: Tensor | None, thr: float) -> Tensor:
-    """True where a box is covered by a do-not-care region more than ``thr`` (IoF)."""
-    if dontcare_boxes is None or dontcare_boxes.numel() == 0:
-        return torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
-    return (box_iof(boxes, dontcare_boxes.to(boxes)) > thr).any(dim=1)
-
-
-def sample_generator(target: dict, salt: int) -> torch.Generator | None:
-    """A CPU generator seeded from the target's ``seed`` (set by the dataset from (seed, epoch,
-    index)), so that anchor and RoI sampling of an image do not depend on how the batch is split
-    across processes; ``None`` (the global RNG) when the target has no seed."""
-    seed = target.get("seed")
-    if seed is None:
-        return None
-    return torch.Generator().manual_seed((int(seed) * 1_000_003 + salt) % (2**63 - 1))
-
-
-def balanced_sample(labels: Tensor, batch_size: int, positive_fraction: float, generator=None) -> tuple[Tensor, Tensor]:
-    """Random positives (label >= 1) up to ``batch_size * positive_fraction``, negatives (label 0)
-    filling the rest: boolean masks."""
-    positive = torch.where(labels >= 1)[0]
-    negative = torch.where(labels == 0)[0]
-    num_pos = min(positive.numel(), int(batch_size * positive_fraction))
-    num_neg = min(negative.numel(), batch_size - num_pos)
-    pos = positive[torch.randperm(positive.numel(), generator=generator)[:num_pos].to(labels.device)]
-    neg = negative[torch.randperm(negative.numel(), generator=generator)[:num_neg].to(labels.device)]
-    pos_mask = torch.zeros_like(labels, dtype=torch.bool)
-    neg_mask = torch.zeros_like(labels, dtype=torch.bool)
-    pos_mask[pos] = True
-    neg_mask[neg] = True
-    return pos_mask, neg_mask
-
-
-def weighted_rpn_loss(
-    objectness: Tensor, deltas: Tensor, labels: Tensor, targets: Tensor, weights: Tensor, sampled_pos: Tensor, sampled_neg: Tensor
-) -> tuple[Tensor, Tensor]:
-    """RPN losses. All inputs are concatenated over the batch; ``weights`` is the matched
-    GT's lossweight per anchor; ``sampled_pos``/``sampled_neg`` are index tensors."""
-    sampled = torch.cat([sampled_pos, sampled_neg])
+def weighted_rpn_loss(objectness: Tensor, deltas: Tensor, anchors: Instances, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor]:
+    """RPN losses over the batch's anchors (all concatenated): ``anchors`` holds per anchor its
+    ``labels`` (1, 0, -1), ``regression_targets`` and the matched GT's ``lossweight`` (1 for
+    negatives); ``pos``/``neg`` index the sampled anchors."""
+    sampled = torch.cat([pos, neg])
     num = max(sampled.numel(), 1)
-    label_w = torch.ones_like(objectness)
-    label_w[sampled_pos] = weights[sampled_pos]
-    loss_obj = (F.binary_cross_entropy_with_logits(objectness[sampled], labels[sampled], reduction="none") * label_w[sampled]).sum() / num
-    l1 = (deltas[sampled_pos] - targets[sampled_pos]).abs().sum(dim=1)
-    loss_box = (l1 * weights[sampled_pos]).sum() / num
+    lossweight = anchors.lossweight[sampled]  # negatives were given weight 1 by the assignment
+    bce = F.binary_cross_entropy_with_logits(objectness[sampled], anchors.labels[sampled], reduction="none")
+    loss_obj = (bce * lossweight).sum() / num
+    l1 = (deltas[pos] - anchors.regression_targets[pos]).abs().sum(dim=1)
+    loss_box = (l1 * anchors.lossweight[pos]).sum() / num
     return loss_obj, loss_box
 
 
@@ -124,30 +82,26 @@ class I3CLRPN(RegionProposalNetwork):
         self.dontcare_iof_thr = cfg.dontcare_iof_thr
         self.ignore_dontcare = cfg.ignore_dontcare
 
-    def assign(self, anchors: list[Tensor], targets: list[dict]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """Per image: labels (1 pos, 0 neg, -1 ignored), matched GT boxes, per-anchor weights."""
-        labels, matched_boxes, weights = [], [], []
-        for anchors_i, t in zip(anchors, targets):
-            gt = t["boxes"]
-            if gt.numel() == 0:
-                lab = torch.zeros(anchors_i.shape[0], dtype=torch.float32, device=anchors_i.device)
-                mb = torch.zeros_like(anchors_i)
-                w = torch.ones_like(lab)
-            else:
-                matches = self.proposal_matcher(box_iou(gt, anchors_i))
-                idx = matches.clamp(min=0)
-                mb = gt[idx]
-                lab = (matches >= 0).to(torch.float32)
-                lab[matches == self.proposal_matcher.BELOW_LOW_THRESHOLD] = 0.0
-                lab[matches == self.proposal_matcher.BETWEEN_THRESHOLDS] = -1.0
-                w = t["lossweights"].to(anchors_i)[idx] if "lossweights" in t else torch.ones_like(lab)
-                w = torch.where(matches >= 0, w, torch.ones_like(w))
-            if self.ignore_dontcare:
-                lab[dontcare_mask(anchors_i, t.get("dontcare_boxes"), self.dontcare_iof_thr)] = -1.0
-            labels.append(lab)
-            matched_boxes.append(mb)
-            weights.append(w)
-        return labels, matched_boxes, weights
+    def assign(self, anchors: Tensor, target: dict) -> Instances:
+        """The anchors of one image as :class:`Instances`: ``labels`` (1 positive, 0 negative, -1 ignored),
+        ``matched_boxes`` (the matched GT box; any box for negatives) and ``lossweight`` (the matched GT's;
+        1 for negatives)."""
+        gt = target["instances"]
+        if len(gt) == 0:
+            labels = torch.zeros(anchors.shape[0], dtype=torch.float32, device=anchors.device)
+            matched_boxes = torch.zeros_like(anchors)
+            lossweight = torch.ones_like(labels)
+        else:
+            matches = self.proposal_matcher(box_iou(gt.boxes, anchors))
+            idx = matches.clamp(min=0)
+            matched_boxes = gt.boxes[idx]
+            labels = (matches >= 0).to(torch.float32)
+            labels[matches == self.proposal_matcher.BELOW_LOW_THRESHOLD] = 0.0
+            labels[matches == self.proposal_matcher.BETWEEN_THRESHOLDS] = -1.0
+            lossweight = torch.where(matches >= 0, gt.lossweight.to(anchors)[idx], torch.ones_like(labels))
+        if self.ignore_dontcare:
+            labels[dontcare_mask(anchors, dontcare_boxes(target), self.dontcare_iof_thr)] = -1.0
+        return Instances(labels=labels, matched_boxes=matched_boxes, lossweight=lossweight)
 
     def forward(self, images, features: list[Tensor], targets: list[dict] | None = None):
         objectness, deltas = self.head(features)
@@ -161,17 +115,18 @@ class I3CLRPN(RegionProposalNetwork):
         if self.training:
             if targets is None:
                 raise ValueError("the RPN needs targets in training mode")
-            labels, matched_boxes, weights = self.assign(anchors, targets)
-            regression_targets = self.box_coder.encode(matched_boxes, anchors)
+            assigned = []
+            for anchors_i, t in zip(anchors, targets):
+                a = self.assign(anchors_i, t)
+                a.regression_targets = self.box_coder.encode_single(a.matched_boxes, anchors_i)
+                assigned.append(a)
             sampled = [
-                balanced_sample(lab, self.fg_bg_sampler.batch_size_per_image, self.fg_bg_sampler.positive_fraction,
+                balanced_sample(a.labels, self.fg_bg_sampler.batch_size_per_image, self.fg_bg_sampler.positive_fraction,
                                 sample_generator(t, salt=1))
-                for lab, t in zip(labels, targets)
+                for a, t in zip(assigned, targets)
             ]
             pos = torch.where(torch.cat([p for p, _ in sampled]))[0]
             neg = torch.where(torch.cat([n for _, n in sampled]))[0]
-            loss_obj, loss_box = weighted_rpn_loss(
-                objectness.flatten(), deltas, torch.cat(labels), torch.cat(regression_targets), torch.cat(weights), pos, neg
-            )
+            loss_obj, loss_box = weighted_rpn_loss(objectness.flatten(), deltas, Instances.cat(assigned), pos, neg)
             losses = {"loss_rpn_cls": loss_obj, "loss_rpn_box": loss_box}
         return boxes, losses

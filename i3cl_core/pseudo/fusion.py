@@ -358,7 +358,7 @@ def pseudo_labels(clusters: list[Cluster], num_models: int, cfg) -> list[dict]:
     """Turn clusters into pseudo labels by ``cfg`` (a :class:`~i3cl_core.config.FuseConfig`):
     kept text, do-not-care from the uncertain band, everything else dropped."""
     out = []
-    formula = LOSSWEIGHT_FORMULAS[cfg.lossweight]
+    formula = LOSSWEIGHT_FORMULAS[cfg.lossweight_formula]
     min_votes = min(cfg.min_votes, num_models)
     for c in clusters:
         if c.polygon is None:
