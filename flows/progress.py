@@ -115,7 +115,7 @@ class ProgressView:
     def update(self, activities: list[Activity]) -> None:
         now = time.time()
         for a in activities:
-            eta = self.eta(a, now)
+            self.started.setdefault(a.key, (now, a.done))  # the reference point of the plain ETA
             if self._progress is not None:
                 if a.key not in self._tasks:
                     self._tasks[a.key] = self._progress.add_task(a.key, total=a.total, detail="")

@@ -104,3 +104,30 @@ def test_one_image_reader_names_truncated_files_everywhere(tmp_path, capsys):
         read_record(records[0])
     assert main(["browse", "--ann", str(d / "gt.json"), "--img-root", str(d / "img"), "--out", str(d / "v")]) == 0
     assert "a.jpg: image id 1 is a truncated JPEG" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("images, message", [
+    ([{"id": 1, "file_name": "a.jpg", "width": 320, "height": 240}, {"id": 1, "file_name": "b.jpg", "width": 320, "height": 240}],
+     r"images\[0\] and images\[1\] have the same id 1"),
+    ([{"file_name": "a.jpg", "width": 320, "height": 240}], r"images\[0\] has no 'id'"),
+    (["a.jpg"], r"images\[0\] must be an object"),
+    ([{"id": 1, "file_name": 7, "width": 320, "height": 240}], r"image 1 \(images\[0\]\): file_name must be a non-empty string, got 7"),
+    ([{"id": 1.5, "file_name": "a.jpg", "width": 320, "height": 240}], r"images\[0\]: id must be an integer or a string"),
+])
+def test_one_parser_of_coco_images_gives_every_reader_the_same_message(tmp_path, images, message):
+    """train, evaluate, fuse, infer and browse read an ``images`` list through the same rules."""
+    from i3cl_core.data.browse import read_dataset
+    from i3cl_core.data.coco import load_coco_records
+    from i3cl_core.evaluation import load_ground_truth
+    from i3cl_core.infer.run import collect_images
+    from i3cl_core.pseudo.fuse import load_images
+
+    d = _files(tmp_path)
+    p = d / "bad.json"
+    p.write_text(json.dumps({"images": images, "annotations": [], "categories": []}))
+    readers = {"train": lambda: load_coco_records(p, d / "img"), "evaluate": lambda: load_ground_truth(p),
+               "fuse": lambda: load_images(p), "infer": lambda: collect_images(str(p), str(d / "img")),
+               "browse": lambda: read_dataset(p)}
+    for name, read in readers.items():
+        with pytest.raises(DatasetError, match=r"bad\.json: " + message):
+            read()

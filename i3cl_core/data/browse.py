@@ -54,20 +54,10 @@ def _dataset_error(msg: str) -> Exception:
 
 def read_dataset(ann_file: str | os.PathLike) -> tuple[list[dict], dict[int, list[dict]]]:
     """Images (json order) and annotations grouped by image id, with basic checks naming the file."""
-    data = read_json(ann_file)
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise _dataset_error(f"{ann_file}: not a COCO dataset (needs an 'images' list)")
-    images = []
-    for k, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
-            raise _dataset_error(f"{ann_file}: images[{k}] needs 'id' and a string 'file_name'")
-        images.append(img)
-    from i3cl_core.data.validate import unique_ids
+    from i3cl_core.data.validate import coco_images
 
-    try:
-        unique_ids(images, str(ann_file))
-    except Exception as e:
-        raise _dataset_error(str(e)) from None
+    data = read_json(ann_file)
+    images = coco_images(data, str(ann_file), size="optional")
     anns = data.get("annotations") or []
     if not isinstance(anns, list):
         raise _dataset_error(f"{ann_file}: 'annotations' must be a list")
@@ -192,7 +182,6 @@ def browse_dataset(
     reported on stderr and skipped. Returns the PNG paths written, in json order.
     """
     import cv2
-    import numpy
 
     from i3cl_core.data.errors import DatasetError
     from i3cl_core.data.image_io import read_image

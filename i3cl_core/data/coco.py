@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from i3cl_core.data.errors import DatasetError
-from i3cl_core.data.validate import far_outside
+from i3cl_core.data.validate import coco_images, far_outside
 from i3cl_core.data.polygons import flat_to_polygon, instance_area, instance_box, mask_to_instance, repair_polygon
 from i3cl_core.utils import get_logger, read_json, safe_join
 
@@ -165,23 +165,13 @@ def load_coco_records(
     data = _load_json(ann_file)
     report = LoadReport(ann_file=str(ann_file))
     images: dict[int, ImageRecord] = {}
-    for i, im in enumerate(data["images"]):
-        if not isinstance(im, dict):
-            raise DatasetError(f"{ann_file}: images[{i}] is not an object")
-        missing = [k for k in ("id", "file_name", "width", "height") if k not in im]
-        if missing:
-            raise DatasetError(f"{ann_file}: image entry {im.get('id', f'#{i}')} lacks {', '.join(missing)}")
+    for im in coco_images(data, str(ann_file)):
         image_id = im["id"]
-        if image_id in images:
-            raise DatasetError(f"{ann_file}: image id {image_id} appears twice")
         try:
             path = safe_join(img_root, im["file_name"])
         except ValueError as e:
             raise DatasetError(f"{ann_file}: image {image_id}: refused: {e}") from None
-        w, h = im["width"], im["height"]
-        if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
-            raise DatasetError(f"{ann_file}: image {image_id}: width and height must be positive integers")
-        images[image_id] = ImageRecord(image_id, path, im["file_name"], w, h, [], source)
+        images[image_id] = ImageRecord(image_id, path, im["file_name"], im["width"], im["height"], [], source)
     report.images = len(images)
 
     for i, ann in enumerate(data["annotations"]):

@@ -172,8 +172,9 @@ def _load_sizes(sizes) -> dict:
     else:
         data = read_json(sizes)
     if isinstance(data, dict) and isinstance(data.get("images"), list):
-        data = {im.get("file_name"): (im.get("width"), im.get("height")) for im in data["images"]
-                if isinstance(im, dict)}
+        from i3cl_core.data.validate import coco_images
+
+        data = {im["file_name"]: (im["width"], im["height"]) for im in coco_images(data, str(sizes))}
     if not isinstance(data, dict):
         raise DatasetError(f"{sizes}: expected {{file_name: [width, height]}} or a COCO json with 'images'")
     out = {}

@@ -24,7 +24,6 @@ evaluation time.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,20 +189,14 @@ def load_ground_truth(path) -> GroundTruth:
 
 
 def _gt_from_coco(data: dict, src: str) -> GroundTruth:
-    images: dict = {}
-    if not isinstance(data["images"], list) or not isinstance(data["annotations"], list):
-        raise DatasetError(f"{src}: 'images' and 'annotations' must be lists")
-    for k, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or "id" not in img:
-            raise DatasetError(f"{src}: images[{k}] has no 'id'")
-        key = img["id"]
-        if key in images:
-            raise DatasetError(f"{src}: duplicate image id {key!r} (images[{k}])")
-        from i3cl_core.data.validate import image_size
+    from i3cl_core.data.validate import coco_images
 
-        size = image_size(img.get("width"), img.get("height"), f"{src}: image {key!r}", required=False)
-        images[key] = GtImage(key=key, file_name=str(img.get("file_name", key)), width=size and size[0],
-                              height=size and size[1])
+    if not isinstance(data["annotations"], list):
+        raise DatasetError(f"{src}: 'annotations' must be a list")
+    images: dict = {}
+    for img in coco_images(data, src, size="optional", file_name="optional"):
+        key = img["id"]
+        images[key] = GtImage(key=key, file_name=img["file_name"] or str(key), width=img["width"], height=img["height"])
     for k, ann in enumerate(data["annotations"]):
         where = f"{src}: annotation {ann.get('id', f'#{k}') if isinstance(ann, dict) else f'#{k}'}"
         if not isinstance(ann, dict):

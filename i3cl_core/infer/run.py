@@ -46,23 +46,11 @@ def collect_images(spec: str, img_root: str | None = None) -> list[ImageItem]:
         files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
         return [ImageItem(i + 1, f, f.name) for i, f in enumerate(files)]
     if p.suffix.lower() == ".json" and p.is_file():
-        data = read_json(p)
-        if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-            raise DatasetError(f"{p}: expected a COCO json with an 'images' list")
+        from i3cl_core.data.validate import coco_images
+
         root = Path(img_root) if img_root else p.parent
         items = []
-        seen_ids: dict = {}
-        seen_names: dict = {}
-        for i, im in enumerate(data["images"]):
-            if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
-                raise DatasetError(f"{p}: images[{i}] needs 'id' and 'file_name'")
-            if im["id"] in seen_ids:
-                raise DatasetError(f"{p}: images[{seen_ids[im['id']]}] and images[{i}] have the same id {im['id']!r}")
-            if im["file_name"] in seen_names:
-                raise DatasetError(f"{p}: images {seen_names[im['file_name']]!r} and {im['id']!r} have the same "
-                                   f"file_name {im['file_name']!r}")
-            seen_ids[im["id"]] = i
-            seen_names[im["file_name"]] = im["id"]
+        for im in coco_images(read_json(p), str(p), size="optional", unique_file_names=True):
             try:
                 items.append(ImageItem(im["id"], safe_join(root, im["file_name"]), im["file_name"]))
             except ValueError as e:

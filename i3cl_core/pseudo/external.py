@@ -267,10 +267,10 @@ def run(args) -> int:
 
     from i3cl_core.utils import atomic_write_json
 
-    data = read_json(args.images)
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise DatasetError(f"{args.images}: expected a COCO json with an 'images' list")
-    results, stats = to_coco_results(args.format, args.pred, data["images"])
+    from i3cl_core.data.validate import coco_images
+
+    images = coco_images(read_json(args.images), str(args.images), size="optional", non_empty=True)
+    results, stats = to_coco_results(args.format, args.pred, images)
     atomic_write_json(args.out, results)
     if stats.get("unknown_images"):
         print(f"warning: {stats['unknown_images']} images not in {args.images} were ignored "

@@ -38,22 +38,9 @@ def load_images(path: str | os.PathLike) -> list[dict]:
         data = read_json(p)
     except FileNotFoundError:
         raise DatasetError(f"{p}: IMAGES.json not found") from None
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise DatasetError(f"{p}: expected a COCO json with an 'images' list")
-    images, seen = [], set()
-    for i, im in enumerate(data["images"]):
-        if not isinstance(im, dict) or not all(k in im for k in ("id", "file_name", "width", "height")):
-            raise DatasetError(f"{p}: images[{i}] needs id, file_name, width and height")
-        if im["id"] in seen:
-            raise DatasetError(f"{p}: image id {im['id']} appears twice")
-        from i3cl_core.data.validate import image_size
+    from i3cl_core.data.validate import coco_images
 
-        image_size(im["width"], im["height"], f"{p}: image {im['id']!r}")
-        seen.add(im["id"])
-        images.append({k: im[k] for k in ("id", "file_name", "width", "height")})
-    if not images:
-        raise DatasetError(f"{p}: the images list is empty")
-    return images
+    return coco_images(data, str(p), non_empty=True)
 
 
 def load_model_predictions(source: str | os.PathLike, images: list[dict]) -> tuple[dict, dict]:
