@@ -498,3 +498,24 @@ def test_infer_params_name_the_renamed_fields():
     with pytest.raises(ValidationError, match="give one"):
         InferParams(dask_address="tcp://127.0.0.1:8786", dask_workers=2)
     assert InferParams(devices=["cuda:0", "cuda:1"]).devices == ["cuda:0", "cuda:1"]
+
+
+def test_fuse_reads_what_evaluate_reads_rle_masks_included(tmp_path):
+    """Prediction sources go through the evaluation's reader: an RLE mask counts as its traced polygon."""
+    from pycocotools import mask as mask_utils
+
+    from i3cl_core.pseudo.sources import load_model_predictions
+
+    images_json, images = _images(tmp_path, n=1)
+    m = np.zeros((H, W), np.uint8, order="F")
+    m[50:80, 100:200] = 1
+    rle = mask_utils.encode(m)
+    rle["counts"] = rle["counts"].decode()
+    f = tmp_path / "rle.json"
+    f.write_text(json.dumps([{"image_id": 1, "category_id": 1, "segmentation": rle, "score": 0.8},
+                             {"image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 12], "score": 0.7}]))
+    preds, stats = load_model_predictions(f, images)
+    assert stats["predictions"] == 2 and stats["invalid_polygon"] == 0
+    (poly, score), (box, _) = preds[1]
+    assert score == 0.8 and poly[:, 0].min() == 100 and poly[:, 0].max() == 200 and poly[:, 1].max() == 80
+    assert box.tolist() == [[10, 10], [40, 10], [40, 22], [10, 22]]

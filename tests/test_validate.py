@@ -32,7 +32,7 @@ def test_string_score_is_refused_by_evaluate_and_fuse_alike(tmp_path):
     gt = load_ground_truth(d / "gt.json")
     with pytest.raises(DatasetError, match=r"pred.json: result #0 .*score must be a number in \[0, 1\], got '0.9' \(str\)"):
         load_predictions(d / "pred.json", gt)
-    with pytest.raises(DatasetError, match=r"pred.json: prediction #0 .*score must be a number in \[0, 1\], got '0.9'"):
+    with pytest.raises(DatasetError, match=r"pred.json: result #0 .*score must be a number in \[0, 1\], got .0.9. \(str\)"):
         fuse_predictions([str(d / "pred.json")], str(d / "images.json"), d / "o.json", FuseConfig(), progress=False)
     for bad in (True, 1.5, float("nan")):
         d = _files(tmp_path, score=bad)

@@ -24,109 +24,12 @@ import numpy as np
 from i3cl_core.data.errors import DatasetError
 from i3cl_core.data.polygons import polygon_area
 from i3cl_core.infer.export import polygon_bbox
-from i3cl_core.pseudo.fusion import canonical, cluster_predictions, pseudo_labels
+from i3cl_core.pseudo.fusion import cluster_predictions, pseudo_labels
 from i3cl_core.pseudo.report import histogram_png, pr_curve_png
-from i3cl_core.utils import atomic_write_json, atomic_write_text, get_logger, read_json
+from i3cl_core.pseudo.sources import load_images, load_model_predictions
+from i3cl_core.utils import atomic_write_json, atomic_write_text, get_logger
 
 log = get_logger("fuse")
-
-
-# ------------------------------------------------------------------------------------ loading
-def load_images(path: str | os.PathLike) -> list[dict]:
-    p = Path(path)
-    try:
-        data = read_json(p)
-    except FileNotFoundError:
-        raise DatasetError(f"{p}: IMAGES.json not found") from None
-    from i3cl_core.data.validate import coco_images
-
-    return coco_images(data, str(p), non_empty=True)
-
-
-def load_model_predictions(source: str | os.PathLike, images: list[dict]) -> tuple[dict, dict]:
-    """``({image_id: [(polygon, score)]}, stats)`` for one model. ``source`` is a COCO results
-    json, an ArT submission json, or a folder of COCO results shards (``*.json``; a ``coverage.json``
-    there lists the image ids the model ran on)."""
-    from i3cl_core.evaluation.io import art_token
-
-    src = Path(source)
-    ids = {im["id"] for im in images}
-    stats = Counter()
-    unknown: list = []
-    coverage = None
-    if src.is_dir():
-        records = []
-        for f in sorted(src.glob("*.json")):
-            if f.name == "coverage.json":
-                coverage = set(read_json(f)["images"])
-                continue
-            data = read_json(f)
-            if not isinstance(data, list):
-                raise DatasetError(f"{f}: a shard must be a COCO results list")
-            records.extend(data)
-    elif src.is_file():
-        data = read_json(src)
-        if isinstance(data, dict):  # ArT submission {"res_<n>": [{"points", "confidence"}]}
-            by_token = {}
-            for im in images:
-                by_token.setdefault(art_token(im["file_name"]), im["id"])
-            records = []
-            for key, entries in data.items():
-                token = art_token(key)
-                image_id = by_token.get(token)
-                if image_id is None:
-                    unknown.append(key)
-                    stats["unknown_image"] += len(entries) if isinstance(entries, list) else 1
-                    continue
-                for e in entries:
-                    records.append({"image_id": image_id, "points": e.get("points"), "score": e.get("confidence", 1.0)})
-        elif isinstance(data, list):
-            records = data
-        else:
-            raise DatasetError(f"{src}: expected a COCO results list or an ArT submission object")
-    else:
-        raise DatasetError(f"{src}: prediction file or folder not found")
-
-    from i3cl_core.data.validate import far_outside, score_value
-
-    sizes = {im["id"]: (im["width"], im["height"]) for im in images}
-    preds: dict = {}
-    for k, r in enumerate(records):
-        if not isinstance(r, dict) or "image_id" not in r:
-            raise DatasetError(f"{src}: each prediction needs an image_id (got {str(r)[:80]})")
-        if r["image_id"] not in ids:
-            stats["unknown_image"] += 1
-            if len(unknown) < 5:
-                unknown.append(r["image_id"])
-            continue
-        if "points" in r:
-            flat = r["points"]
-        else:
-            seg = r.get("segmentation")
-            flat = seg[0] if isinstance(seg, list) and seg and isinstance(seg[0], list) else None
-            if flat is None and isinstance(r.get("bbox"), list) and len(r["bbox"]) == 4:
-                x, y, w, h = r["bbox"]
-                flat = [x, y, x + w, y, x + w, y + h, x, y + h]
-        try:
-            poly = canonical(flat) if flat is not None else None
-        except (TypeError, ValueError):
-            poly = None
-        score = score_value(r.get("score"), f"{src}: prediction #{k} (image {r['image_id']!r})")
-        if poly is None:
-            stats["invalid_polygon"] += 1
-            continue
-        w, h = sizes[r["image_id"]]
-        if far_outside(poly, w, h):
-            stats["outside_image"] += 1
-            continue
-        preds.setdefault(r["image_id"], []).append((poly, score))
-        stats["predictions"] += 1
-    stats["images_with_predictions"] = len(preds)
-    counts = {k: stats.get(k, 0) for k in ("predictions", "images_with_predictions", "unknown_image", "invalid_polygon",
-                                           "outside_image")}
-    return preds, {"source": str(src), **counts, "unknown_examples": unknown[:5],
-                   "coverage": None if coverage is None else len(coverage & ids), "missing_images": None
-                   if coverage is None else sorted(ids - coverage)[:5], "_coverage_set": coverage}
 
 
 # ------------------------------------------------------------------------------------ fusion
