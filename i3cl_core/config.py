@@ -24,6 +24,17 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message says which key and why."""
 
 
+_LOGGED: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        import logging
+
+        logging.getLogger("i3cl.config").warning(message)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -264,8 +275,11 @@ class FuseConfig(_Strict):
     @classmethod
     def _renamed(cls, data):
         if isinstance(data, dict) and "lossweight" in data:
-            raise ValueError("lossweight was renamed lossweight_formula (the formula that gives each pseudo label its "
-                             "lossweight); rename the key")
+            if "lossweight_formula" in data:
+                raise ValueError("lossweight was renamed lossweight_formula; give only lossweight_formula")
+            _log_once("fuse.lossweight was renamed fuse.lossweight_formula (the formula that gives each pseudo "
+                      "label its lossweight); read as lossweight_formula, please rename the key")
+            data = {("lossweight_formula" if k == "lossweight" else k): v for k, v in data.items()}
         return data
 
     @model_validator(mode="after")
@@ -280,6 +294,17 @@ class FuseConfig(_Strict):
 
 
 class I3CLConfig(_Strict):
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data):
+        # configs written by earlier versions (every run's resolved config.yaml) hold a pipeline section that
+        # was never read: drop it with a note rather than refuse the file
+        if isinstance(data, dict) and "pipeline" in data:
+            _log_once("config: the 'pipeline' section is no longer used (the pipeline takes its settings as flow "
+                      "parameters); ignored")
+            data = {k: v for k, v in data.items() if k != "pipeline"}
+        return data
+
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

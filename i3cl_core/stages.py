@@ -119,9 +119,15 @@ def write_train_config(base_config: str, out_dir: Path, train_sets: list[dict], 
 
 
 def training_fingerprint(config_path: Path, train_sets: list[dict], load_from: str | None = None) -> str:
-    """What a finished training depends on: its resolved config and the contents of its annotation
-    files and start checkpoint (a rewritten pseudo-label file under the same name counts as new)."""
-    return fingerprint(config_path, *[s["ann_file"] for s in train_sets], *([load_from] if load_from else []))
+    """What a finished training depends on: its resolved config (every section but ``fuse``, which no
+    training reads, as canonical JSON: comments and key order do not count) and the contents of its
+    annotation files and start checkpoint (a rewritten pseudo-label file under the same name counts as new)."""
+    from i3cl_core.config import load_config
+
+    cfg = load_config(config_path).model_dump(mode="json", exclude={"fuse"})
+    h = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode())
+    h.update(fingerprint(*[s["ann_file"] for s in train_sets], *([load_from] if load_from else [])).encode())
+    return h.hexdigest()
 
 
 def train_command(config_path: Path, work_dir: Path, nproc_per_node: int = 1, resume: bool = False,

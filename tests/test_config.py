@@ -122,3 +122,34 @@ def test_cli_config_command(capsys):
     assert "lr: 0.123" in capsys.readouterr().out
     assert main(["config", "--set", "train.lr=abc"]) == 2
     assert "train.lr" in capsys.readouterr().err
+
+
+def test_a_training_fingerprint_follows_what_training_reads(tmp_path):
+    """Changing a fuse setting (never read by training) or the YAML's layout keeps a finished training;
+    a training setting or a changed annotation file does not."""
+    from i3cl_core.stages import training_fingerprint, write_train_config
+
+    ann = tmp_path / "a.json"
+    ann.write_text('{"images": [], "annotations": []}')
+    sets = [{"ann_file": str(ann), "img_root": str(tmp_path)}]
+    base = str(REPO / "configs" / "demo" / "teacher_a.yaml")
+
+    def fp(*overrides):
+        return training_fingerprint(write_train_config(base, tmp_path / "run", sets, list(overrides)), sets)
+
+    ref = fp()
+    assert fp("fuse.keep_thr=0.3", "fuse.lossweight_formula=one") == ref
+    assert fp("train.lr=0.001") != ref
+    ann.write_text('{"images": [], "annotations": [], "info": {}}')
+    assert fp() != ref
+
+
+def test_configs_written_by_earlier_versions_still_load(tmp_path):
+    """A resolved config.yaml of an earlier version (a 'pipeline' section, fuse.lossweight) loads, with a note."""
+    p = tmp_path / "old.yaml"
+    p.write_text("fuse: {lossweight: votes}\npipeline: {work_dir: runs/demo, teacher_configs: [], student_config: null, "
+                 "shard_size: 64}\n")
+    cfg = load_config(p)
+    assert cfg.fuse.lossweight_formula == "votes"
+    with pytest.raises(ConfigError, match="give only lossweight_formula"):
+        load_config(None, ["fuse.lossweight=one", "fuse.lossweight_formula=one"])
