@@ -47,10 +47,19 @@ class Instances:
         self.set(name, value)
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # copy/pickle protocol lookups on an instance not yet initialised
+            raise AttributeError(name)
         try:
             return self._fields[name]
         except KeyError:
             raise AttributeError(f"Instances has no field {name!r} (fields: {', '.join(self._fields) or 'none'})") from None
+
+    # DataLoader workers send samples to the main process by pickling them
+    def __getstate__(self) -> dict:
+        return self._fields
+
+    def __setstate__(self, state: dict) -> None:
+        object.__setattr__(self, "_fields", dict(state))
 
     def has(self, name: str) -> bool:
         return name in self._fields

@@ -44,3 +44,29 @@ def test_cat_joins_each_field_and_checks_the_names():
     assert c.lossweight.tolist() == [0.1, 0.2, 0.3, 0.4, 0.1]
     with pytest.raises(ValueError, match="fields differ"):
         Instances.cat([a, Instances(boxes=torch.zeros(1, 4))])
+
+
+def test_instances_survive_pickling_as_dataloader_workers_send_them():
+    import copy
+    import pickle
+
+    inst = _inst()
+    for back in (pickle.loads(pickle.dumps(inst)), copy.deepcopy(inst), copy.copy(inst)):
+        assert back.polygons == inst.polygons and torch.equal(back.boxes, inst.boxes)
+        assert back.lossweight.tolist() == inst.lossweight.tolist()
+
+
+def test_a_dataloader_with_worker_processes_delivers_targets(coco_factory):
+    from conftest import rect
+    from torch.utils.data import DataLoader
+
+    from i3cl_core.data.coco import CocoTextDataset, collate
+
+    imgs = [{"id": i, "file_name": f"gt_{i}.jpg", "width": 320, "height": 240} for i in (1, 2)]
+    anns = [{"id": i, "image_id": i, "segmentation": [rect(10, 10, 60, 20)], "bbox": [10, 10, 60, 20],
+             "iscrowd": 0, "lossweight": 0.5} for i in (1, 2)]
+    ann, root = coco_factory(imgs, anns)
+    loader = DataLoader(CocoTextDataset([(ann, root)]), batch_size=2, num_workers=1, collate_fn=collate)
+    _, targets = next(iter(loader))
+    assert [t["instances"].lossweight.tolist() for t in targets] == [[0.5], [0.5]]
+    assert len(targets[0]["dontcare"]) == 0
