@@ -12,6 +12,7 @@ from shapely.geometry import Polygon
 
 from i3cl_core.cli import main
 from i3cl_core.data import synth
+from i3cl_core.data.synth import fonts as _fonts  # noqa: F401  (synth.fonts, patched below)
 
 SIZE = (256, 256)
 CJK_RE = re.compile(r"[\u4e00-\u9fff]")
@@ -136,8 +137,8 @@ def test_some_unreadable_instances_are_dontcare():
 
 
 def test_latin_fallback_warns_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(synth, "find_cjk_font", lambda: None)
-    monkeypatch.setattr(synth, "_CJK_WARNED", False)
+    monkeypatch.setattr(synth.fonts, "find_cjk_font", lambda: None)
+    monkeypatch.setattr(synth.fonts, "_CJK_WARNED", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         s1 = _gen(tmp_path / "a", n=6, seed=2)
@@ -151,7 +152,7 @@ def test_latin_fallback_warns_once(tmp_path, monkeypatch):
 
 
 def test_cjk_false_is_latin_without_warning(tmp_path, monkeypatch):
-    monkeypatch.setattr(synth, "_CJK_WARNED", False)
+    monkeypatch.setattr(synth.fonts, "_CJK_WARNED", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         summary = _gen(tmp_path, n=6, seed=2, cjk=False)

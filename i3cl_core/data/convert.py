@@ -52,10 +52,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from i3cl_core.data.errors import DatasetError
+from i3cl_core.data.image_io import IMAGE_EXTENSIONS
 from i3cl_core.utils import read_json
 
 FORMATS = ("art", "lsvt", "totaltext", "ctw1500", "plain", "icdar2015", "mlt2017", "rctw17", "mmocr", "paddleocr")
-IMAGE_EXTS = (".jpg", ".JPG", ".jpeg", ".JPEG", ".png", ".PNG", ".bmp", ".gif")
 
 
 @dataclass
@@ -174,7 +174,7 @@ def _load_sizes(sizes) -> dict:
     if isinstance(data, dict) and isinstance(data.get("images"), list):
         from i3cl_core.data.validate import coco_images
 
-        data = {im["file_name"]: (im["width"], im["height"]) for im in coco_images(data, str(sizes))}
+        data = {im["file_name"]: (im["width"], im["height"]) for im in coco_images(data, str(sizes), ids="optional", unique_file_names=True)}
     if not isinstance(data, dict):
         raise DatasetError(f"{sizes}: expected {{file_name: [width, height]}} or a COCO json with 'images'")
     out = {}
@@ -293,9 +293,10 @@ def _image_size(path: Path, where: str) -> tuple[int, int]:
 
 def _find_image(img_root: Path, stems: list[str], where: str) -> str:
     for stem in stems:
-        for ext in IMAGE_EXTS:
-            if (img_root / f"{stem}{ext}").is_file():
-                return f"{stem}{ext}"
+        for ext in IMAGE_EXTENSIONS:
+            for e in (ext, ext.upper()):
+                if (img_root / f"{stem}{e}").is_file():
+                    return f"{stem}{e}"
     raise DatasetError(f"{where}: no image {stems[0]}.jpg (or .png, ...) under {img_root}")
 
 
@@ -509,7 +510,7 @@ def _plain_record(f: Path, text: str, images: _Images):
     items = [_plain_line(line.strip(), f"{where} line {n}")
              for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
     stem = _label_stem(f)
-    if Path(stem).suffix.lower() in {e.lower() for e in IMAGE_EXTS}:  # img1.jpg.txt
+    if Path(stem).suffix.lower() in IMAGE_EXTENSIONS:  # img1.jpg.txt
         name = stem if images.root is None else images.resolve(stem, where)
         return _int_suffix(Path(stem).stem), name, where, items
     stems = [stem] + ([str(int(stem)), f"{int(stem):04d}"] if stem.isdigit() else [])

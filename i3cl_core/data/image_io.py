@@ -14,6 +14,9 @@ import numpy as np
 
 from i3cl_core.data.errors import DatasetError
 
+# the image files every command looks for (compared with a file's suffix in lower case)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
 
 def truncation(data: bytes) -> str | None:
     """Why the encoded image ``data`` looks truncated, or None."""

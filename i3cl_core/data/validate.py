@@ -39,14 +39,14 @@ def image_size(width, height, where: str, required: bool = True) -> tuple[int, i
     return width, height
 
 
-def coco_images(data, where: str, *, size: str = "required", file_name: str = "required",
+def coco_images(data, where: str, *, size: str = "required", file_name: str = "required", ids: str = "required",
                 unique_file_names: bool = False, non_empty: bool = False) -> list[dict]:
     """The one parser of a COCO ``images`` list (datasets, IMAGES.json, image lists for inference).
 
     ``data`` is the loaded json (a dict with an ``images`` list); ``where`` names it in errors. Each entry
     must be an object with an ``id`` (unique); ``file_name`` is a string (``file_name="optional"``: may be
     absent, ``None`` is returned for it); ``width`` and ``height`` are positive integers (``size="optional"``:
-    both may be absent). Returns ``[{"id", "file_name", "width", "height"}]`` in json order."""
+    both may be absent); ``ids="optional"`` (a table of image sizes): ``id`` may be absent. Returns ``[{"id", "file_name", "width", "height"}]`` in json order."""
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DatasetError(f"{where}: not a COCO json (needs an 'images' list)")
     out: list[dict] = []
@@ -55,14 +55,17 @@ def coco_images(data, where: str, *, size: str = "required", file_name: str = "r
     for k, im in enumerate(data["images"]):
         if not isinstance(im, dict):
             raise DatasetError(f"{where}: images[{k}] must be an object")
-        if "id" not in im:
+        if "id" not in im and ids == "required":
             raise DatasetError(f"{where}: images[{k}] has no 'id'")
-        key = im["id"]
-        if isinstance(key, (bool, float, list, dict)) or key is None:
-            raise DatasetError(f"{where}: images[{k}]: id must be an integer or a string, got {key!r}")
-        if key in seen_ids:
-            raise DatasetError(f"{where}: images[{seen_ids[key]}] and images[{k}] have the same id {key!r}")
-        seen_ids[key] = k
+        key = im.get("id")
+        if "id" in im:
+            if isinstance(key, (bool, float, list, dict)) or key is None:
+                raise DatasetError(f"{where}: images[{k}]: id must be an integer or a string, got {key!r}")
+            if key in seen_ids:
+                raise DatasetError(f"{where}: images[{seen_ids[key]}] and images[{k}] have the same id {key!r}")
+            seen_ids[key] = k
+        else:
+            key = f"#{k}"
         name = im.get("file_name")
         if not isinstance(name, str) or not name:
             if name is not None or file_name == "required":
@@ -72,7 +75,7 @@ def coco_images(data, where: str, *, size: str = "required", file_name: str = "r
                 raise DatasetError(f"{where}: images {seen_names[name]!r} and {key!r} have the same file_name {name!r}")
             seen_names[name] = key
         wh = image_size(im.get("width"), im.get("height"), f"{where}: image {key!r}", required=size == "required")
-        out.append({"id": key, "file_name": name, "width": wh and wh[0], "height": wh and wh[1]})
+        out.append({"id": im.get("id"), "file_name": name, "width": wh and wh[0], "height": wh and wh[1]})
     if non_empty and not out:
         raise DatasetError(f"{where}: the images list is empty")
     return out

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from i3cl_core.data.errors import DatasetError
+from i3cl_core.data.image_io import IMAGE_EXTENSIONS
 from i3cl_core.utils import atomic_write_json, atomic_write_text, get_logger, read_json, safe_join
 
 log = get_logger("infer")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
 @dataclass
