@@ -12,7 +12,6 @@ from shapely.geometry import Polygon
 
 from i3cl_core.cli import main
 from i3cl_core.data import synth
-from i3cl_core.data.synth import fonts as _fonts  # noqa: F401  (synth.fonts, patched below)
 
 SIZE = (256, 256)
 CJK_RE = re.compile(r"[\u4e00-\u9fff]")
