@@ -270,241 +270,311 @@ def _batch_ids(targets) -> list:
 
 def train(cfg, work_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> dict:
     """Train ``cfg`` (an :class:`~i3cl_core.config.I3CLConfig`) into ``work_dir``; returns a summary."""
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
+    return Trainer(cfg, work_dir, resume=resume, progress=progress).run()
 
-    from i3cl_core.data.coco import CocoTextDataset, collate
-    from i3cl_core.data.transforms import build_train_transform
-    from i3cl_core.model.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
-    from i3cl_core.model.detector import build_model
 
-    tcfg = cfg.train
-    if not cfg.data.train:
-        raise ConfigError("data.train: no training datasets configured")
-    info = init_distributed(tcfg.device)
-    work_dir = Path(work_dir)
-    ckpt_dir = checkpoint_dir(work_dir)
-    if info.main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, work_dir / "config.yaml")
-    torch.manual_seed(tcfg.seed)
-    if cfg.data.check_images and info.main:  # every problem now, not hours in when training reaches it
+class Trainer:
+    """One training run, step by step: :meth:`build` (data, model, optimizer, loader), :meth:`resume`,
+    :meth:`step` (one iteration), :meth:`train_epoch`, :meth:`evaluate`, :meth:`checkpoint`, and
+    :meth:`run` (all epochs, then ``metrics.json``). The order of the random draws is fixed (seed, then
+    the model's initialisation, then the data order), which is what makes a resumed run end with the same
+    weights as an uninterrupted one."""
+
+    def __init__(self, cfg, work_dir: str | os.PathLike, resume: bool = False, progress: bool = True):
+        if not cfg.data.train:
+            raise ConfigError("data.train: no training datasets configured")
+        self.cfg, self.tcfg = cfg, cfg.train
+        self.progress = progress
+        self.info = init_distributed(self.tcfg.device)
+        self.work_dir = Path(work_dir)
+        self.ckpt_dir = checkpoint_dir(self.work_dir)
+        if self.info.main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.work_dir / "config.yaml")
+        torch.manual_seed(self.tcfg.seed)
+        self.start_epoch, self.start_iter, self.global_iter = 0, 0, 0
+        self.best = {"hmean": -1.0, "epoch": None}
+        self.history: list[dict] = []
+        self.images_seen = 0
+        self.t_start = time.time()
+        self.build(load_weights=not resume)
+        if resume:
+            self.resume()
+        self.ddp_model = self.model
+        if self.info.distributed:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.info.device.index] if self.info.device.type == "cuda" else None,
+                find_unused_parameters=True)
+        self.build_loader()
+        self.tb = self._tensorboard()
+
+    # ------------------------------------------------------------------ build
+    def check_images(self) -> None:
+        """Every image of every set now, not hours in when training reaches it."""
         from i3cl_core.data.check import check_sources, raise_on_problems
 
+        cfg = self.cfg
         sources = [(s.ann_file, s.img_root) for s in cfg.data.train]
-        if cfg.data.val is not None and tcfg.eval_interval > 0:
+        if cfg.data.val is not None and self.tcfg.eval_interval > 0:
             sources.append((cfg.data.val.ann_file, cfg.data.val.img_root))
         checked = check_sources(sources, workers=8)
         log.info(checked.summary())
         raise_on_problems(checked)
 
-    dataset = CocoTextDataset(
-        [(s.ann_file, s.img_root) for s in cfg.data.train],
-        transform=build_train_transform(cfg.data.augment),
-        train=True,
-        min_image_size=cfg.data.min_image_size,
-        dontcare=cfg.data.dontcare,
-        seed=tcfg.seed,
-    )
-    val_dataset = None
-    if cfg.data.val is not None and tcfg.eval_interval > 0 and info.main:
-        val_dataset = CocoTextDataset([(cfg.data.val.ann_file, cfg.data.val.img_root)], train=False,
-                                      min_image_size=cfg.data.min_image_size, dontcare=cfg.data.dontcare)
+    def build(self, load_weights: bool = True) -> None:
+        """Datasets, model (plus ``train.load_from`` unless resuming), optimizer and gradient scaler."""
+        from i3cl_core.data.coco import CocoTextDataset
+        from i3cl_core.data.transforms import build_train_transform
+        from i3cl_core.model.detector import build_model
 
-    model = build_model(cfg).to(info.device)
-    if tcfg.load_from and not resume:
-        load_from(model, tcfg.load_from)
-    if tcfg.sync_bn and info.distributed:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = build_optimizer(model, tcfg)
-    use_amp = tcfg.amp and info.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    start_epoch, start_iter, global_iter = 0, 0, 0
-    best = {"hmean": -1.0, "epoch": None}
-    history: list[dict] = []
-    if resume:
-        latest = find_latest(work_dir)
-        if latest is None:
-            log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
-        else:
-            ckpt = load_checkpoint(latest)
-            load_state_strict(model, ckpt["model"], str(latest))
-            try:
-                optimizer.load_state_dict(ckpt["optimizer"])
-                scaler.load_state_dict(ckpt["scaler"])
-            except (KeyError, ValueError) as e:
-                raise CheckpointError(f"{latest}: cannot resume, its training state does not fit this config ({e})") from None
-            start_epoch, start_iter, global_iter = ckpt["epoch"], ckpt["iter_in_epoch"], ckpt["global_iter"]
-            best, history = ckpt.get("best", best), ckpt.get("history", [])
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if info.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-            log.info("resumed from %s: epoch %d, iteration %d of the epoch, %d iterations done",
-                     latest, start_epoch, start_iter, global_iter)
-
-    ddp_model = model
-    if info.distributed:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.device.index] if info.device.type == "cuda" else None, find_unused_parameters=True
+        cfg, tcfg, info = self.cfg, self.tcfg, self.info
+        if cfg.data.check_images and info.main:
+            self.check_images()
+        self.dataset = CocoTextDataset(
+            [(s.ann_file, s.img_root) for s in cfg.data.train],
+            transform=build_train_transform(cfg.data.augment),
+            train=True,
+            min_image_size=cfg.data.min_image_size,
+            dontcare=cfg.data.dontcare,
+            seed=tcfg.seed,
         )
+        self.val_dataset = None
+        if cfg.data.val is not None and tcfg.eval_interval > 0 and info.main:
+            self.val_dataset = CocoTextDataset([(cfg.data.val.ann_file, cfg.data.val.img_root)], train=False,
+                                               min_image_size=cfg.data.min_image_size, dontcare=cfg.data.dontcare)
+        model = build_model(cfg).to(info.device)
+        if tcfg.load_from and load_weights:
+            load_from(model, tcfg.load_from)
+        if tcfg.sync_bn and info.distributed:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model
+        self.optimizer = build_optimizer(model, tcfg)
+        self.use_amp = tcfg.amp and info.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
 
-    per_process = None if tcfg.iters_per_epoch is None else tcfg.iters_per_epoch * tcfg.batch_size
-    sampler = EpochSampler(len(dataset), info.world_size, info.rank, seed=tcfg.seed, per_process=per_process,
-                           mix=dataset_mix(dataset, cfg.data.train))
-    loader = DataLoader(dataset, batch_size=tcfg.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-                        collate_fn=collate, pin_memory=info.device.type == "cuda", persistent_workers=False,
-                        worker_init_fn=worker_init)
-    iters_per_epoch = math.ceil(math.ceil(len(dataset) / info.world_size) / tcfg.batch_size)
-    if tcfg.iters_per_epoch is not None:
-        iters_per_epoch = tcfg.iters_per_epoch
-    if tcfg.max_iters_per_epoch:
-        iters_per_epoch = min(iters_per_epoch, tcfg.max_iters_per_epoch)
+    def build_loader(self) -> None:
+        """The epoch sampler (mixing the sets by their ``fraction``) and the DataLoader."""
+        from torch.utils.data import DataLoader
 
-    metrics_path = work_dir / "metrics.jsonl"
-    tb = None
-    if tcfg.tensorboard and info.main:
+        from i3cl_core.data.coco import collate
+
+        tcfg, info = self.tcfg, self.info
+        per_process = None if tcfg.iters_per_epoch is None else tcfg.iters_per_epoch * tcfg.batch_size
+        self.sampler = EpochSampler(len(self.dataset), info.world_size, info.rank, seed=tcfg.seed, per_process=per_process,
+                                    mix=dataset_mix(self.dataset, self.cfg.data.train))
+        self.loader = DataLoader(self.dataset, batch_size=tcfg.batch_size, sampler=self.sampler,
+                                 num_workers=self.cfg.data.num_workers, collate_fn=collate,
+                                 pin_memory=info.device.type == "cuda", persistent_workers=False,
+                                 worker_init_fn=worker_init)
+        iters = math.ceil(math.ceil(len(self.dataset) / info.world_size) / tcfg.batch_size)
+        if tcfg.iters_per_epoch is not None:
+            iters = tcfg.iters_per_epoch
+        if tcfg.max_iters_per_epoch:
+            iters = min(iters, tcfg.max_iters_per_epoch)
+        self.iters_per_epoch = iters
+
+    def _tensorboard(self):
+        if not (self.tcfg.tensorboard and self.info.main):
+            return None
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            tb = SummaryWriter(str(work_dir / "tb"))
+            return SummaryWriter(str(self.work_dir / "tb"))
         except ImportError:
             log.warning("train.tensorboard: the tensorboard package is not installed (pip install tensorboard); "
                         "skipping, metrics.jsonl has the same numbers")
+            return None
 
-    def write_metrics(record: dict) -> None:
-        if info.main:
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            if tb is not None:  # train/<term> per logged iteration, val/<measure> per evaluation
-                prefix = "val/" if record.get("eval") else "train/"
-                for k, v in record.items():
-                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "iter"):
-                        tb.add_scalar(prefix + k, v, record.get("iter", global_iter))
-                tb.flush()
+    # ------------------------------------------------------------------ resume and checkpoints
+    def resume(self) -> None:
+        """Model, optimizer, scaler, position, best score, history and RNG state from ``latest.pth``."""
+        from i3cl_core.model.checkpoint import load_checkpoint, load_state_strict
 
-    def save(name: str, epoch_done: int, iter_in_epoch: int) -> Path:
-        path = ckpt_dir / name
-        save_checkpoint(path, model, cfg, extra={
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
+        latest = find_latest(self.work_dir)
+        if latest is None:
+            log.warning("--resume: no checkpoint in %s, starting from scratch", self.ckpt_dir)
+            return
+        ckpt = load_checkpoint(latest)
+        load_state_strict(self.model, ckpt["model"], str(latest))
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{latest}: cannot resume, its training state does not fit this config ({e})") from None
+        self.start_epoch, self.start_iter, self.global_iter = ckpt["epoch"], ckpt["iter_in_epoch"], ckpt["global_iter"]
+        self.best, self.history = ckpt.get("best", self.best), ckpt.get("history", [])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if self.info.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        log.info("resumed from %s: epoch %d, iteration %d of the epoch, %d iterations done",
+                 latest, self.start_epoch, self.start_iter, self.global_iter)
+
+    def checkpoint(self, name: str, epoch_done: int, iter_in_epoch: int) -> Path:
+        """Save everything a resume needs as ``checkpoints/<name>`` and point ``latest.pth`` at it."""
+        from i3cl_core.model.checkpoint import save_checkpoint
+
+        path = self.ckpt_dir / name
+        cuda = self.info.device.type == "cuda"
+        save_checkpoint(path, self.model, self.cfg, extra={
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "epoch": epoch_done,
             "iter_in_epoch": iter_in_epoch,
-            "global_iter": global_iter,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None},
-            "best": best,
-            "history": history,
+            "global_iter": self.global_iter,
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None},
+            "best": self.best,
+            "history": self.history,
         })
-        _link_atomic(path, ckpt_dir / "latest.pth")
+        _link_atomic(path, self.ckpt_dir / "latest.pth")
         return path
 
-    t_start = time.time()
-    images_seen = 0
-    if info.main:
-        log.info("training %d images (%d per process x %d processes), %d iterations per epoch, epochs %d-%d, device %s",
-                 len(dataset), tcfg.batch_size, info.world_size, iters_per_epoch, start_epoch + 1, tcfg.epochs, info.device)
-    for epoch in range(start_epoch, tcfg.epochs):
-        dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch, skip=start_iter * tcfg.batch_size)
-        ddp_model.train()
-        bar = tqdm(total=iters_per_epoch, initial=start_iter, desc=f"epoch {epoch + 1}/{tcfg.epochs}",
-                   disable=not (progress and info.main), dynamic_ncols=True, leave=False)
+    def write_metrics(self, record: dict) -> None:
+        """One line of ``metrics.jsonl`` (and TensorBoard scalars when enabled), on the main process."""
+        if not self.info.main:
+            return
+        with open(self.work_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:  # train/<term> per logged iteration, val/<measure> per evaluation
+            prefix = "val/" if record.get("eval") else "train/"
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "iter"):
+                    self.tb.add_scalar(prefix + k, v, record.get("iter", self.global_iter))
+            self.tb.flush()
+
+    # ------------------------------------------------------------------ training
+    def step(self, images: list, targets: list, epoch: int, it: int) -> tuple[dict, float]:
+        """One optimisation step; returns the loss terms and the learning rate used. A non-finite loss on
+        any process stops the run with the batch's image ids and the last good checkpoint."""
+        tcfg, info = self.tcfg, self.info
+        lr = lr_at(tcfg, epoch, self.global_iter)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        images = [im.to(info.device, non_blocking=True) for im in images]
+        with torch.autocast(info.device.type, enabled=self.use_amp):
+            losses = self.ddp_model(images, targets)
+        loss = sum(losses.values())
+        finite = torch.tensor([float(torch.isfinite(loss))], device=info.device)
+        if info.distributed:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1:
+            latest = find_latest(self.work_dir)
+            terms = {k: v.detach().item() for k, v in losses.items()}
+            raise TrainingError(
+                f"loss became non-finite at iteration {self.global_iter + 1} (epoch {epoch + 1}, step {it + 1}); "
+                f"image ids of the batch: {_batch_ids(targets)}; loss terms: {terms}; "
+                f"last good checkpoint: {latest if latest else 'none yet'} (nothing saved after it)"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if tcfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], tcfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.global_iter += 1
+        self.images_seen += len(images) * info.world_size
+        return losses, lr
+
+    def train_epoch(self, epoch: int) -> None:
+        """The iterations of one epoch (from ``start_iter`` after a resume), with logging and the optional
+        iteration checkpoints."""
+        from tqdm import tqdm
+
+        tcfg, info = self.tcfg, self.info
+        self.dataset.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, skip=self.start_iter * tcfg.batch_size)
+        self.ddp_model.train()
+        bar = tqdm(total=self.iters_per_epoch, initial=self.start_iter, desc=f"epoch {epoch + 1}/{tcfg.epochs}",
+                   disable=not (self.progress and info.main), dynamic_ncols=True, leave=False)
         running: dict[str, float] = {}
-        it = start_iter
-        for images, targets in loader:
-            if it >= iters_per_epoch:
+        it = self.start_iter
+        for images, targets in self.loader:
+            if it >= self.iters_per_epoch:
                 break
-            lr = lr_at(tcfg, epoch, global_iter)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images = [im.to(info.device, non_blocking=True) for im in images]
-            with torch.autocast(info.device.type, enabled=use_amp):
-                losses = ddp_model(images, targets)
-            loss = sum(losses.values())
-            finite = torch.tensor([float(torch.isfinite(loss))], device=info.device)
-            if info.distributed:
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if finite.item() < 1:
-                latest = find_latest(work_dir)
-                terms = {k: v.detach().item() for k, v in losses.items()}
-                raise TrainingError(
-                    f"loss became non-finite at iteration {global_iter + 1} (epoch {epoch + 1}, step {it + 1}); "
-                    f"image ids of the batch: {_batch_ids(targets)}; loss terms: {terms}; "
-                    f"last good checkpoint: {latest if latest else 'none yet'} (nothing saved after it)"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if tcfg.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tcfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            global_iter += 1
+            losses, lr = self.step(images, targets, epoch, it)
             it += 1
-            images_seen += len(images) * info.world_size
             for k, v in losses.items():
                 running[k] = running.get(k, 0.0) + v.detach().item()
             running["n"] = running.get("n", 0) + 1
-            if it % tcfg.log_interval == 0 or it == iters_per_epoch:
+            if it % tcfg.log_interval == 0 or it == self.iters_per_epoch:
                 n = running.pop("n")
                 means = _all_reduce_mean({k: v / n for k, v in running.items()}, info)
                 running = {}
-                elapsed = time.time() - t_start
-                record = {"epoch": epoch + 1, "iter": global_iter, "lr": lr, "loss": sum(means.values()), **means,
-                          "images_per_s": images_seen / max(elapsed, 1e-9), "time": elapsed}
-                write_metrics(record)
-                if not progress and info.main:  # plain progress lines (parsed by the Prefect flows)
+                elapsed = time.time() - self.t_start
+                record = {"epoch": epoch + 1, "iter": self.global_iter, "lr": lr, "loss": sum(means.values()), **means,
+                          "images_per_s": self.images_seen / max(elapsed, 1e-9), "time": elapsed}
+                self.write_metrics(record)
+                if not self.progress and info.main:  # plain progress lines (parsed by the Prefect flows)
                     log.info("epoch %d/%d iter %d/%d loss %.4f lr %.3g %.2f img/s", epoch + 1, tcfg.epochs, it,
-                             iters_per_epoch, record["loss"], lr, record["images_per_s"])
-                bar.set_postfix({"loss": f"{record['loss']:.3f}", **{k.replace("loss_", ""): f"{v:.3f}" for k, v in means.items()},
-                                 "lr": f"{lr:.2e}"})
-            if tcfg.checkpoint_interval_iters and global_iter % tcfg.checkpoint_interval_iters == 0 and info.main:
-                save(f"iter_{global_iter}.pth", epoch, it)
+                             self.iters_per_epoch, record["loss"], lr, record["images_per_s"])
+                bar.set_postfix({"loss": f"{record['loss']:.3f}",
+                                 **{k.replace("loss_", ""): f"{v:.3f}" for k, v in means.items()}, "lr": f"{lr:.2e}"})
+            if tcfg.checkpoint_interval_iters and self.global_iter % tcfg.checkpoint_interval_iters == 0 and info.main:
+                self.checkpoint(f"iter_{self.global_iter}.pth", epoch, it)
             bar.update(1)
         bar.close()
-        start_iter = 0
+        self.start_iter = 0
 
-        evaluation = None
-        if val_dataset is not None and ((epoch + 1) % tcfg.eval_interval == 0 or epoch + 1 == tcfg.epochs):
-            from i3cl_core.infer.predictor import evaluate_model
+    def evaluate(self, epoch: int) -> dict:
+        """F of the model on the validation set (``train.eval_protocol``), recorded in the history."""
+        from i3cl_core.infer.predictor import evaluate_model
 
-            evaluation = evaluate_model(model, val_dataset, info.device, tcfg.eval_protocol, cfg.infer.score_thr,
-                                        batch_size=cfg.infer.batch_size, progress=progress)
-            evaluation.update(epoch=epoch + 1, iter=global_iter, time=time.time() - t_start)
-            history.append(evaluation)
-            write_metrics({"eval": True, **evaluation})
-            log.info("epoch %d: %s P %.4f R %.4f F %.4f (best threshold %.2f: F %.4f)", epoch + 1, tcfg.eval_protocol,
-                     evaluation["precision"], evaluation["recall"], evaluation["hmean"], evaluation["best_thr"],
-                     evaluation["best_hmean"])
-            if evaluation["hmean"] > best["hmean"]:
-                best = {"hmean": evaluation["hmean"], "epoch": epoch + 1}
+        cfg = self.cfg
+        evaluation = evaluate_model(self.model, self.val_dataset, self.info.device, self.tcfg.eval_protocol,
+                                    cfg.infer.score_thr, batch_size=cfg.infer.batch_size, progress=self.progress)
+        evaluation.update(epoch=epoch + 1, iter=self.global_iter, time=time.time() - self.t_start)
+        self.history.append(evaluation)
+        self.write_metrics({"eval": True, **evaluation})
+        log.info("epoch %d: %s P %.4f R %.4f F %.4f (best threshold %.2f: F %.4f)", epoch + 1, self.tcfg.eval_protocol,
+                 evaluation["precision"], evaluation["recall"], evaluation["hmean"], evaluation["best_thr"],
+                 evaluation["best_hmean"])
+        if evaluation["hmean"] > self.best["hmean"]:
+            self.best = {"hmean": evaluation["hmean"], "epoch": epoch + 1}
+        return evaluation
+
+    def run(self) -> dict:
+        """Every remaining epoch (evaluate, checkpoint, keep ``best.pth``), then ``metrics.json``; the summary."""
+        tcfg, info = self.tcfg, self.info
+        self.t_start = time.time()
+        self.images_seen = 0
         if info.main:
-            path = save(f"epoch_{epoch + 1}.pth", epoch + 1, 0)
-            if evaluation is not None and best["epoch"] == epoch + 1:
-                _link_atomic(path, ckpt_dir / "best.pth")
-            _prune(ckpt_dir, tcfg.keep_last)
-        if info.distributed:
-            dist.barrier()
+            log.info("training %d images (%d per process x %d processes), %d iterations per epoch, epochs %d-%d, "
+                     "device %s", len(self.dataset), tcfg.batch_size, info.world_size, self.iters_per_epoch,
+                     self.start_epoch + 1, tcfg.epochs, info.device)
+        for epoch in range(self.start_epoch, tcfg.epochs):
+            self.train_epoch(epoch)
+            evaluation = None
+            if self.val_dataset is not None and ((epoch + 1) % tcfg.eval_interval == 0 or epoch + 1 == tcfg.epochs):
+                evaluation = self.evaluate(epoch)
+            if info.main:
+                path = self.checkpoint(f"epoch_{epoch + 1}.pth", epoch + 1, 0)
+                if evaluation is not None and self.best["epoch"] == epoch + 1:
+                    _link_atomic(path, self.ckpt_dir / "best.pth")
+                _prune(self.ckpt_dir, tcfg.keep_last)
+            if info.distributed:
+                dist.barrier()
+        return self.finish()
 
-    elapsed = time.time() - t_start
-    summary = {
-        "work_dir": str(work_dir),
-        "epochs": tcfg.epochs,
-        "iterations": global_iter,
-        "checkpoint": str(ckpt_dir / "latest.pth"),
-        "best_checkpoint": str(ckpt_dir / "best.pth") if (ckpt_dir / "best.pth").exists() else None,
-        "best": best,
-        "last_eval": history[-1] if history else None,
-        "seconds": elapsed,
-        "images_per_s": images_seen / max(elapsed, 1e-9),
-        "world_size": info.world_size,
-    }
-    if info.main:
-        atomic_write_json(work_dir / "metrics.json", {"summary": summary, "evaluations": history}, indent=2)
-        if tb is not None:
-            tb.close()
-    if info.distributed:
-        dist.barrier()
-        dist.destroy_process_group()
-    return summary
+    def finish(self) -> dict:
+        elapsed = time.time() - self.t_start
+        ckpt_dir = self.ckpt_dir
+        summary = {
+            "work_dir": str(self.work_dir),
+            "epochs": self.tcfg.epochs,
+            "iterations": self.global_iter,
+            "checkpoint": str(ckpt_dir / "latest.pth"),
+            "best_checkpoint": str(ckpt_dir / "best.pth") if (ckpt_dir / "best.pth").exists() else None,
+            "best": self.best,
+            "last_eval": self.history[-1] if self.history else None,
+            "seconds": elapsed,
+            "images_per_s": self.images_seen / max(elapsed, 1e-9),
+            "world_size": self.info.world_size,
+        }
+        if self.info.main:
+            atomic_write_json(self.work_dir / "metrics.json", {"summary": summary, "evaluations": self.history}, indent=2)
+            if self.tb is not None:
+                self.tb.close()
+        if self.info.distributed:
+            dist.barrier()
+            dist.destroy_process_group()
+        return summary
