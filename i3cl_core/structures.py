@@ -8,8 +8,8 @@ anchors and RoIs. One name per field from the json to the loss:
 ================  ==============================================================================
 field             meaning
 ================  ==============================================================================
-``polygons``      per instance a list of (K, 2) float32 parts, in pixel coordinates (the point
-                  (x, y) is the corner of pixel (x, y); a pixel's centre is (x + 0.5, y + 0.5))
+``polygons``      per instance a list of (K, 2) float32 parts, in the pixel-area coordinates of
+                  :mod:`i3cl_core.data.polygons` (pixel (x, y) covers [x, x+1) x [y, y+1))
 ``iscrowd``       do-not-care region (bool); only in a :class:`~i3cl_core.data.transforms.Sample`
 ``lossweight``    the instance's loss weight (float, 1.0 for human labels; pseudo labels carry the
                   weight that fusion gave them, the json key of the same name)

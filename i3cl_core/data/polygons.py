@@ -1,8 +1,13 @@
 """Polygon helpers shared by the dataset, the augmentations and the model.
 
-Polygons are float32 arrays of shape (K, 2) holding (x, y) in continuous image coordinates: pixel
-(col j, row i) covers [j, j+1) x [i, i+1). An *instance* is a list of such polygons (COCO allows
-several parts per annotation).
+Polygons are float32 arrays of shape (K, 2) holding (x, y) in continuous image coordinates. An
+*instance* is a list of such polygons (COCO allows several parts per annotation).
+
+Coordinate convention (the one used everywhere in the project: datasets, augmentations, boxes, masks,
+polygon tracing, fusion and evaluation): pixel (column j, row i) covers the area [j, j+1) x [i, i+1), so
+its centre is (j + 0.5, i + 0.5) and an image of width W spans x in [0, W]. This is COCO's
+polygon-to-mask rule. OpenCV's drawing and contour functions work on pixel centres instead (their
+integer coordinate j is our j + 0.5); every call into OpenCV converts with that half-pixel shift.
 """
 from __future__ import annotations
 

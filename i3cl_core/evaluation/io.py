@@ -146,7 +146,7 @@ def _bbox_points(bbox, where: str) -> np.ndarray:
 def rle_to_parts(rle: dict, where: str, size: tuple[int, int] | None = None) -> list[np.ndarray]:
     """Trace an RLE mask into polygons (outer boundaries of each blob; holes dropped).
 
-    Pixel ``(x, y)`` covers ``[x, x+1) x [y, y+1)``. OpenCV contours run through pixel centres; we offset them
+    Pixel ``(x, y)`` covers ``[x, x+1) x [y, y+1)`` (the convention of :mod:`i3cl_core.data.polygons`). OpenCV contours run through pixel centres; we offset them
     outwards by half a pixel (mitre joins, square caps), so a rectilinear blob becomes exactly its pixel
     boundary (a 40x20 block at column 100, row 10 -> the box [100, 140] x [10, 30]).
     """

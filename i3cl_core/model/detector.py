@@ -58,8 +58,8 @@ class I3CL(nn.Module):
 
     Training: ``model(images, targets)`` returns the loss dict (``loss_rpn_cls``, ``loss_rpn_box``,
     ``loss_rcnn_cls``, ``loss_rcnn_box``, ``loss_mask``); targets carry per-instance ``lossweight``
-    and do-not-care regions. Coordinates follow the pixel-area convention (pixel (x, y) covers
-    [x, x+1) x [y, y+1)).
+    and do-not-care regions. Coordinates follow the pixel-area convention declared in
+    :mod:`i3cl_core.data.polygons` (pixel (x, y) covers [x, x+1) x [y, y+1)).
     """
 
     def __init__(self, cfg):
