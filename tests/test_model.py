@@ -312,9 +312,18 @@ def test_timm_features_only_backbone():
     pytest.importorskip("timm")
     m = build_model(tiny_cfg("model.backbone.name=timm:resnet10t", "model.inter_cl=false")).eval()
     assert m.backbone.strides == [4, 8, 16, 32]
-    image, _ = text_image(128, 160)
+    image, target = text_image(128, 160)
+    feats = m.features(m.preprocess([image], resize=False)[0].tensors)
+    assert [tuple(f.shape[-2:]) for f in feats[:4]] == [(32, 40), (16, 20), (8, 10), (4, 5)]  # strides 4-32 of 128x160
     out = m([image])
-    assert set(out[0]) >= {"boxes", "scores", "polygons"}
+    assert set(out[0]) >= {"boxes", "scores", "polygons"} and len(out[0]["polygons"]) == len(out[0]["scores"])
+    # and it trains: finite losses whose gradients reach the timm stages
+    m.train()
+    losses = m([image], [target])
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    grads = [p.grad for n, p in m.backbone.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
 # ---------------------------------------------------------------------------------- overfit
