@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -299,6 +300,58 @@ def test_two_rounds_and_the_control_run(served, tmp_path, monkeypatch):
     assert all(second[t] == "Cached" for t in round1), second
     assert second["infer-r2-student-r1-0"] == "Cached"  # round 1's student did not change
     assert second["fuse-r2"] == "Completed" and second["train-student-r2"] == "Completed", second
+
+
+@pytest.mark.slow
+def test_a_killed_teacher_training_resumes_on_a_deployment_rerun(served, tmp_path, monkeypatch):
+    """kill -9 of the flow-run process while a teacher trains (after its first epoch checkpoint), then the
+    deployment run again: the training resumes from latest.pth and ends with the weights of an
+    uninterrupted run, tensor for tensor."""
+    import torch
+
+    for k in ("PREFECT_API_URL", "PREFECT_HOME"):
+        monkeypatch.setenv(k, served.env[k])
+
+    def params(wd):
+        p = tiny_params(wd, tmp_path / "demo", teachers=("teacher_a",))
+        p["train"]["overrides"] = [o for o in TINY if not o.startswith("train.epochs")] + ["train.epochs=10"]
+        return json.dumps({k: p[k] for k in ("work_dir", "data", "train")})
+
+    ref, wd = tmp_path / "ref", tmp_path / "killed"
+    res = prefect_cli(served, "deployment", "run", "train-teachers/default", "--params", params(ref), "--watch",
+                      "--watch-interval", "2")
+    assert res.returncode == 0 and "Completed" in res.stdout, res.stdout[-3000:]
+    res = prefect_cli(served, "deployment", "run", "train-teachers/default", "--params", params(wd))
+    run_id = run_id_from(res.stdout)
+    ckpts = wd / "teachers" / "teacher_a" / "checkpoints"
+    serve_pid = int(next(p.name for p in Path("/proc").iterdir() if p.name.isdigit()
+                         and b"flows.serve" in (p / "cmdline").read_bytes()))
+    deadline = time.time() + 240
+    while time.time() < deadline and not (ckpts / "epoch_1.pth").exists():
+        time.sleep(0.05)
+    for pid in _descendants(serve_pid):  # the flow-run process and its torchrun and trainer
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    assert not (wd / "teachers" / "teacher_a" / "metrics.json").exists(), "the training finished before the kill"
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        deadline = time.time() + 120
+        while time.time() < deadline and not client.read_flow_run(run_id).state.is_final():
+            time.sleep(1)
+        assert client.read_flow_run(run_id).state.name == "Crashed"
+    res = prefect_cli(served, "deployment", "run", "train-teachers/default", "--params", params(wd), "--watch",
+                      "--watch-interval", "2")
+    assert res.returncode == 0 and "Completed" in res.stdout, res.stdout[-3000:]
+    log = (wd / "teachers" / "teacher_a" / "train.log").read_text()
+    resumed = re.search(r"resumed from \S+: epoch (\d+), iteration (\d+) of the epoch", log)
+    assert resumed and 1 <= int(resumed.group(1)) < 10, log[-2000:]
+    a = torch.load(ref / "teachers" / "teacher_a" / "checkpoints" / "latest.pth", weights_only=True)
+    b = torch.load(ckpts / "latest.pth", weights_only=True)
+    assert a["global_iter"] == b["global_iter"] == 30
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "resumed weights differ"
 
 
 @pytest.mark.slow
