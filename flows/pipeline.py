@@ -12,51 +12,31 @@ read (configs, annotation files, checkpoints, predictions), with results persist
 ``work_dir/.prefect-results``. Re-running the pipeline with another fusion parameter therefore
 recomputes fusion and what follows only. Before using a cache entry the flow checks that the task's
 output files still exist; if they are gone the task runs again (``refresh_cache``).
+
+Layout: the flows are here, the tasks in :mod:`flows.tasks`, the UI artifacts in :mod:`flows.artifacts`,
+the typed parameters in :mod:`flows.params`, subprocess streaming in :mod:`flows.runner`.
 """
 from __future__ import annotations
 
-import base64
 import json
-import re
 from pathlib import Path
 from typing import Annotated
 
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect import flow
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pydantic import Field
 
-from flows.params import DataParams, EvalParams, FuseConfig, InferParams, ModelSpec, RoundParams, TrainParams
-from flows.runner import run_slurm, run_streaming
+from flows.artifacts import pseudo_label_artifacts, summary_artifact
+from flows.params import DataParams, EvalParams, FuseConfig, InferParams, RoundParams, TrainParams
+from flows.tasks import evaluate_task, flow_run_id, fuse_task, infer_shard, result_storage, run_cached, train_spec
 from i3cl_core import stages, variants
 from i3cl_core.stages import PipelineError, fingerprint
 from i3cl_core.utils import atomic_write_json
 
-REPO = Path(__file__).resolve().parents[1]
-CACHE = INPUTS + TASK_SOURCE
-
 
 # ------------------------------------------------------------------------------------ helpers
-def _storage(wd: Path) -> Path:
-    """Task results (and cache records) of a run live in its work_dir."""
-    return wd / ".prefect-results"
-
-
-def _config_path(p: str) -> str:
-    path = Path(p)
-    if not path.is_absolute() and not path.exists() and (REPO / path).exists():
-        path = REPO / path
-    if not path.exists():
-        raise PipelineError(f"config {p} not found")
-    return str(path.resolve())
-
-
-def _key(text: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
-
-
 def _data(data: DataParams, wd: Path) -> dict:
     """Resolved data paths: explicit ones, else the synthetic demo splits (generated when missing).
     A stage run with the default ``data`` on an existing work_dir uses the data it was made with
@@ -87,182 +67,6 @@ def _resolve_data(data: DataParams) -> dict:
     }
 
 
-def _cancelled_checker():
-    """A function that tells whether the root flow run is being cancelled (read the run id here, in
-    the task's thread, where Prefect's context is available)."""
-    from prefect.runtime import flow_run
-
-    root = flow_run.root_flow_run_id
-    if not root:
-        return None
-
-    def cancelled() -> bool:
-        from prefect import get_client
-
-        with get_client(sync_client=True) as client:
-            state = client.read_flow_run(root).state
-            return bool(state and (state.is_cancelling() or state.is_cancelled()))
-
-    return cancelled
-
-
-ARTIFACT_BUDGET = 450_000  # bytes of markdown per artifact (pictures included): the UI renders it whole
-
-
-def _image_uri(path: str | Path, max_side: int = 560, quality: int = 80) -> str:
-    """A compact JPEG thumbnail of ``path`` as a data URI (charts and sample pictures alike)."""
-    import io
-
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        im.thumbnail((max_side, max_side))
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=quality, optimize=True)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def markdown_with_images(title: str, blocks: list[tuple[str, list[tuple[str, str | Path]]]], intro: str = "",
-                         budget: int = ARTIFACT_BUDGET) -> str:
-    """CommonMark for an artifact: ``# title``, ``intro``, then per block ``## heading`` and its pictures
-    (alt text, file), every block separated by a blank line; thumbnails shrink until the whole text fits
-    ``budget`` bytes."""
-    for max_side, quality in ((560, 80), (420, 70), (320, 60), (240, 50)):
-        parts = [f"# {title}"] + ([intro] if intro else [])
-        for heading, images in blocks:
-            parts.append(f"## {heading}")
-            parts += [f"![{alt}]({_image_uri(p, max_side, quality)})" for alt, p in images if Path(p).exists()]
-        text = "\n\n".join(parts) + "\n"
-        if len(text.encode()) <= budget:
-            return text
-    return text
-
-
-# ------------------------------------------------------------------------------------ tasks
-EPOCH = re.compile(r"epoch (\d+)/(\d+) iter")
-
-
-def _curve_artifact(name: str, out: Path, when: str) -> None:
-    """The training's loss and learning-rate curve as a markdown artifact (one version per epoch)."""
-    from i3cl_core.pseudo.report import training_curve_png
-
-    try:
-        png = training_curve_png(out / "metrics.jsonl", out / "train_curve.png", f"{name} ({when})")
-    except Exception as e:  # a figure must never stop a training
-        get_run_logger().warning("training curve of %s not drawn: %s", name, e)
-        return
-    if png is not None:
-        create_markdown_artifact(markdown_with_images(f"Training {name}", [(when, [("loss and learning rate", png)])]),
-                                 key=f"training-curve-{_key(name)}", description=f"training curve of {name} ({when})")
-
-
-@task(cache_policy=(INPUTS - "launcher") + TASK_SOURCE, persist_result=True, result_serializer="json",
-      task_run_name="train-{name}", cache_result_in_memory=False)
-def train_model(name: str, config_path: str, out_dir: str, nproc_per_node: int, inputs_fingerprint: str,
-                launcher: dict | None = None) -> str:
-    """One training, launched by ``launcher`` (torchrun here, or a Slurm job); returns the checkpoint
-    path. How it is launched is not part of the cache key: the same inputs give the same model."""
-    from i3cl_core.engine.launch import SlurmLauncher, TorchrunLauncher
-    from i3cl_core.engine.train import checkpoint_dir
-
-    launch = SlurmLauncher(**launcher) if (launcher or {}).get("kind") == "slurm" else TorchrunLauncher(**(launcher or {}))
-    logger = get_run_logger()
-    out = Path(out_dir)
-    ckpt_dir = checkpoint_dir(out)
-    stamp = out / "inputs.fingerprint"
-    same_inputs = stamp.exists() and stamp.read_text() == inputs_fingerprint
-    attach = False
-    if isinstance(launch, SlurmLauncher) and same_inputs:
-        from i3cl_core.engine.launch import SlurmJob
-
-        attach = SlurmJob.recorded(out) is not None  # an earlier attempt's job still runs: follow it, touch nothing
-    resume = (ckpt_dir / "latest.pth").exists() and same_inputs and not (out / "metrics.json").exists()
-    if not resume and not attach:
-        for f in ckpt_dir.glob("*.pth") if ckpt_dir.exists() else []:
-            f.unlink()
-        (out / "metrics.json").unlink(missing_ok=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(inputs_fingerprint)
-    progress_id = create_progress_artifact(0.0, key=f"train-{_key(name)}", description=f"training {name}")
-    epoch = {"seen": 0}
-    with open(out / "train.log", "a", encoding="utf-8") as log_file:
-        def log_line(line: str) -> None:
-            logger.info("[%s] %s", name, line)
-            log_file.write(line + "\n")
-            log_file.flush()
-            m = EPOCH.search(line)
-            if m and int(m.group(1)) > epoch["seen"]:  # a new epoch began: publish the curve so far
-                if epoch["seen"]:
-                    _curve_artifact(name, out, f"epoch {epoch['seen']}/{m.group(2)}")
-                epoch["seen"] = int(m.group(1))
-
-        progress = lambda f: update_progress_artifact(progress_id, 100.0 * f)  # noqa: E731
-        if isinstance(launch, SlurmLauncher):
-            logger.info("%s: Slurm job, %d node(s) x %d process(es)%s", name, launch.nodes, nproc_per_node,
-                        " (resuming)" if resume else "")
-            rc = run_slurm(name, config_path, out, launch, nproc_per_node, resume, attach, log_line,
-                           cancelled=_cancelled_checker(), on_progress=progress)
-        else:
-            cmd = stages.train_command(Path(config_path), out, nproc_per_node, resume=resume, launcher=launch)
-            logger.info("%s: %s%s", name, " ".join(cmd), " (resuming)" if resume else "")
-            if launch.nnodes > 1:
-                logger.info("%s: start the same command on the other %d node(s), each with its --node_rank",
-                            name, launch.nnodes - 1)
-            rc = run_streaming(cmd, log_line, cancelled=_cancelled_checker(), on_progress=progress)
-    if rc != 0:
-        raise RuntimeError(f"training {name} failed with exit code {rc}; see {out / 'train.log'}")
-    update_progress_artifact(progress_id, 100.0)
-    _curve_artifact(name, out, "finished")
-    ckpt = stages.trained_checkpoint(out)
-    if ckpt is None:
-        raise RuntimeError(f"training {name} ended without a final checkpoint in {out}")
-    return str(ckpt)
-
-
-@task(cache_policy=CACHE, persist_result=True, result_serializer="json", task_run_name="infer-{teacher}-{shard_index}")
-def infer_shard(teacher: str, checkpoint: str, checkpoint_fingerprint: str, shard_index: int, shard: list[dict],
-                out_dir: str, score_thr: float, devices: str | list[str], flips: list[str], scales: list[int],
-                batch_size: int, precision: str, loader_workers: int, dask_local: bool) -> dict:
-    return stages.infer_shard(checkpoint, shard_index, shard, out_dir, score_thr, devices, flips, scales, batch_size,
-                              loader_workers, precision, dask_local)
-
-
-@task(cache_policy=CACHE, persist_result=True, result_serializer="json", task_run_name="fuse-r{ssl_round}")
-def fuse_task(ssl_round: int, members: list[str], members_fingerprint: str, images_json: str, fuse: dict, out: str,
-              gt: str | None, img_root: str, val_members: list[str] | None, val_ann_file: str | None) -> dict:
-    return stages.fuse_stage(members, images_json, out, FuseConfig(**fuse), gt, img_root, val_members, val_ann_file)
-
-
-@task(cache_policy=CACHE, persist_result=True, result_serializer="json", task_run_name="evaluate-{model}")
-def evaluate_task(model: str, checkpoint: str, checkpoint_fingerprint: str, split: dict, split_fingerprint: str,
-                  out_json: str, protocol: str, score_thr: float | None) -> dict:
-    return stages.evaluate_checkpoint(checkpoint, split["ann_file"], split["img_root"], out_json, protocol, score_thr)
-
-
-def _run_cached(t, outputs_exist: bool, **kwargs):
-    """Call a cached task, forcing a recompute when its output files have gone."""
-    return (t if outputs_exist else t.with_options(refresh_cache=True))(**kwargs)
-
-
-def _train(spec: ModelSpec, out: Path, wd: Path, data: dict, train: TrainParams, extra_sets: list[dict] | None = None,
-           load_from: str | None = None, extra_overrides: list[str] | None = None, name: str | None = None,
-           pseudo: dict | None = None) -> str:
-    """Train ``spec`` into ``out`` on the labeled sets plus ``extra_sets`` (cached on the resolved
-    config and the content of its inputs; task results stored in the work_dir ``wd``)."""
-    sets = data["labeled"] + (extra_sets or [])
-    overrides = [*train.overrides, *spec.overrides, *(extra_overrides or [])]
-    cfg_path = stages.write_train_config(_config_path(spec.config), out, sets, overrides, load_from)
-    fp = stages.training_fingerprint(cfg_path, sets, load_from)
-    ckpt = _run_cached(train_model.with_options(result_storage=_storage(wd)), stages.trained_checkpoint(out) is not None,
-                       name=name or spec.name, config_path=str(cfg_path), out_dir=str(out), nproc_per_node=train.nproc_per_node,
-                       inputs_fingerprint=fp, launcher=train.launcher.model_dump(mode="json"))
-    variants.write_lineage(out, data_sets=sets, load_from=load_from, config=str(cfg_path), pseudo=pseudo,
-                           flow_run_id=_flow_run_id())
-    return ckpt
-
-
 # ------------------------------------------------------------------------------------ flows
 @flow(name="train-teachers", log_prints=True, persist_result=True, result_serializer="json")
 def train_teachers(work_dir: str = "runs/demo", data: DataParams = DataParams(), train: TrainParams = TrainParams()) -> dict:
@@ -272,7 +76,7 @@ def train_teachers(work_dir: str = "runs/demo", data: DataParams = DataParams(),
     names = [t.name for t in train.teachers]
     if len(set(names)) != len(names):
         raise PipelineError(f"train.teachers: names must be unique, got {names}")
-    checkpoints = {spec.name: _train(spec, wd / "teachers" / spec.name, wd, d, train) for spec in train.teachers}
+    checkpoints = {spec.name: train_spec(spec, wd / "teachers" / spec.name, wd, d, train) for spec in train.teachers}
     atomic_write_json(wd / "teachers" / "teachers.json", checkpoints, indent=2)
     return checkpoints
 
@@ -317,7 +121,7 @@ def _infer_all(wd: str, pred_root: str, models: dict, shards: list, infer: Infer
 
     from i3cl_core.pseudo.ensemble import Shard
 
-    storage = _storage(Path(wd))
+    storage = result_storage(Path(wd))
     resources = contextlib.nullcontext()
     if (infer.dask_address or infer.dask_workers) and infer.dask_resource:
         import dask
@@ -462,13 +266,13 @@ def fuse_pseudo_labels(work_dir: str = "runs/demo", data: DataParams = DataParam
     key = variants.variant_key(members=members_fp, fuse=fuse_params, images=fingerprint(d["unlabeled_images"]),
                                val=fingerprint(d["val"]["ann_file"]) if val_members else None)
     out = rd / "pseudo" / key / "train_lossweight.json"
-    summary = _run_cached(fuse_task.with_options(result_storage=_storage(wd)), out.exists(), ssl_round=ssl_round,
+    summary = run_cached(fuse_task.with_options(result_storage=result_storage(wd)), out.exists(), ssl_round=ssl_round,
                           members=members, members_fingerprint=members_fp,
                           images_json=d["unlabeled_images"], fuse=fuse_params, out=str(out),
                           gt=d["unlabeled_gt"], img_root=d["unlabeled_root"], val_members=val_members,
                           val_ann_file=d["val"]["ann_file"] if val_members else None)
-    variants.set_current(rd / "pseudo", key, {"path": str(out), "fuse": fuse_params, "flow_run_id": _flow_run_id()})
-    _pseudo_artifacts(out.parent, summary, ssl_round)
+    variants.set_current(rd / "pseudo", key, {"path": str(out), "fuse": fuse_params, "flow_run_id": flow_run_id()})
+    pseudo_label_artifacts(out.parent, summary, ssl_round)
     suffix = "" if ssl_round == 1 else f"-r{ssl_round}"
     rows = [{"variant": r["variant"] + (" (current)" if r["current"] else ""), "keep_thr": r["keep_thr"],
              "min_votes": r["fuse"].get("min_votes"), "conf_type": r["fuse"].get("conf_type"),
@@ -479,34 +283,6 @@ def fuse_pseudo_labels(work_dir: str = "runs/demo", data: DataParams = DataParam
     create_table_artifact(rows, key=f"pseudo-variants{suffix}", description="every fused variant of this work dir's "
                           "pseudo labels and the models trained on each")
     return {**{k: v for k, v in summary.items() if k != "model_stats"}, "variant": key}
-
-
-def _flow_run_id() -> str | None:
-    from prefect.runtime import flow_run
-
-    return str(flow_run.id) if flow_run.id else None
-
-
-def _pseudo_artifacts(variant_dir: Path, summary: dict, ssl_round: int = 1) -> None:
-    report = json.loads((variant_dir / "report.json").read_text())
-    rows = [{"stat": k, "value": summary[k]} for k in ("images", "models", "pseudo_labels", "dontcare", "images_with_labels")]
-    quality = report.get("quality")
-    if quality:
-        rows += [{"stat": f"{r['source']} P/R/F", "value": f"{r['precision']:.3f} / {r['recall']:.3f} / {r['hmean']:.3f}"}
-                 for r in quality["table"]]
-    selection = report.get("keep_thr_selection") or {}
-    rows.append({"stat": "keep_thr", "value": f"{selection.get('keep_thr')} (chosen on {selection['chosen_on']})"
-                 if selection.get("chosen_on") else f"{selection.get('keep_thr')} (as given)"})
-    suffix = "" if ssl_round == 1 else f"-r{ssl_round}"
-    create_table_artifact(rows, key=f"pseudo-label-stats{suffix}", description="pseudo labels (and quality vs the hidden GT)")
-    headings = {"pr_curve": "Precision / recall / F of the fused labels over the score threshold",
-                "scores": "Fused scores", "votes": "Votes per pseudo label", "weights": "Loss weights"}
-    blocks = [(headings.get(name, name), [(name, p)]) for name, p in report["figures"].items()]
-    blocks.append(("Samples", [(f"sample {k + 1}", p) for k, p in enumerate(report.get("samples", [])[:3])]))
-    intro = (f"{summary['pseudo_labels']} pseudo labels, {summary['dontcare']} do-not-care regions on "
-             f"{summary['images']} images from {summary['models']} models.")
-    create_markdown_artifact(markdown_with_images("Pseudo labels", blocks, intro), key=f"pseudo-labels{suffix}",
-                             description="histograms, PR curve and samples")
 
 
 @flow(name="train-student", log_prints=True, persist_result=True, result_serializer="json", flow_run_name="train-student-r{ssl_round}")
@@ -537,7 +313,7 @@ def train_student(work_dir: str = "runs/demo", data: DataParams = DataParams(), 
             "load_from": fingerprint(load_from) if load_from else None}
     root = rd / "student" / train.student.name
     key = variants.variant_key(pseudo=lineage_pseudo["fingerprint"], fraction=train.pseudo_fraction, **spec)
-    student = _train(train.student, root / key, wd, d, train, extra, load_from, extra_overrides, name=name,
+    student = train_spec(train.student, root / key, wd, d, train, extra, load_from, extra_overrides, name=name,
                      pseudo=lineage_pseudo)
     variants.set_current(root, key, {"pseudo_variant": lineage_pseudo["variant"], "checkpoint": student})
     result = {"student": student}
@@ -545,7 +321,7 @@ def train_student(work_dir: str = "runs/demo", data: DataParams = DataParams(), 
         iters = stages.iterations_per_epoch(Path(student).parents[1])
         croot = wd / "control" / train.student.name
         ckey = variants.variant_key(iters_per_epoch=iters, **spec)
-        result["control"] = _train(train.student, croot / ckey, wd, d, train, None, load_from,
+        result["control"] = train_spec(train.student, croot / ckey, wd, d, train, None, load_from,
                                    [*(extra_overrides or []), f"train.iters_per_epoch={iters}"],
                                    name=f"control-{train.student.name}")
         variants.set_current(croot, ckey, {"checkpoint": result["control"]})
@@ -573,7 +349,7 @@ def evaluate(work_dir: str = "runs/demo", data: DataParams = DataParams(), evalu
     results = {}
     for name, ckpt in models.items():
         out_json = wd / "eval" / f"{name.replace(':', '_')}.json"
-        results[name] = _run_cached(evaluate_task.with_options(result_storage=_storage(wd)), out_json.exists(), model=name,
+        results[name] = run_cached(evaluate_task.with_options(result_storage=result_storage(wd)), out_json.exists(), model=name,
                                     checkpoint=ckpt, checkpoint_fingerprint=fingerprint(ckpt), split=d["test"],
                                     split_fingerprint=split_fp, out_json=str(out_json), protocol=evaluation.protocol,
                                     score_thr=evaluation.score_thr)
@@ -633,20 +409,10 @@ def ssl_pipeline(
                "lineage": {"pseudo_variant": variants.current_variant(wd / "pseudo"),
                            "pseudo_labels_file": str(variants.pseudo_file(wd / "pseudo")),
                            "data": {k: v for k, v in _data(data, wd).items()}, "code": variants.code_version(),
-                           "flow_run_id": _flow_run_id()}}
+                           "flow_run_id": flow_run_id()}}
     atomic_write_json(wd / "summary.json", summary, indent=2)
-    _summary_artifact(wd, summary)
+    summary_artifact(wd, summary)
     return summary
-
-
-def _summary_artifact(wd: Path, summary: dict) -> None:
-    """summary.md with its figures, and the same as the parent run's markdown artifact."""
-    from i3cl_core.run_summary import write_summary
-
-    written = write_summary(wd, summary, json.loads((wd / "data.json").read_text()))
-    text = markdown_with_images("SSL pipeline summary", written["blocks"], written["text_head"].strip())
-    create_markdown_artifact(text, key="ssl-pipeline-summary", description="final table, figures and samples")
-    print(f"run summary: {written['md']}")
 
 
 ALL_FLOWS = [ssl_pipeline, train_teachers, ensemble_inference, fuse_pseudo_labels, train_student, evaluate]

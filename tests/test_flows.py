@@ -420,7 +420,7 @@ def test_artifact_markdown_is_commonmark_with_every_picture_within_budget(tmp_pa
     from markdown_it import MarkdownIt
     from PIL import Image
 
-    from flows.pipeline import markdown_with_images
+    from flows.artifacts import markdown_with_images
 
     pics = []
     rng = __import__("numpy").random.default_rng(0)

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from flows.pipeline import markdown_with_images
+from flows.artifacts import markdown_with_images
 
 out = Path(sys.argv[1])
 rng = np.random.default_rng(0)
