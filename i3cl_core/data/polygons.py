@@ -55,6 +55,14 @@ def instance_box(parts: Instance) -> np.ndarray:
     return np.array([pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()], dtype=np.float32)
 
 
+def coco_bbox(parts) -> list[float]:
+    """COCO ``bbox`` [x, y, width, height] (Python floats, float64 arithmetic) around all parts of an instance."""
+    xy = np.concatenate([np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in parts])
+    x0, y0 = xy.min(axis=0)
+    x1, y1 = xy.max(axis=0)
+    return [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
+
+
 def _shapely_parts(geom) -> list[Polygon]:
     """Exterior rings of the polygonal parts of a shapely geometry, largest first."""
     import shapely

@@ -14,6 +14,7 @@ import io as _io
 import numpy as np
 
 from i3cl_core.data.errors import DatasetError
+from i3cl_core.data.polygons import coco_bbox
 
 from .geometry import as_parts
 
@@ -24,13 +25,6 @@ def _flat_parts(instance) -> list[list[float]]:
         if len(p) >= 3 and np.isfinite(p).all():
             out.append([float(v) for v in p.ravel()])
     return out
-
-
-def _bbox(parts: list[list[float]]) -> list[float]:
-    xy = np.concatenate([np.asarray(p).reshape(-1, 2) for p in parts])
-    x0, y0 = xy.min(axis=0)
-    x1, y1 = xy.max(axis=0)
-    return [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
 
 
 def coco_map(gt, preds, max_dets: int = 100) -> dict:
@@ -55,7 +49,7 @@ def coco_map(gt, preds, max_dets: int = 100) -> dict:
                 continue
             rle = mask_utils.merge(mask_utils.frPyObjects(parts, int(img.height), int(img.width)))
             anns.append({"id": len(anns) + 1, "image_id": n, "category_id": 1, "segmentation": parts,
-                         "bbox": _bbox(parts), "area": float(mask_utils.area(rle)), "iscrowd": int(bool(dc))})
+                         "bbox": coco_bbox(parts), "area": float(mask_utils.area(rle)), "iscrowd": int(bool(dc))})
     results = []
     for key, (polys, scores) in preds.by_image.items():
         if key not in key_to_id:
@@ -68,7 +62,7 @@ def coco_map(gt, preds, max_dets: int = 100) -> dict:
             rle = mask_utils.merge(mask_utils.frPyObjects(parts, int(img.height), int(img.width)))
             rle["counts"] = rle["counts"].decode("ascii")
             results.append({"image_id": key_to_id[key], "category_id": 1, "segmentation": rle,
-                            "bbox": _bbox(parts), "score": float(score)})
+                            "bbox": coco_bbox(parts), "score": float(score)})
     out = {"protocol": "coco_map", "num_images": len(images), "num_detections": len(results), "max_dets": max_dets}
     names = ("mAP", "AP50", "AP75")
     if not results or not anns:

@@ -86,12 +86,17 @@ class Predictions:
         return sum(len(v[1]) for v in self.by_image.values())
 
 
-def art_token(name: str):
-    """``gt_123.jpg`` -> 123, ``res_7`` -> 7, ``img_0042.png`` -> 42, ``foo.jpg`` -> 'foo'."""
+def name_token(name: str) -> str:
+    """The last ``_``-separated token of a file name's stem: ``gt_123.jpg`` -> '123', ``img_0042.png`` -> '0042'."""
     stem = Path(str(name)).name
     if "." in stem:
         stem = stem.rsplit(".", 1)[0]
-    tok = stem.rsplit("_", 1)[-1]
+    return stem.rsplit("_", 1)[-1]
+
+
+def art_token(name: str):
+    """What ArT keys match on: ``gt_123.jpg`` -> 123, ``res_7`` -> 7, ``img_0042.png`` -> 42, ``foo.jpg`` -> 'foo'."""
+    tok = name_token(name)
     return int(tok) if tok.isdigit() else tok
 
 

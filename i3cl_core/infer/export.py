@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from i3cl_core.data.polygons import coco_bbox
+
 
 def art_key(file_name: str) -> str:
-    return "res_" + Path(file_name).stem.split("_")[-1]
+    """The ArT submission key of an image: ``res_`` + the last ``_`` token of its stem (``gt_12.jpg`` -> ``res_12``)."""
+    from i3cl_core.evaluation.io import name_token
 
-
-def polygon_bbox(poly: np.ndarray) -> list[float]:
-    x1, y1 = float(poly[:, 0].min()), float(poly[:, 1].min())
-    return [x1, y1, float(poly[:, 0].max()) - x1, float(poly[:, 1].max()) - y1]
+    return "res_" + name_token(file_name)
 
 
 def coco_result(image_id, poly: np.ndarray, score: float, category_id: int = 1) -> dict:
@@ -32,7 +32,7 @@ def coco_result(image_id, poly: np.ndarray, score: float, category_id: int = 1) 
         "image_id": image_id,
         "category_id": category_id,
         "segmentation": [[round(float(v), 2) for v in poly.reshape(-1)]],
-        "bbox": [round(v, 2) for v in polygon_bbox(poly)],
+        "bbox": [round(v, 2) for v in coco_bbox([poly])],
         "score": round(float(score), 5),
     }
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from i3cl_core.data.errors import DatasetError
 from i3cl_core.data.polygons import polygon_area
-from i3cl_core.infer.export import polygon_bbox
+from i3cl_core.data.polygons import coco_bbox
 from i3cl_core.pseudo.fusion import cluster_predictions, pseudo_labels
 from i3cl_core.pseudo.report import histogram_png, pr_curve_png
 from i3cl_core.pseudo.sources import load_images, load_model_predictions
@@ -139,7 +139,7 @@ def fuse_predictions(
             annotations.append({
                 "id": len(annotations) + 1, "image_id": im["id"], "category_id": 1,
                 "segmentation": [[round(float(v), 2) for v in poly.reshape(-1)]],
-                "bbox": [round(v, 2) for v in polygon_bbox(poly)],
+                "bbox": [round(v, 2) for v in coco_bbox([poly])],
                 "area": round(polygon_area(poly), 2), "iscrowd": lab["iscrowd"], "lossweight": lab["lossweight"],
                 "score": round(lab["score"], 5), "votes": lab["votes"],
             })
