@@ -384,7 +384,7 @@ def test_polygon_mask_targets_rasterise_inside_each_box():
 def test_tta_scales_do_not_touch_the_models_config():
     from i3cl_core.config import load_config
     from i3cl_core.model.detector import build_model
-    from i3cl_core.pseudo.ensemble import predict_with_tta
+    from i3cl_core.infer.predictor import predict_polygons
 
     cfg = load_config(REPO / "configs" / "demo" / "tiny_model.yaml", ["model.test_short_side=128", "model.test_long_side=160"])
     torch.manual_seed(0)
@@ -393,7 +393,7 @@ def test_tta_scales_do_not_touch_the_models_config():
     img = torch.rand(3, 120, 150)
     before = model.cfg.model_dump()
     with torch.no_grad():
-        fused = predict_with_tta(model, [img], 0.005, flips=["h"], scales=[96])[0]
+        fused = predict_polygons(model, [img], 0.005, flips=["h"], scales=[96])[0]
         assert model.cfg.model_dump() == before
         direct = model.predict([img], test_sides=(96, 160))[0]
         plain = model.predict([img])[0]

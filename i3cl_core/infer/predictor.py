@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import numpy as np
 import torch
 
 from i3cl_core.utils import get_logger
@@ -19,19 +20,64 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def _flip_poly(poly: np.ndarray, w: int, h: int, flip: str) -> np.ndarray:
+    p = poly.copy()
+    if flip == "h":
+        p[:, 0] = w - p[:, 0]
+    else:
+        p[:, 1] = h - p[:, 1]
+    return p[::-1]
+
+
+@torch.no_grad()
+def predict_polygons(model, images: list, epsilon: float = 0.005, flips=(), scales=()) -> list[list[tuple[np.ndarray, float]]]:
+    """The one predictor: ``[(polygon, score), ...]`` per image of a batch (images already on the model's
+    device, in input coordinates; detections whose mask gives no polygon are left out). Test-time
+    augmentation: each of ``flips`` ('h', 'v') and ``scales`` (short sides) runs on the whole batch as
+    well, and the variants are fused per image (Weighted Polygon Fusion, score average); the model's
+    config is never changed (other scales go through ``predict(test_sides=)``)."""
+    import torch
+
+    variants = [(None, None)] + [(f, None) for f in flips] + [(None, s) for s in scales]
+    per_image: list[list[list]] = [[] for _ in images]
+    for flip, short in variants:
+        batch = images
+        if flip == "h":
+            batch = [torch.flip(im, dims=[-1]) for im in images]
+        elif flip == "v":
+            batch = [torch.flip(im, dims=[-2]) for im in images]
+        sides = None
+        if short is not None:  # another short side, the long side limit scaled alike (never below the config's)
+            base_short, base_long = model.cfg.test_short_side, model.cfg.test_long_side
+            sides = (short, max(base_long, int(base_long * short / base_short)))
+        outputs = model.predict(batch, epsilon=epsilon, test_sides=sides)
+        for k, (im, out) in enumerate(zip(images, outputs)):
+            h, w = im.shape[-2:]
+            per_image[k].append([(_flip_poly(poly, w, h, flip) if flip else poly, s)
+                                 for poly, s in zip(out["polygons"], out["scores"].float().tolist()) if poly is not None])
+    if len(variants) == 1:
+        return [v[0] for v in per_image]
+    from i3cl_core.pseudo.fusion import cluster_predictions
+
+    fused = []
+    for outputs in per_image:
+        clusters = cluster_predictions(outputs, None, iou_thr=0.55, skip_thr=0.0, conf_type="avg", epsilon=epsilon)
+        fused.append([(c.polygon, c.score) for c in clusters if c.polygon is not None])
+    return fused
+
+
 @torch.no_grad()
 def predict_batches(model, batches: Iterable[tuple[list, list[torch.Tensor]]], device, epsilon: float = 0.005,
-                    progress: bool = False, total: int | None = None) -> Iterable[tuple[object, dict]]:
-    """Yield ``(key, result)`` for each image of each ``(keys, images)`` batch; ``result`` has
-    ``boxes``, ``scores`` (CPU tensors) and ``polygons`` (arrays or None) in input coordinates."""
+                    progress: bool = False, total: int | None = None) -> Iterable[tuple[object, list]]:
+    """Yield ``(key, [(polygon, score), ...])`` for each image of each ``(keys, images)`` batch
+    (:func:`predict_polygons`)."""
     from tqdm import tqdm
 
     model.eval()
     bar = tqdm(total=total, desc="inference", unit="img", disable=not progress, leave=False)
     for keys, images in batches:
-        outputs = model.predict([im.to(device, non_blocking=True) for im in images], epsilon=epsilon)
-        for key, out in zip(keys, outputs):
-            yield key, {"boxes": out["boxes"].cpu(), "scores": out["scores"].cpu(), "polygons": out["polygons"]}
+        outputs = predict_polygons(model, [im.to(device, non_blocking=True) for im in images], epsilon)
+        yield from zip(keys, outputs)
         bar.update(len(images))
     bar.close()
 
@@ -46,8 +92,8 @@ def predict_dataset(model, dataset, device, batch_size: int = 1, num_workers: in
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     batches = (([t["image_id"] for t in targets], images) for images, targets in loader)
     results = {}
-    for key, out in predict_batches(model, batches, device, epsilon, progress, total=len(dataset)):
-        results[key] = [(p, float(s)) for p, s in zip(out["polygons"], out["scores"]) if p is not None]
+    for key, polygons in predict_batches(model, batches, device, epsilon, progress, total=len(dataset)):
+        results[key] = polygons
     return results
 
 

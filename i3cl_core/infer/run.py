@@ -142,7 +142,7 @@ def infer_images(
     from tqdm import tqdm
 
     from i3cl_core.infer.export import art_entries, coco_result, draw_results, txt_lines
-    from i3cl_core.infer.predictor import resolve_device
+    from i3cl_core.infer.predictor import predict_polygons, resolve_device
     from i3cl_core.model.checkpoint import load_model
 
     out = Path(out_dir)
@@ -186,14 +186,10 @@ def infer_images(
                     failures.append(err)
                     log.warning("skipping %s", err)
             if good:
-                outputs = model.predict([t.to(dev) for _, t, _ in good], epsilon=eps)
-                for (j, t, rgb), o in zip(good, outputs):
+                outputs = predict_polygons(model, [t.to(dev) for _, t, _ in good], eps)
+                for (j, t, rgb), polygons in zip(good, outputs):
                     item = items[todo[j]]
-                    results = [
-                        coco_result(item.image_id, poly, float(s))
-                        for poly, s in zip(o["polygons"], o["scores"].tolist())
-                        if poly is not None and s >= score_thr
-                    ]
+                    results = [coco_result(item.image_id, poly, s) for poly, s in polygons if s >= score_thr]
                     record = {"image_id": item.image_id, "file_name": item.file_name, "width": int(t.shape[-1]),
                               "height": int(t.shape[-2]), "results": results}
                     if visualize:

@@ -84,15 +84,6 @@ def plan_shards(items: list[ImageItem], shard_size: int) -> list[Shard]:
     return [Shard(i // shard_size, items[i : i + shard_size]) for i in range(0, len(items), shard_size)]
 
 
-def _flip_poly(poly: np.ndarray, w: int, h: int, flip: str) -> np.ndarray:
-    p = poly.copy()
-    if flip == "h":
-        p[:, 0] = w - p[:, 0]
-    else:
-        p[:, 1] = h - p[:, 1]
-    return p[::-1]
-
-
 # ------------------------------------------------------------------------------------ devices
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -260,39 +251,6 @@ def release_device_workers() -> None:
 
 
 # ------------------------------------------------------------------------------------ one shard
-def predict_with_tta(model, images: list, epsilon: float, flips=(), scales=()) -> list[list[tuple[np.ndarray, float]]]:
-    """(polygon, score) per image of a batch; with TTA each variant runs on the whole batch and the
-    variants are fused per image and model."""
-    import torch
-
-    variants = [(None, None)] + [(f, None) for f in flips] + [(None, s) for s in scales]
-    per_image: list[list[list]] = [[] for _ in images]
-    for flip, short in variants:
-        batch = images
-        if flip == "h":
-            batch = [torch.flip(im, dims=[-1]) for im in images]
-        elif flip == "v":
-            batch = [torch.flip(im, dims=[-2]) for im in images]
-        sides = None
-        if short is not None:  # another short side, the long side limit scaled alike (never below the config's)
-            base_short, base_long = model.cfg.test_short_side, model.cfg.test_long_side
-            sides = (short, max(base_long, int(base_long * short / base_short)))
-        outputs = model.predict(batch, epsilon=epsilon, test_sides=sides)
-        for k, (im, out) in enumerate(zip(images, outputs)):
-            h, w = im.shape[-2:]
-            per_image[k].append([(_flip_poly(poly, w, h, flip) if flip else poly, s)
-                                 for poly, s in zip(out["polygons"], out["scores"].float().tolist()) if poly is not None])
-    if len(variants) == 1:
-        return [v[0] for v in per_image]
-    from i3cl_core.pseudo.fusion import cluster_predictions
-
-    fused = []
-    for outputs in per_image:
-        clusters = cluster_predictions(outputs, None, iou_thr=0.55, skip_thr=0.0, conf_type="avg", epsilon=epsilon)
-        fused.append([(c.polygon, c.score) for c in clusters if c.polygon is not None])
-    return fused
-
-
 def decode(job: tuple[str, str]) -> tuple[np.ndarray | None, str | None]:
     """``(path, what)`` -> (RGB array, None) or (None, error): one image, in a decoding thread."""
     from i3cl_core.data.image_io import read_image
@@ -312,13 +270,14 @@ def run_shard(model, shard: Shard, path: Path, score_thr: float, device, epsilon
     import torch
 
     from i3cl_core.infer.export import coco_result
+    from i3cl_core.infer.predictor import predict_polygons
 
     jobs = [(str(it.path), f"image {it.image_id}") for it in shard.items]
     decoded = decoder.map(decode, jobs) if decoder is not None else map(decode, jobs)  # in order, decoded ahead
     results, failures, batch = [], [], []
 
     def flush() -> None:
-        preds = predict_with_tta(model, [t for _, t in batch], epsilon, flips, scales)
+        preds = predict_polygons(model, [t for _, t in batch], epsilon, flips, scales)
         for (j, _), image_preds in zip(batch, preds):
             item = shard.items[j]
             results.extend(coco_result(item.image_id, poly, s) for poly, s in image_preds if s >= score_thr)
