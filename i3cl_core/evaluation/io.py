@@ -269,8 +269,11 @@ class _Collector:
 
 def load_predictions(path, gt: GroundTruth) -> Predictions:
     """Read a COCO results list (or a COCO dataset json with scored annotations) or an ArT submission json."""
-    data = read_json(path)
-    src = str(path)
+    return parse_predictions(read_json(path), gt, str(path))
+
+
+def parse_predictions(data, gt: GroundTruth, src: str) -> Predictions:
+    """:func:`load_predictions` on already loaded json ``data`` (``src`` names it in errors)."""
     if isinstance(data, dict) and "annotations" in data:
         data = data["annotations"]
         if not isinstance(data, list):

@@ -58,7 +58,7 @@ def _fusion_polygon(instance: list) -> np.ndarray | None:
 def load_model_predictions(source: str | os.PathLike, images: list[dict]) -> tuple[dict, dict]:
     """``({image_id: [(polygon, score)]}, stats)`` for one model on ``images`` (see the module docstring)."""
     from i3cl_core.data.validate import far_outside
-    from i3cl_core.evaluation.io import load_predictions
+    from i3cl_core.evaluation.io import parse_predictions
 
     src = Path(source)
     gt = _image_list(images)
@@ -66,14 +66,15 @@ def load_model_predictions(source: str | os.PathLike, images: list[dict]) -> tup
     if src.is_dir():
         files = []
         for f in sorted(src.glob("*.json")):
+            data = read_json(f)
             if f.name == "coverage.json":
-                coverage = set(read_json(f)["images"])
+                coverage = set(data["images"])
+            elif not isinstance(data, list):
+                raise DatasetError(f"{f}: a shard must be a COCO results list")
             else:
-                if not isinstance(read_json(f), list):
-                    raise DatasetError(f"{f}: a shard must be a COCO results list")
-                files.append(f)
+                files.append((f, data))
     elif src.is_file():
-        files = [src]
+        files = [(src, read_json(src))]
     else:
         raise DatasetError(f"{src}: prediction file or folder not found")
 
@@ -81,8 +82,8 @@ def load_model_predictions(source: str | os.PathLike, images: list[dict]) -> tup
     counts = {"predictions": 0, "images_with_predictions": 0, "unknown_image": 0, "invalid_polygon": 0,
               "outside_image": 0}
     unknown: list = []
-    for f in files:
-        loaded = load_predictions(f, gt)
+    for f, data in files:
+        loaded = parse_predictions(data, gt, str(f))
         counts["unknown_image"] += loaded.num_unknown_predictions
         unknown.extend(u for u in loaded.unknown_image_ids if u not in unknown)
         for key, (instances, scores) in loaded.by_image.items():
