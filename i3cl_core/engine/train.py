@@ -295,8 +295,6 @@ class Trainer:
         self.start_epoch, self.start_iter, self.global_iter = 0, 0, 0
         self.best = {"hmean": -1.0, "epoch": None}
         self.history: list[dict] = []
-        self.images_seen = 0
-        self.t_start = time.time()
         self.build(load_weights=not resume)
         if resume:
             self.resume()
