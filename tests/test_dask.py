@@ -90,26 +90,34 @@ def _dask_worker_pids(root_pid: int) -> list[int]:
     return found
 
 
-@pytest.mark.slow
-def test_local_dask_cluster_writes_the_thread_pools_shard_files(server, teachers, tmp_path):
-    pool, dask = make_work_dir(tmp_path / "pool", teachers), make_work_dir(tmp_path / "dask", teachers)
-    proc = run_flows(server, [[pool, {**INFER, "devices": ["cpu"]}], [dask, {**INFER, "dask_workers": 2}]])
+@pytest.fixture(scope="module")
+def pool_reference(server, teachers, tmp_path_factory) -> dict[str, bytes]:
+    """The thread pool's prediction files (one CPU worker): what every Dask run must reproduce."""
+    pool = make_work_dir(tmp_path_factory.mktemp("pool") / "wd", teachers)
+    proc = run_flows(server, [[pool, {**INFER, "devices": ["cpu"]}]])
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-4000:]
-    a, b = predictions(pool), predictions(dask)
+    assert "ensemble inference: 1 worker(s) on cpu" in out + err  # the thread pool's line; Dask runs have none
+    return predictions(pool)
+
+
+@pytest.mark.slow
+def test_local_dask_cluster_writes_the_thread_pools_shard_files(server, teachers, pool_reference, tmp_path):
+    dask = make_work_dir(tmp_path / "dask", teachers)
+    proc = run_flows(server, [[dask, {**INFER, "dask_workers": 2}]])
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-4000:]
+    a, b = pool_reference, predictions(dask)
     assert len([k for k in a if "shard_" in k]) == 16  # 2 teachers x 8 shards
     assert a.keys() == b.keys()
     for k in a:
         assert a[k] == b[k], k
     assert sum(len(json.loads(v)) for k, v in a.items() if "shard_" in k) > 0
-    assert "ensemble inference: 1 worker(s) on cpu" in out + err  # the thread-pool run's line; Dask runs have none
+    assert "ensemble inference: 1 worker(s) on cpu" not in out + err
 
 
 @pytest.mark.slow
-def test_a_killed_dask_worker_costs_only_its_shard(server, teachers, tmp_path):
-    ref = make_work_dir(tmp_path / "ref", teachers)
-    proc = run_flows(server, [[ref, {**INFER, "devices": ["cpu"]}]])
-    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-4000:]
+def test_a_killed_dask_worker_costs_only_its_shard(server, teachers, pool_reference, tmp_path):
     wd = make_work_dir(tmp_path / "killed", teachers)
     proc = run_flows(server, [[wd, {**INFER, "dask_workers": 2}]])
     shards = Path(wd) / "predictions"
@@ -128,7 +136,7 @@ def test_a_killed_dask_worker_costs_only_its_shard(server, teachers, tmp_path):
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-4000:]
     assert not Path(f"/proc/{killed}").exists() or "Z" in Path(f"/proc/{killed}/stat").read_text().split()[2]
-    assert predictions(wd) == predictions(ref)  # every shard there, each byte for byte as without the kill
+    assert predictions(wd) == pool_reference  # every shard there, each byte for byte as without the kill
 
 
 CHECK = """

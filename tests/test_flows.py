@@ -124,6 +124,15 @@ def served(tmp_path_factory):
             serve.wait(timeout=60)
 
 
+@pytest.fixture(scope="module")
+def pipeline_dirs(tmp_path_factory):
+    """(work dir, demo dir) shared by the two pipeline tests: the rounds test continues the first test's
+    work dir (its round 1 comes back Cached), which saves CI the teachers and round 1 a second time. Run
+    alone, the rounds test computes round 1 itself."""
+    root = tmp_path_factory.mktemp("pipeline")
+    return root / "run", root / "demo"
+
+
 def prefect_cli(server, *args, timeout=900):
     return subprocess.run([sys.executable, "-m", "prefect", *args], env=server.env, cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
@@ -153,10 +162,10 @@ def task_states(server, root_id: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_pipeline_deployment_runs_then_refuses_bad_params_and_reuses_caches(served, tmp_path, monkeypatch):
+def test_pipeline_deployment_runs_then_refuses_bad_params_and_reuses_caches(served, pipeline_dirs, monkeypatch):
     for k in ("PREFECT_API_URL", "PREFECT_HOME"):
         monkeypatch.setenv(k, served.env[k])
-    wd, demo = tmp_path / "run", tmp_path / "demo"
+    wd, demo = pipeline_dirs
     params = tiny_params(wd, demo)
     res = prefect_cli(served, "deployment", "run", "ssl-pipeline/default", "--params", json.dumps(params),
                       "--watch", "--watch-interval", "2")
@@ -253,28 +262,30 @@ def test_pipeline_deployment_runs_then_refuses_bad_params_and_reuses_caches(serv
 
 
 @pytest.mark.slow
-def test_two_rounds_and_the_control_run(served, tmp_path, monkeypatch):
+def test_two_rounds_and_the_control_run(served, pipeline_dirs, monkeypatch):
+    """Round 2 on the first pipeline test's work dir (same teachers, same round-1 parameters): the ensemble
+    is round 1's student plus the teachers, its keep_thr chosen on the validation split; then a changed
+    round-2 parameter re-runs round 2 only."""
     for k in ("PREFECT_API_URL", "PREFECT_HOME"):
         monkeypatch.setenv(k, served.env[k])
-    wd, demo = tmp_path / "run", tmp_path / "demo"
-    params = tiny_params(wd, demo, teachers=("teacher_a",))
-    params["fuse"] = {"keep_thr": 0.2}  # auto_keep_thr on: chosen on the demo's validation split
-    params.update(rounds=2, later_rounds={"fuse": {"keep_thr": 0.2, "auto_keep_thr": False}})
+    wd, demo = pipeline_dirs
+    params = tiny_params(wd, demo)
+    params.update(rounds=2, later_rounds={"fuse": {"keep_thr": 0.2, "auto_keep_thr": True}})
     res = prefect_cli(served, "deployment", "run", "ssl-pipeline/default", "--params", json.dumps(params),
                       "--watch", "--watch-interval", "2")
     assert res.returncode == 0 and "Completed" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
     first = task_states(served, run_id_from(res.stdout))
     summary = json.loads((wd / "summary.json").read_text())
-    assert set(summary["scores"]) == {"teacher:teacher_a", "control:student", "student:student", "student-r2:student"}
+    assert set(summary["scores"]) == {"teacher:teacher_a", "teacher:teacher_c", "control:student", "student:student",
+                                      "student-r2:student"}
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
-    # round 2's ensemble is round 1's student plus the teacher, with its own predictions and pseudo labels
+    # round 2's ensemble is round 1's student plus the teachers, with its own predictions and pseudo labels
     assert json.loads((wd / "rounds" / "r2" / "predictions" / "members.json").read_text()) == [
-        str(wd / "rounds" / "r2" / "predictions" / n) for n in ("student-r1", "teacher_a")]
+        str(wd / "rounds" / "r2" / "predictions" / n) for n in ("student-r1", "teacher_a", "teacher_c")]
     from i3cl_core import variants
 
-    assert variants.pseudo_file(wd / "rounds" / "r2" / "pseudo") is not None
     assert first["infer-r2-student-r1-0"] == "Completed" and first["train-student-r2"] == "Completed"
-    report = json.loads((variants.pseudo_file(wd / "pseudo").parent / "report.json").read_text())
+    report = json.loads((variants.pseudo_file(wd / "rounds" / "r2" / "pseudo").parent / "report.json").read_text())
     assert report["keep_thr_selection"]["chosen_on"].endswith("val/annotations.json")
 
     # the control: the student's start and number of iterations, the labeled data alone
@@ -290,13 +301,13 @@ def test_two_rounds_and_the_control_run(served, tmp_path, monkeypatch):
     assert iters[0] == iters[1] > 0
 
     # a changed round-2 parameter: round 1 comes back Cached, round 2's fusion and student run again
-    params["later_rounds"]["fuse"]["keep_thr"] = 0.1
+    params["later_rounds"]["fuse"] = {"keep_thr": 0.1, "auto_keep_thr": False}
     res2 = prefect_cli(served, "deployment", "run", "ssl-pipeline/default", "--params", json.dumps(params),
                        "--watch", "--watch-interval", "2")
     assert res2.returncode == 0 and "Completed" in res2.stdout, res2.stdout[-3000:]
     second = task_states(served, run_id_from(res2.stdout))
-    round1 = ["train-teacher_a", "infer-teacher_a-0", "infer-val-teacher_a-0", "fuse-r1", "train-student",
-              "train-control-student"]
+    round1 = ["train-teacher_a", "train-teacher_c", "infer-teacher_a-0", "infer-val-teacher_a-0", "fuse-r1",
+              "train-student", "train-control-student"]
     assert all(second[t] == "Cached" for t in round1), second
     assert second["infer-r2-student-r1-0"] == "Cached"  # round 1's student did not change
     assert second["fuse-r2"] == "Completed" and second["train-student-r2"] == "Completed", second
@@ -305,8 +316,9 @@ def test_two_rounds_and_the_control_run(served, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_a_killed_teacher_training_resumes_on_a_deployment_rerun(served, tmp_path, monkeypatch):
     """kill -9 of the flow-run process while a teacher trains (after its first epoch checkpoint), then the
-    deployment run again: the training resumes from latest.pth and ends with the weights of an
-    uninterrupted run, tensor for tensor."""
+    deployment run again: the training resumes from latest.pth and trains the remaining iterations only. That a resumed training ends with an
+    uninterrupted one's weights, tensor for tensor, is tested on the same command in test_train.py
+    (test_killed_run_resumes_to_identical_weights)."""
     import torch
 
     for k in ("PREFECT_API_URL", "PREFECT_HOME"):
@@ -317,10 +329,7 @@ def test_a_killed_teacher_training_resumes_on_a_deployment_rerun(served, tmp_pat
         p["train"]["overrides"] = [o for o in TINY if not o.startswith("train.epochs")] + ["train.epochs=6"]
         return json.dumps({k: p[k] for k in ("work_dir", "data", "train")})
 
-    ref, wd = tmp_path / "ref", tmp_path / "killed"
-    res = prefect_cli(served, "deployment", "run", "train-teachers/default", "--params", params(ref), "--watch",
-                      "--watch-interval", "2")
-    assert res.returncode == 0 and "Completed" in res.stdout, res.stdout[-3000:]
+    wd = tmp_path / "killed"
     res = prefect_cli(served, "deployment", "run", "train-teachers/default", "--params", params(wd))
     run_id = run_id_from(res.stdout)
     ckpts = wd / "teachers" / "teacher_a" / "checkpoints"
@@ -348,10 +357,9 @@ def test_a_killed_teacher_training_resumes_on_a_deployment_rerun(served, tmp_pat
     log = (wd / "teachers" / "teacher_a" / "train.log").read_text()
     resumed = re.search(r"resumed from \S+: epoch (\d+), iteration (\d+) of the epoch", log)
     assert resumed and 1 <= int(resumed.group(1)) < 6, log[-2000:]
-    a = torch.load(ref / "teachers" / "teacher_a" / "checkpoints" / "latest.pth", weights_only=True)
-    b = torch.load(ckpts / "latest.pth", weights_only=True)
-    assert a["global_iter"] == b["global_iter"] == 18
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "resumed weights differ"
+    done = int(re.search(r"(\d+) iterations done", log.split("resumed from")[-1]).group(1))
+    assert torch.load(ckpts / "latest.pth", weights_only=True)["global_iter"] == 18
+    assert len(re.findall(r"epoch \d+/6 iter \d+/3", log.split("resumed from")[-1])) == 18 - done  # the rest only
 
 
 @pytest.mark.slow
@@ -504,3 +512,48 @@ def test_a_killed_ensemble_run_retried_from_the_api_reuses_finished_shards(serve
                  if p.name != "members.json"}
     got = {p.relative_to(shards): p.read_bytes() for p in shards.rglob("*.json") if p.name != "members.json"}
     assert len([k for k in ref_files if k.name.startswith("shard_")]) == 16 and got == ref_files
+
+
+@pytest.mark.slow
+def test_a_prefect_server_killed_and_restarted_during_a_run_loses_none_of_the_work_dirs_outputs(served, tmp_path, monkeypatch):
+    """The server is killed (SIGKILL) in the middle of the ensemble stage and started again on the same
+    address and database: the flow run carries on (task state is orchestrated in the flow-run process),
+    ends Completed, every shard is in the work dir, and a re-run of the deployment finds them all (the
+    cache records live in the work dir, not in the server's database): every shard task is Cached, no
+    file rewritten. Runs last in this module: it restarts the module's server."""
+    import signal
+
+    for k in ("PREFECT_API_URL", "PREFECT_HOME"):
+        monkeypatch.setenv(k, served.env[k])
+    infer = {"shard_size": 1, "devices": ["cpu"], "precision": "fp32", "loader_workers": 0}
+    wd = _random_teachers_work_dir(tmp_path / "restart", images=24)
+    params = json.dumps({"work_dir": str(wd), "infer": infer})
+    res = prefect_cli(served, "deployment", "run", "ensemble-inference/default", "--params", params)
+    run_id = run_id_from(res.stdout)
+    shards = wd / "predictions"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(shards.rglob("shard_*.json"))) < 3:
+        time.sleep(0.05)
+    os.killpg(served.proc.pid, signal.SIGKILL)  # the server dies, as in a crash or an OOM kill
+    served.proc.wait()
+    before = {p: p.stat().st_mtime_ns for p in shards.rglob("shard_*.json")}
+    assert len(before) < 48, "the stage finished before the server was killed"
+    served.start()  # same port, same database
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        deadline = time.time() + 300
+        while time.time() < deadline and not client.read_flow_run(run_id).state.is_final():
+            time.sleep(1)
+        assert client.read_flow_run(run_id).state.name == "Completed"
+    written = {p: p.stat().st_mtime_ns for p in shards.rglob("shard_*.json")}
+    assert len(written) == 48 and all(written[p] == t for p, t in before.items())
+    for teacher in ("teacher_0", "teacher_1"):  # each model's coverage record names all 24 images
+        assert json.loads((shards / teacher / "coverage.json").read_text())["images"] == list(range(1, 25))
+    res = prefect_cli(served, "deployment", "run", "ensemble-inference/default", "--params", params, "--watch",
+                      "--watch-interval", "2")
+    assert res.returncode == 0 and "Completed" in res.stdout, res.stdout[-3000:]
+    states = task_states(served, run_id_from(res.stdout))
+    infer_states = {k: v for k, v in states.items() if k.startswith("infer-")}
+    assert len(infer_states) == 48 and set(infer_states.values()) == {"Cached"}, infer_states
+    assert {p: p.stat().st_mtime_ns for p in shards.rglob("shard_*.json")} == written
