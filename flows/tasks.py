@@ -22,7 +22,7 @@ CACHE = INPUTS + TASK_SOURCE
 
 def result_storage(wd: Path) -> Path:
     """Task results (and cache records) of a run live in its work_dir."""
-    return wd / ".prefect-results"
+    return wd / stages.RESULTS_DIR  # checked by stages.check_work_dir before any task reads it
 
 
 def config_path_of(p: str) -> str:

@@ -45,7 +45,49 @@ def check_work_dir(work_dir: str | os.PathLike, create: bool = True) -> Path:
         atomic_write_json(marker, {"pipeline_version": PIPELINE_VERSION, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
     else:
         raise PipelineError(f"{wd}: not a pipeline work_dir (no pipeline.json); run ssl-pipeline or train-teachers first")
+    check_result_records(wd)
     return wd
+
+
+RESULTS_DIR = ".prefect-results"
+# what this pipeline's JSON result records name as their decoder; Prefect imports whatever a record names
+JSON_DECODER = "prefect.serializers.prefect_json_object_decoder"
+
+
+def check_result_records(wd: Path) -> int:
+    """Refuse a work dir whose task-result cache holds a record this pipeline would not have written.
+
+    Prefect decodes a cached result with the serializer the record itself names: a record planted in a
+    copied or shared work dir that names ``pickle`` (or another decoder or class to import) would run code
+    when a cached task is looked up. The pipeline writes JSON records of plain JSON values only, so
+    anything else is an error, raised before any task runs. Returns the number of records checked."""
+    folder = Path(wd) / RESULTS_DIR
+    if not folder.is_dir():
+        return 0
+    n = 0
+    for f in sorted(folder.rglob("*")):
+        if not f.is_file() or f.name.startswith("."):
+            continue
+        n += 1
+        problem = None
+        try:
+            rec = json.loads(f.read_bytes())
+            ser = rec["metadata"]["serializer"]
+            if ser.get("type") != "json":
+                problem = f"its serializer is {ser.get('type')!r}, not 'json'"
+            elif ser.get("object_decoder") != JSON_DECODER or ser.get("jsonlib", "json") != "json":
+                problem = f"it names the decoder {ser.get('object_decoder')!r} / {ser.get('jsonlib')!r}"
+            elif "__class__" in str(rec.get("result", "")):
+                problem = "its result names a Python class to import"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            problem = f"it is not a JSON result record ({type(e).__name__}: {e})"
+        if problem:
+            raise PipelineError(
+                f"{f}: a task-result record this pipeline did not write: {problem}; reading it could run code. "
+                f"If this work dir came from elsewhere, delete {folder} (every stage then checks its outputs "
+                "again and recomputes only what is missing or changed), or the one file if you know where it "
+                "came from")
+    return n
 
 
 def require(path: Path, stage: str, hint: str) -> Path:
@@ -243,18 +285,19 @@ def fuse_stage(members: list[str], images_json: str, out: str, cfg, gt: str | No
 
 # ------------------------------------------------------------------------------------ evaluation
 def evaluate_checkpoint(checkpoint: str, ann_file: str, img_root: str, out_json: str, protocol: str = "art",
-                        score_thr: float | None = None, device: str = "auto") -> dict:
+                        score_thr: float | None = None, device: str = "auto", precision: str = "auto") -> dict:
     """P/R/F of a checkpoint on a labeled split (at ``score_thr``, default the checkpoint's
-    ``infer.score_thr``, plus the best threshold of a sweep) -> ``out_json``."""
+    ``infer.score_thr``, plus the best threshold of a sweep) -> ``out_json``; in the precision that
+    ``i3cl infer`` and the ensemble use (:mod:`i3cl_core.infer.precision`), so the score is the outputs'."""
     from i3cl_core.data.coco import CocoTextDataset
+    from i3cl_core.infer.precision import load_inference_model
     from i3cl_core.infer.predictor import evaluate_model, resolve_device
-    from i3cl_core.model.checkpoint import load_model
 
     dev = resolve_device(device)
-    model, cfg = load_model(checkpoint, dev)
+    model, cfg, prec = load_inference_model(checkpoint, dev, precision)
     ds = CocoTextDataset([(ann_file, img_root)], train=False)
     thr = cfg.infer.score_thr if score_thr is None else score_thr
     res = evaluate_model(model, ds, dev, protocol, thr)
-    res.update(checkpoint=str(checkpoint), split=str(ann_file))
+    res.update(checkpoint=str(checkpoint), split=str(ann_file), inference_precision=prec)
     atomic_write_json(out_json, res, indent=2)
     return res

@@ -43,6 +43,45 @@ def test_fingerprint_follows_content(tmp_path):
     assert fingerprint(tmp_path / "missing") != fingerprint(a)
 
 
+def test_a_planted_result_record_is_refused_before_any_task_reads_it(tmp_path):
+    """A copied or shared work dir whose .prefect-results holds a record naming pickle, a foreign decoder
+    or a class to import: refused (file named) when a flow opens the work dir; the payload never runs."""
+    import base64
+    import pickle
+
+    wd = check_work_dir(tmp_path / "run")
+    records = wd / ".prefect-results"
+    records.mkdir()
+    good = {"metadata": {"storage_key": "k", "expiration": None, "serializer": {
+        "type": "json", "jsonlib": "json", "object_encoder": "prefect.serializers.prefect_json_object_encoder",
+        "object_decoder": "prefect.serializers.prefect_json_object_decoder", "dumps_kwargs": {}, "loads_kwargs": {}},
+        "prefect_version": "3.9.1", "storage_block_id": None}, "result": json.dumps({"shard": 0, "detections": 3})}
+    (records / "aaa").write_text(json.dumps(good))
+    check_work_dir(wd)  # our own kind of record passes
+
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    planted = json.loads(json.dumps(good))
+    planted["metadata"]["serializer"] = {"type": "pickle", "picklelib": "cloudpickle", "picklelib_version": None}
+    planted["result"] = base64.b64encode(pickle.dumps(Payload())).decode()
+    foreign_decoder = json.loads(json.dumps(good))
+    foreign_decoder["metadata"]["serializer"]["object_decoder"] = "subprocess.Popen"
+    a_class = json.loads(json.dumps(good))
+    a_class["result"] = json.dumps({"__class__": "subprocess.Popen", "data": ["touch", str(marker)]})
+    for name, rec, why in (("bbb", planted, "serializer is 'pickle'"), ("ccc", foreign_decoder, "subprocess.Popen"),
+                           ("ddd", a_class, "names a Python class"), ("eee", "not json", "not a JSON result record")):
+        (records / name).write_text(rec if isinstance(rec, str) else json.dumps(rec))
+        with pytest.raises(PipelineError, match=f"{name}: a task-result record this pipeline did not write: .*{why}"):
+            check_work_dir(wd, create=False)
+        (records / name).unlink()
+    assert not marker.exists()
+    check_work_dir(wd)
+
+
 def _descendants(pid: int) -> list[int]:
     out = []
     for p in Path("/proc").iterdir():
