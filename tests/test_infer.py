@@ -152,6 +152,19 @@ def test_same_base_name_in_two_folders_stays_apart(tmp_path, trained):
     assert [r["image_id"] for r in recs] == [1, 2] and recs[0]["results"] != recs[1]["results"]
     images = json.loads((out / "images.json").read_text())["images"]
     assert [im["file_name"] for im in images] == ["d1/x.jpg", "d2/x.jpg"]
+    # an ArT submission keys both as res_x: it cannot hold the two, so it is not written, and says so
+    assert s["submission"] is None and "same ArT key res_x" in s["submission_skipped"]
+    assert not (out / "submission.json").exists()
+    # names that would write the same per-image record, or the same txt/vis file, are refused up front
+    (tmp_path / "d1__x.jpg").write_bytes(files[2].read_bytes())
+    (tmp_path / "d1" / "x.png").write_bytes(files[2].read_bytes())
+    for listed, clash in (("d1/x.jpg\nd2/x.jpg\nd1__x.jpg\n", "per_image/d1__x.jpg.json"), ("d1/x.jpg\nd1/x.png\n", "txt/x.txt")):
+        lst.write_text(listed)
+        with pytest.raises(Exception, match=f"images .* and .* would both write {clash}"):
+            infer_images(str(trained["ckpt"]), collect_images(str(lst)), tmp_path / "clash", score_thr=0.3, device="cpu",
+                         num_workers=0, progress=False)
+    assert not (tmp_path / "clash" / "per_image").exists()
+    lst.write_text("d1/x.jpg\nd2/x.jpg\n")
     ens = run_ensemble([str(trained["ckpt"])], str(lst), tmp_path / "ens", shard_size=8, devices=["cpu"], progress=False)
     table = json.loads(open(ens["images_json"]).read())["images"]
     assert [(im["id"], im["file_name"]) for im in table] == [(1, "d1/x.jpg"), (2, "d2/x.jpg")]

@@ -21,6 +21,7 @@ import numpy as np
 
 from i3cl_core.data.errors import DatasetError
 from i3cl_core.data.image_io import IMAGE_EXTENSIONS
+from i3cl_core.infer.precision import PRECISIONS
 from i3cl_core.utils import atomic_write_json, atomic_write_text, get_logger, read_json, safe_join
 
 log = get_logger("infer")
@@ -34,7 +35,38 @@ class ImageItem:
 
     @property
     def key(self) -> str:
+        """The name of its per-image record (``per_image/<key>.json``)."""
         return self.file_name.replace("/", "__").replace("\\", "__")
+
+    @property
+    def stem(self) -> str:
+        """The name of its ``txt/<stem>.txt`` and ``vis/<stem>.png``."""
+        return Path(self.key).stem
+
+
+def check_output_names(items: list[ImageItem]) -> None:
+    """Two images must never write the same output file: an error naming both when their per-image
+    records (``d1/x.jpg`` and a file called ``d1__x.jpg``) or their txt / vis files (``y.jpg`` and
+    ``y.png``) would collide."""
+    for what, name_of in (("per_image/{}.json", lambda it: it.key), ("txt/{0}.txt and vis/{0}.png", lambda it: it.stem)):
+        seen: dict[str, ImageItem] = {}
+        for it in items:
+            other = seen.setdefault(name_of(it), it)
+            if other is not it:
+                raise DatasetError(f"images {other.path} and {it.path} would both write {what.format(name_of(it))}; "
+                                   "rename one of them, or run them in separate calls")
+
+
+def art_key_clashes(items: list[ImageItem]) -> tuple[str, str] | None:
+    """Two file names with the same ArT submission key (``d1/x.jpg`` and ``d2/x.jpg``: both ``res_x``), or None."""
+    from i3cl_core.infer.export import art_key
+
+    seen: dict[str, str] = {}
+    for it in items:
+        other = seen.setdefault(art_key(it.file_name), it.file_name)
+        if other != it.file_name:
+            return other, it.file_name
+    return None
 
 
 def collect_images(spec: str, img_root: str | None = None) -> list[ImageItem]:
@@ -135,26 +167,29 @@ def infer_images(
     progress: bool = True,
     model=None,
     write_exports: bool = True,
+    precision: str = "auto",
 ) -> dict:
-    """Run one checkpoint over ``items``; returns a summary (counts, seconds, failures)."""
+    """Run one checkpoint over ``items``; returns a summary (counts, seconds, failures). ``precision``:
+    see :mod:`i3cl_core.infer.precision` (ignored when a ``model`` is given)."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     from i3cl_core.infer.export import art_entries, coco_result, draw_results, txt_lines
+    from i3cl_core.infer.precision import load_inference_model
     from i3cl_core.infer.predictor import predict_polygons, resolve_device
-    from i3cl_core.model.checkpoint import load_model
 
+    check_output_names(items)
     out = Path(out_dir)
     per_image = out / "per_image"
     per_image.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
-    cfg = None
+    cfg, prec = None, None
     if model is None:
-        model, cfg = load_model(checkpoint, dev, model_overrides)
+        model, cfg, prec = load_inference_model(checkpoint, dev, precision, model_overrides)
     eps = epsilon if epsilon is not None else (cfg.infer.polygon_epsilon if cfg is not None else 0.005)
     manifest = {"checkpoint": _file_stats(checkpoint) if checkpoint else None, "score_thr": score_thr,
-                "epsilon": eps, "model_overrides": model_overrides or {}}
+                "epsilon": eps, "model_overrides": model_overrides or {}, "precision": prec}
     manifest_path = out / "run.json"
     if manifest_path.exists():
         previous = json.loads(manifest_path.read_text())
@@ -193,7 +228,7 @@ def infer_images(
                     record = {"image_id": item.image_id, "file_name": item.file_name, "width": int(t.shape[-1]),
                               "height": int(t.shape[-2]), "results": results}
                     if visualize:
-                        draw_results(rgb, results, out / "vis" / f"{Path(item.key).stem}.png")
+                        draw_results(rgb, results, out / "vis" / f"{item.stem}.png")
                     atomic_write_json(per_image / f"{item.key}.json", record)
             bar.update(len(batch))
     bar.close()
@@ -209,7 +244,13 @@ def infer_images(
 
 
 def write_outputs(items: list[ImageItem], out: Path, txt_lines, art_entries) -> dict:
-    """Assemble results.json, submission.json, images.json and txt/ from the per-image files."""
+    """Assemble results.json, submission.json, images.json and txt/ from the per-image files. An ArT
+    submission keys images by the last ``_`` token of their names; when two names share a key it cannot
+    hold both, so it is not written (``submission`` is None and ``submission_skipped`` says why)."""
+    from i3cl_core.infer.export import art_key
+
+    check_output_names(items)
+    clash = art_key_clashes(items)
     results, submission, images = [], {}, []
     for item in items:
         f = out / "per_image" / f"{item.key}.json"
@@ -217,15 +258,21 @@ def write_outputs(items: list[ImageItem], out: Path, txt_lines, art_entries) -> 
             continue
         rec = json.loads(f.read_text())
         results.extend(rec["results"])
-        from i3cl_core.infer.export import art_key
-
         submission[art_key(item.file_name)] = art_entries(rec["results"])
         images.append({"id": rec["image_id"], "file_name": rec["file_name"], "width": rec["width"], "height": rec["height"]})
-        atomic_write_text(out / "txt" / f"{Path(item.key).stem}.txt", txt_lines(rec["results"]))
+        atomic_write_text(out / "txt" / f"{item.stem}.txt", txt_lines(rec["results"]))
     atomic_write_json(out / "results.json", results)
-    atomic_write_json(out / "submission.json", submission)
+    summary = {"detections": len(results), "results": str(out / "results.json"), "submission": None}
+    if clash:
+        summary["submission_skipped"] = (f"{clash[0]} and {clash[1]} have the same ArT key {art_key(clash[0])}; "
+                                         "submission.json not written (results.json and txt/ hold every image)")
+        log.warning("%s: %s", out, summary["submission_skipped"])
+        (out / "submission.json").unlink(missing_ok=True)  # never a stale one from an earlier run
+    else:
+        atomic_write_json(out / "submission.json", submission)
+        summary["submission"] = str(out / "submission.json")
     atomic_write_json(out / "images.json", {"images": images, "annotations": [], "categories": [{"id": 1, "name": "text"}]})
-    return {"detections": len(results), "results": str(out / "results.json"), "submission": str(out / "submission.json")}
+    return summary
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -239,6 +286,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--workers", type=int, default=1, help="image decoding processes")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto (default): float16 features on CUDA, bfloat16 on CPUs that compute it natively "
+                   "(AVX512-BF16/AMX), else float32; heads, boxes and masks always float32")
     p.add_argument("--short-side", type=int, help="test scale: short side (default from the checkpoint config)")
     p.add_argument("--long-side", type=int, help="test scale: long-side cap")
     p.add_argument("--no-vis", action="store_true", help="skip the PNG visualisations")
@@ -264,8 +314,13 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= score_thr <= 1.0:
         raise DatasetError(f"--score-thr must be in [0, 1], got {score_thr}")
     summary = infer_images(args.checkpoint, items, args.out, score_thr, args.device, args.batch_size, args.workers,
-                           visualize=not args.no_vis, model_overrides=overrides or None, progress=not args.no_progress)
+                           visualize=not args.no_vis, model_overrides=overrides or None, progress=not args.no_progress,
+                           precision=args.precision)
     print(json.dumps(summary))
+    if summary.get("submission_skipped"):
+        import sys
+
+        print(f"i3cl infer: warning: {summary['submission_skipped']}", file=sys.stderr)
     done = summary["processed"] + summary["skipped_done"]
     if summary["failed"]:
         import sys
