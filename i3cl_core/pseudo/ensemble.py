@@ -37,6 +37,7 @@ import numpy as np
 
 from i3cl_core.data.errors import DatasetError
 from i3cl_core.infer.run import ImageItem, collect_images
+from i3cl_core.infer.precision import PRECISIONS, load_inference_model, resolve_precision
 from i3cl_core.utils import atomic_write_json, get_logger
 
 log = get_logger("ensemble")
@@ -85,7 +86,6 @@ def plan_shards(items: list[ImageItem], shard_size: int) -> list[Shard]:
 
 
 # ------------------------------------------------------------------------------------ devices
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def resolve_devices(spec: str | list[str] | tuple[str, ...] = "auto") -> list[str]:
@@ -119,26 +119,6 @@ def resolve_devices(spec: str | list[str] | tuple[str, ...] = "auto") -> list[st
     return out
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    """``auto``: float16 features (AMP) on CUDA; on a CPU bfloat16 features where it computes them
-    natively (AVX512-BF16 / AMX), else float32. ``fp16`` needs CUDA. Either way only the backbone,
-    FPN and IntraCL run in the low precision; heads, boxes and masks stay float32."""
-    import torch
-
-    from i3cl_core.model.detector import native_bf16
-
-    dev = torch.device(device)
-    if precision not in PRECISIONS:
-        raise ValueError(f"infer.precision: {precision!r}; allowed: {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        if dev.type == "cuda":
-            return "fp16"
-        return "bf16" if native_bf16(dev) else "fp32"
-    if precision == "fp16" and dev.type != "cuda":
-        raise ValueError(f"infer.precision: fp16 autocast needs a CUDA device, not {device}; use bf16 or fp32")
-    return precision
-
-
 class DeviceWorkers:
     """The inference workers of one process: one per entry of ``devices``. A shard task holds a worker
     while it runs (tasks beyond the number of workers wait for one to be free), and each worker keeps
@@ -165,17 +145,13 @@ class DeviceWorkers:
     def model(self, worker: int, checkpoint: str, precision: str):
         """(model, cfg, precision) of ``checkpoint`` on this worker's device, loaded on first use (a
         checkpoint file replaced under the same name is loaded again)."""
-        from i3cl_core.model.checkpoint import load_model
-
         st = os.stat(checkpoint)
         device = self.devices[worker]
         prec = resolve_precision(precision, device)
         key = (os.path.abspath(checkpoint), st.st_size, st.st_mtime_ns, prec)
         cache = self._models[worker]
         if key not in cache:
-            # the network's features in bfloat16 (bf16) or float16 (fp16); heads, boxes and masks stay float32
-            model, cfg = load_model(checkpoint, device, {"bf16_features": prec == "bf16"})
-            model.fp16_features = prec == "fp16"
+            model, cfg, _ = load_inference_model(checkpoint, device, prec)
             cache[key] = (model, cfg)
             self.loads[worker] += 1
             while len(cache) > self.max_models:
@@ -342,6 +318,7 @@ def run_ensemble(
         resolve_precision(precision, d)  # refuse fp16 on a CPU before any work
     out = Path(out)
     items = collect_images(images, img_root)
+    listed = len(items)
     items, table, failures = image_table(items)
     for f in failures:
         log.warning("skipping %s", f)
@@ -393,8 +370,9 @@ def run_ensemble(
     atomic_write_json(out / "members.json", members, indent=2)
     seconds = time.time() - t0
     computed = sum(len(s.items) for _, s, _ in jobs)
-    return {"images": len(items), "shards": len(shards), "models": per_model, "members": members,
-            "unreadable": failures[:20], "num_unreadable": len(failures), "seconds": round(seconds, 2),
+    unique = list(dict.fromkeys(failures))  # a file that no model could decode is listed once
+    return {"images": len(items), "listed": listed, "shards": len(shards), "models": per_model, "members": members,
+            "unreadable": unique[:20], "num_unreadable": len(unique), "seconds": round(seconds, 2),
             "images_per_s": round(computed / max(seconds, 1e-9), 3), "devices": devs, "model_loads_per_worker": loads,
             "images_json": str(out / "images.json")}
 
@@ -436,4 +414,12 @@ def run(args: argparse.Namespace) -> int:
                            devices, args.tta_flips, args.tta_scales, args.extra, progress=not args.no_progress,
                            batch_size=args.batch_size, loader_workers=args.loader_workers, precision=args.precision)
     print(json.dumps(summary))
+    if summary["num_unreadable"]:
+        import sys
+
+        print(f"i3cl ensemble: {summary['num_unreadable']} of {summary['listed']} images could not be read; first: "
+              f"{summary['unreadable'][0]}", file=sys.stderr)
+        if summary["num_unreadable"] >= summary["listed"]:
+            print("i3cl ensemble: error: no image could be processed", file=sys.stderr)
+            return 1
     return 0
