@@ -44,11 +44,13 @@ def test_check_data_lists_every_problem(tmp_path, capsys):
     assert main(["check-data", str(cfg)]) == 1
     out = capsys.readouterr()
     lines = out.err.strip().splitlines()
-    assert len(lines) == 3, lines  # header checks: truncated.jpg's header is fine
+    assert len(lines) == 4, lines
     assert any("image 2" in ln and "the json says 100x48, the file is 64x48" in ln for ln in lines)
     assert any("image 3" in ln and "cannot be decoded" in ln for ln in lines)
     assert any("image 4" in ln and "file missing" in ln for ln in lines)
-    assert "checked 5 images" in out.out and "3 problem(s)" in out.out and "per 1000 images" in out.out
+    # a truncated file is found without decoding it (its header is fine; its end-of-image marker is missing)
+    assert any("image 5" in ln and "truncated JPEG (no end-of-image marker)" in ln for ln in lines)
+    assert "checked 5 images" in out.out and "4 problem(s)" in out.out and "per 1000 images" in out.out
     assert main(["check-data", str(cfg), "--decode"]) == 1
     err = capsys.readouterr().err
     assert "image 5" in err and "truncated" in err.lower()
@@ -60,5 +62,39 @@ def test_training_refuses_bad_images_before_it_starts(tmp_path, capsys):
     cfg = _config(tmp_path, _dataset(tmp_path / "d"))
     rc = main(["train", str(cfg), "--work-dir", str(tmp_path / "w"), "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 2 and "3 of 5 images cannot be used" in err and "missing.jpg" in err and "wrong_size.jpg" in err
+    assert rc == 2 and "4 of 5 images cannot be used" in err and "missing.jpg" in err and "wrong_size.jpg" in err
+    assert "truncated.jpg" in err  # found before the first step, not when training reaches it
     assert not (tmp_path / "w" / "checkpoints" / "latest.pth").exists()
+
+
+def test_the_pipelines_preflight_lists_bad_images_of_every_split_at_once(tmp_path):
+    """The ssl-pipeline flow's first step (stages.preflight): a truncated unlabeled image and a missing
+    test image are both named before any stage runs."""
+    import pytest
+
+    from i3cl_core.data.errors import DatasetError
+    from i3cl_core.stages import preflight
+
+    root = tmp_path / "d"
+    (root / "img").mkdir(parents=True)
+    Image.new("RGB", (400, 300), "white").save(root / "img" / "good.jpg", quality=95)
+    data = (root / "img" / "good.jpg").read_bytes()
+    (root / "img" / "cut.jpg").write_bytes(data[: len(data) // 2])
+
+    def split(name, files):
+        ann = root / f"{name}.json"
+        ann.write_text(json.dumps({"images": [{"id": i + 1, "file_name": f, "width": 400, "height": 300}
+                                              for i, f in enumerate(files)], "annotations": [],
+                                   "categories": [{"id": 1, "name": "text"}]}))
+        return {"ann_file": str(ann), "img_root": str(root / "img")}
+
+    d = {"labeled": [split("train", ["good.jpg"])], "val": None, "test": split("test", ["good.jpg", "gone.jpg"]),
+         "unlabeled_images": split("unlabeled", ["good.jpg", "cut.jpg"])["ann_file"], "unlabeled_root": str(root / "img")}
+    with pytest.raises(DatasetError) as err:
+        preflight(d)
+    msg = str(err.value)
+    assert "2 of 5 images cannot be used" in msg and "gone.jpg" in msg and "file missing" in msg
+    assert "cut.jpg" in msg and "truncated JPEG" in msg
+    d["test"] = split("test", ["good.jpg"])
+    d["unlabeled_images"] = split("unlabeled", ["good.jpg"])["ann_file"]
+    assert preflight(d)["images"] == 3

@@ -1,8 +1,9 @@
 """``i3cl check-data CONFIG``: every image of every dataset of a config, checked before training.
 
 For each image listed in ``data.train``, ``data.val`` and ``data.test``: the file exists, its header
-decodes (Pillow reads the header only; ``--decode`` decodes every pixel too, which also finds truncated
-files), and its size equals the json's ``width`` x ``height``. Images are checked in a thread pool
+decodes (Pillow reads the header only; ``--decode`` decodes every pixel too), the file is not cut
+short (a JPEG ends with its end-of-image marker, a PNG with its IEND chunk: the same rule as the image
+reader's, from the file's first and last bytes), and its size equals the json's ``width`` x ``height``. Images are checked in a thread pool
 (``--workers``), at a few seconds per thousand images on local disks. All problems are listed at once,
 before any training starts; training runs the same header check first (``data.check_images``).
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from i3cl_core.data.errors import DatasetError
+from i3cl_core.data.image_io import truncation
 
 
 @dataclass
@@ -46,7 +48,24 @@ def _check_one(item, decode: bool) -> str | None:
         return f"{where}: cannot be decoded ({type(e).__name__}: {str(e)[:120]})"
     if size != (width, height):
         return f"{where}: the json says {width}x{height}, the file is {size[0]}x{size[1]}"
+    reason = truncation(_head_and_tail(path))
+    if reason:
+        return f"{where}: {reason}"
     return None
+
+
+def _head_and_tail(path, head: int = 8, tail: int = 1024) -> bytes:
+    """The first ``head`` and last ``tail`` bytes of a file (all of it when it is short): what
+    :func:`~i3cl_core.data.image_io.truncation` looks at, without reading the whole file."""
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        n = f.tell()
+        f.seek(0)
+        if n <= head + tail:
+            return f.read()
+        first = f.read(head)
+        f.seek(n - tail)
+        return first + f.read()
 
 
 def check_sources(sources, workers: int = 8, decode: bool = False) -> CheckResult:
