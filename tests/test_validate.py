@@ -34,6 +34,10 @@ def test_string_score_is_refused_by_evaluate_and_fuse_alike(tmp_path):
         load_predictions(d / "pred.json", gt)
     with pytest.raises(DatasetError, match=r"pred.json: result #0 .*score must be a number in \[0, 1\], got .0.9. \(str\)"):
         fuse_predictions([str(d / "pred.json")], str(d / "images.json"), d / "o.json", FuseConfig(), progress=False)
+    from i3cl_core.data.browse import read_results
+
+    with pytest.raises(DatasetError, match=r"pred.json: result #0 .*score must be a number in \[0, 1\], got .0.9. \(str\)"):
+        read_results(d / "pred.json")  # browse --pred
     for bad in (True, 1.5, float("nan")):
         d = _files(tmp_path, score=bad)
         with pytest.raises(DatasetError, match="score must be a number in"):
@@ -65,7 +69,12 @@ def test_far_outside_coordinates_are_counted_and_dropped(tmp_path, capsys):
     records, report = load_coco_records(d / "gt.json", d / "img", keep_empty=True)
     assert report.dropped["far_outside_image"] == 1 and not records[0].instances
     assert main(["evaluate", "--gt", str(d / "gt.json"), "--pred", str(d / "pred.json")]) == 0
-    assert "1 predictions have points more than one image size outside their image" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1 predictions have points more than one image size outside their image" in err
+    assert "1 ground-truth polygons have points more than one image size outside their image" in err
+    assert main(["browse", "--ann", str(d / "gt.json"), "--img-root", str(d / "img"), "--out", str(d / "v"),
+                 "--pred", str(d / "pred.json")]) == 0
+    assert "2 polygons with points more than one image size outside their image were not drawn" in capsys.readouterr().err
     cfg = FuseConfig(auto_keep_thr=False)
     with pytest.raises(DatasetError, match="no usable prediction"):
         fuse_predictions([str(d / "pred.json")], str(d / "images.json"), d / "o.json", cfg, progress=False)
@@ -104,6 +113,24 @@ def test_one_image_reader_names_truncated_files_everywhere(tmp_path, capsys):
         read_record(records[0])
     assert main(["browse", "--ann", str(d / "gt.json"), "--img-root", str(d / "img"), "--out", str(d / "v")]) == 0
     assert "a.jpg: image id 1 is a truncated JPEG" in capsys.readouterr().err
+    # i3cl infer itself (its DataLoader's reader): the image is a named failure, counted; nothing usable -> exit 1
+    from conftest import random_teachers
+
+    ckpt = random_teachers(tmp_path / "t", side=128, seeds=(0,))["teacher_0"]
+    (d / "list.txt").write_text("img/a.jpg\n")
+    rc = main(["infer", "--checkpoint", ckpt, "--images", str(d / "list.txt"), "--out", str(d / "o"), "--no-progress",
+               "--workers", "0", "--device", "cpu", "--no-vis"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "a.jpg: image 1 is a truncated JPEG" in err and "1 of 1 images failed" in err
+    # i3cl ensemble alike: nothing readable -> exit 1; a partial failure -> exit 0 with the count on stderr
+    ens = ["ensemble", "--checkpoints", ckpt, "--images", str(d / "list.txt"), "--no-progress", "--devices", "cpu",
+           "--loader-workers", "0"]
+    assert main(ens + ["--out", str(d / "e1")]) == 1
+    err = capsys.readouterr().err
+    assert "1 of 1 images could not be read" in err and "truncated JPEG" in err and "no image could be processed" in err
+    (d / "list.txt").write_text("img/a.jpg\nimg/full.jpg\n")
+    assert main(ens + ["--out", str(d / "e2")]) == 0
+    assert "1 of 2 images could not be read" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("images, message", [

@@ -71,6 +71,8 @@ def read_dataset(ann_file: str | os.PathLike) -> tuple[list[dict], dict[int, lis
 
 def read_results(pred_file: str | os.PathLike) -> dict[int, list[dict]]:
     """COCO results (a list of {image_id, segmentation, score}) grouped by image id."""
+    from i3cl_core.data.validate import score_value
+
     data = read_json(pred_file)
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
         data = data["annotations"]  # a dataset-shaped file with scores also works
@@ -80,13 +82,19 @@ def read_results(pred_file: str | os.PathLike) -> dict[int, list[dict]]:
     for k, det in enumerate(data):
         if not isinstance(det, dict) or "image_id" not in det or "segmentation" not in det:
             raise _dataset_error(f"{pred_file}: results[{k}] needs 'image_id' and 'segmentation'")
+        if det.get("score") is not None:  # the same rule as evaluate and fuse: a number in [0, 1]
+            score_value(det["score"], f"{pred_file}: result #{k} (image_id {det['image_id']})")
         by_image[det["image_id"]].append(det)
     return by_image
 
 
-def polygons_of(segmentation: Any, height: int, width: int) -> list:
-    """Polygons (int32 arrays of shape (K, 2)) from a COCO segmentation: polygon list, flat list or RLE."""
+def polygons_of(segmentation: Any, height: int, width: int, far: list | None = None) -> list:
+    """Polygons (int32 arrays of shape (K, 2)) from a COCO segmentation: polygon list, flat list or RLE.
+    A polygon with a point more than one image size outside the image is not drawn; with ``far`` given,
+    one entry is appended to it per such polygon."""
     import numpy as np
+
+    from i3cl_core.data.validate import far_outside
 
     polys = []
     if isinstance(segmentation, dict):  # RLE
@@ -112,6 +120,10 @@ def polygons_of(segmentation: Any, height: int, width: int) -> list:
         except (TypeError, ValueError):
             continue
         if len(pts) >= 2 and np.isfinite(pts).all():
+            if far_outside(pts, width, height):
+                if far is not None:
+                    far.append(1)
+                continue
             polys.append(np.round(pts).astype(np.int32))
     return polys
 
@@ -130,8 +142,9 @@ def _label(img, text: str, anchor, colour, scale: float) -> None:
     cv2.putText(img, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
 
 
-def draw(img, anns: Iterable[dict], preds: Iterable[dict] = (), min_score: float = 0.0):
-    """Draw annotations (and predictions) on a BGR uint8 image in place and return it."""
+def draw(img, anns: Iterable[dict], preds: Iterable[dict] = (), min_score: float = 0.0, far: list | None = None):
+    """Draw annotations (and predictions) on a BGR uint8 image in place and return it (``far``: see
+    :func:`polygons_of`)."""
     import cv2
 
     h, w = img.shape[:2]
@@ -142,7 +155,7 @@ def draw(img, anns: Iterable[dict], preds: Iterable[dict] = (), min_score: float
         score = det.get("score")
         if score is not None and float(score) < min_score:
             continue
-        polys = polygons_of(det.get("segmentation"), h, w)
+        polys = polygons_of(det.get("segmentation"), h, w, far)
         cv2.polylines(img, polys, True, PRED_COLOUR, thickness, cv2.LINE_8)
         if polys and score is not None:
             top = min(polys, key=lambda p: p[:, 1].min())
@@ -152,7 +165,7 @@ def draw(img, anns: Iterable[dict], preds: Iterable[dict] = (), min_score: float
     for ann in order:
         dontcare = bool(ann.get("iscrowd")) or bool(ann.get("ignore"))
         colour = DONTCARE_COLOUR if dontcare else CARE_COLOUR
-        polys = polygons_of(ann.get("segmentation"), h, w)
+        polys = polygons_of(ann.get("segmentation"), h, w, far)
         cv2.polylines(img, polys, True, colour, thickness, cv2.LINE_8)
         if not polys:
             continue
@@ -205,6 +218,7 @@ def browse_dataset(
     written: list[Path] = []
     used: set[str] = set()
     skipped = 0
+    far: list = []
     for im in images:
         try:
             path = safe_join(img_root, im["file_name"])
@@ -216,7 +230,7 @@ def browse_dataset(
             print(f"i3cl browse: {ann_file}: {e}, skipped", file=sys.stderr)
             skipped += 1
             continue
-        draw(img, anns_by_image.get(im["id"], []), preds_by_image.get(im["id"], []), min_score)
+        draw(img, anns_by_image.get(im["id"], []), preds_by_image.get(im["id"], []), min_score, far)
         stem = Path(im["file_name"]).stem
         name = f"{stem}.png" if stem not in used else f"{stem}_id{im['id']}.png"
         used.add(stem)
@@ -224,4 +238,7 @@ def browse_dataset(
         if not ok:
             raise RuntimeError(f"could not encode PNG for image id {im['id']}")
         written.append(atomic_write_bytes(out / name, png.tobytes()))
+    if far:
+        print(f"i3cl browse: {ann_file}: {len(far)} polygons with points more than one image size outside their image "
+              "were not drawn; check the coordinate scale", file=sys.stderr)
     return written

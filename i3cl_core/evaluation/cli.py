@@ -97,6 +97,9 @@ def run(args) -> int:
     else:
         print(format_report(objects))
     serious = _warnings(objects, len(preds.by_image), sys.stderr)
+    if gt.num_outside_image:
+        print(f"warning: {gt.num_outside_image} ground-truth polygons have points more than one image size outside "
+              "their image (kept, as missed objects unless matched); check the coordinate scale", file=sys.stderr)
     if preds.num_outside_image:
         print(f"warning: {preds.num_outside_image} predictions have points more than one image size outside their "
               "image (kept, as false positives unless they match); check the coordinate scale", file=sys.stderr)

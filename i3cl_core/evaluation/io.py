@@ -52,6 +52,7 @@ class GroundTruth:
     format: str  # "coco" | "art" | "memory"
     source: str = "<memory>"
     categories: list = field(default_factory=list)
+    num_outside_image: int = 0  # ground-truth polygons with a point more than one image size outside their image
     _token_index: dict | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -202,6 +203,7 @@ def _gt_from_coco(data: dict, src: str) -> GroundTruth:
     for img in coco_images(data, src, size="optional", file_name="optional"):
         key = img["id"]
         images[key] = GtImage(key=key, file_name=img["file_name"] or str(key), width=img["width"], height=img["height"])
+    outside = 0
     for k, ann in enumerate(data["annotations"]):
         where = f"{src}: annotation {ann.get('id', f'#{k}') if isinstance(ann, dict) else f'#{k}'}"
         if not isinstance(ann, dict):
@@ -210,9 +212,14 @@ def _gt_from_coco(data: dict, src: str) -> GroundTruth:
         if img is None:
             raise DatasetError(f"{where}: image_id {ann.get('image_id')!r} is not in 'images'")
         size = (img.height, img.width) if img.height and img.width else None
-        img.polygons.append(_segmentation(ann.get("segmentation"), ann.get("bbox"), where, size))
+        instance = _segmentation(ann.get("segmentation"), ann.get("bbox"), where, size)
+        if img.width and img.height and any(
+                far_outside(part, img.width, img.height) for part in instance):
+            outside += 1  # kept (a missed object unless matched), and reported: likely another scale
+        img.polygons.append(instance)
         img.dontcare.append(_is_dontcare(ann))
-    return GroundTruth(images=images, format="coco", source=src, categories=list(data.get("categories") or []))
+    return GroundTruth(images=images, format="coco", source=src, categories=list(data.get("categories") or []),
+                       num_outside_image=outside)
 
 
 def _art_dontcare(item: dict) -> bool:
