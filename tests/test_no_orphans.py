@@ -134,3 +134,4 @@ def test_kill_9_of_train_and_of_torchrun_leaves_no_process(tmp_path, images):
         proc = subprocess.Popen(train_command(path, tmp_path / "w2"), stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
                                 env=env, start_new_session=True, preexec_fn=_die_with_parent)
         kill_and_check(proc, 3, started2)
+

@@ -90,7 +90,9 @@ def _fuse_images(images: list[dict], models: list[dict], cfg, weights, workers: 
     if workers > 1 and len(jobs) > 64:
         import multiprocessing as mp
 
-        with mp.get_context("spawn").Pool(workers) as pool:
+        from i3cl_core.utils import die_with_parent
+
+        with mp.get_context("spawn").Pool(workers, initializer=die_with_parent) as pool:  # no orphans on kill -9
             for r in pool.imap(_fuse_one, jobs, chunksize=32):
                 results.append(r)
                 bar.update(1)

@@ -21,6 +21,9 @@ CATEGORY = {"id": 1, "name": "text"}
 
 
 def _init_worker() -> None:
+    from i3cl_core.utils import die_with_parent
+
+    die_with_parent()  # a kill -9 of the generating process leaves no worker behind
     try:
         import cv2
 
