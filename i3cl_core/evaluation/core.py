@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import shapely
 
-from .geometry import STATUS_INVALID, STATUS_REPAIRED, build_geometries, candidate_pairs
+from .geometry import STATUS_INVALID, STATUS_REPAIRED, build_geometries, candidate_pairs, intersection_areas
 
 PROTOCOLS = ("art", "totaltext", "ctw1500", "icdar2015")
 IOU_PROTOCOLS = ("art", "ctw1500", "icdar2015")
@@ -112,7 +112,7 @@ class PreparedEval:
         if pair_g:
             pg = np.concatenate(pair_g)
             pd = np.concatenate(pair_d)
-            areas = shapely.area(shapely.intersection(g_geom[pg], d_geom[pd])) if len(pg) else np.zeros(0)
+            areas = intersection_areas(g_geom[pg], d_geom[pd])
         else:
             areas = np.zeros(0)
 

@@ -155,7 +155,38 @@ def pairwise_intersection(a: np.ndarray, b: np.ndarray, a_bounds: np.ndarray | N
     bb = shapely.bounds(b) if b_bounds is None else b_bounds
     ii, jj = candidate_pairs(ab, bb)
     if len(ii):
-        out[ii, jj] = shapely.area(shapely.intersection(a[ii], b[jj]))
+        out[ii, jj] = intersection_areas(a[ii], b[jj])
+    return out
+
+
+PARALLEL_PAIRS = 4096  # below this many pairs, one thread (the pool costs more than it saves)
+
+
+def intersection_areas(a: np.ndarray, b: np.ndarray, workers: int | None = None) -> np.ndarray:
+    """``|a_k ∩ b_k|`` for aligned geometry arrays. Pairs that do not intersect at all (a cheap predicate)
+    skip the overlay; the rest are split over ``workers`` threads (default: the CPUs, at most 8), since
+    shapely's vectorised operations release the GIL. The same numbers as one
+    ``shapely.area(shapely.intersection(a, b))`` call, pair for pair."""
+    import os
+
+    out = np.zeros(len(a), dtype=np.float64)
+    if not len(a):
+        return out
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 8)
+    chunks = np.array_split(np.arange(len(a)), max(1, min(workers, len(a) // PARALLEL_PAIRS)))
+
+    def run(idx: np.ndarray) -> None:
+        hit = idx[shapely.intersects(a[idx], b[idx])]
+        out[hit] = shapely.area(shapely.intersection(a[hit], b[hit]))
+
+    if len(chunks) == 1:
+        run(chunks[0])
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(chunks), thread_name_prefix="intersections") as pool:
+            list(pool.map(run, chunks))
     return out
 
 
