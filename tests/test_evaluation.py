@@ -441,3 +441,20 @@ def test_rle_tracing_matches_pixel_boundary():
     parts = rle_to_parts(mask_utils.encode(np.asfortranarray(m)), "test")
     boxes = sorted((p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()) for p in parts)
     assert boxes == [(5, 50, 6, 51), (100, 10, 140, 30)]
+
+
+def test_intersection_areas_in_threads_equal_one_vectorised_call():
+    """The threaded, intersects-prefiltered areas are the plain shapely numbers, pair for pair."""
+    import shapely
+
+    from i3cl_core.evaluation.geometry import PARALLEL_PAIRS, intersection_areas
+
+    rng = np.random.default_rng(3)
+    n = 2 * PARALLEL_PAIRS + 17
+    centres = rng.uniform(0, 100, (n, 2, 2))
+    a = shapely.buffer(shapely.points(centres[:, 0]), rng.uniform(1, 6, n), quad_segs=3)
+    b = shapely.buffer(shapely.points(centres[:, 1]), rng.uniform(1, 6, n), quad_segs=3)
+    want = shapely.area(shapely.intersection(a, b))
+    assert (want == 0).any() and (want > 0).any()
+    assert np.array_equal(intersection_areas(a, b, workers=3), want)
+    assert np.array_equal(intersection_areas(a, b, workers=1), want)
