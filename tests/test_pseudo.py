@@ -151,6 +151,32 @@ def test_canonical_order():
     assert canonical([[0, 0], [np.nan, 1], [2, 0]]) is None
 
 
+def test_canonical_many_equals_canonical_one_by_one():
+    """The vectorised form over random polygons with ties, closing points, both orientations and the
+    degenerate cases (too few points, NaN, zero area) mixed in."""
+    from i3cl_core.pseudo.fusion import canonical_many
+
+    rng = np.random.default_rng(5)
+    polys = []
+    for k in range(400):
+        n = int(rng.integers(3, 15))
+        p = np.round(rng.uniform(0, 20, (n, 2)))  # rounded: equal distances to the box corner happen
+        if k % 7 == 0:
+            p = np.vstack([p, p[:1]])  # explicitly closed
+        if k % 5 == 0:
+            p = p[::-1]
+        polys.append(p)
+    polys[3] = np.array([[0.0, 0], [1, 1]])
+    polys[8] = np.array([[0.0, 0], [np.nan, 1], [2, 0]])
+    polys[13] = np.array([[0.0, 0], [1, 1], [2, 2]])
+    polys[21] = [[0, 0], [4, 0], [4, 3], [0, 3]]  # a plain list
+    got = canonical_many(polys)
+    want = [canonical(p) for p in polys]
+    assert sum(w is None for w in want) >= 3
+    assert all((g is None and w is None) or (g is not None and w is not None and np.array_equal(g, w))
+               for g, w in zip(got, want))
+
+
 # ------------------------------------------------------------------------------------ fuse command
 def _images(tmp_path, n=4):
     images = [{"id": i, "file_name": f"u_{i}.jpg", "width": W, "height": H} for i in range(1, n + 1)]

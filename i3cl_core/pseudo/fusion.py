@@ -67,6 +67,10 @@ class Member:
 class Cluster:
     members: list[Member] = field(default_factory=list)
     points: np.ndarray | None = None  # current fused geometry (corresponding-point mean)
+    # running weighted sums behind ``points`` (the same sums, in the same order, as :func:`mean_points`)
+    weight_sum: float = 0.0
+    resampled_sum: np.ndarray | None = None  # sum of weighted_score x the members' 32 resampled points
+    quad_sum: np.ndarray | None = None  # sum of weighted_score x the corners, while every member is a quad
     geometry: object = None  # shapely polygon of ``points``
     bounds: np.ndarray | None = None
     simple: bool = True  # ``points`` form a simple (valid) polygon
@@ -76,6 +80,21 @@ class Cluster:
     @property
     def votes(self) -> int:
         return len({m.model for m in self.members})
+
+    def add(self, m: Member) -> None:
+        """Add a member and update ``points`` (:func:`mean_points` of all members, kept incrementally)."""
+        w = m.weighted_score
+        self.members.append(m)
+        quad = len(m.polygon) == 4
+        if len(self.members) == 1:
+            self.weight_sum, self.resampled_sum = w, w * m.points(False)
+            self.quad_sum = w * m.polygon if quad else None
+            self.points = m.polygon
+            return
+        self.weight_sum += w
+        self.resampled_sum = self.resampled_sum + w * m.points(False)
+        self.quad_sum = self.quad_sum + w * m.polygon if (quad and self.quad_sum is not None) else None
+        self.points = (self.quad_sum if self.quad_sum is not None else self.resampled_sum) / self.weight_sum
 
 
 # ------------------------------------------------------------------------------------ geometry
@@ -122,23 +141,17 @@ def canonical_many(polys: list) -> list[np.ndarray | None]:
     mins = np.minimum.reduceat(xy, starts, axis=0)
     d = xy - mins[group]
     dist = d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1]
-    first = np.lexsort((np.arange(len(xy)), dist, group))
-    start_of = np.empty(len(sel), dtype=np.int64)
-    is_first = np.r_[True, group[first][1:] != group[first][:-1]]
-    start_of[group[first][is_first]] = pos[first][is_first]
+    # each polygon starts at its first vertex of least distance (NaN groups keep 0: they are dropped below)
+    nearest = np.flatnonzero(dist == np.minimum.reduceat(dist, starts)[group])
+    groups_with, first = np.unique(group[nearest], return_index=True)
+    start_of = np.zeros(len(sel), dtype=np.int64)
+    start_of[groups_with] = pos[nearest[first]]
     rolled = starts[group] + (pos + start_of[group]) % lengths[group]
     xy = xy[rolled]
-    good = finite & (area != 0) & np.isfinite(area)
-    chunks = np.split(xy, np.cumsum(lengths)[:-1])
-    out: list[np.ndarray | None] = []
-    it = iter(zip(chunks, good))
-    for k in ok:
-        if not k:
-            out.append(None)
-            continue
-        chunk, g = next(it)
-        out.append(chunk if g else None)
-    return out
+    good = (finite & (area != 0) & np.isfinite(area)).tolist()
+    ends = (starts + lengths).tolist()
+    chunks = iter([xy[a:e] if g else None for a, e, g in zip(starts.tolist(), ends, good)])
+    return [next(chunks) if k else None for k in ok.tolist()]
 
 
 def resample(poly: np.ndarray, n: int = RESAMPLE_POINTS) -> np.ndarray:
@@ -158,10 +171,16 @@ def all_quads(members: list[Member]) -> bool:
 
 def resample_many(polys: list[np.ndarray], n: int = RESAMPLE_POINTS) -> np.ndarray:
     """:func:`resample` for many polygons at once: (len(polys), n, 2)."""
-    closed = [np.vstack([p, p[:1]]) for p in polys]
-    xy = np.concatenate(closed)
-    lengths = np.array([len(c) for c in closed])
+    sizes = np.array([len(p) for p in polys])
+    lengths = sizes + 1  # each polygon closed by repeating its first vertex
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    src = np.concatenate(polys)
+    src_starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    xy = np.empty((int(lengths.sum()), 2))
+    body = np.ones(len(xy), dtype=bool)
+    body[starts + sizes] = False
+    xy[body] = src
+    xy[starts + sizes] = src[src_starts]
     seg = np.sqrt((np.diff(xy, axis=0) ** 2).sum(axis=1))
     seg[starts[1:] - 1] = 0.0  # no step from one polygon's closing point to the next polygon
     cum = np.concatenate([[0.0], np.cumsum(seg)])
@@ -187,10 +206,9 @@ def mean_points(members: list[Member]) -> np.ndarray:
 def _geometry(points: np.ndarray):
     """(shapely geometry, whether ``points`` form a simple polygon); invalid ones are made valid."""
     import shapely
-    from shapely.geometry import Polygon
 
-    g = Polygon(points)
-    if g.is_valid:
+    g = shapely.polygons(points)
+    if shapely.is_valid(g):
         return g, True
     return shapely.make_valid(g), False
 
@@ -287,9 +305,8 @@ def cluster_predictions(
     raw = [(poly, float(score), model) for model, preds in enumerate(predictions) for poly, score in preds if score >= skip_thr]
     members = [Member(p, s, model, float(weights[model]))
                for p, (_, s, model) in zip(canonical_many([r[0] for r in raw]), raw) if p is not None]
-    curved = [m for m in members if len(m.polygon) != 4]
-    if curved:
-        for m, r in zip(curved, resample_many([m.polygon for m in curved])):
+    if members:  # every member, quads too: a quad that joins a curved cluster is averaged by its 32 points
+        for m, r in zip(members, resample_many([m.polygon for m in members])):
             m.resampled = r
     order = sorted(range(len(members)), key=lambda i: -members[i].weighted_score)  # stable for ties
     member_geoms = np.array(_geometries([members[i].polygon for i in order]), dtype=object)
@@ -298,38 +315,43 @@ def cluster_predictions(
 
     clusters: list[Cluster] = []
     geoms = np.empty(len(order), dtype=object)  # current fused geometry of cluster j
-    bounds = np.zeros((len(order), 4))
-    areas = np.zeros(len(order))
-    for i, g, b, a in zip(order, member_geoms, member_bounds, member_areas):
+    x0, y0, x1, y1 = np.zeros((4, len(order)))  # its bounds, one contiguous row each
+    areas = [0.0] * len(order)
+    for i, g, b, a in zip(order, member_geoms, member_bounds.tolist(), member_areas.tolist()):
         m = members[i]
-        best = -1
+        best, best_iou = -1, 0.0
         n = len(clusters)
         if n:
-            cb = bounds[:n]
-            iw = np.minimum(cb[:, 2], b[2]) - np.maximum(cb[:, 0], b[0])
-            ih = np.minimum(cb[:, 3], b[3]) - np.maximum(cb[:, 1], b[1])
-            # IoU <= I / (a + a_c - I) with I <= min(box intersection, a, a_c): skip clusters that cannot pass
-            imax = np.minimum(np.minimum(np.maximum(iw, 0.0) * np.maximum(ih, 0.0), a), areas[:n])
-            cand = np.flatnonzero((iw > 0) & (ih > 0) & (imax > iou_thr * (a + areas[:n] - imax)))
-            if len(cand):
-                inter = shapely.area(shapely.intersection(geoms[cand], g))
-                union = areas[cand] + a - inter
-                ious = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
-                j = int(np.argmax(ious))
-                if ious[j] > iou_thr:
-                    best = int(cand[j])
+            bx0, by0, bx1, by1 = b
+            # clusters whose box overlaps the member's with positive area (min(x1) - max(x0) > 0 per axis)
+            for j in np.flatnonzero((x0[:n] < bx1) & (x1[:n] > bx0) & (y0[:n] < by1) & (y1[:n] > by0)).tolist():
+                # IoU <= I / (a + a_c - I) with I <= min(box intersection, a, a_c): skip clusters that cannot pass
+                iw = min(float(x1[j]), bx1) - max(float(x0[j]), bx0)
+                ih = min(float(y1[j]), by1) - max(float(y0[j]), by0)
+                imax = min(min(iw * ih, a), areas[j])
+                if not imax > iou_thr * (a + areas[j] - imax):
+                    continue
+                inter = float(shapely.area(shapely.intersection(geoms[j], g)))
+                union = areas[j] + a - inter
+                iou = inter / max(union, 1e-12) if union > 0 else 0.0
+                if iou > best_iou:  # the first of equal IoUs wins, as argmax would pick it
+                    best, best_iou = j, iou
+            if best_iou <= iou_thr:
+                best = -1
         if best < 0:
-            clusters.append(Cluster(members=[m], points=m.polygon))
+            c = Cluster()
+            c.add(m)
+            clusters.append(c)
             geoms[n] = g
-            bounds[n] = b
+            x0[n], y0[n], x1[n], y1[n] = b
             areas[n] = a
         else:
             c = clusters[best]
-            c.members.append(m)
-            c.points = mean_points(c.members)
+            c.add(m)
             geoms[best], c.simple = _geometry(c.points)
-            bounds[best] = np.concatenate([c.points.min(axis=0), c.points.max(axis=0)])
-            areas[best] = geoms[best].area
+            x0[best], y0[best] = c.points.min(axis=0)
+            x1[best], y1[best] = c.points.max(axis=0)
+            areas[best] = float(shapely.area(geoms[best]))
     for c, g in zip(clusters, geoms[: len(clusters)]):
         c.geometry = g
         c.score = cluster_score(c.members, conf_type, weights)
