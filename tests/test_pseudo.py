@@ -194,6 +194,32 @@ def _results(preds_by_image):
     return out
 
 
+def test_fusion_in_a_process_pool_writes_what_one_process_writes(tmp_path):
+    """Above 64 images ``fuse_predictions`` fuses in a process pool (its default: the CPUs); the
+    pseudo-label file is byte for byte the one-process file."""
+    from i3cl_core.config import FuseConfig
+    from i3cl_core.pseudo.fuse import fuse_predictions
+
+    images_json, images = _images(tmp_path, n=80)
+    rng = np.random.default_rng(11)
+    sources = []
+    for k in range(2):
+        preds = {}
+        for im in images:
+            boxes = rng.uniform(0, 200, (6, 2))
+            preds[im["id"]] = [(np.array([[x, y], [x + 60, y + 3], [x + 60, y + 25], [x, y + 22]]) + rng.normal(0, 2, (4, 2)),
+                                float(rng.uniform(0.3, 1.0))) for x, y in boxes]
+        path = tmp_path / f"m{k}.json"
+        path.write_text(json.dumps(_results(preds)))
+        sources.append(str(path))
+    cfg = FuseConfig(keep_thr=0.3, auto_keep_thr=False)
+    one = fuse_predictions(sources, str(images_json), tmp_path / "one.json", cfg, workers=1, progress=False)
+    two = fuse_predictions(sources, str(images_json), tmp_path / "two.json", cfg, workers=2, progress=False)
+    assert one["pseudo_labels"] == two["pseudo_labels"] > 0
+    strip = lambda p: {k: v for k, v in json.loads(p.read_text()).items() if k != "info"}  # noqa: E731
+    assert strip(tmp_path / "one.json") == strip(tmp_path / "two.json")
+
+
 def test_fuse_writes_a_loadable_lossweight_dataset(tmp_path):
     import cv2
 

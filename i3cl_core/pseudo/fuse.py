@@ -80,10 +80,18 @@ def _load_members(sources: list[str], images: list[dict], images_json, cfg,
     return models, model_stats, weights
 
 
-def _fuse_images(images: list[dict], models: list[dict], cfg, weights, workers: int = 1, progress: bool = False) -> list:
-    """``_fuse_one`` over every image (in a process pool with ``workers`` > 1), in image order."""
+def default_workers() -> int:
+    """Fusion processes when none are given: the CPUs, at most 8 (a pool is used above 64 images only)."""
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def _fuse_images(images: list[dict], models: list[dict], cfg, weights, workers: int | None = None,
+                 progress: bool = False) -> list:
+    """``_fuse_one`` over every image (in a process pool with ``workers`` > 1), in image order; the
+    result does not depend on ``workers``."""
     from tqdm import tqdm
 
+    workers = default_workers() if workers is None else workers
     jobs = [([m.get(im["id"], []) for m in models], cfg, weights) for im in images]
     results = []
     bar = tqdm(total=len(jobs), desc="fuse", unit="img", disable=not progress, dynamic_ncols=True)
@@ -119,7 +127,7 @@ def fuse_predictions(
     cfg,
     gt: str | None = None,
     img_root: str | None = None,
-    workers: int = 1,
+    workers: int | None = None,
     progress: bool = True,
     samples: int = 4,
     allow_empty: bool = False,
@@ -293,7 +301,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="e.g. --set fuse.iou_thr=0.5 --set fuse.conf_type=max")
     p.add_argument("--gt", help="ground truth of the unlabeled set, to measure pseudo-label quality")
     p.add_argument("--img-root", help="image root of the unlabeled set (for sample pictures)")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=None,
+                   help="fusion processes (default: the CPUs, at most 8; a pool is used above 64 images only)")
     p.add_argument("--allow-empty", action="store_true",
                    help="accept a prediction source with no usable prediction (default: an error)")
     p.add_argument("--no-progress", action="store_true")
@@ -304,6 +313,8 @@ def run(args: argparse.Namespace) -> int:
 
     from i3cl_core.config import ConfigError, load_config
 
+    if args.workers is not None and args.workers < 1:
+        raise DatasetError(f"--workers must be >= 1, got {args.workers}")
     unused = [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith("fuse.")]
     if unused:
         raise ConfigError(f"--set {unused[0]}: i3cl fuse reads only fuse.* settings (got {', '.join(unused)})")
