@@ -4,6 +4,13 @@ The same fixed batches (augmented once, held in memory, so data loading is not t
 forward, backward, gradient clipping and the optimizer step of the config for each setting; the baseline is float32 with contiguous (NCHW)
 tensors. Prints training images per second per setting and the ratio to the baseline.
 
+Then torchvision's Mask R-CNN built to the tiny teacher's sizes (ResNet-18, 64-channel FPN, a 256-wide
+box head, two 64-channel mask convolutions, the same RPN and RoI sampling numbers; no IntraCL, no
+InterCL) trains on the same batches with the same optimizer, in float32 NCHW: the time per training
+image of ours with the recipe's switches (``bf16_features: auto``, ``channels_last``) over its time per
+image is the ratio the project aims to keep <= 1.1x. Do-not-care regions are left out of its targets
+(it has none) and its full-image masks are rasterised before timing, as a data loader would.
+
     .venv/bin/python benchmarks/bench_train_speed.py [--config configs/demo/teacher_a.yaml]
         [--data data/bench] [--batches 30] [--warmup 5]
 
@@ -74,10 +81,77 @@ def main() -> None:
             optimizer.step()
         results[name] = args.batches * bs / (time.perf_counter() - t0)
 
+    recipe = load_config(args.config, base)
+    tv_ips = torchvision_images_per_s(recipe, batches, args.warmup)
+
     baseline = results["float32, NCHW (baseline)"]
     print(f"{'setting':32s} {'img/s':>7s} {'vs baseline':>12s}")
     for name, ips in results.items():
         print(f"{name:32s} {ips:7.2f} {ips / baseline:11.2f}x")
+    use_bf16 = recipe.model.bf16_features is True or (recipe.model.bf16_features == "auto" and native_bf16(torch.device("cpu")))
+    ours = results[{(False, False): "float32, NCHW (baseline)", (False, True): "channels_last", (True, False): "bf16_features",
+                    (True, True): "bf16_features + channels_last"}[(use_bf16, recipe.model.channels_last)]]
+    print(f"{'torchvision Mask R-CNN (same sizes)':32s} {tv_ips:7.2f} {tv_ips / baseline:11.2f}x")
+    print(f"time per training image, ours (recipe: bf16 {use_bf16}, channels_last {recipe.model.channels_last}) / "
+          f"torchvision: {tv_ips / ours:.2f}x (goal <= 1.1x); both float32 NCHW: {tv_ips / baseline:.2f}x")
+
+
+def torchvision_model(cfg):
+    """torchvision's Mask R-CNN with the tiny teacher's backbone, FPN width, heads and sampling numbers."""
+    from torchvision.models import resnet18
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+
+    m = cfg.model
+    c = m.fpn_channels
+    backbone = BackboneWithFPN(resnet18(), {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+                               [64, 128, 256, 512], c)
+    scales = [s for s, _ in cfg.data.augment.scales]
+    return MaskRCNN(
+        backbone, num_classes=None, min_size=tuple(scales), max_size=max(x for _, x in cfg.data.augment.scales),
+        rpn_pre_nms_top_n_train=m.rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train=m.rpn_post_nms_top_n_train,
+        box_batch_size_per_image=m.box_batch_size_per_image,
+        box_head=TwoMLPHead(c * 7 * 7, m.representation_size), box_predictor=FastRCNNPredictor(m.representation_size, m.num_classes + 1),
+        mask_head=MaskRCNNHeads(c, [c] * m.mask_head_convs, 1), mask_predictor=MaskRCNNPredictor(c, c, m.num_classes + 1))
+
+
+def torchvision_targets(images, targets) -> list[dict]:
+    """Our targets as torchvision's: boxes, labels and full-image masks of the text instances."""
+    import cv2
+    import numpy as np
+
+    out = []
+    for image, t in zip(images, targets):
+        inst = t["instances"]
+        h, w = image.shape[-2:]
+        masks = np.zeros((len(inst), h, w), np.uint8)
+        for k, parts in enumerate(inst.polygons):  # pixel-area coordinates: pixel centres at +0.5
+            cv2.fillPoly(masks[k], [np.round(np.asarray(p, np.float64) - 0.5).astype(np.int32) for p in parts], 1)
+        out.append({"boxes": inst.boxes.float(), "labels": torch.ones(len(inst), dtype=torch.int64),
+                    "masks": torch.from_numpy(masks)})
+    return out
+
+
+def torchvision_images_per_s(cfg, batches, warmup: int) -> float:
+    from i3cl_core.engine.train import build_optimizer
+
+    torch.manual_seed(0)
+    model = torchvision_model(cfg).train()
+    optimizer = build_optimizer(model, cfg.train)
+    tv_batches = [(images, torchvision_targets(images, targets)) for images, targets in batches]
+    t0 = time.perf_counter()
+    for i, (images, targets) in enumerate(tv_batches):
+        if i == warmup:
+            t0 = time.perf_counter()
+        losses = model(images, targets)
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+    return (len(batches) - warmup) * len(batches[0][0]) / (time.perf_counter() - t0)
 
 
 if __name__ == "__main__":
