@@ -29,7 +29,7 @@ def prefect_env(home: Path, port: int) -> dict:
         PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_SERVER_API_HOST="127.0.0.1",
-        PREFECT_RUNNER_POLL_FREQUENCY="2",
+        PREFECT_RUNNER_POLL_FREQUENCY="1",  # a local server: a run starts within a second of being created
         PREFECT_LOGGING_LEVEL=os.environ.get("PREFECT_LOGGING_LEVEL", "INFO"),
         PREFECT_SERVER_EPHEMERAL_ENABLED="false",
         PREFECT_WORKER_WEBSERVER_HOST="127.0.0.1",
