@@ -51,9 +51,8 @@ class Member:
     weight: float  # model weight w_k
     resampled: np.ndarray | None = None  # (32, 2) by arc length, for point correspondence
 
-    def points(self, quads: bool) -> np.ndarray:
-        if quads:
-            return self.polygon
+    def resampled_points(self) -> np.ndarray:
+        """Its 32 points by arc length (computed for all members at once in :func:`cluster_predictions`)."""
         if self.resampled is None:
             self.resampled = resample(self.polygon)
         return self.resampled
@@ -67,7 +66,8 @@ class Member:
 class Cluster:
     members: list[Member] = field(default_factory=list)
     points: np.ndarray | None = None  # current fused geometry (corresponding-point mean)
-    # running weighted sums behind ``points`` (the same sums, in the same order, as :func:`mean_points`)
+    # running weighted sums behind ``points``: the weighted-score mean of corresponding points, vertex by
+    # vertex while every member is a quadrilateral, else over every member's 32 resampled points
     weight_sum: float = 0.0
     resampled_sum: np.ndarray | None = None  # sum of weighted_score x the members' 32 resampled points
     quad_sum: np.ndarray | None = None  # sum of weighted_score x the corners, while every member is a quad
@@ -82,17 +82,18 @@ class Cluster:
         return len({m.model for m in self.members})
 
     def add(self, m: Member) -> None:
-        """Add a member and update ``points`` (:func:`mean_points` of all members, kept incrementally)."""
+        """Add a member and update ``points`` (the members' corresponding-point mean, kept incrementally:
+        the sums in member order, as a sum over the stacked members would add them)."""
         w = m.weighted_score
         self.members.append(m)
         quad = len(m.polygon) == 4
         if len(self.members) == 1:
-            self.weight_sum, self.resampled_sum = w, w * m.points(False)
+            self.weight_sum, self.resampled_sum = w, w * m.resampled_points()
             self.quad_sum = w * m.polygon if quad else None
             self.points = m.polygon
             return
         self.weight_sum += w
-        self.resampled_sum = self.resampled_sum + w * m.points(False)
+        self.resampled_sum = self.resampled_sum + w * m.resampled_points()
         self.quad_sum = self.quad_sum + w * m.polygon if (quad and self.quad_sum is not None) else None
         self.points = (self.quad_sum if self.quad_sum is not None else self.resampled_sum) / self.weight_sum
 
@@ -165,10 +166,6 @@ def resample(poly: np.ndarray, n: int = RESAMPLE_POINTS) -> np.ndarray:
     return np.stack([x, y], axis=1)
 
 
-def all_quads(members: list[Member]) -> bool:
-    return all(len(m.polygon) == 4 for m in members)
-
-
 def resample_many(polys: list[np.ndarray], n: int = RESAMPLE_POINTS) -> np.ndarray:
     """:func:`resample` for many polygons at once: (len(polys), n, 2)."""
     sizes = np.array([len(p) for p in polys])
@@ -192,15 +189,6 @@ def resample_many(polys: list[np.ndarray], n: int = RESAMPLE_POINTS) -> np.ndarr
     x = np.interp(t.ravel(), param, xy[:, 0])
     y = np.interp(t.ravel(), param, xy[:, 1])
     return np.stack([x, y], axis=1).reshape(len(polys), n, 2)
-
-
-def mean_points(members: list[Member]) -> np.ndarray:
-    """Weighted-score mean of corresponding points: vertex by vertex for quadrilaterals, else after
-    resampling every member to 32 points by arc length."""
-    quads = all_quads(members)
-    pts = np.stack([m.points(quads) for m in members])
-    w = np.array([m.weighted_score for m in members], dtype=np.float64)
-    return (w[:, None, None] * pts).sum(axis=0) / w.sum()
 
 
 def _geometry(points: np.ndarray):
