@@ -13,6 +13,7 @@ import argparse
 import glob
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,8 +250,7 @@ def write_outputs(items: list[ImageItem], out: Path, txt_lines, art_entries) -> 
     hold both, so it is not written (``submission`` is None and ``submission_skipped`` says why)."""
     from i3cl_core.infer.export import art_key
 
-    check_output_names(items)
-    clash = art_key_clashes(items)
+    clash = art_key_clashes(items)  # output-name clashes were refused by infer_images before any work
     results, submission, images = [], {}, []
     for item in items:
         f = out / "per_image" / f"{item.key}.json"
@@ -318,13 +318,9 @@ def run(args: argparse.Namespace) -> int:
                            precision=args.precision)
     print(json.dumps(summary))
     if summary.get("submission_skipped"):
-        import sys
-
         print(f"i3cl infer: warning: {summary['submission_skipped']}", file=sys.stderr)
     done = summary["processed"] + summary["skipped_done"]
     if summary["failed"]:
-        import sys
-
         print(f"i3cl infer: {summary['failed']} of {summary['images']} images failed (listed in "
               f"{Path(args.out) / 'failed.txt'}); first: {summary['failures'][0]}", file=sys.stderr)
         if done == 0:
