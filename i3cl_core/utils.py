@@ -81,6 +81,11 @@ def safe_join(root: str | os.PathLike, relative: str) -> Path:
     return full
 
 
+def cpu_workers(limit: int = 8) -> int:
+    """Workers for CPU-bound pools when none are asked for: the machine's CPUs, at most ``limit``."""
+    return max(1, min(os.cpu_count() or 1, limit))
+
+
 def die_with_parent(sig: int | None = None) -> None:
     """Ask the kernel to send ``sig`` (default SIGKILL) to this process when its parent dies (Linux
     ``prctl(PR_SET_PDEATHSIG)``; a no-op elsewhere). Called in DataLoader workers and in the children the

@@ -167,13 +167,13 @@ def intersection_areas(a: np.ndarray, b: np.ndarray, workers: int | None = None)
     skip the overlay; the rest are split over ``workers`` threads (default: the CPUs, at most 8), since
     shapely's vectorised operations release the GIL. The same numbers as one
     ``shapely.area(shapely.intersection(a, b))`` call, pair for pair."""
-    import os
+    from i3cl_core.utils import cpu_workers
 
     out = np.zeros(len(a), dtype=np.float64)
     if not len(a):
         return out
     if workers is None:
-        workers = min(os.cpu_count() or 1, 8)
+        workers = cpu_workers()
     chunks = np.array_split(np.arange(len(a)), max(1, min(workers, len(a) // PARALLEL_PAIRS)))
 
     def run(idx: np.ndarray) -> None:

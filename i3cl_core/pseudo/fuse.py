@@ -80,18 +80,15 @@ def _load_members(sources: list[str], images: list[dict], images_json, cfg,
     return models, model_stats, weights
 
 
-def default_workers() -> int:
-    """Fusion processes when none are given: the CPUs, at most 8 (a pool is used above 64 images only)."""
-    return max(1, min(os.cpu_count() or 1, 8))
-
-
 def _fuse_images(images: list[dict], models: list[dict], cfg, weights, workers: int | None = None,
                  progress: bool = False) -> list:
     """``_fuse_one`` over every image (in a process pool with ``workers`` > 1), in image order; the
     result does not depend on ``workers``."""
     from tqdm import tqdm
 
-    workers = default_workers() if workers is None else workers
+    from i3cl_core.utils import cpu_workers
+
+    workers = cpu_workers() if workers is None else workers  # the pool starts above 64 images only
     jobs = [([m.get(im["id"], []) for m in models], cfg, weights) for im in images]
     results = []
     bar = tqdm(total=len(jobs), desc="fuse", unit="img", disable=not progress, dynamic_ncols=True)
