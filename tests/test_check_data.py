@@ -98,3 +98,19 @@ def test_the_pipelines_preflight_lists_bad_images_of_every_split_at_once(tmp_pat
     d["test"] = split("test", ["good.jpg"])
     d["unlabeled_images"] = split("unlabeled", ["good.jpg"])["ann_file"]
     assert preflight(d)["images"] == 3
+
+
+def test_file_truncation_reads_only_the_ends_and_agrees_with_the_readers_rule(tmp_path):
+    """data.image_io.file_truncation (the pre-flight's) gives the reader's verdict on whole files,
+    JPEG and PNG, cut at every kind of length (shorter than its 8 + 1024 bytes too)."""
+    from i3cl_core.data.image_io import file_truncation, truncation
+
+    for ext in ("jpg", "png"):
+        Image.effect_noise((300, 200), 40).convert("RGB").save(tmp_path / f"full.{ext}")
+        data = (tmp_path / f"full.{ext}").read_bytes()
+        for cut in (0, 3, 7, 8, 9, 500, 1031, 1032, 1033, len(data) // 2, len(data) - 2, len(data)):
+            p = tmp_path / f"cut_{cut}.{ext}"
+            p.write_bytes(data[:cut])
+            assert file_truncation(p) == truncation(data[:cut]), (ext, cut)
+        assert file_truncation(tmp_path / f"full.{ext}") is None
+        assert file_truncation(tmp_path / f"cut_{len(data) // 2}.{ext}") is not None

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from i3cl_core.data.errors import DatasetError
-from i3cl_core.data.image_io import truncation
+from i3cl_core.data.image_io import file_truncation
 
 
 @dataclass
@@ -48,24 +48,10 @@ def _check_one(item, decode: bool) -> str | None:
         return f"{where}: cannot be decoded ({type(e).__name__}: {str(e)[:120]})"
     if size != (width, height):
         return f"{where}: the json says {width}x{height}, the file is {size[0]}x{size[1]}"
-    reason = truncation(_head_and_tail(path))
+    reason = file_truncation(path)
     if reason:
         return f"{where}: {reason}"
     return None
-
-
-def _head_and_tail(path, head: int = 8, tail: int = 1024) -> bytes:
-    """The first ``head`` and last ``tail`` bytes of a file (all of it when it is short): what
-    :func:`~i3cl_core.data.image_io.truncation` looks at, without reading the whole file."""
-    with open(path, "rb") as f:
-        f.seek(0, 2)
-        n = f.tell()
-        f.seek(0)
-        if n <= head + tail:
-            return f.read()
-        first = f.read(head)
-        f.seek(n - tail)
-        return first + f.read()
 
 
 def check_sources(sources, workers: int = 8, decode: bool = False) -> CheckResult:

@@ -27,6 +27,16 @@ def truncation(data: bytes) -> str | None:
     return None
 
 
+def file_truncation(path, tail: int = 1024) -> str | None:
+    """:func:`truncation` of an image file from its first bytes and its last ``tail`` bytes only (what
+    the rule looks at), without reading the whole file: for checks over many images."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = f.seek(0, 2)
+        f.seek(max(size - tail, len(head)))
+        return truncation(head + f.read())
+
+
 def read_image(path, what: str | None = None, rgb: bool = True) -> np.ndarray:
     """Decode ``path`` (``what`` names it in errors, e.g. ``"image 12"``); RGB unless ``rgb=False`` (BGR)."""
     import cv2
