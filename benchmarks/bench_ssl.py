@@ -16,9 +16,14 @@ threshold is chosen there, as a user would), and 100 test images. Per seed:
      ssl          labeled + pseudo labels, each weighted by its lossweight
      ssl_uniform  labeled + the same pseudo labels, every weight 1 (isolates the weighting)
      oracle       labeled + the unlabeled images with their true labels (the upper bound)
+     ssl_nodc     as ssl, but the fusion's uncertain clusters are left out instead of becoming
+                  do-not-care regions (the student learns them as background)
      ssl_r2       round 2 of self-training: the ssl student plus the teachers label the unlabeled
                   images again; trained as long again, from the ssl student
-5. every model on the test split (ArT protocol, each model's ``infer.score_thr``).
+     control_r2   round 2 of the control: as long again on the labeled images, from the control
+                  (the twin of ssl_r2)
+5. every model on the validation split, where its best-F score threshold is chosen, and on the test
+   split (ArT protocol), both at that threshold and at the model's ``infer.score_thr``.
 
 Prints one table: mean and spread (min..max) over seeds of F per arm, the pseudo labels' P/R/F against
 the hidden ground truth, and each teacher's F on the unlabeled split at its best threshold.
@@ -43,7 +48,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ARMS = ("control", "ssl", "ssl_uniform", "oracle", "ssl_r2")
+ARMS = ("control", "ssl", "ssl_uniform", "oracle", "ssl_nodc", "ssl_r2", "control_r2")
 
 
 def ensure_data(data: Path, args) -> dict:
@@ -124,6 +129,11 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
     report = json.loads(Path(summary["report"]).read_text())
     quality, chosen = report["quality"], report["keep_thr_selection"]
     uniform = uniform_weights(pseudo, sd / "pseudo" / "train_uniform.json")
+    nodc = None
+    if "ssl_nodc" in args.arms:
+        nodc = sd / "pseudo_nodc" / "train_lossweight.json"
+        fuse_stage(ens_u["members"], ens_u["images_json"], str(nodc), fuse_cfg.model_copy(update={"uncertain_band": None}),
+                   d["unlabeled_gt"], d["unlabeled_root"], ens_v["members"], d["val"]["ann_file"])
     teacher_unl = {n: {"hmean": m["hmean"], "thr": m["best_threshold"]} for n, m in zip(teachers, quality["models"])}
 
     u_root = d["unlabeled_root"]
@@ -133,6 +143,7 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
         "ssl": [{"ann_file": str(pseudo), "img_root": u_root, "fraction": mix}],
         "ssl_uniform": [{"ann_file": str(uniform), "img_root": u_root, "fraction": mix}],
         "oracle": [{"ann_file": d["unlabeled_gt"], "img_root": u_root, "fraction": mix}],
+        "ssl_nodc": [{"ann_file": str(nodc), "img_root": u_root, "fraction": mix}],
     }
     start = teachers[args.teachers[0]]
     arm_ckpts, t_arms = {}, {}
@@ -156,21 +167,37 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
                                    [f"train.seed={seed}", *ARM_SCHEDULE, *args.set_arms], load_from=arm_ckpts["ssl"])
             t_arms[arm] = time.time() - t2
             continue
+        if arm == "control_r2":  # the twin of ssl_r2: as long again on the labeled images, from the control
+            if "control" not in arm_ckpts:
+                sys.exit("--arms: control_r2 needs the control arm (it starts from its model)")
+            t2 = time.time()
+            arm_ckpts[arm] = train("configs/demo/student.yaml", sd / "arms" / arm, d["labeled"],
+                                   [f"train.seed={seed}", *ARM_SCHEDULE, *args.set_arms], load_from=arm_ckpts["control"])
+            t_arms[arm] = time.time() - t2
+            continue
         t2 = time.time()
         arm_ckpts[arm] = train("configs/demo/student.yaml", sd / "arms" / arm, d["labeled"] + arm_sets[arm],
                                [f"train.seed={seed}", *ARM_SCHEDULE, *args.set_arms], load_from=start)
         t_arms[arm] = time.time() - t2
 
-    print(f"seed {seed}: evaluation on the test split", flush=True)
-    scores = {}
-    for name, ckpt in {**{f"teacher:{n}": c for n, c in teachers.items()}, **arm_ckpts}.items():
-        out = sd / "eval" / f"{name.replace(':', '_')}.json"
+    print(f"seed {seed}: evaluation on the validation and test splits", flush=True)
+
+    def evaluated(ckpt: str, split: dict, out: Path) -> dict:
         r = json.loads(out.read_text()) if out.exists() else None
-        if r is None or r.get("checkpoint_fingerprint") != fingerprint(ckpt):
-            r = evaluate_checkpoint(ckpt, d["test"]["ann_file"], d["test"]["img_root"], str(out))
+        if r is None or r.get("checkpoint_fingerprint") != fingerprint(ckpt) or "sweep" not in r:
+            r = evaluate_checkpoint(ckpt, split["ann_file"], split["img_root"], str(out))
             r["checkpoint_fingerprint"] = fingerprint(ckpt)
             out.write_text(json.dumps(r, indent=2))
-        scores[name] = {k: r[k] for k in ("precision", "recall", "hmean", "best_hmean", "score_thr")}
+        return r
+
+    scores = {}
+    for name, ckpt in {**{f"teacher:{n}": c for n, c in teachers.items()}, **arm_ckpts}.items():
+        stem = name.replace(":", "_")
+        val_thr = evaluated(ckpt, d["val"], sd / "eval" / f"{stem}.val.json")["best_thr"]
+        r = evaluated(ckpt, d["test"], sd / "eval" / f"{stem}.json")
+        at_val = next(row for row in r["sweep"] if abs(row["score_thr"] - val_thr) < 1e-6)
+        scores[name] = {**{k: r[k] for k in ("precision", "recall", "hmean", "best_hmean", "score_thr")},
+                        "val_thr": val_thr, "hmean_at_val_thr": at_val["hmean"]}
     result = {"seed": seed, "scores": scores, "pseudo": quality["fused"], "pseudo_labels": summary["pseudo_labels"],
               "dontcare": summary["dontcare"], "keep_thr": chosen["keep_thr"], "val_fused": chosen["val"],
               "teachers_on_unlabeled": teacher_unl, "round2": round2,
@@ -196,14 +223,16 @@ def print_table(results: list[dict], args) -> None:
     print("\n" + "=" * 86)
     print(f"SSL benchmark: {args.labeled} labeled / {args.unlabeled} unlabeled / {args.val} val / {args.test} test images, "
           f"seeds {[r['seed'] for r in results]}")
-    print(f"{'row':<34} {'F mean (min..max)':>22} {'P mean':>8} {'R mean':>8}  per seed")
+    print(f"{'row':<34} {'F mean (min..max)':>22} {'P mean':>8} {'R mean':>8}  per seed  | F at the val-chosen thr")
     print("-" * 86)
     rows = [f"teacher:{n}" for n in args.teachers] + list(args.arms)
     for row in rows:
         vals = [r["scores"][row] for r in results if row in r["scores"]]
         f = [v["hmean"] for v in vals]
+        fv = [v["hmean_at_val_thr"] for v in vals]
         print(f"{row:<34} {spread(f):>22} {statistics.fmean(v['precision'] for v in vals):>8.3f} "
-              f"{statistics.fmean(v['recall'] for v in vals):>8.3f}  {' '.join(f'{x:.3f}' for x in f)}")
+              f"{statistics.fmean(v['recall'] for v in vals):>8.3f}  {' '.join(f'{x:.3f}' for x in f)}  | "
+              f"{spread(fv)} (thr {[v['val_thr'] for v in vals]})")
     print("-" * 86)
     pf = [r["pseudo"]["hmean"] for r in results]
     print(f"{'pseudo labels vs hidden GT':<34} {spread(pf):>22} {statistics.fmean(r['pseudo']['precision'] for r in results):>8.3f} "
@@ -216,8 +245,9 @@ def print_table(results: list[dict], args) -> None:
     print("-" * 86)
 
     def diff(a, b):
-        d = [r["scores"][a]["hmean"] - r["scores"][b]["hmean"] for r in results if a in r["scores"] and b in r["scores"]]
-        return spread(d)
+        pairs = [(r["scores"][a], r["scores"][b]) for r in results if a in r["scores"] and b in r["scores"]]
+        return (f"{spread([x['hmean'] - y['hmean'] for x, y in pairs])} | at val thr "
+                f"{spread([x['hmean_at_val_thr'] - y['hmean_at_val_thr'] for x, y in pairs])}")
 
     if "ssl" in args.arms and "control" in args.arms:
         print(f"{'ssl - control':<34} {diff('ssl', 'control'):>22}   (goal >= +0.030)")
@@ -230,6 +260,11 @@ def print_table(results: list[dict], args) -> None:
               "iterations again, from the ssl student)")
         p2 = [r["round2"]["pseudo"]["hmean"] for r in results if r.get("round2")]
         print(f"{'round-2 pseudo labels vs hidden GT':<34} {spread(p2):>22}")
+    if "ssl_r2" in args.arms and "control_r2" in args.arms:
+        print(f"{'ssl_r2 - control_r2':<34} {diff('ssl_r2', 'control_r2'):>22}   (both rounds of each)")
+    if "ssl_nodc" in args.arms and "ssl" in args.arms:
+        print(f"{'ssl_nodc - ssl':<34} {diff('ssl_nodc', 'ssl'):>22}   (uncertain clusters as background "
+              "instead of do-not-care)")
     print(f"{'pseudo labels - best teacher':<34} {spread([p - b for p, b in zip(pf, best_t)]):>22}   (goal >= +0.020)")
     secs = [r["seconds"] for r in results]
     print(f"time per seed (s): {secs}")

@@ -104,13 +104,15 @@ def dataset_ground_truth(dataset) -> dict[int, list[tuple]]:
 
 def evaluate_model(model, dataset, device, protocol: str = "art", score_thr: float = 0.45, batch_size: int = 1,
                    num_workers: int = 0, progress: bool = False) -> dict:
-    """P/R/F of ``model`` on ``dataset`` at ``score_thr`` plus the best threshold of a sweep."""
+    """P/R/F of ``model`` on ``dataset`` at ``score_thr``, plus a sweep of thresholds (``sweep``: P/R/F at
+    0.05, 0.10, ..., 0.95) and its best one."""
     from i3cl_core.evaluation import prepare_polygons
 
     preds = predict_dataset(model, dataset, device, batch_size, num_workers, progress=progress)
     prepared = prepare_polygons(dataset_ground_truth(dataset), preds)
     at_thr = prepared.evaluate(protocol, score_thr)
-    best = next(r for r in prepared.sweep(protocol) if r.get("best"))
+    rows = prepared.sweep(protocol)
+    best = next(r for r in rows if r.get("best"))
     return {
         "protocol": protocol,
         "score_thr": score_thr,
@@ -119,5 +121,6 @@ def evaluate_model(model, dataset, device, protocol: str = "art", score_thr: flo
         "hmean": at_thr["hmean"],
         "best_thr": best.get("score_thr", best.get("threshold")),
         "best_hmean": best["hmean"],
+        "sweep": [{k: r[k] for k in ("score_thr", "precision", "recall", "hmean")} for r in rows],
         "num_images": len(dataset),
     }
