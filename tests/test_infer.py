@@ -192,3 +192,21 @@ def test_infer_exit_code_when_every_image_fails(tmp_path, trained, capsys):
     rc = main(["infer", "--checkpoint", str(trained["ckpt"]), "--images", str(lst), "--out", str(tmp_path / "o2"),
                "--no-progress", "--workers", "0", "--device", "cpu"])
     assert rc == 0 and "1 of 2 images failed" in capsys.readouterr().err
+
+
+def test_evaluate_checkpoint_reports_its_threshold_sweep(tmp_path, trained):
+    """The sweep written by evaluate_checkpoint (bench_ssl chooses each model's threshold on the
+    validation split from it) agrees with its own at-threshold numbers and with its best row."""
+    from i3cl_core.stages import evaluate_checkpoint
+
+    data = trained["data"]
+    res = evaluate_checkpoint(str(trained["ckpt"]), data["ann_file"], data["img_root"], str(tmp_path / "e.json"),
+                              score_thr=0.45, device="cpu")
+    assert json.loads((tmp_path / "e.json").read_text())["sweep"] == res["sweep"]
+    thrs = [r["score_thr"] for r in res["sweep"]]
+    assert len(thrs) == 19 and thrs == sorted(thrs) and abs(thrs[0] - 0.05) < 1e-9 and abs(thrs[-1] - 0.95) < 1e-9
+    at = next(r for r in res["sweep"] if abs(r["score_thr"] - 0.45) < 1e-9)
+    assert (at["precision"], at["recall"], at["hmean"]) == (res["precision"], res["recall"], res["hmean"])
+    assert res["best_hmean"] == max(r["hmean"] for r in res["sweep"]) > 0
+    best = next(r for r in res["sweep"] if r["hmean"] == res["best_hmean"])
+    assert abs(best["score_thr"] - res["best_thr"]) < 1e-9
