@@ -47,6 +47,8 @@ import sys
 import time
 from pathlib import Path
 
+from i3cl_core.utils import atomic_write_json, atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ("control", "ssl", "ssl_uniform", "oracle", "ssl_nodc", "ssl_r2", "control_r2")
 
@@ -79,7 +81,7 @@ def train(config: str, out: Path, sets: list[dict], overrides: list[str], load_f
         rc = subprocess.run(train_command(cfg_path, out), stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
     if rc != 0:
         sys.exit(f"training {out} failed (exit {rc}); see {out / 'train.log'}")
-    stamp.write_text(fp)
+    atomic_write_text(stamp, fp)
     summary = json.loads((out / "metrics.json").read_text())["summary"]
     print(f"  trained {out.relative_to(out.parents[1])}: {summary.get('iterations')} iterations, "
           f"{summary.get('images_per_s', 0):.2f} img/s, {time.time() - t0:.0f} s", flush=True)
@@ -187,7 +189,7 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
         if r is None or r.get("checkpoint_fingerprint") != fingerprint(ckpt) or "sweep" not in r:
             r = evaluate_checkpoint(ckpt, split["ann_file"], split["img_root"], str(out))
             r["checkpoint_fingerprint"] = fingerprint(ckpt)
-            out.write_text(json.dumps(r, indent=2))
+            atomic_write_json(out, r, indent=2)
         return r
 
     scores = {}
@@ -203,7 +205,7 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
               "teachers_on_unlabeled": teacher_unl, "round2": round2,
               "seconds": {"teachers": round(t_teachers), "ensemble": round(t_ensemble),
                           **{f"arm_{a}": round(t) for a, t in t_arms.items()}, "total": round(time.time() - t0)}}
-    (sd / "result.json").write_text(json.dumps(result, indent=2))
+    atomic_write_json(sd / "result.json", result, indent=2)
     return result
 
 
@@ -295,7 +297,7 @@ def main() -> None:
     d = ensure_data(Path(args.data), args)
     wd = Path(args.work_dir)
     results = [run_seed(s, d, args, wd) for s in args.seeds]
-    (wd / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_json(wd / "results.json", results, indent=2)
     print_table(results, args)
 
 
