@@ -203,7 +203,10 @@ def test_two_process_gloo_ddp_matches_one_process(tmp_path, tiny_data):
     # A positive fraction of 1/128 makes every image contribute exactly one positive RoI, so the
     # batch-level normalisers (as in the release: the mask loss is a mean over all positives of the batch) equal
     # the mean of per-process ones, as DDP's gradient averaging computes.
-    common = dict(epochs=1, warmup_iters=0, lr=0.005)
+    # Two iterations across an epoch boundary (momentum, the next epoch's shards): beyond that, summation-order noise
+    # (1e-7) flips a near-tied proposal or RoI match and the runs drift apart chaotically (seen: 1e-3 in the third
+    # iteration's classification loss, 2e-3 in weights after the fourth), which says nothing about DDP.
+    common = dict(epochs=2, max_iters_per_epoch=1, warmup_iters=0, lr=0.005)
     one = write_cfg(tmp_path / "one.yaml", tiny_data, batch_size=2, **common)
     two = write_cfg(tmp_path / "two.yaml", tiny_data, batch_size=1, **common)
     sets = ["--set", "model.intra_cl=false", "--set", "model.inter_cl=false", "--set", "model.box_positive_fraction=0.01",
@@ -217,11 +220,15 @@ def test_two_process_gloo_ddp_matches_one_process(tmp_path, tiny_data):
     assert res.returncode == 0, res.stderr[-3000:]
     s1 = json.loads((tmp_path / "w1" / "metrics.json").read_text())["summary"]
     s2 = json.loads((tmp_path / "w2" / "metrics.json").read_text())["summary"]
-    assert s1["iterations"] == 4 and s2["iterations"] == 4 and s2["world_size"] == 2
+    assert s1["iterations"] == 2 and s2["iterations"] == 2 and s2["world_size"] == 2
+    logs = [[json.loads(line) for line in (tmp_path / w / "metrics.jsonl").read_text().splitlines()] for w in ("w1", "w2")]
+    assert [(r["epoch"], r["iter"]) for r in logs[0]] == [(r["epoch"], r["iter"]) for r in logs[1]] == [(1, 1), (2, 2)]
+    for r1, r2 in zip(*logs):
+        for k in ("loss_rpn_cls", "loss_rpn_box", "loss_rcnn_cls", "loss_rcnn_box", "loss_mask"):
+            assert r2[k] == pytest.approx(r1[k], rel=1e-5, abs=1e-6), k
     a, b = final_weights(tmp_path / "w1"), final_weights(tmp_path / "w2")
-    assert_same_weights(a, b, atol=2e-4, rtol=1e-3)
-    init = torch.load(tmp_path / "w1" / "checkpoints" / "latest.pth", weights_only=True)
-    assert init["global_iter"] == 4
+    assert_same_weights(a, b, atol=1e-5, rtol=1e-4)
+    assert torch.load(tmp_path / "w2" / "checkpoints" / "latest.pth", weights_only=True)["global_iter"] == 2
 
 
 def test_load_from_switches_modules_on_and_logs_new_keys(tmp_path, tiny_data, caplog):
