@@ -33,7 +33,8 @@ the hidden ground truth, and each teacher's F on the unlabeled split at its best
 
 About 45 minutes per seed on 2 idle CPU cores at 2.5-3 training images/s (2 x 1,000 teacher
 iterations, 4 x 300 arm iterations, 2 x 425 ensemble and 6 x 100 test inferences), 1.5 hours for the
-default two seeds; ssl_r2 (not in the default arms) adds about 7 minutes per seed. Finished trainings and ensemble shards
+default two seeds; ssl_r2 (not in the default arms) adds a second ensemble and a training (14 minutes
+per seed at 1.4 images/s), control_r2 a training. Finished trainings and ensemble shards
 are reused when the benchmark is run again on the same work dir with the same settings.
 """
 from __future__ import annotations
