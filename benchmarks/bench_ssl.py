@@ -42,14 +42,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from i3cl_core.utils import atomic_write_json, atomic_write_text
+from i3cl_core.utils import atomic_write_json, atomic_write_text, terminate_with_parent
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ("control", "ssl", "ssl_uniform", "oracle", "ssl_nodc", "ssl_r2", "control_r2")
@@ -60,14 +59,6 @@ def ensure_data(data: Path, args) -> dict:
 
     return ensure_demo_data(data, seed=0, num_train=args.labeled, num_unlabeled=args.unlabeled, num_test=args.test,
                             size=320, num_val=args.val)
-
-
-def _die_with_parent() -> None:
-    """Child side: SIGTERM when the benchmark dies (torchrun then stops its trainer), so that a killed
-    benchmark leaves no training behind writing into the work dir of its rerun."""
-    from i3cl_core.utils import die_with_parent
-
-    die_with_parent(signal.SIGTERM)
 
 
 def train(config: str, out: Path, sets: list[dict], overrides: list[str], load_from: str | None = None) -> str:
@@ -89,7 +80,7 @@ def train(config: str, out: Path, sets: list[dict], overrides: list[str], load_f
     t0 = time.time()
     with open(out / "train.log", "w", encoding="utf-8") as log:
         rc = subprocess.run(train_command(cfg_path, out), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                            preexec_fn=_die_with_parent).returncode
+                            preexec_fn=terminate_with_parent).returncode
     if rc != 0:
         sys.exit(f"training {out} failed (exit {rc}); see {out / 'train.log'}")
     atomic_write_text(stamp, fp)

@@ -10,6 +10,8 @@ import subprocess
 import threading
 import time
 
+from i3cl_core.utils import terminate_with_parent
+
 PROGRESS = re.compile(r"epoch (\d+)/(\d+) iter (\d+)/(\d+)")
 
 
@@ -20,14 +22,6 @@ def progress_fraction(line: str) -> float | None:
         return None
     e, ne, i, ni = map(int, m.groups())
     return ((e - 1) * ni + i) / max(ne * ni, 1)
-
-
-def _die_with_parent() -> None:
-    """Child side: SIGTERM when the parent dies (torchrun then stops its trainers, which stop their
-    DataLoader workers the same way)."""
-    from i3cl_core.utils import die_with_parent
-
-    die_with_parent(signal.SIGTERM)
 
 
 def kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
@@ -53,7 +47,7 @@ def run_streaming(cmd: list[str], log_line, cancelled=None, on_progress=None, en
     ``cancelled()`` is polled every ``poll`` seconds and ends the group when it returns True;
     ``on_progress(fraction)`` gets the training progress parsed from the output."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            start_new_session=True, preexec_fn=_die_with_parent, env=env)
+                            start_new_session=True, preexec_fn=terminate_with_parent, env=env)
     stop = threading.Event()
     state = {"cancelled": False}
 

@@ -120,6 +120,14 @@ def die_with_parent(sig: int | None = None) -> None:
         pass
 
 
+def terminate_with_parent() -> None:
+    """``preexec_fn`` for a child that runs torchrun: SIGTERM when its parent dies (torchrun then stops its
+    trainers, which stop their DataLoader workers the same way)."""
+    import signal
+
+    die_with_parent(signal.SIGTERM)
+
+
 def worker_init(worker_id: int) -> None:  # noqa: ARG001  (DataLoader's worker_init_fn signature)
     """DataLoader ``worker_init_fn``: the worker dies with the process that started it."""
     die_with_parent()

@@ -122,7 +122,7 @@ def test_kill_9_of_train_and_of_torchrun_leaves_no_process(tmp_path, images):
                                 stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         kill_and_check(proc, 2, started)
     # the training task's launcher: torchrun -> trainer -> DataLoader workers, started as the flow does
-    from flows.runner import _die_with_parent
+    from i3cl_core.utils import terminate_with_parent
     from i3cl_core.stages import train_command
 
     log2 = tmp_path / "torchrun.log"
@@ -132,6 +132,6 @@ def test_kill_9_of_train_and_of_torchrun_leaves_no_process(tmp_path, images):
 
     with open(log2, "w") as f:
         proc = subprocess.Popen(train_command(path, tmp_path / "w2"), stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
-                                env=env, start_new_session=True, preexec_fn=_die_with_parent)
+                                env=env, start_new_session=True, preexec_fn=terminate_with_parent)
         kill_and_check(proc, 3, started2)
 
