@@ -30,6 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# the subcommands that read image pixels or sizes: they take --exif-transpose (the image reader's rule)
+READS_IMAGES = ("check-data", "browse", "train", "infer", "ensemble", "fuse", "convert-dataset")
+
+
 def _load(module: str):
     return importlib.import_module(module)
 
@@ -49,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         p = sub.add_parser(name, help=help_text, description=help_text)
         mod.add_arguments(p)
+        if name in READS_IMAGES:
+            p.add_argument("--exif-transpose", action="store_true",
+                           help="turn images to their EXIF orientation, pixels and sizes alike (for data annotated on "
+                                "the displayed pictures; by default pixels are read as stored, as the text datasets' "
+                                "annotations assume)")
         p.set_defaults(_module=mod)
     return parser
 
@@ -64,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     from i3cl_core.model.errors import CheckpointError
 
     try:
+        if getattr(args, "exif_transpose", False):
+            from i3cl_core.data.image_io import set_exif_transpose
+
+            set_exif_transpose(True)  # the environment carries it to DataLoader workers and torchrun children
         return int(args._module.run(args) or 0)
     except (ConfigError, DatasetError, CheckpointError, FileNotFoundError) as e:
         print(f"i3cl {args.command}: error: {e}", file=sys.stderr)

@@ -46,7 +46,7 @@ def test_check_data_lists_every_problem(tmp_path, capsys):
     lines = out.err.strip().splitlines()
     assert len(lines) == 4, lines
     assert any("image 2" in ln and "the json says 100x48, the file is 64x48" in ln for ln in lines)
-    assert any("image 3" in ln and "cannot be decoded" in ln for ln in lines)
+    assert any("image 3" in ln and "is unreadable or not an image" in ln for ln in lines)
     assert any("image 4" in ln and "file missing" in ln for ln in lines)
     # a truncated file is found without decoding it (its header is fine; its end-of-image marker is missing)
     assert any("image 5" in ln and "truncated JPEG (no end-of-image marker)" in ln for ln in lines)

@@ -67,6 +67,7 @@ class ConvertStats:
     skipped: int = 0
     skipped_where: list = field(default_factory=list)
     without_size: int = 0
+    oriented: int = 0  # images with an EXIF orientation tag (sizes written in the stored frame)
     warnings: list = field(default_factory=list)
 
     def summary(self) -> str:
@@ -75,6 +76,9 @@ class ConvertStats:
              f"non-finite coordinates or zero area")
         if self.skipped_where:
             s += " (first: " + "; ".join(self.skipped_where[:5]) + ")"
+        if self.oriented:
+            s += (f"; {self.oriented} image(s) carry an EXIF orientation tag: sizes are those of the stored pixels, "
+                  f"as the official annotations assume")
         return s
 
 
@@ -213,7 +217,8 @@ def _build(records, img_root: Path | None, size_table: dict | None = None) -> tu
             raise DatasetError(f"{where}: {e}") from e
         entry = {"id": image_id, "file_name": file_name}
         if img_root is not None:
-            entry["width"], entry["height"] = _image_size(path, where)
+            entry["width"], entry["height"], orientation = _image_size(path, where)
+            stats.oriented += orientation not in (0, 1)
         elif file_name in size_table or known_size is not None:
             entry["width"], entry["height"] = size_table.get(file_name) or known_size
         else:
@@ -279,16 +284,13 @@ def _clean_polygon(points):
     return parts, True
 
 
-def _image_size(path: Path, where: str) -> tuple[int, int]:
-    from PIL import Image
+def _image_size(path: Path, where: str) -> tuple[int, int, int]:
+    """``(width, height, EXIF orientation)`` from the header, by the image reader's rule."""
+    from i3cl_core.data.image_io import header
 
     if not path.is_file():
         raise DatasetError(f"{where}: image {path} not found")
-    try:
-        with Image.open(path) as im:  # reads the header only
-            return int(im.size[0]), int(im.size[1])
-    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, ...
-        raise DatasetError(f"{where}: cannot read image {path} ({e})") from e
+    return header(path, f"{where}: image {path}")
 
 
 def _find_image(img_root: Path, stems: list[str], where: str) -> str:

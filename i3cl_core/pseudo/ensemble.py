@@ -65,16 +65,17 @@ def model_name(checkpoint: str, taken: set[str]) -> str:
 
 
 def image_table(items: list[ImageItem]) -> tuple[list[ImageItem], list[dict], list[str]]:
-    """Sizes from the image headers; unreadable images are reported and left out."""
-    from PIL import Image
+    """Sizes from the image headers (the image reader's rule); unreadable or too large images are reported
+    and left out."""
+    from i3cl_core.data.errors import DatasetError
+    from i3cl_core.data.image_io import header
 
     good, images, failures = [], [], []
     for it in items:
         try:
-            with Image.open(it.path) as im:
-                w, h = im.size
-        except Exception as e:  # PIL raises several types for broken files
-            failures.append(f"{it.path}: image {it.image_id} is unreadable ({type(e).__name__})")
+            w, h, _ = header(it.path, f"{it.path}: image {it.image_id}")
+        except DatasetError as e:
+            failures.append(str(e))
             continue
         good.append(it)
         images.append({"id": it.image_id, "file_name": it.file_name, "width": w, "height": h})
