@@ -168,11 +168,19 @@ def _task_runner(infer: InferParams):
     if infer.dask_address:
         _check_dask_cluster(infer.dask_address, infer.dask_resource)
         return DaskTaskRunner(address=infer.dask_address), None
-    kwargs = {"n_workers": infer.dask_workers, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1",
-              "dashboard_address": None}
-    if infer.dask_resource:
-        kwargs["resources"] = {infer.dask_resource: 1}
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs), None
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                          cluster_kwargs=local_dask_cluster_kwargs(infer.dask_workers, infer.dask_resource)), None
+
+
+def local_dask_cluster_kwargs(workers: int, resource: str | None = None) -> dict:
+    """``distributed.LocalCluster`` arguments of the pipeline's own cluster: every listener (scheduler, workers,
+    nannies, the scheduler's HTTP server) on 127.0.0.1, no dashboard. ``dashboard_address=None`` alone still
+    starts the scheduler's HTTP server on port 8787."""
+    kwargs = {"n_workers": workers, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1",
+              "dashboard_address": None, "scheduler_kwargs": {"dashboard": False, "dashboard_address": "127.0.0.1:0"}}
+    if resource:
+        kwargs["resources"] = {resource: 1}
+    return kwargs
 
 
 def _check_dask_cluster(address: str, resource: str | None) -> None:

@@ -174,7 +174,7 @@ def training_fingerprint(config_path: Path, train_sets: list[dict], load_from: s
 
 def train_command(config_path: Path, work_dir: Path, nproc_per_node: int = 1, resume: bool = False,
                   launcher=None) -> list[str]:
-    """The torchrun command line of one training (``--standalone`` on one node unless ``launcher``,
+    """The torchrun command line of one training (127.0.0.1 rendezvous on one node unless ``launcher``,
     a :class:`~i3cl_core.engine.launch.TorchrunLauncher`, says ``nnodes > 1``)."""
     from i3cl_core.engine.launch import torchrun_command
 

@@ -48,7 +48,7 @@ def test_launcher_settings_are_validated_with_the_field_named():
         SlurmLauncher(sbatch_args=["-p gpu\n#SBATCH --x"])
     cmd = torchrun_command("c.yaml", "w", 8, launcher=TorchrunLauncher(nnodes=2, rdzv_endpoint="node01:29500", rdzv_id="r1"))
     assert "--standalone" not in cmd and "--nnodes=2" in cmd and "--rdzv-endpoint=node01:29500" in cmd
-    assert "--standalone" in torchrun_command("c.yaml", "w")
+    assert torchrun_command("c.yaml", "w")[1:3] == ["-m", "i3cl_core.engine.local_launch"]
     from flows.params import TrainParams
 
     assert TrainParams(launcher={"kind": "slurm", "nodes": 2}).launcher.nodes == 2

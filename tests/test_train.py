@@ -318,3 +318,47 @@ def test_vitae_no_decay_keys_select_the_releases_parameters():
     assert {"roi_heads.inter_cl.transformer.layers.0.norm1.weight",
             "roi_heads.inter_cl.transformer.layers.0.norm2.bias"} <= no_decay
     assert all("norm" in n for n in no_decay)
+
+
+def test_single_node_training_and_the_local_dask_cluster_listen_on_loopback_only(tmp_path, tiny_data):
+    """The pipeline's training command (2 processes) and its LocalCluster: every listening socket of theirs is on
+    127.0.0.1 (``torchrun --standalone`` bound two stores to every interface; Dask started an HTTP server on 8787)."""
+    import time
+
+    import psutil
+    from distributed import LocalCluster
+
+    from flows.pipeline import local_dask_cluster_kwargs
+    from i3cl_core.stages import train_command
+
+    def listeners(pids):
+        return {(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN and c.pid in pids}
+
+    me = os.getpid()
+    before = {(ip, port) for ip, port, _ in listeners({me})}
+    cfg = write_cfg(tmp_path / "c.yaml", tiny_data, batch_size=1, epochs=1, max_iters_per_epoch=4)
+    seen = set()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with LocalCluster(**local_dask_cluster_kwargs(1)) as cluster:
+        proc = subprocess.Popen(train_command(cfg, tmp_path / "w", nproc_per_node=2), cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            while proc.poll() is None:
+                tree = {proc.pid}
+                try:
+                    tree |= {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+                except psutil.NoSuchProcess:
+                    pass
+                tree |= {c.pid for c in psutil.Process(me).children(recursive=True)}  # the Dask nanny and worker
+                seen |= {(ip, port, "train" if pid in tree and pid != me else "dask") for ip, port, pid in listeners(tree | {me})
+                         if (ip, port) not in before}
+                time.sleep(0.2)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.wait() == 0, proc.stderr.read()[-3000:]
+        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+    assert {who for _, _, who in seen} == {"train", "dask"}, seen
+    assert {ip for ip, _, _ in seen} == {"127.0.0.1"}, seen
+    assert 8787 not in {port for _, port, _ in seen}

@@ -36,7 +36,7 @@ class TorchrunLauncher(_Launcher):
     same command (printed in the log) on the other nodes with their ``node_rank``."""
 
     kind: Literal["torchrun"] = "torchrun"
-    nnodes: int = Field(1, ge=1, le=1024, description="nodes of the run (1: --standalone on this machine)")
+    nnodes: int = Field(1, ge=1, le=1024, description="nodes of the run (1: this machine, rendezvous on 127.0.0.1)")
     node_rank: int = Field(0, ge=0, description="rank of this machine's node (0 for the node that runs the task)")
     rdzv_endpoint: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5}$",
                                       description="host:port of the rendezvous (a node every node reaches); "
@@ -90,14 +90,17 @@ def trainer_args(config_path: str | os.PathLike, work_dir: str | os.PathLike, re
 
 def torchrun_command(config_path, work_dir, nproc_per_node: int = 1, resume: bool = False,
                      launcher: TorchrunLauncher | None = None, python: str | None = None) -> list[str]:
-    """The torchrun command line of one training (``--standalone`` on one node; else c10d rendezvous)."""
+    """The command line of one training: on one node the project's launcher, whose rendezvous listens on
+    127.0.0.1 only (``torchrun --standalone`` binds its stores to every interface; see
+    :mod:`i3cl_core.engine.local_launch`); on several nodes torchrun with c10d rendezvous on the endpoint the
+    user gives."""
     launcher = launcher or TorchrunLauncher()
-    cmd = [python or sys.executable, "-m", "torch.distributed.run"]
     if launcher.nnodes == 1:
-        cmd.append("--standalone")
+        cmd = [python or sys.executable, "-m", "i3cl_core.engine.local_launch"]
     else:
-        cmd += [f"--nnodes={launcher.nnodes}", f"--node_rank={launcher.node_rank}", "--rdzv-backend=c10d",
-                f"--rdzv-endpoint={launcher.rdzv_endpoint}", f"--rdzv-id={launcher.rdzv_id or 'i3cl'}"]
+        cmd = [python or sys.executable, "-m", "torch.distributed.run", f"--nnodes={launcher.nnodes}",
+               f"--node_rank={launcher.node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={launcher.rdzv_endpoint}",
+               f"--rdzv-id={launcher.rdzv_id or 'i3cl'}"]
     return cmd + [f"--nproc_per_node={nproc_per_node}", *trainer_args(config_path, work_dir, resume)]
 
 
