@@ -191,7 +191,7 @@ def read_original(path: str) -> dict[str, torch.Tensor]:
 
     import torch
 
-    from i3cl_core.model.backbone import CheckpointError
+    from i3cl_core.model.errors import CheckpointError, pickled_code
 
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: original checkpoint not found")
@@ -210,10 +210,10 @@ def read_original(path: str) -> dict[str, torch.Tensor]:
             text = str(first)
             if "unsupported global" in text.lower():  # a pickled object, not a corrupt file
                 raise CheckpointError(
-                    f"{path}: the original checkpoint holds Python objects besides tensors and numpy scalars, which "
-                    "are not unpickled here (that could run code). On a machine where you trust the file, keep only "
-                    "its weights with the release's own environment: python -c \"import torch; c = torch.load('IN', "
-                    "weights_only=False); torch.save({'state_dict': c['state_dict']}, 'OUT')\", then convert OUT") from None
+                    f"{path}: cannot read the original checkpoint: {pickled_code(text)} Nothing in it was run. "
+                    "Besides tensors only numpy scalars are accepted here (mmcv's meta). If the file comes from a "
+                    "source you trust, re-save only its 'state_dict' of tensors with the release's own environment "
+                    "on a trusted machine, then convert that file") from None
             msg = text.splitlines()[0][:200] if text else type(first).__name__
             raise CheckpointError(f"{path}: cannot read the original checkpoint: truncated, corrupt or not a torch "
                                   f"file ({msg})") from None
