@@ -65,6 +65,12 @@ class TrainParams(_Params):
     pseudo_fraction: float | None = Field(
         0.5, gt=0.0, lt=1.0, description="share of every student batch drawn from the pseudo-labelled images, the "
         "rest from the labeled sets (null: all images alike, so scarce labels are drowned out)")
+    pseudo_augment: Literal["default", "strong"] = Field(
+        "default", description="augmentation of the pseudo-labelled images in the student's training: default (the "
+        "config's policies) or strong (data.augment.strong: scale, shift, rotation, shear, colour, blur/noise, cutout)")
+    pseudo_background_weight: float = Field(
+        1.0, ge=0.0, le=1.0, description="weight of the negatives on pseudo-labelled images (below 1: text no "
+        "teacher found is not taught as confident background)")
     control: bool = Field(True, description="also train a control: the student's config, start and number of "
                           "iterations on the labeled data only (what the pseudo labels are measured against)")
     nproc_per_node: int = Field(1, ge=1, le=64, description="torchrun processes per training (per node)")

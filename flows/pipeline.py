@@ -311,7 +311,8 @@ def train_student(work_dir: str = "runs/demo", data: DataParams = DataParams(), 
         load_from = _student_checkpoint(wd, ssl_round - 1)
     elif train.student_init == "first_teacher":
         load_from = _teachers(wd)[train.teachers[0].name]
-    extra = [{"ann_file": str(pseudo), "img_root": d["unlabeled_root"], "fraction": train.pseudo_fraction}]
+    extra = [{"ann_file": str(pseudo), "img_root": d["unlabeled_root"], "fraction": train.pseudo_fraction,
+              "augment": train.pseudo_augment, "background_weight": train.pseudo_background_weight}]
     name = train.student.name if ssl_round == 1 else f"{train.student.name}-r{ssl_round}"
     lineage_pseudo = {"variant": variants.current_variant(rd / "pseudo"), "path": str(pseudo),
                       "fingerprint": fingerprint(pseudo), "fuse": json.loads(pseudo.read_text()).get("info", {}).get("fuse")}
@@ -320,7 +321,9 @@ def train_student(work_dir: str = "runs/demo", data: DataParams = DataParams(), 
     spec = {"spec": train.student.model_dump(), "overrides": [*train.overrides, *(extra_overrides or [])],
             "load_from": fingerprint(load_from) if load_from else None}
     root = rd / "student" / train.student.name
-    key = variants.variant_key(pseudo=lineage_pseudo["fingerprint"], fraction=train.pseudo_fraction, **spec)
+    noise = {k: v for k, v in (("augment", train.pseudo_augment), ("background_weight", train.pseudo_background_weight))
+             if v != TrainParams.model_fields[f"pseudo_{k}"].default}  # non-default only: earlier keys stay valid
+    key = variants.variant_key(pseudo=lineage_pseudo["fingerprint"], fraction=train.pseudo_fraction, **noise, **spec)
     student = train_spec(train.student, root / key, wd, d, train, extra, load_from, extra_overrides, name=name,
                      pseudo=lineage_pseudo)
     variants.set_current(root, key, {"pseudo_variant": lineage_pseudo["variant"], "checkpoint": student})

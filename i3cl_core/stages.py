@@ -150,9 +150,9 @@ def write_train_config(base_config: str, out_dir: Path, train_sets: list[dict], 
     """Resolve ``base_config`` with the run's data and overrides into ``out_dir/config.yaml``."""
     from i3cl_core.config import load_config, save_config
 
-    sets = ", ".join(f"{{ann_file: '{s['ann_file']}', img_root: '{s['img_root']}'"
-                     + (f", fraction: {s['fraction']}" if s.get("fraction") is not None else "") + "}" for s in train_sets)
-    extra = [f"data.train=[{sets}]", "data.val=null", "train.eval_interval=0"]
+    keys = ("ann_file", "img_root", "fraction", "augment", "background_weight")  # DatasetSource's fields
+    sets = [{k: s[k] for k in keys if s.get(k) is not None} for s in train_sets]
+    extra = [f"data.train={json.dumps(sets)}", "data.val=null", "train.eval_interval=0"]
     if load_from:
         extra.append(f"train.load_from={load_from}")
     cfg = load_config(base_config, [*extra, *(overrides or [])])

@@ -15,7 +15,8 @@ from i3cl_core.data.errors import DatasetError
 from i3cl_core.data.polygons import instance_area
 from i3cl_core.structures import Instances
 from i3cl_core.data.transforms import (
-    ClipAndFilter, Compose, Photometric, RandomFlip, Resize, Rotate, Sample, build_train_transform,
+    ClipAndFilter, Compose, Photometric, RandomAffine, RandomFlip, Resize, Rotate, Sample, build_source_transforms,
+    build_strong_transform, build_train_transform,
 )
 
 
@@ -193,6 +194,92 @@ def test_rotation_moves_polygons_with_the_pixels():
     bright = out.image[..., 0] > 127
     iou = (m & bright).sum() / (m | bright).sum()
     assert iou > 0.9
+
+
+def _shape_sample(h=240, w=320):
+    """Two curved-ish polygons drawn filled in white on black (one per colour channel pair), as a Sample."""
+    from i3cl_core.data.polygons import rasterize_instance
+
+    t = np.linspace(0, np.pi, 12)
+    arc = np.concatenate([np.stack([160 + 110 * np.cos(t), 150 - 70 * np.sin(t)], 1),
+                          np.stack([160 + 80 * np.cos(t[::-1]), 150 - 45 * np.sin(t[::-1])], 1)]).astype(np.float32)
+    box = np.array([[40, 180], [150, 170], [155, 215], [45, 225]], np.float32)
+    img = np.zeros((h, w, 3), np.uint8)
+    img[..., 0] = rasterize_instance([arc], h, w) * 255
+    img[..., 1] = rasterize_instance([box], h, w) * 255
+    inst = Instances(polygons=[[arc], [box]], iscrowd=np.array([False, False]), lossweight=np.ones(2, np.float32),
+                     ann_id=np.arange(2, dtype=np.int64))
+    return Sample(img, inst)
+
+
+def test_strong_augmentation_keeps_polygons_on_their_pixels():
+    """Each filled polygon's mask, transformed with the image by the strong policy's geometry (flip, affine with
+    zoom, rotation, shear and shift, resize), against the transformed polygon rasterised: IoU >= 0.95 for every
+    instance that survives, over many random draws; the pixel-only operations change no polygon."""
+    from i3cl_core.data.polygons import rasterize_instance
+
+    geo = AugmentConfig(scales=[(200, 400), (300, 500)], flip="random", vflip_prob=0.5, rotate_fill=0,
+                        strong={"color_prob": 0, "blur_noise_prob": 0, "cutout_prob": 0, "affine_prob": 1.0})
+    strong = build_strong_transform(geo)
+    ious, kept = [], 0
+    for seed in range(40):
+        out = strong(_shape_sample(), np.random.default_rng(seed))
+        assert "affine" in out.log
+        h, w = out.size
+        for k, parts in zip(out.instances.ann_id, out.instances.polygons):
+            pixels = out.image[..., int(k)] > 127
+            if pixels.sum() < 200:  # mostly pushed out of the canvas: the clipped sliver is all that is left
+                continue
+            m = rasterize_instance(parts, h, w).astype(bool)
+            ious.append((m & pixels).sum() / (m | pixels).sum())
+            kept += 1
+    assert kept >= 50 and min(ious) >= 0.95, (kept, min(ious))
+    # the pixel-only operations (colour, blur or noise, cutout) come after the geometry and never move a polygon:
+    # with the same seed the full policy gives the polygons of the geometry alone, bit for bit
+    def policy(**probs):
+        return build_strong_transform(AugmentConfig(scales=[(200, 400)], rotate_fill=0, strong={"affine_prob": 1.0, **probs}))
+
+    full = policy(color_prob=1.0, blur_noise_prob=1.0, cutout_prob=1.0)
+    geo_only = policy(color_prob=0.0, blur_noise_prob=0.0, cutout_prob=0.0)
+    for seed in range(5):
+        a, b = full(_shape_sample(), np.random.default_rng(seed)), geo_only(_shape_sample(), np.random.default_rng(seed))
+        assert "color_jitter" in a.log and any(x.startswith("cutout") for x in a.log)
+        assert not np.array_equal(a.image, b.image)
+        assert [[p.tolist() for p in parts] for parts in a.instances.polygons] == \
+            [[p.tolist() for p in parts] for parts in b.instances.polygons]
+
+
+def test_strong_affine_range_and_per_source_transforms():
+    aff = RandomAffine(scale=(0.5, 1.5), rotate=30, shear=15, translate=0.1)
+    rng = np.random.default_rng(0)
+    zooms = [np.sqrt(abs(np.linalg.det(aff.matrix(100, 100, rng)[:, :2]))) for _ in range(500)]
+    assert 0.45 < min(zooms) < 0.6 and 1.3 < max(zooms) < 1.6
+    aug = AugmentConfig(scales=[(128, 192)])
+    t = build_source_transforms(aug, ["default", "strong", "default"])
+    assert t[0] is t[2] and t[1] is not t[0] and "RandomAffine" in repr(t[1]) and "RandomAffine" not in repr(t[0])
+    with pytest.raises(Exception, match="strong.scale"):
+        AugmentConfig(strong={"scale": (2.0, 1.0)})
+
+
+def test_dataset_gives_each_source_its_transform_and_background_weight(coco_factory):
+    d1 = coco_factory([_img(1)], [_ann(1, 1, rect(10, 10, 100, 30))], ann_name="a.json")
+    d2 = coco_factory([_img(1)], [_ann(1, 1, rect(10, 10, 100, 30))], ann_name="b.json")
+
+    def mark(value):  # a "transform" that writes its mark into the instances' lossweight
+        def t(s, rng):
+            inst = Instances(**s.instances.fields())
+            inst.lossweight = np.full(len(s), value, np.float32)
+            return Sample(s.image, inst)
+        return t
+
+    ds = CocoTextDataset([d1, d2], transform=[mark(2.0), mark(3.0)], background_weights=[1.0, 0.3], seed=1)
+    (_, t1), (_, t2) = ds[0], ds[1]
+    assert (t1["background_weight"], t2["background_weight"]) == (1.0, 0.3)
+    assert t1["instances"].lossweight.tolist() == [2.0] and t2["instances"].lossweight.tolist() == [3.0]
+    with pytest.raises(ValueError, match="1 background weights for 2 datasets"):
+        CocoTextDataset([d1, d2], background_weights=[1.0])
+    with pytest.raises(ValueError, match="1 transforms for 2 datasets"):
+        CocoTextDataset([d1, d2], transform=[mark(1.0)])
 
 
 def test_weights_and_flags_stay_aligned_after_drops():

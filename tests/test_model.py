@@ -132,6 +132,51 @@ def test_loss_weights_scale_exactly_their_instances_positives():
     assert _losses_with_weights(m, image, target, [1.0, 1.0, 1.0]) == L[1.0]
 
 
+def _losses(m, image, target, **changes):
+    torch.manual_seed(123)
+    return {k: v.item() for k, v in m([image], [dict(target, **changes)]).items()}
+
+
+def test_background_weight_scales_the_negatives_of_its_image():
+    """An image's ``background_weight`` scales the classification terms of its negative anchors and RoIs: each term
+    is affine in it, 0 leaves only the positives (no box term changes), and the default is 1."""
+    torch.manual_seed(0)
+    m = build_model(tiny_cfg()).train()
+    image, target = text_image()
+    L = {w: _losses(m, image, target, background_weight=w) for w in (1.0, 0.5, 0.25, 0.0)}
+    assert _losses(m, image, target) == L[1.0]
+    for term in ("loss_rpn_cls", "loss_rcnn_cls"):
+        assert L[1.0][term] > L[0.5][term] > L[0.25][term] > 0, term
+        assert L[1.0][term] - L[0.5][term] == pytest.approx(2 * (L[0.5][term] - L[0.25][term]), rel=1e-3, abs=1e-6)
+    # the RPN normalises by the sampled anchors (affine down to 0); the R-CNN CE by the samples of weight > 0, so
+    # at 0 the negatives leave its normaliser too
+    rpn = "loss_rpn_cls"
+    assert L[0.5][rpn] - L[0.0][rpn] == pytest.approx(2 * (L[0.25][rpn] - L[0.0][rpn]), rel=1e-3, abs=1e-6)
+    for term in ("loss_rpn_box", "loss_rcnn_box", "loss_mask"):
+        assert len({round(L[w][term], 7) for w in L}) == 1, term
+    # zero background weight on an image without text: its classification terms vanish
+    empty = dict(target, instances=Instances(boxes=torch.zeros((0, 4)), labels=torch.zeros(0, dtype=torch.int64),
+                                             polygons=[], lossweight=torch.zeros(0)))
+    z = _losses(m, image, empty, background_weight=0.0)
+    assert z["loss_rpn_cls"] == 0.0 and z["loss_rcnn_cls"] == 0.0
+    assert _losses(m, image, empty)["loss_rpn_cls"] > 0
+
+
+def test_mask_lossweight_scales_each_positives_mask_loss():
+    torch.manual_seed(0)
+    m = build_model(tiny_cfg("model.mask_lossweight=true")).train()
+    image, target = text_image()
+    L = {w: _losses_with_weights(m, image, target, [w, 1.0, 1.0]) for w in (1.0, 0.5, 0.0)}
+    assert L[1.0]["loss_mask"] > L[0.5]["loss_mask"] > L[0.0]["loss_mask"] > 0
+    assert L[1.0]["loss_mask"] - L[0.5]["loss_mask"] == pytest.approx(L[0.5]["loss_mask"] - L[0.0]["loss_mask"], rel=1e-3)
+    zero = _losses_with_weights(m, image, target, [0.0, 0.0, 0.0])
+    assert zero["loss_mask"] == 0.0  # zero weight, zero contribution
+    # all weights 1: the unweighted loss of the release
+    plain = build_model(tiny_cfg()).train()
+    plain.load_state_dict(m.state_dict())
+    assert _losses_with_weights(plain, image, target, [1.0, 1.0, 1.0])["loss_mask"] == pytest.approx(L[1.0]["loss_mask"], rel=1e-5)
+
+
 def test_weighted_rpn_loss_by_hand():
     obj = torch.tensor([2.0, -1.0, 0.5, 0.0])
     labels = torch.tensor([1.0, 1.0, 0.0, 0.0])

@@ -572,3 +572,20 @@ def test_fuse_reads_what_evaluate_reads_rle_masks_included(tmp_path):
     (poly, score), (box, _) = preds[1]
     assert score == 0.8 and poly[:, 0].min() == 100 and poly[:, 0].max() == 200 and poly[:, 1].max() == 80
     assert box.tolist() == [[10, 10], [40, 10], [40, 22], [10, 22]]
+
+
+def test_keep_thr_beta_below_one_chooses_for_precision(monkeypatch):
+    from i3cl_core.pseudo import thresholds
+
+    rows = [{"threshold": t, "precision": p, "recall": r, "hmean": round(2 * p * r / (p + r), 4), "best": False}
+            for t, p, r in [(0.3, 0.60, 0.90), (0.5, 0.75, 0.75), (0.7, 0.95, 0.60), (0.9, 0.99, 0.20)]]
+    best_f = max(rows, key=lambda r: r["hmean"])
+    for r in rows:
+        r["best"] = r is best_f
+    monkeypatch.setattr(thresholds, "val_sweep", lambda *a: [dict(r) for r in rows])
+    assert thresholds.choose_keep_thr([], "val.json", FuseConfig())["keep_thr"] == best_f["threshold"] == 0.5
+    chosen = thresholds.choose_keep_thr([], "val.json", FuseConfig(keep_thr_beta=0.5))
+    assert chosen["keep_thr"] == 0.7 and chosen["val"]["precision"] == 0.95
+    assert thresholds.f_beta(0.95, 0.60, 0.5) == pytest.approx(1.25 * 0.57 / (0.25 * 0.95 + 0.60))
+    with pytest.raises(Exception, match="keep_thr_beta"):
+        FuseConfig(keep_thr_beta=0)

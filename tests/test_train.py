@@ -77,22 +77,45 @@ def test_sampler_shards_are_the_single_process_batches():
     assert list(a) == a.indices()[2:] and len(a) == 3
 
 
-def test_sampler_with_a_fixed_epoch_length_cycles_fresh_permutations():
+def test_sampler_with_a_fixed_epoch_length_runs_one_stream_of_permutations_across_epochs():
     s = EpochSampler(4, 1, 0, seed=5, per_process=10)
-    s.set_epoch(2)
-    order = s.indices()
-    assert len(order) == len(s) == 10
-    assert sorted(order[:4]) == sorted(order[4:8]) == [0, 1, 2, 3]  # whole passes, each a permutation
-    plain = EpochSampler(4, 1, 0, seed=5)
-    plain.set_epoch(2)
-    assert order[:4] == plain.indices()  # the first pass is the ordinary epoch order
-    s.set_epoch(3)
-    assert s.indices() != order
-    # shorter than one pass: a prefix of the epoch's permutation; two processes deal it round-robin
+    stream = []
+    for epoch in range(4):
+        s.set_epoch(epoch)
+        order = s.indices()
+        assert len(order) == len(s) == 10
+        stream += order
+    # the epochs are consecutive cuts of one stream of whole permutations
+    assert all(sorted(stream[k:k + 4]) == [0, 1, 2, 3] for k in range(0, 40, 4))
+    s.set_epoch(1)
+    assert s.indices() == stream[10:20]  # any epoch alone gives the same cut (resume)
+    # shorter than one pass: two processes deal the epoch's cut round-robin
     short = EpochSampler(10, 2, 0, seed=1, per_process=3)
     other = EpochSampler(10, 2, 1, seed=1, per_process=3)
-    whole = EpochSampler(10, 1, 0, seed=1)
-    assert [x for pair in zip(short.indices(), other.indices()) for x in pair] == whole.indices()[:6]
+    whole = EpochSampler(10, 1, 0, seed=1, per_process=6)
+    for epoch in (0, 1):
+        for x in (short, other, whole):
+            x.set_epoch(epoch)
+        assert [x for pair in zip(short.indices(), other.indices()) for x in pair] == whole.indices()
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_sampler_draws_every_image_of_a_set_over_an_arm_of_enough_iterations(world):
+    """400 pseudo-labelled images, 25 labeled, half of each batch from each, 25 iterations of batch 2 per epoch:
+    16 epochs give the pseudo set 400 draws, and each of its images is drawn (a fresh permutation cut to its first
+    25 draws per epoch reached about 220 of 400)."""
+    labeled, pseudo = list(range(25)), list(range(25, 425))
+    mix = [(labeled, 0.5), (pseudo, 0.5)]
+    samplers = [EpochSampler(425, world, r, seed=3, per_process=50 // world, mix=mix) for r in range(world)]
+    assert samplers[0].drawn(16) >= set(pseudo)
+    assert len(samplers[0].drawn(8) & set(pseudo)) == 200  # half the arm: no image twice before all once
+    counts = {}
+    for epoch in range(16):
+        for s in samplers:
+            s.set_epoch(epoch)
+            for i in s.indices():
+                counts[i] = counts.get(i, 0) + 1
+    assert all(counts[i] == 1 for i in pseudo) and all(counts[i] == 16 for i in labeled)
 
 
 def test_sampler_mix_gives_each_batch_its_share_of_each_set():

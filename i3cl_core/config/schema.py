@@ -34,6 +34,47 @@ class DatasetSource(_Strict):
         None, gt=0.0, le=1.0, description="share of every training epoch drawn from this set, spread evenly over "
         "the batches (sets without one share the rest in proportion to their sizes); e.g. 0.5 for the pseudo labels"
     )
+    augment: Literal["default", "strong"] = Field(
+        "default", description="default: data.augment's policies; strong: data.augment.strong (scale, translation, "
+        "rotation, shear, colour, blur/noise, cutout), the noise a student needs on pseudo-labelled images"
+    )
+    background_weight: float = Field(
+        1.0, ge=0.0, le=1.0, description="weight of the negative anchors and RoIs of this set's images in the "
+        "classification losses: below 1 on pseudo-labelled images, where text no teacher found would otherwise be "
+        "taught as confident background"
+    )
+
+
+class StrongAugmentConfig(_Strict):
+    """The strong augmentation of sets with ``augment: strong`` (after the flip): one random affine map (scale,
+    rotation, shear, translation) on the same canvas, then the training resize, colour operations, blur or noise,
+    and cutout. Polygons follow the pixels exactly; instances that leave the image are dropped."""
+
+    scale: tuple[float, float] = Field((0.5, 1.5), description="zoom range of the affine map")
+    translate: float = Field(0.1, ge=0.0, le=0.5, description="largest shift, as a fraction of each side")
+    rotate: float = Field(30.0, ge=0.0, le=180.0, description="largest rotation in degrees (either sign)")
+    shear: float = Field(15.0, ge=0.0, le=45.0, description="largest shear in degrees (x and y, either sign)")
+    affine_prob: float = Field(0.8, ge=0.0, le=1.0)
+    color_prob: float = Field(0.8, ge=0.0, le=1.0, description="chance of random brightness/contrast/saturation")
+    color_strength: float = Field(0.4, ge=0.0, le=1.0, description="factors drawn from [1 - s, 1 + s]")
+    blur_noise_prob: float = Field(0.3, ge=0.0, le=1.0, description="chance of a Gaussian blur or Gaussian noise")
+    cutout_prob: float = Field(0.5, ge=0.0, le=1.0)
+    cutout_patches: tuple[int, int] = Field((1, 5), description="number of grey patches (min, max)")
+    cutout_size: float = Field(0.2, ge=0.0, le=0.5, description="largest patch side as a fraction of the image side")
+
+    @field_validator("scale")
+    @classmethod
+    def _check_scale(cls, v):
+        if not 0.05 <= v[0] <= v[1] <= 5.0:
+            raise ValueError(f"needs 0.05 <= low <= high <= 5 (got {v})")
+        return v
+
+    @field_validator("cutout_patches")
+    @classmethod
+    def _check_patches(cls, v):
+        if not 0 <= v[0] <= v[1] <= 32:
+            raise ValueError(f"needs 0 <= min <= max <= 32 (got {v})")
+        return v
 
 
 class AugmentConfig(_Strict):
@@ -64,6 +105,8 @@ class AugmentConfig(_Strict):
     min_instance_area: float = Field(
         4.0, ge=0.0, description="instances whose clipped polygon area (px^2) falls below this are dropped"
     )
+    strong: StrongAugmentConfig = Field(default_factory=StrongAugmentConfig,
+                                        description="the policy of training sets with augment: strong")
 
     @field_validator("scales")
     @classmethod
@@ -159,6 +202,9 @@ class ModelConfig(_Strict):
         0.5, ge=0.0, le=1.0, description="anchors/RoIs covered more than this by a do-not-care region are ignored"
     )
     ignore_dontcare: bool = Field(True, description="False reproduces the release (do-not-care is background)")
+    mask_lossweight: bool = Field(
+        False, description="scale each positive's mask loss by its instance's lossweight too (the release weights only "
+        "the classification and box terms)")
     # test
     score_thr: float = Field(0.05, ge=0.0, le=1.0)
     nms_thr: float = Field(0.35, gt=0.0, le=1.0)
@@ -235,6 +281,11 @@ class FuseConfig(_Strict):
     auto_keep_thr: bool = Field(
         True, description="with a labeled validation split, keep_thr is the fused score threshold with the best F "
         "on it (the teachers run over that split too); without one, keep_thr as given"
+    )
+    keep_thr_beta: float = Field(
+        1.0, gt=0.0, le=4.0, description="auto_keep_thr maximises F-beta on the validation split: 1 is F; below 1 "
+        "favours precision (0.5: precision counts twice as much as recall), as detection self-training keeps labels "
+        "for precision"
     )
     min_votes: int = Field(
         2, ge=1, description="minimum number of models in a cluster (capped at the number of models)"

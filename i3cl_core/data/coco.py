@@ -266,6 +266,7 @@ class CocoTextDataset:
         min_image_size: int = 32,
         dontcare: bool = True,
         seed: int = 0,
+        background_weights: Sequence[float] | None = None,
     ):
         if not sources:
             raise DatasetError("no datasets given: need at least one (ann_file, img_root) pair")
@@ -281,7 +282,12 @@ class CocoTextDataset:
         if not self.records:
             names = ", ".join(str(a) for a, _ in sources)
             raise DatasetError(f"{names}: no usable images after filtering (see the counts logged above)")
-        self.transform = transform
+        if isinstance(transform, (list, tuple)) and len(transform) != len(sources):
+            raise ValueError(f"{len(transform)} transforms for {len(sources)} datasets")
+        if background_weights is not None and len(background_weights) != len(sources):
+            raise ValueError(f"{len(background_weights)} background weights for {len(sources)} datasets")
+        self.transform = transform  # one callable, or one per dataset (e.g. strong augmentation on pseudo labels)
+        self.background_weights = list(background_weights) if background_weights is not None else [1.0] * len(sources)
         self.train = train
         self.seed = seed
         self.epoch = 0
@@ -326,11 +332,14 @@ class CocoTextDataset:
         sample = self.load_sample(idx)
         rng = np.random.default_rng([self.seed, self.epoch, idx])
         sample_seed = int(rng.integers(2**62))  # seeds the model's anchor/RoI sampling for this image
-        if self.transform is not None:
-            sample = self.transform(sample, rng)
+        source = self.records[idx].source
+        transform = self.transform[source] if isinstance(self.transform, (list, tuple)) else self.transform
+        if transform is not None:
+            sample = transform(sample, rng)
         image, target = sample.to_tensors()
         target["seed"] = sample_seed
         target["index"] = idx
+        target["background_weight"] = float(self.background_weights[source])
         return image, target
 
 

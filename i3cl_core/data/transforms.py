@@ -256,6 +256,142 @@ class OneOf:
         return f"OneOf({self.policies})"
 
 
+class RandomAffine:
+    """One random affine map about the image centre on the same canvas: zoom in ``scale``, rotation up to
+    ``rotate`` degrees, shear up to ``shear`` degrees in x and y, shift up to ``translate`` of each side; applied
+    with probability ``prob``. Polygons go through the same matrix (an affine map keeps straight edges straight,
+    so they stay exact); instances that leave the canvas are dropped."""
+
+    def __init__(self, scale=(0.5, 1.5), rotate: float = 30.0, shear: float = 15.0, translate: float = 0.1,
+                 prob: float = 1.0, fill: int = 128, min_area: float = 4.0):
+        self.scale, self.rotate, self.shear, self.translate = tuple(scale), rotate, shear, translate
+        self.prob, self.fill = prob, fill
+        self.filter = ClipAndFilter(min_area)
+
+    def matrix(self, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+        """The 2x3 map in pixel-centre coordinates (as cv2.warpAffine takes it)."""
+        zoom = float(np.exp(rng.uniform(np.log(self.scale[0]), np.log(self.scale[1]))))
+        angle = np.deg2rad(rng.uniform(-self.rotate, self.rotate))
+        shx, shy = np.tan(np.deg2rad(rng.uniform(-self.shear, self.shear, size=2)))
+        tx, ty = rng.uniform(-self.translate, self.translate, size=2) * (w, h)
+        c, s_ = np.cos(angle), np.sin(angle)
+        linear = np.array([[c, -s_], [s_, c]]) @ np.array([[1.0, shx], [shy, 1.0]]) * zoom
+        centre = np.array([(w - 1) / 2.0, (h - 1) / 2.0])
+        return np.concatenate([linear, (centre + (tx, ty) - linear @ centre)[:, None]], axis=1)
+
+    def __call__(self, s: Sample, rng: np.random.Generator) -> Sample:
+        if rng.random() >= self.prob:
+            return s
+        h, w = s.size
+        m = self.matrix(h, w, rng)
+        image = cv2.warpAffine(s.image, m, (w, h), flags=cv2.INTER_LINEAR, borderValue=(self.fill,) * 3)
+
+        def move(p: np.ndarray) -> np.ndarray:
+            q = p.astype(np.float64) - 0.5  # continuous coordinates -> pixel-centre coordinates, and back
+            return q @ m[:, :2].T + m[:, 2] + 0.5
+
+        polygons = s.map_points(move)
+        if np.linalg.det(m[:, :2]) < 0:  # never with these ranges; kept for a caller's mirror matrix
+            polygons = [[p[::-1] for p in parts] for parts in polygons]
+        s = s.with_polygons(image=image, polygons=polygons)
+        s = replace(s, log=[*s.log, "affine"])
+        return self.filter(s)
+
+    def __repr__(self) -> str:
+        return f"RandomAffine(scale={self.scale}, rotate={self.rotate}, shear={self.shear}, p={self.prob})"
+
+
+class ColorJitter:
+    """With probability ``prob``: brightness, contrast and saturation factors each drawn from
+    [1 - strength, 1 + strength]. Pixels only."""
+
+    def __init__(self, strength: float = 0.4, prob: float = 0.8):
+        self.strength, self.prob = strength, prob
+
+    def __call__(self, s: Sample, rng: np.random.Generator) -> Sample:
+        if rng.random() >= self.prob:
+            return s
+        b, c, sat = rng.uniform(1 - self.strength, 1 + self.strength, size=3)
+        img = s.image.astype(np.float32) * b
+        grey = _grey(np.clip(img, 0, 255))[..., None]
+        img = grey + sat * (img - grey)
+        img = grey.mean() + c * (img - grey.mean())
+        return replace(s, image=np.clip(img + 0.5, 0, 255).astype(np.uint8), log=[*s.log, "color_jitter"])
+
+    def __repr__(self) -> str:
+        return f"ColorJitter({self.strength}, p={self.prob})"
+
+
+class BlurOrNoise:
+    """With probability ``prob``: a Gaussian blur (sigma 0.3-1.5 px) or additive Gaussian noise (std 3-12 grey
+    levels), one of the two at random. Pixels only."""
+
+    def __init__(self, prob: float = 0.3):
+        self.prob = prob
+
+    def __call__(self, s: Sample, rng: np.random.Generator) -> Sample:
+        if rng.random() >= self.prob:
+            return s
+        if rng.random() < 0.5:
+            sigma = float(rng.uniform(0.3, 1.5))
+            img = cv2.GaussianBlur(s.image, (0, 0), sigmaX=sigma)
+            return replace(s, image=img, log=[*s.log, f"blur_{sigma:.2f}"])
+        std = float(rng.uniform(3.0, 12.0))
+        noise = rng.normal(0.0, std, size=s.image.shape).astype(np.float32)
+        img = np.clip(s.image.astype(np.float32) + noise + 0.5, 0, 255).astype(np.uint8)
+        return replace(s, image=img, log=[*s.log, f"noise_{std:.1f}"])
+
+    def __repr__(self) -> str:
+        return f"BlurOrNoise(p={self.prob})"
+
+
+class Cutout:
+    """With probability ``prob``: ``patches`` (min, max) grey rectangles, each side up to ``size`` of the image's.
+    The instances stay as they are (as in STAC): the student must find text partly hidden."""
+
+    def __init__(self, patches=(1, 5), size: float = 0.2, prob: float = 0.5, fill: int = 128):
+        self.patches, self.size, self.prob, self.fill = tuple(patches), size, prob, fill
+
+    def __call__(self, s: Sample, rng: np.random.Generator) -> Sample:
+        if rng.random() >= self.prob or self.size <= 0:
+            return s
+        h, w = s.size
+        img = s.image.copy()
+        n = int(rng.integers(self.patches[0], self.patches[1] + 1))
+        for _ in range(n):
+            ph, pw = (max(1, int(rng.uniform(0.02, self.size) * side)) for side in (h, w))
+            y, x = int(rng.integers(0, max(1, h - ph + 1))), int(rng.integers(0, max(1, w - pw + 1)))
+            img[y : y + ph, x : x + pw] = self.fill
+        return replace(s, image=img, log=[*s.log, f"cutout_{n}"])
+
+    def __repr__(self) -> str:
+        return f"Cutout({self.patches}, {self.size}, p={self.prob})"
+
+
+def build_strong_transform(aug) -> Compose:
+    """The strong policy of sets with ``augment: strong`` from an :class:`i3cl_core.config.AugmentConfig`:
+    flip, random affine, the training resize, colour, blur or noise, cutout."""
+    st = aug.strong
+    return Compose([
+        RandomFlip(aug.flip, aug.hflip_prob, aug.vflip_prob),
+        RandomAffine(st.scale, st.rotate, st.shear, st.translate, st.affine_prob, aug.rotate_fill, aug.min_instance_area),
+        Resize(aug.scales, aug.min_instance_area),
+        ColorJitter(st.color_strength, st.color_prob),
+        BlurOrNoise(st.blur_noise_prob),
+        Cutout(st.cutout_patches, st.cutout_size, st.cutout_prob, aug.rotate_fill),
+        ClipAndFilter(aug.min_instance_area),
+    ])
+
+
+def build_source_transforms(aug, kinds: Sequence[str]) -> list[Compose]:
+    """One transform per training set: ``"default"`` -> :func:`build_train_transform`, ``"strong"`` ->
+    :func:`build_strong_transform` (each built once and shared)."""
+    built = {}
+    for kind in set(kinds):
+        built[kind] = build_strong_transform(aug) if kind == "strong" else build_train_transform(aug)
+    return [built[k] for k in kinds]
+
+
 def build_train_transform(aug) -> Compose:
     """The augmentation pipeline from an :class:`i3cl_core.config.AugmentConfig`."""
     resize = Resize(aug.scales, aug.min_instance_area)

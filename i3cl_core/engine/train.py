@@ -89,8 +89,11 @@ class EpochSampler(torch.utils.data.Sampler):
     """The dataset permuted by (seed, epoch), padded to a multiple of the number of processes and
     dealt round-robin: process r takes positions r, r + N, r + 2N, ... ``skip`` drops the first
     samples of this process's share (resuming inside an epoch). With ``per_process`` an epoch is
-    exactly that many samples per process: further permutations (seeded by seed, epoch and pass)
-    follow the first one as needed, and the order is cut there.
+    exactly that many samples per process, cut from one stream of whole permutations that runs on
+    across epochs (epoch e takes the stream's next ``per_process * N`` draws), so a run draws every
+    image once before it draws any twice: over epochs whose draws add up to the set's size, every
+    image is seen. (A fresh permutation per epoch cut to its first draws would leave some images
+    out for the whole run when an epoch is shorter than the set.)
 
     ``mix`` = ``[(indices of group k, fraction of group k)]`` (fractions adding up to 1) draws each
     group's share of the epoch from its own permutations instead, deals it round-robin, and spreads
@@ -106,18 +109,35 @@ class EpochSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
 
-    def _permutation(self, n: int, n_pass: int, group: int = 0) -> list[int]:
+    def _permutation(self, n: int, n_pass: int, group: int = 0, epoch: int | None = None) -> list[int]:
+        """A permutation of ``range(n)`` seeded by (seed, ``epoch``, pass, group); ``epoch`` None: the
+        sampler's epoch."""
         if not self.shuffle:
             return list(range(n))
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 7_919 * n_pass + 104_729 * group)
+        epoch = self.epoch if epoch is None else epoch
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 7_919 * n_pass + 104_729 * group)
         return torch.randperm(n, generator=g).tolist()
 
     def _stream(self, n: int, length: int, group: int = 0) -> list[int]:
-        order, n_pass = self._permutation(n, 0, group), 1
-        while len(order) < length:
-            order += self._permutation(n, n_pass, group)
-            n_pass += 1
-        return order[:length]
+        """This epoch's ``length`` draws: positions ``[epoch * length, (epoch + 1) * length)`` of one stream of
+        permutations of ``range(n)`` (pass k seeded by (seed, k, group), not by the epoch)."""
+        start = self.epoch * length
+        first, last = start // n, (start + length - 1) // n
+        order = [i for k in range(first, last + 1) for i in self._permutation(n, k, group, epoch=0)]
+        return order[start - first * n : start - first * n + length]
+
+    def drawn(self, epochs: int, per_epoch: int | None = None) -> set[int]:
+        """The distinct indices that ``epochs`` epochs from epoch 0 draw over all processes, each process
+        using the first ``per_epoch`` of its epoch's share (None: all of it)."""
+        seen, saved = set(), (self.epoch, self.rank)
+        try:
+            for e in range(epochs):
+                for r in range(self.num_replicas):
+                    self.epoch, self.rank = e, r
+                    seen.update(self.indices()[:per_epoch])
+        finally:
+            self.epoch, self.rank = saved
+        return seen
 
     def _share(self) -> int:
         return math.ceil(self.size / self.num_replicas) if self.per_process is None else self.per_process
@@ -322,7 +342,7 @@ class Trainer:
     def build(self, load_weights: bool = True) -> None:
         """Datasets, model (plus ``train.load_from`` unless resuming), optimizer and gradient scaler."""
         from i3cl_core.data.coco import CocoTextDataset
-        from i3cl_core.data.transforms import build_train_transform
+        from i3cl_core.data.transforms import build_source_transforms
         from i3cl_core.model.detector import build_model
 
         cfg, tcfg, info = self.cfg, self.tcfg, self.info
@@ -330,11 +350,12 @@ class Trainer:
             self.check_images()
         self.dataset = CocoTextDataset(
             [(s.ann_file, s.img_root) for s in cfg.data.train],
-            transform=build_train_transform(cfg.data.augment),
+            transform=build_source_transforms(cfg.data.augment, [s.augment for s in cfg.data.train]),
             train=True,
             min_image_size=cfg.data.min_image_size,
             dontcare=cfg.data.dontcare,
             seed=tcfg.seed,
+            background_weights=[s.background_weight for s in cfg.data.train],
         )
         self.val_dataset = None
         if cfg.data.val is not None and tcfg.eval_interval > 0 and info.main:
@@ -370,6 +391,20 @@ class Trainer:
         if tcfg.max_iters_per_epoch:
             iters = min(iters, tcfg.max_iters_per_epoch)
         self.iters_per_epoch = iters
+        if len(self.cfg.data.train) > 1 and info.main:
+            self.log_coverage()
+
+    def log_coverage(self) -> None:
+        """Log, per training set, how many of its images the whole run draws at least once."""
+        drawn = self.sampler.drawn(self.tcfg.epochs, self.iters_per_epoch * self.tcfg.batch_size)
+        counts = [0] * len(self.cfg.data.train)
+        sizes = [0] * len(self.cfg.data.train)
+        for i, record in enumerate(self.dataset.records):
+            sizes[record.source] += 1
+            counts[record.source] += i in drawn
+        for k, (n, size) in enumerate(zip(counts, sizes)):
+            log.info("data.train[%d]: the run draws %d of its %d images at least once (%.0f%%)", k, n, size,
+                     100.0 * n / max(size, 1))
 
     def _tensorboard(self):
         if not (self.tcfg.tensorboard and self.info.main):

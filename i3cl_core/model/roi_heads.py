@@ -5,9 +5,11 @@ per-instance loss weights (B) and do-not-care regions.
   level mapping level = clamp(floor(log2(sqrt(wh) / 56 + 1e-6)), 0, 3).
 * Sampling: GT boxes are appended to the proposals; IoU >= 0.5 positive, < 0.5 negative; 512 RoIs
   per image, at most 25 % positive; RoIs covered by a do-not-care region (IoF > 0.5) are neither.
-* Losses: softmax CE whose positives carry their GT's lossweight (negatives 1), divided by the
-  number of samples with weight > 0; class-specific L1 box loss weighted by the lossweight, divided by
-  the number of sampled RoIs; the mask BCE is not weighted (mean over the pixels of all positives).
+* Losses: softmax CE whose positives carry their GT's lossweight (negatives their image's
+  ``background_weight``, 1 unless the training set lowers it), divided by the number of samples with
+  weight > 0; class-specific L1 box loss weighted by the lossweight, divided by the number of sampled
+  RoIs; the mask BCE is the mean over the pixels of all positives, each positive scaled by its
+  lossweight only with ``model.mask_lossweight`` (the release does not weight it).
 * One foreground class by default: logits [background, text] (background is index 0 here; the
   release's mmdetection heads put it last, which matters only when importing its checkpoints).
 * Mask targets are the GT polygons rasterised inside each positive box at 28x28 (the COCO
@@ -99,7 +101,7 @@ class MaskHead(nn.Module):
 # ------------------------------------------------------------------------------------------ losses
 def weighted_fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, rois: Instances) -> tuple[Tensor, Tensor]:
     """R-CNN losses over the sampled RoIs of the batch (``rois``: ``labels``, ``regression_targets`` and
-    ``lossweight``, the matched GT's for positives, 1 for negatives)."""
+    ``lossweight``, the matched GT's for positives, the image's background weight for negatives)."""
     labels, lossweight = rois.labels, rois.lossweight
     ce = F.cross_entropy(class_logits, labels, reduction="none")
     loss_cls = (ce * lossweight).sum() / max(int((lossweight > 0).sum()), 1)
@@ -109,6 +111,16 @@ def weighted_fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, rois: I
     l1 = (deltas - rois.regression_targets[pos]).abs().sum(dim=1)
     loss_box = (l1 * lossweight[pos]).sum() / max(n, 1)
     return loss_cls, loss_box
+
+
+def mask_loss(mask_logits: Tensor, targets: Tensor, lossweight: Tensor | None = None) -> Tensor:
+    """Mean per-pixel BCE over all positives of the batch; with ``lossweight`` (one per positive) each positive's
+    pixels are scaled by its weight (the mean stays over all pixels, as the classification loss keeps its
+    normaliser when weights change)."""
+    if lossweight is None:
+        return F.binary_cross_entropy_with_logits(mask_logits, targets)
+    bce = F.binary_cross_entropy_with_logits(mask_logits, targets, reduction="none")
+    return (bce.mean(dim=(1, 2)) * lossweight.to(bce)).mean()
 
 
 def polygon_mask_targets(polygons: list, boxes: Tensor, size: int) -> Tensor:
@@ -154,7 +166,8 @@ class RoIHeads(nn.Module):
     # -------------------------------------------------------------------- training samples
     def sample(self, proposals: list[Tensor], targets: list[dict]) -> list[Instances]:
         """Per image, the sampled RoIs as :class:`Instances` (positives first): ``boxes``, ``labels``,
-        ``regression_targets``, ``lossweight`` (the matched GT's for positives, 1 for negatives) and
+        ``regression_targets``, ``lossweight`` (the matched GT's for positives, the image's
+        ``background_weight`` for negatives) and
         ``matched_index`` (the matched GT instance, -1 for negatives)."""
         out = []
         for props, t in zip(proposals, targets):
@@ -176,12 +189,13 @@ class RoIHeads(nn.Module):
             keep = torch.cat([keep[labels[keep] > 0], keep[labels[keep] <= 0]])
             rois = Instances(boxes=props, labels=labels, matched_index=matched)[keep]
             positive = rois.labels > 0
+            background = torch.full_like(rois.boxes[:, 0], float(t.get("background_weight", 1.0)))
             if len(gt):
                 idx = rois.matched_index.clamp(min=0)
-                rois.lossweight = torch.where(positive, gt.lossweight.to(props)[idx], torch.ones_like(rois.boxes[:, 0]))
+                rois.lossweight = torch.where(positive, gt.lossweight.to(props)[idx], background)
                 rois.regression_targets = self.box_coder.encode_single(gt_boxes[idx], rois.boxes)
             else:
-                rois.lossweight = torch.ones_like(rois.boxes[:, 0])
+                rois.lossweight = background
                 rois.regression_targets = self.box_coder.encode_single(torch.zeros_like(rois.boxes), rois.boxes)
             out.append(rois)
         return out
@@ -200,11 +214,12 @@ class RoIHeads(nn.Module):
             class_logits, box_regression = self.box_head(self.box_pooler(features, [r.boxes for r in samples]))
             loss_cls, loss_box = weighted_fastrcnn_loss(class_logits, box_regression, Instances.cat(samples))
             # mask branch on the positives of each image
-            pos_boxes, pos_labels, mask_targets = [], [], []
+            pos_boxes, pos_labels, pos_weights, mask_targets = [], [], [], []
             for rois, t in zip(samples, targets):
                 positives = rois[rois.labels > 0]
                 pos_boxes.append(positives.boxes)
                 pos_labels.append(positives.labels)
+                pos_weights.append(positives.lossweight)
                 polygons = t["instances"].polygons
                 mask_targets.append(polygon_mask_targets([polygons[j] for j in positives.matched_index.tolist()],
                                                          positives.boxes, 28))
@@ -214,7 +229,8 @@ class RoIHeads(nn.Module):
                 loss_mask = mask_logits.sum() * 0.0
             else:
                 chosen = mask_logits[torch.arange(pos_labels.numel(), device=pos_labels.device), pos_labels - 1]
-                loss_mask = F.binary_cross_entropy_with_logits(chosen, torch.cat(mask_targets))
+                loss_mask = mask_loss(chosen, torch.cat(mask_targets),
+                                      torch.cat(pos_weights) if self.cfg.mask_lossweight else None)
             return [], {"loss_rcnn_cls": loss_cls, "loss_rcnn_box": loss_box, "loss_mask": loss_mask}
 
         class_logits, box_regression = self.box_head(self.box_pooler(features, proposals))

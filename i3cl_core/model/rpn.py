@@ -47,7 +47,7 @@ def weighted_rpn_loss(objectness: Tensor, deltas: Tensor, anchors: Instances, po
     negatives); ``pos``/``neg`` index the sampled anchors."""
     sampled = torch.cat([pos, neg])
     num = max(sampled.numel(), 1)
-    lossweight = anchors.lossweight[sampled]  # negatives were given weight 1 by the assignment
+    lossweight = anchors.lossweight[sampled]  # negatives carry their image's background weight (default 1)
     bce = F.binary_cross_entropy_with_logits(objectness[sampled], anchors.labels[sampled], reduction="none")
     loss_obj = (bce * lossweight).sum() / num
     l1 = (deltas[pos] - anchors.regression_targets[pos]).abs().sum(dim=1)
@@ -85,12 +85,13 @@ class I3CLRPN(RegionProposalNetwork):
     def assign(self, anchors: Tensor, target: dict) -> Instances:
         """The anchors of one image as :class:`Instances`: ``labels`` (1 positive, 0 negative, -1 ignored),
         ``matched_boxes`` (the matched GT box; any box for negatives) and ``lossweight`` (the matched GT's;
-        1 for negatives)."""
+        the image's ``background_weight``, default 1, for negatives)."""
         gt = target["instances"]
+        background = float(target.get("background_weight", 1.0))
         if len(gt) == 0:
             labels = torch.zeros(anchors.shape[0], dtype=torch.float32, device=anchors.device)
             matched_boxes = torch.zeros_like(anchors)
-            lossweight = torch.ones_like(labels)
+            lossweight = torch.full_like(labels, background)
         else:
             matches = self.proposal_matcher(box_iou(gt.boxes, anchors))
             idx = matches.clamp(min=0)
@@ -98,7 +99,7 @@ class I3CLRPN(RegionProposalNetwork):
             labels = (matches >= 0).to(torch.float32)
             labels[matches == self.proposal_matcher.BELOW_LOW_THRESHOLD] = 0.0
             labels[matches == self.proposal_matcher.BETWEEN_THRESHOLDS] = -1.0
-            lossweight = torch.where(matches >= 0, gt.lossweight.to(anchors)[idx], torch.ones_like(labels))
+            lossweight = torch.where(matches >= 0, gt.lossweight.to(anchors)[idx], torch.full_like(labels, background))
         if self.ignore_dontcare:
             labels[dontcare_mask(anchors, dontcare_boxes(target), self.dontcare_iof_thr)] = -1.0
         return Instances(labels=labels, matched_boxes=matched_boxes, lossweight=lossweight)

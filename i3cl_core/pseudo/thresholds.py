@@ -34,16 +34,32 @@ def val_sweep(sources: list[str], images_json: str | os.PathLike, cfg) -> list[d
              "hmean": round(r["hmean"], 4), "best": r["best"]} for r in rows]
 
 
+def f_beta(precision: float, recall: float, beta: float) -> float:
+    """F-beta of ``precision`` and ``recall``: beta < 1 weighs precision more (recall counts beta times as much)."""
+    b2 = beta * beta
+    den = b2 * precision + recall
+    return (1 + b2) * precision * recall / den if den > 0 else 0.0
+
+
 def choose_keep_thr(sources: list[str], images_json: str | os.PathLike, cfg) -> dict:
-    """``{"keep_thr", "val": P/R/F there, "sweep"}``: the fused-score threshold with the best F on the
-    labeled validation split (lowest threshold on ties)."""
+    """``{"keep_thr", "val": P/R/F there, "sweep"}``: the fused-score threshold with the best F-beta
+    (``cfg.keep_thr_beta``; 1 = F) on the labeled validation split (lowest threshold on ties)."""
     rows = val_sweep(sources, images_json, cfg)
+    beta = getattr(cfg, "keep_thr_beta", 1.0)
+    if beta != 1.0:
+        scores = [f_beta(r["precision"], r["recall"], beta) for r in rows]
+        top = max(scores)
+        for r, sc in zip(rows, scores):
+            r["f_beta"] = round(sc, 4)
+            r["best"] = False
+        rows[scores.index(top)]["best"] = True
     best = next(r for r in rows if r["best"])
     if best["hmean"] <= 0.0:
         log.warning("%s: the fused predictions match no validation label at any threshold; keeping keep_thr %.2f",
                     images_json, cfg.keep_thr)
         return {"keep_thr": cfg.keep_thr, "val": None, "sweep": rows}
-    log.info("keep_thr %.2f chosen on %s (F %.3f, P %.3f, R %.3f)", best["threshold"], images_json, best["hmean"],
+    log.info("keep_thr %.2f chosen on %s (F%s %.3f; F %.3f, P %.3f, R %.3f)", best["threshold"], images_json,
+             "" if beta == 1.0 else f"-beta({beta:g})", best.get("f_beta", best["hmean"]), best["hmean"],
              best["precision"], best["recall"])
     return {"keep_thr": float(best["threshold"]), "val": {k: best[k] for k in ("precision", "recall", "hmean")},
             "sweep": rows}
