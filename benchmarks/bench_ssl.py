@@ -1,46 +1,52 @@
 """Does the semi-supervised loop help? A controlled benchmark where labels are scarce.
 
-Synthetic data (seed 0, 320 px): 25 labeled train images, 400 unlabeled images (their ground truth
-hidden: read only to measure the pseudo labels), a labeled validation split of 25 images (the fusion
-threshold is chosen there, as a user would), and 100 test images. Per seed:
+Synthetic data (seed 0, ``--size`` px, 320 by default): 25 labeled train images, 400 unlabeled images (their
+ground truth hidden: read only to measure), a labeled validation split of 100 images (every threshold is chosen
+there, as a user would) and 300 test images. Per seed (each seed has its own teachers and data order):
 
 1. teachers: two demo teachers (I3CL and plain Mask R-CNN) trained from scratch on the labeled images;
    1,000 iterations each (close to convergence on 25 images);
 2. ensemble: every teacher (with the test-time augmentation of ``--tta-flips``/``--tta-scales``) over
    the unlabeled images and the validation split;
-3. fusion: Weighted Polygon Fusion; ``keep_thr`` is the best-F threshold of the fused validation
-   predictions (``i3cl_core.pseudo.thresholds``);
-4. arms, all from the same teacher checkpoint (the first teacher), same iterations, same schedule,
-   same seed of the data order:
-     control      labeled images only
-     ssl          labeled + pseudo labels, each weighted by its lossweight
-     ssl_uniform  labeled + the same pseudo labels, every weight 1 (isolates the weighting)
-     oracle       labeled + the unlabeled images with their true labels (the upper bound)
-     ssl_nodc     as ssl, but the fusion's uncertain clusters are left out instead of becoming
-                  do-not-care regions (the student learns them as background)
-     ssl_r2       round 2 of self-training: the ssl student plus the teachers label the unlabeled
-                  images again; trained as long again, from the ssl student
-     control_r2   round 2 of the control: as long again on the labeled images, from the control
-                  (the twin of ssl_r2)
+3. fusion: Weighted Polygon Fusion; ``keep_thr`` is the best-F (``--set-fuse keep_thr_beta=0.5``: F0.5) threshold
+   of the fused validation predictions (``i3cl_core.pseudo.thresholds``);
+4. arms, all from the first teacher's checkpoint, the same iterations, learning rate and seed of the data order
+   (protocol ``continue``, the default: the teacher's own final learning rate, no warm-up, no decay, so no arm gains
+   from a learning-rate restart; the control is that teacher's schedule continued, and ``control - teacher`` < 1 F
+   shows the start converged):
+     control        labeled images only
+     ssl            labeled + pseudo labels, each weighted by its lossweight
+     ssl_uniform    labeled + the same pseudo labels, every weight 1 (isolates the weighting)
+     ssl_strong     as ssl, the pseudo-labelled images under strong augmentation (data.augment.strong)
+     ssl_strong_bg  as ssl_strong, and their negatives weighted 0.5 (soft background)
+     oracle         labeled + the unlabeled images with their true labels (the headroom)
+     ssl_nodc       as ssl, but the fusion's uncertain clusters are left out instead of becoming
+                    do-not-care regions (the student learns them as background)
+     ssl_r2         round 2 of self-training: the ssl student plus the teachers label the unlabeled
+                    images again; trained as long again, from the ssl student
+     control_r2     round 2 of the control: as long again on the labeled images, from the control
+   The labeled images keep the default augmentation in every arm: the one thing an arm changes is what it adds.
 5. every model on the validation split, where its best-F score threshold is chosen, and on the test
-   split (ArT protocol), both at that threshold and at the model's ``infer.score_thr``.
+   split (ArT protocol), both at that threshold and at its own best test threshold (both printed).
 
-Prints one table: mean and spread (min..max) over seeds of F per arm, the pseudo labels' P/R/F against
-the hidden ground truth, and each teacher's F on the unlabeled split at its best threshold.
+Prints the protocol, then one table: mean and spread (min..max) over seeds of F per arm, the paired differences
+per seed with the verdict (a gain holds only if its mean reaches the goal and every seed is positive), the
+headroom (oracle - control), the gate (pseudo labels' F on the unlabeled split next to the control's on the same
+images, and next to the best teacher's), and the share of unlabeled images each arm drew at least once.
 
-    .venv/bin/python benchmarks/bench_ssl.py [--seeds 1 2] [--work-dir work_dirs/bench_ssl]
-        [--arms control ssl ssl_uniform oracle] [--set-arms key=value ...] [--set-fuse key=value ...]
+    .venv/bin/python benchmarks/bench_ssl.py [--seeds 1 2 3] [--work-dir work_dirs/bench_ssl]
+        [--arms control ssl ...] [--set-arms key=value ...] [--set-fuse key=value ...] [--devices auto]
 
-About 45 minutes per seed on 2 idle CPU cores at 2.5-3 training images/s (2 x 1,000 teacher
-iterations, 4 x 300 arm iterations, 2 x 425 ensemble and 6 x 100 test inferences), 1.5 hours for the
-default two seeds; ssl_r2 (not in the default arms) adds a second ensemble and a training (14 minutes
-per seed at 1.4 images/s), control_r2 a training. Finished trainings and ensemble shards
-are reused when the benchmark is run again on the same work dir with the same settings.
+On 2 CPU cores about 50 minutes per seed (2 x 1,000 teacher iterations at 2.5-3 training images/s, 300
+iterations per arm, ensembles over 500 images, evaluations over 400); finished trainings, ensemble shards and
+evaluations are reused when the benchmark runs again on the same work dir with the same settings.
+``benchmarks/gpu_ssl.sh`` runs it on a GPU at a larger scale.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -51,14 +57,15 @@ from pathlib import Path
 from i3cl_core.utils import atomic_write_json, atomic_write_text, terminate_with_parent
 
 REPO = Path(__file__).resolve().parents[1]
-ARMS = ("control", "ssl", "ssl_uniform", "oracle", "ssl_nodc", "ssl_r2", "control_r2")
+ARMS = ("control", "ssl", "ssl_uniform", "ssl_strong", "ssl_strong_bg", "oracle", "ssl_nodc", "ssl_r2", "control_r2")
+DEFAULT_ARMS = ["control", "ssl", "ssl_strong", "ssl_strong_bg", "oracle"]
 
 
 def ensure_data(data: Path, args) -> dict:
     from i3cl_core.stages import ensure_demo_data
 
     return ensure_demo_data(data, seed=0, num_train=args.labeled, num_unlabeled=args.unlabeled, num_test=args.test,
-                            size=320, num_val=args.val)
+                            size=args.size, num_val=args.val, workers=args.data_workers)
 
 
 def train(config: str, out: Path, sets: list[dict], overrides: list[str], load_from: str | None = None) -> str:
@@ -90,6 +97,14 @@ def train(config: str, out: Path, sets: list[dict], overrides: list[str], load_f
     return str(trained_checkpoint(out))
 
 
+def drawn_share(train_log: Path) -> list[int] | None:
+    """``[drawn, size]`` of the unlabeled set (data.train[1]) from the training's log, None when it has none."""
+    if not train_log.exists():
+        return None
+    m = re.search(r"data\.train\[1\]: the run draws (\d+) of its (\d+) images", train_log.read_text(errors="replace"))
+    return [int(m.group(1)), int(m.group(2))] if m else None
+
+
 def uniform_weights(src: Path, dst: Path) -> Path:
     from i3cl_core.utils import atomic_write_json
 
@@ -117,7 +132,8 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
 
     print(f"seed {seed}: ensemble over {args.unlabeled} unlabeled + {args.val} validation images", flush=True)
     t1 = time.time()
-    ens_kw = dict(shard_size=50, score_thr=0.05, devices=["cpu"], batch_size=1, precision="fp32", flips=args.tta_flips,
+    ens_kw = dict(shard_size=50, score_thr=0.05, devices=args.devices, batch_size=args.infer_batch,
+                  precision="fp32" if args.devices == ["cpu"] else "auto", flips=args.tta_flips,
                   scales=args.tta_scales,
                   progress=False)
     ens_u = run_ensemble(list(teachers.values()), d["unlabeled_images"], sd / "ensemble_unlabeled",
@@ -148,6 +164,9 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
         "ssl_uniform": [{"ann_file": str(uniform), "img_root": u_root, "fraction": mix}],
         "oracle": [{"ann_file": d["unlabeled_gt"], "img_root": u_root, "fraction": mix}],
         "ssl_nodc": [{"ann_file": str(nodc), "img_root": u_root, "fraction": mix}],
+        "ssl_strong": [{"ann_file": str(pseudo), "img_root": u_root, "fraction": mix, "augment": "strong"}],
+        "ssl_strong_bg": [{"ann_file": str(pseudo), "img_root": u_root, "fraction": mix, "augment": "strong",
+                           "background_weight": args.background_weight}],
     }
     start = teachers[args.teachers[0]]
     arm_ckpts, t_arms = {}, {}
@@ -168,7 +187,7 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
             round2 = {"pseudo": json.loads(Path(s2["report"]).read_text())["quality"]["fused"], "keep_thr": s2["keep_thr"]}
             arm_ckpts[arm] = train("configs/demo/student.yaml", sd / "arms" / arm,
                                    d["labeled"] + [{"ann_file": str(pseudo2), "img_root": u_root, "fraction": mix}],
-                                   [f"train.seed={seed}", *ARM_SCHEDULE, *args.set_arms], load_from=arm_ckpts["ssl"])
+                                   [f"train.seed={seed}", *args.arm_schedule, *args.set_arms], load_from=arm_ckpts["ssl"])
             t_arms[arm] = time.time() - t2
             continue
         if arm == "control_r2":  # the twin of ssl_r2: as long again on the labeled images, from the control
@@ -176,12 +195,12 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
                 sys.exit("--arms: control_r2 needs the control arm (it starts from its model)")
             t2 = time.time()
             arm_ckpts[arm] = train("configs/demo/student.yaml", sd / "arms" / arm, d["labeled"],
-                                   [f"train.seed={seed}", *ARM_SCHEDULE, *args.set_arms], load_from=arm_ckpts["control"])
+                                   [f"train.seed={seed}", *args.arm_schedule, *args.set_arms], load_from=arm_ckpts["control"])
             t_arms[arm] = time.time() - t2
             continue
         t2 = time.time()
         arm_ckpts[arm] = train("configs/demo/student.yaml", sd / "arms" / arm, d["labeled"] + arm_sets[arm],
-                               [f"train.seed={seed}", *ARM_SCHEDULE, *args.set_arms], load_from=start)
+                               [f"train.seed={seed}", *args.arm_schedule, *args.set_arms], load_from=start)
         t_arms[arm] = time.time() - t2
 
     print(f"seed {seed}: evaluation on the validation and test splits", flush=True)
@@ -200,9 +219,17 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
         val_thr = evaluated(ckpt, d["val"], sd / "eval" / f"{stem}.val.json")["best_thr"]
         r = evaluated(ckpt, d["test"], sd / "eval" / f"{stem}.json")
         at_val = next(row for row in r["sweep"] if abs(row["score_thr"] - val_thr) < 1e-6)
-        scores[name] = {**{k: r[k] for k in ("precision", "recall", "hmean", "best_hmean", "score_thr")},
-                        "val_thr": val_thr, "hmean_at_val_thr": at_val["hmean"]}
+        scores[name] = {**{k: r[k] for k in ("precision", "recall", "hmean", "best_hmean", "best_thr", "score_thr")},
+                        "val_thr": val_thr, "hmean_at_val_thr": at_val["hmean"],
+                        "precision_at_val_thr": at_val["precision"], "recall_at_val_thr": at_val["recall"]}
+    gate = None
+    if "control" in arm_ckpts:  # the control on the unlabeled images themselves (their hidden GT: measuring only)
+        r = evaluated(arm_ckpts["control"], {"ann_file": d["unlabeled_gt"], "img_root": u_root},
+                      sd / "eval" / "control.unlabeled.json")
+        gate = {"control_hmean": r["best_hmean"], "control_thr": r["best_thr"]}
+    coverage = {arm: drawn_share(sd / "arms" / arm / "train.log") for arm in arm_ckpts}
     result = {"seed": seed, "scores": scores, "pseudo": quality["fused"], "pseudo_labels": summary["pseudo_labels"],
+              "gate": gate, "coverage": coverage, "protocol": args.protocol,
               "dontcare": summary["dontcare"], "keep_thr": chosen["keep_thr"], "val_fused": chosen["val"],
               "teachers_on_unlabeled": teacher_unl, "round2": round2,
               "seconds": {"teachers": round(t_teachers), "ensemble": round(t_ensemble),
@@ -211,9 +238,15 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
     return result
 
 
-# every arm: same start, same number of iterations (12 epochs x 25 iterations of 2 images), same
-# learning-rate schedule and seed
-ARM_SCHEDULE = ["train.epochs=12", "train.iters_per_epoch=25", "train.lr_steps=[10]", "train.warmup_iters=20"]
+# every arm: same start, same number of iterations (12 epochs x 25 iterations of 2 images), same learning rate and
+# seed. "continue": the teacher's final learning rate (5e-4 x 0.1 after its decay), constant, no warm-up: the
+# arms continue the teacher's schedule without a restart. "restart": the student config's own schedule (2.5e-4 with
+# warm-up and a decay), as the pipeline trains its student.
+ARM_SCHEDULES = {
+    "continue": ["train.epochs=12", "train.iters_per_epoch=25", "train.lr=0.00005", "train.lr_steps=[]",
+                 "train.warmup_iters=0"],
+    "restart": ["train.epochs=12", "train.iters_per_epoch=25", "train.lr_steps=[10]", "train.warmup_iters=20"],
+}
 
 
 def spread(values: list[float]) -> str:
@@ -223,69 +256,104 @@ def spread(values: list[float]) -> str:
     return f"{m:.3f} ({min(values):.3f}..{max(values):.3f})" if len(values) > 1 else f"{m:.3f}"
 
 
+PROTOCOL_TEXT = {
+    "continue": "arms start from the first teacher at its final learning rate (constant 5e-5, no warm-up, fresh AdamW "
+                "moments), the same iterations each; the control is the teacher's schedule continued (convergence: "
+                "control - teacher < 1 F)",
+    "restart": "arms start from the first teacher with the student config's schedule (lr 2.5e-4, warm-up, decay): "
+               "every arm, the control included, also gains from the learning-rate restart",
+}
+
+
 def print_table(results: list[dict], args) -> None:
-    print("\n" + "=" * 86)
-    print(f"SSL benchmark: {args.labeled} labeled / {args.unlabeled} unlabeled / {args.val} val / {args.test} test images, "
-          f"seeds {[r['seed'] for r in results]}")
-    print(f"{'row':<34} {'F mean (min..max)':>22} {'P mean':>8} {'R mean':>8}  per seed  | F at the val-chosen thr")
-    print("-" * 86)
+    w = 104
+    print("\n" + "=" * w)
+    print(f"SSL benchmark: {args.labeled} labeled / {args.unlabeled} unlabeled / {args.val} val / {args.test} test images "
+          f"at {args.size} px, seeds {[r['seed'] for r in results]}")
+    print(f"protocol: {PROTOCOL_TEXT[args.protocol]}; the labeled images keep the default augmentation in every arm; "
+          f"every threshold chosen on the validation split, never on the unlabeled ground truth")
+    print(f"{'row':<28} {'F at val thr (min..max)':>24} {'P':>6} {'R':>6}  per seed            | best test F (min..max)")
+    print("-" * w)
     rows = [f"teacher:{n}" for n in args.teachers] + list(args.arms)
     for row in rows:
         vals = [r["scores"][row] for r in results if row in r["scores"]]
-        f = [v["hmean"] for v in vals]
+        if not vals:
+            continue
         fv = [v["hmean_at_val_thr"] for v in vals]
-        print(f"{row:<34} {spread(f):>22} {statistics.fmean(v['precision'] for v in vals):>8.3f} "
-              f"{statistics.fmean(v['recall'] for v in vals):>8.3f}  {' '.join(f'{x:.3f}' for x in f)}  | "
-              f"{spread(fv)} (thr {[v['val_thr'] for v in vals]})")
-    print("-" * 86)
+        fb = [v["best_hmean"] for v in vals]
+        print(f"{row:<28} {spread(fv):>24} {statistics.fmean(v['precision_at_val_thr'] for v in vals):>6.3f} "
+              f"{statistics.fmean(v['recall_at_val_thr'] for v in vals):>6.3f}  {' '.join(f'{x:.3f}' for x in fv):<19} | "
+              f"{spread(fb)}")
+    print("-" * w)
+
+    def diff(a, b, goal: float | None = None, what: str = "") -> None:
+        pairs = [(r["scores"][a], r["scores"][b]) for r in results if a in r["scores"] and b in r["scores"]]
+        if not pairs:
+            return
+        d = [x["hmean_at_val_thr"] - y["hmean_at_val_thr"] for x, y in pairs]
+        verdict = ""
+        if goal is not None:
+            holds = statistics.fmean(d) >= goal and all(x > 0 for x in d) and len(d) >= 3
+            verdict = f"goal >= {goal:+.3f}, every seed > 0, >= 3 seeds: {'HOLDS' if holds else 'not reached'}"
+        print(f"{a + ' - ' + b:<28} {spread(d):>24}  per seed {' '.join(f'{x:+.3f}' for x in d)}  {verdict}{what}")
+
+    first = f"teacher:{args.teachers[0]}"
+    diff("control", first, what="  (convergence of the start: < +0.010 wanted)")
+    diff("oracle", "control", what="  (headroom: >= +0.080 wanted for the regime to have room)")
+    for arm in ("ssl", "ssl_strong", "ssl_strong_bg", "ssl_nodc"):
+        if arm in args.arms:
+            diff(arm, "control", goal=0.03)
+    diff("ssl", "ssl_uniform", goal=0.005, what="  (the loss weights)")
+    diff("ssl_strong", "ssl", what="  (strong augmentation on the pseudo-labelled images)")
+    diff("ssl_strong_bg", "ssl_strong", what="  (soft background)")
+    if "ssl_r2" in args.arms:
+        diff("ssl_r2", "ssl", what="  (round 2 over round 1)")
+        diff("ssl_r2", "control_r2", goal=0.03, what="  (both rounds of each)")
+    print("-" * w)
     pf = [r["pseudo"]["hmean"] for r in results]
-    print(f"{'pseudo labels vs hidden GT':<34} {spread(pf):>22} {statistics.fmean(r['pseudo']['precision'] for r in results):>8.3f} "
-          f"{statistics.fmean(r['pseudo']['recall'] for r in results):>8.3f}  keep_thr {[r['keep_thr'] for r in results]}")
+    print(f"{'pseudo labels vs hidden GT':<28} {spread(pf):>24} {statistics.fmean(r['pseudo']['precision'] for r in results):>6.3f} "
+          f"{statistics.fmean(r['pseudo']['recall'] for r in results):>6.3f}  keep_thr {[r['keep_thr'] for r in results]}")
+    best_t = [max(v["hmean"] for v in r["teachers_on_unlabeled"].values()) for r in results]
     for n in args.teachers:
         tf = [r["teachers_on_unlabeled"][n]["hmean"] for r in results]
-        print(f"{'teacher ' + n + ' on unlabeled (best thr)':<34} {spread(tf):>22}   "
-              f"thr {[r['teachers_on_unlabeled'][n]['thr'] for r in results]}")
-    best_t = [max(v["hmean"] for v in r["teachers_on_unlabeled"].values()) for r in results]
-    print("-" * 86)
-
-    def diff(a, b):
-        pairs = [(r["scores"][a], r["scores"][b]) for r in results if a in r["scores"] and b in r["scores"]]
-        return (f"{spread([x['hmean'] - y['hmean'] for x, y in pairs])} | at val thr "
-                f"{spread([x['hmean_at_val_thr'] - y['hmean_at_val_thr'] for x, y in pairs])}")
-
-    if "ssl" in args.arms and "control" in args.arms:
-        print(f"{'ssl - control':<34} {diff('ssl', 'control'):>22}   (goal >= +0.030)")
-    if "ssl" in args.arms and "ssl_uniform" in args.arms:
-        print(f"{'ssl - ssl_uniform':<34} {diff('ssl', 'ssl_uniform'):>22}   (goal >= 0)")
-    if "oracle" in args.arms and "control" in args.arms:
-        print(f"{'oracle - control':<34} {diff('oracle', 'control'):>22}")
-    if "ssl_r2" in args.arms:
-        print(f"{'ssl_r2 - ssl (round 2 over 1)':<34} {diff('ssl_r2', 'ssl'):>22}   (round 2 trains its "
-              "iterations again, from the ssl student)")
-        p2 = [r["round2"]["pseudo"]["hmean"] for r in results if r.get("round2")]
-        print(f"{'round-2 pseudo labels vs hidden GT':<34} {spread(p2):>22}")
-    if "ssl_r2" in args.arms and "control_r2" in args.arms:
-        print(f"{'ssl_r2 - control_r2':<34} {diff('ssl_r2', 'control_r2'):>22}   (both rounds of each)")
-    if "ssl_nodc" in args.arms and "ssl" in args.arms:
-        print(f"{'ssl_nodc - ssl':<34} {diff('ssl_nodc', 'ssl'):>22}   (uncertain clusters as background "
-              "instead of do-not-care)")
-    print(f"{'pseudo labels - best teacher':<34} {spread([p - b for p, b in zip(pf, best_t)]):>22}   (goal >= +0.020)")
+        print(f"{'teacher ' + n + ' on unlabeled':<28} {spread(tf):>24}  (its best threshold there: an upper bound)")
+    gates = [r["gate"]["control_hmean"] for r in results if r.get("gate")]
+    if gates:
+        print(f"{'control on unlabeled':<28} {spread(gates):>24}  (its best threshold there: an upper bound)")
+        print(f"{'gate: pseudo - control':<28} {spread([p - g for p, g in zip(pf, gates)]):>24}  (>= 0 wanted: labels "
+              "worse than what the student already predicts cannot teach it)")
+    print(f"{'pseudo - best teacher':<28} {spread([p - b for p, b in zip(pf, best_t)]):>24}  (goal >= +0.020)")
+    print("-" * w)
+    for arm in args.arms:
+        cov = [r["coverage"].get(arm) for r in results if r.get("coverage")]
+        cov = [c for c in cov if c]
+        if cov:
+            print(f"coverage {arm:<19} unlabeled images drawn at least once: "
+                  + ", ".join(f"{c[0]}/{c[1]}" for c in cov))
     secs = [r["seconds"] for r in results]
     print(f"time per seed (s): {secs}")
-    print("=" * 86)
+    print("=" * w)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="data/bench_ssl")
     ap.add_argument("--work-dir", default="work_dirs/bench_ssl")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--arms", nargs="+", default=list(ARMS[:4]), choices=ARMS)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=ARMS)
     ap.add_argument("--teachers", nargs="+", default=["teacher_a", "teacher_c"])
     ap.add_argument("--labeled", type=int, default=25)
     ap.add_argument("--unlabeled", type=int, default=400)
-    ap.add_argument("--val", type=int, default=25)
-    ap.add_argument("--test", type=int, default=100)
+    ap.add_argument("--val", type=int, default=100)
+    ap.add_argument("--test", type=int, default=300)
+    ap.add_argument("--size", type=int, default=320, help="side of the synthetic images (px)")
+    ap.add_argument("--data-workers", type=int, default=2, help="processes generating the synthetic data")
+    ap.add_argument("--protocol", choices=sorted(ARM_SCHEDULES), default="continue",
+                    help="continue: arms at the teacher's final learning rate (no restart); restart: the student "
+                    "config's schedule")
+    ap.add_argument("--background-weight", type=float, default=0.5, help="negatives' weight in ssl_strong_bg")
+    ap.add_argument("--devices", nargs="+", default=["cpu"], help="ensemble devices (cpu, cuda:0, ... or auto)")
+    ap.add_argument("--infer-batch", type=int, default=1, help="images per forward pass in the ensemble")
     ap.add_argument("--tta-flips", nargs="*", default=[], choices=["h", "v"])
     ap.add_argument("--tta-scales", nargs="*", type=int, default=[])
     ap.add_argument("--pseudo-fraction", type=float, default=0.5,
@@ -295,6 +363,13 @@ def main() -> None:
     ap.add_argument("--set-fuse", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     args.set_teachers = TEACHER_SCHEDULE + args.set_teachers
+    args.arm_schedule = ARM_SCHEDULES[args.protocol]
+    if args.devices == ["auto"]:
+        args.devices = "auto"
+    for need, arm in (("ssl", "ssl_r2"), ("control", "control_r2")):
+        if arm in args.arms and need not in args.arms:
+            ap.error(f"--arms: {arm} needs the {need} arm")
+    print(f"protocol {args.protocol}: {PROTOCOL_TEXT[args.protocol]}", flush=True)
 
     d = ensure_data(Path(args.data), args)
     wd = Path(args.work_dir)
