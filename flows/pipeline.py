@@ -31,12 +31,47 @@ from pydantic import Field
 from flows.artifacts import pseudo_label_artifacts, summary_artifact
 from flows.params import DataParams, EvalParams, FuseConfig, InferParams, RoundParams, TrainParams
 from flows.tasks import evaluate_task, flow_run_id, fuse_task, infer_shard, result_storage, run_cached, train_spec
-from i3cl_core import stages, variants
+from i3cl_core import stages, variants, workdir_lock
 from i3cl_core.stages import PipelineError, fingerprint
 from i3cl_core.utils import atomic_write_json
 
 
 # ------------------------------------------------------------------------------------ helpers
+_LOCKED_BY: dict[str, str] = {}  # flow run id -> the work dir whose lock it took
+
+
+def _open_work_dir(work_dir: str, create: bool = True) -> Path:
+    """:func:`stages.check_work_dir` plus the work dir's lock (one writer at a time: a second run on the same work
+    dir refuses at once, naming this one), held until the flow run ends (:func:`_unlock`); the ssl-pipeline and
+    the stage flows it calls share it."""
+    from prefect.runtime import flow_run
+
+    holder = f"flow run {flow_run.flow_name}/{flow_run.name} ({flow_run.id})"
+    if str(flow_run.id) in _LOCKED_BY:  # this flow run holds it already
+        return stages.check_work_dir(work_dir, create=create)
+    if create:
+        workdir_lock.acquire(work_dir, holder)
+        try:
+            wd = stages.check_work_dir(work_dir, create=True)
+        except BaseException:
+            workdir_lock.release(work_dir)
+            raise
+    else:
+        wd = stages.check_work_dir(work_dir, create=False)
+        workdir_lock.acquire(wd, holder)
+    _LOCKED_BY[str(flow_run.id)] = str(wd)
+    return wd
+
+
+def _unlock(flow, flow_run, state) -> None:  # noqa: ARG001  (Prefect's state-hook signature)
+    wd = _LOCKED_BY.pop(str(flow_run.id), None)
+    if wd is not None:
+        workdir_lock.release(wd)
+
+
+LOCK_HOOKS = dict(on_completion=[_unlock], on_failure=[_unlock], on_cancellation=[_unlock], on_crashed=[_unlock])
+
+
 def _data(data: DataParams, wd: Path) -> dict:
     """Resolved data paths: explicit ones, else the synthetic demo splits (generated when missing).
     A stage run with the default ``data`` on an existing work_dir uses the data it was made with
@@ -68,10 +103,10 @@ def _resolve_data(data: DataParams) -> dict:
 
 
 # ------------------------------------------------------------------------------------ flows
-@flow(name="train-teachers", log_prints=True, persist_result=True, result_serializer="json")
+@flow(name="train-teachers", **LOCK_HOOKS, log_prints=True, persist_result=True, result_serializer="json")
 def train_teachers(work_dir: str = "runs/demo", data: DataParams = DataParams(), train: TrainParams = TrainParams()) -> dict:
     """Train every teacher (one after the other: trainings use all cores or GPUs themselves)."""
-    wd = stages.check_work_dir(work_dir)
+    wd = _open_work_dir(work_dir)
     d = _data(data, wd)
     names = [t.name for t in train.teachers]
     if len(set(names)) != len(names):
@@ -202,7 +237,7 @@ def _check_dask_cluster(address: str, resource: str | None) -> None:
                             "infer.dask_resource to null")
 
 
-@flow(name="ensemble-inference", log_prints=True, persist_result=True, result_serializer="json", flow_run_name="ensemble-inference-r{ssl_round}")
+@flow(name="ensemble-inference", **LOCK_HOOKS, log_prints=True, persist_result=True, result_serializer="json", flow_run_name="ensemble-inference-r{ssl_round}")
 def ensemble_inference(work_dir: str = "runs/demo", data: DataParams = DataParams(), infer: InferParams = InferParams(),
                        ssl_round: int = 1, with_teachers: bool = True) -> dict:
     """Every ensemble model over the unlabeled set (and the labeled validation split, where one is
@@ -211,7 +246,7 @@ def ensemble_inference(work_dir: str = "runs/demo", data: DataParams = DataParam
     teachers with ``with_teachers``)."""
     if ssl_round < 1:
         raise PipelineError(f"ssl_round: must be >= 1, got {ssl_round}")
-    wd = stages.check_work_dir(work_dir, create=False)
+    wd = _open_work_dir(work_dir, create=False)
     d = _data(data, wd)
     rd = _round_dir(wd, ssl_round)
     models = _ensemble_models(wd, ssl_round, with_teachers)
@@ -248,13 +283,13 @@ def ensemble_inference(work_dir: str = "runs/demo", data: DataParams = DataParam
             "detections": result["unlabeled"]["detections"], "val_members": result.get("val", {}).get("members")}
 
 
-@flow(name="fuse-pseudo-labels", log_prints=True, persist_result=True, result_serializer="json", flow_run_name="fuse-pseudo-labels-r{ssl_round}")
+@flow(name="fuse-pseudo-labels", **LOCK_HOOKS, log_prints=True, persist_result=True, result_serializer="json", flow_run_name="fuse-pseudo-labels-r{ssl_round}")
 def fuse_pseudo_labels(work_dir: str = "runs/demo", data: DataParams = DataParams(), fuse: FuseConfig = FuseConfig(),
                        ssl_round: int = 1) -> dict:
     """Weighted Polygon Fusion of the ensemble's predictions into pseudo/train_lossweight.json
     (``fuse.auto_keep_thr``: the threshold chosen on the labeled validation split, never on the
     unlabeled set's hidden ground truth, which only measures the result)."""
-    wd = stages.check_work_dir(work_dir, create=False)
+    wd = _open_work_dir(work_dir, create=False)
     d = _data(data, wd)
     rd = _round_dir(wd, ssl_round)
     members_file = stages.require(rd / "predictions" / "members.json", "ensemble-inference", "run ensemble-inference first")
@@ -293,14 +328,14 @@ def fuse_pseudo_labels(work_dir: str = "runs/demo", data: DataParams = DataParam
     return {**{k: v for k, v in summary.items() if k != "model_stats"}, "variant": key}
 
 
-@flow(name="train-student", log_prints=True, persist_result=True, result_serializer="json", flow_run_name="train-student-r{ssl_round}")
+@flow(name="train-student", **LOCK_HOOKS, log_prints=True, persist_result=True, result_serializer="json", flow_run_name="train-student-r{ssl_round}")
 def train_student(work_dir: str = "runs/demo", data: DataParams = DataParams(), train: TrainParams = TrainParams(),
                   ssl_round: int = 1, extra_overrides: list[str] | None = None) -> dict:
     """Retrain on the labeled data plus the pseudo labels (each pseudo instance's losses scaled by
     its lossweight). Round 1 starts from the first teacher (``student_init``), a later round from the
     previous round's student. In round 1, with ``train.control``, a control model follows: the
     student's config, start and number of iterations, on the labeled data alone."""
-    wd = stages.check_work_dir(work_dir, create=False)
+    wd = _open_work_dir(work_dir, create=False)
     d = _data(data, wd)
     rd = _round_dir(wd, ssl_round)
     pseudo = variants.pseudo_file(rd / "pseudo")
@@ -339,11 +374,11 @@ def train_student(work_dir: str = "runs/demo", data: DataParams = DataParams(), 
     return result
 
 
-@flow(name="evaluate", log_prints=True, persist_result=True, result_serializer="json")
+@flow(name="evaluate", **LOCK_HOOKS, log_prints=True, persist_result=True, result_serializer="json")
 def evaluate(work_dir: str = "runs/demo", data: DataParams = DataParams(), evaluation: EvalParams = EvalParams()) -> dict:
     """Every trained model of the work_dir on the test split -> eval/<model>.json and a table:
     ``teacher:<name>``, ``control:<name>``, ``student:<name>`` (round 1) and ``student-r<r>:<name>``."""
-    wd = stages.check_work_dir(work_dir, create=False)
+    wd = _open_work_dir(work_dir, create=False)
     d = _data(data, wd)
     models = {}
     folders = [("teacher", wd / "teachers"), ("control", wd / "control"), ("student", wd / "student")]
@@ -382,7 +417,7 @@ def _best_teacher_on_unlabeled(report: dict) -> dict | None:
     return {"name": Path(best["source"]).name, "hmean": best["hmean"], "thr": best["best_threshold"]}
 
 
-@flow(name="ssl-pipeline", log_prints=True, persist_result=True, result_serializer="json")
+@flow(name="ssl-pipeline", **LOCK_HOOKS, log_prints=True, persist_result=True, result_serializer="json")
 def ssl_pipeline(
     work_dir: str = "runs/demo",
     data: DataParams = DataParams(),
@@ -395,7 +430,7 @@ def ssl_pipeline(
     later_rounds: RoundParams = RoundParams(),
 ) -> dict:
     """The whole semi-supervised loop on one work_dir, ``rounds`` times."""
-    wd = stages.check_work_dir(work_dir)
+    wd = _open_work_dir(work_dir)
     checked = stages.preflight(_data(data, wd))  # every image of every split, before hours of training
     print(f"pre-flight: {checked['images']} images checked in {checked['seconds']} s")
     teachers = train_teachers(str(wd), data, train)

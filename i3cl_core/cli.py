@@ -30,6 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# the subcommands that write into an output folder of their own: one writer at a time (i3cl_core/workdir_lock.py);
+# train takes its work dir's lock itself (rank 0 only, after resolving the default work dir)
+WRITES_OUT_DIR = ("infer", "ensemble")
+
 # the subcommands that read image pixels or sizes: they take --exif-transpose (the image reader's rule)
 READS_IMAGES = ("check-data", "browse", "train", "infer", "ensemble", "fuse", "convert-dataset")
 
@@ -71,14 +75,21 @@ def main(argv: list[str] | None = None) -> int:
     from i3cl_core.config import ConfigError
     from i3cl_core.data.errors import DatasetError
     from i3cl_core.model.errors import CheckpointError
+    from i3cl_core.workdir_lock import WorkDirLocked
 
+    from i3cl_core.workdir_lock import locked
+
+    out_dir = getattr(args, "out", None) if args.command in WRITES_OUT_DIR else None
     try:
         if getattr(args, "exif_transpose", False):
             from i3cl_core.data.image_io import set_exif_transpose
 
             set_exif_transpose(True)  # the environment carries it to DataLoader workers and torchrun children
+        if out_dir:
+            with locked(out_dir, f"i3cl {args.command} --out {out_dir}"):
+                return int(args._module.run(args) or 0)
         return int(args._module.run(args) or 0)
-    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError, WorkDirLocked) as e:
         print(f"i3cl {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

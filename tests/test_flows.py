@@ -414,6 +414,30 @@ def test_a_killed_teacher_training_resumes_on_a_deployment_rerun(served, tmp_pat
     assert len(re.findall(r"epoch \d+/6 iter \d+/3", log.split("resumed from")[-1])) == 18 - done  # the rest only
 
 
+def test_a_second_run_on_a_work_dir_in_use_fails_at_once_naming_the_first(served, tmp_path, monkeypatch):
+    """Two runs on one work dir: while another writer holds it (here a process standing for a running pipeline),
+    a deployment run on the same work dir fails before doing anything, its state message naming the holder;
+    nothing is written. (A holder killed mid-run is taken over: test_a_killed_teacher_training_resumes_...)"""
+    for k in ("PREFECT_API_URL", "PREFECT_HOME"):
+        monkeypatch.setenv(k, served.env[k])
+    wd = tmp_path / "busy"
+    code = ("import sys, time; from i3cl_core.workdir_lock import acquire; "
+            "acquire(sys.argv[1], 'flow run ssl-pipeline/first-run (abc)'); print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(wd)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        p = tiny_params(wd, tmp_path / "demo", teachers=("teacher_a",))
+        t0 = time.time()
+        res = deployment_run(served, "train-teachers/default", {k: p[k] for k in ("work_dir", "data", "train")})
+        assert res.returncode == 1 and time.time() - t0 < 60
+        assert "is being written by flow run ssl-pipeline/first-run (abc)" in res.stderr, res.stderr
+        assert f"pid {holder.pid}" in res.stderr
+        assert sorted(x.name for x in wd.iterdir()) == [".i3cl-lock"]  # no marker, no data, no training
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 @pytest.mark.slow
 def test_cancelled_training_leaves_no_child_processes(served, tmp_path, monkeypatch):
     for k in ("PREFECT_API_URL", "PREFECT_HOME"):

@@ -43,11 +43,19 @@ def run(args: argparse.Namespace) -> int:
             return 1
     cfg = load_config(args.config, args.overrides)
     work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(args.config)
+    from i3cl_core import workdir_lock
+
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank:  # one training per work dir (the other ranks are rank 0's)
+        workdir_lock.acquire(work_dir, f"i3cl train {args.config}")
     try:
         summary = train(cfg, work_dir, resume=args.resume, progress=not args.no_progress)
     except TrainingError as e:
         print(f"i3cl train: error: {e}")
         return 1
+    finally:
+        if main_rank:
+            workdir_lock.release(work_dir)
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:
