@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= data/demo
 
-.PHONY: demo test venv fonts browser slurm clean-venv
+.PHONY: demo test venv fonts browser slurm postgres clean-venv
 
 venv: $(STAMP)
 
@@ -25,10 +25,13 @@ browser:
 slurm:
 	@bash scripts/slurm_local.sh install
 
+postgres:
+	@bash scripts/install_postgres.sh
+
 demo: $(STAMP) fonts
 	$(BIN)/python -m flows.demo --data-dir $(DEMO_DIR) $(DEMO_ARGS)
 
-test: $(STAMP) fonts browser slurm
+test: $(STAMP) fonts browser slurm postgres
 	$(BIN)/python -m pytest -q
 
 clean-venv:
