@@ -153,3 +153,66 @@ def test_no_images_sizes_and_warning(tmp_path, capsys):
     sizes.write_text(json.dumps({"img_1.jpg": [0, 5]}))
     with pytest.raises(DatasetError, match="must be positive"):
         convert("icdar2015", tmp_path / "ic15", no_images=True, sizes=sizes)
+
+
+def _strict_json(path):
+    """Parse as strict JSON: a bare NaN / Infinity in the file fails."""
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+
+
+@pytest.mark.parametrize("fmt, name, content", [
+    ("icdar2015", "gt_img_1.txt", "1,1,20,1,20,10,1,10,ok\n1,20,30,20,30,30,1,30,caf\xe9\n"),
+    ("plain", "gt_img_1.txt", "1,1,20,1,20,10,1,10,ok\n1,20,30,20,30,30,1,30,caf\xe9\n"),
+    ("ctw1500", "img_1.txt", "1,1,20,1,20,10,1,10,####ok\n1,20,30,20,30,30,1,30,####caf\xe9\n"),
+    ("totaltext", "poly_gt_img_1.txt", "x: [[1 20 20 1]], y: [[1 1 10 10]], ornt: [u'h'], transcriptions: [u'ok']\n"
+                                       "x: [[1 30 30 1]], y: [[20 20 30 30]], ornt: [u'h'], transcriptions: [u'caf\xe9']\n"),
+    ("paddleocr", "Label.txt", 'img_1.jpg\t[{"transcription": "ok", "points": [[1, 1], [20, 1], [20, 10], [1, 10]]}]\n'
+                               'img_1.jpg\t[{"transcription": "caf\xe9", "points": [[1, 20], [30, 20], [30, 30], [1, 30]]}]\n'),
+])
+def test_latin1_labels_are_a_named_error_or_decoded_with_encoding(tmp_path, capsys, fmt, name, content):
+    """Invalid UTF-8 is an error naming the file and the line (not U+FFFD in the data); --encoding decodes it."""
+    from i3cl_core.cli import main
+
+    _img(tmp_path / "img" / "img_1.jpg")
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "gt" / name).write_bytes(content.encode("latin-1"))
+    with pytest.raises(DatasetError, match=rf"{name} line 2: not valid utf-8 text .*--encoding"):
+        convert(fmt, tmp_path / "gt", tmp_path / "img")
+    ds, _ = convert(fmt, tmp_path / "gt", tmp_path / "img", encoding="latin-1")
+    assert "café" in [a["transcription"] for a in ds["annotations"]]
+    args = ["convert-dataset", "--format", fmt, "--ann", str(tmp_path / "gt"), "--img-root", str(tmp_path / "img"),
+            "--out", str(tmp_path / "out.json")]
+    assert main(args) == 2
+    assert f"i3cl convert-dataset: error: {tmp_path / 'gt' / name} line 2: not valid utf-8" in capsys.readouterr().err
+    assert main(args + ["--encoding", "latin-1"]) == 0
+    assert "café" in [a["transcription"] for a in _strict_json(tmp_path / "out.json")["annotations"]]
+    assert main(args + ["--encoding", "no-such-codec"]) == 2
+    assert "unknown text encoding 'no-such-codec'" in capsys.readouterr().err
+
+
+def test_skipped_polygons_are_counted_by_reason_and_output_is_strict_json(tmp_path, capsys):
+    from i3cl_core.cli import main
+
+    _img(tmp_path / "img" / "img_1.jpg", (64, 48))
+    (tmp_path / "gt_img_1.txt").write_text("1,1,20,1,20,10,1,10,ok\n"
+                                           "1,1,nan,1,20,10,1,10,nan\n"
+                                           "1,1,20,1,20,1,1,1,flat\n"
+                                           "1.5e308,1,-1.5e308,1,-1.5e308,9,1.5e308,9,huge\n"
+                                           "1e12,1e12,1e12,1e12,1e12,1e12,1e12,1e12,same\n"
+                                           "1e12,1e12,1.0000000001e12,1e12,1.0000000001e12,1.0000000001e12,1e12,1.0000000001e12,far\n")
+    ds, stats = convert("icdar2015", tmp_path / "gt_img_1.txt", tmp_path / "img")
+    assert [a["transcription"] for a in ds["annotations"]] == ["ok", "far"]
+    assert stats.skipped_reasons == {"non-finite coordinates": 1, "zero area": 2,
+                                     "coordinates too large for a finite box or area": 1}
+    assert "gt_img_1.txt #1: non-finite coordinates" in stats.summary()
+    assert stats.far_outside == 1 and "gt_img_1.txt #5" in stats.warnings[0]
+    out = tmp_path / "out.json"
+    assert main(["convert-dataset", "--format", "icdar2015", "--ann", str(tmp_path / "gt_img_1.txt"),
+                 "--img-root", str(tmp_path / "img"), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "skipped 4 polygons (2 with zero area, 1 with non-finite coordinates" in captured.out
+    assert "1 polygons have points more than one image size outside their image" in captured.err
+    assert len(_strict_json(out)["annotations"]) == 2

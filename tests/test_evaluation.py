@@ -458,3 +458,25 @@ def test_intersection_areas_in_threads_equal_one_vectorised_call():
     assert (want == 0).any() and (want > 0).any()
     assert np.array_equal(intersection_areas(a, b, workers=3), want)
     assert np.array_equal(intersection_areas(a, b, workers=1), want)
+
+
+def test_cli_warns_when_one_file_name_has_two_ids(tmp_path, capsys):
+    """One picture listed twice (same file_name, two ids) is scored twice: evaluate says so, naming both ids."""
+    from i3cl_core.cli import main
+
+    g = {"images": [{"id": 1, "file_name": "a.jpg", "width": 200, "height": 100},
+                    {"id": 7, "file_name": "a.jpg", "width": 200, "height": 100},
+                    {"id": 8, "file_name": "b.jpg", "width": 200, "height": 100}],
+         "annotations": [{"id": k, "image_id": i, "category_id": 1, "iscrowd": 0,
+                          "segmentation": [box(0, 0, 50, 20).ravel().tolist()]} for k, i in ((1, 1), (2, 7), (3, 8))],
+         "categories": [{"id": 1, "name": "text"}]}
+    (tmp_path / "gt.json").write_text(json.dumps(g))
+    (tmp_path / "res.json").write_text(json.dumps([{"image_id": i, "segmentation": [box(0, 0, 50, 20).ravel().tolist()],
+                                                    "score": 0.9} for i in (1, 8)]))
+    assert load_ground_truth(tmp_path / "gt.json").duplicate_file_names == [("a.jpg", 1, 7)]
+    assert main(["evaluate", "--gt", str(tmp_path / "gt.json"), "--pred", str(tmp_path / "res.json")]) == 0
+    err = capsys.readouterr().err
+    assert "1 image(s) listed twice under two ids ('a.jpg' has ids 1 and 7)" in err and "gt.json" in err
+    art_gt, art_res = _case10_files(tmp_path)  # ArT ground truth: names come from unique keys, nothing to warn about
+    assert main(["evaluate", "--gt", str(art_gt), "--pred", str(art_res)]) == 0
+    assert "listed twice" not in capsys.readouterr().err

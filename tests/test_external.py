@@ -43,7 +43,7 @@ def test_paddleocr_and_rapidocr_shapes(tmp_path):
     results, _ = to_coco_results("paddleocr", tmp_path / "p3", IMAGES)
     assert _by_image(results) == [(3, FLAT, 0.66)]
     (tmp_path / "bad.json").write_text(json.dumps({"a.jpg": [[QUAD, ["t", 1.7]]]}))
-    with pytest.raises(DatasetError, match=r"a\.jpg\[0\]: score must be in \[0, 1\]"):
+    with pytest.raises(DatasetError, match=r"a\.jpg\[0\]: score must be a number in \[0, 1\], got 1\.7"):
         to_coco_results("rapidocr", tmp_path / "bad.json", IMAGES)
 
 
@@ -113,3 +113,60 @@ def test_flow_params_pair_extra_members():
     InferParams(extra_members=["paddleocr:a.json"], extra_val_members=["paddleocr:v.json"])
     with pytest.raises(ValueError, match="extra_val_members: 1 entries for 2 extra_members"):
         InferParams(extra_members=["a.json", "b.json"], extra_val_members=["v.json"])
+
+
+def _convert_predictions(tmp_path, pred, *extra):
+    from i3cl_core.cli import main
+
+    (tmp_path / "images.json").write_text(json.dumps({"images": IMAGES}))
+    return main(["convert-predictions", "--format", "paddleocr", "--pred", str(pred), "--images",
+                 str(tmp_path / "images.json"), "--out", str(tmp_path / "out.json"), *extra])
+
+
+def test_latin1_predictions_are_a_named_error_or_decoded_with_encoding(tmp_path, capsys):
+    """A latin-1 system_results.txt: a clear error naming the file and line, not a UnicodeDecodeError traceback."""
+    pred = tmp_path / "system_results.txt"
+    pred.write_bytes(("a.jpg\t" + json.dumps([{"transcription": "ok", "points": QUAD, "score": 0.7}]) + "\n"
+                      "b.png\t" + json.dumps([{"transcription": "caf\xe9", "points": QUAD, "score": 0.6}],
+                                             ensure_ascii=False) + "\n").encode("latin-1"))
+    assert _convert_predictions(tmp_path, pred) == 2
+    err = capsys.readouterr().err
+    assert f"i3cl convert-predictions: error: {pred} line 2: not valid utf-8 text" in err and "--encoding" in err
+    assert _convert_predictions(tmp_path, pred, "--encoding", "latin-1") == 0
+    assert _by_image(json.loads((tmp_path / "out.json").read_text())) == [(3, FLAT, 0.7), (4, FLAT, 0.6)]
+    # the json inputs go through the same decoding
+    (tmp_path / "p.json").write_bytes(('{"a.jpg": [[' + json.dumps(QUAD) + ', "caf\xe9", 0.5]]}').encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"p\.json line 1: not valid utf-8 text"):
+        to_coco_results("paddleocr", tmp_path / "p.json", IMAGES)
+    assert _by_image(to_coco_results("paddleocr", tmp_path / "p.json", IMAGES, encoding="latin-1")[0]) == [(3, FLAT, 0.5)]
+
+
+def test_non_finite_coordinates_are_skipped_and_output_is_strict_json(tmp_path, capsys):
+    nan_quad = [[10, 20], [float("nan"), 20], [110, 50], [10, 50]]
+    inf_quad = [[10, 20], [float("inf"), 20], [110, 50], [10, 50]]
+    (tmp_path / "p.json").write_text(json.dumps({"a.jpg": [[QUAD, "t", 0.9], [nan_quad, "t", 0.8]],
+                                                 "b.png": [[inf_quad, "t", 0.7]]}))  # json.dumps writes NaN
+    results, stats = to_coco_results("paddleocr", tmp_path / "p.json", IMAGES)
+    assert _by_image(results) == [(3, FLAT, 0.9)]
+    assert stats["non_finite"] == 2 and stats["non_finite_examples"] == ["a.jpg #1", "b.png #0"]
+    assert _convert_predictions(tmp_path, tmp_path / "p.json") == 0
+    captured = capsys.readouterr()
+    assert "2 detections with non-finite coordinates (NaN or inf) were skipped (e.g. a.jpg #1, b.png #0)" in captured.err
+    assert "1 detections on 2 images; skipped 2 with non-finite coordinates" in captured.out
+
+    def refuse(name):
+        raise ValueError(name)
+
+    assert len(json.loads((tmp_path / "out.json").read_text(), parse_constant=refuse)) == 1
+
+
+def test_string_score_is_refused_as_by_evaluate_and_fuse(tmp_path):
+    """One score rule: "0.9" is refused by convert-predictions with evaluate's message."""
+    for fmt, data in (("paddleocr", {"a.jpg": [[QUAD, ["t", "0.9"]]]}),
+                      ("mmocr", {"a.jpg": {"det_polygons": [FLAT], "det_scores": ["0.9"]}})):
+        (tmp_path / "p.json").write_text(json.dumps(data))
+        with pytest.raises(DatasetError, match=r"score must be a number in \[0, 1\], got '0\.9' \(str\)"):
+            to_coco_results(fmt, tmp_path / "p.json", IMAGES)
+    (tmp_path / "p.json").write_text(json.dumps({"a.jpg": [[QUAD, "t", True]]}))
+    with pytest.raises(DatasetError, match=r"score must be a number in \[0, 1\], got True \(bool\)"):
+        to_coco_results("rapidocr", tmp_path / "p.json", IMAGES)

@@ -158,3 +158,53 @@ def test_one_parser_of_coco_images_gives_every_reader_the_same_message(tmp_path,
     for name, read in readers.items():
         with pytest.raises(DatasetError, match=r"bad\.json: " + message):
             read()
+
+
+def test_far_out_polygon_is_dropped_as_far_outside_not_as_too_few_points(tmp_path):
+    """Every point at 1e12: float32 storage merges them, which used to read as "too few points" (train) or
+    "fewer than 3 points, non-finite values or zero area" (fuse)."""
+    from i3cl_core.config import FuseConfig
+    from i3cl_core.data.coco import load_coco_records
+    from i3cl_core.data.convert import convert
+    from i3cl_core.pseudo.fuse import fuse_predictions
+
+    far = (1e12, 1e12, 1e12 + 100, 1e12, 1e12 + 100, 1e12 + 30, 1e12, 1e12 + 30)
+    d = _files(tmp_path, coords=far)
+    records, report = load_coco_records(d / "gt.json", d / "img", keep_empty=True)
+    assert dict(report.dropped) == {"far_outside_image": 1} and "too few points" not in report.summary()
+    s = fuse_predictions([str(d / "pred.json")], str(d / "images.json"), d / "o.json", FuseConfig(auto_keep_thr=False),
+                         progress=False, allow_empty=True)
+    assert (s["model_stats"][0]["outside_image"], s["model_stats"][0]["invalid_polygon"]) == (1, 0)
+    (d / "gt").mkdir()
+    (d / "gt" / "a.txt").write_text(",".join(map(repr, far)) + ",far\n")
+    _, stats = convert("plain", d / "gt", d / "img")  # kept (a dataset converter drops nothing it can read), named
+    assert stats.far_outside == 1 and not stats.skipped and "more than one image size outside" in stats.warnings[0]
+
+
+def test_negative_bbox_is_refused_by_evaluate_fuse_and_train_alike(tmp_path):
+    """A bbox (used where there is no segmentation) with a negative width or height is not silently flipped."""
+    from i3cl_core.config import FuseConfig
+    from i3cl_core.data.coco import load_coco_records
+    from i3cl_core.evaluation import load_ground_truth, load_predictions
+    from i3cl_core.pseudo.fuse import fuse_predictions
+
+    d = _files(tmp_path)
+    gt = json.loads((d / "gt.json").read_text())
+    gt["annotations"][0].pop("segmentation")
+    gt["annotations"][0]["bbox"] = [110, 10, -100, 30]
+    (d / "neg.json").write_text(json.dumps(gt))
+    message = r"annotation 1: bbox width and height must be >= 0, got \[110, 10, -100, 30\]"
+    with pytest.raises(DatasetError, match=r"neg\.json: " + message):
+        load_ground_truth(d / "neg.json")
+    with pytest.raises(DatasetError, match=r"neg\.json: " + message):
+        load_coco_records(d / "neg.json", d / "img")
+    (d / "neg_pred.json").write_text(json.dumps([{"image_id": 1, "score": 0.9, "bbox": [10, 40, 100, -30]}]))
+    with pytest.raises(DatasetError, match=r"neg_pred\.json: result #0 .*bbox width and height must be >= 0"):
+        load_predictions(d / "neg_pred.json", load_ground_truth(d / "gt.json"))
+    with pytest.raises(DatasetError, match=r"neg_pred\.json: result #0 .*bbox width and height must be >= 0"):
+        fuse_predictions([str(d / "neg_pred.json")], str(d / "images.json"), d / "o.json", FuseConfig(), progress=False)
+    gt["annotations"][0]["bbox"] = [10, 10, "100", 30]
+    (d / "str.json").write_text(json.dumps(gt))
+    for read in (lambda: load_ground_truth(d / "str.json"), lambda: load_coco_records(d / "str.json", d / "img")):
+        with pytest.raises(DatasetError, match=r"annotation 1: bbox must be \[x, y, width, height\] numbers"):
+            read()

@@ -145,9 +145,9 @@ def _parse_segmentation(seg, ann_id, ann_file, height, width) -> list[np.ndarray
 
 
 def _bbox_parts(bbox, ann_id, ann_file) -> list[np.ndarray]:
-    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-        raise DatasetError(f"{ann_file}: annotation {ann_id}: bbox must be [x, y, w, h]")
-    x, y, w, h = (float(v) for v in bbox)
+    from i3cl_core.data.validate import bbox_value
+
+    x, y, w, h = bbox_value(bbox, f"{ann_file}: annotation {ann_id}")  # the rule of every reader
     return [np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]], dtype=np.float32)]
 
 
@@ -196,6 +196,10 @@ def load_coco_records(
             if seg
             else _bbox_parts(ann.get("bbox"), ann_id, ann_file)
         )
+        if any(np.isfinite(poly).all() and far_outside(poly, record.width, record.height) for poly in raw_parts):
+            # before the repair: in float32, points far out (1e12) merge and would read as "too few points"
+            report.note("far_outside_image", ann_id)  # e.g. coordinates of another scale or file
+            continue
         parts, repaired, reasons = [], False, []
         for poly in raw_parts:
             res = repair_polygon(poly)
@@ -206,9 +210,6 @@ def load_coco_records(
                 reasons.append(res.status)
         if not parts:
             report.note(reasons[0] if reasons else "empty_segmentation", ann_id)
-            continue
-        if any(far_outside(part, record.width, record.height) for part in parts):
-            report.note("far_outside_image", ann_id)  # e.g. coordinates of another scale or file
             continue
         box = instance_box(parts)
         if box[2] <= 0 or box[3] <= 0 or box[0] >= record.width or box[1] >= record.height:

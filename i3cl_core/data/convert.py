@@ -42,18 +42,25 @@ them: convert again with the images).
 
 Self-intersecting polygons are repaired (``shapely.make_valid``, keeping every polygonal part: the
 segmentation then lists several polygons); polygons with fewer than 3 points, non-finite coordinates or zero
-area are skipped. The counts are printed.
+area are skipped. The counts are printed, by reason. Polygons with a point more than one image size outside
+their image (where the size is known: coordinates of another scale or file) are kept and counted in a warning
+(training drops them, evaluation counts them).
+
+Label files are decoded as UTF-8 (``encoding``, ``--encoding``: another encoding, e.g. ``latin-1``); a byte
+that does not decode is an error naming the file and the line. The output is strict JSON.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from i3cl_core.data.errors import DatasetError
 from i3cl_core.data.image_io import IMAGE_EXTENSIONS
-from i3cl_core.utils import read_json
+from i3cl_core.data.validate import far_outside, read_json, read_lines, text_encoding
 
 FORMATS = ("art", "lsvt", "totaltext", "ctw1500", "plain", "icdar2015", "mlt2017", "rctw17", "mmocr", "paddleocr")
 
@@ -65,15 +72,19 @@ class ConvertStats:
     dontcare: int = 0
     repaired: int = 0
     skipped: int = 0
+    skipped_reasons: Counter = field(default_factory=Counter)  # reason -> count
     skipped_where: list = field(default_factory=list)
+    far_outside: int = 0  # kept polygons with a point more than one image size outside their image
+    far_outside_where: list = field(default_factory=list)
     without_size: int = 0
     oriented: int = 0  # images with an EXIF orientation tag (sizes written in the stored frame)
     warnings: list = field(default_factory=list)
 
     def summary(self) -> str:
         s = (f"{self.images} images, {self.annotations} annotations ({self.dontcare} do-not-care); "
-             f"repaired {self.repaired} self-intersecting polygons; skipped {self.skipped} polygons with < 3 points, "
-             f"non-finite coordinates or zero area")
+             f"repaired {self.repaired} self-intersecting polygons; skipped {self.skipped} polygons")
+        if self.skipped_reasons:
+            s += " (" + ", ".join(f"{n} with {reason}" for reason, n in self.skipped_reasons.most_common()) + ")"
         if self.skipped_where:
             s += " (first: " + "; ".join(self.skipped_where[:5]) + ")"
         if self.oriented:
@@ -94,18 +105,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default=None,
                         help="with --no-images: json {file_name: [width, height]} or a COCO json with 'images'")
     parser.add_argument("--image-ext", default=".jpg", help="with --no-images: extension of derived image names")
+    parser.add_argument("--encoding", default="utf-8",
+                        help="text encoding of the label files (default utf-8; e.g. latin-1, cp1252, gbk)")
 
 
 def run(args) -> int:
     import sys
 
-    from i3cl_core.utils import atomic_write_json
+    from i3cl_core.data.validate import write_json
 
     if args.img_root is None and not args.no_images:
         raise DatasetError("--img-root is required (or --no-images to convert the annotations alone)")
     dataset, stats = convert(args.format, args.ann, args.img_root, no_images=args.no_images, sizes=args.sizes,
-                             image_ext=args.image_ext)
-    atomic_write_json(args.out, dataset)
+                             image_ext=args.image_ext, encoding=args.encoding)
+    write_json(args.out, dataset)
     for w in stats.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"wrote {args.out}: {stats.summary()}")
@@ -137,14 +150,16 @@ class _Images:
 
 
 def convert(fmt: str, ann, img_root=None, *, no_images: bool = False, sizes=None,
-            image_ext: str = ".jpg") -> tuple[dict, ConvertStats]:
+            image_ext: str = ".jpg", encoding: str = "utf-8") -> tuple[dict, ConvertStats]:
     """Convert and return ``(coco_dataset, stats)``. Raises DatasetError / FileNotFoundError on bad input.
 
     ``no_images``: read no image (names derived with ``image_ext``; sizes from ``sizes``, a json path or
-    a ``{file_name: (width, height)}`` dict, or from the annotations, or left out with a warning)."""
+    a ``{file_name: (width, height)}`` dict, or from the annotations, or left out with a warning).
+    ``encoding``: of the annotation files (txt, json, xml), by :func:`i3cl_core.data.validate.read_text`."""
     ann = Path(ann)
     if not ann.exists():
         raise FileNotFoundError(f"{ann}: no such file or folder")
+    text_encoding(encoding)  # an unknown encoding name fails here, before any work
     if no_images:
         images = _Images(None, image_ext if image_ext.startswith(".") else f".{image_ext}")
     else:
@@ -160,11 +175,11 @@ def convert(fmt: str, ann, img_root=None, *, no_images: bool = False, sizes=None
     if fmt not in readers:
         raise DatasetError(f"unknown format {fmt!r}; choose from {FORMATS}")
     if fmt in ("art", "lsvt"):
-        records = _read_art(ann)
+        records = _read_art(ann, encoding)
     elif fmt in ("icdar2015", "mlt2017", "rctw17"):
-        records = _read_quads(ann, images, fmt)
+        records = _read_quads(ann, images, fmt, encoding)
     else:
-        records = readers[fmt](ann, images)
+        records = readers[fmt](ann, images, encoding)
     size_table = _load_sizes(sizes) if sizes is not None else {}
     return _build(records, images.root, size_table)
 
@@ -225,12 +240,16 @@ def _build(records, img_root: Path | None, size_table: dict | None = None) -> tu
             stats.without_size += 1
         images.append(entry)
         for k, (points, text, dc) in enumerate(items):
-            polys, repaired = _clean_polygon(points)
+            polys, repaired, reason = _clean_polygon(points)
             if not polys:
                 stats.skipped += 1
-                stats.skipped_where.append(f"{where} #{k}")
+                stats.skipped_reasons[reason] += 1
+                stats.skipped_where.append(f"{where} #{k}: {reason}")
                 continue
             stats.repaired += repaired
+            if any(far_outside(p, entry.get("width"), entry.get("height")) for p in polys):
+                stats.far_outside += 1
+                stats.far_outside_where.append(f"{where} #{k}")
             flat = [[round(float(v), 2) for v in p.ravel()] for p in polys]
             xy = _concat(polys)
             x0, y0 = xy.min(axis=0)
@@ -243,6 +262,10 @@ def _build(records, img_root: Path | None, size_table: dict | None = None) -> tu
             stats.dontcare += int(bool(dc))
     stats.images = len(images)
     stats.annotations = len(annotations)
+    if stats.far_outside:
+        stats.warnings.append(f"{stats.far_outside} polygons have points more than one image size outside their image "
+                              f"(first: {'; '.join(stats.far_outside_where[:5])}); kept, but training drops them and "
+                              "evaluation counts them: check the coordinate scale")
     if stats.without_size:
         stats.warnings.append(f"{stats.without_size} of {stats.images} images have no width/height (no image read, "
                               "not in --sizes); training and --coco-map need them: convert with the images or "
@@ -264,7 +287,7 @@ def _area(p) -> float:
 
 
 def _clean_polygon(points):
-    """-> (list of (N, 2) arrays, repaired flag). Empty list = skip."""
+    """-> (list of (N, 2) arrays, repaired flag, why it is skipped). Empty list = skip."""
     import numpy as np
     import shapely
 
@@ -273,15 +296,23 @@ def _clean_polygon(points):
     try:
         arr = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     except (TypeError, ValueError):
-        return [], False
+        return [], False, "points that are not (x, y) numbers"
+    if not np.isfinite(arr).all():
+        return [], False, "non-finite coordinates"
+    if len(arr) < 3:
+        return [], False, "fewer than 3 points"
+    span_x = float(arr[:, 0].max()) - float(arr[:, 0].min())  # Python floats: inf, not a numpy overflow warning
+    span_y = float(arr[:, 1].max()) - float(arr[:, 1].min())
+    if not math.isfinite(span_x * span_y):  # e.g. +-1.5e308: the box or its area is no finite number
+        return [], False, "coordinates too large for a finite box or area"
     geoms, status = build_geometries([arr])
     if status[0] == STATUS_INVALID:
-        return [], False
+        return [], False, "zero area"
     if status[0] != STATUS_REPAIRED:
-        return [arr], False
+        return [arr], False, ""
     parts = [np.asarray(p.exterior.coords)[:-1] for p in shapely.get_parts(geoms[0])
              if p.geom_type == "Polygon" and p.area > 0]
-    return parts, True
+    return parts, True, "" if parts else "zero area"
 
 
 def _image_size(path: Path, where: str) -> tuple[int, int, int]:
@@ -316,10 +347,10 @@ def _natural_key(p: Path):
 
 
 # ------------------------------------------------------------------ ArT / LSVT
-def _read_art(ann: Path):
+def _read_art(ann: Path, encoding: str = "utf-8"):
     if ann.is_dir():
         raise DatasetError(f"{ann}: art/lsvt --ann must be the json file")
-    data = read_json(ann)
+    data = read_json(ann, encoding)
     if not isinstance(data, dict):
         raise DatasetError(f"{ann}: expected an object {{'gt_<n>': [...]}}")
 
@@ -352,13 +383,14 @@ _TT_RECORD = re.compile(
 _NUM = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-def _read_totaltext(ann: Path, images: _Images):
+def _read_totaltext(ann: Path, images: _Images, encoding: str = "utf-8"):
     records = []
     for f in sorted(_label_files(ann, (".txt",)), key=_natural_key):
-        text = f.read_text(encoding="utf-8-sig", errors="replace")
+        lines = read_lines(f, encoding)
+        text = "\n".join(lines)
         where = str(f)
-        if "x:" not in text and _looks_plain(text):  # the comma-separated variant many repositories ship
-            records.append(_plain_record(f, text, images))
+        if "x:" not in text and _looks_plain(lines):  # the comma-separated variant many repositories ship
+            records.append(_plain_record(f, lines, images))
             continue
         items = []
         matched = 0
@@ -384,16 +416,16 @@ def _int_suffix(stem: str):
 
 
 # ------------------------------------------------------------------ CTW1500
-def _read_ctw1500(ann: Path, images: _Images):
+def _read_ctw1500(ann: Path, images: _Images, encoding: str = "utf-8"):
     files = sorted(_label_files(ann, (".txt", ".xml")), key=_natural_key)
     records = []
     for f in files:
         if f.suffix.lower() == ".xml":
-            records.extend(_read_ctw_xml(f, images))
+            records.extend(_read_ctw_xml(f, images, encoding))
             continue
         where = str(f)
         items = []
-        for n, line in enumerate(f.read_text(encoding="utf-8-sig", errors="replace").splitlines(), start=1):
+        for n, line in enumerate(read_lines(f, encoding), start=1):
             line = line.strip()
             if not line:
                 continue
@@ -424,11 +456,13 @@ def _ctw_line(line: str, where: str):
     return list(zip(vals[0::2], vals[1::2])), text, dc
 
 
-def _read_ctw_xml(f: Path, images: _Images):
+def _read_ctw_xml(f: Path, images: _Images, encoding: str = "utf-8"):
     import xml.etree.ElementTree as ET
 
-    try:
-        root = ET.parse(f).getroot()
+    from i3cl_core.data.validate import read_text
+
+    try:  # decoded by the one text rule (an encoding declaration in the file is not used)
+        root = ET.fromstring(read_text(f, encoding))
     except ET.ParseError as e:
         raise DatasetError(f"{f}: not valid XML ({e})") from e
     records = []
@@ -469,8 +503,8 @@ def _is_number(tok: str) -> bool:
     return True
 
 
-def _looks_plain(text: str) -> bool:
-    first = next((ln for ln in text.splitlines() if ln.strip()), "")
+def _looks_plain(lines: list[str]) -> bool:
+    first = next((ln for ln in lines if ln.strip()), "")
     toks = first.split(",")
     return len(toks) >= 6 and all(_is_number(t) for t in toks[:6])
 
@@ -507,10 +541,10 @@ def _label_stem(f: Path) -> str:
     return stem
 
 
-def _plain_record(f: Path, text: str, images: _Images):
+def _plain_record(f: Path, lines: list[str], images: _Images):
     where = str(f)
     items = [_plain_line(line.strip(), f"{where} line {n}")
-             for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+             for n, line in enumerate(lines, start=1) if line.strip()]
     stem = _label_stem(f)
     if Path(stem).suffix.lower() in IMAGE_EXTENSIONS:  # img1.jpg.txt
         name = stem if images.root is None else images.resolve(stem, where)
@@ -519,19 +553,19 @@ def _plain_record(f: Path, text: str, images: _Images):
     return _int_suffix(stem), images.find(stems, where), where, items
 
 
-def _read_plain(ann: Path, images: _Images):
-    return [_plain_record(f, f.read_text(encoding="utf-8-sig", errors="replace"), images)
+def _read_plain(ann: Path, images: _Images, encoding: str = "utf-8"):
+    return [_plain_record(f, read_lines(f, encoding), images)
             for f in sorted(_label_files(ann, (".txt",)), key=_natural_key)]
 
 
 # ------------------------------------------------------------------ ICDAR2015 / MLT 2017 / RCTW-17
-def _read_quads(ann: Path, images: _Images, fmt: str):
+def _read_quads(ann: Path, images: _Images, fmt: str, encoding: str = "utf-8"):
     """Four points and a text per line; MLT 2017 adds a script column, RCTW-17 a difficulty column."""
     records = []
     for f in sorted(_label_files(ann, (".txt",)), key=_natural_key):
         where = str(f)
         items = []
-        for n, raw in enumerate(f.read_text(encoding="utf-8-sig", errors="replace").splitlines(), start=1):
+        for n, raw in enumerate(read_lines(f, encoding), start=1):
             line = raw.strip()
             if not line:
                 continue
@@ -561,10 +595,10 @@ def _read_quads(ann: Path, images: _Images, fmt: str):
 
 
 # ------------------------------------------------------------------ mmocr 1.x textdet json
-def _read_mmocr(ann: Path, images: _Images):
+def _read_mmocr(ann: Path, images: _Images, encoding: str = "utf-8"):
     if ann.is_dir():
         raise DatasetError(f"{ann}: mmocr --ann must be the json file (e.g. textdet_test.json)")
-    data = read_json(ann)
+    data = read_json(ann, encoding)
     if not isinstance(data, dict) or not isinstance(data.get("data_list"), list):
         raise DatasetError(f"{ann}: expected an mmocr 1.x json with 'metainfo' and a 'data_list' list")
     records = []
@@ -599,13 +633,13 @@ def _read_mmocr(ann: Path, images: _Images):
 
 
 # ------------------------------------------------------------------ PaddleOCR (PPOCRLabel Label.txt)
-def _read_paddleocr(ann: Path, images: _Images):
+def _read_paddleocr(ann: Path, images: _Images, encoding: str = "utf-8"):
     import json
 
     files = _label_files(ann, (".txt",))
     records = []
     for f in files:
-        for n, raw in enumerate(f.read_text(encoding="utf-8-sig", errors="replace").splitlines(), start=1):
+        for n, raw in enumerate(read_lines(f, encoding), start=1):
             if not raw.strip():
                 continue
             where = f"{f} line {n}"

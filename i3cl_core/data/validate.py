@@ -4,15 +4,26 @@ same input.
 
 * image ids are unique; ``width`` and ``height``, where given, are positive integers;
 * a score is a number (not a string, not a boolean) in [0, 1]; a missing score counts as 1;
+* a ``bbox`` (used where an annotation has no segmentation) is four numbers ``[x, y, width, height]``
+  with ``width`` and ``height`` >= 0 (:func:`bbox_value`);
 * coordinates are finite; a polygon with a point more than one image size outside its image
   (:func:`far_outside`) is not a detection of that image: it is dropped from training data and fusion,
   and counted by evaluation.
 
 What cannot be used raises :class:`DatasetError` naming the file, the entry and the field.
+
+Text files of other tools (the converters' label files and detector outputs) are decoded by one rule,
+:func:`read_text`: UTF-8 by default (a BOM is dropped), another encoding where the user names it
+(``--encoding``); bytes that do not decode raise a DatasetError naming the file and the line. The json
+those commands write is strict (:func:`write_json`: no ``NaN`` or ``Infinity``).
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
+from pathlib import Path
 
 from i3cl_core.data.errors import DatasetError
 
@@ -27,6 +38,19 @@ def score_value(value, where: str, missing: float = 1.0) -> float:
     if not math.isfinite(s) or not 0.0 <= s <= 1.0:
         raise DatasetError(f"{where}: score must be a number in [0, 1], got {value!r}")
     return s
+
+
+def bbox_value(bbox, where: str) -> tuple[float, float, float, float]:
+    """A COCO ``bbox``: four numbers ``[x, y, width, height]``, width and height >= 0 (non-finite values pass:
+    geometry checks count them later)."""
+    if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in bbox)):
+        raise DatasetError(f"{where}: bbox must be [x, y, width, height] numbers, got {bbox!r}")
+    x, y, w, h = (float(v) for v in bbox)
+    if w < 0 or h < 0:
+        raise DatasetError(f"{where}: bbox width and height must be >= 0, got {bbox!r} "
+                           "(COCO boxes are [x, y, width, height], not [x1, y1, x2, y2])")
+    return x, y, w, h
 
 
 def image_size(width, height, where: str, required: bool = True) -> tuple[int, int] | None:
@@ -93,3 +117,70 @@ def far_outside(points, width: int | None, height: int | None) -> bool:
     tol = float(max(width, height))
     x, y = pts[:, 0], pts[:, 1]
     return bool((x < -tol).any() or (y < -tol).any() or (x > width + tol).any() or (y > height + tol).any())
+
+
+def text_encoding(encoding: str) -> str:
+    """The codec that decodes input text named ``encoding`` (``utf-8`` drops a leading BOM); an unknown name
+    is a DatasetError."""
+    import codecs
+
+    try:
+        codec = codecs.lookup(encoding).name
+    except (LookupError, TypeError):
+        raise DatasetError(f"unknown text encoding {encoding!r} (--encoding); e.g. utf-8, latin-1, cp1252, gbk") from None
+    return "utf-8-sig" if codec == "utf-8" else codec
+
+
+def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> str:
+    """The text of an input file, decoded with ``encoding`` (``utf-8``: a leading BOM is dropped).
+
+    Bytes that are not valid in that encoding raise DatasetError naming the file, the line and the byte
+    (never replacement characters in the data); an unknown encoding name is a DatasetError too."""
+    codec = text_encoding(encoding)
+    path = Path(path)
+    if path.is_dir():
+        raise DatasetError(f"{path}: is a folder; expected a file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    data = path.read_bytes()
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError as e:
+        breaks = list(_LINE_BREAK_BYTES.finditer(data, 0, e.start))  # lines counted as read_lines counts them
+        line = len(breaks) + 1
+        column = e.start - (breaks[-1].end() if breaks else 0) + 1
+        raise DatasetError(f"{path} line {line}: not valid {encoding} text (byte 0x{data[e.start]:02x} at byte column "
+                           f"{column}); if the file is in another encoding, name it with --encoding "
+                           "(e.g. --encoding latin-1)") from None
+
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_LINE_BREAK_BYTES = re.compile(rb"\r\n|\r|\n")
+
+
+def read_lines(path: str | os.PathLike, encoding: str = "utf-8") -> list[str]:
+    """The lines of an input text file (:func:`read_text`), split at ``\\n``, ``\\r\\n`` or ``\\r`` only (not
+    at the other characters ``str.splitlines`` takes for line ends, such as U+0085, which may occur in text),
+    so that line ``n`` of the list is line ``n`` of the file in a decoding error."""
+    return _LINE_BREAK.split(read_text(path, encoding))
+
+
+def read_json(path: str | os.PathLike, encoding: str = "utf-8"):
+    """A json input file decoded by :func:`read_text`; malformed json raises DatasetError with its position."""
+    text = read_text(path, encoding)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def write_json(path: str | os.PathLike, obj, indent: int | None = None) -> Path:
+    """Write ``obj`` as strict JSON (atomically): a NaN or infinity, which other json readers refuse, is a
+    DatasetError instead of a bare ``NaN`` in the file."""
+    from i3cl_core.utils import atomic_write_text
+
+    try:
+        text = json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False)
+    except ValueError as e:
+        raise DatasetError(f"{path}: not written: a value is not a finite number ({e})") from None
+    return atomic_write_text(path, text)

@@ -97,6 +97,12 @@ def run(args) -> int:
     else:
         print(format_report(objects))
     serious = _warnings(objects, len(preds.by_image), sys.stderr)
+    if gt.duplicate_file_names:
+        shown = "; ".join(f"{name!r} has ids {a!r} and {b!r}" for name, a, b in gt.duplicate_file_names[:5])
+        more = len(gt.duplicate_file_names) - 5
+        print(f"warning: {args.gt}: {len(gt.duplicate_file_names)} image(s) listed twice under two ids ({shown}"
+              f"{f'; {more} more' if more > 0 else ''}): their text is scored once per id (recall drops); "
+              "remove the duplicate entries", file=sys.stderr)
     if gt.num_outside_image:
         print(f"warning: {gt.num_outside_image} ground-truth polygons have points more than one image size outside "
               "their image (kept, as missed objects unless matched); check the coordinate scale", file=sys.stderr)

@@ -3,7 +3,9 @@
 Ground truth (``load_ground_truth``):
 
 * COCO dataset json (``images``/``annotations``): polygon or RLE ``segmentation`` (bbox rectangle when the
-  segmentation is missing or empty); do-not-care = ``iscrowd: 1`` or ``ignore: true``. Image key = image id.
+  segmentation is missing or empty; a negative bbox width or height is an error, as in every reader);
+  do-not-care = ``iscrowd: 1`` or ``ignore: true``. Image key = image id. Two ids with the same ``file_name``
+  (one picture scored twice) are listed in ``GroundTruth.duplicate_file_names``; ``i3cl evaluate`` warns.
 * ArT/LSVT native json ``{"gt_<n>": [{"points": [[x, y], ...], "transcription", "illegibility"}]}``:
   do-not-care if ``illegibility`` is true or the transcription is ``###``. Image key = ``"gt_<n>"``,
   ``file_name`` = ``"gt_<n>.jpg"``.
@@ -53,6 +55,7 @@ class GroundTruth:
     source: str = "<memory>"
     categories: list = field(default_factory=list)
     num_outside_image: int = 0  # ground-truth polygons with a point more than one image size outside their image
+    duplicate_file_names: list = field(default_factory=list)  # (file_name, first id, other id): scored twice
     _token_index: dict | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -142,10 +145,9 @@ def _missing(where):
 
 
 def _bbox_points(bbox, where: str) -> np.ndarray:
-    try:
-        x, y, w, h = (float(v) for v in bbox)
-    except (TypeError, ValueError) as e:
-        raise DatasetError(f"{where}: bbox must be [x, y, w, h] numbers") from e
+    from i3cl_core.data.validate import bbox_value
+
+    x, y, w, h = bbox_value(bbox, where)  # the rule of every reader: numbers, width and height >= 0
     return np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]], dtype=np.float64)
 
 
@@ -200,9 +202,15 @@ def _gt_from_coco(data: dict, src: str) -> GroundTruth:
     if not isinstance(data["annotations"], list):
         raise DatasetError(f"{src}: 'annotations' must be a list")
     images: dict = {}
+    first_id: dict = {}
+    duplicates = []
     for img in coco_images(data, src, size="optional", file_name="optional"):
         key = img["id"]
         images[key] = GtImage(key=key, file_name=img["file_name"] or str(key), width=img["width"], height=img["height"])
+        if img["file_name"] is not None:
+            if img["file_name"] in first_id:  # one picture under two ids: its text would be counted twice
+                duplicates.append((img["file_name"], first_id[img["file_name"]], key))
+            first_id.setdefault(img["file_name"], key)
     outside = 0
     for k, ann in enumerate(data["annotations"]):
         where = f"{src}: annotation {ann.get('id', f'#{k}') if isinstance(ann, dict) else f'#{k}'}"
@@ -219,7 +227,7 @@ def _gt_from_coco(data: dict, src: str) -> GroundTruth:
         img.polygons.append(instance)
         img.dontcare.append(_is_dontcare(ann))
     return GroundTruth(images=images, format="coco", source=src, categories=list(data.get("categories") or []),
-                       num_outside_image=outside)
+                       num_outside_image=outside, duplicate_file_names=duplicates)
 
 
 def _art_dontcare(item: dict) -> bool:

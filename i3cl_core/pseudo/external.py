@@ -18,6 +18,11 @@ stem. Formats:
 * ``mmocr``: the prediction json of mmocr's inferencer (``{"det_polygons": [[x1, y1, ...]],
   "det_scores": [...]}``), as a folder of ``<image stem>.json`` files or a json ``{image name: prediction}``.
 
+Scores follow the rule of evaluate and fuse (:func:`~i3cl_core.data.validate.score_value`: a number in
+[0, 1], not a string). A detection with a non-finite coordinate (NaN, inf) is skipped and counted. Input
+files are decoded as UTF-8, or with ``encoding`` (``--encoding``), by the one text rule of
+:func:`~i3cl_core.data.validate.read_text`; the results are written as strict JSON.
+
 ``i3cl ensemble --extra FORMAT:PATH`` and the pipeline's ``infer.extra_members`` convert with this module
 into ``<out>/extra/`` before fusing; ``i3cl convert-predictions`` writes the COCO results file alone.
 """
@@ -25,11 +30,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
 from i3cl_core.data.errors import DatasetError
-from i3cl_core.utils import read_json
+from i3cl_core.data.validate import read_json, read_lines, score_value, text_encoding
 
 EXTERNAL_FORMATS = ("paddleocr", "rapidocr", "doctr", "mmocr")
 
@@ -82,13 +88,7 @@ def _flat(points, where: str) -> list[float]:
 
 
 def _score(value, where: str) -> float:
-    try:
-        s = float(value)
-    except (TypeError, ValueError):
-        raise DatasetError(f"{where}: score must be a number, got {value!r}") from None
-    if not 0.0 <= s <= 1.0:
-        raise DatasetError(f"{where}: score must be in [0, 1], got {s}")
-    return s
+    return score_value(value, where)  # the rule of evaluate, fuse and browse
 
 
 # ------------------------------------------------------------------ PaddleOCR / RapidOCR
@@ -118,10 +118,10 @@ def _paddle_entries(result, where: str):
     return out
 
 
-def _read_paddle(path: Path):
+def _read_paddle(path: Path, encoding: str = "utf-8"):
     if path.is_dir():  # PaddleOCR 3 save_to_json files
         for f in sorted(path.glob("*.json")):
-            d = read_json(f)
+            d = read_json(f, encoding)
             if not isinstance(d, dict) or "dt_polys" not in d:
                 raise DatasetError(f"{f}: expected a PaddleOCR result with 'input_path' and 'dt_polys'")
             polys = d["dt_polys"]
@@ -133,7 +133,7 @@ def _read_paddle(path: Path):
                          for k, (p, s) in enumerate(zip(polys, scores))]
         return
     if path.suffix.lower() == ".txt":
-        for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        for n, line in enumerate(read_lines(path, encoding), start=1):
             if not line.strip():
                 continue
             if "\t" not in line:
@@ -145,7 +145,7 @@ def _read_paddle(path: Path):
                 raise DatasetError(f"{path} line {n}: not valid JSON after the TAB ({e.msg})") from None
             yield name.strip(), _paddle_entries(entries, f"{path} line {n}")
         return
-    data = read_json(path)
+    data = read_json(path, encoding)
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: expected {{image name: OCR result}} (or a system_results.txt)")
     for name, result in data.items():
@@ -181,12 +181,12 @@ def _doctr_entries(export, where: str):
     return out
 
 
-def _per_image_files_or_mapping(path: Path):
+def _per_image_files_or_mapping(path: Path, encoding: str = "utf-8"):
     if path.is_dir():
         for f in sorted(path.glob("*.json")):
-            yield f.stem, read_json(f), str(f)
+            yield f.stem, read_json(f, encoding), str(f)
         return
-    data = read_json(path)
+    data = read_json(path, encoding)
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: expected a folder of per-image json files or {{image name: prediction}}")
     for name, value in data.items():
@@ -204,21 +204,29 @@ def _mmocr_entries(pred, where: str):
             for k, (p, s) in enumerate(zip(polys, scores))]
 
 
-def to_coco_results(fmt: str, path, images: list[dict]) -> tuple[list[dict], dict]:
-    """COCO results of one external detector on ``images``; stats count images matched and unknown."""
+def _finite(flat: list[float]) -> bool:
+    """All coordinates finite, and so are the box's width and height (1e308 - -1e308 is not)."""
+    xs, ys = flat[0::2], flat[1::2]
+    return all(math.isfinite(v) for v in flat) and math.isfinite(max(xs) - min(xs)) and math.isfinite(max(ys) - min(ys))
+
+
+def to_coco_results(fmt: str, path, images: list[dict], encoding: str = "utf-8") -> tuple[list[dict], dict]:
+    """COCO results of one external detector on ``images``; stats count images matched and unknown, and
+    detections skipped for non-finite coordinates (``non_finite``, ``non_finite_examples``)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
+    text_encoding(encoding)  # an unknown encoding name fails before any file is read
     if fmt in ("paddleocr", "rapidocr"):
-        per_image = ((name, entries) for name, entries in _read_paddle(path))
+        per_image = ((name, entries) for name, entries in _read_paddle(path, encoding))
     elif fmt == "doctr":
-        per_image = ((name, _doctr_entries(v, w)) for name, v, w in _per_image_files_or_mapping(path))
+        per_image = ((name, _doctr_entries(v, w)) for name, v, w in _per_image_files_or_mapping(path, encoding))
     elif fmt == "mmocr":
-        per_image = ((name, _mmocr_entries(v, w)) for name, v, w in _per_image_files_or_mapping(path))
+        per_image = ((name, _mmocr_entries(v, w)) for name, v, w in _per_image_files_or_mapping(path, encoding))
     else:
         raise DatasetError(f"unknown detector output format {fmt!r}; choose from {EXTERNAL_FORMATS}")
     index = _ImageIndex(images)
-    results, stats, unknown = [], Counter(), []
+    results, stats, unknown, non_finite = [], Counter(), [], []
     for name, entries in per_image:
         image_id = index.lookup(name)
         if image_id is None:
@@ -227,19 +235,33 @@ def to_coco_results(fmt: str, path, images: list[dict]) -> tuple[list[dict], dic
                 unknown.append(name)
             continue
         stats["images"] += 1
-        results.extend(_result(image_id, flat, score) for flat, score in entries)
+        for k, (flat, score) in enumerate(entries):
+            if not _finite(flat):  # NaN / inf: not a polygon (and not valid JSON)
+                stats["non_finite"] += 1
+                if len(non_finite) < 5:
+                    non_finite.append(f"{name} #{k}")
+                continue
+            results.append(_result(image_id, flat, score))
     stats["detections"] = len(results)
     if not stats["images"]:
         raise DatasetError(f"{path}: none of its {stats['unknown_images']} images is in the image list "
                            f"(e.g. {unknown}); names are matched by file name, base name or stem")
-    return results, {**stats, "unknown_examples": unknown}
+    return results, {**stats, "unknown_examples": unknown, "non_finite_examples": non_finite}
+
+
+def skipped_message(stats: dict) -> str | None:
+    """The warning for detections skipped for non-finite coordinates, or None."""
+    if not stats.get("non_finite"):
+        return None
+    return (f"{stats['non_finite']} detections with non-finite coordinates (NaN or inf) were skipped "
+            f"(e.g. {', '.join(stats['non_finite_examples'])})")
 
 
 def prepare_extra(spec: str, images: list[dict], out_dir, index: int) -> str:
     """A member path for fusion: ``spec`` itself, or ``FORMAT:PATH`` converted into ``out_dir``."""
     import logging
 
-    from i3cl_core.utils import atomic_write_json
+    from i3cl_core.data.validate import write_json
 
     fmt, path = parse_extra(spec)
     if fmt is None:
@@ -248,8 +270,10 @@ def prepare_extra(spec: str, images: list[dict], out_dir, index: int) -> str:
     if stats.get("unknown_images"):
         logging.getLogger(__name__).warning("%s: %d images not in the image list were ignored (e.g. %s)", spec,
                                             stats["unknown_images"], stats["unknown_examples"])
+    if skipped_message(stats):
+        logging.getLogger(__name__).warning("%s: %s", spec, skipped_message(stats))
     out = Path(out_dir) / f"extra{index}_{fmt}_{Path(path).stem}.json"
-    atomic_write_json(out, results)
+    write_json(out, results)
     return str(out)
 
 
@@ -260,20 +284,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True,
                         help="COCO json whose 'images' the predictions belong to (ensemble's images.json, or a dataset)")
     parser.add_argument("--out", required=True, help="output COCO results json")
+    parser.add_argument("--encoding", default="utf-8",
+                        help="text encoding of the --pred files (default utf-8; e.g. latin-1, cp1252, gbk)")
 
 
 def run(args) -> int:
     import sys
 
-    from i3cl_core.utils import atomic_write_json
-
-    from i3cl_core.data.validate import coco_images
+    from i3cl_core.data.validate import coco_images, write_json
 
     images = coco_images(read_json(args.images), str(args.images), size="optional", non_empty=True)
-    results, stats = to_coco_results(args.format, args.pred, images)
-    atomic_write_json(args.out, results)
+    results, stats = to_coco_results(args.format, args.pred, images, encoding=args.encoding)
+    write_json(args.out, results)
     if stats.get("unknown_images"):
         print(f"warning: {stats['unknown_images']} images not in {args.images} were ignored "
               f"(e.g. {stats['unknown_examples']})", file=sys.stderr)
-    print(f"wrote {args.out}: {stats['detections']} detections on {stats['images']} images")
+    if skipped_message(stats):
+        print(f"warning: {skipped_message(stats)}", file=sys.stderr)
+    print(f"wrote {args.out}: {stats['detections']} detections on {stats['images']} images"
+          + (f"; skipped {stats['non_finite']} with non-finite coordinates" if stats.get("non_finite") else ""))
     return 0

@@ -89,11 +89,13 @@ def load_model_predictions(source: str | os.PathLike, images: list[dict]) -> tup
         for key, (instances, scores) in loaded.by_image.items():
             img = gt.images[key]
             for instance, score in zip(instances, scores):
+                # far outside first: at 1e12 the area of a small box rounds to 0 and would read as "invalid"
+                if any(np.isfinite(part).all() and far_outside(part, img.width, img.height) for part in instance):
+                    counts["outside_image"] += 1
+                    continue
                 poly = _fusion_polygon(instance)
                 if poly is None:
                     counts["invalid_polygon"] += 1
-                elif far_outside(poly, img.width, img.height):
-                    counts["outside_image"] += 1
                 else:
                     preds.setdefault(key, []).append((poly, score))
                     counts["predictions"] += 1
