@@ -1,12 +1,17 @@
 """Small shared helpers: atomic writes, safe paths, logging."""
 from __future__ import annotations
 
+import contextlib
+import errno as errno_mod
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from i3cl_core.data.errors import DatasetError
 
 LOGGER_NAME = "i3cl"
 
@@ -41,25 +46,132 @@ def _umask() -> int:
         return umask
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+class WriteError(OSError, DatasetError):
+    """A file that could not be written (disk full, quota, permissions, ...). The message names the file,
+    how much was being written and why (``cannot write /x/results.json (12.3 MB): No space left on device``);
+    ``errno``, ``strerror`` and ``filename`` are those of the failure. An :class:`OSError`, so that
+    ``except OSError`` still catches it; also a :class:`DatasetError`, the type the ``i3cl`` command line
+    reports as a one-line error (exit status 2) instead of a traceback."""
+
+    def __init__(self, message: str, errno: int | None = None, strerror: str | None = None,
+                 filename: str | None = None, size: int | None = None):
+        super().__init__(message)
+        self.errno, self.strerror, self.filename, self.size = errno, strerror, filename, size
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    def __reduce__(self):  # keep the message and the errno across pickling (DataLoader workers, Dask, Prefect)
+        return type(self), (str(self), self.errno, self.strerror, self.filename, self.size)
+
+
+def format_size(n: int | float | None) -> str:
+    """``512 B``, ``12.3 kB``, ``12.3 MB``, ``1.2 GB`` (powers of 1000); ``size unknown`` for None."""
+    if n is None:
+        return "size unknown"
+    if n < 1000:
+        return f"{int(n)} B"
+    for unit in ("kB", "MB", "GB", "TB"):
+        n /= 1000.0
+        if n < 999.95 or unit == "TB":
+            return f"{n:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def write_error(path: str | os.PathLike, size: int | None, exc: OSError, doing: str = "write") -> WriteError:
+    """The :class:`WriteError` for ``exc`` raised while writing ``size`` bytes to ``path``; a full disk or
+    quota also gives the space left on the file system."""
+    if isinstance(exc, WriteError):
+        return exc
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = _new_file_mode(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    why = exc.strerror or str(exc) or type(exc).__name__
+    other = exc.filename if isinstance(exc.filename, str) and exc.filename not in (str(path),) else None
+    if other and not os.path.basename(other).startswith(f".{path.name}."):  # not our own temporary file
+        why = f"{why} ({other})"
+    if exc.errno in (errno_mod.ENOSPC, errno_mod.EDQUOT):
+        try:
+            why = f"{why}; {format_size(shutil.disk_usage(_existing_parent(path)).free)} free there"
+        except OSError:
+            pass
+    size_text = f" ({format_size(size)})" if size is not None else ""
+    return WriteError(f"cannot {doing} {path}{size_text}: {why}", exc.errno, exc.strerror, str(path), size)
+
+
+def _existing_parent(path: Path) -> Path:
+    for p in (path, *path.parents):
+        if p.exists():
+            return p
+    return Path(".")
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, size: int | None = None, doing: str = "write"):
+    """Turn an :class:`OSError` raised inside the block into a :class:`WriteError` naming ``path`` (and
+    ``size`` when known): for writers that are not the helpers below (matplotlib, torch, ...)."""
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
+        yield
+    except WriteError:
+        raise
+    except OSError as e:
+        raise write_error(path, size, e, doing) from e
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one. A failure
+    (a full disk, say) leaves the old file as it was, no temporary file, and raises a :class:`WriteError`
+    that names the file and the size."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mode = _new_file_mode(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, mode)
+            f = os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            raise
+        with f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        if isinstance(e, OSError):
+            raise write_error(path, len(data), e) from e
         raise
+    return path
+
+
+def append_text(path: str | os.PathLike, text: str) -> Path:
+    """Append ``text`` to ``path`` (created when missing). A failure leaves the file as it was (what was
+    written of ``text`` is cut off again) and raises a :class:`WriteError` naming the file and the size."""
+    path = Path(path)
+    data = text.encode("utf-8")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise write_error(path, len(data), e) from e
+    try:
+        start = os.fstat(fd).st_size
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as e:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+            raise write_error(path, len(data), e) from e
+    finally:
+        os.close(fd)
     return path
 
 
@@ -74,8 +186,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = No
 def read_json(path: str | os.PathLike) -> Any:
     """Parse a json file; a missing file raises FileNotFoundError, bad content a DatasetError that
     names the file and the position."""
-    from i3cl_core.data.errors import DatasetError
-
     path = Path(path)
     if path.is_dir():
         raise DatasetError(f"{path}: is a folder; expected a json file")

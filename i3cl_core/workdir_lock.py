@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from i3cl_core.utils import get_logger
+from i3cl_core.utils import get_logger, writing
 
 log = get_logger("lock")
 
@@ -70,11 +70,17 @@ def acquire(work_dir: str | os.PathLike, holder: str) -> Path:
                 old = {}
             log.warning("%s: taking over the lock of %s, which is no longer running (it ended without releasing "
                         "it: killed or crashed)", wd, _describe(old))
-        f.seek(0)
-        f.truncate()
-        f.write(json.dumps({"holder": holder, "pid": os.getpid(), "host": socket.gethostname(),
-                            "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
-        f.flush()
+        record = json.dumps({"holder": holder, "pid": os.getpid(), "host": socket.gethostname(),
+                             "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+        try:
+            with writing(path, len(record)):  # a full disk: an error naming the file, not a traceback
+                f.seek(0)
+                f.truncate()
+                f.write(record)
+                f.flush()
+        except BaseException:
+            f.close()  # and with it the lock
+            raise
         _held[key] = [f, 1]
         return path
 

@@ -6,7 +6,8 @@
     checkpoints/epoch_N.pth    every epoch (keep the last ``train.keep_last``), iter_N.pth optionally
     checkpoints/latest.pth     the most recent checkpoint (hard link)
     checkpoints/best.pth       best validation H-mean (when ``data.val`` is set)
-    metrics.jsonl              one JSON object per logged step and per evaluation
+    metrics.jsonl              one JSON object per logged step and per evaluation (a run first drops the rows
+                               its starting checkpoint does not cover, so --resume never logs a step twice)
     metrics.json               summary of the finished run
 
 Distributed: launched by ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK set), NCCL on CUDA and gloo on CPU;
@@ -32,7 +33,7 @@ import torch.distributed as dist
 
 from i3cl_core.config import ConfigError, save_config
 from i3cl_core.model.backbone import CheckpointError
-from i3cl_core.utils import atomic_write_json, get_logger, worker_init
+from i3cl_core.utils import append_text, atomic_write_json, atomic_write_text, get_logger, worker_init, write_error
 
 log = get_logger("train")
 
@@ -226,16 +227,25 @@ def checkpoint_dir(work_dir: Path) -> Path:
 
 
 def _link_atomic(src: Path, dst: Path) -> None:
+    """Point ``dst`` at ``src`` (a hard link, else a copy) atomically; a failure (a full disk while copying)
+    leaves ``dst`` as it was, no temporary file, and raises a WriteError naming ``dst``."""
     tmp = dst.with_name(f".{dst.name}.tmp")
-    if tmp.exists():
-        tmp.unlink()
     try:
-        os.link(src, tmp)
-    except OSError:  # file systems without hard links
-        import shutil
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:  # file systems without hard links
+            import shutil
 
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        try:
+            size = src.stat().st_size
+        except OSError:
+            size = None
+        raise write_error(dst, size, e) from e
 
 
 def find_latest(work_dir: Path) -> Path | None:
@@ -318,6 +328,7 @@ class Trainer:
         self.build(load_weights=not resume)
         if resume:
             self.resume()
+        self.trim_metrics()
         self.ddp_model = self.model
         if self.info.distributed:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -461,12 +472,42 @@ class Trainer:
         _link_atomic(path, self.ckpt_dir / "latest.pth")
         return path
 
+    def trim_metrics(self) -> None:
+        """Drop the rows of ``metrics.jsonl`` that the checkpoint this run starts from does not cover: steps
+        past its iteration (``global_iter``) and evaluations not in its history, i.e. rows logged after the
+        last checkpoint that was written (then came a kill, or a full disk failed the next one), which this run
+        is about to log again. So no step or evaluation ever has two rows. A fresh run (no ``--resume``, or no
+        checkpoint to resume from) starts at 0 with no history, hence with an empty file. Unparsable lines (a
+        partial last line written by an older version) go too."""
+        path = self.work_dir / "metrics.jsonl"
+        if not self.info.main or not path.exists():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines()
+        evaluated = {(h.get("epoch"), h.get("iter")) for h in self.history if isinstance(h, dict)}
+        kept = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(row, dict):
+                continue
+            if row.get("eval") and (row.get("epoch"), row.get("iter")) not in evaluated:
+                continue  # an evaluation after the checkpoint (e.g. at the iteration of an iter_N.pth)
+            it = row.get("iter")
+            if isinstance(it, (int, float)) and it > self.global_iter:
+                continue
+            kept.append(line)
+        if len(kept) != len(lines):
+            log.info("%s: dropping %d rows past iteration %d (logged after the last checkpoint; this run logs "
+                     "them again)", path, len(lines) - len(kept), self.global_iter)
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+
     def write_metrics(self, record: dict) -> None:
         """One line of ``metrics.jsonl`` (and TensorBoard scalars when enabled), on the main process."""
         if not self.info.main:
             return
-        with open(self.work_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(self.work_dir / "metrics.jsonl", json.dumps(record) + "\n")  # a failure leaves no partial line
         if self.tb is not None:  # train/<term> per logged iteration, val/<measure> per evaluation
             prefix = "val/" if record.get("eval") else "train/"
             for k, v in record.items():

@@ -6,6 +6,13 @@ and, unless ``--no-vis``, ``vis/<name>.png``. Each image's detections are first 
 ``per_image/<name>.json``; a re-run skips images that already have one (resumable over large folders),
 unless the checkpoint or the settings changed (``run.json`` records them). An unreadable image is
 reported and skipped; the run goes on.
+
+A run whose checkpoint or settings differ from those of the complete run already in ``--out`` leaves
+that run's outputs as they are until it is done: it writes everything (per-image files, PNGs, exports)
+into ``--out/.infer-next/`` and then moves it into place, ``run.json`` last. So a failure half-way (a
+full disk, a kill) never leaves ``run.json``, ``results.json`` and ``per_image/`` disagreeing, and the
+next run with the same settings goes on from what ``.infer-next/`` holds. ``.per_image.json`` records
+the settings of the per-image files beside it (what the resume check reads).
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ import numpy as np
 from i3cl_core.data.errors import DatasetError
 from i3cl_core.data.image_io import IMAGE_EXTENSIONS
 from i3cl_core.infer.precision import PRECISIONS
-from i3cl_core.utils import atomic_write_json, atomic_write_text, get_logger, read_json, safe_join
+from i3cl_core.utils import atomic_write_json, atomic_write_text, get_logger, read_json, safe_join, writing
 
 log = get_logger("infer")
 
@@ -154,6 +161,91 @@ def _file_stats(path: str) -> list:
     return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 
 
+STAGING = ".infer-next"  # a run with new settings writes here, then moves its outputs into --out
+PER_IMAGE_MANIFEST = ".per_image.json"  # beside per_image/: the settings its files were computed with
+# what a finished staged run moves into --out (run.json and the manifest come after these)
+_OUTPUTS = ("per_image", "vis", "txt", "results.json", "submission.json", "images.json", "failed.txt")
+# those of a previous run that must not survive a new one that did not write them (they would disagree with
+# its run.json); old PNGs stay when the new run draws none (--no-vis), as they always did
+_STALE_UNLESS_WRITTEN = ("txt", "results.json", "submission.json", "images.json", "failed.txt")
+
+
+def _read_manifest(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _start_per_image(root: Path, manifest: dict) -> None:
+    """Empty ``root/per_image`` of files computed with other settings and record ``manifest`` as its
+    settings (the manifest goes first, so that a kill half-way never leaves old files passing as new)."""
+    (root / PER_IMAGE_MANIFEST).unlink(missing_ok=True)
+    per_image = root / "per_image"
+    if per_image.is_dir():
+        for f in per_image.glob("*.json"):
+            f.unlink()
+    per_image.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(root / PER_IMAGE_MANIFEST, manifest, indent=2)
+
+
+def prepare_output(out: Path, manifest: dict) -> Path:
+    """The folder this run writes into: ``out`` itself when its per-image files were computed with these
+    settings (a resume), or when it holds no complete run to protect; else ``out/.infer-next`` (resumed
+    when it was started with these settings, else started afresh)."""
+    staging = out / STAGING
+    if _read_manifest(out / PER_IMAGE_MANIFEST) == manifest:
+        if staging.exists():  # a run with other settings was abandoned: ours replaces it
+            _remove(staging)
+        return out
+    if not (out / "run.json").exists() and not (out / "results.json").exists():
+        if staging.exists():
+            _remove(staging)
+        _start_per_image(out, manifest)
+        return out
+    if _read_manifest(staging / PER_IMAGE_MANIFEST) == manifest and (staging / "per_image").is_dir():
+        done = sum(1 for _ in (staging / "per_image").glob("*.json"))
+        log.info("%s: going on with the unfinished run in %s (%d images done)", out, staging, done)
+        return staging
+    if staging.exists():
+        _remove(staging)
+    log.warning("%s: checkpoint or settings changed since the last run; recomputing every image into %s (the "
+                "previous outputs stay until the new ones are complete)", out, staging)
+    _start_per_image(staging, manifest)
+    return staging
+
+
+def commit_staged(staging: Path, out: Path, manifest: dict) -> None:
+    """Move a complete staged run's outputs into ``out`` (renames on one file system, no space needed):
+    the per-image settings of ``out`` are withdrawn first, the new ones and ``run.json`` written last."""
+    (out / PER_IMAGE_MANIFEST).unlink(missing_ok=True)
+    old = staging / ".previous"
+    old.mkdir(exist_ok=True)
+    for name in _OUTPUTS:
+        new, dst = staging / name, out / name
+        with writing(dst, doing=f"move {new} to"):
+            if new.exists():
+                if dst.exists() or dst.is_symlink():
+                    os.replace(dst, old / name)
+                os.replace(new, dst)
+            elif name in _STALE_UNLESS_WRITTEN and (dst.exists() or dst.is_symlink()):
+                os.replace(dst, old / name)
+    with writing(out / PER_IMAGE_MANIFEST, doing=f"move {staging / PER_IMAGE_MANIFEST} to"):
+        os.replace(staging / PER_IMAGE_MANIFEST, out / PER_IMAGE_MANIFEST)
+    atomic_write_json(out / "run.json", manifest, indent=2)
+    _remove(staging)
+
+
 def infer_images(
     checkpoint: str,
     items: list[ImageItem],
@@ -182,8 +274,6 @@ def infer_images(
 
     check_output_names(items)
     out = Path(out_dir)
-    per_image = out / "per_image"
-    per_image.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
     cfg, prec = None, None
     if model is None:
@@ -191,15 +281,9 @@ def infer_images(
     eps = epsilon if epsilon is not None else (cfg.infer.polygon_epsilon if cfg is not None else 0.005)
     manifest = {"checkpoint": _file_stats(checkpoint) if checkpoint else None, "score_thr": score_thr,
                 "epsilon": eps, "model_overrides": model_overrides or {}, "precision": prec}
-    manifest_path = out / "run.json"
-    if manifest_path.exists():
-        previous = json.loads(manifest_path.read_text())
-        if previous != manifest:
-            stale = list(per_image.glob("*.json"))
-            log.warning("%s: checkpoint or settings changed since the last run; recomputing %d images", out, len(stale))
-            for f in stale:
-                f.unlink()
-    atomic_write_json(manifest_path, manifest, indent=2)
+    manifest = json.loads(json.dumps(manifest))  # as read back from a file (lists, not tuples)
+    root = prepare_output(out, manifest)  # out, or out/.infer-next while a complete run with other settings is there
+    per_image = root / "per_image"
 
     todo = [i for i, it in enumerate(items) if not (per_image / f"{it.key}.json").exists()]
     skipped = len(items) - len(todo)
@@ -229,7 +313,7 @@ def infer_images(
                     record = {"image_id": item.image_id, "file_name": item.file_name, "width": int(t.shape[-1]),
                               "height": int(t.shape[-2]), "results": results}
                     if visualize:
-                        draw_results(rgb, results, out / "vis" / f"{item.stem}.png")
+                        draw_results(rgb, results, root / "vis" / f"{item.stem}.png")
                     atomic_write_json(per_image / f"{item.key}.json", record)
             bar.update(len(batch))
     bar.close()
@@ -238,9 +322,16 @@ def infer_images(
                "failed": len(failures), "failures": failures[:20], "seconds": round(seconds, 2),
                "images_per_s": round((len(todo) - len(failures)) / max(seconds, 1e-9), 3), "out": str(out)}
     if write_exports:
-        summary.update(write_outputs(items, out, txt_lines, art_entries))
+        summary.update(write_outputs(items, root, txt_lines, art_entries))
     if failures:
-        atomic_write_text(out / "failed.txt", "\n".join(failures) + "\n")
+        atomic_write_text(root / "failed.txt", "\n".join(failures) + "\n")
+    if root != out:  # every new output is complete: replace the previous run's
+        commit_staged(root, out, manifest)
+        for key in ("results", "submission"):
+            if summary.get(key):
+                summary[key] = str(out / Path(summary[key]).name)
+    else:
+        atomic_write_json(out / "run.json", manifest, indent=2)
     return summary
 
 

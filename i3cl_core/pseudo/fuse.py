@@ -27,7 +27,7 @@ from i3cl_core.data.polygons import coco_bbox
 from i3cl_core.pseudo.fusion import cluster_predictions, pseudo_labels
 from i3cl_core.pseudo.report import histogram_png, pr_curve_png
 from i3cl_core.pseudo.sources import load_images, load_model_predictions
-from i3cl_core.utils import atomic_write_json, atomic_write_text, get_logger
+from i3cl_core.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, get_logger, writing
 
 log = get_logger("fuse")
 
@@ -190,20 +190,26 @@ def write_report(dataset, summary, report_dir: Path, sources, models, all_cluste
     anns = dataset["annotations"]
     kept = [a for a in anns if not a["iscrowd"]]
     figs = report_dir / "report_figures"
-    pngs = {
-        "scores": histogram_png([a["score"] for a in anns], np.linspace(0, 1, 21), "fused score", figs / "scores.png"),
-        "votes": histogram_png([a["votes"] for a in anns], np.arange(0.5, len(sources) + 1.5), "votes", figs / "votes.png",
-                               xlabel="models agreeing on the instance"),
-        "weights": histogram_png([a["lossweight"] for a in kept], np.linspace(0, 1, 21), "lossweight", figs / "weights.png",
-                                 xlabel="per-instance loss weight"),
-    }
+    pngs = {}
+    with writing(figs / "scores.png"):  # the figures' writer raises bare OSErrors: name the file
+        pngs["scores"] = histogram_png([a["score"] for a in anns], np.linspace(0, 1, 21), "fused score",
+                                       figs / "scores.png")
+    with writing(figs / "votes.png"):
+        pngs["votes"] = histogram_png([a["votes"] for a in anns], np.arange(0.5, len(sources) + 1.5), "votes",
+                                      figs / "votes.png", xlabel="models agreeing on the instance")
+    with writing(figs / "weights.png"):
+        pngs["weights"] = histogram_png([a["lossweight"] for a in kept], np.linspace(0, 1, 21), "lossweight",
+                                        figs / "weights.png", xlabel="per-instance loss weight")
     report = {k: v for k, v in summary.items() if k != "report"}
     report["fuse"] = dataset["info"]["fuse"]
     report["figures"] = {k: str(p) for k, p in pngs.items()}
     if gt:
         q = report["quality"] = pseudo_label_quality(dataset, gt, models, all_clusters, sources)
-        pngs["pr_curve"] = pr_curve_png(q["fused_sweep"], figs / "pr_curve.png", keep_thr=dataset["info"]["fuse"]["keep_thr"],
-                                        teachers=[{"name": Path(m["source"]).name, "hmean": m["hmean"]} for m in q["models"]])
+        with writing(figs / "pr_curve.png"):
+            pngs["pr_curve"] = pr_curve_png(q["fused_sweep"], figs / "pr_curve.png",
+                                            keep_thr=dataset["info"]["fuse"]["keep_thr"],
+                                            teachers=[{"name": Path(m["source"]).name, "hmean": m["hmean"]}
+                                                      for m in q["models"]])
         report["figures"]["pr_curve"] = str(pngs["pr_curve"])
     sample_paths = _draw_samples(dataset, img_root, figs, samples)
     report["samples"] = [str(p) for p in sample_paths]
@@ -282,8 +288,10 @@ def _draw_samples(dataset, img_root, figs: Path, n: int) -> list[Path]:
             cv2.putText(img, f"{a['score']:.2f}/{a['votes']}", (int(pts[:, 0].min()), max(10, int(pts[:, 1].min()) - 2)),
                         cv2.FONT_HERSHEY_SIMPLEX, 0.35, color, 1, cv2.LINE_AA)
         p = figs / f"sample_{image_id}.png"
-        cv2.imwrite(str(p), img)
-        paths.append(p)
+        ok, png = cv2.imencode(".png", img)  # cv2.imwrite says nothing when the disk is full
+        if not ok:
+            raise RuntimeError(f"could not encode PNG for image id {image_id}")
+        paths.append(atomic_write_bytes(p, png.tobytes()))
     return paths
 
 
