@@ -78,10 +78,13 @@ def follow(run_id, work_dir: str | None = None, poll: float = 2.0, plain_every: 
 def print_table(summary: dict, ui: str) -> None:
     scores = summary["scores"]
     print("\n" + "=" * 78)
-    print(f"{'model':<26} {'P':>8} {'R':>8} {'F':>8}   (test split, ArT protocol, score >= thr)")
+    print(f"{'model':<26} {'P':>8} {'R':>8} {'F':>8}   thr  (test split, ArT protocol)")
     print("-" * 78)
     for name, s in scores.items():
-        print(f"{name:<26} {s['precision']:>8.4f} {s['recall']:>8.4f} {s['hmean']:>8.4f}")
+        print(f"{name:<26} {s['precision']:>8.4f} {s['recall']:>8.4f} {s['hmean']:>8.4f}  {s['score_thr']:.2f}")
+    where = {s.get("threshold_chosen_on") for s in scores.values()}
+    if where == {"val"}:
+        print("(each model at its best-F threshold on the labeled validation split)")
     q = summary.get("pseudo_quality")
     best = summary.get("best_teacher_on_unlabeled")
     if q:

@@ -145,4 +145,8 @@ class RoundParams(_Params):
 
 class EvalParams(_Params):
     protocol: Literal["art", "totaltext", "ctw1500", "icdar2015"] = "art"
-    score_thr: float | None = Field(None, ge=0.0, le=1.0, description="default: each model's infer.score_thr")
+    score_thr: float | None = Field(None, ge=0.0, le=1.0, description="one threshold for every model (default: chosen "
+                                     "per model, see threshold)")
+    threshold: Literal["val", "config"] = Field(
+        "val", description="val: each model's best-F threshold on the labeled validation split (when the run has one; "
+        "as a user would choose it, never on the test or unlabeled labels); config: each model's infer.score_thr")

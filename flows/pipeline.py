@@ -377,7 +377,9 @@ def train_student(work_dir: str = "runs/demo", data: DataParams = DataParams(), 
 @flow(name="evaluate", **LOCK_HOOKS, log_prints=True, persist_result=True, result_serializer="json")
 def evaluate(work_dir: str = "runs/demo", data: DataParams = DataParams(), evaluation: EvalParams = EvalParams()) -> dict:
     """Every trained model of the work_dir on the test split -> eval/<model>.json and a table:
-    ``teacher:<name>``, ``control:<name>``, ``student:<name>`` (round 1) and ``student-r<r>:<name>``."""
+    ``teacher:<name>``, ``control:<name>``, ``student:<name>`` (round 1) and ``student-r<r>:<name>``. Each model
+    is scored at its best-F threshold on the labeled validation split when the run has one (``hmean``; the test
+    split's own best threshold is ``best_hmean``, an upper bound no user could choose)."""
     wd = _open_work_dir(work_dir, create=False)
     d = _data(data, wd)
     models = {}
@@ -392,19 +394,32 @@ def evaluate(work_dir: str = "runs/demo", data: DataParams = DataParams(), evalu
     if not models:
         raise PipelineError(f"{wd}: no trained model to evaluate; run train-teachers first")
     split_fp = fingerprint(d["test"]["ann_file"])
+    on_val = evaluation.score_thr is None and evaluation.threshold == "val" and bool(d.get("val"))
     results = {}
     for name, ckpt in models.items():
-        out_json = wd / "eval" / f"{name.replace(':', '_')}.json"
-        results[name] = run_cached(evaluate_task.with_options(result_storage=result_storage(wd)), out_json.exists(), model=name,
+        stem = name.replace(":", "_")
+        cached = evaluate_task.with_options(result_storage=result_storage(wd))
+        thr, chosen_on = evaluation.score_thr, "parameter" if evaluation.score_thr is not None else "config"
+        if on_val:  # the model's best-F threshold on the labeled validation split
+            val_json = wd / "eval" / f"{stem}.val.json"
+            val = run_cached(cached, val_json.exists(), model=f"{name}@val", checkpoint=ckpt,
+                             checkpoint_fingerprint=fingerprint(ckpt), split=d["val"],
+                             split_fingerprint=fingerprint(d["val"]["ann_file"]), out_json=str(val_json),
+                             protocol=evaluation.protocol, score_thr=None)
+            thr, chosen_on = float(val["best_thr"]), "val"
+        out_json = wd / "eval" / f"{stem}.json"
+        results[name] = run_cached(cached, out_json.exists(), model=name,
                                     checkpoint=ckpt, checkpoint_fingerprint=fingerprint(ckpt), split=d["test"],
                                     split_fingerprint=split_fp, out_json=str(out_json), protocol=evaluation.protocol,
-                                    score_thr=evaluation.score_thr)
+                                    score_thr=thr)
+        results[name]["threshold_chosen_on"] = chosen_on
         atomic_write_json(Path(ckpt).parents[1] / "test_eval.json", results[name], indent=2)  # kept with the variant
     rows = [{"model": n, "protocol": r["protocol"], "threshold": r["score_thr"], "precision": round(r["precision"], 4),
              "recall": round(r["recall"], 4), "hmean": round(r["hmean"], 4), "best_hmean": round(r["best_hmean"], 4)}
             for n, r in results.items()]
     create_table_artifact(rows, key="model-metrics", description=f"models on the test split ({evaluation.protocol})")
-    return {n: {k: r[k] for k in ("precision", "recall", "hmean", "best_hmean", "best_thr", "score_thr")} for n, r in results.items()}
+    return {n: {k: r[k] for k in ("precision", "recall", "hmean", "best_hmean", "best_thr", "score_thr", "threshold_chosen_on")}
+            for n, r in results.items()}
 
 
 def _best_teacher_on_unlabeled(report: dict) -> dict | None:
