@@ -303,7 +303,8 @@ def fuse_pseudo_labels(work_dir: str = "runs/demo", data: DataParams = DataParam
         raise PipelineError(f"missing {val_file}: re-run ensemble-inference (it also runs the ensemble over the "
                             "validation split, on which fuse.auto_keep_thr chooses keep_thr)")
     members_fp = fingerprint(*members, *(val_members or []))
-    fuse_params = fuse.model_dump(mode="json")
+    # keep_thr_beta at its default (F) is left out: pseudo labels fused before it existed keep their key and cache
+    fuse_params = fuse.model_dump(mode="json", exclude={"keep_thr_beta"} if fuse.keep_thr_beta == 1.0 else None)
     # every variant of the pseudo labels in its own folder, keyed by what it is made from; current.json
     # names the one the student uses. Re-fusing with other parameters adds a variant, nothing is overwritten.
     key = variants.variant_key(members=members_fp, fuse=fuse_params, images=fingerprint(d["unlabeled_images"]),

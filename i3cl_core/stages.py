@@ -160,13 +160,33 @@ def write_train_config(base_config: str, out_dir: Path, train_sets: list[dict], 
     return save_config(cfg, out_dir / "config.yaml")
 
 
+def _without_new_defaults(cfg: dict) -> dict:
+    """``cfg`` (a dumped config) without the fields added after trainings were first fingerprinted, where they
+    hold their defaults (which reproduce the earlier behaviour): finished trainings of a work dir made before stay
+    valid, and a field that is set changes the fingerprint."""
+    from i3cl_core.config.schema import StrongAugmentConfig
+
+    model, data = cfg.get("model", {}), cfg.get("data", {})
+    if model.get("mask_lossweight") is False:
+        model.pop("mask_lossweight")
+    augment = data.get("augment", {})
+    if augment.get("strong") == StrongAugmentConfig().model_dump(mode="json"):
+        augment.pop("strong")
+    for source in data.get("train", []):
+        if source.get("augment") == "default":
+            source.pop("augment")
+        if source.get("background_weight") == 1.0:
+            source.pop("background_weight")
+    return cfg
+
+
 def training_fingerprint(config_path: Path, train_sets: list[dict], load_from: str | None = None) -> str:
     """What a finished training depends on: its resolved config (every section but ``fuse``, which no
     training reads, as canonical JSON: comments and key order do not count) and the contents of its
     annotation files and start checkpoint (a rewritten pseudo-label file under the same name counts as new)."""
     from i3cl_core.config import load_config
 
-    cfg = load_config(config_path).model_dump(mode="json", exclude={"fuse"})
+    cfg = _without_new_defaults(load_config(config_path).model_dump(mode="json", exclude={"fuse"}))
     h = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode())
     h.update(fingerprint(*[s["ann_file"] for s in train_sets], *([load_from] if load_from else [])).encode())
     return h.hexdigest()

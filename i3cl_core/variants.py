@@ -165,7 +165,8 @@ def compare(work_dir: Path) -> list[dict]:
     wd = Path(work_dir)
     lineages = _lineages(wd)
     scores = {}
-    files = sorted((wd / "eval").glob("*.json")) if (wd / "eval").exists() else []
+    files = sorted(f for f in (wd / "eval").glob("*.json") if not f.name.endswith(".val.json")) \
+        if (wd / "eval").exists() else []  # <model>.val.json: the validation split, where thresholds are chosen
     files += [d / "test_eval.json" for d, _ in lineages if (d / "test_eval.json").exists()]  # every variant's own
     for f in files:
         try:

@@ -385,3 +385,16 @@ def test_single_node_training_and_the_local_dask_cluster_listen_on_loopback_only
     assert {who for _, _, who in seen} == {"train", "dask"}, seen
     assert {ip for ip, _, _ in seen} == {"127.0.0.1"}, seen
     assert 8787 not in {port for _, port, _ in seen}
+
+
+def test_sampler_mix_gives_every_process_the_same_number_of_draws():
+    """10,001 images in two halves over 8 processes, batches of 2: every process gets exactly its share (dealing
+    each set round-robin gave ranks 0-3 one step more than ranks 4-7, which then waited in an all-reduce)."""
+    labeled, pseudo = list(range(5001)), list(range(5001, 10001))
+    mix = [(labeled, 0.5), (pseudo, 0.5)]
+    parts = [EpochSampler(10001, 8, r, seed=1, mix=mix).indices() for r in range(8)]
+    assert {len(p) for p in parts} == {1251}
+    whole = EpochSampler(10001, 1, 0, seed=1, per_process=1251 * 8, mix=mix).indices()
+    assert [x for p in parts for x in p] == whole  # the processes' parts are consecutive cuts of one order
+    for p in parts:  # each part still mixes the two sets evenly
+        assert abs(sum(x in set(labeled) for x in p[:100]) - 50) <= 1

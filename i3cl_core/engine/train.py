@@ -155,16 +155,22 @@ class EpochSampler(torch.utils.data.Sampler):
         return order[self.rank :: self.num_replicas]
 
     def _mixed(self) -> list[int]:
-        total = self._share() * self.num_replicas
+        """Each group's share of the epoch's ``share x N`` draws (largest remainders), every group spread evenly
+        over the epoch's order, which is then cut into N consecutive parts of exactly ``share`` draws, one per
+        process: every process takes the same number of steps (a process with one step more would wait in an
+        all-reduce the others never join) and every draw is used."""
+        share = self._share()
+        total = share * self.num_replicas
         exact = [f * total for _, f in self.mix]
         counts = [int(math.floor(x)) for x in exact]
         for k in sorted(range(len(exact)), key=lambda k: counts[k] - exact[k])[: total - sum(counts)]:
             counts[k] += 1  # largest remainders first
         keyed = []
         for k, ((members, _), count) in enumerate(zip(self.mix, counts)):
-            mine = [members[i] for i in self._stream(len(members), count, group=k + 1)][self.rank :: self.num_replicas]
-            keyed += [((j + 0.5) / len(mine), k, idx) for j, idx in enumerate(mine)]
-        return [idx for _, _, idx in sorted(keyed)]
+            drawn = [members[i] for i in self._stream(len(members), count, group=k + 1)]
+            keyed += [((j + 0.5) / len(drawn), k, idx) for j, idx in enumerate(drawn)]
+        order = [idx for _, _, idx in sorted(keyed)]
+        return order[self.rank * share : (self.rank + 1) * share]
 
     def __iter__(self):
         return iter(self.indices()[self.skip :])
@@ -389,18 +395,19 @@ class Trainer:
         from i3cl_core.data.coco import collate
 
         tcfg, info = self.tcfg, self.info
-        per_process = None if tcfg.iters_per_epoch is None else tcfg.iters_per_epoch * tcfg.batch_size
+        whole = math.ceil(math.ceil(len(self.dataset) / info.world_size) / tcfg.batch_size)
+        iters = tcfg.iters_per_epoch if tcfg.iters_per_epoch is not None else whole
+        if tcfg.max_iters_per_epoch:
+            iters = min(iters, tcfg.max_iters_per_epoch)
+        # an epoch of a fixed length (or cut short) takes exactly its draws from the stream of permutations, so
+        # the next epoch goes on where it stopped
+        per_process = None if iters == whole and tcfg.iters_per_epoch is None else iters * tcfg.batch_size
         self.sampler = EpochSampler(len(self.dataset), info.world_size, info.rank, seed=tcfg.seed, per_process=per_process,
                                     mix=dataset_mix(self.dataset, self.cfg.data.train))
         self.loader = DataLoader(self.dataset, batch_size=tcfg.batch_size, sampler=self.sampler,
                                  num_workers=self.cfg.data.num_workers, collate_fn=collate,
                                  pin_memory=info.device.type == "cuda", persistent_workers=False,
                                  worker_init_fn=worker_init)
-        iters = math.ceil(math.ceil(len(self.dataset) / info.world_size) / tcfg.batch_size)
-        if tcfg.iters_per_epoch is not None:
-            iters = tcfg.iters_per_epoch
-        if tcfg.max_iters_per_epoch:
-            iters = min(iters, tcfg.max_iters_per_epoch)
         self.iters_per_epoch = iters
         if len(self.cfg.data.train) > 1 and info.main:
             self.log_coverage()

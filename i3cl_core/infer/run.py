@@ -204,7 +204,10 @@ def prepare_output(out: Path, manifest: dict) -> Path:
     settings (a resume), or when it holds no complete run to protect; else ``out/.infer-next`` (resumed
     when it was started with these settings, else started afresh)."""
     staging = out / STAGING
-    if _read_manifest(out / PER_IMAGE_MANIFEST) == manifest:
+    settings = _read_manifest(out / PER_IMAGE_MANIFEST)
+    if settings is None and not (out / PER_IMAGE_MANIFEST).exists():
+        settings = _read_manifest(out / "run.json")  # a folder written before .per_image.json existed
+    if settings == manifest:
         if staging.exists():  # a run with other settings was abandoned: ours replaces it
             _remove(staging)
         return out
