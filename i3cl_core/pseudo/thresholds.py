@@ -58,8 +58,8 @@ def choose_keep_thr(sources: list[str], images_json: str | os.PathLike, cfg) -> 
         log.warning("%s: the fused predictions match no validation label at any threshold; keeping keep_thr %.2f",
                     images_json, cfg.keep_thr)
         return {"keep_thr": cfg.keep_thr, "val": None, "sweep": rows}
-    log.info("keep_thr %.2f chosen on %s (F%s %.3f; F %.3f, P %.3f, R %.3f)", best["threshold"], images_json,
-             "" if beta == 1.0 else f"-beta({beta:g})", best.get("f_beta", best["hmean"]), best["hmean"],
+    by = "" if beta == 1.0 else f"F-beta({beta:g}) {best['f_beta']:.3f}; "
+    log.info("keep_thr %.2f chosen on %s (%sF %.3f, P %.3f, R %.3f)", best["threshold"], images_json, by, best["hmean"],
              best["precision"], best["recall"])
     return {"keep_thr": float(best["threshold"]), "val": {k: best[k] for k in ("precision", "recall", "hmean")},
             "sweep": rows}
