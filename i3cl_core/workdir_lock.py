@@ -47,6 +47,7 @@ def acquire(work_dir: str | os.PathLike, holder: str) -> Path:
         if key in _held:
             _held[key][1] += 1
             return wd / LOCK_NAME
+        created = not wd.exists()
         wd.mkdir(parents=True, exist_ok=True)
         path = wd / LOCK_NAME
         f = open(path, "a+", encoding="utf-8")
@@ -81,13 +82,14 @@ def acquire(work_dir: str | os.PathLike, holder: str) -> Path:
         except BaseException:
             f.close()  # and with it the lock
             raise
-        _held[key] = [f, 1]
+        _held[key] = [f, 1, created]
         return path
 
 
 def release(work_dir: str | os.PathLike) -> None:
     """Give back one hold of this process on ``work_dir``'s lock; the last one empties the lock file (a clean end:
-    the next writer takes it without a note) and unlocks. No-op when this process does not hold it."""
+    the next writer takes it without a note) and unlocks; a folder that the lock created and nothing else wrote
+    into is removed again. No-op when this process does not hold it."""
     import fcntl
 
     key = str(Path(work_dir).resolve())
@@ -98,12 +100,19 @@ def release(work_dir: str | os.PathLike) -> None:
         entry[1] -= 1
         if entry[1] > 0:
             return
-        f = entry[0]
+        f, created = entry[0], entry[2]
         del _held[key]
         try:
             f.seek(0)
             f.truncate()
             f.flush()
+            wd = Path(key)
+            if created and [x.name for x in wd.iterdir()] == [LOCK_NAME]:  # a command refused before any work:
+                try:  # leave no folder behind (unless another writer came in meanwhile)
+                    (wd / LOCK_NAME).unlink()
+                    wd.rmdir()
+                except OSError:
+                    pass
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
             f.close()
