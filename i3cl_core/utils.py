@@ -192,11 +192,17 @@ def read_json(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     try:
-        return json.loads(path.read_bytes())
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        return parse_json(path.read_bytes(), path)
     except UnicodeDecodeError as e:
         raise DatasetError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def parse_json(data: str | bytes, path: str | os.PathLike) -> Any:
+    """``json.loads(data)``; malformed json raises a DatasetError naming ``path`` and the position."""
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
 
 def safe_join(root: str | os.PathLike, relative: str) -> Path:

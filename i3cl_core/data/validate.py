@@ -167,11 +167,9 @@ def read_lines(path: str | os.PathLike, encoding: str = "utf-8") -> list[str]:
 
 def read_json(path: str | os.PathLike, encoding: str = "utf-8"):
     """A json input file decoded by :func:`read_text`; malformed json raises DatasetError with its position."""
-    text = read_text(path, encoding)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    from i3cl_core.utils import parse_json
+
+    return parse_json(read_text(path, encoding), path)
 
 
 def write_json(path: str | os.PathLike, obj, indent: int | None = None) -> Path:
