@@ -170,9 +170,19 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
     }
     start = teachers[args.teachers[0]]
     arm_ckpts, t_arms = {}, {}
+    arm_dir = sd / ("arms" if args.protocol == "continue" else f"arms_{args.protocol}")
+    if args.protocol == "scratch":  # every arm is the first teacher's training with only the added data changed
+        arm_config, load_from = f"configs/demo/{args.teachers[0]}.yaml", None
+        arm_overrides = [*args.set_teachers, f"train.seed={seed * 10}", *args.set_arms]
+    else:
+        arm_config, load_from = "configs/demo/student.yaml", start
+        arm_overrides = [f"train.seed={seed}", *args.arm_schedule, *args.set_arms]
     round2 = None
     for arm in args.arms:
         print(f"seed {seed}: arm {arm}", flush=True)
+        if arm == "control" and args.protocol == "scratch":
+            arm_ckpts[arm] = start  # the same config, seed, schedule and labeled images: the first teacher itself
+            continue
         if arm == "ssl_r2":  # round 2: the ssl student and the teachers label the unlabeled set again
             if "ssl" not in arm_ckpts:
                 sys.exit("--arms: ssl_r2 needs the ssl arm (it starts from its student)")
@@ -199,8 +209,8 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
             t_arms[arm] = time.time() - t2
             continue
         t2 = time.time()
-        arm_ckpts[arm] = train("configs/demo/student.yaml", sd / "arms" / arm, d["labeled"] + arm_sets[arm],
-                               [f"train.seed={seed}", *args.arm_schedule, *args.set_arms], load_from=start)
+        arm_ckpts[arm] = train(arm_config, arm_dir / arm, d["labeled"] + arm_sets[arm], arm_overrides,
+                               load_from=load_from)
         t_arms[arm] = time.time() - t2
 
     print(f"seed {seed}: evaluation on the validation and test splits", flush=True)
@@ -215,7 +225,8 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
 
     scores = {}
     for name, ckpt in {**{f"teacher:{n}": c for n, c in teachers.items()}, **arm_ckpts}.items():
-        stem = name.replace(":", "_")
+        stem = name.replace(":", "_") if name.startswith("teacher:") or args.protocol == "continue" \
+            else f"{args.protocol}_{name}"
         val_thr = evaluated(ckpt, d["val"], sd / "eval" / f"{stem}.val.json")["best_thr"]
         r = evaluated(ckpt, d["test"], sd / "eval" / f"{stem}.json")
         at_val = next(row for row in r["sweep"] if abs(row["score_thr"] - val_thr) < 1e-6)
@@ -224,17 +235,19 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
                         "precision_at_val_thr": at_val["precision"], "recall_at_val_thr": at_val["recall"]}
     gate = None
     if "control" in arm_ckpts:  # the control on the unlabeled images themselves (their hidden GT: measuring only)
+        stem = "control" if args.protocol == "continue" else f"{args.protocol}_control"
         r = evaluated(arm_ckpts["control"], {"ann_file": d["unlabeled_gt"], "img_root": u_root},
-                      sd / "eval" / "control.unlabeled.json")
+                      sd / "eval" / f"{stem}.unlabeled.json")
         gate = {"control_hmean": r["best_hmean"], "control_thr": r["best_thr"]}
-    coverage = {arm: drawn_share(sd / "arms" / arm / "train.log") for arm in arm_ckpts}
+    coverage = {arm: drawn_share(arm_dir / arm / "train.log") for arm in arm_ckpts}
     result = {"seed": seed, "scores": scores, "pseudo": quality["fused"], "pseudo_labels": summary["pseudo_labels"],
               "gate": gate, "coverage": coverage, "protocol": args.protocol,
               "dontcare": summary["dontcare"], "keep_thr": chosen["keep_thr"], "val_fused": chosen["val"],
               "teachers_on_unlabeled": teacher_unl, "round2": round2,
               "seconds": {"teachers": round(t_teachers), "ensemble": round(t_ensemble),
                           **{f"arm_{a}": round(t) for a, t in t_arms.items()}, "total": round(time.time() - t0)}}
-    atomic_write_json(sd / "result.json", result, indent=2)
+    atomic_write_json(sd / f"result_{args.protocol}.json" if args.protocol != "continue" else sd / "result.json",
+                      result, indent=2)
     return result
 
 
@@ -260,6 +273,8 @@ PROTOCOL_TEXT = {
     "continue": "arms start from the first teacher at its final learning rate (constant 5e-5, no warm-up, fresh AdamW "
                 "moments), the same iterations each; the control is the teacher's schedule continued (convergence: "
                 "control - teacher < 1 F)",
+    "scratch": "every arm trains from scratch with the first teacher's config, seed and schedule (1,000 iterations), "
+               "only the added images changed; the control is that teacher itself (the STAC protocol)",
     "restart": "arms start from the first teacher with the student config's schedule (lr 2.5e-4, warm-up, decay): "
                "every arm, the control included, also gains from the learning-rate restart",
 }
@@ -348,9 +363,9 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=300)
     ap.add_argument("--size", type=int, default=320, help="side of the synthetic images (px)")
     ap.add_argument("--data-workers", type=int, default=2, help="processes generating the synthetic data")
-    ap.add_argument("--protocol", choices=sorted(ARM_SCHEDULES), default="continue",
+    ap.add_argument("--protocol", choices=sorted(PROTOCOL_TEXT), default="continue",
                     help="continue: arms at the teacher's final learning rate (no restart); restart: the student "
-                    "config's schedule")
+                    "config's schedule; scratch: every arm trained from scratch like the first teacher")
     ap.add_argument("--background-weight", type=float, default=0.5, help="negatives' weight in ssl_strong_bg")
     ap.add_argument("--devices", nargs="+", default=["cpu"], help="ensemble devices (cpu, cuda:0, ... or auto)")
     ap.add_argument("--infer-batch", type=int, default=1, help="images per forward pass in the ensemble")
@@ -363,7 +378,9 @@ def main() -> None:
     ap.add_argument("--set-fuse", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     args.set_teachers = TEACHER_SCHEDULE + args.set_teachers
-    args.arm_schedule = ARM_SCHEDULES[args.protocol]
+    args.arm_schedule = ARM_SCHEDULES.get(args.protocol, [])
+    if args.protocol == "scratch" and {"ssl_r2", "control_r2"} & set(args.arms):
+        ap.error("--arms: the rounds (ssl_r2, control_r2) continue from a trained model; use --protocol continue")
     if args.devices == ["auto"]:
         args.devices = "auto"
     for need, arm in (("ssl", "ssl_r2"), ("control", "control_r2")):
@@ -374,7 +391,8 @@ def main() -> None:
     d = ensure_data(Path(args.data), args)
     wd = Path(args.work_dir)
     results = [run_seed(s, d, args, wd) for s in args.seeds]
-    atomic_write_json(wd / "results.json", results, indent=2)
+    atomic_write_json(wd / ("results.json" if args.protocol == "continue" else f"results_{args.protocol}.json"),
+                      results, indent=2)
     print_table(results, args)
 
 

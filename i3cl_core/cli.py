@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "runs": ("i3cl_core.variants", "compare a work dir's pseudo-label variants and the models trained on each; gc old ones"),
     "convert-dataset": ("i3cl_core.data.convert", "convert ArT/LSVT/Total-Text/CTW1500/ICDAR2015/MLT/RCTW/mmocr/PaddleOCR annotations to COCO"),
     "convert-checkpoint": ("i3cl_core.model.convert", "import a checkpoint of the original mmdetection I3CL release"),
+    "export": ("i3cl_core.deploy.onnx_export", "export a checkpoint to ONNX (the whole detector) for the torch-free runtime"),
 }
 
 

@@ -178,3 +178,38 @@ def mask_to_polygon(mask: np.ndarray, epsilon: float = 0.005) -> np.ndarray | No
     if signed_area(poly) < 0:
         poly = poly[::-1].copy()
     return poly
+
+
+def paste_mask(prob: np.ndarray, box: np.ndarray, image_hw: tuple[int, int], thr: float) -> tuple[np.ndarray, int, int]:
+    """Binary mask of one detection inside its (integer, clipped) box: (mask, x0, y0). ``prob`` is the
+    mask head's M x M probability grid covering the float ``box`` (x1, y1, x2, y2), mapped onto the
+    integer crop with bilinear interpolation and binarised at ``thr``."""
+    import math
+
+    import cv2
+
+    h, w = image_hw
+    x0, y0 = int(math.floor(box[0])), int(math.floor(box[1]))
+    x1, y1 = int(math.ceil(box[2])), int(math.ceil(box[3]))
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(max(x1, x0 + 1), w), min(max(y1, y0 + 1), h)
+    bw, bh = max(x1 - x0, 1), max(y1 - y0, 1)
+    m = prob.shape[0]
+    sx, sy = m / max(box[2] - box[0], 1e-3), m / max(box[3] - box[1], 1e-3)
+    affine = np.array([[sx, 0, (x0 - box[0]) * sx + 0.5 * sx - 0.5], [0, sy, (y0 - box[1]) * sy + 0.5 * sy - 0.5]],
+                      np.float32)
+    crop = cv2.warpAffine(prob.astype(np.float32), affine, (bw, bh), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+    return (crop >= thr).astype(np.uint8), x0, y0
+
+
+def masks_to_polygons(boxes: np.ndarray, probs: np.ndarray, image_hw: tuple[int, int], thr: float,
+                      epsilon: float) -> list[np.ndarray | None]:
+    """One polygon per detection (``boxes`` [N, 4] and mask ``probs`` [N, M, M] in image coordinates): the
+    pasted mask's largest contour (:func:`mask_to_polygon`), ``None`` where the mask gives none, so that
+    indices stay aligned with the boxes and scores. The PyTorch predictor and the ONNX runtime share it."""
+    polys = []
+    for box, prob in zip(boxes, probs):
+        mask, x0, y0 = paste_mask(prob, box, image_hw, thr)
+        poly = mask_to_polygon(mask, epsilon)
+        polys.append(None if poly is None else poly + np.array([x0, y0], np.float32))
+    return polys

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 
-from i3cl_core.data.polygons import mask_to_polygon
+from i3cl_core.data.polygons import masks_to_polygons, paste_mask  # noqa: F401 (paste_mask: re-exported)
 from i3cl_core.model.backbone import FPN, build_backbone
 from i3cl_core.model.intra_cl import IntraCL
 from i3cl_core.model.roi_heads import RoIHeads
@@ -164,34 +164,12 @@ class I3CL(nn.Module):
 
 
 # ---------------------------------------------------------------------------------- masks -> polygons
-def paste_mask(prob: np.ndarray, box: np.ndarray, image_hw: tuple[int, int], thr: float) -> tuple[np.ndarray, int, int]:
-    """Binary mask of one detection inside its (integer, clipped) box: (mask, x0, y0)."""
-    import cv2
-
-    h, w = image_hw
-    x0, y0 = int(math.floor(box[0])), int(math.floor(box[1]))
-    x1, y1 = int(math.ceil(box[2])), int(math.ceil(box[3]))
-    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(max(x1, x0 + 1), w), min(max(y1, y0 + 1), h)
-    bw, bh = max(x1 - x0, 1), max(y1 - y0, 1)
-    # map the 28x28 grid (covering the float box) onto the integer crop, bilinear
-    m = prob.shape[0]
-    sx, sy = m / max(box[2] - box[0], 1e-3), m / max(box[3] - box[1], 1e-3)
-    affine = np.array([[sx, 0, (x0 - box[0]) * sx + 0.5 * sx - 0.5], [0, sy, (y0 - box[1]) * sy + 0.5 * sy - 0.5]], np.float32)
-    crop = cv2.warpAffine(prob.astype(np.float32), affine, (bw, bh), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
-    return (crop >= thr).astype(np.uint8), x0, y0
-
-
 def detections_to_polygons(boxes: Tensor, scores: Tensor, mask_probs: Tensor, image_hw, thr: float, epsilon: float) -> dict:
     """Polygons (original image coordinates) for each detection; detections whose mask yields no
-    polygon get ``None`` so that indices stay aligned with boxes and scores."""
-    polys = []
+    polygon get ``None`` so that indices stay aligned with boxes and scores
+    (:func:`i3cl_core.data.polygons.masks_to_polygons`, the rule the torch-free runtime shares)."""
     probs = mask_probs.detach().float().cpu().numpy()
-    for box, prob in zip(boxes.detach().cpu().numpy(), probs):
-        mask, x0, y0 = paste_mask(prob, box, image_hw, thr)
-        poly = mask_to_polygon(mask, epsilon)
-        polys.append(None if poly is None else poly + np.array([x0, y0], np.float32))
-    return {"polygons": polys}
+    return {"polygons": masks_to_polygons(boxes.detach().cpu().numpy(), probs, image_hw, thr, epsilon)}
 
 
 def build_model(cfg) -> I3CL:

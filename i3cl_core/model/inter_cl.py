@@ -32,6 +32,8 @@ class GlobalContext(nn.Module):
         self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 1, bias=False) for _ in range(num_levels))
 
     def forward(self, features: list[torch.Tensor], image_sizes: list[tuple[int, int]], padded_hw: tuple[int, int]):
+        if torch.onnx.is_in_onnx_export():
+            return self.forward_traced(features, image_sizes[0], padded_hw)
         context = None
         for conv, feat in zip(self.convs, features):
             y = conv(feat)
@@ -44,6 +46,53 @@ class GlobalContext(nn.Module):
             level = torch.stack(pooled)
             context = level if context is None else context + level
         return context  # [B, C]
+
+    def forward_traced(self, features: list[torch.Tensor], image_size, padded_hw) -> torch.Tensor:
+        """The same context for one image whose valid size ``image_size`` (h, w) and padded size ``padded_hw``
+        are tensors: every size stays a value of the graph (ONNX export)."""
+        h, w = image_size[0], image_size[1]
+        padded = padded_hw
+        context = None
+        for conv, feat in zip(self.convs, features):
+            y = conv(feat)
+            fh, fw = torch._shape_as_tensor(y)[-2], torch._shape_as_tensor(y)[-1]
+            vh = torch.minimum(torch.clamp((h * fh + padded[0] - 1) // padded[0], min=1), fh)  # ceil(h / stride)
+            vw = torch.minimum(torch.clamp((w * fw + padded[1] - 1) // padded[1], min=1), fw)
+            rows = (torch.arange(y.shape[-2], device=y.device) < vh).to(y.dtype)
+            cols = (torch.arange(y.shape[-1], device=y.device) < vw).to(y.dtype)
+            level = (y * rows[:, None] * cols[None, :]).sum(dim=(2, 3)) / (vh * vw).to(y.dtype)
+            context = level if context is None else context + level
+        return context  # [1, C]
+
+
+def adaptive_max_pool_unrolled(x: torch.Tensor, out: int) -> torch.Tensor:
+    """``F.adaptive_max_pool2d(x, out)`` written as the max over each of its windows (rows
+    floor(i * S / out) to ceil((i + 1) * S / out)): the same values, for exporters that cannot read the
+    input size of the adaptive pooling."""
+    sh, sw = int(x.shape[-2]), int(x.shape[-1])
+    rows = []
+    for i in range(out):
+        h0, h1 = i * sh // out, -(-(i + 1) * sh // out)
+        cells = [x[..., h0:h1, j * sw // out: -(-(j + 1) * sw // out)].amax(dim=(-2, -1)) for j in range(out)]
+        rows.append(torch.stack(cells, dim=-1))
+    return torch.stack(rows, dim=-2)
+
+
+def encoder_unrolled(encoder: nn.TransformerEncoder, x: torch.Tensor) -> torch.Tensor:
+    """``encoder(x.unsqueeze(1)).squeeze(1)`` in eval mode for one sequence ``x`` [N, d], written with
+    reshapes that keep N a value of the graph (the exporter fixes it at the traced count inside
+    ``nn.MultiheadAttention``). Post-norm layers with ReLU, as :class:`InterCL` builds them."""
+    for layer in encoder.layers:
+        attn = layer.self_attn
+        heads = attn.num_heads
+        d = x.shape[-1]
+        q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.reshape(-1, heads, d // heads).transpose(0, 1) for t in (q, k, v))  # [heads, N, d / heads]
+        weights = torch.softmax(q @ k.transpose(1, 2) / float(d // heads) ** 0.5, dim=-1)
+        a = (weights @ v).transpose(0, 1).reshape(-1, d)
+        x = layer.norm1(x + attn.out_proj(a))
+        x = layer.norm2(x + layer.linear2(torch.relu(layer.linear1(x))))
+    return x if encoder.norm is None else encoder.norm(x)
 
 
 class InterCL(nn.Module):
@@ -90,6 +139,8 @@ class InterCL(nn.Module):
     ) -> torch.Tensor:
         """``rois`` [N, C, S, S] ordered image by image; ``counts[i]`` RoIs belong to image i;
         ``features`` the FPN levels P2-P5 of the batch."""
+        if torch.onnx.is_in_onnx_export():
+            return self.forward_traced(rois, features, image_sizes, padded_hw)
         if rois.shape[0] == 0:
             return rois
         assert sum(counts) == rois.shape[0], (counts, rois.shape)
@@ -105,4 +156,16 @@ class InterCL(nn.Module):
         t = F.interpolate(self.from_tokens(t), size=size, mode="bilinear", align_corners=True)
         g = torch.repeat_interleave(context, torch.as_tensor(counts, device=rois.device), dim=0)
         fused = rois + t + g[:, :, None, None]
+        return torch.relu(self.bn(self.fuse_conv1(self.fuse_conv3(fused))))
+
+    def forward_traced(self, rois: torch.Tensor, features: list[torch.Tensor], image_sizes, padded_hw) -> torch.Tensor:
+        """:meth:`forward` for the RoIs of one image with no branch on their number (ONNX export: the graph
+        holds every step whatever the number of detections; ``image_sizes[0]`` and ``padded_hw`` are tensors)."""
+        context = self.context.forward_traced(features, image_sizes[0], padded_hw)  # [1, C]
+        size = (int(rois.shape[-2]), int(rois.shape[-1]))  # the mask RoIAlign's fixed output size
+        tokens = adaptive_max_pool_unrolled(self.to_tokens(rois), self.token_pool).flatten(1)  # [N, d]
+        t = encoder_unrolled(self.transformer, tokens)
+        t = t.reshape(-1, self.token_channels, self.token_pool, self.token_pool)
+        t = F.interpolate(self.from_tokens(t), size=size, mode="bilinear", align_corners=True)
+        fused = rois + t + context[:, :, None, None]
         return torch.relu(self.bn(self.fuse_conv1(self.fuse_conv3(fused))))

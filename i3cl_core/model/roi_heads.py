@@ -49,6 +49,8 @@ class RoIPooler(nn.Module):
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
         c = features[0].shape[1]
         out = features[0].new_zeros((rois.shape[0], c, self.output_size, self.output_size))
+        if torch.onnx.is_in_onnx_export():
+            return self.forward_traced(features, rois)
         if rois.shape[0] == 0:
             return out
         levels = self.levels(rois[:, 1:])
@@ -57,6 +59,17 @@ class RoIPooler(nn.Module):
             if idx.numel():
                 out[idx] = roi_align(feat, rois[idx], self.output_size, 1.0 / stride, sampling_ratio=0, aligned=True).to(out.dtype)
         return out
+
+    def forward_traced(self, features: list[Tensor], rois: Tensor) -> Tensor:
+        """:meth:`forward` without a branch on the number of RoIs and without in-place indexing (ONNX export):
+        each level pools its RoIs, the results are concatenated and put back in the RoIs' order."""
+        levels = self.levels(rois[:, 1:])
+        pooled, order = [], []
+        for lvl, (feat, stride) in enumerate(zip(features, self.strides)):
+            idx = torch.where(levels == lvl)[0]
+            pooled.append(roi_align(feat, rois[idx], self.output_size, 1.0 / stride, sampling_ratio=0, aligned=True))
+            order.append(idx)
+        return torch.cat(pooled)[torch.argsort(torch.cat(order))]
 
 
 class BoxHead(nn.Module):
