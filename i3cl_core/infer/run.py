@@ -130,16 +130,15 @@ class ImageDataset:
     None, error)``; a failure becomes an error string, not an exception. ``keep_rgb``: also return the
     decoded array (for drawing), else None."""
 
-    def __init__(self, items: list[ImageItem], keep_rgb: bool = False):
+    def __init__(self, items: list[ImageItem], keep_rgb: bool = False, as_tensor: bool = True):
         self.items = items
         self.keep_rgb = keep_rgb
+        self.as_tensor = as_tensor  # False: the RGB array in place of the tensor (the torch-free engine)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int):
-        import torch
-
         from i3cl_core.data.image_io import read_image
 
         item = self.items[i]
@@ -147,6 +146,10 @@ class ImageDataset:
             rgb = read_image(item.path, f"image {item.image_id}")
         except DatasetError as e:
             return i, None, None, str(e)
+        if not self.as_tensor:
+            return i, rgb, rgb if self.keep_rgb else None, None
+        import torch
+
         tensor = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float().div_(255.0)
         return i, tensor, rgb if self.keep_rgb else None, None
 
@@ -249,6 +252,9 @@ def commit_staged(staging: Path, out: Path, manifest: dict) -> None:
     _remove(staging)
 
 
+ENGINES = ("torch", "onnxruntime")
+
+
 def infer_images(
     checkpoint: str,
     items: list[ImageItem],
@@ -264,26 +270,32 @@ def infer_images(
     model=None,
     write_exports: bool = True,
     precision: str = "auto",
+    engine: str = "torch",
+    threads: int | None = None,
 ) -> dict:
     """Run one checkpoint over ``items``; returns a summary (counts, seconds, failures). ``precision``:
-    see :mod:`i3cl_core.infer.precision` (ignored when a ``model`` is given)."""
-    import torch
-    from torch.utils.data import DataLoader
+    see :mod:`i3cl_core.infer.precision` (ignored when a ``model`` is given). ``engine="onnxruntime"``:
+    ``checkpoint`` is a file from ``i3cl export``, run by :class:`~i3cl_core.deploy.onnx_runtime.OnnxDetector`
+    on ``threads`` CPU threads without importing torch (``device``, ``precision`` and ``batch_size`` do not
+    apply; ``model_overrides`` may set the test sides)."""
     from tqdm import tqdm
 
     from i3cl_core.infer.export import art_entries, coco_result, draw_results, txt_lines
-    from i3cl_core.infer.precision import load_inference_model
-    from i3cl_core.infer.predictor import predict_polygons, resolve_device
 
+    if engine not in ENGINES:
+        raise DatasetError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     check_output_names(items)
     out = Path(out_dir)
-    dev = resolve_device(device)
-    cfg, prec = None, None
-    if model is None:
-        model, cfg, prec = load_inference_model(checkpoint, dev, precision, model_overrides)
-    eps = epsilon if epsilon is not None else (cfg.infer.polygon_epsilon if cfg is not None else 0.005)
+    if engine == "onnxruntime":
+        predict, batches, eps, prec, image_hw = _onnx_engine(checkpoint, epsilon, model_overrides, threads, visualize,
+                                                             model)
+    else:
+        predict, batches, eps, prec, image_hw = _torch_engine(checkpoint, items, epsilon, model_overrides, device,
+                                                              precision, model, batch_size, num_workers, visualize)
     manifest = {"checkpoint": _file_stats(checkpoint) if checkpoint else None, "score_thr": score_thr,
                 "epsilon": eps, "model_overrides": model_overrides or {}, "precision": prec}
+    if engine != "torch":  # recorded only when not the default, so that earlier runs' outputs stay resumable
+        manifest["engine"] = engine
     manifest = json.loads(json.dumps(manifest))  # as read back from a file (lists, not tuples)
     root = prepare_output(out, manifest)  # out, or out/.infer-next while a complete run with other settings is there
     per_image = root / "per_image"
@@ -292,33 +304,28 @@ def infer_images(
     skipped = len(items) - len(todo)
     if skipped:
         log.info("%s: %d of %d images already done, skipping them", out, skipped, len(items))
-    from i3cl_core.utils import worker_init
-
-    loader = DataLoader(ImageDataset([items[i] for i in todo], keep_rgb=visualize), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=collate_items, worker_init_fn=worker_init)
     failures: list[str] = []
     t0 = time.time()
     bar = tqdm(total=len(todo), desc=f"infer {Path(checkpoint).name if checkpoint else ''}", unit="img",
                disable=not progress, dynamic_ncols=True)
-    model.eval()
-    with torch.no_grad():
-        for batch in loader:
-            good = [(j, t, rgb) for j, t, rgb, err in batch if err is None]
-            for _, _, _, err in batch:
-                if err is not None:
-                    failures.append(err)
-                    log.warning("skipping %s", err)
-            if good:
-                outputs = predict_polygons(model, [t.to(dev) for _, t, _ in good], eps)
-                for (j, t, rgb), polygons in zip(good, outputs):
-                    item = items[todo[j]]
-                    results = [coco_result(item.image_id, poly, s) for poly, s in polygons if s >= score_thr]
-                    record = {"image_id": item.image_id, "file_name": item.file_name, "width": int(t.shape[-1]),
-                              "height": int(t.shape[-2]), "results": results}
-                    if visualize:
-                        draw_results(rgb, results, root / "vis" / f"{item.stem}.png")
-                    atomic_write_json(per_image / f"{item.key}.json", record)
-            bar.update(len(batch))
+    for batch in batches([items[i] for i in todo]):
+        good = [(j, x, rgb) for j, x, rgb, err in batch if err is None]
+        for _, _, _, err in batch:
+            if err is not None:
+                failures.append(err)
+                log.warning("skipping %s", err)
+        if good:
+            outputs = predict([x for _, x, _ in good])
+            for (j, x, rgb), polygons in zip(good, outputs):
+                item = items[todo[j]]
+                results = [coco_result(item.image_id, poly, s) for poly, s in polygons if s >= score_thr]
+                h, w = image_hw(x)
+                record = {"image_id": item.image_id, "file_name": item.file_name, "width": w, "height": h,
+                          "results": results}
+                if visualize:
+                    draw_results(rgb, results, root / "vis" / f"{item.stem}.png")
+                atomic_write_json(per_image / f"{item.key}.json", record)
+        bar.update(len(batch))
     bar.close()
     seconds = time.time() - t0
     summary = {"images": len(items), "processed": len(todo) - len(failures), "skipped_done": skipped,
@@ -336,6 +343,57 @@ def infer_images(
     else:
         atomic_write_json(out / "run.json", manifest, indent=2)
     return summary
+
+
+def _torch_engine(checkpoint, items, epsilon, model_overrides, device, precision, model, batch_size, num_workers,
+                  visualize):
+    """(predict, batches, epsilon, precision, image_hw) of the PyTorch engine: images decoded in DataLoader
+    workers, predicted in batches on ``device`` (:func:`~i3cl_core.infer.predictor.predict_polygons`)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from i3cl_core.infer.precision import load_inference_model
+    from i3cl_core.infer.predictor import predict_polygons, resolve_device
+    from i3cl_core.utils import worker_init
+
+    dev = resolve_device(device)
+    cfg, prec = None, None
+    if model is None:
+        model, cfg, prec = load_inference_model(checkpoint, dev, precision, model_overrides)
+    model.eval()
+    eps = epsilon if epsilon is not None else (cfg.infer.polygon_epsilon if cfg is not None else 0.005)
+
+    def batches(todo):
+        return DataLoader(ImageDataset(todo, keep_rgb=visualize), batch_size=batch_size, shuffle=False,
+                          num_workers=num_workers, collate_fn=collate_items, worker_init_fn=worker_init)
+
+    def predict(tensors):
+        with torch.no_grad():
+            return predict_polygons(model, [t.to(dev) for t in tensors], eps)
+
+    return predict, batches, eps, prec, lambda t: (int(t.shape[-2]), int(t.shape[-1]))
+
+
+def _onnx_engine(path, epsilon, model_overrides, threads, visualize, detector=None):
+    """(predict, batches, epsilon, precision, image_hw) of the torch-free engine: an exported model in an
+    onnxruntime session (:class:`~i3cl_core.deploy.onnx_runtime.OnnxDetector`, ``detector`` when given),
+    one image at a time."""
+    from i3cl_core.deploy.onnx_runtime import OnnxDetector
+
+    detector = detector if detector is not None else OnnxDetector(path, threads=threads)
+    for key, value in (model_overrides or {}).items():
+        if key not in ("test_short_side", "test_long_side"):
+            raise DatasetError(f"--engine onnxruntime: {key} is fixed in the exported graph; only the test sides "
+                               "can change")
+        detector.preprocess_settings[key] = int(value)
+    eps = epsilon if epsilon is not None else detector.polygon_epsilon
+
+    def batches(todo):
+        data = ImageDataset(todo, keep_rgb=visualize, as_tensor=False)
+        return ([data[i]] for i in range(len(data)))
+
+    return (lambda rgbs: [detector.predict(rgb, eps) for rgb in rgbs]), batches, eps, "fp32", \
+        lambda rgb: (int(rgb.shape[0]), int(rgb.shape[1]))
 
 
 def write_outputs(items: list[ImageItem], out: Path, txt_lines, art_entries) -> dict:
@@ -371,7 +429,13 @@ def write_outputs(items: list[ImageItem], out: Path, txt_lines, art_entries) -> 
 
 # ------------------------------------------------------------------------------------ CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="an i3cl checkpoint (.pth)")
+    p.add_argument("--checkpoint", help="an i3cl checkpoint (.pth), for --engine torch")
+    p.add_argument("--engine", default="torch", choices=ENGINES,
+                   help="torch (default) runs a checkpoint; onnxruntime runs a file from `i3cl export` (--model) "
+                   "without importing torch")
+    p.add_argument("--model", help="an exported model (.onnx from `i3cl export`), for --engine onnxruntime")
+    p.add_argument("--threads", type=int, help="--engine onnxruntime: CPU threads of the session (default: "
+                   "onnxruntime's choice)")
     p.add_argument("--images", required=True, help="folder, glob pattern, .txt list, or COCO json of images")
     p.add_argument("--img-root", help="image root for a COCO json (default: the json's folder)")
     p.add_argument("--out", required=True, help="output folder")
@@ -390,10 +454,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from i3cl_core.model.checkpoint import config_from_checkpoint, load_checkpoint
-
     if args.batch_size < 1:
         raise DatasetError("--batch-size must be >= 1")
+    if args.engine == "onnxruntime":
+        if not args.model or args.checkpoint:
+            raise DatasetError("--engine onnxruntime runs --model MODEL.onnx (from `i3cl export`), not --checkpoint")
+        source = args.model
+    else:
+        if not args.checkpoint or args.model:
+            raise DatasetError("--engine torch runs --checkpoint CHECKPOINT.pth; an exported --model needs "
+                               "--engine onnxruntime")
+        source = args.checkpoint
+    detector = None
+    if args.engine == "onnxruntime":  # a bad model file is refused before the images are listed
+        from i3cl_core.deploy.onnx_runtime import OnnxDetector
+
+        detector = OnnxDetector(source, threads=args.threads)
     items = collect_images(args.images, args.img_root)
     if not items:
         raise DatasetError(f"{args.images}: no images found")
@@ -403,13 +479,17 @@ def run(args: argparse.Namespace) -> int:
     if args.long_side:
         overrides["test_long_side"] = args.long_side
     score_thr = args.score_thr
-    if score_thr is None:
-        score_thr = config_from_checkpoint(load_checkpoint(args.checkpoint), args.checkpoint).infer.score_thr
+    if score_thr is None and detector is not None:
+        score_thr = detector.score_thr
+    elif score_thr is None:
+        from i3cl_core.model.checkpoint import config_from_checkpoint, load_checkpoint
+
+        score_thr = config_from_checkpoint(load_checkpoint(source), source).infer.score_thr
     if not 0.0 <= score_thr <= 1.0:
         raise DatasetError(f"--score-thr must be in [0, 1], got {score_thr}")
-    summary = infer_images(args.checkpoint, items, args.out, score_thr, args.device, args.batch_size, args.workers,
+    summary = infer_images(source, items, args.out, score_thr, args.device, args.batch_size, args.workers,
                            visualize=not args.no_vis, model_overrides=overrides or None, progress=not args.no_progress,
-                           precision=args.precision)
+                           precision=args.precision, engine=args.engine, threads=args.threads, model=detector)
     print(json.dumps(summary))
     if summary.get("submission_skipped"):
         print(f"i3cl infer: warning: {summary['submission_skipped']}", file=sys.stderr)
