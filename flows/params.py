@@ -105,6 +105,10 @@ class InferParams(_Params):
         default_factory=list,
         description="predictions of other detectors on the unlabeled images, fused next to the teachers: a COCO "
         "results or ArT json, or FORMAT:PATH with FORMAT paddleocr, rapidocr, doctr or mmocr")
+    exported_members: list[str] = Field(
+        default_factory=list,
+        description="exported models (.onnx files from `i3cl export`) run over the unlabeled images (and the "
+        "validation split) next to the teachers, by onnxruntime on the CPU")
     extra_val_members: list[str] = Field(
         default_factory=list,
         description="the same detectors on the labeled validation split, in the same order (needed when a "
@@ -128,6 +132,13 @@ class InferParams(_Params):
                              "cluster the stage starts), not both")
         if isinstance(self.devices, list) and not self.devices:
             raise ValueError("infer.devices: the list is empty; give 'auto' or at least one device")
+        bad = [m for m in self.exported_members if not m.lower().endswith(".onnx")]
+        if bad:
+            raise ValueError(f"infer.exported_members: {bad[0]} is not an .onnx file (export a checkpoint with "
+                             "`i3cl export CHECKPOINT --out MODEL.onnx`)")
+        if self.exported_members and (self.tta_flips or self.tta_scales):
+            raise ValueError("infer.exported_members: test-time augmentation (tta_flips, tta_scales) is not available "
+                             "for exported models; leave it empty or use checkpoints")
         if self.extra_val_members and len(self.extra_val_members) != len(self.extra_members):
             raise ValueError(f"extra_val_members: {len(self.extra_val_members)} entries for "
                              f"{len(self.extra_members)} extra_members; give one per extra member, same order")

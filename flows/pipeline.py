@@ -249,7 +249,7 @@ def ensemble_inference(work_dir: str = "runs/demo", data: DataParams = DataParam
     wd = _open_work_dir(work_dir, create=False)
     d = _data(data, wd)
     rd = _round_dir(wd, ssl_round)
-    models = _ensemble_models(wd, ssl_round, with_teachers)
+    models = {**_ensemble_models(wd, ssl_round, with_teachers), **stages.exported_members(infer.exported_members)}
     runner, devices = _task_runner(infer)
     if devices:
         print(f"ensemble inference: {len(devices)} worker(s) on {', '.join(devices)}")

@@ -246,6 +246,20 @@ def preflight(d: dict, workers: int = 8) -> dict:
     return {"images": result.images, "seconds": round(result.seconds, 2)}
 
 
+def exported_members(paths: list[str]) -> dict[str, str]:
+    """``{"exported-<stem>": path}`` of the exported models (``infer.exported_members``) that join the ensemble
+    next to the teachers; a missing file is refused before any inference."""
+    out = {}
+    for p in paths:
+        if not Path(p).is_file():
+            raise PipelineError(f"infer.exported_members: {p}: no such file")
+        name, k = f"exported-{Path(p).stem}", 2
+        while name in out:
+            name, k = f"exported-{Path(p).stem}-{k}", k + 1
+        out[name] = str(Path(p).resolve())
+    return out
+
+
 def extra_members(specs: list[str], shards: list[list[dict]], out_dir) -> list[str]:
     """Member paths of other detectors' predictions (``infer.extra_members``) on the images of ``shards``;
     ``FORMAT:PATH`` entries are converted to COCO results in ``out_dir``."""

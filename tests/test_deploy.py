@@ -200,3 +200,44 @@ def test_r50_config_exports(tmp_path):
     s = export_onnx(ckpt, tmp_path / "r50.onnx")
     assert s["sample_detections"] > 0 and s["parity"]["max_score_diff"] < 1e-3
     assert s["parity"]["max_box_diff"] < 0.05
+
+
+def test_an_exported_model_joins_the_ensemble_next_to_its_checkpoint(exported, tmp_path):
+    """`i3cl ensemble --checkpoints a.pth a.onnx`: the exported member's shards hold the same detections."""
+    from PIL import Image
+
+    from i3cl_core.pseudo.ensemble import run_ensemble
+
+    folder = tmp_path / "unlabeled"
+    folder.mkdir()
+    for k, rgb in enumerate(synth_images([(256, 256), (300, 200), (200, 300)], seed=11)):
+        Image.fromarray(rgb).save(folder / f"u_{k}.png")
+    s = run_ensemble([exported["ckpt"], str(exported["onnx"])], str(folder), tmp_path / "ens", shard_size=2,
+                     devices=["cpu"], precision="fp32", progress=False, batch_size=1, loader_workers=0)
+    assert s["models"][1]["model"] == "model" and s["models"][1]["computed"] == 2
+    by_member = []
+    for member in s["members"]:
+        results = []
+        for f in sorted(Path(member).glob("shard_*.json")):
+            results += json.loads(f.read_text())
+        by_member.append(results)
+    torch_results, onnx_results = by_member
+    assert torch_results and abs(len(torch_results) - len(onnx_results)) <= 1
+    close = sum(any(y["image_id"] == x["image_id"] and abs(y["score"] - x["score"]) <= 1e-4 for y in onnx_results)
+                for x in torch_results)
+    assert close >= len(torch_results) - 1
+    with pytest.raises(Exception, match="test-time augmentation"):
+        run_ensemble([str(exported["onnx"])], str(folder), tmp_path / "ens_tta", devices=["cpu"], flips=["h"],
+                     progress=False, loader_workers=0)
+
+
+def test_pipeline_exported_members_are_checked():
+    from pydantic import ValidationError
+
+    from flows.params import InferParams
+
+    assert InferParams(exported_members=["m.onnx"]).exported_members == ["m.onnx"]
+    with pytest.raises(ValidationError, match="not an .onnx file"):
+        InferParams(exported_members=["m.pth"])
+    with pytest.raises(ValidationError, match="test-time augmentation"):
+        InferParams(exported_members=["m.onnx"], tta_flips=["h"])

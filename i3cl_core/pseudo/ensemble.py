@@ -144,22 +144,30 @@ class DeviceWorkers:
             self._free.put(i)
 
     def model(self, worker: int, checkpoint: str, precision: str):
-        """(model, cfg, precision) of ``checkpoint`` on this worker's device, loaded on first use (a
-        checkpoint file replaced under the same name is loaded again)."""
+        """(model, polygon epsilon, precision) of ``checkpoint`` on this worker's device, loaded on first use (a
+        checkpoint file replaced under the same name is loaded again). An exported model (``.onnx``, from
+        ``i3cl export``) is an :class:`~i3cl_core.deploy.onnx_runtime.OnnxDetector` on the CPU, in float32."""
         st = os.stat(checkpoint)
         device = self.devices[worker]
-        prec = resolve_precision(precision, device)
+        onnx = is_exported(checkpoint)
+        prec = "fp32" if onnx else resolve_precision(precision, device)
         key = (os.path.abspath(checkpoint), st.st_size, st.st_mtime_ns, prec)
         cache = self._models[worker]
         if key not in cache:
-            model, cfg, _ = load_inference_model(checkpoint, device, prec)
-            cache[key] = (model, cfg)
+            if onnx:
+                from i3cl_core.deploy.onnx_runtime import OnnxDetector
+
+                model = OnnxDetector(checkpoint)
+                cache[key] = (model, model.polygon_epsilon)
+            else:
+                model, cfg, _ = load_inference_model(checkpoint, device, prec)
+                cache[key] = (model, cfg.infer.polygon_epsilon)
             self.loads[worker] += 1
             while len(cache) > self.max_models:
                 cache.popitem(last=False)
         cache.move_to_end(key)
-        model, cfg = cache[key]
-        return model, cfg, prec
+        model, epsilon = cache[key]
+        return model, epsilon, prec
 
     def decoder(self, worker: int, threads: int):
         """This worker's pool of ``threads`` image-decoding threads, started on first use and kept (None:
@@ -227,6 +235,11 @@ def release_device_workers() -> None:
         _WORKERS.clear()
 
 
+def is_exported(checkpoint: str | os.PathLike) -> bool:
+    """Whether an ensemble member is an exported model (``.onnx`` from ``i3cl export``) rather than a checkpoint."""
+    return str(checkpoint).lower().endswith(".onnx")
+
+
 # ------------------------------------------------------------------------------------ one shard
 def decode(job: tuple[str, str]) -> tuple[np.ndarray | None, str | None]:
     """``(path, what)`` -> (RGB array, None) or (None, error): one image, in a decoding thread."""
@@ -252,9 +265,17 @@ def run_shard(model, shard: Shard, path: Path, score_thr: float, device, epsilon
     jobs = [(str(it.path), f"image {it.image_id}") for it in shard.items]
     decoded = decoder.map(decode, jobs) if decoder is not None else map(decode, jobs)  # in order, decoded ahead
     results, failures, batch = [], [], []
+    exported = not isinstance(model, torch.nn.Module)  # an OnnxDetector: RGB arrays in, one at a time
+    if exported and (flips or scales):
+        raise DatasetError(f"{getattr(model, 'path', 'an exported model')}: test-time augmentation (flips, scales) "
+                           "is not available for exported members; leave infer.tta_flips/tta_scales empty or use "
+                           "the checkpoint")
 
     def flush() -> None:
-        preds = predict_polygons(model, [t for _, t in batch], epsilon, flips, scales)
+        if exported:
+            preds = [model.predict(rgb, epsilon) for _, rgb in batch]
+        else:
+            preds = predict_polygons(model, [t for _, t in batch], epsilon, flips, scales)
         for (j, _), image_preds in zip(batch, preds):
             item = shard.items[j]
             results.extend(coco_result(item.image_id, poly, s) for poly, s in image_preds if s >= score_thr)
@@ -265,8 +286,11 @@ def run_shard(model, shard: Shard, path: Path, score_thr: float, device, epsilon
             if err is not None:
                 failures.append(err)
                 continue
-            t = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).to(device, non_blocking=True)
-            batch.append((j, t.float().div_(255.0)))
+            if exported:
+                batch.append((j, rgb))
+            else:
+                t = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).to(device, non_blocking=True)
+                batch.append((j, t.float().div_(255.0)))
             if len(batch) == batch_size:
                 flush()
         if batch:
@@ -281,9 +305,9 @@ def infer_shard(checkpoint: str, shard: Shard, out_dir: str | os.PathLike, score
     (the ensemble stage's unit of work, the same for ``i3cl ensemble`` and the pipeline)."""
     workers = device_workers(devices)
     with workers.take() as w:
-        model, cfg, prec = workers.model(w, checkpoint, precision)
+        model, epsilon, prec = workers.model(w, checkpoint, precision)
         path = Path(out_dir) / shard.name
-        result = run_shard(model, shard, path, score_thr, workers.devices[w], cfg.infer.polygon_epsilon, flips, scales,
+        result = run_shard(model, shard, path, score_thr, workers.devices[w], epsilon, flips, scales,
                            batch_size, workers.decoder(w, loader_workers))
     return {**result, "path": str(path), "device": workers.devices[w], "worker": w, "precision": prec}
 
@@ -379,7 +403,8 @@ def run_ensemble(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoints", nargs="+", default=[], help="i3cl checkpoints, one per ensemble member")
+    p.add_argument("--checkpoints", nargs="+", default=[], help="i3cl checkpoints (.pth) or exported models (.onnx, "
+                   "from `i3cl export`, run by onnxruntime on the CPU), one per ensemble member")
     p.add_argument("--images", required=True, help="folder, glob, .txt list or COCO json of the unlabeled images")
     p.add_argument("--img-root", help="image root for a COCO json (default: its folder)")
     p.add_argument("--out", required=True)
