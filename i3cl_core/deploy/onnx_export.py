@@ -65,6 +65,7 @@ def export_graph(model):
 
 
 def metadata(cfg, checkpoint: str, opset: int) -> dict[str, str]:
+    """The file's ``metadata_props``: format version, the whole config, pre- and post-processing settings."""
     from i3cl_core import __version__
 
     m = cfg.model
@@ -104,6 +105,7 @@ def _graph_inputs(model, rgb):
 
 
 def preprocess_settings(model_cfg) -> dict:
+    """What the runtime needs to pre-process an image for this model (``i3cl.preprocess``)."""
     return json.loads(metadata_preprocess(model_cfg))
 
 
@@ -169,7 +171,7 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: in
         expected = graph(*inputs)
     if expected[0].shape[0] == 0:
         raise ExportError(f"{checkpoint}: the model finds no text in the tracing image, so the export could not "
-                          "follow its post-processing; pass a sample image with text (export_onnx(sample=...))")
+                          "follow its post-processing; give an image with text it detects (--sample-image)")
     buf = io.BytesIO()
     try:
         with warnings.catch_warnings():
@@ -213,11 +215,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (onnx)")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET}, at least 16)")
+    p.add_argument("--sample-image", help="the image the export traces (default: a synthetic one with text); the "
+                   "model must detect text in it")
 
 
 def run(args: argparse.Namespace) -> int:
+    sample = None
+    if args.sample_image:
+        from i3cl_core.data.image_io import read_image
+
+        sample = read_image(args.sample_image, "--sample-image")
     try:
-        summary = export_onnx(args.checkpoint, args.out, args.opset)
+        summary = export_onnx(args.checkpoint, args.out, args.opset, sample)
     except ExportError as e:
         import sys
 
