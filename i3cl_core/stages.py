@@ -301,20 +301,21 @@ def fuse_stage(members: list[str], images_json: str, out: str, cfg, gt: str | No
     on a labeled validation split (``val_members`` over ``val_ann_file``), ``keep_thr`` is chosen
     there first; ``gt`` (the unlabeled set's hidden ground truth) only measures the result."""
     from i3cl_core.pseudo.fuse import fuse_predictions
-    from i3cl_core.pseudo.thresholds import choose_keep_thr, with_keep_thr
+    from i3cl_core.pseudo.thresholds import choose_fusion, with_keep_thr
 
     chosen = None
     if cfg.auto_keep_thr and val_members and val_ann_file:
-        chosen = choose_keep_thr(val_members, val_ann_file, cfg)
-        cfg = with_keep_thr(cfg, chosen["keep_thr"])
+        chosen = choose_fusion(val_members, val_ann_file, cfg)
+        cfg = with_keep_thr(cfg.model_copy(update={"min_votes": chosen["min_votes"]}), chosen["keep_thr"])
     summary = fuse_predictions(members, images_json, out, cfg, gt=gt, img_root=img_root, progress=False)
-    selection = {"keep_thr": cfg.keep_thr, "chosen_on": val_ann_file if chosen else None,
-                 "val": chosen["val"] if chosen else None, "val_sweep": chosen["sweep"] if chosen else None}
+    selection = {"keep_thr": cfg.keep_thr, "min_votes": cfg.min_votes, "chosen_on": val_ann_file if chosen else None,
+                 "val": chosen["val"] if chosen else None, "val_sweep": chosen["sweep"] if chosen else None,
+                 "val_by_min_votes": chosen["by_min_votes"] if chosen else None}
     report_path = Path(summary["report"])
     report = json.loads(report_path.read_text())
     report["keep_thr_selection"] = selection
     atomic_write_json(report_path, report, indent=2)
-    return {**summary, "keep_thr": cfg.keep_thr, "keep_thr_chosen_on": selection["chosen_on"]}
+    return {**summary, "keep_thr": cfg.keep_thr, "min_votes": cfg.min_votes, "keep_thr_chosen_on": selection["chosen_on"]}
 
 
 # ------------------------------------------------------------------------------------ evaluation

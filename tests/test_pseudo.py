@@ -589,3 +589,27 @@ def test_keep_thr_beta_below_one_chooses_for_precision(monkeypatch):
     assert thresholds.f_beta(0.95, 0.60, 0.5) == pytest.approx(1.25 * 0.57 / (0.25 * 0.95 + 0.60))
     with pytest.raises(Exception, match="keep_thr_beta"):
         FuseConfig(keep_thr_beta=0)
+
+
+def test_min_votes_is_chosen_on_the_validation_split_with_its_keep_thr(monkeypatch):
+    """auto_min_votes: each min_votes from 1 to the number of models gets its own best keep_thr on the validation
+    split; the best F wins, ties go to more votes; switched off, min_votes stays as given."""
+    from i3cl_core.pseudo import thresholds
+
+    def sweep(sources, images_json, cfg):  # one vote: more recall; two votes: precise but misses text
+        p, r = {1: (0.80, 0.78), 2: (0.90, 0.60), 3: (0.95, 0.30)}[cfg.min_votes]
+        return [{"threshold": 0.5, "precision": p, "recall": r, "hmean": round(2 * p * r / (p + r), 4), "best": True}]
+
+    monkeypatch.setattr(thresholds, "val_sweep", sweep)
+    chosen = thresholds.choose_fusion(["a", "b", "c"], "val.json", FuseConfig())
+    assert chosen["min_votes"] == 1 and set(chosen["by_min_votes"]) == {1, 2, 3}
+    assert chosen["by_min_votes"][1] > chosen["by_min_votes"][2] > chosen["by_min_votes"][3]
+    # F0.5 counts precision twice: two votes win
+    assert thresholds.choose_fusion(["a", "b", "c"], "val.json", FuseConfig(keep_thr_beta=0.5))["min_votes"] == 2
+    # off: only the given value (capped at the number of models) is tried
+    off = thresholds.choose_fusion(["a", "b"], "val.json", FuseConfig(auto_min_votes=False, min_votes=3))
+    assert off["min_votes"] == 2 and list(off["by_min_votes"]) == [2]
+    # ties go to more votes
+    monkeypatch.setattr(thresholds, "val_sweep", lambda s, j, cfg: [
+        {"threshold": 0.5, "precision": 0.8, "recall": 0.8, "hmean": 0.8, "best": True}])
+    assert thresholds.choose_fusion(["a", "b"], "val.json", FuseConfig())["min_votes"] == 2

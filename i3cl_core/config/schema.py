@@ -290,6 +290,11 @@ class FuseConfig(_Strict):
     min_votes: int = Field(
         2, ge=1, description="minimum number of models in a cluster (capped at the number of models)"
     )
+    auto_min_votes: bool = Field(
+        True, description="with auto_keep_thr and a labeled validation split, min_votes is chosen there too: every "
+        "value from 1 to the number of models, each with its own best keep_thr, the best F-beta winning (ties: more "
+        "votes); without a validation split, min_votes as given"
+    )
     conf_type: Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"] = Field(
         "max",
         description="fused score as in ensemble-boxes WBF; the defaults (max, min_votes 2, keep_thr 0.6) beat "

@@ -65,6 +65,27 @@ def choose_keep_thr(sources: list[str], images_json: str | os.PathLike, cfg) -> 
             "sweep": rows}
 
 
+def choose_fusion(sources: list[str], images_json: str | os.PathLike, cfg) -> dict:
+    """:func:`choose_keep_thr` for each ``min_votes`` from 1 to the number of sources (only ``cfg.min_votes``
+    unless ``cfg.auto_min_votes``); the one with the best F-beta on the validation split wins (ties: more
+    votes, the more precise labels). Adds ``min_votes`` and ``by_min_votes`` (its F-beta there, per value)."""
+    candidates = range(1, len(sources) + 1) if getattr(cfg, "auto_min_votes", False) else [min(cfg.min_votes,
+                                                                                                 len(sources))]
+    beta = getattr(cfg, "keep_thr_beta", 1.0)
+    best, by_votes = None, {}
+    for m in candidates:
+        r = choose_keep_thr(sources, images_json, cfg.model_copy(update={"min_votes": m}))
+        v = r["val"]
+        score = f_beta(v["precision"], v["recall"], beta) if v else -1.0
+        by_votes[m] = round(score, 4)
+        if best is None or score >= best[0]:
+            best = (score, m, r)
+    _, m, r = best
+    if len(by_votes) > 1:
+        log.info("min_votes %d chosen on %s (F-beta by min_votes: %s)", m, images_json, by_votes)
+    return {**r, "min_votes": m, "by_min_votes": by_votes}
+
+
 def with_keep_thr(cfg, keep_thr: float):
     """``cfg`` with ``keep_thr`` replaced; an uncertain band then reaches from its low edge (at most
     the new threshold) up to the new threshold."""
