@@ -5,7 +5,8 @@ split when no checkpoint is given): ``i3cl export``, then over the same decoded 
 image so that a shared machine slows both alike:
 
 * images/s of each (fp32 both, batch 1, the same number of CPU threads; pre-processing, the network, mask
-  pasting and polygon tracing counted; decoding not) and the ratio onnxruntime / PyTorch time;
+  pasting and polygon tracing counted; decoding not) and the ratio onnxruntime / PyTorch time; on a CPU with
+  native bfloat16 also PyTorch at `i3cl infer`'s default precision (bf16 features), for reference;
 * agreement of the polygons: each PyTorch polygon matched to the onnxruntime polygon of highest IoU in the
   same image (greedy, IoU > 0): mean and 1st percentile of the matched IoUs, unmatched polygons, images
   whose counts differ;
@@ -145,6 +146,10 @@ def main() -> None:
     eps, thr = cfg.infer.polygon_epsilon, cfg.infer.score_thr
     engines = {"pytorch": lambda rgb: predict_polygons(
         model, [torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float().div_(255.0)], eps)[0]}
+    auto_model, _, auto_prec = load_inference_model(ckpt, torch.device("cpu"), "auto", None)
+    if auto_prec != "fp32":  # the default precision of `i3cl infer` on this CPU, for reference
+        engines[f"pytorch-{auto_prec}"] = lambda rgb: predict_polygons(
+            auto_model, [torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float().div_(255.0)], eps)[0]
     ort = OnnxDetector(work / "model.onnx", threads=args.threads)
     engines["onnxruntime"] = lambda rgb: ort.predict(rgb, eps)
     if not args.no_int8:
@@ -190,14 +195,15 @@ def main() -> None:
                 if a else f"{'-':>9} {'-':>7} {'-':>9} {'-':>14}")
         print(f"{name:<18} {ips:>9.2f} {ratio:>15.2f}x {f['f']:>7.4f} {f['best_f']:>7.4f} {f['f'] - f0:>+12.4f} {tail}")
     print("-" * 112)
-    fp32 = rows[1]
+    fp32 = next(r for r in rows if r[0] == "onnxruntime")
     print(f"goals: F within 0.002 ({abs(fp32[3]['f'] - f0):.4f}), IoU mean >= 0.99 ({fp32[4]['iou_mean']:.4f}), "
           f"onnxruntime time <= 0.8x ({fp32[2]:.2f}x)")
-    if len(rows) > 2:
-        drop, faster = f0 - rows[2][3]["f"], rows[2][2] < 0.9 * fp32[2]
+    int8 = next((r for r in rows if r[0] == "onnxruntime-int8"), None)
+    if int8 is not None:
+        drop, faster = f0 - int8[3]["f"], int8[2] < 0.9 * fp32[2]
         verdict = ("worth offering" if drop < 0.01 and faster else
                    "not worth offering: " + ("F drops by 0.01 or more" if drop >= 0.01 else "no faster than fp32"))
-        print(f"int8: F drop {drop:+.4f}, time {rows[2][2]:.2f}x PyTorch's ({rows[2][2] / fp32[2]:.2f}x fp32 "
+        print(f"int8: F drop {drop:+.4f}, time {int8[2]:.2f}x PyTorch's ({int8[2] / fp32[2]:.2f}x fp32 "
               f"onnxruntime's) -> {verdict}")
     print(f"export took {t_export:.1f} s; total {time.time() - t0:.0f} s")
     print("=" * 112)
