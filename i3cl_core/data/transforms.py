@@ -409,7 +409,3 @@ def build_train_transform(aug) -> Compose:
     return Compose(
         [RandomFlip(aug.flip, aug.hflip_prob, aug.vflip_prob), OneOf(policies), ClipAndFilter(aug.min_instance_area)]
     )
-
-
-def build_test_transform(short: int, long_cap: int) -> Compose:
-    return Compose([Resize([(short, long_cap)], min_area=0.0)])

@@ -141,24 +141,6 @@ def build_geometries(instances: Sequence) -> tuple[np.ndarray, np.ndarray]:
     return geoms, status
 
 
-def pairwise_intersection(a: np.ndarray, b: np.ndarray, a_bounds: np.ndarray | None = None,
-                          b_bounds: np.ndarray | None = None) -> np.ndarray:
-    """``|a_i ∩ b_j|`` for all pairs, as a dense ``(len(a), len(b))`` float array.
-
-    Pairs whose bounding boxes do not overlap with positive area are skipped (their intersection area is 0);
-    the remaining pairs go through a single vectorised ``shapely.intersection`` call.
-    """
-    out = np.zeros((len(a), len(b)), dtype=np.float64)
-    if len(a) == 0 or len(b) == 0:
-        return out
-    ab = shapely.bounds(a) if a_bounds is None else a_bounds
-    bb = shapely.bounds(b) if b_bounds is None else b_bounds
-    ii, jj = candidate_pairs(ab, bb)
-    if len(ii):
-        out[ii, jj] = intersection_areas(a[ii], b[jj])
-    return out
-
-
 PARALLEL_PAIRS = 4096  # below this many pairs, one thread (the pool costs more than it saves)
 
 
@@ -195,15 +177,3 @@ def candidate_pairs(ab: np.ndarray, bb: np.ndarray) -> tuple[np.ndarray, np.ndar
     overlap = ((ab[:, None, 0] < bb[None, :, 2]) & (bb[None, :, 0] < ab[:, None, 2])
                & (ab[:, None, 1] < bb[None, :, 3]) & (bb[None, :, 1] < ab[:, None, 3]))
     return np.nonzero(overlap)
-
-
-def polygon_to_flat(geom) -> list[list[float]]:
-    """Exterior rings of the polygonal parts of ``geom`` as COCO flat lists (holes are dropped)."""
-    out = []
-    for part in shapely.get_parts(geom):
-        if shapely.get_type_id(part) != 3 or part.is_empty:
-            continue
-        xy = np.asarray(part.exterior.coords)[:-1]
-        if len(xy) >= 3:
-            out.append([float(v) for v in xy.ravel()])
-    return out
