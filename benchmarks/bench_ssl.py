@@ -26,6 +26,9 @@ there, as a user would) and 300 test images. Per seed (each seed has its own tea
                     images again; trained as long again, from the ssl student
      control_r2     round 2 of the control: as long again on the labeled images, from the control
    The labeled images keep the default augmentation in every arm: the one thing an arm changes is what it adds.
+   ``--protocol scratch`` (the STAC protocol) trains every arm from scratch instead, with the first teacher's config,
+   seed and 1,000-iteration schedule; its control is that teacher itself (the same training), so it costs no
+   training; the rounds are not available there.
 5. every model on the validation split, where its best-F score threshold is chosen, and on the test
    split (ArT protocol), both at that threshold and at its own best test threshold (both printed).
 
