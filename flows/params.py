@@ -132,7 +132,9 @@ class InferParams(_Params):
                              "cluster the stage starts), not both")
         if isinstance(self.devices, list) and not self.devices:
             raise ValueError("infer.devices: the list is empty; give 'auto' or at least one device")
-        bad = [m for m in self.exported_members if not m.lower().endswith(".onnx")]
+        from i3cl_core.pseudo.ensemble import is_exported
+
+        bad = [m for m in self.exported_members if not is_exported(m)]
         if bad:
             raise ValueError(f"infer.exported_members: {bad[0]} is not an .onnx file (export a checkpoint with "
                              "`i3cl export CHECKPOINT --out MODEL.onnx`)")

@@ -290,8 +290,8 @@ def infer_images(
         predict, batches, eps, prec, image_hw = _onnx_engine(checkpoint, epsilon, model_overrides, threads, visualize,
                                                              model)
     else:
-        predict, batches, eps, prec, image_hw = _torch_engine(checkpoint, items, epsilon, model_overrides, device,
-                                                              precision, model, batch_size, num_workers, visualize)
+        predict, batches, eps, prec, image_hw = _torch_engine(checkpoint, epsilon, model_overrides, device, precision,
+                                                              model, batch_size, num_workers, visualize)
     manifest = {"checkpoint": _file_stats(checkpoint) if checkpoint else None, "score_thr": score_thr,
                 "epsilon": eps, "model_overrides": model_overrides or {}, "precision": prec}
     if engine != "torch":  # recorded only when not the default, so that earlier runs' outputs stay resumable
@@ -345,8 +345,7 @@ def infer_images(
     return summary
 
 
-def _torch_engine(checkpoint, items, epsilon, model_overrides, device, precision, model, batch_size, num_workers,
-                  visualize):
+def _torch_engine(checkpoint, epsilon, model_overrides, device, precision, model, batch_size, num_workers, visualize):
     """(predict, batches, epsilon, precision, image_hw) of the PyTorch engine: images decoded in DataLoader
     workers, predicted in batches on ``device`` (:func:`~i3cl_core.infer.predictor.predict_polygons`)."""
     import torch
@@ -456,20 +455,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise DatasetError("--batch-size must be >= 1")
+    detector = None
     if args.engine == "onnxruntime":
         if not args.model or args.checkpoint:
             raise DatasetError("--engine onnxruntime runs --model MODEL.onnx (from `i3cl export`), not --checkpoint")
         source = args.model
+        from i3cl_core.deploy.onnx_runtime import OnnxDetector
+
+        detector = OnnxDetector(source, threads=args.threads)  # a bad model file is refused before the images are listed
     else:
         if not args.checkpoint or args.model:
             raise DatasetError("--engine torch runs --checkpoint CHECKPOINT.pth; an exported --model needs "
                                "--engine onnxruntime")
         source = args.checkpoint
-    detector = None
-    if args.engine == "onnxruntime":  # a bad model file is refused before the images are listed
-        from i3cl_core.deploy.onnx_runtime import OnnxDetector
-
-        detector = OnnxDetector(source, threads=args.threads)
     items = collect_images(args.images, args.img_root)
     if not items:
         raise DatasetError(f"{args.images}: no images found")
