@@ -68,16 +68,13 @@ def part_train(args, device, tmp: Path) -> list[dict]:
     batches = [collate([dataset[(2 * i + j) % len(dataset)] for j in range(2)]) for i in range(len(dataset))]
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
-    optimizer = build_optimizer(model, cfg.train)
+    optimizer = build_optimizer(model, cfg.train, fused=device.type == "cuda")
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     iters, warmup = (3, 1) if args.quick else (args.iters, 10)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for i in range(warmup + iters):
-        if i == warmup:
-            _sync(device)
-            t0 = time.perf_counter()
+    def step(i: int) -> None:
         images, targets = batches[i % len(batches)]
         images = [im.to(device, non_blocking=True) for im in images]
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
@@ -88,12 +85,22 @@ def part_train(args, device, tmp: Path) -> list[dict]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or 35.0)
         scaler.step(optimizer)
         scaler.update()
+
+    for i in range(warmup + iters):
+        if i == warmup:
+            _sync(device)
+            t0 = time.perf_counter()
+        step(i)
     _sync(device)
     seconds = time.perf_counter() - t0
+    from i3cl_core.engine.host_syncs import HostSyncCounter
+
+    with HostSyncCounter() as syncs:  # one more step, counted (the counter slows it: not timed)
+        step(warmup + iters)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     setting = f"{Path(config).stem}, {side} px, batch 2, {iters} iterations, {'AMP fp16' if amp else 'fp32'}"
     return [{"check": "training", "setting": setting, "images_per_s": round(2 * iters / seconds, 2),
-             "peak_gib": None if peak is None else round(peak, 2)}]
+             "peak_gib": None if peak is None else round(peak, 2), "host_syncs_per_step": syncs.total}]
 
 
 def part_infer(args, device, tmp: Path) -> list[dict]:
@@ -206,7 +213,7 @@ def run_part(part: str, args) -> list[dict]:
 
 def print_table(rows: list[dict], header: str) -> None:
     print(header)
-    cols = ["check", "setting", "images_per_s", "peak_gib", "detections", "ratio", "seconds", "status"]
+    cols = ["check", "setting", "images_per_s", "peak_gib", "host_syncs_per_step", "detections", "ratio", "seconds", "status"]
     cols = [c for c in cols if any(c in r for r in rows)]
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
     print(" | ".join(c.ljust(widths[c]) for c in cols))

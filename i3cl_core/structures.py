@@ -83,6 +83,8 @@ class Instances:
         """The instances selected by ``item`` (bool mask, integer indices, slice or int), every field alike."""
         if isinstance(item, int):
             item = slice(item, item + 1 if item != -1 else None)
+        elif getattr(item, "dtype", None) is not None and str(item.dtype) == "torch.bool":
+            item = item.nonzero().squeeze(1)  # one read of the mask's size, not one per field
         out = Instances()
         rows = None  # list positions, computed once for the list fields
         for name, value in self._fields.items():

@@ -183,7 +183,7 @@ def test_weighted_rpn_loss_by_hand():
     deltas = torch.tensor([[1.0, 0, 0, 0], [0, 2.0, 0, 0], [5.0, 5, 5, 5], [5.0, 5, 5, 5]])
     targets = torch.zeros(4, 4)
     w = torch.tensor([0.5, 0.0, 1.0, 1.0])  # as the assignment gives them: negatives weigh 1
-    pos, neg = torch.tensor([0, 1]), torch.tensor([2, 3])
+    pos, neg = torch.tensor([True, True, False, False]), torch.tensor([False, False, True, True])
     lo, lb = weighted_rpn_loss(obj, deltas, Instances(labels=labels, regression_targets=targets, lossweight=w), pos, neg)
     bce = torch.nn.functional.binary_cross_entropy_with_logits(obj, labels, reduction="none")
     assert lo.item() == pytest.approx(((0.5 * bce[0]) + 0 * bce[1] + bce[2] + bce[3]).item() / 4)

@@ -398,3 +398,34 @@ def test_sampler_mix_gives_every_process_the_same_number_of_draws():
     assert [x for p in parts for x in p] == whole  # the processes' parts are consecutive cuts of one order
     for p in parts:  # each part still mixes the two sets evenly
         assert abs(sum(x in set(labeled) for x in p[:100]) - 50) <= 1
+
+
+# what one training step of the test's model makes the host wait for on a GPU (counted on the CPU): per image
+# the proposal and detection NMS, the balanced sampling of anchors and RoIs, the RoI pooler's per-level
+# selection and the mask targets rasterised on the host. A new one fails this test: avoid it (a mask instead
+# of indices, output_size for repeat_interleave, one index for many fields) or raise the budget with a reason.
+STEP_HOST_SYNC_BUDGET = 32
+
+
+def test_a_training_step_waits_for_the_device_only_inside_the_model(tmp_path, tiny_data):
+    from i3cl_core.engine.host_syncs import HostSyncCounter
+    from i3cl_core.engine.train import Trainer
+
+    with HostSyncCounter() as probe:  # the counter sees what it must
+        x = torch.arange(4.0)
+        x[1].item(), x[x > 1], x.tolist(), bool(x.sum() > 0)
+    assert probe.total == 4 and probe.where("test_train.py") == 4, probe.table()
+
+    trainer = Trainer(load_config(write_cfg(tmp_path / "c.yaml", tiny_data)), tmp_path / "w", progress=False)
+    trainer.images_seen = 0
+    trainer.ddp_model.train()
+    batches = iter(trainer.loader)
+    trainer.step(*next(batches), epoch=0, it=0)
+    with HostSyncCounter() as syncs:
+        trainer.step(*next(batches), epoch=0, it=1)
+    # the loop itself reads nothing back: losses are summed and checked for finiteness at the logging interval
+    assert syncs.where("i3cl_core/engine/") == 0, syncs.table()
+    assert syncs.total <= STEP_HOST_SYNC_BUDGET, syncs.table()
+    assert len(trainer.unchecked) == 2
+    trainer.check_finite()
+    assert trainer.unchecked == []

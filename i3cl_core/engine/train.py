@@ -204,7 +204,9 @@ def dataset_mix(dataset, sources) -> list[tuple[list[int], float]] | None:
 
 
 # ------------------------------------------------------------------------------------ optimisation
-def build_optimizer(model: torch.nn.Module, tcfg) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, tcfg, fused: bool = False) -> torch.optim.Optimizer:
+    """SGD or AdamW over the trainable parameters, ``no_decay_keys`` without weight decay. ``fused`` (on a GPU)
+    takes one kernel per step and lets the AMP grad scaler skip a non-finite step without asking the host."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -213,8 +215,8 @@ def build_optimizer(model: torch.nn.Module, tcfg) -> torch.optim.Optimizer:
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     if tcfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=tcfg.lr, momentum=tcfg.momentum)
-    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas))
+        return torch.optim.SGD(groups, lr=tcfg.lr, momentum=tcfg.momentum, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas), fused=fused or None)
 
 
 def lr_at(tcfg, epoch: int, global_iter: int) -> float:
@@ -300,6 +302,18 @@ def _group_keys(keys: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------ the loop
+@dataclass
+class UncheckedStep:
+    """A step whose loss has not been read back from the device yet (see :meth:`Trainer.check_finite`)."""
+
+    iteration: int
+    epoch: int
+    it: int
+    image_ids: list
+    losses: dict
+    finite: torch.Tensor
+
+
 def _batch_ids(targets) -> list:
     return [t.get("image_id") for t in targets]
 
@@ -331,6 +345,7 @@ class Trainer:
         self.start_epoch, self.start_iter, self.global_iter = 0, 0, 0
         self.best = {"hmean": -1.0, "epoch": None}
         self.history: list[dict] = []
+        self.unchecked: list[UncheckedStep] = []
         self.build(load_weights=not resume)
         if resume:
             self.resume()
@@ -384,7 +399,7 @@ class Trainer:
         if tcfg.sync_bn and info.distributed:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
-        self.optimizer = build_optimizer(model, tcfg)
+        self.optimizer = build_optimizer(model, tcfg, fused=info.device.type == "cuda")
         self.use_amp = tcfg.amp and info.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
 
@@ -524,8 +539,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def step(self, images: list, targets: list, epoch: int, it: int) -> tuple[dict, float]:
-        """One optimisation step; returns the loss terms and the learning rate used. A non-finite loss on
-        any process stops the run with the batch's image ids and the last good checkpoint."""
+        """One optimisation step; returns the loss terms (tensors on the device) and the learning rate used.
+        Nothing here waits for the device: whether the loss was finite is read later, by
+        :meth:`check_finite`, at the next logging interval, checkpoint or evaluation."""
         tcfg, info = self.tcfg, self.info
         lr = lr_at(tcfg, epoch, self.global_iter)
         for group in self.optimizer.param_groups:
@@ -534,17 +550,8 @@ class Trainer:
         with torch.autocast(info.device.type, enabled=self.use_amp):
             losses = self.ddp_model(images, targets)
         loss = sum(losses.values())
-        finite = torch.tensor([float(torch.isfinite(loss))], device=info.device)
-        if info.distributed:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
-            latest = find_latest(self.work_dir)
-            terms = {k: v.detach().item() for k, v in losses.items()}
-            raise TrainingError(
-                f"loss became non-finite at iteration {self.global_iter + 1} (epoch {epoch + 1}, step {it + 1}); "
-                f"image ids of the batch: {_batch_ids(targets)}; loss terms: {terms}; "
-                f"last good checkpoint: {latest if latest else 'none yet'} (nothing saved after it)"
-            )
+        self.unchecked.append(UncheckedStep(self.global_iter + 1, epoch, it, _batch_ids(targets),
+                                            {k: v.detach() for k, v in losses.items()}, torch.isfinite(loss)))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if tcfg.grad_clip:
@@ -555,6 +562,28 @@ class Trainer:
         self.global_iter += 1
         self.images_seen += len(images) * info.world_size
         return losses, lr
+
+    def check_finite(self, collective: bool = True) -> None:
+        """Read, in one host synchronisation, whether the steps since the last check had finite losses (on
+        every process when ``collective``); a non-finite one stops the run with its iteration, the batch's
+        image ids, its loss terms and the last good checkpoint (nothing is saved after a failed step: every
+        checkpoint and evaluation is preceded by this check)."""
+        steps, self.unchecked = self.unchecked, []
+        if not steps:
+            return
+        finite = torch.stack([s.finite for s in steps]).to(torch.float32)
+        if collective and self.info.distributed:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        bad = next((s for s, ok in zip(steps, finite.tolist()) if ok < 1), None)
+        if bad is None:
+            return
+        latest = find_latest(self.work_dir)
+        terms = {k: v.item() for k, v in bad.losses.items()}
+        raise TrainingError(
+            f"loss became non-finite at iteration {bad.iteration} (epoch {bad.epoch + 1}, step {bad.it + 1}); "
+            f"image ids of the batch: {bad.image_ids}; loss terms: {terms}; "
+            f"last good checkpoint: {latest if latest else 'none yet'} (nothing saved after it)"
+        )
 
     def train_epoch(self, epoch: int) -> None:
         """The iterations of one epoch (from ``start_iter`` after a resume), with logging and the optional
@@ -567,20 +596,26 @@ class Trainer:
         self.ddp_model.train()
         bar = tqdm(total=self.iters_per_epoch, initial=self.start_iter, desc=f"epoch {epoch + 1}/{tcfg.epochs}",
                    disable=not (self.progress and info.main), dynamic_ncols=True, leave=False)
-        running: dict[str, float] = {}
+        running: dict[str, torch.Tensor] = {}
+        n_running = 0
         it = self.start_iter
         for images, targets in self.loader:
             if it >= self.iters_per_epoch:
                 break
-            losses, lr = self.step(images, targets, epoch, it)
+            try:
+                losses, lr = self.step(images, targets, epoch, it)
+            except Exception:  # a failure after a non-finite loss: report the loss (this process's own steps)
+                self.check_finite(collective=False)
+                raise
             it += 1
-            for k, v in losses.items():
-                running[k] = running.get(k, 0.0) + v.detach().item()
-            running["n"] = running.get("n", 0) + 1
+            for k, v in losses.items():  # summed on the device: read once per logging interval
+                running[k] = running[k] + v.detach() if k in running else v.detach().clone()
+            n_running += 1
             if it % tcfg.log_interval == 0 or it == self.iters_per_epoch:
-                n = running.pop("n")
-                means = _all_reduce_mean({k: v / n for k, v in running.items()}, info)
-                running = {}
+                self.check_finite()
+                sums = torch.stack(list(running.values())).tolist() if running else []
+                means = _all_reduce_mean({k: v / n_running for k, v in zip(running, sums)}, info)
+                running, n_running = {}, 0
                 elapsed = time.time() - self.t_start
                 record = {"epoch": epoch + 1, "iter": self.global_iter, "lr": lr, "loss": sum(means.values()), **means,
                           "images_per_s": self.images_seen / max(elapsed, 1e-9), "time": elapsed}
@@ -590,10 +625,13 @@ class Trainer:
                              self.iters_per_epoch, record["loss"], lr, record["images_per_s"])
                 bar.set_postfix({"loss": f"{record['loss']:.3f}",
                                  **{k.replace("loss_", ""): f"{v:.3f}" for k, v in means.items()}, "lr": f"{lr:.2e}"})
-            if tcfg.checkpoint_interval_iters and self.global_iter % tcfg.checkpoint_interval_iters == 0 and info.main:
-                self.checkpoint(f"iter_{self.global_iter}.pth", epoch, it)
+            if tcfg.checkpoint_interval_iters and self.global_iter % tcfg.checkpoint_interval_iters == 0:
+                self.check_finite()
+                if info.main:
+                    self.checkpoint(f"iter_{self.global_iter}.pth", epoch, it)
             bar.update(1)
         bar.close()
+        self.check_finite()
         self.start_iter = 0
 
     def evaluate(self, epoch: int) -> dict:

@@ -154,7 +154,8 @@ class InterCL(nn.Module):
             encoded.append(self.transformer(chunk.unsqueeze(1)).squeeze(1))  # sequence-first, batch 1
         t = torch.cat(encoded).view(-1, self.token_channels, self.token_pool, self.token_pool)
         t = F.interpolate(self.from_tokens(t), size=size, mode="bilinear", align_corners=True)
-        g = torch.repeat_interleave(context, torch.as_tensor(counts, device=rois.device), dim=0)
+        g = torch.repeat_interleave(context, torch.as_tensor(counts, device=rois.device), dim=0,
+                                    output_size=sum(counts))
         fused = rois + t + g[:, :, None, None]
         return torch.relu(self.bn(self.fuse_conv1(self.fuse_conv3(fused))))
 

@@ -117,12 +117,11 @@ def weighted_fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, rois: I
     ``lossweight``, the matched GT's for positives, the image's background weight for negatives)."""
     labels, lossweight = rois.labels, rois.lossweight
     ce = F.cross_entropy(class_logits, labels, reduction="none")
-    loss_cls = (ce * lossweight).sum() / max(int((lossweight > 0).sum()), 1)
-    pos = torch.where(labels > 0)[0]
+    loss_cls = (ce * lossweight).sum() / (lossweight > 0).sum().clamp(min=1)
     n = class_logits.shape[0]
-    deltas = box_regression.reshape(n, -1, 4)[pos, labels[pos] - 1]
-    l1 = (deltas - rois.regression_targets[pos]).abs().sum(dim=1)
-    loss_box = (l1 * lossweight[pos]).sum() / max(n, 1)
+    deltas = box_regression.reshape(n, -1, 4)[torch.arange(n, device=labels.device), (labels - 1).clamp(min=0)]
+    l1 = (deltas - rois.regression_targets).abs().sum(dim=1)
+    loss_box = torch.where(labels > 0, l1 * lossweight, 0.0).sum() / max(n, 1)  # positives only
     return loss_cls, loss_box
 
 
@@ -198,8 +197,8 @@ class RoIHeads(nn.Module):
             pos, neg = balanced_sample(labels, self.cfg.box_batch_size_per_image, self.cfg.box_positive_fraction,
                                        sample_generator(t, salt=2))
             keep = torch.where(pos | neg)[0]
-            # positives first: the mask branch takes them in this order
-            keep = torch.cat([keep[labels[keep] > 0], keep[labels[keep] <= 0]])
+            # positives first (each group in index order): the mask branch takes them in this order
+            keep = keep[torch.argsort((labels[keep] <= 0).to(torch.uint8), stable=True)]
             rois = Instances(boxes=props, labels=labels, matched_index=matched)[keep]
             positive = rois.labels > 0
             background = torch.full_like(rois.boxes[:, 0], float(t.get("background_weight", 1.0)))

@@ -10,7 +10,10 @@ differs from torchvision's RPN:
   neither positives nor negatives;
 * the box loss is plain L1 (not smooth L1);
 * positives carry the ``lossweight`` of their matched GT in both terms; negatives weigh 1; both
-  terms are divided by the number of sampled anchors (positives + negatives over the batch).
+  terms are divided by the number of sampled anchors (positives + negatives over the batch);
+* proposal filtering keeps the same boxes with fewer host synchronisations: one selection of the small
+  and low-scoring boxes and one NMS per image (torchvision runs one NMS per level once an image has more
+  than 1,000 candidates on a CPU or 5,000 on a GPU).
 """
 from __future__ import annotations
 
@@ -20,10 +23,19 @@ from torch import Tensor
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, boxes as box_ops, nms
 
 from i3cl_core.model.sampling import balanced_sample, dontcare_boxes, dontcare_mask, sample_generator
 from i3cl_core.structures import Instances
+
+
+def level_nms(boxes: Tensor, scores: Tensor, levels: Tensor, iou_thr: float) -> Tensor:
+    """NMS within each level, as one NMS call: each level's boxes are moved apart by a multiple of the largest
+    coordinate, so boxes of different levels never overlap. Indices kept, by decreasing score."""
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    offsets = levels.to(boxes) * (boxes.max() + 1)
+    return nms(boxes + offsets[:, None], scores, iou_thr)
 
 
 class FlooredMatcher(det_utils.Matcher):
@@ -44,14 +56,15 @@ class FlooredMatcher(det_utils.Matcher):
 def weighted_rpn_loss(objectness: Tensor, deltas: Tensor, anchors: Instances, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor]:
     """RPN losses over the batch's anchors (all concatenated): ``anchors`` holds per anchor its
     ``labels`` (1, 0, -1), ``regression_targets`` and the matched GT's ``lossweight`` (1 for
-    negatives); ``pos``/``neg`` index the sampled anchors."""
-    sampled = torch.cat([pos, neg])
-    num = max(sampled.numel(), 1)
-    lossweight = anchors.lossweight[sampled]  # negatives carry their image's background weight (default 1)
-    bce = F.binary_cross_entropy_with_logits(objectness[sampled], anchors.labels[sampled], reduction="none")
-    loss_obj = (bce * lossweight).sum() / num
-    l1 = (deltas[pos] - anchors.regression_targets[pos]).abs().sum(dim=1)
-    loss_box = (l1 * anchors.lossweight[pos]).sum() / num
+    negatives); ``pos``/``neg`` are boolean masks of the sampled anchors (masks, not indices: nothing here
+    waits for the device to count them)."""
+    sampled = pos | neg
+    num = sampled.sum().clamp(min=1)
+    bce = F.binary_cross_entropy_with_logits(objectness, anchors.labels.clamp(min=0), reduction="none")
+    # negatives carry their image's background weight (default 1)
+    loss_obj = torch.where(sampled, bce * anchors.lossweight, 0.0).sum() / num
+    l1 = (deltas - anchors.regression_targets).abs().sum(dim=1)
+    loss_box = torch.where(pos, l1 * anchors.lossweight, 0.0).sum() / num
     return loss_obj, loss_box
 
 
@@ -104,6 +117,30 @@ class I3CLRPN(RegionProposalNetwork):
             labels[dontcare_mask(anchors, dontcare_boxes(target), self.dontcare_iof_thr)] = -1.0
         return Instances(labels=labels, matched_boxes=matched_boxes, lossweight=lossweight)
 
+    def filter_proposals(self, proposals: Tensor, objectness: Tensor, image_shapes: list[tuple[int, int]],
+                         num_anchors_per_level: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+        """torchvision's filtering (the top ``pre_nms_top_n`` per level, clipped to the image, small and
+        low-scoring boxes out, NMS within each level, the best ``post_nms_top_n``) with one data-dependent
+        selection and one NMS call per image."""
+        num_images, device = proposals.shape[0], proposals.device
+        objectness = objectness.detach().reshape(num_images, -1)
+        levels = torch.cat([torch.full((n,), i, dtype=torch.int64, device=device)
+                            for i, n in enumerate(num_anchors_per_level)]).reshape(1, -1).expand_as(objectness)
+        top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)
+        batch_idx = torch.arange(num_images, device=device)[:, None]
+        scores_all = torch.sigmoid(objectness[batch_idx, top_n_idx])
+        levels, proposals = levels[batch_idx, top_n_idx], proposals[batch_idx, top_n_idx]
+        final_boxes, final_scores = [], []
+        for boxes, scores, lvl, shape in zip(proposals, scores_all, levels, image_shapes):
+            boxes = box_ops.clip_boxes_to_image(boxes, shape)
+            w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+            keep = torch.where((w >= self.min_size) & (h >= self.min_size) & (scores >= self.score_thresh))[0]
+            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+            keep = level_nms(boxes, scores, lvl, self.nms_thresh)[: self.post_nms_top_n()]
+            final_boxes.append(boxes[keep])
+            final_scores.append(scores[keep])
+        return final_boxes, final_scores
+
     def forward(self, images, features: list[Tensor], targets: list[dict] | None = None):
         objectness, deltas = self.head(features)
         anchors = self.anchor_generator(images, features)
@@ -126,8 +163,8 @@ class I3CLRPN(RegionProposalNetwork):
                                 sample_generator(t, salt=1))
                 for a, t in zip(assigned, targets)
             ]
-            pos = torch.where(torch.cat([p for p, _ in sampled]))[0]
-            neg = torch.where(torch.cat([n for _, n in sampled]))[0]
+            pos = torch.cat([p for p, _ in sampled])
+            neg = torch.cat([n for _, n in sampled])
             loss_obj, loss_box = weighted_rpn_loss(objectness.flatten(), deltas, Instances.cat(assigned), pos, neg)
             losses = {"loss_rpn_cls": loss_obj, "loss_rpn_box": loss_box}
         return boxes, losses
