@@ -32,6 +32,8 @@ demo: $(STAMP) fonts
 	$(BIN)/python -m flows.demo --data-dir $(DEMO_DIR) $(DEMO_ARGS)
 
 test: $(STAMP) fonts browser slurm postgres
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 clean-venv:

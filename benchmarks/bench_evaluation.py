@@ -9,6 +9,7 @@ Generates N images of random curved/rotated text polygons (20-30 GT each, ~10 % 
 loop (no bounding-box prefilter, no vectorisation). The script checks that both give the same P/R/F and
 prints seconds per 1,000 images and the speed-up.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,12 @@ def make_data(n_images: int, seed: int):
         for poly, _ in g:
             if rng.uniform() < 0.85:
                 c = poly.mean(0)
-                q = (poly - c) * rng.uniform(0.9, 1.1) + c + rng.normal(0, 3, 2) + rng.normal(0, 0.5, poly.shape)
+                q = (
+                    (poly - c) * rng.uniform(0.9, 1.1)
+                    + c
+                    + rng.normal(0, 3, 2)
+                    + rng.normal(0, 0.5, poly.shape)
+                )
                 p.append((q, float(rng.uniform(0.3, 1.0))))
                 if rng.uniform() < 0.05:  # duplicate
                     p.append((q + rng.normal(0, 2, 2), float(rng.uniform(0.05, 0.5))))
@@ -101,8 +107,10 @@ def baseline(gt, pred, tr=0.7, tp=0.6):
         t_nd += len(tt_d)
         if care_g and tt_d:
             sigma = np.round(np.array([[inter[i][j] / g_area[i] for j in tt_d] for i in care_g]), 2)
-            tau = np.round(np.array([[inter[i][j] / d_area[j] if d_area[j] > 0 else 0.0 for j in tt_d]
-                                     for i in care_g]), 2)
+            tau = np.round(
+                np.array([[inter[i][j] / d_area[j] if d_area[j] > 0 else 0.0 for j in tt_d] for i in care_g]),
+                2,
+            )
             r, p, _ = _deteval_image(sigma, tau, tr, tp, 0.8)
             t_rec += r
             t_prec += p
@@ -141,8 +149,10 @@ def main(argv=None) -> int:
     ours_s = t3 - t0
     base_s = t5 - t4
     per = 1000.0 / args.n
-    print(f"ours     : geometry+intersections {t1 - t0:.2f} s, art {t2 - t1:.3f} s, totaltext {t3 - t2:.3f} s, "
-          f"19-threshold art sweep {t4 - t3:.2f} s")
+    print(
+        f"ours     : geometry+intersections {t1 - t0:.2f} s, art {t2 - t1:.3f} s, totaltext {t3 - t2:.3f} s, "
+        f"19-threshold art sweep {t4 - t3:.2f} s"
+    )
     print(f"ours     : {ours_s * per:8.2f} s per 1,000 images (art + totaltext)")
     print(f"baseline : {base_s * per:8.2f} s per 1,000 images (plain shapely double loop, art + totaltext)")
     print(f"speed-up : {base_s / ours_s:.1f}x")
@@ -152,8 +162,10 @@ def main(argv=None) -> int:
         mine = (ours["precision"], ours["recall"], ours["hmean"])
         same = np.allclose(mine, base, rtol=0, atol=1e-12)
         ok &= same
-        print(f"{name:<9}: ours P/R/F {mine[0]:.4f}/{mine[1]:.4f}/{mine[2]:.4f}  baseline "
-              f"{base[0]:.4f}/{base[1]:.4f}/{base[2]:.4f}  {'same' if same else 'DIFFERENT'}")
+        print(
+            f"{name:<9}: ours P/R/F {mine[0]:.4f}/{mine[1]:.4f}/{mine[2]:.4f}  baseline "
+            f"{base[0]:.4f}/{base[1]:.4f}/{base[2]:.4f}  {'same' if same else 'DIFFERENT'}"
+        )
     return 0 if ok else 1
 
 

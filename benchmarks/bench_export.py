@@ -19,11 +19,11 @@ image so that a shared machine slows both alike:
 
 Goals (issue 29): F within 0.002 of PyTorch, matched IoU mean >= 0.99, onnxruntime time <= 0.8x PyTorch's.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -45,7 +45,9 @@ def demo_checkpoint(data: dict, work: Path) -> str:
     cfg = write_train_config("configs/demo/teacher_a.yaml", out, data["labeled"], [], None)
     print(f"training the demo teacher_a into {out} (no --checkpoint given)", flush=True)
     with open(out / "train.log", "w", encoding="utf-8") as log:
-        rc = subprocess.run(train_command(cfg, out), stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
+        rc = subprocess.run(
+            train_command(cfg, out), stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+        ).returncode
     if rc != 0:
         sys.exit(f"training failed (exit {rc}); see {out / 'train.log'}")
     return str(trained_checkpoint(out))
@@ -73,9 +75,13 @@ def agreement(ref: dict, got: dict) -> dict:
             j = int(np.argmax(scores))
             ious.append(scores[j])
             other.pop(j)
-    return {"iou_mean": float(np.mean(ious)) if ious else 0.0,
-            "iou_p1": float(np.percentile(ious, 1)) if ious else 0.0,
-            "matched": len(ious), "unmatched": unmatched, "images_count_differs": differ}
+    return {
+        "iou_mean": float(np.mean(ious)) if ious else 0.0,
+        "iou_p1": float(np.percentile(ious, 1)) if ious else 0.0,
+        "matched": len(ious),
+        "unmatched": unmatched,
+        "images_count_differs": differ,
+    }
 
 
 def f_scores(gt: dict, preds: dict, thr: float) -> dict:
@@ -84,7 +90,11 @@ def f_scores(gt: dict, preds: dict, thr: float) -> dict:
     prepared = prepare_polygons(gt, preds)
     at = prepared.evaluate("art", thr)
     best = next(r for r in prepared.sweep("art") if r.get("best"))
-    return {"f": at["hmean"], "best_f": best["hmean"], "best_thr": best.get("score_thr", best.get("threshold"))}
+    return {
+        "f": at["hmean"],
+        "best_f": best["hmean"],
+        "best_thr": best.get("score_thr", best.get("threshold")),
+    }
 
 
 def quantize(model: Path, out: Path, calib: list[np.ndarray], settings: dict) -> Path:
@@ -94,19 +104,31 @@ def quantize(model: Path, out: Path, calib: list[np.ndarray], settings: dict) ->
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.feeds = iter([dict(zip(("image", "image_size"), preprocess(rgb, settings)[:2])) for rgb in calib])
+            self.feeds = iter(
+                [dict(zip(("image", "image_size"), preprocess(rgb, settings)[:2])) for rgb in calib]
+            )
 
         def get_next(self):
             return next(self.feeds, None)
 
-    quantize_static(str(model), str(out), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True)
+    quantize_static(
+        str(model),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+    )
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", help="an i3cl checkpoint (default: the demo's teacher_a, trained if missing)")
+    ap.add_argument(
+        "--checkpoint", help="an i3cl checkpoint (default: the demo's teacher_a, trained if missing)"
+    )
     ap.add_argument("--data", default="data/demo", help="the demo data (generated if missing)")
     ap.add_argument("--work-dir", default="work_dirs/bench_export")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads of both engines")
@@ -131,25 +153,36 @@ def main() -> None:
     t0 = time.time()
     exp = export_onnx(ckpt, work / "model.onnx")
     t_export = time.time() - t0
-    print(f"exported {ckpt} -> {exp['out']} ({exp['bytes'] / 1e6:.1f} MB, opset {exp['opset']}) in {t_export:.1f} s; "
-          f"tracing image parity {exp.get('parity')}", flush=True)
+    print(
+        f"exported {ckpt} -> {exp['out']} ({exp['bytes'] / 1e6:.1f} MB, opset {exp['opset']}) in {t_export:.1f} s; "
+        f"tracing image parity {exp.get('parity')}",
+        flush=True,
+    )
 
     test = json.loads(Path(data["test"]["ann_file"]).read_text())
     images = test["images"][: args.images]
     gt = {im["id"]: [] for im in images}
     for a in test["annotations"]:
         if a["image_id"] in gt:
-            gt[a["image_id"]].append(([np.array(s, float).reshape(-1, 2) for s in a["segmentation"]], bool(a.get("iscrowd"))))
+            gt[a["image_id"]].append(
+                ([np.array(s, float).reshape(-1, 2) for s in a["segmentation"]], bool(a.get("iscrowd")))
+            )
     rgbs = {im["id"]: read_image(str(Path(data["test"]["img_root"]) / im["file_name"])) for im in images}
 
     model, cfg, _ = load_inference_model(ckpt, torch.device("cpu"), "fp32", None)
     eps, thr = cfg.infer.polygon_epsilon, cfg.infer.score_thr
-    engines = {"pytorch": lambda rgb: predict_polygons(
-        model, [torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float().div_(255.0)], eps)[0]}
+    engines = {
+        "pytorch": lambda rgb: predict_polygons(
+            model, [torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float().div_(255.0)], eps
+        )[0]
+    }
     auto_model, _, auto_prec = load_inference_model(ckpt, torch.device("cpu"), "auto", None)
     if auto_prec != "fp32":  # the default precision of `i3cl infer` on this CPU, for reference
         engines[f"pytorch-{auto_prec}"] = lambda rgb: predict_polygons(
-            auto_model, [torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float().div_(255.0)], eps)[0]
+            auto_model,
+            [torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float().div_(255.0)],
+            eps,
+        )[0]
     ort = OnnxDetector(work / "model.onnx", threads=args.threads)
     engines["onnxruntime"] = lambda rgb: ort.predict(rgb, eps)
     if not args.no_int8:
@@ -183,33 +216,57 @@ def main() -> None:
         a = agreement(preds["pytorch"], preds[name]) if name != "pytorch" else None
         rows.append((name, n / seconds[name], seconds[name] / base, f, a))
     print("\n" + "=" * 112)
-    print(f"bench_export: {Path(ckpt).name}, {n} demo test images ({images[0]['width']}x{images[0]['height']}), "
-          f"{args.threads} CPU threads, fp32 unless int8, batch 1; F (ArT) at infer.score_thr {thr} and at the best "
-          f"threshold")
-    print(f"{'engine':<18} {'images/s':>9} {'time vs pytorch':>16} {'F':>7} {'best F':>7} {'F - pytorch':>12} "
-          f"{'IoU mean':>9} {'IoU p1':>7} {'unmatched':>9} {'count differs':>14}")
+    print(
+        f"bench_export: {Path(ckpt).name}, {n} demo test images ({images[0]['width']}x{images[0]['height']}), "
+        f"{args.threads} CPU threads, fp32 unless int8, batch 1; F (ArT) at infer.score_thr {thr} and at the best "
+        f"threshold"
+    )
+    print(
+        f"{'engine':<18} {'images/s':>9} {'time vs pytorch':>16} {'F':>7} {'best F':>7} {'F - pytorch':>12} "
+        f"{'IoU mean':>9} {'IoU p1':>7} {'unmatched':>9} {'count differs':>14}"
+    )
     print("-" * 112)
     f0 = rows[0][3]["f"]
     for name, ips, ratio, f, a in rows:
-        tail = (f"{a['iou_mean']:>9.4f} {a['iou_p1']:>7.4f} {a['unmatched']:>9d} {a['images_count_differs']:>14d}"
-                if a else f"{'-':>9} {'-':>7} {'-':>9} {'-':>14}")
-        print(f"{name:<18} {ips:>9.2f} {ratio:>15.2f}x {f['f']:>7.4f} {f['best_f']:>7.4f} {f['f'] - f0:>+12.4f} {tail}")
+        tail = (
+            f"{a['iou_mean']:>9.4f} {a['iou_p1']:>7.4f} {a['unmatched']:>9d} {a['images_count_differs']:>14d}"
+            if a
+            else f"{'-':>9} {'-':>7} {'-':>9} {'-':>14}"
+        )
+        print(
+            f"{name:<18} {ips:>9.2f} {ratio:>15.2f}x {f['f']:>7.4f} {f['best_f']:>7.4f} {f['f'] - f0:>+12.4f} {tail}"
+        )
     print("-" * 112)
     fp32 = next(r for r in rows if r[0] == "onnxruntime")
-    print(f"goals: F within 0.002 ({abs(fp32[3]['f'] - f0):.4f}), IoU mean >= 0.99 ({fp32[4]['iou_mean']:.4f}), "
-          f"onnxruntime time <= 0.8x ({fp32[2]:.2f}x)")
+    print(
+        f"goals: F within 0.002 ({abs(fp32[3]['f'] - f0):.4f}), IoU mean >= 0.99 ({fp32[4]['iou_mean']:.4f}), "
+        f"onnxruntime time <= 0.8x ({fp32[2]:.2f}x)"
+    )
     int8 = next((r for r in rows if r[0] == "onnxruntime-int8"), None)
     if int8 is not None:
         drop, faster = f0 - int8[3]["f"], int8[2] < 0.9 * fp32[2]
-        verdict = ("worth offering" if drop < 0.01 and faster else
-                   "not worth offering: " + ("F drops by 0.01 or more" if drop >= 0.01 else "no faster than fp32"))
-        print(f"int8: F drop {drop:+.4f}, time {int8[2]:.2f}x PyTorch's ({int8[2] / fp32[2]:.2f}x fp32 "
-              f"onnxruntime's) -> {verdict}")
+        verdict = (
+            "worth offering"
+            if drop < 0.01 and faster
+            else "not worth offering: "
+            + ("F drops by 0.01 or more" if drop >= 0.01 else "no faster than fp32")
+        )
+        print(
+            f"int8: F drop {drop:+.4f}, time {int8[2]:.2f}x PyTorch's ({int8[2] / fp32[2]:.2f}x fp32 "
+            f"onnxruntime's) -> {verdict}"
+        )
     print(f"export took {t_export:.1f} s; total {time.time() - t0:.0f} s")
     print("=" * 112)
-    result = {"checkpoint": ckpt, "images": n, "threads": args.threads, "export_seconds": round(t_export, 1),
-              "rows": [{"engine": r[0], "images_per_s": r[1], "time_ratio": r[2], **r[3], "agreement": r[4]}
-                       for r in rows]}
+    result = {
+        "checkpoint": ckpt,
+        "images": n,
+        "threads": args.threads,
+        "export_seconds": round(t_export, 1),
+        "rows": [
+            {"engine": r[0], "images_per_s": r[1], "time_ratio": r[2], **r[3], "agreement": r[4]}
+            for r in rows
+        ],
+    }
     from i3cl_core.utils import atomic_write_json
 
     atomic_write_json(work / "result.json", result, indent=2)

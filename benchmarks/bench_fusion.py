@@ -9,6 +9,7 @@ WBF's one process. Goal: <= 1.5x.
 
     .venv/bin/python benchmarks/bench_fusion.py [--images 10000] [--models 3] [--polygons 30] [--processes 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,17 +30,26 @@ def make_data(rng, n_images, k, m, size=(1024, 768)):
     W, H = size
     data = []
     for _ in range(n_images):
-        base = [(rng.uniform(0, W - 200), rng.uniform(0, H - 60), rng.uniform(60, 200), rng.uniform(15, 50))
-                for _ in range(int(m * 0.8))]
+        base = [
+            (rng.uniform(0, W - 200), rng.uniform(0, H - 60), rng.uniform(60, 200), rng.uniform(15, 50))
+            for _ in range(int(m * 0.8))
+        ]
         per_model = []
         for _ in range(k):
             preds = []
-            for (x, y, w, h) in base:
+            for x, y, w, h in base:
                 j = rng.normal(0, 3, 4)
-                preds.append((curved(rng, x + j[0], y + j[1], w + j[2], h + j[3]), float(rng.uniform(0.3, 1.0))))
+                preds.append(
+                    (curved(rng, x + j[0], y + j[1], w + j[2], h + j[3]), float(rng.uniform(0.3, 1.0)))
+                )
             while len(preds) < m:
                 x, y = rng.uniform(0, W - 100), rng.uniform(0, H - 40)
-                preds.append((curved(rng, x, y, rng.uniform(30, 100), rng.uniform(10, 30)), float(rng.uniform(0.05, 0.6))))
+                preds.append(
+                    (
+                        curved(rng, x, y, rng.uniform(30, 100), rng.uniform(10, 30)),
+                        float(rng.uniform(0.05, 0.6)),
+                    )
+                )
             per_model.append(preds)
         data.append(per_model)
     return data, (W, H)
@@ -65,7 +75,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     data, (W, H) = make_data(rng, args.images, args.models, args.polygons)
     norm = np.array([W, H, W, H], dtype=np.float64)
-    boxes = [[[np.clip(np.r_[p.min(0), p.max(0)] / norm, 0.0, 1.0) for p, _ in preds] for preds in img] for img in data]
+    boxes = [
+        [[np.clip(np.r_[p.min(0), p.max(0)] / norm, 0.0, 1.0) for p, _ in preds] for preds in img]
+        for img in data
+    ]
     scores = [[[s for _, s in preds] for preds in img] for img in data]
     labels = [[[0] * len(preds) for preds in img] for img in data]
 
@@ -92,11 +105,19 @@ def main() -> None:
 
     n = args.images
     print(f"{n} images x {args.models} models x {args.polygons} predictions")
-    print(f"  ensemble-boxes WBF (boxes), 1 process             : {t_wbf:8.2f} s  ({1000 * t_wbf / n:6.2f} s per 1,000 images), {n_wbf} clusters")
-    print(f"  Weighted Polygon Fusion (polygons), 1 process     : {t_ours:8.2f} s  ({1000 * t_ours / n:6.2f} s per 1,000 images), {n_ours} clusters")
-    print(f"  Weighted Polygon Fusion, {args.processes} processes             : {t_pool:8.2f} s  ({1000 * t_pool / n:6.2f} s per 1,000 images)")
+    print(
+        f"  ensemble-boxes WBF (boxes), 1 process             : {t_wbf:8.2f} s  ({1000 * t_wbf / n:6.2f} s per 1,000 images), {n_wbf} clusters"
+    )
+    print(
+        f"  Weighted Polygon Fusion (polygons), 1 process     : {t_ours:8.2f} s  ({1000 * t_ours / n:6.2f} s per 1,000 images), {n_ours} clusters"
+    )
+    print(
+        f"  Weighted Polygon Fusion, {args.processes} processes             : {t_pool:8.2f} s  ({1000 * t_pool / n:6.2f} s per 1,000 images)"
+    )
     print(f"  ratio polygon / box, one process each             : {t_ours / t_wbf:8.2f}x")
-    print(f"  ratio polygon ({args.processes} processes) / box (1 process)     : {t_pool / t_wbf:8.2f}x  (goal: <= 1.5x)")
+    print(
+        f"  ratio polygon ({args.processes} processes) / box (1 process)     : {t_pool / t_wbf:8.2f}x  (goal: <= 1.5x)"
+    )
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ iterations per arm, ensembles over 500 images, evaluations over 400); finished t
 evaluations are reused when the benchmark runs again on the same work dir with the same settings.
 ``benchmarks/gpu_ssl.sh`` runs it on a GPU at a larger scale.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,18 +61,38 @@ from pathlib import Path
 from i3cl_core.utils import atomic_write_json, atomic_write_text, terminate_with_parent
 
 REPO = Path(__file__).resolve().parents[1]
-ARMS = ("control", "ssl", "ssl_uniform", "ssl_strong", "ssl_strong_bg", "oracle", "ssl_nodc", "ssl_r2", "control_r2")
+ARMS = (
+    "control",
+    "ssl",
+    "ssl_uniform",
+    "ssl_strong",
+    "ssl_strong_bg",
+    "oracle",
+    "ssl_nodc",
+    "ssl_r2",
+    "control_r2",
+)
 DEFAULT_ARMS = ["control", "ssl", "ssl_strong", "ssl_strong_bg", "oracle"]
 
 
 def ensure_data(data: Path, args) -> dict:
     from i3cl_core.stages import ensure_demo_data
 
-    return ensure_demo_data(data, seed=0, num_train=args.labeled, num_unlabeled=args.unlabeled, num_test=args.test,
-                            size=args.size, num_val=args.val, workers=args.data_workers)
+    return ensure_demo_data(
+        data,
+        seed=0,
+        num_train=args.labeled,
+        num_unlabeled=args.unlabeled,
+        num_test=args.test,
+        size=args.size,
+        num_val=args.val,
+        workers=args.data_workers,
+    )
 
 
-def train(config: str, out: Path, sets: list[dict], overrides: list[str], load_from: str | None = None) -> str:
+def train(
+    config: str, out: Path, sets: list[dict], overrides: list[str], load_from: str | None = None
+) -> str:
     """One training (the pipeline's torchrun command), skipped when ``out`` holds a finished run made
     from the same resolved config and the same input files."""
     from i3cl_core.stages import train_command, trained_checkpoint, training_fingerprint, write_train_config
@@ -89,14 +110,22 @@ def train(config: str, out: Path, sets: list[dict], overrides: list[str], load_f
     cfg_path = write_train_config(config, out, sets, overrides, load_from)
     t0 = time.time()
     with open(out / "train.log", "w", encoding="utf-8") as log:
-        rc = subprocess.run(train_command(cfg_path, out), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                            preexec_fn=terminate_with_parent).returncode
+        rc = subprocess.run(
+            train_command(cfg_path, out),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            preexec_fn=terminate_with_parent,
+        ).returncode
     if rc != 0:
         sys.exit(f"training {out} failed (exit {rc}); see {out / 'train.log'}")
     atomic_write_text(stamp, fp)
     summary = json.loads((out / "metrics.json").read_text())["summary"]
-    print(f"  trained {out.relative_to(out.parents[1])}: {summary.get('iterations')} iterations, "
-          f"{summary.get('images_per_s', 0):.2f} img/s, {time.time() - t0:.0f} s", flush=True)
+    print(
+        f"  trained {out.relative_to(out.parents[1])}: {summary.get('iterations')} iterations, "
+        f"{summary.get('images_per_s', 0):.2f} img/s, {time.time() - t0:.0f} s",
+        flush=True,
+    )
     return str(trained_checkpoint(out))
 
 
@@ -104,7 +133,9 @@ def drawn_share(train_log: Path) -> list[int] | None:
     """``[drawn, size]`` of the unlabeled set (data.train[1]) from the training's log, None when it has none."""
     if not train_log.exists():
         return None
-    m = re.search(r"data\.train\[1\]: the run draws (\d+) of its (\d+) images", train_log.read_text(errors="replace"))
+    m = re.search(
+        r"data\.train\[1\]: the run draws (\d+) of its (\d+) images", train_log.read_text(errors="replace")
+    )
     return [int(m.group(1)), int(m.group(2))] if m else None
 
 
@@ -129,35 +160,75 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
     teacher_sets = d["labeled"]
     teachers = {}
     for name in args.teachers:
-        teachers[name] = train(f"configs/demo/{name}.yaml", sd / "teachers" / name, teacher_sets,
-                               [f"train.seed={seed * 10 + len(teachers)}", *args.set_teachers])
+        teachers[name] = train(
+            f"configs/demo/{name}.yaml",
+            sd / "teachers" / name,
+            teacher_sets,
+            [f"train.seed={seed * 10 + len(teachers)}", *args.set_teachers],
+        )
     t_teachers = time.time() - t0
 
     print(f"seed {seed}: ensemble over {args.unlabeled} unlabeled + {args.val} validation images", flush=True)
     t1 = time.time()
-    ens_kw = dict(shard_size=50, score_thr=0.05, devices=args.devices, batch_size=args.infer_batch,
-                  precision="fp32" if args.devices == ["cpu"] else "auto", flips=args.tta_flips,
-                  scales=args.tta_scales,
-                  progress=False)
-    ens_u = run_ensemble(list(teachers.values()), d["unlabeled_images"], sd / "ensemble_unlabeled",
-                         img_root=d["unlabeled_root"], **ens_kw)
-    ens_v = run_ensemble(list(teachers.values()), d["val"]["ann_file"], sd / "ensemble_val",
-                         img_root=d["val"]["img_root"], **ens_kw)
+    ens_kw = dict(
+        shard_size=50,
+        score_thr=0.05,
+        devices=args.devices,
+        batch_size=args.infer_batch,
+        precision="fp32" if args.devices == ["cpu"] else "auto",
+        flips=args.tta_flips,
+        scales=args.tta_scales,
+        progress=False,
+    )
+    ens_u = run_ensemble(
+        list(teachers.values()),
+        d["unlabeled_images"],
+        sd / "ensemble_unlabeled",
+        img_root=d["unlabeled_root"],
+        **ens_kw,
+    )
+    ens_v = run_ensemble(
+        list(teachers.values()),
+        d["val"]["ann_file"],
+        sd / "ensemble_val",
+        img_root=d["val"]["img_root"],
+        **ens_kw,
+    )
     t_ensemble = time.time() - t1
 
-    fuse_cfg = load_config(None, [f"fuse.{o}" if not o.startswith("fuse.") else o for o in args.set_fuse]).fuse
+    fuse_cfg = load_config(
+        None, [f"fuse.{o}" if not o.startswith("fuse.") else o for o in args.set_fuse]
+    ).fuse
     pseudo = sd / "pseudo" / "train_lossweight.json"
-    summary = fuse_stage(ens_u["members"], ens_u["images_json"], str(pseudo), fuse_cfg, d["unlabeled_gt"],
-                         d["unlabeled_root"], ens_v["members"], d["val"]["ann_file"])
+    summary = fuse_stage(
+        ens_u["members"],
+        ens_u["images_json"],
+        str(pseudo),
+        fuse_cfg,
+        d["unlabeled_gt"],
+        d["unlabeled_root"],
+        ens_v["members"],
+        d["val"]["ann_file"],
+    )
     report = json.loads(Path(summary["report"]).read_text())
     quality, chosen = report["quality"], report["keep_thr_selection"]
     uniform = uniform_weights(pseudo, sd / "pseudo" / "train_uniform.json")
     nodc = None
     if "ssl_nodc" in args.arms:
         nodc = sd / "pseudo_nodc" / "train_lossweight.json"
-        fuse_stage(ens_u["members"], ens_u["images_json"], str(nodc), fuse_cfg.model_copy(update={"uncertain_band": None}),
-                   d["unlabeled_gt"], d["unlabeled_root"], ens_v["members"], d["val"]["ann_file"])
-    teacher_unl = {n: {"hmean": m["hmean"], "thr": m["best_threshold"]} for n, m in zip(teachers, quality["models"])}
+        fuse_stage(
+            ens_u["members"],
+            ens_u["images_json"],
+            str(nodc),
+            fuse_cfg.model_copy(update={"uncertain_band": None}),
+            d["unlabeled_gt"],
+            d["unlabeled_root"],
+            ens_v["members"],
+            d["val"]["ann_file"],
+        )
+    teacher_unl = {
+        n: {"hmean": m["hmean"], "thr": m["best_threshold"]} for n, m in zip(teachers, quality["models"])
+    }
 
     u_root = d["unlabeled_root"]
     mix = args.pseudo_fraction
@@ -168,13 +239,22 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
         "oracle": [{"ann_file": d["unlabeled_gt"], "img_root": u_root, "fraction": mix}],
         "ssl_nodc": [{"ann_file": str(nodc), "img_root": u_root, "fraction": mix}],
         "ssl_strong": [{"ann_file": str(pseudo), "img_root": u_root, "fraction": mix, "augment": "strong"}],
-        "ssl_strong_bg": [{"ann_file": str(pseudo), "img_root": u_root, "fraction": mix, "augment": "strong",
-                           "background_weight": args.background_weight}],
+        "ssl_strong_bg": [
+            {
+                "ann_file": str(pseudo),
+                "img_root": u_root,
+                "fraction": mix,
+                "augment": "strong",
+                "background_weight": args.background_weight,
+            }
+        ],
     }
     start = teachers[args.teachers[0]]
     arm_ckpts, t_arms = {}, {}
     arm_dir = sd / ("arms" if args.protocol == "continue" else f"arms_{args.protocol}")
-    if args.protocol == "scratch":  # every arm is the first teacher's training with only the added data changed
+    if (
+        args.protocol == "scratch"
+    ):  # every arm is the first teacher's training with only the added data changed
         arm_config, load_from = f"configs/demo/{args.teachers[0]}.yaml", None
         arm_overrides = [*args.set_teachers, f"train.seed={seed * 10}", *args.set_arms]
     else:
@@ -184,36 +264,62 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
     for arm in args.arms:
         print(f"seed {seed}: arm {arm}", flush=True)
         if arm == "control" and args.protocol == "scratch":
-            arm_ckpts[arm] = start  # the same config, seed, schedule and labeled images: the first teacher itself
+            arm_ckpts[arm] = (
+                start  # the same config, seed, schedule and labeled images: the first teacher itself
+            )
             continue
         if arm == "ssl_r2":  # round 2: the ssl student and the teachers label the unlabeled set again
             if "ssl" not in arm_ckpts:
                 sys.exit("--arms: ssl_r2 needs the ssl arm (it starts from its student)")
             t2 = time.time()
             members = [arm_ckpts["ssl"], *teachers.values()]
-            e_u = run_ensemble(members, d["unlabeled_images"], sd / "r2_ensemble_unlabeled", img_root=u_root, **ens_kw)
-            e_v = run_ensemble(members, d["val"]["ann_file"], sd / "r2_ensemble_val", img_root=d["val"]["img_root"],
-                               **ens_kw)
+            e_u = run_ensemble(
+                members, d["unlabeled_images"], sd / "r2_ensemble_unlabeled", img_root=u_root, **ens_kw
+            )
+            e_v = run_ensemble(
+                members, d["val"]["ann_file"], sd / "r2_ensemble_val", img_root=d["val"]["img_root"], **ens_kw
+            )
             pseudo2 = sd / "r2_pseudo" / "train_lossweight.json"
-            s2 = fuse_stage(e_u["members"], e_u["images_json"], str(pseudo2), fuse_cfg, d["unlabeled_gt"], u_root,
-                            e_v["members"], d["val"]["ann_file"])
-            round2 = {"pseudo": json.loads(Path(s2["report"]).read_text())["quality"]["fused"], "keep_thr": s2["keep_thr"]}
-            arm_ckpts[arm] = train("configs/demo/student.yaml", sd / "arms" / arm,
-                                   d["labeled"] + [{"ann_file": str(pseudo2), "img_root": u_root, "fraction": mix}],
-                                   [f"train.seed={seed}", *args.arm_schedule, *args.set_arms], load_from=arm_ckpts["ssl"])
+            s2 = fuse_stage(
+                e_u["members"],
+                e_u["images_json"],
+                str(pseudo2),
+                fuse_cfg,
+                d["unlabeled_gt"],
+                u_root,
+                e_v["members"],
+                d["val"]["ann_file"],
+            )
+            round2 = {
+                "pseudo": json.loads(Path(s2["report"]).read_text())["quality"]["fused"],
+                "keep_thr": s2["keep_thr"],
+            }
+            arm_ckpts[arm] = train(
+                "configs/demo/student.yaml",
+                sd / "arms" / arm,
+                d["labeled"] + [{"ann_file": str(pseudo2), "img_root": u_root, "fraction": mix}],
+                [f"train.seed={seed}", *args.arm_schedule, *args.set_arms],
+                load_from=arm_ckpts["ssl"],
+            )
             t_arms[arm] = time.time() - t2
             continue
         if arm == "control_r2":  # the twin of ssl_r2: as long again on the labeled images, from the control
             if "control" not in arm_ckpts:
                 sys.exit("--arms: control_r2 needs the control arm (it starts from its model)")
             t2 = time.time()
-            arm_ckpts[arm] = train("configs/demo/student.yaml", sd / "arms" / arm, d["labeled"],
-                                   [f"train.seed={seed}", *args.arm_schedule, *args.set_arms], load_from=arm_ckpts["control"])
+            arm_ckpts[arm] = train(
+                "configs/demo/student.yaml",
+                sd / "arms" / arm,
+                d["labeled"],
+                [f"train.seed={seed}", *args.arm_schedule, *args.set_arms],
+                load_from=arm_ckpts["control"],
+            )
             t_arms[arm] = time.time() - t2
             continue
         t2 = time.time()
-        arm_ckpts[arm] = train(arm_config, arm_dir / arm, d["labeled"] + arm_sets[arm], arm_overrides,
-                               load_from=load_from)
+        arm_ckpts[arm] = train(
+            arm_config, arm_dir / arm, d["labeled"] + arm_sets[arm], arm_overrides, load_from=load_from
+        )
         t_arms[arm] = time.time() - t2
 
     print(f"seed {seed}: evaluation on the validation and test splits", flush=True)
@@ -228,29 +334,58 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
 
     scores = {}
     for name, ckpt in {**{f"teacher:{n}": c for n, c in teachers.items()}, **arm_ckpts}.items():
-        stem = name.replace(":", "_") if name.startswith("teacher:") or args.protocol == "continue" \
+        stem = (
+            name.replace(":", "_")
+            if name.startswith("teacher:") or args.protocol == "continue"
             else f"{args.protocol}_{name}"
+        )
         val_thr = evaluated(ckpt, d["val"], sd / "eval" / f"{stem}.val.json")["best_thr"]
         r = evaluated(ckpt, d["test"], sd / "eval" / f"{stem}.json")
         at_val = next(row for row in r["sweep"] if abs(row["score_thr"] - val_thr) < 1e-6)
-        scores[name] = {**{k: r[k] for k in ("precision", "recall", "hmean", "best_hmean", "best_thr", "score_thr")},
-                        "val_thr": val_thr, "hmean_at_val_thr": at_val["hmean"],
-                        "precision_at_val_thr": at_val["precision"], "recall_at_val_thr": at_val["recall"]}
+        scores[name] = {
+            **{k: r[k] for k in ("precision", "recall", "hmean", "best_hmean", "best_thr", "score_thr")},
+            "val_thr": val_thr,
+            "hmean_at_val_thr": at_val["hmean"],
+            "precision_at_val_thr": at_val["precision"],
+            "recall_at_val_thr": at_val["recall"],
+        }
     gate = None
-    if "control" in arm_ckpts:  # the control on the unlabeled images themselves (their hidden GT: measuring only)
+    if (
+        "control" in arm_ckpts
+    ):  # the control on the unlabeled images themselves (their hidden GT: measuring only)
         stem = "control" if args.protocol == "continue" else f"{args.protocol}_control"
-        r = evaluated(arm_ckpts["control"], {"ann_file": d["unlabeled_gt"], "img_root": u_root},
-                      sd / "eval" / f"{stem}.unlabeled.json")
+        r = evaluated(
+            arm_ckpts["control"],
+            {"ann_file": d["unlabeled_gt"], "img_root": u_root},
+            sd / "eval" / f"{stem}.unlabeled.json",
+        )
         gate = {"control_hmean": r["best_hmean"], "control_thr": r["best_thr"]}
     coverage = {arm: drawn_share(arm_dir / arm / "train.log") for arm in arm_ckpts}
-    result = {"seed": seed, "scores": scores, "pseudo": quality["fused"], "pseudo_labels": summary["pseudo_labels"],
-              "gate": gate, "coverage": coverage, "protocol": args.protocol,
-              "dontcare": summary["dontcare"], "keep_thr": chosen["keep_thr"], "val_fused": chosen["val"],
-              "teachers_on_unlabeled": teacher_unl, "round2": round2,
-              "seconds": {"teachers": round(t_teachers), "ensemble": round(t_ensemble),
-                          **{f"arm_{a}": round(t) for a, t in t_arms.items()}, "total": round(time.time() - t0)}}
-    atomic_write_json(sd / f"result_{args.protocol}.json" if args.protocol != "continue" else sd / "result.json",
-                      result, indent=2)
+    result = {
+        "seed": seed,
+        "scores": scores,
+        "pseudo": quality["fused"],
+        "pseudo_labels": summary["pseudo_labels"],
+        "gate": gate,
+        "coverage": coverage,
+        "protocol": args.protocol,
+        "dontcare": summary["dontcare"],
+        "keep_thr": chosen["keep_thr"],
+        "val_fused": chosen["val"],
+        "teachers_on_unlabeled": teacher_unl,
+        "round2": round2,
+        "seconds": {
+            "teachers": round(t_teachers),
+            "ensemble": round(t_ensemble),
+            **{f"arm_{a}": round(t) for a, t in t_arms.items()},
+            "total": round(time.time() - t0),
+        },
+    }
+    atomic_write_json(
+        sd / f"result_{args.protocol}.json" if args.protocol != "continue" else sd / "result.json",
+        result,
+        indent=2,
+    )
     return result
 
 
@@ -259,9 +394,19 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
 # arms continue the teacher's schedule without a restart. "restart": the student config's own schedule (2.5e-4 with
 # warm-up and a decay), as the pipeline trains its student.
 ARM_SCHEDULES = {
-    "continue": ["train.epochs=12", "train.iters_per_epoch=25", "train.lr=0.00005", "train.lr_steps=[]",
-                 "train.warmup_iters=0"],
-    "restart": ["train.epochs=12", "train.iters_per_epoch=25", "train.lr_steps=[10]", "train.warmup_iters=20"],
+    "continue": [
+        "train.epochs=12",
+        "train.iters_per_epoch=25",
+        "train.lr=0.00005",
+        "train.lr_steps=[]",
+        "train.warmup_iters=0",
+    ],
+    "restart": [
+        "train.epochs=12",
+        "train.iters_per_epoch=25",
+        "train.lr_steps=[10]",
+        "train.warmup_iters=20",
+    ],
 }
 
 
@@ -274,23 +419,29 @@ def spread(values: list[float]) -> str:
 
 PROTOCOL_TEXT = {
     "continue": "arms start from the first teacher at its final learning rate (constant 5e-5, no warm-up, fresh AdamW "
-                "moments), the same iterations each; the control is the teacher's schedule continued (convergence: "
-                "control - teacher < 1 F)",
+    "moments), the same iterations each; the control is the teacher's schedule continued (convergence: "
+    "control - teacher < 1 F)",
     "scratch": "every arm trains from scratch with the first teacher's config, seed and schedule (1,000 iterations), "
-               "only the added images changed; the control is that teacher itself (the STAC protocol)",
+    "only the added images changed; the control is that teacher itself (the STAC protocol)",
     "restart": "arms start from the first teacher with the student config's schedule (lr 2.5e-4, warm-up, decay): "
-               "every arm, the control included, also gains from the learning-rate restart",
+    "every arm, the control included, also gains from the learning-rate restart",
 }
 
 
 def print_table(results: list[dict], args) -> None:
     w = 104
     print("\n" + "=" * w)
-    print(f"SSL benchmark: {args.labeled} labeled / {args.unlabeled} unlabeled / {args.val} val / {args.test} test images "
-          f"at {args.size} px, seeds {[r['seed'] for r in results]}")
-    print(f"protocol: {PROTOCOL_TEXT[args.protocol]}; the labeled images keep the default augmentation in every arm; "
-          f"every threshold chosen on the validation split, never on the unlabeled ground truth")
-    print(f"{'row':<28} {'F at val thr (min..max)':>24} {'P':>6} {'R':>6}  per seed            | best test F (min..max)")
+    print(
+        f"SSL benchmark: {args.labeled} labeled / {args.unlabeled} unlabeled / {args.val} val / {args.test} test images "
+        f"at {args.size} px, seeds {[r['seed'] for r in results]}"
+    )
+    print(
+        f"protocol: {PROTOCOL_TEXT[args.protocol]}; the labeled images keep the default augmentation in every arm; "
+        f"every threshold chosen on the validation split, never on the unlabeled ground truth"
+    )
+    print(
+        f"{'row':<28} {'F at val thr (min..max)':>24} {'P':>6} {'R':>6}  per seed            | best test F (min..max)"
+    )
     print("-" * w)
     rows = [f"teacher:{n}" for n in args.teachers] + list(args.arms)
     for row in rows:
@@ -299,9 +450,11 @@ def print_table(results: list[dict], args) -> None:
             continue
         fv = [v["hmean_at_val_thr"] for v in vals]
         fb = [v["best_hmean"] for v in vals]
-        print(f"{row:<28} {spread(fv):>24} {statistics.fmean(v['precision_at_val_thr'] for v in vals):>6.3f} "
-              f"{statistics.fmean(v['recall_at_val_thr'] for v in vals):>6.3f}  {' '.join(f'{x:.3f}' for x in fv):<19} | "
-              f"{spread(fb)}")
+        print(
+            f"{row:<28} {spread(fv):>24} {statistics.fmean(v['precision_at_val_thr'] for v in vals):>6.3f} "
+            f"{statistics.fmean(v['recall_at_val_thr'] for v in vals):>6.3f}  {' '.join(f'{x:.3f}' for x in fv):<19} | "
+            f"{spread(fb)}"
+        )
     print("-" * w)
 
     def diff(a, b, goal: float | None = None, what: str = "") -> None:
@@ -312,8 +465,12 @@ def print_table(results: list[dict], args) -> None:
         verdict = ""
         if goal is not None:
             holds = statistics.fmean(d) >= goal and all(x > 0 for x in d) and len(d) >= 3
-            verdict = f"goal >= {goal:+.3f}, every seed > 0, >= 3 seeds: {'HOLDS' if holds else 'not reached'}"
-        print(f"{a + ' - ' + b:<28} {spread(d):>24}  per seed {' '.join(f'{x:+.3f}' for x in d)}  {verdict}{what}")
+            verdict = (
+                f"goal >= {goal:+.3f}, every seed > 0, >= 3 seeds: {'HOLDS' if holds else 'not reached'}"
+            )
+        print(
+            f"{a + ' - ' + b:<28} {spread(d):>24}  per seed {' '.join(f'{x:+.3f}' for x in d)}  {verdict}{what}"
+        )
 
     first = f"teacher:{args.teachers[0]}"
     diff("control", first, what="  (convergence of the start: < +0.010 wanted)")
@@ -329,25 +486,35 @@ def print_table(results: list[dict], args) -> None:
         diff("ssl_r2", "control_r2", goal=0.03, what="  (both rounds of each)")
     print("-" * w)
     pf = [r["pseudo"]["hmean"] for r in results]
-    print(f"{'pseudo labels vs hidden GT':<28} {spread(pf):>24} {statistics.fmean(r['pseudo']['precision'] for r in results):>6.3f} "
-          f"{statistics.fmean(r['pseudo']['recall'] for r in results):>6.3f}  keep_thr {[r['keep_thr'] for r in results]}")
+    print(
+        f"{'pseudo labels vs hidden GT':<28} {spread(pf):>24} {statistics.fmean(r['pseudo']['precision'] for r in results):>6.3f} "
+        f"{statistics.fmean(r['pseudo']['recall'] for r in results):>6.3f}  keep_thr {[r['keep_thr'] for r in results]}"
+    )
     best_t = [max(v["hmean"] for v in r["teachers_on_unlabeled"].values()) for r in results]
     for n in args.teachers:
         tf = [r["teachers_on_unlabeled"][n]["hmean"] for r in results]
-        print(f"{'teacher ' + n + ' on unlabeled':<28} {spread(tf):>24}  (its best threshold there: an upper bound)")
+        print(
+            f"{'teacher ' + n + ' on unlabeled':<28} {spread(tf):>24}  (its best threshold there: an upper bound)"
+        )
     gates = [r["gate"]["control_hmean"] for r in results if r.get("gate")]
     if gates:
         print(f"{'control on unlabeled':<28} {spread(gates):>24}  (its best threshold there: an upper bound)")
-        print(f"{'gate: pseudo - control':<28} {spread([p - g for p, g in zip(pf, gates)]):>24}  (>= 0 wanted: labels "
-              "worse than what the student already predicts cannot teach it)")
-    print(f"{'pseudo - best teacher':<28} {spread([p - b for p, b in zip(pf, best_t)]):>24}  (goal >= +0.020)")
+        print(
+            f"{'gate: pseudo - control':<28} {spread([p - g for p, g in zip(pf, gates)]):>24}  (>= 0 wanted: labels "
+            "worse than what the student already predicts cannot teach it)"
+        )
+    print(
+        f"{'pseudo - best teacher':<28} {spread([p - b for p, b in zip(pf, best_t)]):>24}  (goal >= +0.020)"
+    )
     print("-" * w)
     for arm in args.arms:
         cov = [r["coverage"].get(arm) for r in results if r.get("coverage")]
         cov = [c for c in cov if c]
         if cov:
-            print(f"coverage {arm:<19} unlabeled images drawn at least once: "
-                  + ", ".join(f"{c[0]}/{c[1]}" for c in cov))
+            print(
+                f"coverage {arm:<19} unlabeled images drawn at least once: "
+                + ", ".join(f"{c[0]}/{c[1]}" for c in cov)
+            )
     secs = [r["seconds"] for r in results]
     print(f"time per seed (s): {secs}")
     print("=" * w)
@@ -366,16 +533,26 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=300)
     ap.add_argument("--size", type=int, default=320, help="side of the synthetic images (px)")
     ap.add_argument("--data-workers", type=int, default=2, help="processes generating the synthetic data")
-    ap.add_argument("--protocol", choices=sorted(PROTOCOL_TEXT), default="continue",
-                    help="continue: arms at the teacher's final learning rate (no restart); restart: the student "
-                    "config's schedule; scratch: every arm trained from scratch like the first teacher")
+    ap.add_argument(
+        "--protocol",
+        choices=sorted(PROTOCOL_TEXT),
+        default="continue",
+        help="continue: arms at the teacher's final learning rate (no restart); restart: the student "
+        "config's schedule; scratch: every arm trained from scratch like the first teacher",
+    )
     ap.add_argument("--background-weight", type=float, default=0.5, help="negatives' weight in ssl_strong_bg")
-    ap.add_argument("--devices", nargs="+", default=["cpu"], help="ensemble devices (cpu, cuda:0, ... or auto)")
+    ap.add_argument(
+        "--devices", nargs="+", default=["cpu"], help="ensemble devices (cpu, cuda:0, ... or auto)"
+    )
     ap.add_argument("--infer-batch", type=int, default=1, help="images per forward pass in the ensemble")
     ap.add_argument("--tta-flips", nargs="*", default=[], choices=["h", "v"])
     ap.add_argument("--tta-scales", nargs="*", type=int, default=[])
-    ap.add_argument("--pseudo-fraction", type=float, default=0.5,
-                    help="share of every batch from the unlabeled images (as the pipeline's train.pseudo_fraction)")
+    ap.add_argument(
+        "--pseudo-fraction",
+        type=float,
+        default=0.5,
+        help="share of every batch from the unlabeled images (as the pipeline's train.pseudo_fraction)",
+    )
     ap.add_argument("--set-teachers", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--set-arms", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--set-fuse", action="append", default=[], metavar="KEY=VALUE")
@@ -383,7 +560,9 @@ def main() -> None:
     args.set_teachers = TEACHER_SCHEDULE + args.set_teachers
     args.arm_schedule = ARM_SCHEDULES.get(args.protocol, [])
     if args.protocol == "scratch" and {"ssl_r2", "control_r2"} & set(args.arms):
-        ap.error("--arms: the rounds (ssl_r2, control_r2) continue from a trained model; use --protocol continue")
+        ap.error(
+            "--arms: the rounds (ssl_r2, control_r2) continue from a trained model; use --protocol continue"
+        )
     if args.devices == ["auto"]:
         args.devices = "auto"
     for need, arm in (("ssl", "ssl_r2"), ("control", "control_r2")):
@@ -394,15 +573,23 @@ def main() -> None:
     d = ensure_data(Path(args.data), args)
     wd = Path(args.work_dir)
     results = [run_seed(s, d, args, wd) for s in args.seeds]
-    atomic_write_json(wd / ("results.json" if args.protocol == "continue" else f"results_{args.protocol}.json"),
-                      results, indent=2)
+    atomic_write_json(
+        wd / ("results.json" if args.protocol == "continue" else f"results_{args.protocol}.json"),
+        results,
+        indent=2,
+    )
     print_table(results, args)
 
 
 # the teachers: 40 epochs of 25 iterations (1,000 iterations of 2 images), lr x0.1 after epoch 34: close to
 # convergence on the 25 labeled images, so that the control's further training adds little (with 400
 # iterations, the control gained 6 F points over its teacher and every arm measured mostly that)
-TEACHER_SCHEDULE = ["train.epochs=40", "train.iters_per_epoch=25", "train.lr_steps=[34]", "train.warmup_iters=50"]
+TEACHER_SCHEDULE = [
+    "train.epochs=40",
+    "train.iters_per_epoch=25",
+    "train.lr_steps=[34]",
+    "train.warmup_iters=50",
+]
 
 if __name__ == "__main__":
     main()

@@ -12,11 +12,18 @@ image is the ratio the project aims to keep <= 1.1x. Do-not-care regions are lef
 (it has none) and its full-image masks are rasterised before timing, as a data loader would.
 
     .venv/bin/python benchmarks/bench_train_speed.py [--config configs/demo/teacher_a.yaml]
-        [--data data/bench] [--batches 30] [--warmup 5]
+        [--data data/bench] [--batches 30] [--warmup 5] [--profile]
+
+``--profile`` first prints where one training step of the recipe spends its time (milliseconds per step
+and share): data (decode, augmentation and collation of a batch, which the loader's workers take off the
+critical path when ``data.num_workers`` > 0), backbone, FPN, IntraCL, RPN (head, proposals, anchor
+sampling and its losses), the RoI heads' parts (box pooling and head; mask pooling; InterCL; mask head; the
+rest: RoI sampling, mask targets and losses), backward, and gradient clipping with the optimizer step.
 
 ``model.bf16_features`` is forced on here (not ``auto``) to show what it costs or gains on this CPU;
 without AVX512-BF16/AMX bfloat16 is emulated and slower, which is why the recipes say ``auto``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,9 +46,14 @@ def main() -> None:
     ap.add_argument("--data", default="data/bench")
     ap.add_argument("--batches", type=int, default=30, help="timed batches per setting (>= 1)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed batches first (oneDNN kernel selection)")
+    ap.add_argument(
+        "--profile", action="store_true", help="first, the time per part of one step of the recipe"
+    )
     args = ap.parse_args()
     if args.batches < 1 or args.warmup < 0:
         ap.error("--batches must be >= 1 and --warmup >= 0")
+
+    from bench_teacher import ensure_bench_data  # benchmarks/ is on sys.path when run as a script
 
     from i3cl_core.config import load_config
     from i3cl_core.data.coco import CocoTextDataset, collate
@@ -49,20 +61,27 @@ def main() -> None:
     from i3cl_core.engine.train import build_optimizer
     from i3cl_core.model.detector import build_model, native_bf16
 
-    from bench_teacher import ensure_bench_data  # benchmarks/ is on sys.path when run as a script
-
     data = Path(args.data)
     ensure_bench_data(data)
     base = [f"data.train=[{{ann_file: {data}/train/annotations.json, img_root: {data}/train/images}}]"]
     cfg = load_config(args.config, base)
-    dataset = CocoTextDataset([(s.ann_file, s.img_root) for s in cfg.data.train],
-                              transform=build_train_transform(cfg.data.augment), train=True, seed=cfg.train.seed)
+    dataset = CocoTextDataset(
+        [(s.ann_file, s.img_root) for s in cfg.data.train],
+        transform=build_train_transform(cfg.data.augment),
+        train=True,
+        seed=cfg.train.seed,
+    )
     dataset.set_epoch(0)
     bs = cfg.train.batch_size
     n = args.batches + args.warmup
     batches = [collate([dataset[(i * bs + j) % len(dataset)] for j in range(bs)]) for i in range(n)]
-    print(f"{args.config}: {n} batches of {bs} images, {torch.get_num_threads()} threads, "
-          f"native bfloat16 on this CPU: {native_bf16(torch.device('cpu'))}")
+    print(
+        f"{args.config}: {n} batches of {bs} images, {torch.get_num_threads()} threads, "
+        f"native bfloat16 on this CPU: {native_bf16(torch.device('cpu'))}"
+    )
+
+    if args.profile:
+        print_profile(profile_step(load_config(args.config, base), dataset, batches, args.warmup))
 
     results = {}
     for name, overrides in SETTINGS.items():
@@ -88,12 +107,117 @@ def main() -> None:
     print(f"{'setting':32s} {'img/s':>7s} {'vs baseline':>12s}")
     for name, ips in results.items():
         print(f"{name:32s} {ips:7.2f} {ips / baseline:11.2f}x")
-    use_bf16 = recipe.model.bf16_features is True or (recipe.model.bf16_features == "auto" and native_bf16(torch.device("cpu")))
-    ours = results[{(False, False): "float32, NCHW (baseline)", (False, True): "channels_last", (True, False): "bf16_features",
-                    (True, True): "bf16_features + channels_last"}[(use_bf16, recipe.model.channels_last)]]
+    use_bf16 = recipe.model.bf16_features is True or (
+        recipe.model.bf16_features == "auto" and native_bf16(torch.device("cpu"))
+    )
+    ours = results[
+        {
+            (False, False): "float32, NCHW (baseline)",
+            (False, True): "channels_last",
+            (True, False): "bf16_features",
+            (True, True): "bf16_features + channels_last",
+        }[(use_bf16, recipe.model.channels_last)]
+    ]
     print(f"{'torchvision Mask R-CNN (same sizes)':32s} {tv_ips:7.2f} {tv_ips / baseline:11.2f}x")
-    print(f"time per training image, ours (recipe: bf16 {use_bf16}, channels_last {recipe.model.channels_last}) / "
-          f"torchvision: {tv_ips / ours:.2f}x (goal <= 1.1x); both float32 NCHW: {tv_ips / baseline:.2f}x")
+    print(
+        f"time per training image, ours (recipe: bf16 {use_bf16}, channels_last {recipe.model.channels_last}) / "
+        f"torchvision: {tv_ips / ours:.2f}x (goal <= 1.1x); both float32 NCHW: {tv_ips / baseline:.2f}x"
+    )
+
+
+PARTS = {
+    "backbone": "backbone",
+    "FPN": "neck",
+    "IntraCL": "intra_cl",
+    "RPN (head, proposals, sampling, losses)": "rpn",
+    "box pooling": "roi_heads.box_pooler",
+    "box head": "roi_heads.box_head",
+    "mask pooling": "roi_heads.mask_pooler",
+    "InterCL": "roi_heads.inter_cl",
+    "mask head": "roi_heads.mask_head",
+    "RoI heads": "roi_heads",
+}
+
+
+def profile_step(cfg, dataset, batches, warmup: int) -> dict[str, float]:
+    """Seconds per training step of each part (wall clock, module forward hooks; on the CPU every part
+    runs in order, so the parts add up to the step)."""
+    from i3cl_core.data.coco import collate
+    from i3cl_core.engine.train import build_optimizer
+    from i3cl_core.model.detector import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    optimizer = build_optimizer(model, cfg.train)
+    spent = dict.fromkeys([*PARTS, "backward", "clip + optimizer", "data", "step"], 0.0)
+    started: dict[str, float] = {}
+    timing = [False]
+    for part, name in PARTS.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:  # a part this config leaves out (IntraCL, InterCL)
+            continue
+
+        def pre(_m, _a, part=part):
+            started[part] = time.perf_counter()
+
+        def post(_m, _a, _o, part=part):
+            if timing[0]:
+                spent[part] += time.perf_counter() - started[part]
+
+        for m in (
+            module if isinstance(module, torch.nn.ModuleList) else [module]
+        ):  # IntraCL: one block per level
+            m.register_forward_pre_hook(pre)
+            m.register_forward_hook(post)
+    bs = len(batches[0][0])
+    for i, (images, targets) in enumerate(batches):
+        timing[0] = i >= warmup
+        t0 = time.perf_counter()
+        losses = model(images, targets)
+        t1 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        t2 = time.perf_counter()
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        t3 = time.perf_counter()
+        if timing[0]:
+            spent["backward"] += t2 - t1
+            spent["clip + optimizer"] += t3 - t2
+            spent["step"] += t3 - t0
+            t4 = time.perf_counter()
+            collate([dataset[(i * bs + j) % len(dataset)] for j in range(bs)])
+            spent["data"] += time.perf_counter() - t4
+    n = len(batches) - warmup
+    return {k: v / n for k, v in spent.items()}
+
+
+def print_profile(spent: dict[str, float]) -> None:
+    step = spent["step"]
+    inner = ("box pooling", "box head", "mask pooling", "InterCL", "mask head")
+    rows = [
+        (k, spent[k])
+        for k in ("backbone", "FPN", "IntraCL", "RPN (head, proposals, sampling, losses)", *inner)
+    ]
+    rows.append(("RoI sampling, mask targets, losses", spent["RoI heads"] - sum(spent[k] for k in inner)))
+    forward = sum(
+        spent[k]
+        for k in ("backbone", "FPN", "IntraCL", "RPN (head, proposals, sampling, losses)", "RoI heads")
+    )
+    rows += [
+        ("forward, rest (preprocessing)", step - spent["backward"] - spent["clip + optimizer"] - forward),
+        ("backward", spent["backward"]),
+        ("clip + optimizer", spent["clip + optimizer"]),
+    ]
+    print(f"one training step of the recipe: {step * 1000:.0f} ms ({len(rows)} parts; data loading apart)")
+    print(f"{'part':40s} {'ms/step':>8s} {'share':>6s}")
+    for name, sec in rows:
+        print(f"{name:40s} {sec * 1000:8.1f} {sec / step:6.1%}")
+    print(
+        f"{'data (decode, augment, collate; apart)':40s} {spent['data'] * 1000:8.1f} {spent['data'] / step:6.1%}"
+    )
 
 
 def torchvision_model(cfg):
@@ -106,15 +230,23 @@ def torchvision_model(cfg):
 
     m = cfg.model
     c = m.fpn_channels
-    backbone = BackboneWithFPN(resnet18(), {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
-                               [64, 128, 256, 512], c)
+    backbone = BackboneWithFPN(
+        resnet18(), {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, [64, 128, 256, 512], c
+    )
     scales = [s for s, _ in cfg.data.augment.scales]
     return MaskRCNN(
-        backbone, num_classes=None, min_size=tuple(scales), max_size=max(x for _, x in cfg.data.augment.scales),
-        rpn_pre_nms_top_n_train=m.rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train=m.rpn_post_nms_top_n_train,
+        backbone,
+        num_classes=None,
+        min_size=tuple(scales),
+        max_size=max(x for _, x in cfg.data.augment.scales),
+        rpn_pre_nms_top_n_train=m.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=m.rpn_post_nms_top_n_train,
         box_batch_size_per_image=m.box_batch_size_per_image,
-        box_head=TwoMLPHead(c * 7 * 7, m.representation_size), box_predictor=FastRCNNPredictor(m.representation_size, m.num_classes + 1),
-        mask_head=MaskRCNNHeads(c, [c] * m.mask_head_convs, 1), mask_predictor=MaskRCNNPredictor(c, c, m.num_classes + 1))
+        box_head=TwoMLPHead(c * 7 * 7, m.representation_size),
+        box_predictor=FastRCNNPredictor(m.representation_size, m.num_classes + 1),
+        mask_head=MaskRCNNHeads(c, [c] * m.mask_head_convs, 1),
+        mask_predictor=MaskRCNNPredictor(c, c, m.num_classes + 1),
+    )
 
 
 def torchvision_targets(images, targets) -> list[dict]:
@@ -128,9 +260,16 @@ def torchvision_targets(images, targets) -> list[dict]:
         h, w = image.shape[-2:]
         masks = np.zeros((len(inst), h, w), np.uint8)
         for k, parts in enumerate(inst.polygons):  # pixel-area coordinates: pixel centres at +0.5
-            cv2.fillPoly(masks[k], [np.round(np.asarray(p, np.float64) - 0.5).astype(np.int32) for p in parts], 1)
-        out.append({"boxes": inst.boxes.float(), "labels": torch.ones(len(inst), dtype=torch.int64),
-                    "masks": torch.from_numpy(masks)})
+            cv2.fillPoly(
+                masks[k], [np.round(np.asarray(p, np.float64) - 0.5).astype(np.int32) for p in parts], 1
+            )
+        out.append(
+            {
+                "boxes": inst.boxes.float(),
+                "labels": torch.ones(len(inst), dtype=torch.int64),
+                "masks": torch.from_numpy(masks),
+            }
+        )
     return out
 
 

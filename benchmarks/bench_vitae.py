@@ -6,6 +6,7 @@ ViTAEv2-S time per stage.
 
     .venv/bin/python benchmarks/bench_vitae.py [--size 800] [--repeats 3] [--threads 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,6 @@ import time
 from collections import defaultdict
 
 import torch
-
-
 from bench_model_latency import timed  # median of repeats after a warm-up (same folder)
 
 
@@ -39,7 +38,9 @@ def main() -> None:
     starts: dict[int, float] = {}
     for i, stage in enumerate(nets["vitaev2_s"][0].layers):
         stage.RC.register_forward_pre_hook(lambda m, a, i=i: starts.__setitem__(i, time.perf_counter()))
-        stage.NC[-1].register_forward_hook(lambda m, a, o, i=i: stage_time.__setitem__(i, stage_time[i] + time.perf_counter() - starts[i]))
+        stage.NC[-1].register_forward_hook(
+            lambda m, a, o, i=i: stage_time.__setitem__(i, stage_time[i] + time.perf_counter() - starts[i])
+        )
 
     results = {}
     with torch.inference_mode():
@@ -47,8 +48,10 @@ def main() -> None:
             stage_time.clear()
             results[name] = timed(lambda net=net: net(x), args.repeats)
     params = {n: sum(p.numel() for p in net[0].parameters()) / 1e6 for n, net in nets.items()}
-    print(f"backbone + FPN forward, {args.size}x{args.size}, batch 1, {args.threads} threads, median of {args.repeats} "
-          f"after a warm-up (torch {torch.__version__})")
+    print(
+        f"backbone + FPN forward, {args.size}x{args.size}, batch 1, {args.threads} threads, median of {args.repeats} "
+        f"after a warm-up (torch {torch.__version__})"
+    )
     for name, t in results.items():
         print(f"  {name:<10} {t:7.3f} s   (backbone {params[name]:.2f} M parameters)")
     print(f"  ratio vitaev2_s / resnet50: {results['vitaev2_s'] / results['resnet50']:.2f}x")

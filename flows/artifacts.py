@@ -1,5 +1,6 @@
 """What the Prefect UI shows besides logs: markdown artifacts with embedded pictures (training curves, the
 pseudo-label report, the run summary) and table artifacts, each kept under a size the UI renders whole."""
+
 from __future__ import annotations
 
 import base64
@@ -32,8 +33,12 @@ def _image_uri(path: str | Path, max_side: int = 560, quality: int = 80) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def markdown_with_images(title: str, blocks: list[tuple[str, list[tuple[str, str | Path]]]], intro: str = "",
-                         budget: int = ARTIFACT_BUDGET) -> str:
+def markdown_with_images(
+    title: str,
+    blocks: list[tuple[str, list[tuple[str, str | Path]]]],
+    intro: str = "",
+    budget: int = ARTIFACT_BUDGET,
+) -> str:
     """CommonMark for an artifact: ``# title``, ``intro``, then per block ``## heading`` and its pictures
     (alt text, file), every block separated by a blank line; thumbnails shrink until the whole text fits
     ``budget`` bytes."""
@@ -41,12 +46,13 @@ def markdown_with_images(title: str, blocks: list[tuple[str, list[tuple[str, str
         parts = [f"# {title}"] + ([intro] if intro else [])
         for heading, images in blocks:
             parts.append(f"## {heading}")
-            parts += [f"![{alt}]({_image_uri(p, max_side, quality)})" for alt, p in images if Path(p).exists()]
+            parts += [
+                f"![{alt}]({_image_uri(p, max_side, quality)})" for alt, p in images if Path(p).exists()
+            ]
         text = "\n\n".join(parts) + "\n"
         if len(text.encode()) <= budget:
             return text
     return text
-
 
 
 def training_curve_artifact(name: str, out: Path, when: str) -> None:
@@ -59,30 +65,58 @@ def training_curve_artifact(name: str, out: Path, when: str) -> None:
         get_run_logger().warning("training curve of %s not drawn: %s", name, e)
         return
     if png is not None:
-        create_markdown_artifact(markdown_with_images(f"Training {name}", [(when, [("loss and learning rate", png)])]),
-                                 key=f"training-curve-{slug(name)}", description=f"training curve of {name} ({when})")
+        create_markdown_artifact(
+            markdown_with_images(f"Training {name}", [(when, [("loss and learning rate", png)])]),
+            key=f"training-curve-{slug(name)}",
+            description=f"training curve of {name} ({when})",
+        )
 
 
 def pseudo_label_artifacts(variant_dir: Path, summary: dict, ssl_round: int = 1) -> None:
     report = json.loads((variant_dir / "report.json").read_text())
-    rows = [{"stat": k, "value": summary[k]} for k in ("images", "models", "pseudo_labels", "dontcare", "images_with_labels")]
+    rows = [
+        {"stat": k, "value": summary[k]}
+        for k in ("images", "models", "pseudo_labels", "dontcare", "images_with_labels")
+    ]
     quality = report.get("quality")
     if quality:
-        rows += [{"stat": f"{r['source']} P/R/F", "value": f"{r['precision']:.3f} / {r['recall']:.3f} / {r['hmean']:.3f}"}
-                 for r in quality["table"]]
+        rows += [
+            {
+                "stat": f"{r['source']} P/R/F",
+                "value": f"{r['precision']:.3f} / {r['recall']:.3f} / {r['hmean']:.3f}",
+            }
+            for r in quality["table"]
+        ]
     selection = report.get("keep_thr_selection") or {}
-    rows.append({"stat": "keep_thr", "value": f"{selection.get('keep_thr')} (chosen on {selection['chosen_on']})"
-                 if selection.get("chosen_on") else f"{selection.get('keep_thr')} (as given)"})
+    rows.append(
+        {
+            "stat": "keep_thr",
+            "value": f"{selection.get('keep_thr')} (chosen on {selection['chosen_on']})"
+            if selection.get("chosen_on")
+            else f"{selection.get('keep_thr')} (as given)",
+        }
+    )
     suffix = "" if ssl_round == 1 else f"-r{ssl_round}"
-    create_table_artifact(rows, key=f"pseudo-label-stats{suffix}", description="pseudo labels (and quality vs the hidden GT)")
-    headings = {"pr_curve": "Precision / recall / F of the fused labels over the score threshold",
-                "scores": "Fused scores", "votes": "Votes per pseudo label", "weights": "Loss weights"}
+    create_table_artifact(
+        rows, key=f"pseudo-label-stats{suffix}", description="pseudo labels (and quality vs the hidden GT)"
+    )
+    headings = {
+        "pr_curve": "Precision / recall / F of the fused labels over the score threshold",
+        "scores": "Fused scores",
+        "votes": "Votes per pseudo label",
+        "weights": "Loss weights",
+    }
     blocks = [(headings.get(name, name), [(name, p)]) for name, p in report["figures"].items()]
     blocks.append(("Samples", [(f"sample {k + 1}", p) for k, p in enumerate(report.get("samples", [])[:3])]))
-    intro = (f"{summary['pseudo_labels']} pseudo labels, {summary['dontcare']} do-not-care regions on "
-             f"{summary['images']} images from {summary['models']} models.")
-    create_markdown_artifact(markdown_with_images("Pseudo labels", blocks, intro), key=f"pseudo-labels{suffix}",
-                             description="histograms, PR curve and samples")
+    intro = (
+        f"{summary['pseudo_labels']} pseudo labels, {summary['dontcare']} do-not-care regions on "
+        f"{summary['images']} images from {summary['models']} models."
+    )
+    create_markdown_artifact(
+        markdown_with_images("Pseudo labels", blocks, intro),
+        key=f"pseudo-labels{suffix}",
+        description="histograms, PR curve and samples",
+    )
 
 
 def summary_artifact(wd: Path, summary: dict) -> None:

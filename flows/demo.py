@@ -9,6 +9,7 @@ through Prefect.
    the same unlabeled split) and where to look in the UI,
 5. stops serve and the server (``--keep-server`` leaves both up to browse the UI; Ctrl-C ends them).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def wait_for_deployments(env: dict, names: list[str], timeout: float = 120) -> None:
-    os.environ.update({k: env[k] for k in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")})
+    os.environ.update(
+        {k: env[k] for k in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")}
+    )
     from prefect import get_client
 
     deadline = time.time() + timeout
@@ -56,14 +59,19 @@ def follow(run_id, work_dir: str | None = None, poll: float = 2.0, plain_every: 
             while True:
                 run = client.read_flow_run(run_id)
                 children = client.read_flow_runs(
-                    flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id])))
+                    flow_run_filter=FlowRunFilter(
+                        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id])
+                    )
+                )
                 for child in children:
                     state = child.state.name if child.state else "?"
                     if seen.get(child.id) != state:
                         seen[child.id] = state
                         if child.flow_id not in names:
                             names[child.flow_id] = client.read_flow(child.flow_id).name
-                        flow_name = names[child.flow_id]  # our run names carry the round: ensemble-inference-r2
+                        flow_name = names[
+                            child.flow_id
+                        ]  # our run names carry the round: ensemble-inference-r2
                         label = child.name if child.name.startswith(flow_name) else flow_name
                         view.message(f"[{time.time() - t0:6.0f} s] {label}: {state}")
                 if work_dir:
@@ -81,7 +89,9 @@ def print_table(summary: dict, ui: str) -> None:
     print(f"{'model':<26} {'P':>8} {'R':>8} {'F':>8}   thr  (test split, ArT protocol)")
     print("-" * 78)
     for name, s in scores.items():
-        print(f"{name:<26} {s['precision']:>8.4f} {s['recall']:>8.4f} {s['hmean']:>8.4f}  {s['score_thr']:.2f}")
+        print(
+            f"{name:<26} {s['precision']:>8.4f} {s['recall']:>8.4f} {s['hmean']:>8.4f}  {s['score_thr']:.2f}"
+        )
     where = {s.get("threshold_chosen_on") for s in scores.values()}
     if where == {"val"}:
         print("(each model at its best-F threshold on the labeled validation split)")
@@ -89,25 +99,37 @@ def print_table(summary: dict, ui: str) -> None:
     best = summary.get("best_teacher_on_unlabeled")
     if q:
         print("-" * 78)
-        print(f"{'pseudo labels vs GT':<26} {q['precision']:>8.4f} {q['recall']:>8.4f} {q['hmean']:>8.4f}   "
-              f"({summary['pseudo_labels']} labels on the unlabeled split, keep_thr {summary.get('keep_thr')})")
+        print(
+            f"{'pseudo labels vs GT':<26} {q['precision']:>8.4f} {q['recall']:>8.4f} {q['hmean']:>8.4f}   "
+            f"({summary['pseudo_labels']} labels on the unlabeled split, keep_thr {summary.get('keep_thr')})"
+        )
     if best:
-        print(f"{'best teacher on unlabeled':<26} {'':>8} {'':>8} {best['hmean']:>8.4f}   "
-              f"({best['name']} at its best threshold {best['thr']:.2f})")
+        print(
+            f"{'best teacher on unlabeled':<26} {'':>8} {'':>8} {best['hmean']:>8.4f}   "
+            f"({best['name']} at its best threshold {best['thr']:.2f})"
+        )
     print("-" * 78)
     student = next((s["hmean"] for n, s in scores.items() if n.startswith("student:")), None)
     control = next((s["hmean"] for n, s in scores.items() if n.startswith("control:")), None)
     if student is not None and control is not None:
         d = student - control
-        print(f"student F {student:.4f} vs control F {control:.4f} (same start, same iterations, labeled data only): "
-              f"{'+' if d >= 0 else ''}{100 * d:.1f} F points from the pseudo labels")
+        print(
+            f"student F {student:.4f} vs control F {control:.4f} (same start, same iterations, labeled data only): "
+            f"{'+' if d >= 0 else ''}{100 * d:.1f} F points from the pseudo labels"
+        )
     if q and best:
         d = q["hmean"] - best["hmean"]
-        print(f"pseudo labels F {q['hmean']:.4f} vs the best teacher's {best['hmean']:.4f} on the unlabeled split: "
-              f"{'+' if d >= 0 else ''}{100 * d:.1f} F points from the ensemble")
+        print(
+            f"pseudo labels F {q['hmean']:.4f} vs the best teacher's {best['hmean']:.4f} on the unlabeled split: "
+            f"{'+' if d >= 0 else ''}{100 * d:.1f} F points from the ensemble"
+        )
     print("=" * 78)
-    print(f"Prefect UI: {ui}  (flow run graph, task logs, artifacts: progress, tables, pseudo-label pictures)")
-    print(f"Outputs: {summary['work_dir']} (summary.md with its figures, teachers/, predictions/, pseudo/<variant>/report.md, student/, control/, eval/)")
+    print(
+        f"Prefect UI: {ui}  (flow run graph, task logs, artifacts: progress, tables, pseudo-label pictures)"
+    )
+    print(
+        f"Outputs: {summary['work_dir']} (summary.md with its figures, teachers/, predictions/, pseudo/<variant>/report.md, student/, control/, eval/)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,9 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default="data/demo")
     ap.add_argument("--prefect-home", default=".prefect")
     ap.add_argument("--port", type=int, default=4200)
-    ap.add_argument("--params", default="{}", help="extra ssl-pipeline parameters as JSON, e.g. "
-                    "'{\"fuse\": {\"keep_thr\": 0.6}}'")
-    ap.add_argument("--keep-server", action="store_true", help="leave the server and serve running afterwards")
+    ap.add_argument(
+        "--params",
+        default="{}",
+        help='extra ssl-pipeline parameters as JSON, e.g. \'{"fuse": {"keep_thr": 0.6}}\'',
+    )
+    ap.add_argument(
+        "--keep-server", action="store_true", help="leave the server and serve running afterwards"
+    )
     args = ap.parse_args(argv)
 
     from flows.server import LocalServer, free_port
@@ -130,21 +157,37 @@ def main(argv: list[str] | None = None) -> int:
     serve = None
     try:
         serve_log = open(server.home / "serve.log", "ab")
-        serve = subprocess.Popen([sys.executable, "-m", "flows.serve"], env=server.env, stdout=serve_log,
-                                 stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "flows.serve"],
+            env=server.env,
+            stdout=serve_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=REPO,
+        )
         wait_for_deployments(server.env, ["ssl-pipeline/default", "fuse-pseudo-labels/default"])
-        print("deployments registered (ssl-pipeline/default and one per stage); running ssl-pipeline/default ...", flush=True)
+        print(
+            "deployments registered (ssl-pipeline/default and one per stage); running ssl-pipeline/default ...",
+            flush=True,
+        )
         from prefect.deployments import run_deployment
 
-        params = {"work_dir": str(Path(args.work_dir).resolve()), "data": {"demo_dir": str(Path(args.data_dir).resolve())}}
+        params = {
+            "work_dir": str(Path(args.work_dir).resolve()),
+            "data": {"demo_dir": str(Path(args.data_dir).resolve())},
+        }
         for k, v in json.loads(args.params).items():
-            params[k] = {**params.get(k, {}), **v} if isinstance(v, dict) and isinstance(params.get(k), dict) else v
+            params[k] = (
+                {**params.get(k, {}), **v} if isinstance(v, dict) and isinstance(params.get(k), dict) else v
+            )
         run = run_deployment("ssl-pipeline/default", parameters=params, timeout=0)
         ui = f"{server.url}/runs/flow-run/{run.id}"
         print(f"flow run {run.name}: {ui}", flush=True)
         run = follow(run.id, params["work_dir"])
         if not run.state.is_completed():
-            print(f"ssl-pipeline ended {run.state.name}: {run.state.message}; see {ui} and {server.home}/serve.log")
+            print(
+                f"ssl-pipeline ended {run.state.name}: {run.state.message}; see {ui} and {server.home}/serve.log"
+            )
             return 1
         summary = json.loads((Path(args.work_dir) / "summary.json").read_text())
         print_table(summary, ui)

@@ -5,6 +5,7 @@ shard files), next to the stages' states from the Prefect API.
 On a terminal they are rich progress bars, redrawn in place; in a log (stdout not a TTY) one plain line
 per activity every ``plain_every`` seconds, so that CI logs and ``tee`` stay readable.
 """
+
 from __future__ import annotations
 
 import re
@@ -53,11 +54,20 @@ def scan(work_dir: Path) -> list[Activity]:
         if m is None:
             continue
         e, ne, i, ni = (int(m.group(k)) for k in range(1, 5))
-        out.append(Activity(f"train {name}", (e - 1) * ni + i, ne * ni,
-                            f"epoch {e}/{ne} iter {i}/{ni} loss {m.group(5)} {m.group(6)} img/s",
-                            finished=(run / "metrics.json").exists()))
-    for pred_root in [wd / "predictions", *sorted((wd / "rounds").glob("r*/predictions"))] if (wd / "rounds").exists() \
-            else [wd / "predictions"]:
+        out.append(
+            Activity(
+                f"train {name}",
+                (e - 1) * ni + i,
+                ne * ni,
+                f"epoch {e}/{ne} iter {i}/{ni} loss {m.group(5)} {m.group(6)} img/s",
+                finished=(run / "metrics.json").exists(),
+            )
+        )
+    for pred_root in (
+        [wd / "predictions", *sorted((wd / "rounds").glob("r*/predictions"))]
+        if (wd / "rounds").exists()
+        else [wd / "predictions"]
+    ):
         if not pred_root.exists():
             continue
         plan = pred_root / "plan.json"
@@ -65,7 +75,11 @@ def scan(work_dir: Path) -> list[Activity]:
             done = len(list(model.glob("shard_*.json")))
             total = _planned_shards(plan) or max(done, 1)
             label = f"ensemble {pred_root.parent.name + '/' if pred_root.parent != wd else ''}{model.name}"
-            out.append(Activity(label, done, total, f"{done}/{total} shards", finished=(model / "coverage.json").exists()))
+            out.append(
+                Activity(
+                    label, done, total, f"{done}/{total} shards", finished=(model / "coverage.json").exists()
+                )
+            )
     return out
 
 
@@ -94,9 +108,15 @@ class ProgressView:
             from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self._progress = Progress(TextColumn("{task.description:<34}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
-                                      TimeRemainingColumn(), TextColumn("{task.fields[detail]}"),
-                                      console=Console(file=self.stream), transient=False)
+            self._progress = Progress(
+                TextColumn("{task.description:<34}"),
+                BarColumn(),
+                TextColumn("{task.percentage:>5.1f}%"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[detail]}"),
+                console=Console(file=self.stream),
+                transient=False,
+            )
             self._progress.start()
 
     def message(self, text: str) -> None:

@@ -1,6 +1,7 @@
 """Run a training from a task, as a torchrun subprocess or a Slurm batch job: stream its output into
 the run's logs, update a progress artifact, and stop it (the whole process group, or ``scancel``)
 within seconds when the run is cancelled."""
+
 from __future__ import annotations
 
 import os
@@ -42,12 +43,22 @@ def kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
         proc.wait()
 
 
-def run_streaming(cmd: list[str], log_line, cancelled=None, on_progress=None, env=None, poll: float = 2.0) -> int:
+def run_streaming(
+    cmd: list[str], log_line, cancelled=None, on_progress=None, env=None, poll: float = 2.0
+) -> int:
     """Run ``cmd`` in its own process group; every output line goes to ``log_line(str)``;
     ``cancelled()`` is polled every ``poll`` seconds and ends the group when it returns True;
     ``on_progress(fraction)`` gets the training progress parsed from the output."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            start_new_session=True, preexec_fn=terminate_with_parent, env=env)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        start_new_session=True,
+        preexec_fn=terminate_with_parent,
+        env=env,
+    )
     stop = threading.Event()
     state = {"cancelled": False}
 
@@ -82,8 +93,18 @@ def run_streaming(cmd: list[str], log_line, cancelled=None, on_progress=None, en
     return rc
 
 
-def run_slurm(name: str, config_path, out_dir, launcher, nproc_per_node: int, resume: bool, attach: bool, log_line,
-              cancelled=None, on_progress=None) -> int:
+def run_slurm(
+    name: str,
+    config_path,
+    out_dir,
+    launcher,
+    nproc_per_node: int,
+    resume: bool,
+    attach: bool,
+    log_line,
+    cancelled=None,
+    on_progress=None,
+) -> int:
     """One training as a Slurm job. ``attach``: a job this work_dir submitted earlier for the same
     inputs that is still queued or running is followed instead of submitting another; otherwise such
     a job is cancelled first. Returns the job's exit code."""
@@ -95,7 +116,9 @@ def run_slurm(name: str, config_path, out_dir, launcher, nproc_per_node: int, re
         job.cancel()
         job = None
     if job is None:
-        job = SlurmJob.submit(sbatch_script(name, config_path, out_dir, launcher, nproc_per_node, resume), out_dir)
+        job = SlurmJob.submit(
+            sbatch_script(name, config_path, out_dir, launcher, nproc_per_node, resume), out_dir
+        )
         log_line(f"submitted slurm job {job.job_id} ({launcher.nodes} node(s)); log {job.log_path}")
     else:
         log_line(f"following slurm job {job.job_id}, still {job.state()[0].lower()} from an earlier attempt")

@@ -1,10 +1,11 @@
 """Register a ``default`` deployment for every flow and serve them (long-running):
 
-    export PREFECT_API_URL=http://127.0.0.1:4200/api
-    python -m flows.serve
-    prefect deployment run 'ssl-pipeline/default' --watch
-    prefect deployment run 'fuse-pseudo-labels/default' -p work_dir=runs/demo -p 'fuse={"keep_thr": 0.6}'
+export PREFECT_API_URL=http://127.0.0.1:4200/api
+python -m flows.serve
+prefect deployment run 'ssl-pipeline/default' --watch
+prefect deployment run 'fuse-pseudo-labels/default' -p work_dir=runs/demo -p 'fuse={"keep_thr": 0.6}'
 """
+
 from __future__ import annotations
 
 import argparse

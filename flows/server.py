@@ -1,4 +1,5 @@
 """Start and stop a local Prefect server (SQLite, 127.0.0.1) for the demo and the tests."""
+
 from __future__ import annotations
 
 import os
@@ -40,7 +41,13 @@ def prefect_env(home: Path, port: int) -> dict:
 class LocalServer:
     """``with LocalServer(home) as srv:`` -> a healthy server on 127.0.0.1; ``srv.env`` for clients."""
 
-    def __init__(self, home: str | Path, port: int | None = None, log_file: str | Path | None = None, timeout: float = 180):
+    def __init__(
+        self,
+        home: str | Path,
+        port: int | None = None,
+        log_file: str | Path | None = None,
+        timeout: float = 180,
+    ):
         self.home = Path(home).resolve()
         self.port = port or free_port()
         self.env = prefect_env(self.home, self.port)
@@ -49,12 +56,26 @@ class LocalServer:
         self.timeout = timeout
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "LocalServer":
+    def start(self) -> LocalServer:
         self.home.mkdir(parents=True, exist_ok=True)
         log = open(self.log_file, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.time() + self.timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -66,7 +87,9 @@ class LocalServer:
             except OSError:
                 time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"the Prefect server did not become healthy in {self.timeout:.0f} s; see {self.log_file}")
+        raise RuntimeError(
+            f"the Prefect server did not become healthy in {self.timeout:.0f} s; see {self.log_file}"
+        )
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -77,7 +100,7 @@ class LocalServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
 
-    def __enter__(self) -> "LocalServer":
+    def __enter__(self) -> LocalServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

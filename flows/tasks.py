@@ -1,6 +1,7 @@
 """The pipeline's tasks: one training (torchrun or Slurm, streamed logs, progress), one inference shard,
 one fusion, one evaluation. Each is cached on its inputs plus content fingerprints of the files it reads;
 results are persisted as JSON under ``work_dir/.prefect-results``."""
+
 from __future__ import annotations
 
 import re
@@ -62,16 +63,31 @@ def flow_run_id() -> str | None:
 EPOCH = re.compile(r"epoch (\d+)/(\d+) iter")
 
 
-@task(cache_policy=(INPUTS - "launcher") + TASK_SOURCE, persist_result=True, result_serializer="json",
-      task_run_name="train-{name}", cache_result_in_memory=False)
-def train_model(name: str, config_path: str, out_dir: str, nproc_per_node: int, inputs_fingerprint: str,
-                launcher: dict | None = None) -> str:
+@task(
+    cache_policy=(INPUTS - "launcher") + TASK_SOURCE,
+    persist_result=True,
+    result_serializer="json",
+    task_run_name="train-{name}",
+    cache_result_in_memory=False,
+)
+def train_model(
+    name: str,
+    config_path: str,
+    out_dir: str,
+    nproc_per_node: int,
+    inputs_fingerprint: str,
+    launcher: dict | None = None,
+) -> str:
     """One training, launched by ``launcher`` (torchrun here, or a Slurm job); returns the checkpoint
     path. How it is launched is not part of the cache key: the same inputs give the same model."""
     from i3cl_core.engine.launch import SlurmLauncher, TorchrunLauncher
     from i3cl_core.engine.train import checkpoint_dir
 
-    launch = SlurmLauncher(**launcher) if (launcher or {}).get("kind") == "slurm" else TorchrunLauncher(**(launcher or {}))
+    launch = (
+        SlurmLauncher(**launcher)
+        if (launcher or {}).get("kind") == "slurm"
+        else TorchrunLauncher(**(launcher or {}))
+    )
     logger = get_run_logger()
     out = Path(out_dir)
     ckpt_dir = checkpoint_dir(out)
@@ -81,7 +97,9 @@ def train_model(name: str, config_path: str, out_dir: str, nproc_per_node: int, 
     if isinstance(launch, SlurmLauncher) and same_inputs:
         from i3cl_core.engine.launch import SlurmJob
 
-        attach = SlurmJob.recorded(out) is not None  # an earlier attempt's job still runs: follow it, touch nothing
+        attach = (
+            SlurmJob.recorded(out) is not None
+        )  # an earlier attempt's job still runs: follow it, touch nothing
     resume = (ckpt_dir / "latest.pth").exists() and same_inputs and not (out / "metrics.json").exists()
     if not resume and not attach:
         for f in ckpt_dir.glob("*.pth") if ckpt_dir.exists() else []:
@@ -93,6 +111,7 @@ def train_model(name: str, config_path: str, out_dir: str, nproc_per_node: int, 
     progress_id = create_progress_artifact(0.0, key=f"train-{slug(name)}", description=f"training {name}")
     epoch = {"seen": 0}
     with open(out / "train.log", "a", encoding="utf-8") as log_file:
+
         def log_line(line: str) -> None:
             logger.info("[%s] %s", name, line)
             log_file.write(line + "\n")
@@ -105,16 +124,34 @@ def train_model(name: str, config_path: str, out_dir: str, nproc_per_node: int, 
 
         progress = lambda f: update_progress_artifact(progress_id, 100.0 * f)  # noqa: E731
         if isinstance(launch, SlurmLauncher):
-            logger.info("%s: Slurm job, %d node(s) x %d process(es)%s", name, launch.nodes, nproc_per_node,
-                        " (resuming)" if resume else "")
-            rc = run_slurm(name, config_path, out, launch, nproc_per_node, resume, attach, log_line,
-                           cancelled=cancelled_checker(), on_progress=progress)
+            logger.info(
+                "%s: Slurm job, %d node(s) x %d process(es)%s",
+                name,
+                launch.nodes,
+                nproc_per_node,
+                " (resuming)" if resume else "",
+            )
+            rc = run_slurm(
+                name,
+                config_path,
+                out,
+                launch,
+                nproc_per_node,
+                resume,
+                attach,
+                log_line,
+                cancelled=cancelled_checker(),
+                on_progress=progress,
+            )
         else:
             cmd = stages.train_command(Path(config_path), out, nproc_per_node, resume=resume, launcher=launch)
             logger.info("%s: %s%s", name, " ".join(cmd), " (resuming)" if resume else "")
             if launch.nnodes > 1:
-                logger.info("%s: start the same command on the other %d node(s), each with its --node_rank",
-                            name, launch.nnodes - 1)
+                logger.info(
+                    "%s: start the same command on the other %d node(s), each with its --node_rank",
+                    name,
+                    launch.nnodes - 1,
+                )
             rc = run_streaming(cmd, log_line, cancelled=cancelled_checker(), on_progress=progress)
     if rc != 0:
         raise RuntimeError(f"training {name} failed with exit code {rc}; see {out / 'train.log'}")
@@ -126,24 +163,76 @@ def train_model(name: str, config_path: str, out_dir: str, nproc_per_node: int, 
     return str(ckpt)
 
 
-@task(cache_policy=CACHE, persist_result=True, result_serializer="json", task_run_name="infer-{teacher}-{shard_index}")
-def infer_shard(teacher: str, checkpoint: str, checkpoint_fingerprint: str, shard_index: int, shard: list[dict],
-                out_dir: str, score_thr: float, devices: str | list[str], flips: list[str], scales: list[int],
-                batch_size: int, precision: str, loader_workers: int, dask_local: bool) -> dict:
-    return stages.infer_shard(checkpoint, shard_index, shard, out_dir, score_thr, devices, flips, scales, batch_size,
-                              loader_workers, precision, dask_local)
+@task(
+    cache_policy=CACHE,
+    persist_result=True,
+    result_serializer="json",
+    task_run_name="infer-{teacher}-{shard_index}",
+)
+def infer_shard(
+    teacher: str,
+    checkpoint: str,
+    checkpoint_fingerprint: str,
+    shard_index: int,
+    shard: list[dict],
+    out_dir: str,
+    score_thr: float,
+    devices: str | list[str],
+    flips: list[str],
+    scales: list[int],
+    batch_size: int,
+    precision: str,
+    loader_workers: int,
+    dask_local: bool,
+) -> dict:
+    return stages.infer_shard(
+        checkpoint,
+        shard_index,
+        shard,
+        out_dir,
+        score_thr,
+        devices,
+        flips,
+        scales,
+        batch_size,
+        loader_workers,
+        precision,
+        dask_local,
+    )
 
 
 @task(cache_policy=CACHE, persist_result=True, result_serializer="json", task_run_name="fuse-r{ssl_round}")
-def fuse_task(ssl_round: int, members: list[str], members_fingerprint: str, images_json: str, fuse: dict, out: str,
-              gt: str | None, img_root: str, val_members: list[str] | None, val_ann_file: str | None) -> dict:
-    return stages.fuse_stage(members, images_json, out, FuseConfig(**fuse), gt, img_root, val_members, val_ann_file)
+def fuse_task(
+    ssl_round: int,
+    members: list[str],
+    members_fingerprint: str,
+    images_json: str,
+    fuse: dict,
+    out: str,
+    gt: str | None,
+    img_root: str,
+    val_members: list[str] | None,
+    val_ann_file: str | None,
+) -> dict:
+    return stages.fuse_stage(
+        members, images_json, out, FuseConfig(**fuse), gt, img_root, val_members, val_ann_file
+    )
 
 
 @task(cache_policy=CACHE, persist_result=True, result_serializer="json", task_run_name="evaluate-{model}")
-def evaluate_task(model: str, checkpoint: str, checkpoint_fingerprint: str, split: dict, split_fingerprint: str,
-                  out_json: str, protocol: str, score_thr: float | None) -> dict:
-    return stages.evaluate_checkpoint(checkpoint, split["ann_file"], split["img_root"], out_json, protocol, score_thr)
+def evaluate_task(
+    model: str,
+    checkpoint: str,
+    checkpoint_fingerprint: str,
+    split: dict,
+    split_fingerprint: str,
+    out_json: str,
+    protocol: str,
+    score_thr: float | None,
+) -> dict:
+    return stages.evaluate_checkpoint(
+        checkpoint, split["ann_file"], split["img_root"], out_json, protocol, score_thr
+    )
 
 
 def run_cached(t, outputs_exist: bool, **kwargs):
@@ -151,18 +240,40 @@ def run_cached(t, outputs_exist: bool, **kwargs):
     return (t if outputs_exist else t.with_options(refresh_cache=True))(**kwargs)
 
 
-def train_spec(spec: ModelSpec, out: Path, wd: Path, data: dict, train: TrainParams, extra_sets: list[dict] | None = None,
-           load_from: str | None = None, extra_overrides: list[str] | None = None, name: str | None = None,
-           pseudo: dict | None = None) -> str:
+def train_spec(
+    spec: ModelSpec,
+    out: Path,
+    wd: Path,
+    data: dict,
+    train: TrainParams,
+    extra_sets: list[dict] | None = None,
+    load_from: str | None = None,
+    extra_overrides: list[str] | None = None,
+    name: str | None = None,
+    pseudo: dict | None = None,
+) -> str:
     """Train ``spec`` into ``out`` on the labeled sets plus ``extra_sets`` (cached on the resolved
     config and the content of its inputs; task results stored in the work_dir ``wd``)."""
     sets = data["labeled"] + (extra_sets or [])
     overrides = [*train.overrides, *spec.overrides, *(extra_overrides or [])]
     cfg_path = stages.write_train_config(config_path_of(spec.config), out, sets, overrides, load_from)
     fp = stages.training_fingerprint(cfg_path, sets, load_from)
-    ckpt = run_cached(train_model.with_options(result_storage=result_storage(wd)), stages.trained_checkpoint(out) is not None,
-                       name=name or spec.name, config_path=str(cfg_path), out_dir=str(out), nproc_per_node=train.nproc_per_node,
-                       inputs_fingerprint=fp, launcher=train.launcher.model_dump(mode="json"))
-    variants.write_lineage(out, data_sets=sets, load_from=load_from, config=str(cfg_path), pseudo=pseudo,
-                           flow_run_id=flow_run_id())
+    ckpt = run_cached(
+        train_model.with_options(result_storage=result_storage(wd)),
+        stages.trained_checkpoint(out) is not None,
+        name=name or spec.name,
+        config_path=str(cfg_path),
+        out_dir=str(out),
+        nproc_per_node=train.nproc_per_node,
+        inputs_fingerprint=fp,
+        launcher=train.launcher.model_dump(mode="json"),
+    )
+    variants.write_lineage(
+        out,
+        data_sets=sets,
+        load_from=load_from,
+        config=str(cfg_path),
+        pseudo=pseudo,
+        flow_run_id=flow_run_id(),
+    )
     return ckpt

@@ -4,6 +4,7 @@ Each subcommand lives in the module that implements it, which exposes two functi
 ``add_arguments(parser)`` and ``run(args) -> int``. Heavy imports (torch, cv2, shapely) stay inside
 ``run`` so that ``i3cl --help`` is fast.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,22 +13,55 @@ import sys
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "config": ("i3cl_core.config_cli", "print a resolved config (after _base_ and --set), or explain why it is invalid"),
+    "config": (
+        "i3cl_core.config_cli",
+        "print a resolved config (after _base_ and --set), or explain why it is invalid",
+    ),
     "synth": ("i3cl_core.data.synth_cli", "generate a synthetic curved-text dataset (COCO json + images)"),
-    "check-data": ("i3cl_core.data.check", "check every image of a config's datasets (exists, decodes, size) before training"),
+    "check-data": (
+        "i3cl_core.data.check",
+        "check every image of a config's datasets (exists, decodes, size) before training",
+    ),
     "browse": ("i3cl_core.data.browse", "draw a dataset's polygons on its images into PNG files"),
-    "model-summary": ("i3cl_core.model.summary", "parameter counts per part of a model config, and output strides"),
+    "model-summary": (
+        "i3cl_core.model.summary",
+        "parameter counts per part of a model config, and output strides",
+    ),
     "train": ("i3cl_core.engine.cli", "train a detector (one process, or under torchrun for DDP)"),
     "infer": ("i3cl_core.infer.run", "run a checkpoint over images: COCO results, ArT submission, txt, PNGs"),
-    "ensemble": ("i3cl_core.pseudo.ensemble", "run several checkpoints over unlabeled images, sharded and resumable"),
+    "ensemble": (
+        "i3cl_core.pseudo.ensemble",
+        "run several checkpoints over unlabeled images, sharded and resumable",
+    ),
     "fuse": ("i3cl_core.pseudo.fuse", "fuse ensemble predictions into pseudo labels (train_lossweight.json)"),
-    "convert-predictions": ("i3cl_core.pseudo.external", "PaddleOCR/RapidOCR, docTR or mmocr predictions -> COCO results (for --extra)"),
-    "evaluate": ("i3cl_core.evaluation.cli", "score predictions against ground truth (ArT, Total-Text, CTW1500, IC15)"),
-    "export-submission": ("i3cl_core.infer.submission", "write predictions as the input files of the official Total-Text / CTW1500 / ArT scripts"),
-    "runs": ("i3cl_core.variants", "compare a work dir's pseudo-label variants and the models trained on each; gc old ones"),
-    "convert-dataset": ("i3cl_core.data.convert", "convert ArT/LSVT/Total-Text/CTW1500/ICDAR2015/MLT/RCTW/mmocr/PaddleOCR annotations to COCO"),
-    "convert-checkpoint": ("i3cl_core.model.convert", "import a checkpoint of the original mmdetection I3CL release"),
-    "export": ("i3cl_core.deploy.onnx_export", "export a checkpoint to ONNX (the whole detector) for the torch-free runtime"),
+    "convert-predictions": (
+        "i3cl_core.pseudo.external",
+        "PaddleOCR/RapidOCR, docTR or mmocr predictions -> COCO results (for --extra)",
+    ),
+    "evaluate": (
+        "i3cl_core.evaluation.cli",
+        "score predictions against ground truth (ArT, Total-Text, CTW1500, IC15)",
+    ),
+    "export-submission": (
+        "i3cl_core.infer.submission",
+        "write predictions as the input files of the official Total-Text / CTW1500 / ArT scripts",
+    ),
+    "runs": (
+        "i3cl_core.variants",
+        "compare a work dir's pseudo-label variants and the models trained on each; gc old ones",
+    ),
+    "convert-dataset": (
+        "i3cl_core.data.convert",
+        "convert ArT/LSVT/Total-Text/CTW1500/ICDAR2015/MLT/RCTW/mmocr/PaddleOCR annotations to COCO",
+    ),
+    "convert-checkpoint": (
+        "i3cl_core.model.convert",
+        "import a checkpoint of the original mmdetection I3CL release",
+    ),
+    "export": (
+        "i3cl_core.deploy.onnx_export",
+        "export a checkpoint to ONNX (the whole detector) for the torch-free runtime",
+    ),
 }
 
 
@@ -59,10 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         mod.add_arguments(p)
         if name in READS_IMAGES:
-            p.add_argument("--exif-transpose", action="store_true",
-                           help="turn images to their EXIF orientation, pixels and sizes alike (for data annotated on "
-                                "the displayed pictures; by default pixels are read as stored, as the text datasets' "
-                                "annotations assume)")
+            p.add_argument(
+                "--exif-transpose",
+                action="store_true",
+                help="turn images to their EXIF orientation, pixels and sizes alike (for data annotated on "
+                "the displayed pictures; by default pixels are read as stored, as the text datasets' "
+                "annotations assume)",
+            )
         p.set_defaults(_module=mod)
     return parser
 
@@ -76,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     from i3cl_core.config import ConfigError
     from i3cl_core.data.errors import DatasetError
     from i3cl_core.model.errors import CheckpointError
-    from i3cl_core.workdir_lock import WorkDirLocked
-
-    from i3cl_core.workdir_lock import locked
+    from i3cl_core.workdir_lock import WorkDirLocked, locked
 
     out_dir = getattr(args, "out", None) if args.command in WRITES_OUT_DIR else None
     try:

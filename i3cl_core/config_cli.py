@@ -1,4 +1,5 @@
 """``i3cl config CONFIG [--set key=value ...]``: print the resolved config as YAML."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,8 +9,14 @@ import yaml
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML config file (may name _base_ files)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one key, e.g. --set train.lr=0.001 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key, e.g. --set train.lr=0.001 (repeatable)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

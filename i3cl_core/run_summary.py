@@ -6,6 +6,7 @@ pseudo labels' P/R/F curve, and three unlabeled images where each teacher's dete
 pseudo labels and (when given) the hidden ground truth are drawn side by side. The pipeline publishes
 the same text and pictures as the parent run's markdown artifact.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,11 +33,15 @@ def _claims(summary: dict) -> list[str]:
     student = next((v for k, v in scores.items() if k.startswith("student:")), None)
     control = next((v for k, v in scores.items() if k.startswith("control:")), None)
     if student and control:
-        out.append(f"* SSL gain (student - control, same start and iterations): **{student['hmean'] - control['hmean']:+.4f} F**")
+        out.append(
+            f"* SSL gain (student - control, same start and iterations): **{student['hmean'] - control['hmean']:+.4f} F**"
+        )
     pq, bt = summary.get("pseudo_quality"), summary.get("best_teacher_on_unlabeled")
     if pq and bt:
-        out.append(f"* pseudo labels F {pq['hmean']:.4f} vs the best teacher on the unlabeled images ({bt['name']}, "
-                   f"threshold {bt['thr']}) F {bt['hmean']:.4f}: **{pq['hmean'] - bt['hmean']:+.4f}**")
+        out.append(
+            f"* pseudo labels F {pq['hmean']:.4f} vs the best teacher on the unlabeled images ({bt['name']}, "
+            f"threshold {bt['thr']}) F {bt['hmean']:.4f}: **{pq['hmean'] - bt['hmean']:+.4f}**"
+        )
     if summary.get("keep_thr") is not None:
         out.append(f"* keep_thr {summary['keep_thr']}, {summary.get('pseudo_labels')} pseudo labels")
     return out
@@ -57,7 +62,6 @@ def sample_panels(wd: Path, data: dict, figs: Path, n: int = 3) -> list[Path]:
     from i3cl_core.data.image_io import read_image
     from i3cl_core.pseudo.report import side_by_side_png
     from i3cl_core.utils import safe_join
-
     from i3cl_core.variants import pseudo_file as current_pseudo
 
     pseudo_file = current_pseudo(wd / "pseudo")
@@ -71,8 +75,14 @@ def sample_panels(wd: Path, data: dict, figs: Path, n: int = 3) -> list[Path]:
     names = {im["id"]: im["file_name"] for im in pseudo["images"]}
     report_file = pseudo_file.parent / "report.json"
     report = json.loads(report_file.read_text()) if report_file.exists() else {}
-    thr = {Path(m["source"]).name: m["best_threshold"] for m in (report.get("quality") or {}).get("models", [])}
-    teachers = sorted(p.name for p in (wd / "predictions").iterdir() if p.is_dir()) if (wd / "predictions").exists() else []
+    thr = {
+        Path(m["source"]).name: m["best_threshold"] for m in (report.get("quality") or {}).get("models", [])
+    }
+    teachers = (
+        sorted(p.name for p in (wd / "predictions").iterdir() if p.is_dir())
+        if (wd / "predictions").exists()
+        else []
+    )
     preds = {t: _predictions_by_image(wd / "predictions" / t, set(chosen), thr.get(t, 0.5)) for t in teachers}
     gt = {}
     if data.get("unlabeled_gt") and Path(data["unlabeled_gt"]).exists():
@@ -87,10 +97,16 @@ def sample_panels(wd: Path, data: dict, figs: Path, n: int = 3) -> list[Path]:
             img = read_image(safe_join(data["unlabeled_root"], names[image_id]))
         except (ValueError, DatasetError):
             continue
-        panels = [(f"{t} (score >= {thr.get(t, 0.5)})", preds[t].get(image_id, []), COLOURS[k % len(COLOURS)])
-                  for k, t in enumerate(teachers)]
-        fused = [np.asarray(a["segmentation"][0]).reshape(-1, 2) if not a["iscrowd"]
-                 else (np.asarray(a["segmentation"][0]).reshape(-1, 2), "dashed") for a in by_image[image_id]]
+        panels = [
+            (f"{t} (score >= {thr.get(t, 0.5)})", preds[t].get(image_id, []), COLOURS[k % len(COLOURS)])
+            for k, t in enumerate(teachers)
+        ]
+        fused = [
+            np.asarray(a["segmentation"][0]).reshape(-1, 2)
+            if not a["iscrowd"]
+            else (np.asarray(a["segmentation"][0]).reshape(-1, 2), "dashed")
+            for a in by_image[image_id]
+        ]
         panels.append(("fused pseudo labels", fused, "#2ca02c"))
         if gt:
             panels.append(("hidden ground truth", gt.get(image_id, []), "#d62728"))
@@ -123,19 +139,31 @@ def write_summary(wd: Path, summary: dict, data: dict) -> dict:
     for role in ("teachers", "control", "student"):
         for name, run in model_runs(wd / role):
             if (run / "metrics.jsonl").exists():
-                png = training_curve_png(run / "metrics.jsonl", figs / f"train_{role}_{name}.png", f"{role}/{name}")
+                png = training_curve_png(
+                    run / "metrics.jsonl", figs / f"train_{role}_{name}.png", f"{role}/{name}"
+                )
                 if png:
                     curves.append((f"{role}/{name}", png))
     if curves:
         blocks.append(("Training curves", curves))
     samples = sample_panels(wd, data, figs)
     if samples:
-        blocks.append(("Samples: each teacher, the fused pseudo labels, the hidden ground truth",
-                       [(p.stem, p) for p in samples]))
+        blocks.append(
+            (
+                "Samples: each teacher, the fused pseudo labels, the hidden ground truth",
+                [(p.stem, p) for p in samples],
+            )
+        )
     lines = ["# SSL pipeline summary", "", *_table(summary), "", *_claims(summary)]
     for heading, images in blocks:
         lines += ["", f"## {heading}", ""]
-        lines += [f"![{alt}]({Path(p).resolve().relative_to(wd.resolve()) if Path(p).resolve().is_relative_to(wd.resolve()) else p})"
-                  for alt, p in images]
+        lines += [
+            f"![{alt}]({Path(p).resolve().relative_to(wd.resolve()) if Path(p).resolve().is_relative_to(wd.resolve()) else p})"
+            for alt, p in images
+        ]
     md = atomic_write_text(wd / "summary.md", "\n".join(lines) + "\n")
-    return {"md": str(md), "text_head": "\n".join(["", *_table(summary), "", *_claims(summary)]), "blocks": blocks}
+    return {
+        "md": str(md),
+        "text_head": "\n".join(["", *_table(summary), "", *_claims(summary)]),
+        "blocks": blocks,
+    }

@@ -10,6 +10,7 @@ One run is one ``work_dir``::
     student/<name>/<key>/..., current.json     as teachers, one folder per variant (see i3cl_core.variants)
     eval/<model>.json                          P/R/F on the test split
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,12 +40,18 @@ def check_work_dir(work_dir: str | os.PathLike, create: bool = True) -> Path:
         except (json.JSONDecodeError, AttributeError):
             version = None
         if version != PIPELINE_VERSION:
-            raise PipelineError(f"{wd}: made by pipeline version {version!r}, this is version {PIPELINE_VERSION}; "
-                                "use a new work_dir (or move the old one away)")
+            raise PipelineError(
+                f"{wd}: made by pipeline version {version!r}, this is version {PIPELINE_VERSION}; "
+                "use a new work_dir (or move the old one away)"
+            )
     elif create:
-        atomic_write_json(marker, {"pipeline_version": PIPELINE_VERSION, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+        atomic_write_json(
+            marker, {"pipeline_version": PIPELINE_VERSION, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        )
     else:
-        raise PipelineError(f"{wd}: not a pipeline work_dir (no pipeline.json); run ssl-pipeline or train-teachers first")
+        raise PipelineError(
+            f"{wd}: not a pipeline work_dir (no pipeline.json); run ssl-pipeline or train-teachers first"
+        )
     check_result_records(wd)
     return wd
 
@@ -86,7 +93,8 @@ def check_result_records(wd: Path) -> int:
                 f"{f}: a task-result record this pipeline did not write: {problem}; reading it could run code. "
                 f"If this work dir came from elsewhere, delete {folder} (every stage then checks its outputs "
                 "again and recomputes only what is missing or changed), or the one file if you know where it "
-                "came from")
+                "came from"
+            )
     return n
 
 
@@ -115,28 +123,57 @@ def fingerprint(*paths) -> str:
 
 
 # ------------------------------------------------------------------------------------ data
-def ensure_demo_data(data_dir: str | os.PathLike, seed: int = 0, num_train: int = 200, num_unlabeled: int = 200,
-                     num_test: int = 100, size: int = 384, workers: int = 2, num_val: int = 0) -> dict:
+def ensure_demo_data(
+    data_dir: str | os.PathLike,
+    seed: int = 0,
+    num_train: int = 200,
+    num_unlabeled: int = 200,
+    num_test: int = 100,
+    size: int = 384,
+    workers: int = 2,
+    num_val: int = 0,
+) -> dict:
     """Generate the synthetic demo splits unless they already exist with these settings."""
     from i3cl_core.data.synth import generate_demo
 
     d = Path(data_dir)
     stamp = d / "demo.json"
-    settings = {"seed": seed, "num_train": num_train, "num_unlabeled": num_unlabeled, "num_test": num_test, "size": size,
-                "num_val": num_val}
+    settings = {
+        "seed": seed,
+        "num_train": num_train,
+        "num_unlabeled": num_unlabeled,
+        "num_test": num_test,
+        "size": size,
+        "num_val": num_val,
+    }
     if not (stamp.exists() and json.loads(stamp.read_text()) == settings):
-        generate_demo(d, seed=seed, num_train=num_train, num_unlabeled=num_unlabeled, num_test=num_test,
-                      size=(size, size), workers=workers, progress=False, num_val=num_val)
+        generate_demo(
+            d,
+            seed=seed,
+            num_train=num_train,
+            num_unlabeled=num_unlabeled,
+            num_test=num_test,
+            size=(size, size),
+            workers=workers,
+            progress=False,
+            num_val=num_val,
+        )
         atomic_write_json(stamp, settings)
     return demo_paths(d, with_val=num_val > 0)
 
 
 def demo_paths(d: str | os.PathLike, with_val: bool = False) -> dict:
     d = Path(d).resolve()
-    val = {"ann_file": str(d / "val" / "annotations.json"), "img_root": str(d / "val" / "images")} if with_val else None
+    val = (
+        {"ann_file": str(d / "val" / "annotations.json"), "img_root": str(d / "val" / "images")}
+        if with_val
+        else None
+    )
     return {
         "val": val,
-        "labeled": [{"ann_file": str(d / "train" / "annotations.json"), "img_root": str(d / "train" / "images")}],
+        "labeled": [
+            {"ann_file": str(d / "train" / "annotations.json"), "img_root": str(d / "train" / "images")}
+        ],
         "unlabeled_images": str(d / "unlabeled" / "images.json"),
         "unlabeled_root": str(d / "unlabeled" / "images"),
         "unlabeled_gt": str(d / "unlabeled" / "gt.json"),
@@ -145,8 +182,13 @@ def demo_paths(d: str | os.PathLike, with_val: bool = False) -> dict:
 
 
 # ------------------------------------------------------------------------------------ training
-def write_train_config(base_config: str, out_dir: Path, train_sets: list[dict], overrides: list[str] | None = None,
-                       load_from: str | None = None) -> Path:
+def write_train_config(
+    base_config: str,
+    out_dir: Path,
+    train_sets: list[dict],
+    overrides: list[str] | None = None,
+    load_from: str | None = None,
+) -> Path:
     """Resolve ``base_config`` with the run's data and overrides into ``out_dir/config.yaml``."""
     from i3cl_core.config import load_config, save_config
 
@@ -192,8 +234,9 @@ def training_fingerprint(config_path: Path, train_sets: list[dict], load_from: s
     return h.hexdigest()
 
 
-def train_command(config_path: Path, work_dir: Path, nproc_per_node: int = 1, resume: bool = False,
-                  launcher=None) -> list[str]:
+def train_command(
+    config_path: Path, work_dir: Path, nproc_per_node: int = 1, resume: bool = False, launcher=None
+) -> list[str]:
     """The torchrun command line of one training (127.0.0.1 rendezvous on one node unless ``launcher``,
     a :class:`~i3cl_core.engine.launch.TorchrunLauncher`, says ``nnodes > 1``)."""
     from i3cl_core.engine.launch import torchrun_command
@@ -212,11 +255,15 @@ def trained_checkpoint(work_dir: Path) -> Path | None:
 def iterations_per_epoch(work_dir: Path) -> int:
     """Iterations per epoch (per process) of a finished training, from its metrics.json: what a
     control run is given (``train.iters_per_epoch``) to train exactly as long on less data."""
-    path = require(Path(work_dir) / "metrics.json", "training", f"the training in {work_dir} has not finished")
+    path = require(
+        Path(work_dir) / "metrics.json", "training", f"the training in {work_dir} has not finished"
+    )
     summary = json.loads(path.read_text())["summary"]
     iters, epochs = int(summary["iterations"]), int(summary["epochs"])
     if epochs < 1 or iters < epochs or iters % epochs:
-        raise PipelineError(f"{path}: {iters} iterations over {epochs} epochs is not a whole number per epoch")
+        raise PipelineError(
+            f"{path}: {iters} iterations over {epochs} epochs is not a whole number per epoch"
+        )
     return iters // epochs
 
 
@@ -229,8 +276,10 @@ def plan_inference(images_json: str, img_root: str, shard_size: int) -> list[lis
     items = collect_images(images_json, img_root)
     if not items:
         raise PipelineError(f"{images_json}: the unlabeled image set is empty")
-    return [[{"id": it.image_id, "path": str(it.path), "file_name": it.file_name} for it in s.items]
-            for s in plan_shards(items, shard_size)]
+    return [
+        [{"id": it.image_id, "path": str(it.path), "file_name": it.file_name} for it in s.items]
+        for s in plan_shards(items, shard_size)
+    ]
 
 
 def preflight(d: dict, workers: int = 8) -> dict:
@@ -269,9 +318,20 @@ def extra_members(specs: list[str], shards: list[list[dict]], out_dir) -> list[s
     return [prepare_extra(spec, images, out_dir, k) for k, spec in enumerate(specs)]
 
 
-def infer_shard(checkpoint: str, shard_index: int, shard: list[dict], out_dir: str, score_thr: float = 0.05,
-                devices: str | list[str] = "auto", flips=(), scales=(), batch_size: int = 4, loader_workers: int = 2,
-                precision: str = "auto", dask_local: bool = False) -> dict:
+def infer_shard(
+    checkpoint: str,
+    shard_index: int,
+    shard: list[dict],
+    out_dir: str,
+    score_thr: float = 0.05,
+    devices: str | list[str] = "auto",
+    flips=(),
+    scales=(),
+    batch_size: int = 4,
+    loader_workers: int = 2,
+    precision: str = "auto",
+    dask_local: bool = False,
+) -> dict:
     """One teacher on one shard -> ``out_dir/shard_NNNNN.json`` (atomic), on a free inference worker
     of this process (see :func:`i3cl_core.pseudo.ensemble.worker_devices`)."""
     from i3cl_core.infer.run import ImageItem
@@ -279,8 +339,18 @@ def infer_shard(checkpoint: str, shard_index: int, shard: list[dict], out_dir: s
     from i3cl_core.pseudo.ensemble import infer_shard as run
 
     s = Shard(shard_index, [ImageItem(d["id"], Path(d["path"]), d["file_name"]) for d in shard])
-    return run(checkpoint, s, out_dir, score_thr, worker_devices(devices, dask_local), flips, scales, batch_size,
-               loader_workers, precision)
+    return run(
+        checkpoint,
+        s,
+        out_dir,
+        score_thr,
+        worker_devices(devices, dask_local),
+        flips,
+        scales,
+        batch_size,
+        loader_workers,
+        precision,
+    )
 
 
 def finish_model_predictions(pred_dir: Path, shards: list[list[dict]]) -> str:
@@ -295,8 +365,16 @@ def finish_model_predictions(pred_dir: Path, shards: list[list[dict]]) -> str:
 
 
 # ------------------------------------------------------------------------------------ fusion
-def fuse_stage(members: list[str], images_json: str, out: str, cfg, gt: str | None, img_root: str,
-               val_members: list[str] | None = None, val_ann_file: str | None = None) -> dict:
+def fuse_stage(
+    members: list[str],
+    images_json: str,
+    out: str,
+    cfg,
+    gt: str | None,
+    img_root: str,
+    val_members: list[str] | None = None,
+    val_ann_file: str | None = None,
+) -> dict:
     """Weighted Polygon Fusion into ``out``. With ``cfg.auto_keep_thr`` and the teachers' predictions
     on a labeled validation split (``val_members`` over ``val_ann_file``), ``keep_thr`` is chosen
     there first; ``gt`` (the unlabeled set's hidden ground truth) only measures the result."""
@@ -308,19 +386,37 @@ def fuse_stage(members: list[str], images_json: str, out: str, cfg, gt: str | No
         chosen = choose_fusion(val_members, val_ann_file, cfg)
         cfg = with_keep_thr(cfg.model_copy(update={"min_votes": chosen["min_votes"]}), chosen["keep_thr"])
     summary = fuse_predictions(members, images_json, out, cfg, gt=gt, img_root=img_root, progress=False)
-    selection = {"keep_thr": cfg.keep_thr, "min_votes": cfg.min_votes, "chosen_on": val_ann_file if chosen else None,
-                 "val": chosen["val"] if chosen else None, "val_sweep": chosen["sweep"] if chosen else None,
-                 "val_by_min_votes": chosen["by_min_votes"] if chosen else None}
+    selection = {
+        "keep_thr": cfg.keep_thr,
+        "min_votes": cfg.min_votes,
+        "chosen_on": val_ann_file if chosen else None,
+        "val": chosen["val"] if chosen else None,
+        "val_sweep": chosen["sweep"] if chosen else None,
+        "val_by_min_votes": chosen["by_min_votes"] if chosen else None,
+    }
     report_path = Path(summary["report"])
     report = json.loads(report_path.read_text())
     report["keep_thr_selection"] = selection
     atomic_write_json(report_path, report, indent=2)
-    return {**summary, "keep_thr": cfg.keep_thr, "min_votes": cfg.min_votes, "keep_thr_chosen_on": selection["chosen_on"]}
+    return {
+        **summary,
+        "keep_thr": cfg.keep_thr,
+        "min_votes": cfg.min_votes,
+        "keep_thr_chosen_on": selection["chosen_on"],
+    }
 
 
 # ------------------------------------------------------------------------------------ evaluation
-def evaluate_checkpoint(checkpoint: str, ann_file: str, img_root: str, out_json: str, protocol: str = "art",
-                        score_thr: float | None = None, device: str = "auto", precision: str = "auto") -> dict:
+def evaluate_checkpoint(
+    checkpoint: str,
+    ann_file: str,
+    img_root: str,
+    out_json: str,
+    protocol: str = "art",
+    score_thr: float | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+) -> dict:
     """P/R/F of a checkpoint on a labeled split (at ``score_thr``, default the checkpoint's
     ``infer.score_thr``, plus the best threshold of a sweep) -> ``out_json``; in the precision that
     ``i3cl infer`` and the ensemble use (:mod:`i3cl_core.infer.precision`), so the score is the outputs'."""

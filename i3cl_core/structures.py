@@ -21,9 +21,11 @@ field             meaning
 The detector's heads build ``Instances`` of their own over sampled anchors and RoIs (``labels``,
 ``matched_boxes`` / ``regression_targets``, ``lossweight`` copied from the matched ground truth).
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 
 class Instances:
@@ -52,7 +54,9 @@ class Instances:
         try:
             return self._fields[name]
         except KeyError:
-            raise AttributeError(f"Instances has no field {name!r} (fields: {', '.join(self._fields) or 'none'})") from None
+            raise AttributeError(
+                f"Instances has no field {name!r} (fields: {', '.join(self._fields) or 'none'})"
+            ) from None
 
     # DataLoader workers send samples to the main process by pickling them
     def __getstate__(self) -> dict:
@@ -79,7 +83,7 @@ class Instances:
         return f"Instances(num={len(self)}, fields=[{', '.join(self._fields)}])"
 
     # ------------------------------------------------------------------ indexing
-    def __getitem__(self, item) -> "Instances":
+    def __getitem__(self, item) -> Instances:
         """The instances selected by ``item`` (bool mask, integer indices, slice or int), every field alike."""
         if isinstance(item, int):
             item = slice(item, item + 1 if item != -1 else None)
@@ -96,15 +100,17 @@ class Instances:
                 out._fields[name] = value[_for_array(item, value)]
         return out
 
-    def to(self, device) -> "Instances":
+    def to(self, device) -> Instances:
         """The same instances with every tensor field moved to ``device`` (other fields shared)."""
         out = Instances()
         for name, value in self._fields.items():
-            out._fields[name] = value.to(device) if hasattr(value, "to") and not isinstance(value, list) else value
+            out._fields[name] = (
+                value.to(device) if hasattr(value, "to") and not isinstance(value, list) else value
+            )
         return out
 
     @staticmethod
-    def cat(parts: list["Instances"]) -> "Instances":
+    def cat(parts: list[Instances]) -> Instances:
         """Concatenate instances with the same fields (tensors with torch.cat, arrays with numpy, lists joined)."""
         if not parts:
             return Instances()

@@ -1,4 +1,5 @@
 """Small shared helpers: atomic writes, safe paths, logging."""
+
 from __future__ import annotations
 
 import contextlib
@@ -53,15 +54,23 @@ class WriteError(OSError, DatasetError):
     ``except OSError`` still catches it; also a :class:`DatasetError`, the type the ``i3cl`` command line
     reports as a one-line error (exit status 2) instead of a traceback."""
 
-    def __init__(self, message: str, errno: int | None = None, strerror: str | None = None,
-                 filename: str | None = None, size: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        errno: int | None = None,
+        strerror: str | None = None,
+        filename: str | None = None,
+        size: int | None = None,
+    ):
         super().__init__(message)
         self.errno, self.strerror, self.filename, self.size = errno, strerror, filename, size
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
 
-    def __reduce__(self):  # keep the message and the errno across pickling (DataLoader workers, Dask, Prefect)
+    def __reduce__(
+        self,
+    ):  # keep the message and the errno across pickling (DataLoader workers, Dask, Prefect)
         return type(self), (str(self), self.errno, self.strerror, self.filename, self.size)
 
 
@@ -163,7 +172,7 @@ def append_text(path: str | os.PathLike, text: str) -> Path:
         view = memoryview(data)
         try:
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
         except OSError as e:
             try:
                 os.ftruncate(fd, start)
@@ -211,7 +220,9 @@ def safe_join(root: str | os.PathLike, relative: str) -> Path:
     if not isinstance(relative, str) or not relative:
         raise ValueError(f"empty or non-string file name {relative!r}")
     if os.path.isabs(relative):
-        raise ValueError(f"file name {relative!r} is absolute; it must be relative to the image root {root_path}")
+        raise ValueError(
+            f"file name {relative!r} is absolute; it must be relative to the image root {root_path}"
+        )
     full = (root_path / relative).resolve()
     if full != root_path and root_path not in full.parents:
         raise ValueError(f"file name {relative!r} escapes the image root {root_path}")

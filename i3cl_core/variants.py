@@ -19,6 +19,7 @@ directly) keeps loading: its files are read as a variant named ``legacy``.
 fingerprints, the start checkpoint, the pseudo-label variant and its fusion parameters, the config,
 the code version, the flow run). ``compare`` and ``gc`` back ``i3cl runs compare`` / ``i3cl runs gc``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,8 +45,11 @@ def variant_dir(stage_dir: Path, key: str) -> Path:
 
 def set_current(stage_dir: Path, key: str, info: dict) -> Path:
     """Point ``stage_dir/current.json`` at variant ``key`` (atomic); ``info`` describes it."""
-    return atomic_write_json(Path(stage_dir) / CURRENT, {"variant": key, "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                                         **info}, indent=2)
+    return atomic_write_json(
+        Path(stage_dir) / CURRENT,
+        {"variant": key, "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), **info},
+        indent=2,
+    )
 
 
 def current_variant(stage_dir: Path) -> str | None:
@@ -75,8 +79,11 @@ def model_runs(stage_dir: Path, running: bool = False) -> list[tuple[str, Path]]
         current = current_model_dir(root)
         out.append((root.name, current))
         if running and (root / CURRENT).exists():
-            out += [(f"{root.name}@{v.name}", v) for v in sorted(p for p in root.glob("*") if p.is_dir())
-                    if v != current and (v / "train.log").exists() and not (v / "metrics.json").exists()]
+            out += [
+                (f"{root.name}@{v.name}", v)
+                for v in sorted(p for p in root.glob("*") if p.is_dir())
+                if v != current and (v / "train.log").exists() and not (v / "metrics.json").exists()
+            ]
     return out
 
 
@@ -86,7 +93,11 @@ def pseudo_file(stage_dir: Path, variant: str | None = None) -> Path | None:
     variant = variant or current_variant(stage_dir)
     if variant is None:
         return None
-    path = stage_dir / "train_lossweight.json" if variant == LEGACY else stage_dir / variant / "train_lossweight.json"
+    path = (
+        stage_dir / "train_lossweight.json"
+        if variant == LEGACY
+        else stage_dir / variant / "train_lossweight.json"
+    )
     return path if path.exists() else None
 
 
@@ -96,8 +107,14 @@ def variants(stage_dir: Path) -> list[dict]:
     out = []
     if (stage_dir / "train_lossweight.json").exists():
         out.append(_describe(stage_dir, LEGACY, stage_dir))
-    for d in sorted((p for p in stage_dir.iterdir() if p.is_dir() and (p / "train_lossweight.json").exists()),
-                    key=lambda p: (p / "train_lossweight.json").stat().st_mtime) if stage_dir.exists() else []:
+    for d in (
+        sorted(
+            (p for p in stage_dir.iterdir() if p.is_dir() and (p / "train_lossweight.json").exists()),
+            key=lambda p: (p / "train_lossweight.json").stat().st_mtime,
+        )
+        if stage_dir.exists()
+        else []
+    ):
         out.append(_describe(stage_dir, d.name, d))
     current = current_variant(stage_dir)
     for v in out:
@@ -112,10 +129,15 @@ def _describe(stage_dir: Path, key: str, folder: Path) -> dict:
         info = json.loads((folder / "train_lossweight.json").read_text()).get("info", {})
         params = info.get("fuse", {})
     quality = (report.get("quality") or {}).get("fused")
-    return {"variant": key, "path": str(folder / "train_lossweight.json"), "fuse": params,
-            "pseudo_labels": report.get("pseudo_labels"), "dontcare": report.get("dontcare"),
-            "keep_thr": (report.get("keep_thr_selection") or {}).get("keep_thr", params.get("keep_thr")),
-            "quality": quality}
+    return {
+        "variant": key,
+        "path": str(folder / "train_lossweight.json"),
+        "fuse": params,
+        "pseudo_labels": report.get("pseudo_labels"),
+        "dontcare": report.get("dontcare"),
+        "keep_thr": (report.get("keep_thr_selection") or {}).get("keep_thr", params.get("keep_thr")),
+        "quality": quality,
+    }
 
 
 # ------------------------------------------------------------------ lineage
@@ -127,7 +149,9 @@ def code_version() -> dict:
     commit = None
     try:
         repo = Path(__file__).resolve().parents[1]
-        res = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        res = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         if res.returncode == 0:
             commit = res.stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -135,27 +159,47 @@ def code_version() -> dict:
     return {"package": __version__, "git_commit": commit}
 
 
-def write_lineage(model_dir: Path, *, data_sets: list[dict], load_from: str | None, config: str,
-                  pseudo: dict | None = None, flow_run_id: str | None = None) -> Path:
+def write_lineage(
+    model_dir: Path,
+    *,
+    data_sets: list[dict],
+    load_from: str | None,
+    config: str,
+    pseudo: dict | None = None,
+    flow_run_id: str | None = None,
+) -> Path:
     """``model_dir/lineage.json``: what this model was made from."""
     from i3cl_core.stages import fingerprint
 
     sets = [{**s, "fingerprint": fingerprint(s["ann_file"])} for s in data_sets]
-    record = {"data": sets, "load_from": load_from, "load_from_fingerprint": fingerprint(load_from) if load_from else None,
-              "config": config, "pseudo": pseudo, "code": code_version(), "flow_run_id": flow_run_id,
-              "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    record = {
+        "data": sets,
+        "load_from": load_from,
+        "load_from_fingerprint": fingerprint(load_from) if load_from else None,
+        "config": config,
+        "pseudo": pseudo,
+        "code": code_version(),
+        "flow_run_id": flow_run_id,
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     return atomic_write_json(Path(model_dir) / "lineage.json", record, indent=2)
 
 
 def _lineages(work_dir: Path) -> list[tuple[Path, dict]]:
-    return [(f.parent, json.loads(f.read_text())) for f in sorted(Path(work_dir).rglob("lineage.json"))
-            if ".prefect-results" not in f.parts]
+    return [
+        (f.parent, json.loads(f.read_text()))
+        for f in sorted(Path(work_dir).rglob("lineage.json"))
+        if ".prefect-results" not in f.parts
+    ]
 
 
 def _pseudo_dirs(work_dir: Path) -> list[Path]:
     wd = Path(work_dir)
-    dirs = [wd / "pseudo"] + sorted(p / "pseudo" for p in (wd / "rounds").glob("r*")) if (wd / "rounds").exists() \
+    dirs = (
+        [wd / "pseudo"] + sorted(p / "pseudo" for p in (wd / "rounds").glob("r*"))
+        if (wd / "rounds").exists()
         else [wd / "pseudo"]
+    )
     return [d for d in dirs if d.exists()]
 
 
@@ -165,9 +209,14 @@ def compare(work_dir: Path) -> list[dict]:
     wd = Path(work_dir)
     lineages = _lineages(wd)
     scores = {}
-    files = sorted(f for f in (wd / "eval").glob("*.json") if not f.name.endswith(".val.json")) \
-        if (wd / "eval").exists() else []  # <model>.val.json: the validation split, where thresholds are chosen
-    files += [d / "test_eval.json" for d, _ in lineages if (d / "test_eval.json").exists()]  # every variant's own
+    files = (
+        sorted(f for f in (wd / "eval").glob("*.json") if not f.name.endswith(".val.json"))
+        if (wd / "eval").exists()
+        else []
+    )  # <model>.val.json: the validation split, where thresholds are chosen
+    files += [
+        d / "test_eval.json" for d, _ in lineages if (d / "test_eval.json").exists()
+    ]  # every variant's own
     for f in files:
         try:
             r = json.loads(f.read_text())
@@ -177,8 +226,11 @@ def compare(work_dir: Path) -> list[dict]:
     rows = []
     for stage in _pseudo_dirs(wd):
         for v in variants(stage):
-            users = [(str(d.relative_to(wd)), scores.get(str(d))) for d, lin in lineages
-                     if (lin.get("pseudo") or {}).get("path") == v["path"]]
+            users = [
+                (str(d.relative_to(wd)), scores.get(str(d)))
+                for d, lin in lineages
+                if (lin.get("pseudo") or {}).get("path") == v["path"]
+            ]
             rows.append({"stage": str(stage.relative_to(wd)), **v, "models": users})
     return rows
 
@@ -209,7 +261,9 @@ def add_arguments(parser) -> None:
     c.add_argument("--json", action="store_true")
     g = sub.add_parser("gc", help="remove old pseudo-label variants that nothing current depends on")
     g.add_argument("work_dir")
-    g.add_argument("--keep", type=int, default=3, help="variants to keep per stage folder, newest first (default 3)")
+    g.add_argument(
+        "--keep", type=int, default=3, help="variants to keep per stage folder, newest first (default 3)"
+    )
     g.add_argument("--dry-run", action="store_true")
 
 
@@ -224,15 +278,19 @@ def run(args) -> int:
         if args.json:
             print(json.dumps(rows, indent=1))
             return 0
-        print(f"{'stage':<14} {'variant':<13} {'cur':<3} {'keep_thr':>8} {'min_votes':>9} {'conf_type':<10} "
-              f"{'labels':>7} {'F vs GT':>8}  models (F on test)")
+        print(
+            f"{'stage':<14} {'variant':<13} {'cur':<3} {'keep_thr':>8} {'min_votes':>9} {'conf_type':<10} "
+            f"{'labels':>7} {'F vs GT':>8}  models (F on test)"
+        )
         for r in rows:
             f = r["fuse"]
             q = f"{r['quality']['hmean']:.4f}" if r.get("quality") else "-"
             models = ", ".join(f"{m} ({s:.4f})" if s is not None else m for m, s in r["models"]) or "-"
-            print(f"{r['stage']:<14} {r['variant']:<13} {'*' if r['current'] else '':<3} {str(r['keep_thr']):>8} "
-                  f"{str(f.get('min_votes', '-')):>9} {str(f.get('conf_type', '-')):<10} {str(r['pseudo_labels']):>7} "
-                  f"{q:>8}  {models}")
+            print(
+                f"{r['stage']:<14} {r['variant']:<13} {'*' if r['current'] else '':<3} {str(r['keep_thr']):>8} "
+                f"{str(f.get('min_votes', '-')):>9} {str(f.get('conf_type', '-')):<10} {str(r['pseudo_labels']):>7} "
+                f"{q:>8}  {models}"
+            )
         return 0
     removed = gc(wd, args.keep, args.dry_run)
     for p in removed:

@@ -9,6 +9,7 @@ Within one process the lock is re-entrant: the ssl-pipeline flow and the stage f
 and the last :func:`release` unlocks. ``flock`` is per open file, so the lock holds across processes on one
 machine and, on Linux NFS clients, across machines.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,10 @@ class WorkDirLocked(RuntimeError):
 
 
 def _describe(info: dict) -> str:
-    return (f"{info.get('holder', 'an unknown writer')} (pid {info.get('pid', '?')} on {info.get('host', '?')}, "
-            f"since {info.get('since', '?')})")
+    return (
+        f"{info.get('holder', 'an unknown writer')} (pid {info.get('pid', '?')} on {info.get('host', '?')}, "
+        f"since {info.get('since', '?')})"
+    )
 
 
 def acquire(work_dir: str | os.PathLike, holder: str) -> Path:
@@ -60,8 +63,10 @@ def acquire(work_dir: str | os.PathLike, holder: str) -> Path:
             except json.JSONDecodeError:
                 info = {}
             f.close()
-            raise WorkDirLocked(f"{wd} is being written by {_describe(info)}; wait for it to finish, stop it, or use "
-                                f"another work dir") from None
+            raise WorkDirLocked(
+                f"{wd} is being written by {_describe(info)}; wait for it to finish, stop it, or use "
+                f"another work dir"
+            ) from None
         f.seek(0)
         previous = f.read().strip()
         if previous:
@@ -69,10 +74,20 @@ def acquire(work_dir: str | os.PathLike, holder: str) -> Path:
                 old = json.loads(previous)
             except json.JSONDecodeError:
                 old = {}
-            log.warning("%s: taking over the lock of %s, which is no longer running (it ended without releasing "
-                        "it: killed or crashed)", wd, _describe(old))
-        record = json.dumps({"holder": holder, "pid": os.getpid(), "host": socket.gethostname(),
-                             "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+            log.warning(
+                "%s: taking over the lock of %s, which is no longer running (it ended without releasing "
+                "it: killed or crashed)",
+                wd,
+                _describe(old),
+            )
+        record = json.dumps(
+            {
+                "holder": holder,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
+        )
         try:
             with writing(path, len(record)):  # a full disk: an error naming the file, not a traceback
                 f.seek(0)
@@ -107,7 +122,9 @@ def release(work_dir: str | os.PathLike) -> None:
             f.truncate()
             f.flush()
             wd = Path(key)
-            if created and [x.name for x in wd.iterdir()] == [LOCK_NAME]:  # a command refused before any work:
+            if created and [x.name for x in wd.iterdir()] == [
+                LOCK_NAME
+            ]:  # a command refused before any work:
                 try:  # leave no folder behind (unless another writer came in meanwhile)
                     (wd / LOCK_NAME).unlink()
                     wd.rmdir()

@@ -1,4 +1,5 @@
 """Shared fixtures. Unit tests never talk to a Prefect server: an accidental API call fails fast."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,14 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
-def write_coco(root: Path, images: list[dict], annotations: list[dict], ann_name: str = "train.json",
-               img_dir: str = "train_images", write_images: bool = True) -> tuple[Path, Path]:
+def write_coco(
+    root: Path,
+    images: list[dict],
+    annotations: list[dict],
+    ann_name: str = "train.json",
+    img_dir: str = "train_images",
+    write_images: bool = True,
+) -> tuple[Path, Path]:
     """Write a COCO json and (optionally) grey JPEG images of the listed sizes under ``root``."""
     import cv2
 
@@ -26,8 +33,9 @@ def write_coco(root: Path, images: list[dict], annotations: list[dict], ann_name
             arr = np.full((im["height"], im["width"], 3), 90, np.uint8)
             cv2.imwrite(str(path), arr)
     ann_file = root / ann_name
-    ann_file.write_text(json.dumps({"images": images, "annotations": annotations,
-                                     "categories": [{"id": 1, "name": "text"}]}))
+    ann_file.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "text"}]})
+    )
     return ann_file, img_root
 
 
@@ -39,6 +47,7 @@ def rect(x, y, w, h):
 def coco_factory(tmp_path):
     def make(images, annotations, **kw):
         return write_coco(tmp_path, images, annotations, **kw)
+
     return make
 
 
@@ -53,8 +62,10 @@ def random_teachers(root: Path, side: int = 256, seeds=(0, 1)) -> dict[str, str]
 
     ckpts = {}
     for seed in seeds:
-        cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo" / "tiny_model.yaml",
-                          [f"model.test_short_side={side}", f"model.test_long_side={side}", "model.max_detections=20"])
+        cfg = load_config(
+            Path(__file__).resolve().parents[1] / "configs" / "demo" / "tiny_model.yaml",
+            [f"model.test_short_side={side}", f"model.test_long_side={side}", "model.max_detections=20"],
+        )
         torch.manual_seed(seed)
         m = build_model(cfg).eval()
         m.roi_heads.box_head.cls_score.bias.data = torch.tensor([0.0, 0.6])
@@ -69,6 +80,27 @@ def ensemble_work_dir(path: Path, ckpts: dict[str, str], img_root: str) -> Path:
     wd = check_work_dir(path)
     (wd / "teachers").mkdir()
     (wd / "teachers" / "teachers.json").write_text(json.dumps(ckpts))
-    (wd / "data.json").write_text(json.dumps({"labeled": [], "val": None, "test": None, "unlabeled_gt": None,
-                                              "unlabeled_images": img_root, "unlabeled_root": img_root}))
+    (wd / "data.json").write_text(
+        json.dumps(
+            {
+                "labeled": [],
+                "val": None,
+                "test": None,
+                "unlabeled_gt": None,
+                "unlabeled_images": img_root,
+                "unlabeled_root": img_root,
+            }
+        )
+    )
     return wd
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One local Prefect server (SQLite, 127.0.0.1) for every test that needs a real one: the flows, Dask,
+    Slurm and browser tests. A test that kills it starts it again on the same port and database
+    (``server.start()``); the PostgreSQL test runs its own."""
+    from flows.server import LocalServer
+
+    with LocalServer(tmp_path_factory.mktemp("prefect-home"), timeout=240) as srv:
+        yield srv

@@ -1,4 +1,5 @@
 """``i3cl browse``: polygons drawn on the images, do-not-care and predictions in their own colours."""
+
 from __future__ import annotations
 
 import json
@@ -75,8 +76,10 @@ def test_browse_draws_every_image_with_dontcare_in_red(dataset, tmp_path):
 def test_browse_limit_ids_and_predictions(dataset, tmp_path):
     ann_file, img_root, coco = dataset
     ann = next(a for a in coco["annotations"] if a["image_id"] == 2)
-    preds = [{"image_id": 2, "category_id": 1, "segmentation": [[10, 10, 60, 10, 60, 40, 10, 40]], "score": 0.87},
-             {"image_id": 2, "category_id": 1, "segmentation": ann["segmentation"], "score": 0.01}]
+    preds = [
+        {"image_id": 2, "category_id": 1, "segmentation": [[10, 10, 60, 10, 60, 40, 10, 40]], "score": 0.87},
+        {"image_id": 2, "category_id": 1, "segmentation": ann["segmentation"], "score": 0.01},
+    ]
     pred_file = tmp_path / "preds.json"
     pred_file.write_text(json.dumps(preds), encoding="utf-8")
     assert len(browse.browse_dataset(ann_file, img_root, tmp_path / "lim", limit=2)) == 2
@@ -97,8 +100,10 @@ def test_browse_rle_and_ignore(tmp_path):
     m[20:40, 30:60] = 1
     rle = mask_utils.encode(m)
     rle["counts"] = rle["counts"].decode("ascii")
-    coco = {"images": [{"id": 5, "file_name": "a.png", "width": 80, "height": 64}],
-            "annotations": [{"id": 1, "image_id": 5, "segmentation": rle, "iscrowd": 0, "ignore": True}]}
+    coco = {
+        "images": [{"id": 5, "file_name": "a.png", "width": 80, "height": 64}],
+        "annotations": [{"id": 1, "image_id": 5, "segmentation": rle, "iscrowd": 0, "ignore": True}],
+    }
     ann_file = tmp_path / "rle.json"
     ann_file.write_text(json.dumps(coco), encoding="utf-8")
     (png,) = browse.browse_dataset(ann_file, img_root, tmp_path / "out")
@@ -128,8 +133,29 @@ def test_browse_refuses_escaping_paths_and_skips_missing(dataset, tmp_path, caps
 
 def test_cli_browse(dataset, tmp_path, capsys):
     ann_file, img_root, _ = dataset
-    rc = main(["browse", "--ann", str(ann_file), "--img-root", str(img_root), "--out", str(tmp_path / "v"),
-               "--limit", "1"])
+    rc = main(
+        [
+            "browse",
+            "--ann",
+            str(ann_file),
+            "--img-root",
+            str(img_root),
+            "--out",
+            str(tmp_path / "v"),
+            "--limit",
+            "1",
+        ]
+    )
     assert rc == 0 and [p.name for p in (tmp_path / "v").iterdir()] == ["synth_000001.png"]
-    rc = main(["browse", "--ann", str(tmp_path / "nope.json"), "--img-root", str(img_root), "--out", str(tmp_path / "w")])
+    rc = main(
+        [
+            "browse",
+            "--ann",
+            str(tmp_path / "nope.json"),
+            "--img-root",
+            str(img_root),
+            "--out",
+            str(tmp_path / "w"),
+        ]
+    )
     assert rc == 2 and "nope.json" in capsys.readouterr().err

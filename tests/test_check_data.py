@@ -1,4 +1,5 @@
 """Pre-flight check: every image of every set, all problems at once, before training starts."""
+
 from __future__ import annotations
 
 import json
@@ -18,20 +19,38 @@ def _dataset(root: Path) -> Path:
     Image.new("RGB", (400, 300), "white").save(root / "img" / "full.jpg", quality=95)
     data = (root / "img" / "full.jpg").read_bytes()
     (root / "img" / "truncated.jpg").write_bytes(data[: len(data) // 2])
-    names = [("ok.jpg", 64, 48), ("wrong_size.jpg", 100, 48), ("not_an_image.jpg", 64, 48), ("missing.jpg", 64, 48),
-             ("truncated.jpg", 400, 300)]
+    names = [
+        ("ok.jpg", 64, 48),
+        ("wrong_size.jpg", 100, 48),
+        ("not_an_image.jpg", 64, 48),
+        ("missing.jpg", 64, 48),
+        ("truncated.jpg", 400, 300),
+    ]
     images = [{"id": i + 1, "file_name": n, "width": w, "height": h} for i, (n, w, h) in enumerate(names)]
-    anns = [{"id": i + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0, "bbox": [2, 2, 30, 10],
-             "segmentation": [[2, 2, 32, 2, 32, 12, 2, 12]]} for i in range(len(names))]
+    anns = [
+        {
+            "id": i + 1,
+            "image_id": i + 1,
+            "category_id": 1,
+            "iscrowd": 0,
+            "bbox": [2, 2, 30, 10],
+            "segmentation": [[2, 2, 32, 2, 32, 12, 2, 12]],
+        }
+        for i in range(len(names))
+    ]
     ann = root / "train.json"
-    ann.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "text"}]}))
+    ann.write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "text"}]})
+    )
     return ann
 
 
 def _config(tmp_path, ann: Path) -> Path:
-    cfg = {"_base_": str(REPO / "configs" / "demo" / "tiny_model.yaml"),
-           "data": {"train": [{"ann_file": str(ann), "img_root": str(ann.parent / "img")}], "num_workers": 0},
-           "train": {"epochs": 1, "batch_size": 1, "eval_interval": 0}}
+    cfg = {
+        "_base_": str(REPO / "configs" / "demo" / "tiny_model.yaml"),
+        "data": {"train": [{"ann_file": str(ann), "img_root": str(ann.parent / "img")}], "num_workers": 0},
+        "train": {"epochs": 1, "batch_size": 1, "eval_interval": 0},
+    }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -62,7 +81,9 @@ def test_training_refuses_bad_images_before_it_starts(tmp_path, capsys):
     cfg = _config(tmp_path, _dataset(tmp_path / "d"))
     rc = main(["train", str(cfg), "--work-dir", str(tmp_path / "w"), "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 2 and "4 of 5 images cannot be used" in err and "missing.jpg" in err and "wrong_size.jpg" in err
+    assert (
+        rc == 2 and "4 of 5 images cannot be used" in err and "missing.jpg" in err and "wrong_size.jpg" in err
+    )
     assert "truncated.jpg" in err  # found before the first step, not when training reaches it
     assert not (tmp_path / "w" / "checkpoints" / "latest.pth").exists()
 
@@ -83,13 +104,27 @@ def test_the_pipelines_preflight_lists_bad_images_of_every_split_at_once(tmp_pat
 
     def split(name, files):
         ann = root / f"{name}.json"
-        ann.write_text(json.dumps({"images": [{"id": i + 1, "file_name": f, "width": 400, "height": 300}
-                                              for i, f in enumerate(files)], "annotations": [],
-                                   "categories": [{"id": 1, "name": "text"}]}))
+        ann.write_text(
+            json.dumps(
+                {
+                    "images": [
+                        {"id": i + 1, "file_name": f, "width": 400, "height": 300}
+                        for i, f in enumerate(files)
+                    ],
+                    "annotations": [],
+                    "categories": [{"id": 1, "name": "text"}],
+                }
+            )
+        )
         return {"ann_file": str(ann), "img_root": str(root / "img")}
 
-    d = {"labeled": [split("train", ["good.jpg"])], "val": None, "test": split("test", ["good.jpg", "gone.jpg"]),
-         "unlabeled_images": split("unlabeled", ["good.jpg", "cut.jpg"])["ann_file"], "unlabeled_root": str(root / "img")}
+    d = {
+        "labeled": [split("train", ["good.jpg"])],
+        "val": None,
+        "test": split("test", ["good.jpg", "gone.jpg"]),
+        "unlabeled_images": split("unlabeled", ["good.jpg", "cut.jpg"])["ann_file"],
+        "unlabeled_root": str(root / "img"),
+    }
     with pytest.raises(DatasetError) as err:
         preflight(d)
     msg = str(err.value)

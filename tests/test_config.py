@@ -1,4 +1,5 @@
 """Typed configs: inheritance, overrides, and error messages that name key, file and range."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,14 +24,24 @@ def test_defaults_match_the_paper():
 
 
 def test_inheritance_chain_and_overrides(tmp_path):
-    _w(tmp_path / "base.yaml", "train:\n  lr: 0.01\n  epochs: 20\nmodel:\n  intra_cl: false\n  backbone: {name: resnet50, frozen_stages: 1}\n")
-    _w(tmp_path / "mid.yaml", "_base_: base.yaml\ntrain:\n  lr: 0.001\nmodel:\n  backbone: {frozen_stages: 0}\n")
+    _w(
+        tmp_path / "base.yaml",
+        "train:\n  lr: 0.01\n  epochs: 20\nmodel:\n  intra_cl: false\n  backbone: {name: resnet50, frozen_stages: 1}\n",
+    )
+    _w(
+        tmp_path / "mid.yaml",
+        "_base_: base.yaml\ntrain:\n  lr: 0.001\nmodel:\n  backbone: {frozen_stages: 0}\n",
+    )
     leaf = _w(tmp_path / "sub" / "leaf.yaml", "_base_: ../mid.yaml\nmodel:\n  intra_cl: true\n")
     cfg = load_config(leaf)
     assert cfg.train.lr == 0.001 and cfg.train.epochs == 20
     assert cfg.model.intra_cl is True
-    assert cfg.model.backbone.name == "resnet50" and cfg.model.backbone.frozen_stages == 0  # dicts merge key by key
-    cfg = load_config(leaf, ["train.lr=0.5", "model.inter_cl=false", "train.lr_steps=[2, 3]", "fuse.conf_type=max"])
+    assert (
+        cfg.model.backbone.name == "resnet50" and cfg.model.backbone.frozen_stages == 0
+    )  # dicts merge key by key
+    cfg = load_config(
+        leaf, ["train.lr=0.5", "model.inter_cl=false", "train.lr_steps=[2, 3]", "fuse.conf_type=max"]
+    )
     assert cfg.train.lr == 0.5 and cfg.model.inter_cl is False and cfg.train.lr_steps == [2, 3]
     assert cfg.fuse.conf_type == "max"
 
@@ -45,7 +56,9 @@ def test_bad_value_names_key_file_and_range(tmp_path):
 
 
 def test_override_error_names_the_override():
-    with pytest.raises(ConfigError, match=r"train\.lr: .*greater than 0 .*from --set train\.lr=-1.*allowed: > 0"):
+    with pytest.raises(
+        ConfigError, match=r"train\.lr: .*greater than 0 .*from --set train\.lr=-1.*allowed: > 0"
+    ):
         load_config(None, ["train.lr=-1"])
 
 
@@ -54,7 +67,11 @@ def test_unknown_key_lists_allowed_keys(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(p)
     msg = str(e.value)
-    assert "model.intra_cll: unknown key" in msg and str(p) in msg and "intra_cl" in msg.split("allowed keys here:")[1]
+    assert (
+        "model.intra_cll: unknown key" in msg
+        and str(p) in msg
+        and "intra_cl" in msg.split("allowed keys here:")[1]
+    )
 
 
 def test_bad_literal_and_type():
@@ -106,7 +123,7 @@ def test_stage_recipes_chain_through_the_trainers_checkpoint_layout():
             work_dir = Path(path).parent.parent
             assert Path(path) == checkpoint_dir(work_dir) / "latest.pth", f
             assert work_dir.parent == Path("work_dirs") and work_dir.name.startswith(family + "_"), f
-            stage = work_dir.name[len(family) + 1:]
+            stage = work_dir.name[len(family) + 1 :]
             previous = REPO / "configs" / family / f"{stage}.yaml"
             assert previous.exists(), f"{f}: no stage {stage!r} to load from"
             assert default_work_dir(str(previous)) == work_dir
@@ -147,8 +164,10 @@ def test_a_training_fingerprint_follows_what_training_reads(tmp_path):
 def test_configs_written_by_earlier_versions_still_load(tmp_path):
     """A resolved config.yaml of an earlier version (a 'pipeline' section, fuse.lossweight) loads, with a note."""
     p = tmp_path / "old.yaml"
-    p.write_text("fuse: {lossweight: votes}\npipeline: {work_dir: runs/demo, teacher_configs: [], student_config: null, "
-                 "shard_size: 64}\n")
+    p.write_text(
+        "fuse: {lossweight: votes}\npipeline: {work_dir: runs/demo, teacher_configs: [], student_config: null, "
+        "shard_size: 64}\n"
+    )
     cfg = load_config(p)
     assert cfg.fuse.lossweight_formula == "votes"
     with pytest.raises(ConfigError, match="give only lossweight_formula"):

@@ -1,4 +1,5 @@
 """Dataset converters on tiny hand-written official-format files."""
+
 from __future__ import annotations
 
 import json
@@ -19,10 +20,16 @@ def test_art_json(tmp_path):
     _img(tmp_path / "img" / "gt_0.jpg", (100, 80))
     _img(tmp_path / "img" / "gt_12.jpg", (30, 40))
     ann = {
-        "gt_12": [{"points": [[0, 0], [10, 0], [10, 5], [0, 5]], "transcription": "ab", "illegibility": False}],
+        "gt_12": [
+            {"points": [[0, 0], [10, 0], [10, 5], [0, 5]], "transcription": "ab", "illegibility": False}
+        ],
         "gt_0": [
-            {"points": [[1, 1], [21, 1], [21, 11], [1, 11]], "transcription": "hello", "illegibility": False,
-             "language": "Latin"},
+            {
+                "points": [[1, 1], [21, 1], [21, 11], [1, 11]],
+                "transcription": "hello",
+                "illegibility": False,
+                "language": "Latin",
+            },
             {"points": [[30, 30], [40, 30], [40, 40]], "transcription": "###", "illegibility": False},
             {"points": [[50, 50], [60, 50], [60, 60]], "transcription": "x", "illegibility": True},
             {"points": [[0, 0], [20, 20], [20, 0], [0, 20]], "transcription": "bow", "illegibility": False},
@@ -32,10 +39,14 @@ def test_art_json(tmp_path):
     (tmp_path / "train.json").write_text(json.dumps(ann))
     ds, stats = convert("art", tmp_path / "train.json", tmp_path / "img")
     assert [(im["id"], im["file_name"], im["width"], im["height"]) for im in ds["images"]] == [
-        (0, "gt_0.jpg", 100, 80), (12, "gt_12.jpg", 30, 40)]
+        (0, "gt_0.jpg", 100, 80),
+        (12, "gt_12.jpg", 30, 40),
+    ]
     anns = ds["annotations"]
     assert [a["iscrowd"] for a in anns] == [0, 1, 1, 0, 0]
-    assert anns[0]["bbox"] == [1, 1, 20, 10] and anns[0]["area"] == 200 and anns[0]["transcription"] == "hello"
+    assert (
+        anns[0]["bbox"] == [1, 1, 20, 10] and anns[0]["area"] == 200 and anns[0]["transcription"] == "hello"
+    )
     assert len(anns[3]["segmentation"]) == 2 and anns[3]["area"] == 200  # bow-tie -> two triangles
     assert (stats.repaired, stats.skipped, stats.dontcare) == (1, 1, 2)
     assert ds["categories"] == [{"id": 1, "name": "text"}]
@@ -43,9 +54,11 @@ def test_art_json(tmp_path):
 
 def test_totaltext_txt(tmp_path):
     _img(tmp_path / "img" / "img11.jpg")
-    lines = ("x: [[115 503 494 115]], y: [[322 346 426 404]], ornt: [u'm'], transcriptions: [u'SALTED']\n"
-             "x: [[ 10  20  30\n  30 20 10]], y: [[5 5 5 15 15 15]], ornt: [u'c'], transcriptions: [u\"it's\"]\n"
-             "x: [[1 2 3 4]], y: [[1 1 2 2]], ornt: [u'#'], transcriptions: [u'#']\n")
+    lines = (
+        "x: [[115 503 494 115]], y: [[322 346 426 404]], ornt: [u'm'], transcriptions: [u'SALTED']\n"
+        "x: [[ 10  20  30\n  30 20 10]], y: [[5 5 5 15 15 15]], ornt: [u'c'], transcriptions: [u\"it's\"]\n"
+        "x: [[1 2 3 4]], y: [[1 1 2 2]], ornt: [u'#'], transcriptions: [u'#']\n"
+    )
     (tmp_path / "gt").mkdir()
     (tmp_path / "gt" / "poly_gt_img11.txt").write_text(lines)
     ds, stats = convert("totaltext", tmp_path / "gt", tmp_path / "img")
@@ -81,7 +94,8 @@ def test_ctw1500_xml(tmp_path):
         '<Annotations><image file="0005.jpg">'
         '<box height="10" left="0" top="0" width="20"><label>ab</label><segs>0,0,20,0,20,10,0,10</segs></box>'
         '<box height="10" left="0" top="0" width="20"><label>###</label><segs>30,0,40,0,40,10</segs></box>'
-        '</image></Annotations>')
+        "</image></Annotations>"
+    )
     ds, _ = convert("ctw1500", tmp_path / "0005.xml", tmp_path / "img")
     assert ds["images"][0]["id"] == 5
     assert [(a["transcription"], a["iscrowd"]) for a in ds["annotations"]] == [("ab", 0), ("###", 1)]
@@ -101,14 +115,44 @@ def test_cli_convert_writes_json(tmp_path, capsys):
     from i3cl_core.cli import main
 
     _img(tmp_path / "img" / "gt_1.jpg")
-    (tmp_path / "a.json").write_text(json.dumps({"gt_1": [{"points": [[0, 0], [5, 0], [5, 5]], "transcription": "a"}]}))
+    (tmp_path / "a.json").write_text(
+        json.dumps({"gt_1": [{"points": [[0, 0], [5, 0], [5, 5]], "transcription": "a"}]})
+    )
     out = tmp_path / "out" / "coco.json"
-    assert main(["convert-dataset", "--format", "lsvt", "--ann", str(tmp_path / "a.json"), "--img-root",
-                 str(tmp_path / "img"), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "convert-dataset",
+                "--format",
+                "lsvt",
+                "--ann",
+                str(tmp_path / "a.json"),
+                "--img-root",
+                str(tmp_path / "img"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "1 images, 1 annotations" in capsys.readouterr().out
     assert json.loads(out.read_text())["annotations"][0]["area"] == 12.5
-    assert main(["convert-dataset", "--format", "art", "--ann", str(tmp_path / "nope.json"), "--img-root",
-                 str(tmp_path / "img"), "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "convert-dataset",
+                "--format",
+                "art",
+                "--ann",
+                str(tmp_path / "nope.json"),
+                "--img-root",
+                str(tmp_path / "img"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
 
 
 def test_converted_dataset_evaluates(tmp_path):

@@ -1,5 +1,6 @@
 """Importing checkpoints of the original mmdetection release (`i3cl convert-checkpoint`), and loading
 RegionCL / MoCo-style ResNet-50 weights."""
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,11 @@ def original_state(drop_modules: bool = False) -> dict[str, torch.Tensor]:
     for k, shape in shapes.items():
         if drop_modules and ("intra_cl_module" in k or "inter_cl_module" in k):
             continue
-        state[k] = torch.zeros(shape, dtype=torch.int64) if k.endswith("num_batches_tracked") else torch.randn(shape, generator=g)
+        state[k] = (
+            torch.zeros(shape, dtype=torch.int64)
+            if k.endswith("num_batches_tracked")
+            else torch.randn(shape, generator=g)
+        )
     state["roi_head.bbox_head.fc_cls.weight"][0] = TEXT_ROW
     state["roi_head.bbox_head.fc_cls.bias"][0] = TEXT_ROW
     state["roi_head.bbox_head.fc_cls.weight"][63] = BG_ROW
@@ -54,7 +59,12 @@ def r50_state():
 def test_every_original_key_has_a_counterpart_and_the_classes_land_right(r50_state):
     orig = original_state()
     state, report = convert_state(orig, r50_state)
-    assert report["unmatched"] == [] and report["shapes"] == [] and report["missing"] == [] and report["fresh"] == {}
+    assert (
+        report["unmatched"] == []
+        and report["shapes"] == []
+        and report["missing"] == []
+        and report["fresh"] == {}
+    )
     assert report["mapped"] == len(orig) == len(r50_state)
     assert set(state) == set(r50_state)
     assert report["classes"] == (63, 1)
@@ -103,7 +113,11 @@ def test_original_without_the_modules(tmp_path, r50_state):
     """A mixtrain-stage original (IntraCL/InterCL off): our config decides what the model has."""
     orig = original_state(drop_modules=True)
     _, report = convert_state(orig, r50_state)  # modules on: they keep their fresh initialisation
-    assert report["unmatched"] == [] and report["missing"] == [] and set(report["fresh"]) == {"intra_cl", "inter_cl"}
+    assert (
+        report["unmatched"] == []
+        and report["missing"] == []
+        and set(report["fresh"]) == {"intra_cl", "inter_cl"}
+    )
     path = tmp_path / "mixtrain.pth"
     torch.save({"state_dict": orig}, path)
     cfg = load_config(R50, ["model.intra_cl=false", "model.inter_cl=false"])
@@ -142,10 +156,15 @@ def test_mismatching_files_give_clear_errors(tmp_path, capsys):
 # ---------------------------------------------------------------------------------- RegionCL weights
 def _resnet18_state(prefix: str = "") -> dict[str, torch.Tensor]:
     net = ResNetBackbone("resnet18", frozen_stages=-1)
-    return {prefix + k: torch.full_like(v, 0.5) if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    return {
+        prefix + k: torch.full_like(v, 0.5) if v.is_floating_point() else v
+        for k, v in net.state_dict().items()
+    }
 
 
-@pytest.mark.parametrize("layout", ["plain", "module", "backbone", "moco", "moco_nested", "state_dict_encoder_q"])
+@pytest.mark.parametrize(
+    "layout", ["plain", "module", "backbone", "moco", "moco_nested", "state_dict_encoder_q"]
+)
 def test_regioncl_style_weights_load(tmp_path, layout):
     target = _resnet18_state()
     fc = {"fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}
@@ -157,10 +176,20 @@ def test_regioncl_style_weights_load(tmp_path, layout):
         obj = {"state_dict": {**_resnet18_state("backbone."), "neck.conv.weight": torch.zeros(3)}}
     elif layout in ("moco", "moco_nested"):  # MoCo: query encoder, key encoder with other values, queue
         p = "module." if layout == "moco_nested" else ""
-        key_enc = {f"{p}encoder_k.{k}": torch.full_like(v, -1.0) for k, v in target.items() if v.is_floating_point()}
-        obj = {"epoch": 200, "arch": "resnet18", "state_dict": {
-            **key_enc, **_resnet18_state(f"{p}encoder_q."), f"{p}encoder_q.fc.0.weight": torch.zeros(2048, 512),
-            f"{p}queue": torch.zeros(128, 65536), f"{p}queue_ptr": torch.zeros(1, dtype=torch.long)}}
+        key_enc = {
+            f"{p}encoder_k.{k}": torch.full_like(v, -1.0) for k, v in target.items() if v.is_floating_point()
+        }
+        obj = {
+            "epoch": 200,
+            "arch": "resnet18",
+            "state_dict": {
+                **key_enc,
+                **_resnet18_state(f"{p}encoder_q."),
+                f"{p}encoder_q.fc.0.weight": torch.zeros(2048, 512),
+                f"{p}queue": torch.zeros(128, 65536),
+                f"{p}queue_ptr": torch.zeros(1, dtype=torch.long),
+            },
+        }
     else:
         obj = {"model": {"encoder_q." + k: v for k, v in target.items()}, "optimizer": {}}
     path = tmp_path / f"{layout}.pth"
@@ -205,7 +234,11 @@ def test_pickled_objects_are_refused_with_safe_advice(tmp_path):
 
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "meta": _Payload()}, path)
-    for call in (lambda: load_checkpoint(path), lambda: read_state_dict(str(path)), lambda: read_original(str(path))):
+    for call in (
+        lambda: load_checkpoint(path),
+        lambda: read_state_dict(str(path)),
+        lambda: read_original(str(path)),
+    ):
         with pytest.raises(CheckpointError) as e:
             call()
         msg = str(e.value)

@@ -1,6 +1,7 @@
 """The ensemble-inference flow on a real Dask cluster (``distributed.LocalCluster``, two worker
 processes, each one device): the same shard files as the thread pool, byte for byte, and a worker
 killed mid-run costs nothing but a re-run of its shard."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -13,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ensemble_work_dir, random_teachers
 
 # found, not imported: importing Prefect here would fix its settings before the other tests' servers exist
@@ -28,14 +28,6 @@ from flows.pipeline import ensemble_inference
 for wd, infer in json.loads(sys.argv[1]):
     print(json.dumps(ensemble_inference(work_dir=wd, infer=infer)), flush=True)
 """
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from flows.server import LocalServer
-
-    with LocalServer(tmp_path_factory.mktemp("prefect-home"), timeout=240) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +47,25 @@ def make_work_dir(path: Path, teachers) -> str:
 
 def run_flows(server, runs: list, **popen) -> subprocess.Popen:
     env = {**server.env, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", RUN, json.dumps(runs)], env=env, cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-c", RUN, json.dumps(runs)],
+        env=env,
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        **popen,
+    )
 
 
 def predictions(wd: str) -> dict[str, bytes]:
     root = Path(wd) / "predictions"
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.json"))
-            if p.name not in ("members.json",)}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*.json"))
+        if p.name not in ("members.json",)
+    }
 
 
 INFER = {"shard_size": 1, "precision": "fp32", "batch_size": 2, "loader_workers": 0}
@@ -97,7 +100,9 @@ def pool_reference(server, teachers, tmp_path_factory) -> dict[str, bytes]:
     proc = run_flows(server, [[pool, {**INFER, "devices": ["cpu"]}]])
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-4000:]
-    assert "ensemble inference: 1 worker(s) on cpu" in out + err  # the thread pool's line; Dask runs have none
+    assert (
+        "ensemble inference: 1 worker(s) on cpu" in out + err
+    )  # the thread pool's line; Dask runs have none
     return predictions(pool)
 
 

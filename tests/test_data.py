@@ -1,4 +1,5 @@
 """COCO polygon dataset: original layout, bad input, augmentations, lockstep dropping."""
+
 from __future__ import annotations
 
 import logging
@@ -13,11 +14,20 @@ from i3cl_core.config import AugmentConfig
 from i3cl_core.data.coco import CocoTextDataset, collate, load_coco_records
 from i3cl_core.data.errors import DatasetError
 from i3cl_core.data.polygons import instance_area
-from i3cl_core.structures import Instances
 from i3cl_core.data.transforms import (
-    ClipAndFilter, Compose, Photometric, RandomAffine, RandomFlip, Resize, Rotate, Sample, build_source_transforms,
-    build_strong_transform, build_train_transform,
+    ClipAndFilter,
+    Compose,
+    Photometric,
+    RandomAffine,
+    RandomFlip,
+    Resize,
+    Rotate,
+    Sample,
+    build_source_transforms,
+    build_strong_transform,
+    build_train_transform,
 )
+from i3cl_core.structures import Instances
 
 
 def _img(i, w=320, h=240, name=None):
@@ -26,23 +36,47 @@ def _img(i, w=320, h=240, name=None):
 
 def _ann(i, image_id, poly, **kw):
     xs, ys = poly[0::2], poly[1::2]
-    return {"id": i, "image_id": image_id, "category_id": 1, "segmentation": [poly],
-            "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)], "iscrowd": 0, **kw}
+    return {
+        "id": i,
+        "image_id": image_id,
+        "category_id": 1,
+        "segmentation": [poly],
+        "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+        "iscrowd": 0,
+        **kw,
+    }
 
 
 # ------------------------------------------------------------------------------------------ layout
 def test_original_release_layout_loads_unchanged(tmp_path):
     """data/art/train.json + train_images/, data/lsvt/train1.json, *_lossweight.json, concatenated."""
     art = tmp_path / "data" / "art"
-    write_coco(art, [_img(1), _img(2)], [_ann(1, 1, rect(10, 10, 60, 20)), _ann(2, 2, rect(30, 40, 80, 30))],
-               ann_name="train.json", img_dir="train_images")
+    write_coco(
+        art,
+        [_img(1), _img(2)],
+        [_ann(1, 1, rect(10, 10, 60, 20)), _ann(2, 2, rect(30, 40, 80, 30))],
+        ann_name="train.json",
+        img_dir="train_images",
+    )
     lsvt = tmp_path / "data" / "lsvt"
-    write_coco(lsvt, [_img(1, name="gt_0.jpg")],
-               [_ann(7, 1, rect(5, 5, 40, 40), lossweight=0.25), _ann(8, 1, rect(100, 100, 50, 20), lossweight=1.0),
-                _ann(9, 1, rect(200, 10, 50, 20), iscrowd=1, lossweight=0.0)],
-               ann_name="train1_lossweight.json", img_dir="train_images")
-    ds = CocoTextDataset([(art / "train.json", art / "train_images"),
-                          (lsvt / "train1_lossweight.json", lsvt / "train_images")], train=True)
+    write_coco(
+        lsvt,
+        [_img(1, name="gt_0.jpg")],
+        [
+            _ann(7, 1, rect(5, 5, 40, 40), lossweight=0.25),
+            _ann(8, 1, rect(100, 100, 50, 20), lossweight=1.0),
+            _ann(9, 1, rect(200, 10, 50, 20), iscrowd=1, lossweight=0.0),
+        ],
+        ann_name="train1_lossweight.json",
+        img_dir="train_images",
+    )
+    ds = CocoTextDataset(
+        [
+            (art / "train.json", art / "train_images"),
+            (lsvt / "train1_lossweight.json", lsvt / "train_images"),
+        ],
+        train=True,
+    )
     assert len(ds) == 3
     img, tgt = ds[2]
     assert img.shape == (3, 240, 320) and img.dtype == torch.float32 and 0 <= img.min() and img.max() <= 1
@@ -64,9 +98,11 @@ def test_rle_and_bbox_only_and_ignore(coco_factory):
     m[50:80, 100:200] = 1
     rle = mask_utils.encode(m)
     rle["counts"] = rle["counts"].decode()
-    anns = [{"id": 1, "image_id": 1, "segmentation": rle, "bbox": [100, 50, 100, 30], "iscrowd": 0},
-            {"id": 2, "image_id": 1, "bbox": [10, 10, 30, 12], "iscrowd": 0},
-            {"id": 3, "image_id": 1, "segmentation": [rect(0, 200, 50, 20)], "ignore": True}]
+    anns = [
+        {"id": 1, "image_id": 1, "segmentation": rle, "bbox": [100, 50, 100, 30], "iscrowd": 0},
+        {"id": 2, "image_id": 1, "bbox": [10, 10, 30, 12], "iscrowd": 0},
+        {"id": 3, "image_id": 1, "segmentation": [rect(0, 200, 50, 20)], "ignore": True},
+    ]
     ann, root = coco_factory([_img(1)], anns)
     _, tgt = CocoTextDataset([(ann, root)])[0]
     b = tgt["instances"].boxes
@@ -124,12 +160,14 @@ def test_bad_lossweight(coco_factory, weight):
 
 
 def test_geometry_problems_counted_once_per_dataset(coco_factory, caplog):
-    anns = [_ann(1, 1, rect(10, 10, 50, 20)),
-            _ann(2, 1, [0, 0, 10, 10]),  # 2 points
-            _ann(3, 1, [10, 100, 60, 140, 60, 100, 10, 140]),  # bow-tie: repaired
-            _ann(4, 1, [10, 10, 20, 20, 30, 30]),  # collinear: zero area
-            _ann(5, 1, [0, 0, 40, 0, 40, 40, 20, 40, 20, -20, 0, 40]),  # self-intersecting: repaired
-            _ann(6, 2, [1, 1, 2, 2])]
+    anns = [
+        _ann(1, 1, rect(10, 10, 50, 20)),
+        _ann(2, 1, [0, 0, 10, 10]),  # 2 points
+        _ann(3, 1, [10, 100, 60, 140, 60, 100, 10, 140]),  # bow-tie: repaired
+        _ann(4, 1, [10, 10, 20, 20, 30, 30]),  # collinear: zero area
+        _ann(5, 1, [0, 0, 40, 0, 40, 40, 20, 40, 20, -20, 0, 40]),  # self-intersecting: repaired
+        _ann(6, 2, [1, 1, 2, 2]),
+    ]
     ann, root = coco_factory([_img(1), _img(2)], anns)
     with caplog.at_level(logging.INFO, logger="i3cl"):
         ds = CocoTextDataset([(ann, root)])
@@ -161,8 +199,18 @@ def _sample(n=6, w=400, h=300, seed=0):
         polys.append([np.array([[x, y], [x + 70, y + 5], [x + 65, y + 35], [x - 3, y + 30]], np.float32)])
         crowd.append(i % 3 == 2)
     img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
-    return Sample(img, Instances(polygons=polys, iscrowd=np.array(crowd), lossweight=np.linspace(0.1, 1.0, n).astype(np.float32),
-                                 ann_id=np.arange(100, 100 + n, dtype=np.int64)), 1, "x.jpg", (h, w))
+    return Sample(
+        img,
+        Instances(
+            polygons=polys,
+            iscrowd=np.array(crowd),
+            lossweight=np.linspace(0.1, 1.0, n).astype(np.float32),
+            ann_id=np.arange(100, 100 + n, dtype=np.int64),
+        ),
+        1,
+        "x.jpg",
+        (h, w),
+    )
 
 
 def test_rotation_keeps_polygon_area_and_boxes_contain_polygons():
@@ -185,8 +233,15 @@ def test_rotation_moves_polygons_with_the_pixels():
     img = np.zeros((201, 301, 3), np.uint8)
     img[40:60, 200:240] = 255
     poly = np.array([[200, 40], [240, 40], [240, 60], [200, 60]], np.float32)
-    s = Sample(img, Instances(polygons=[[poly]], iscrowd=np.array([False]), lossweight=np.ones(1, np.float32),
-                                 ann_id=np.zeros(1, np.int64)))
+    s = Sample(
+        img,
+        Instances(
+            polygons=[[poly]],
+            iscrowd=np.array([False]),
+            lossweight=np.ones(1, np.float32),
+            ann_id=np.zeros(1, np.int64),
+        ),
+    )
     out = Rotate(15, prob=1.0, fill=0)(s, np.random.default_rng(0))
     from i3cl_core.data.polygons import rasterize_instance
 
@@ -201,14 +256,22 @@ def _shape_sample(h=240, w=320):
     from i3cl_core.data.polygons import rasterize_instance
 
     t = np.linspace(0, np.pi, 12)
-    arc = np.concatenate([np.stack([160 + 110 * np.cos(t), 150 - 70 * np.sin(t)], 1),
-                          np.stack([160 + 80 * np.cos(t[::-1]), 150 - 45 * np.sin(t[::-1])], 1)]).astype(np.float32)
+    arc = np.concatenate(
+        [
+            np.stack([160 + 110 * np.cos(t), 150 - 70 * np.sin(t)], 1),
+            np.stack([160 + 80 * np.cos(t[::-1]), 150 - 45 * np.sin(t[::-1])], 1),
+        ]
+    ).astype(np.float32)
     box = np.array([[40, 180], [150, 170], [155, 215], [45, 225]], np.float32)
     img = np.zeros((h, w, 3), np.uint8)
     img[..., 0] = rasterize_instance([arc], h, w) * 255
     img[..., 1] = rasterize_instance([box], h, w) * 255
-    inst = Instances(polygons=[[arc], [box]], iscrowd=np.array([False, False]), lossweight=np.ones(2, np.float32),
-                     ann_id=np.arange(2, dtype=np.int64))
+    inst = Instances(
+        polygons=[[arc], [box]],
+        iscrowd=np.array([False, False]),
+        lossweight=np.ones(2, np.float32),
+        ann_id=np.arange(2, dtype=np.int64),
+    )
     return Sample(img, inst)
 
 
@@ -218,8 +281,13 @@ def test_strong_augmentation_keeps_polygons_on_their_pixels():
     instance that survives, over many random draws; the pixel-only operations change no polygon."""
     from i3cl_core.data.polygons import rasterize_instance
 
-    geo = AugmentConfig(scales=[(200, 400), (300, 500)], flip="random", vflip_prob=0.5, rotate_fill=0,
-                        strong={"color_prob": 0, "blur_noise_prob": 0, "cutout_prob": 0, "affine_prob": 1.0})
+    geo = AugmentConfig(
+        scales=[(200, 400), (300, 500)],
+        flip="random",
+        vflip_prob=0.5,
+        rotate_fill=0,
+        strong={"color_prob": 0, "blur_noise_prob": 0, "cutout_prob": 0, "affine_prob": 1.0},
+    )
     strong = build_strong_transform(geo)
     ious, kept = [], 0
     for seed in range(40):
@@ -234,19 +302,26 @@ def test_strong_augmentation_keeps_polygons_on_their_pixels():
             ious.append((m & pixels).sum() / (m | pixels).sum())
             kept += 1
     assert kept >= 50 and min(ious) >= 0.95, (kept, min(ious))
+
     # the pixel-only operations (colour, blur or noise, cutout) come after the geometry and never move a polygon:
     # with the same seed the full policy gives the polygons of the geometry alone, bit for bit
     def policy(**probs):
-        return build_strong_transform(AugmentConfig(scales=[(200, 400)], rotate_fill=0, strong={"affine_prob": 1.0, **probs}))
+        return build_strong_transform(
+            AugmentConfig(scales=[(200, 400)], rotate_fill=0, strong={"affine_prob": 1.0, **probs})
+        )
 
     full = policy(color_prob=1.0, blur_noise_prob=1.0, cutout_prob=1.0)
     geo_only = policy(color_prob=0.0, blur_noise_prob=0.0, cutout_prob=0.0)
     for seed in range(5):
-        a, b = full(_shape_sample(), np.random.default_rng(seed)), geo_only(_shape_sample(), np.random.default_rng(seed))
+        a, b = (
+            full(_shape_sample(), np.random.default_rng(seed)),
+            geo_only(_shape_sample(), np.random.default_rng(seed)),
+        )
         assert "color_jitter" in a.log and any(x.startswith("cutout") for x in a.log)
         assert not np.array_equal(a.image, b.image)
-        assert [[p.tolist() for p in parts] for parts in a.instances.polygons] == \
-            [[p.tolist() for p in parts] for parts in b.instances.polygons]
+        assert [[p.tolist() for p in parts] for parts in a.instances.polygons] == [
+            [p.tolist() for p in parts] for parts in b.instances.polygons
+        ]
 
 
 def test_strong_affine_range_and_per_source_transforms():
@@ -256,7 +331,12 @@ def test_strong_affine_range_and_per_source_transforms():
     assert 0.45 < min(zooms) < 0.6 and 1.3 < max(zooms) < 1.6
     aug = AugmentConfig(scales=[(128, 192)])
     t = build_source_transforms(aug, ["default", "strong", "default"])
-    assert t[0] is t[2] and t[1] is not t[0] and "RandomAffine" in repr(t[1]) and "RandomAffine" not in repr(t[0])
+    assert (
+        t[0] is t[2]
+        and t[1] is not t[0]
+        and "RandomAffine" in repr(t[1])
+        and "RandomAffine" not in repr(t[0])
+    )
     with pytest.raises(Exception, match="strong.scale"):
         AugmentConfig(strong={"scale": (2.0, 1.0)})
 
@@ -270,6 +350,7 @@ def test_dataset_gives_each_source_its_transform_and_background_weight(coco_fact
             inst = Instances(**s.instances.fields())
             inst.lossweight = np.full(len(s), value, np.float32)
             return Sample(s.image, inst)
+
         return t
 
     ds = CocoTextDataset([d1, d2], transform=[mark(2.0), mark(3.0)], background_weights=[1.0, 0.3], seed=1)
@@ -285,17 +366,29 @@ def test_dataset_gives_each_source_its_transform_and_background_weight(coco_fact
 def test_weights_and_flags_stay_aligned_after_drops():
     s = _sample(n=30, seed=3)
     # move polygons so a rotation pushes several out of the image
-    s = s.with_polygons([[p[0] * 1.0 + np.array([0 if i % 2 else 330, 0], np.float32)] for i, p in enumerate(s.instances.polygons)])
-    by_id = {int(a): (float(w), bool(c)) for a, w, c in zip(s.instances.ann_id, s.instances.lossweight, s.instances.iscrowd)}
+    s = s.with_polygons(
+        [
+            [p[0] * 1.0 + np.array([0 if i % 2 else 330, 0], np.float32)]
+            for i, p in enumerate(s.instances.polygons)
+        ]
+    )
+    by_id = {
+        int(a): (float(w), bool(c))
+        for a, w, c in zip(s.instances.ann_id, s.instances.lossweight, s.instances.iscrowd)
+    }
     dropped_any = False
     for seed in range(20):
-        out = Compose([Rotate(15, 1.0), Resize([(150, 400)]), ClipAndFilter(4.0)])(s, np.random.default_rng(seed))
+        out = Compose([Rotate(15, 1.0), Resize([(150, 400)]), ClipAndFilter(4.0)])(
+            s, np.random.default_rng(seed)
+        )
         dropped_any |= len(out) < len(s)
         assert set(out.instances.fields()) == {"polygons", "iscrowd", "lossweight", "ann_id"}
         for a, w, c in zip(out.instances.ann_id, out.instances.lossweight, out.instances.iscrowd):
             assert by_id[int(a)] == (float(w), bool(c))
         _, tgt = out.to_tensors()
-        assert len(tgt["instances"]) == int((~out.instances.iscrowd).sum()) and len(tgt["dontcare"]) == int(out.instances.iscrowd.sum())
+        assert len(tgt["instances"]) == int((~out.instances.iscrowd).sum()) and len(tgt["dontcare"]) == int(
+            out.instances.iscrowd.sum()
+        )
         for a, w in zip(tgt["instances"].ann_id.tolist(), tgt["instances"].lossweight.tolist()):
             assert by_id[a][0] == pytest.approx(w) and not by_id[a][1]
     assert dropped_any
@@ -332,8 +425,15 @@ def test_resize_keep_ratio_and_scales_polygons():
 def test_photometric_factors():
     img = np.full((10, 10, 3), 100, np.uint8)
     img[:5] = 50
-    s = Sample(img, Instances(polygons=[], iscrowd=np.zeros(0, bool), lossweight=np.zeros(0, np.float32),
-                                 ann_id=np.zeros(0, np.int64)))
+    s = Sample(
+        img,
+        Instances(
+            polygons=[],
+            iscrowd=np.zeros(0, bool),
+            lossweight=np.zeros(0, np.float32),
+            ann_id=np.zeros(0, np.int64),
+        ),
+    )
     b = Photometric("brightness", 1.54, 1.0)(s, np.random.default_rng(0)).image
     assert b[0, 0, 0] == 77 and b[9, 9, 0] == 154
     c = Photometric("contrast", 1.54, 1.0)(s, np.random.default_rng(0)).image
@@ -342,8 +442,11 @@ def test_photometric_factors():
 
 def test_pipeline_is_deterministic_under_seed(coco_factory):
     imgs = [_img(i, w=640, h=480) for i in range(1, 4)]
-    anns = [_ann(10 * i + k, i, rect(20 + 100 * k, 30 + 60 * k, 90, 30), lossweight=0.1 * (k + 1))
-            for i in range(1, 4) for k in range(4)]
+    anns = [
+        _ann(10 * i + k, i, rect(20 + 100 * k, 30 + 60 * k, 90, 30), lossweight=0.1 * (k + 1))
+        for i in range(1, 4)
+        for k in range(4)
+    ]
     ann, root = coco_factory(imgs, anns)
     aug = AugmentConfig(scales=[(200, 400), (300, 500)])
 

@@ -1,4 +1,5 @@
 """i3cl export (ONNX) and the torch-free runtime: parity with PyTorch, no torch imported, clear errors."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import random_teachers
 
 pytest.importorskip("onnxruntime")
@@ -30,8 +30,11 @@ def matched(ref: dict, got: dict, box_tol: float, score_tol: float, mask_tol: fl
     n = 0
     for b, s, m in zip(ref["boxes"], ref["scores"], ref["mask_probs"]):
         for j in free:
-            if (np.abs(got["boxes"][j] - b).max() <= box_tol and abs(got["scores"][j] - s) <= score_tol
-                    and np.abs(got["mask_probs"][j] - m).max() <= mask_tol):
+            if (
+                np.abs(got["boxes"][j] - b).max() <= box_tol
+                and abs(got["scores"][j] - s) <= score_tol
+                and np.abs(got["mask_probs"][j] - m).max() <= mask_tol
+            ):
                 free.remove(j)
                 n += 1
                 break
@@ -40,7 +43,9 @@ def matched(ref: dict, got: dict, box_tol: float, score_tol: float, mask_tol: fl
 
 def torch_detections(model, rgb) -> dict:
     with torch.no_grad():
-        out = model.predict([torch.from_numpy(rgb.transpose(2, 0, 1).copy()).float() / 255], polygons=False)[0]
+        out = model.predict([torch.from_numpy(rgb.transpose(2, 0, 1).copy()).float() / 255], polygons=False)[
+            0
+        ]
     return {k: out[k].float().numpy() for k in ("boxes", "scores", "mask_probs")}
 
 
@@ -104,19 +109,61 @@ def test_infer_engine_onnxruntime_writes_what_torch_writes_and_imports_no_torch(
         Image.fromarray(rgb).save(folder / f"gt_{k + 1}.png")
     common = ["--images", str(folder), "--no-progress", "--score-thr", "0.3", "--no-vis"]
     torch_out, ort_out = tmp_path / "torch", tmp_path / "ort"
-    r = subprocess.run([sys.executable, "-m", "i3cl_core.cli", "infer", "--checkpoint", exported["ckpt"],
-                        "--precision", "fp32", "--workers", "0", "--out", str(torch_out), *common],
-                       capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "i3cl_core.cli",
+            "infer",
+            "--checkpoint",
+            exported["ckpt"],
+            "--precision",
+            "fp32",
+            "--workers",
+            "0",
+            "--out",
+            str(torch_out),
+            *common,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert r.returncode == 0, r.stderr
     # torch made unimportable: the run must not need it; -X importtime lists every module it imports
-    code = ("import sys, runpy; sys.modules['torch'] = None; sys.argv = ['i3cl'] + sys.argv[1:]; "
-            "runpy.run_module('i3cl_core.cli', run_name='__main__')")
-    r = subprocess.run([sys.executable, "-X", "importtime", "-c", code, "infer", "--engine", "onnxruntime",
-                        "--model", str(exported["onnx"]), "--threads", "1", "--out", str(ort_out), *common],
-                       capture_output=True, text=True, cwd=REPO)
+    code = (
+        "import sys, runpy; sys.modules['torch'] = None; sys.argv = ['i3cl'] + sys.argv[1:]; "
+        "runpy.run_module('i3cl_core.cli', run_name='__main__')"
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-c",
+            code,
+            "infer",
+            "--engine",
+            "onnxruntime",
+            "--model",
+            str(exported["onnx"]),
+            "--threads",
+            "1",
+            "--out",
+            str(ort_out),
+            *common,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    imported = [line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")]
-    assert "onnxruntime" in imported and not [m for m in imported if m.split(".")[0] in ("torch", "torchvision")]
+    imported = [
+        line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")
+    ]
+    assert "onnxruntime" in imported and not [
+        m for m in imported if m.split(".")[0] in ("torch", "torchvision")
+    ]
     a = json.loads((torch_out / "results.json").read_text())
     b = json.loads((ort_out / "results.json").read_text())
     assert a and abs(len(a) - len(b)) <= 1
@@ -156,18 +203,37 @@ def test_bad_model_files_and_options_are_refused_clearly(exported, tmp_path):
     with pytest.raises(CheckpointError, match="no such ONNX file"):
         OnnxDetector(tmp_path / "missing.onnx")
     # a valid ONNX model that is not an i3cl export
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     other = tmp_path / "other.onnx"
     onnx.save(helper.make_model(graph), str(other))
     with pytest.raises(CheckpointError, match="not an i3cl export"):
         OnnxDetector(other)
     # the CLI: a model without --engine onnxruntime, and a truncated file, end with one line each
-    for args, expect in (([f"--model={exported['onnx']}"], "needs --engine onnxruntime"),
-                         (["--engine", "onnxruntime", f"--model={truncated}"], "truncated, corrupt")):
-        r = subprocess.run([sys.executable, "-m", "i3cl_core.cli", "infer", *args, "--images", str(tmp_path),
-                            "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO)
+    for args, expect in (
+        ([f"--model={exported['onnx']}"], "needs --engine onnxruntime"),
+        (["--engine", "onnxruntime", f"--model={truncated}"], "truncated, corrupt"),
+    ):
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "i3cl_core.cli",
+                "infer",
+                *args,
+                "--images",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
         assert r.returncode != 0 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
@@ -178,7 +244,10 @@ def test_an_unexportable_part_is_named(exported, tmp_path, monkeypatch):
     original = intra_cl.IntraCL.forward
 
     def with_unexportable_op(self, x):  # an operator without an ONNX translation
-        return original(self, x) + torch.special.zeta(torch.ones_like(x[:, :1]) * 2, torch.ones_like(x[:, :1])) * 0
+        return (
+            original(self, x)
+            + torch.special.zeta(torch.ones_like(x[:, :1]) * 2, torch.ones_like(x[:, :1])) * 0
+        )
 
     monkeypatch.setattr(intra_cl.IntraCL, "forward", with_unexportable_op)
     with pytest.raises(ExportError, match="the backbone, FPN or IntraCL"):
@@ -193,8 +262,10 @@ def test_r50_config_exports(tmp_path):
     from i3cl_core.model.checkpoint import save_checkpoint
     from i3cl_core.model.detector import build_model
 
-    cfg = load_config(REPO / "configs" / "i3cl_r50" / "pretrain.yaml",
-                      ["model.backbone.weights=null", "model.test_short_side=320", "model.test_long_side=480"])
+    cfg = load_config(
+        REPO / "configs" / "i3cl_r50" / "pretrain.yaml",
+        ["model.backbone.weights=null", "model.test_short_side=320", "model.test_long_side=480"],
+    )
     torch.manual_seed(0)
     ckpt = save_checkpoint(tmp_path / "r50.pth", build_model(cfg).eval(), cfg)
     s = export_onnx(ckpt, tmp_path / "r50.onnx")
@@ -212,8 +283,17 @@ def test_an_exported_model_joins_the_ensemble_next_to_its_checkpoint(exported, t
     folder.mkdir()
     for k, rgb in enumerate(synth_images([(256, 256), (300, 200), (200, 300)], seed=11)):
         Image.fromarray(rgb).save(folder / f"u_{k}.png")
-    s = run_ensemble([exported["ckpt"], str(exported["onnx"])], str(folder), tmp_path / "ens", shard_size=2,
-                     devices=["cpu"], precision="fp32", progress=False, batch_size=1, loader_workers=0)
+    s = run_ensemble(
+        [exported["ckpt"], str(exported["onnx"])],
+        str(folder),
+        tmp_path / "ens",
+        shard_size=2,
+        devices=["cpu"],
+        precision="fp32",
+        progress=False,
+        batch_size=1,
+        loader_workers=0,
+    )
     assert s["models"][1]["model"] == "model" and s["models"][1]["computed"] == 2
     by_member = []
     for member in s["members"]:
@@ -223,12 +303,21 @@ def test_an_exported_model_joins_the_ensemble_next_to_its_checkpoint(exported, t
         by_member.append(results)
     torch_results, onnx_results = by_member
     assert torch_results and abs(len(torch_results) - len(onnx_results)) <= 1
-    close = sum(any(y["image_id"] == x["image_id"] and abs(y["score"] - x["score"]) <= 1e-4 for y in onnx_results)
-                for x in torch_results)
+    close = sum(
+        any(y["image_id"] == x["image_id"] and abs(y["score"] - x["score"]) <= 1e-4 for y in onnx_results)
+        for x in torch_results
+    )
     assert close >= len(torch_results) - 1
     with pytest.raises(Exception, match="test-time augmentation"):
-        run_ensemble([str(exported["onnx"])], str(folder), tmp_path / "ens_tta", devices=["cpu"], flips=["h"],
-                     progress=False, loader_workers=0)
+        run_ensemble(
+            [str(exported["onnx"])],
+            str(folder),
+            tmp_path / "ens_tta",
+            devices=["cpu"],
+            flips=["h"],
+            progress=False,
+            loader_workers=0,
+        )
 
 
 def test_pipeline_exported_members_are_checked():

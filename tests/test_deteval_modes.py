@@ -5,6 +5,7 @@ sigma/tau tables (written for this test, one statement per rule), and the vector
 agree with it on many random, heavily overlapping tables. Hand-made cases show where ``strict`` (our
 default) and ``official`` differ.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -77,10 +78,16 @@ def reference_official(sigma, tau, tr=0.7, tp=0.6, k=0.8):
 
 def random_tables(rng, n_g, n_d):
     """Overlap-heavy tables: values on the 0.01 grid, many above and near the thresholds, some exact 0."""
-    sigma = np.round(rng.choice([0.0, 0.0, 0.3, 0.6, 0.65, 0.7, 0.71, 0.9, 1.0], size=(n_g, n_d))
-                     * rng.uniform(0.9, 1.1, size=(n_g, n_d)), 2).clip(0, 1)
-    tau = np.round(np.where(sigma > 0, rng.choice([0.2, 0.5, 0.6, 0.61, 0.8, 1.0], size=(n_g, n_d)), 0.0)
-                   * rng.uniform(0.95, 1.05, size=(n_g, n_d)), 2).clip(0, 1)
+    sigma = np.round(
+        rng.choice([0.0, 0.0, 0.3, 0.6, 0.65, 0.7, 0.71, 0.9, 1.0], size=(n_g, n_d))
+        * rng.uniform(0.9, 1.1, size=(n_g, n_d)),
+        2,
+    ).clip(0, 1)
+    tau = np.round(
+        np.where(sigma > 0, rng.choice([0.2, 0.5, 0.6, 0.61, 0.8, 1.0], size=(n_g, n_d)), 0.0)
+        * rng.uniform(0.95, 1.05, size=(n_g, n_d)),
+        2,
+    ).clip(0, 1)
     # a few rows/columns where sigma rounded to 0 but tau did not (tiny detection on a huge GT), and back
     mask = rng.random((n_g, n_d)) < 0.05
     tau = np.where(mask & (sigma == 0), 0.9, tau)
@@ -149,14 +156,28 @@ def test_modes_agree_without_ambiguous_overlaps_and_bad_mode_is_refused():
 def _files(tmp_path, pred_ids):
     import json
 
-    gt = {"images": [{"id": 1, "file_name": "img1.jpg", "width": 200, "height": 100}],
-          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0,
-                           "segmentation": [[0, 0, 100, 0, 100, 20, 0, 20]], "bbox": [0, 0, 100, 20]}],
-          "categories": [{"id": 1, "name": "text"}]}
+    gt = {
+        "images": [{"id": 1, "file_name": "img1.jpg", "width": 200, "height": 100}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "iscrowd": 0,
+                "segmentation": [[0, 0, 100, 0, 100, 20, 0, 20]],
+                "bbox": [0, 0, 100, 20],
+            }
+        ],
+        "categories": [{"id": 1, "name": "text"}],
+    }
     preds = []
     for i in pred_ids:
-        preds.append({"image_id": i, "category_id": 1, "score": 0.9, "segmentation": [[0, 0, 100, 0, 100, 40, 0, 40]]})
-        preds.append({"image_id": i, "category_id": 1, "score": 0.9, "segmentation": [[0, 0, 30, 0, 30, 20, 0, 20]]})
+        preds.append(
+            {"image_id": i, "category_id": 1, "score": 0.9, "segmentation": [[0, 0, 100, 0, 100, 40, 0, 40]]}
+        )
+        preds.append(
+            {"image_id": i, "category_id": 1, "score": 0.9, "segmentation": [[0, 0, 30, 0, 30, 20, 0, 20]]}
+        )
     g, p = tmp_path / "gt.json", tmp_path / "pred.json"
     g.write_text(json.dumps(gt))
     p.write_text(json.dumps(preds))
@@ -171,8 +192,23 @@ def test_cli_deteval_mode(tmp_path, capsys):
     g, p = _files(tmp_path, [1])
     assert main(["evaluate", "--gt", g, "--pred", p, "--protocol", "totaltext", "--json"]) == 0
     strict = json.loads(capsys.readouterr().out)
-    assert main(["evaluate", "--gt", g, "--pred", p, "--protocol", "totaltext", "--json",
-                 "--deteval-mode", "official"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--gt",
+                g,
+                "--pred",
+                p,
+                "--protocol",
+                "totaltext",
+                "--json",
+                "--deteval-mode",
+                "official",
+            ]
+        )
+        == 0
+    )
     official = json.loads(capsys.readouterr().out)
     assert strict["recall"] == 0 and official["recall"] == 1 and official["deteval_mode"] == "official"
 
@@ -223,22 +259,38 @@ def test_export_submission_formats_and_round_trip(tmp_path, capsys):
 
     from i3cl_core.cli import main
 
-    images = {"images": [{"id": 1, "file_name": "img1.jpg", "width": 200, "height": 100},
-                         {"id": 2, "file_name": "sub/img2.jpg", "width": 200, "height": 100}],
-              "annotations": [], "categories": [{"id": 1, "name": "text"}]}
-    preds = [{"image_id": 1, "score": 0.9, "segmentation": [[0.4, 0.6, 100.2, 0, 100, 20, 0, 20]]},
-             {"image_id": 1, "score": 0.2, "segmentation": [[0, 50, 10, 50, 10, 60]]},
-             {"image_id": 1, "score": 0.8, "segmentation": [[5, 5, 5.2, 5.1, 5.4, 4.9]]}]  # collapses to 1 point
+    images = {
+        "images": [
+            {"id": 1, "file_name": "img1.jpg", "width": 200, "height": 100},
+            {"id": 2, "file_name": "sub/img2.jpg", "width": 200, "height": 100},
+        ],
+        "annotations": [],
+        "categories": [{"id": 1, "name": "text"}],
+    }
+    preds = [
+        {"image_id": 1, "score": 0.9, "segmentation": [[0.4, 0.6, 100.2, 0, 100, 20, 0, 20]]},
+        {"image_id": 1, "score": 0.2, "segmentation": [[0, 50, 10, 50, 10, 60]]},
+        {"image_id": 1, "score": 0.8, "segmentation": [[5, 5, 5.2, 5.1, 5.4, 4.9]]},
+    ]  # collapses to 1 point
     (tmp_path / "images.json").write_text(json.dumps(images))
     (tmp_path / "pred.json").write_text(json.dumps(preds))
-    base = ["export-submission", "--pred", str(tmp_path / "pred.json"), "--images", str(tmp_path / "images.json")]
+    base = [
+        "export-submission",
+        "--pred",
+        str(tmp_path / "pred.json"),
+        "--images",
+        str(tmp_path / "images.json"),
+    ]
     assert main(base + ["--format", "totaltext", "--out", str(tmp_path / "tt"), "--score-thr", "0.5"]) == 0
     err = capsys.readouterr().err
     assert "1 polygons had fewer than 3" in err
     assert (tmp_path / "tt" / "img1.txt").read_text() == "1,0,0,100,20,100,20,0\n"  # y first
     assert (tmp_path / "tt" / "img2.txt").read_text() == ""  # every image gets a file
     assert main(base + ["--format", "ctw1500", "--out", str(tmp_path / "ctw")]) == 0
-    assert (tmp_path / "ctw" / "img1.txt").read_text().splitlines() == ["0,1,100,0,100,20,0,20", "0,50,10,50,10,60"]
+    assert (tmp_path / "ctw" / "img1.txt").read_text().splitlines() == [
+        "0,1,100,0,100,20,0,20",
+        "0,50,10,50,10,60",
+    ]
     assert main(base + ["--format", "art", "--out", str(tmp_path / "art")]) == 0
     sub = json.loads((tmp_path / "art" / "submission.json").read_text())
     assert sub["res_img1"][0] == {"points": [[0, 1], [100, 0], [100, 20], [0, 20]], "confidence": 0.9}

@@ -5,6 +5,7 @@ run's outputs consistent until the new ones are complete; a checkpoint that fail
 
 The full disks are small tmpfs mounts (root only; the tests that need one are skipped, saying why, where
 mounting is not allowed)."""
+
 from __future__ import annotations
 
 import errno
@@ -31,7 +32,9 @@ def small_disk(tmp_path):
     mnt.mkdir()
     if shutil.which("mount") is None or shutil.which("umount") is None:
         pytest.skip("no mount/umount command: cannot make a small full file system")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a 2 MiB tmpfs (needs root and permission to mount): {r.stderr.strip()}")
     try:
@@ -62,8 +65,11 @@ def fill(mnt: Path, leave: int = 0) -> Path:
 
 
 def snapshot(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and not any(part in skip for part in p.relative_to(folder).parts)}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not any(part in skip for part in p.relative_to(folder).parts)
+    }
 
 
 # ------------------------------------------------------------------------------------ the write helpers
@@ -73,10 +79,16 @@ def test_atomic_write_that_does_not_fit_names_file_and_size_and_leaves_nothing(s
         atomic_write_bytes(old, b"x" * 3_000_000)
     e = info.value
     assert str(e).startswith(f"cannot write {old} (3.0 MB): {ENOSPC}"), str(e)
-    assert isinstance(e, OSError) and e.errno == errno.ENOSPC and e.filename == str(old) and e.size == 3_000_000
-    assert os.listdir(small_disk) == ["results.json"] and old.read_bytes() == b"[]"  # old file kept, no temp file
+    assert (
+        isinstance(e, OSError) and e.errno == errno.ENOSPC and e.filename == str(old) and e.size == 3_000_000
+    )
+    assert (
+        os.listdir(small_disk) == ["results.json"] and old.read_bytes() == b"[]"
+    )  # old file kept, no temp file
     # a new file (json) that does not fit: not there afterwards, nor its temporary file
-    with pytest.raises(WriteError, match=rf"cannot write {small_disk / 'sub' / 'big.json'} \(2\.\d MB\): {ENOSPC}"):
+    with pytest.raises(
+        WriteError, match=rf"cannot write {small_disk / 'sub' / 'big.json'} \(2\.\d MB\): {ENOSPC}"
+    ):
         atomic_write_json(small_disk / "sub" / "big.json", ["y" * 1_000_000, "z" * 1_200_000])
     assert os.listdir(small_disk / "sub") == []
     # an append that does not fit is cut off again: the file holds what it held
@@ -105,14 +117,34 @@ def test_fuse_into_a_full_disk_is_a_one_line_error(small_disk, tmp_path, capsys)
 
     images = [{"id": i, "file_name": f"u_{i}.jpg", "width": 320, "height": 240} for i in (1, 2)]
     (tmp_path / "images.json").write_text(json.dumps({"images": images, "annotations": []}))
-    preds = [{"image_id": i, "category_id": 1, "score": 0.9,
-              "segmentation": [[10 + i, 10, 110, 10, 110, 40, 10 + i, 40]]} for i in (1, 2)]
+    preds = [
+        {
+            "image_id": i,
+            "category_id": 1,
+            "score": 0.9,
+            "segmentation": [[10 + i, 10, 110, 10, 110, 40, 10 + i, 40]],
+        }
+        for i in (1, 2)
+    ]
     (tmp_path / "a.json").write_text(json.dumps(preds))
     out = small_disk / "pseudo" / "train_lossweight.json"
     out.parent.mkdir()
     fill(small_disk)
-    rc = main(["fuse", "--predictions", str(tmp_path / "a.json"), str(tmp_path / "a.json"), "--images",
-               str(tmp_path / "images.json"), "--out", str(out), "--no-progress", "--set", "fuse.auto_keep_thr=false"])
+    rc = main(
+        [
+            "fuse",
+            "--predictions",
+            str(tmp_path / "a.json"),
+            str(tmp_path / "a.json"),
+            "--images",
+            str(tmp_path / "images.json"),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--set",
+            "fuse.auto_keep_thr=false",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and f"i3cl fuse: error: cannot write {out} (" in err and ENOSPC in err, err
     assert "Traceback" not in err and os.listdir(out.parent) == []
@@ -121,8 +153,8 @@ def test_fuse_into_a_full_disk_is_a_one_line_error(small_disk, tmp_path, capsys)
 # ------------------------------------------------------------------------------------ infer
 def test_infer_into_a_full_disk_keeps_the_previous_run_consistent(small_disk, tmp_path, capsys):
     import cv2
-
     from conftest import random_teachers
+
     from i3cl_core.cli import main
 
     ckpt = random_teachers(tmp_path / "t", side=128, seeds=(0,))["teacher_0"]
@@ -132,8 +164,23 @@ def test_infer_into_a_full_disk_keeps_the_previous_run_consistent(small_disk, tm
     for k in range(2):
         cv2.imwrite(str(folder / f"gt_{k + 1}.jpg"), rng.integers(0, 255, (128, 128, 3), dtype=np.uint8))
     out = small_disk / "out"
-    args = ["infer", "--checkpoint", ckpt, "--images", str(folder), "--out", str(out), "--no-progress", "--workers",
-            "0", "--device", "cpu", "--no-vis", "--precision", "fp32"]
+    args = [
+        "infer",
+        "--checkpoint",
+        ckpt,
+        "--images",
+        str(folder),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-vis",
+        "--precision",
+        "fp32",
+    ]
     assert main(args + ["--score-thr", "0.0"]) == 0
     capsys.readouterr()
     before = snapshot(out)
@@ -180,15 +227,31 @@ def test_failed_checkpoint_then_resume_leaves_one_metrics_row_per_step(tmp_path,
     train = generate_dataset(tmp_path / "train", 2, seed=11, size=(128, 128), progress=False, cjk=False)
     val = generate_dataset(tmp_path / "val", 1, seed=12, size=(128, 128), progress=False, cjk=False)
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "_base_": str(REPO / "configs" / "demo" / "tiny_model.yaml"),
-        "data": {"train": [{"ann_file": train["ann_file"], "img_root": train["img_root"]}],
-                 "val": {"ann_file": val["ann_file"], "img_root": val["img_root"]}, "num_workers": 0,
-                 "augment": {"scales": [[128, 128]], "flip": "none"}},
-        "model": {"test_short_side": 128, "test_long_side": 128},
-        "train": {"epochs": 2, "batch_size": 2, "lr": 0.001, "warmup_iters": 0, "lr_steps": [2], "log_interval": 1,
-                  "eval_interval": 1, "seed": 3, "device": "cpu"},
-    }))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "_base_": str(REPO / "configs" / "demo" / "tiny_model.yaml"),
+                "data": {
+                    "train": [{"ann_file": train["ann_file"], "img_root": train["img_root"]}],
+                    "val": {"ann_file": val["ann_file"], "img_root": val["img_root"]},
+                    "num_workers": 0,
+                    "augment": {"scales": [[128, 128]], "flip": "none"},
+                },
+                "model": {"test_short_side": 128, "test_long_side": 128},
+                "train": {
+                    "epochs": 2,
+                    "batch_size": 2,
+                    "lr": 0.001,
+                    "warmup_iters": 0,
+                    "lr_steps": [2],
+                    "log_interval": 1,
+                    "eval_interval": 1,
+                    "seed": 3,
+                    "device": "cpu",
+                },
+            }
+        )
+    )
     wd = tmp_path / "w"
     real_fsync, failed = os.fsync, []
 
@@ -205,7 +268,9 @@ def test_failed_checkpoint_then_resume_leaves_one_metrics_row_per_step(tmp_path,
     ckpt = wd / "checkpoints" / "epoch_2.pth"
     assert f"i3cl train: error: cannot write {ckpt} (" in err and f"MB): {ENOSPC}" in err, err
     names = sorted(os.listdir(wd / "checkpoints"))
-    assert "epoch_1.pth" in names and "epoch_2.pth" not in names and not [n for n in names if n.startswith(".")], names
+    assert (
+        "epoch_1.pth" in names and "epoch_2.pth" not in names and not [n for n in names if n.startswith(".")]
+    ), names
 
     def rows() -> list[dict]:
         return [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]

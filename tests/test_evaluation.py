@@ -4,6 +4,7 @@ Geometry is built here from the case descriptions. Expected numbers are the tabl
 (``curved`` / ``mm-van``) for art/ctw1500/icdar2015 and ``dtv.7/.6`` for totaltext, except where our documented
 choices differ (see the comments on cases 06 and 07, and docs/evaluation.md).
 """
+
 from __future__ import annotations
 
 import json
@@ -57,11 +58,17 @@ def test_case01_perfect():
 
 def test_case02_split():
     gt = {1: [(box(0, 0, 100, 20), False)], 2: [(box(0, 0, 100, 20), False)]}
-    pred = {1: [(box(0, 0, 50, 20), 0.9), (box(50, 0, 100, 20), 0.9)],
-            2: [(box(0, 0, 60, 20), 0.9), (box(60, 0, 100, 20), 0.9)]}
+    pred = {
+        1: [(box(0, 0, 50, 20), 0.9), (box(50, 0, 100, 20), 0.9)],
+        2: [(box(0, 0, 60, 20), 0.9), (box(60, 0, 100, 20), 0.9)],
+    }
     check(gt, pred, (0.25, 0.5), (0.8, 0.8))
     r = evaluate_polygons(gt, pred, "totaltext")
-    assert r["num_split"] == 2 and r["recall_credit"] == pytest.approx(1.6) and r["precision_credit"] == pytest.approx(3.2)
+    assert (
+        r["num_split"] == 2
+        and r["recall_credit"] == pytest.approx(1.6)
+        and r["precision_credit"] == pytest.approx(3.2)
+    )
 
 
 def test_case03_merge():
@@ -73,10 +80,14 @@ def test_case03_merge():
 
 def test_case04_dontcare_detections():
     gt = {1: [(box(0, 0, 100, 20), False), (box(0, 100, 400, 300), True)]}
-    pred = {1: [(box(0, 0, 100, 20), 0.9),      # exact care
-                (box(0, 100, 400, 300), 0.9),   # exact DC -> DC
-                (box(10, 110, 30, 130), 0.9),   # small box inside DC -> DC
-                (box(360, 150, 460, 200), 0.9)]}  # 40 % inside DC -> care false positive
+    pred = {
+        1: [
+            (box(0, 0, 100, 20), 0.9),  # exact care
+            (box(0, 100, 400, 300), 0.9),  # exact DC -> DC
+            (box(10, 110, 30, 130), 0.9),  # small box inside DC -> DC
+            (box(360, 150, 460, 200), 0.9),
+        ]
+    }  # 40 % inside DC -> care false positive
     check(gt, pred, (0.5, 1), (0.5, 1))
     for p in ALL:
         r = evaluate_polygons(gt, pred, p)
@@ -112,7 +123,10 @@ def test_case07_two_point_detection_is_false_positive():
 
 def _case08(first):
     a, b = box(0, 0, 100, 20), box(0, 5, 100, 25)
-    d1, d2 = box(0, 2.5, 100, 22.5), box(0, 0, 100, 15)  # d1: IoU .78 with A and B; d2: .75 with A, .40 with B
+    d1, d2 = (
+        box(0, 2.5, 100, 22.5),
+        box(0, 0, 100, 15),
+    )  # d1: IoU .78 with A and B; d2: .75 with A, .40 with B
     gt = {1: [(a, False), (b, False)]}
     return gt, d1, d2
 
@@ -134,8 +148,14 @@ def test_case08_greedy_order_by_confidence():
 
 def test_case09_duplicate_and_low_score():
     gt = {1: [(box(0, 0, 100, 20), False), (box(200, 0, 300, 20), False)]}
-    pred = {1: [(box(0, 0, 100, 20), 0.9), (box(200, 0, 300, 20), 0.9), (box(2, 0, 102, 20), 0.8),
-                (box(500, 500, 600, 520), 0.35)]}
+    pred = {
+        1: [
+            (box(0, 0, 100, 20), 0.9),
+            (box(200, 0, 300, 20), 0.9),
+            (box(2, 0, 102, 20), 0.8),
+            (box(500, 500, 600, 520), 0.35),
+        ]
+    }
     check(gt, pred, (0.5, 1), (0.65, 0.9))
     # a threshold above 0.35 removes the false positive (mmocr sweep column: .67/1)
     assert pr(gt, pred, "art", score_thr=0.4) == (0.67, 1)
@@ -143,12 +163,25 @@ def test_case09_duplicate_and_low_score():
 
 def _case10_files(tmp_path):
     curved, quad, illegible = arc(), box(300, 50, 400, 80), box(10, 300, 100, 330)
-    gt = {"gt_1": [
-        {"points": curved.tolist(), "transcription": "CURVED", "language": "Latin", "illegibility": False},
-        {"points": quad.tolist(), "transcription": "WORD", "language": "Latin", "illegibility": False},
-        {"points": illegible.tolist(), "transcription": "###", "language": "Latin", "illegibility": True}]}
-    res = {"res_1": [{"points": curved.tolist(), "confidence": 0.9}, {"points": quad.tolist(), "confidence": 0.8},
-                     {"points": curved.tolist(), "confidence": 0.2}]}
+    gt = {
+        "gt_1": [
+            {
+                "points": curved.tolist(),
+                "transcription": "CURVED",
+                "language": "Latin",
+                "illegibility": False,
+            },
+            {"points": quad.tolist(), "transcription": "WORD", "language": "Latin", "illegibility": False},
+            {"points": illegible.tolist(), "transcription": "###", "language": "Latin", "illegibility": True},
+        ]
+    }
+    res = {
+        "res_1": [
+            {"points": curved.tolist(), "confidence": 0.9},
+            {"points": quad.tolist(), "confidence": 0.8},
+            {"points": curved.tolist(), "confidence": 0.2},
+        ]
+    }
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     (tmp_path / "res.json").write_text(json.dumps(res))
     return tmp_path / "gt.json", tmp_path / "res.json"
@@ -193,8 +226,15 @@ def test_invalid_detections_are_false_positives():
     gt = {1: [(box(0, 0, 100, 20), False)]}
     nan_box = box(0, 0, 100, 20)
     nan_box[1, 0] = math.nan
-    pred = {1: [(box(0, 0, 100, 20), 0.9), (np.array([[0.0, 0.0], [5.0, 5.0]]), 0.9), (nan_box, 0.9),
-                (np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]), 0.9), (np.zeros((0, 2)), 0.9)]}
+    pred = {
+        1: [
+            (box(0, 0, 100, 20), 0.9),
+            (np.array([[0.0, 0.0], [5.0, 5.0]]), 0.9),
+            (nan_box, 0.9),
+            (np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]), 0.9),
+            (np.zeros((0, 2)), 0.9),
+        ]
+    }
     for p in ALL:
         r = evaluate_polygons(gt, pred, p)
         assert r["num_invalid_det"] == 4 and r["num_det_care"] == 5, p
@@ -212,7 +252,11 @@ def test_unknown_images_reported():
     gt = {1: [(box(0, 0, 10, 10), False)]}
     pred = {1: [(box(0, 0, 10, 10), 0.9)], 7: [(box(0, 0, 10, 10), 0.9)] * 3, 8: [(box(0, 0, 1, 1), 0.1)]}
     r = evaluate_polygons(gt, pred, "art")
-    assert r["num_unknown_images"] == 2 and r["num_unknown_predictions"] == 4 and r["unknown_image_ids"] == [7, 8]
+    assert (
+        r["num_unknown_images"] == 2
+        and r["num_unknown_predictions"] == 4
+        and r["unknown_image_ids"] == [7, 8]
+    )
     assert r["precision"] == 1 and r["recall"] == 1
 
 
@@ -260,7 +304,9 @@ def _naive_rrc(gt, pred, thr=0.5):
         gpolys = [(shapely.Polygon(p), dc) for p, dc in gts]
         dets = sorted(pred.get(key, []), key=lambda t: -t[1])
         dpolys = [shapely.Polygon(p) for p, _ in dets]
-        care_d = [d for d in dpolys if not any(dc and d.intersection(g).area / d.area > thr for g, dc in gpolys)]
+        care_d = [
+            d for d in dpolys if not any(dc and d.intersection(g).area / d.area > thr for g, dc in gpolys)
+        ]
         used = [False] * len(care_d)
         ng += sum(not dc for _, dc in gpolys)
         nd += len(care_d)
@@ -294,17 +340,48 @@ def _coco_gt(tmp_path):
     rle = mask_utils.encode(np.asfortranarray(np.pad(np.ones((20, 40), np.uint8), ((10, 70), (100, 60)))))
     rle["counts"] = rle["counts"].decode("ascii")
     data = {
-        "images": [{"id": 5, "file_name": "train/gt_5.jpg", "width": 200, "height": 100},
-                   {"id": 9, "file_name": "train/gt_9.jpg", "width": 200, "height": 100}],
+        "images": [
+            {"id": 5, "file_name": "train/gt_5.jpg", "width": 200, "height": 100},
+            {"id": 9, "file_name": "train/gt_9.jpg", "width": 200, "height": 100},
+        ],
         "annotations": [
-            {"id": 1, "image_id": 5, "category_id": 1, "segmentation": [box(0, 0, 50, 20).ravel().tolist()],
-             "bbox": [0, 0, 50, 20], "iscrowd": 0, "area": 1000},
-            {"id": 2, "image_id": 5, "category_id": 1, "segmentation": [box(0, 50, 80, 90).ravel().tolist()],
-             "bbox": [0, 50, 80, 40], "iscrowd": 0, "ignore": True, "area": 3200},
-            {"id": 3, "image_id": 9, "category_id": 1, "segmentation": rle, "bbox": [100, 10, 40, 20],
-             "iscrowd": 0, "area": 800},
-            {"id": 4, "image_id": 9, "category_id": 1, "segmentation": [box(0, 50, 30, 60).ravel().tolist()],
-             "bbox": [0, 50, 30, 10], "iscrowd": 1, "area": 300},
+            {
+                "id": 1,
+                "image_id": 5,
+                "category_id": 1,
+                "segmentation": [box(0, 0, 50, 20).ravel().tolist()],
+                "bbox": [0, 0, 50, 20],
+                "iscrowd": 0,
+                "area": 1000,
+            },
+            {
+                "id": 2,
+                "image_id": 5,
+                "category_id": 1,
+                "segmentation": [box(0, 50, 80, 90).ravel().tolist()],
+                "bbox": [0, 50, 80, 40],
+                "iscrowd": 0,
+                "ignore": True,
+                "area": 3200,
+            },
+            {
+                "id": 3,
+                "image_id": 9,
+                "category_id": 1,
+                "segmentation": rle,
+                "bbox": [100, 10, 40, 20],
+                "iscrowd": 0,
+                "area": 800,
+            },
+            {
+                "id": 4,
+                "image_id": 9,
+                "category_id": 1,
+                "segmentation": [box(0, 50, 30, 60).ravel().tolist()],
+                "bbox": [0, 50, 30, 10],
+                "iscrowd": 1,
+                "area": 300,
+            },
         ],
         "categories": [{"id": 1, "name": "text"}],
     }
@@ -317,9 +394,19 @@ def test_coco_gt_and_coco_results(tmp_path):
     gpath = _coco_gt(tmp_path)
     results = [
         {"image_id": 5, "category_id": 1, "segmentation": [box(0, 0, 50, 20).ravel().tolist()], "score": 0.9},
-        {"image_id": 5, "category_id": 1, "segmentation": [box(5, 55, 70, 85).ravel().tolist()], "score": 0.9},
+        {
+            "image_id": 5,
+            "category_id": 1,
+            "segmentation": [box(5, 55, 70, 85).ravel().tolist()],
+            "score": 0.9,
+        },
         {"image_id": 9, "category_id": 1, "bbox": [100, 10, 40, 20], "score": 0.8},
-        {"image_id": 9, "category_id": 1, "segmentation": [box(150, 60, 190, 90).ravel().tolist()], "score": 0.3},
+        {
+            "image_id": 9,
+            "category_id": 1,
+            "segmentation": [box(150, 60, 190, 90).ravel().tolist()],
+            "score": 0.3,
+        },
         {"image_id": 42, "category_id": 1, "segmentation": [box(0, 0, 5, 5).ravel().tolist()], "score": 0.3},
     ]
     ppath = tmp_path / "res.json"
@@ -341,9 +428,11 @@ def test_coco_gt_and_coco_results(tmp_path):
 
 def test_coco_gt_with_art_predictions(tmp_path):
     gpath = _coco_gt(tmp_path)
-    res = {"res_5": [{"points": box(0, 0, 50, 20).tolist(), "confidence": 0.9}],
-           "res_009": [{"points": box(100, 10, 140, 30).tolist(), "confidence": 0.9}],
-           "res_77": []}
+    res = {
+        "res_5": [{"points": box(0, 0, 50, 20).tolist(), "confidence": 0.9}],
+        "res_009": [{"points": box(100, 10, 140, 30).tolist(), "confidence": 0.9}],
+        "res_77": [],
+    }
     ppath = tmp_path / "res.json"
     ppath.write_text(json.dumps(res))
     gt = load_ground_truth(gpath)
@@ -356,19 +445,31 @@ def test_art_gt_with_coco_results(tmp_path):
     g, _ = _case10_files(tmp_path)
     gt = load_ground_truth(g)
     ppath = tmp_path / "coco_res.json"
-    ppath.write_text(json.dumps([{"image_id": 1, "segmentation": [arc().ravel().tolist()], "score": 1.0},
-                                 {"image_id": 1, "bbox": [300, 50, 100, 30], "score": 1.0}]))
+    ppath.write_text(
+        json.dumps(
+            [
+                {"image_id": 1, "segmentation": [arc().ravel().tolist()], "score": 1.0},
+                {"image_id": 1, "bbox": [300, 50, 100, 30], "score": 1.0},
+            ]
+        )
+    )
     r = evaluate(gt, load_predictions(ppath, gt), "art")
     assert (r["precision"], r["recall"]) == (1, 1)
 
 
-@pytest.mark.parametrize("content, needle", [
-    ("{not json", "malformed JSON at line 1"),
-    ('{"foo": 1}', "not a COCO dataset"),
-    ('{"gt_1": [{"points": [["a", 1], [2, 3], [4, 5]]}]}', "gt_1[0]"),
-    ('{"gt_1": [{"transcription": "x"}]}', "gt_1[0]"),
-    ('{"images": [{"id": 1}], "annotations": [{"id": 3, "image_id": 2, "bbox": [0, 0, 1, 1]}]}', "annotation 3"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ("{not json", "malformed JSON at line 1"),
+        ('{"foo": 1}', "not a COCO dataset"),
+        ('{"gt_1": [{"points": [["a", 1], [2, 3], [4, 5]]}]}', "gt_1[0]"),
+        ('{"gt_1": [{"transcription": "x"}]}', "gt_1[0]"),
+        (
+            '{"images": [{"id": 1}], "annotations": [{"id": 3, "image_id": 2, "bbox": [0, 0, 1, 1]}]}',
+            "annotation 3",
+        ),
+    ],
+)
 def test_malformed_gt_names_file_and_entry(tmp_path, content, needle):
     path = tmp_path / "bad.json"
     path.write_text(content)
@@ -406,13 +507,19 @@ def test_cli_json_output_parses(tmp_path, capsys):
 
     g, r = _case10_files(tmp_path)
     out = tmp_path / "eval" / "metrics.json"
-    assert main(["evaluate", "--gt", str(g), "--pred", str(r), "--protocol", "all", "--json", "--out", str(out)]) == 0
+    assert (
+        main(["evaluate", "--gt", str(g), "--pred", str(r), "--protocol", "all", "--json", "--out", str(out)])
+        == 0
+    )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert [o["protocol"] for o in lines] == ["art", "totaltext", "ctw1500", "icdar2015"]
     assert round(lines[0]["hmean"], 4) == 0.8
     assert json.loads(out.read_text()) == lines
 
-    assert main(["evaluate", "--gt", str(g), "--pred", str(r), "--protocol", "totaltext", "--json", "--sweep"]) == 0
+    assert (
+        main(["evaluate", "--gt", str(g), "--pred", str(r), "--protocol", "totaltext", "--json", "--sweep"])
+        == 0
+    )
     obj = json.loads(capsys.readouterr().out)
     assert obj["best"]["best"] is True and len(obj["sweep"]) == 19
 
@@ -464,19 +571,39 @@ def test_cli_warns_when_one_file_name_has_two_ids(tmp_path, capsys):
     """One picture listed twice (same file_name, two ids) is scored twice: evaluate says so, naming both ids."""
     from i3cl_core.cli import main
 
-    g = {"images": [{"id": 1, "file_name": "a.jpg", "width": 200, "height": 100},
-                    {"id": 7, "file_name": "a.jpg", "width": 200, "height": 100},
-                    {"id": 8, "file_name": "b.jpg", "width": 200, "height": 100}],
-         "annotations": [{"id": k, "image_id": i, "category_id": 1, "iscrowd": 0,
-                          "segmentation": [box(0, 0, 50, 20).ravel().tolist()]} for k, i in ((1, 1), (2, 7), (3, 8))],
-         "categories": [{"id": 1, "name": "text"}]}
+    g = {
+        "images": [
+            {"id": 1, "file_name": "a.jpg", "width": 200, "height": 100},
+            {"id": 7, "file_name": "a.jpg", "width": 200, "height": 100},
+            {"id": 8, "file_name": "b.jpg", "width": 200, "height": 100},
+        ],
+        "annotations": [
+            {
+                "id": k,
+                "image_id": i,
+                "category_id": 1,
+                "iscrowd": 0,
+                "segmentation": [box(0, 0, 50, 20).ravel().tolist()],
+            }
+            for k, i in ((1, 1), (2, 7), (3, 8))
+        ],
+        "categories": [{"id": 1, "name": "text"}],
+    }
     (tmp_path / "gt.json").write_text(json.dumps(g))
-    (tmp_path / "res.json").write_text(json.dumps([{"image_id": i, "segmentation": [box(0, 0, 50, 20).ravel().tolist()],
-                                                    "score": 0.9} for i in (1, 8)]))
+    (tmp_path / "res.json").write_text(
+        json.dumps(
+            [
+                {"image_id": i, "segmentation": [box(0, 0, 50, 20).ravel().tolist()], "score": 0.9}
+                for i in (1, 8)
+            ]
+        )
+    )
     assert load_ground_truth(tmp_path / "gt.json").duplicate_file_names == [("a.jpg", 1, 7)]
     assert main(["evaluate", "--gt", str(tmp_path / "gt.json"), "--pred", str(tmp_path / "res.json")]) == 0
     err = capsys.readouterr().err
     assert "1 image(s) listed twice under two ids ('a.jpg' has ids 1 and 7)" in err and "gt.json" in err
-    art_gt, art_res = _case10_files(tmp_path)  # ArT ground truth: names come from unique keys, nothing to warn about
+    art_gt, art_res = _case10_files(
+        tmp_path
+    )  # ArT ground truth: names come from unique keys, nothing to warn about
     assert main(["evaluate", "--gt", str(art_gt), "--pred", str(art_res)]) == 0
     assert "listed twice" not in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Prefect orchestration: a real local server, the served deployments, caching across runs,
 cancellation without orphans, parameter validation; plus the stage helpers without a server."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ensemble_work_dir, random_teachers
 
 from i3cl_core.stages import PIPELINE_VERSION, PipelineError, check_work_dir, fingerprint, require
-from conftest import ensemble_work_dir, random_teachers
 from i3cl_core.variants import current_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,10 +53,23 @@ def test_a_planted_result_record_is_refused_before_any_task_reads_it(tmp_path):
     wd = check_work_dir(tmp_path / "run")
     records = wd / ".prefect-results"
     records.mkdir()
-    good = {"metadata": {"storage_key": "k", "expiration": None, "serializer": {
-        "type": "json", "jsonlib": "json", "object_encoder": "prefect.serializers.prefect_json_object_encoder",
-        "object_decoder": "prefect.serializers.prefect_json_object_decoder", "dumps_kwargs": {}, "loads_kwargs": {}},
-        "prefect_version": "3.9.1", "storage_block_id": None}, "result": json.dumps({"shard": 0, "detections": 3})}
+    good = {
+        "metadata": {
+            "storage_key": "k",
+            "expiration": None,
+            "serializer": {
+                "type": "json",
+                "jsonlib": "json",
+                "object_encoder": "prefect.serializers.prefect_json_object_encoder",
+                "object_decoder": "prefect.serializers.prefect_json_object_decoder",
+                "dumps_kwargs": {},
+                "loads_kwargs": {},
+            },
+            "prefect_version": "3.9.1",
+            "storage_block_id": None,
+        },
+        "result": json.dumps({"shard": 0, "detections": 3}),
+    }
     (records / "aaa").write_text(json.dumps(good))
     check_work_dir(wd)  # our own kind of record passes
 
@@ -66,16 +80,26 @@ def test_a_planted_result_record_is_refused_before_any_task_reads_it(tmp_path):
             return (open, (str(marker), "w"))
 
     planted = json.loads(json.dumps(good))
-    planted["metadata"]["serializer"] = {"type": "pickle", "picklelib": "cloudpickle", "picklelib_version": None}
+    planted["metadata"]["serializer"] = {
+        "type": "pickle",
+        "picklelib": "cloudpickle",
+        "picklelib_version": None,
+    }
     planted["result"] = base64.b64encode(pickle.dumps(Payload())).decode()
     foreign_decoder = json.loads(json.dumps(good))
     foreign_decoder["metadata"]["serializer"]["object_decoder"] = "subprocess.Popen"
     a_class = json.loads(json.dumps(good))
     a_class["result"] = json.dumps({"__class__": "subprocess.Popen", "data": ["touch", str(marker)]})
-    for name, rec, why in (("bbb", planted, "serializer is 'pickle'"), ("ccc", foreign_decoder, "subprocess.Popen"),
-                           ("ddd", a_class, "names a Python class"), ("eee", "not json", "not a JSON result record")):
+    for name, rec, why in (
+        ("bbb", planted, "serializer is 'pickle'"),
+        ("ccc", foreign_decoder, "subprocess.Popen"),
+        ("ddd", a_class, "names a Python class"),
+        ("eee", "not json", "not a JSON result record"),
+    ):
         (records / name).write_text(rec if isinstance(rec, str) else json.dumps(rec))
-        with pytest.raises(PipelineError, match=f"{name}: a task-result record this pipeline did not write: .*{why}"):
+        with pytest.raises(
+            PipelineError, match=f"{name}: a task-result record this pipeline did not write: .*{why}"
+        ):
             check_work_dir(wd, create=False)
         (records / name).unlink()
     assert not marker.exists()
@@ -99,10 +123,12 @@ def _descendants(pid: int) -> list[int]:
 def test_run_streaming_streams_and_cancels_the_whole_group(tmp_path):
     from flows.runner import run_streaming
 
-    script = "import subprocess, sys, time\n" \
-             "kids = [subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']) for _ in range(2)]\n" \
-             "print('epoch 1/2 iter 1/4 loss 1.0', flush=True)\n" \
-             "time.sleep(300)\n"
+    script = (
+        "import subprocess, sys, time\n"
+        "kids = [subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']) for _ in range(2)]\n"
+        "print('epoch 1/2 iter 1/4 loss 1.0', flush=True)\n"
+        "time.sleep(300)\n"
+    )
     lines, progress = [], []
     flag = {"cancel": False}
     start = time.time()
@@ -120,47 +146,83 @@ def test_run_streaming_streams_and_cancels_the_whole_group(tmp_path):
         return flag["cancel"]
 
     with pytest.raises(RuntimeError, match="cancelled"):
-        run_streaming([sys.executable, "-c", script], log_line, cancelled=cancelled, on_progress=progress.append, poll=0.5)
+        run_streaming(
+            [sys.executable, "-c", script],
+            log_line,
+            cancelled=cancelled,
+            on_progress=progress.append,
+            poll=0.5,
+        )
     assert time.time() - start < 15
     assert lines == ["epoch 1/2 iter 1/4 loss 1.0"] and progress == [pytest.approx(1 / 8)]
     time.sleep(0.5)
-    alive = [p for p in pids_seen if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]]
+    alive = [
+        p
+        for p in pids_seen
+        if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]
+    ]
     assert len(pids_seen) >= 3 and alive == []
 
 
 # ------------------------------------------------------------------------------------ real server
-TINY = ["train.epochs=1", "train.iters_per_epoch=null", "train.batch_size=2", "train.warmup_iters=2", "train.log_interval=1", "data.num_workers=0",
-        "model.test_short_side=128", "model.test_long_side=160", "data.augment.scales=[[112, 160]]"]
+TINY = [
+    "train.epochs=1",
+    "train.iters_per_epoch=null",
+    "train.batch_size=2",
+    "train.warmup_iters=2",
+    "train.log_interval=1",
+    "data.num_workers=0",
+    "model.test_short_side=128",
+    "model.test_long_side=160",
+    "data.augment.scales=[[112, 160]]",
+]
 
 
-def tiny_params(work_dir: Path, demo_dir: Path, keep_thr: float = 0.3, teachers=("teacher_a", "teacher_c")) -> dict:
+def tiny_params(
+    work_dir: Path, demo_dir: Path, keep_thr: float = 0.3, teachers=("teacher_a", "teacher_c")
+) -> dict:
     return {
         "work_dir": str(work_dir),
-        "data": {"demo_dir": str(demo_dir), "demo_size": 128, "demo_train": 6, "demo_unlabeled": 4, "demo_test": 3,
-                 "demo_val": 3},
-        "train": {"teachers": [{"name": t, "config": f"configs/demo/{t}.yaml"} for t in teachers],
-                  "student": {"name": "student", "config": "configs/demo/student.yaml"}, "overrides": TINY},
+        "data": {
+            "demo_dir": str(demo_dir),
+            "demo_size": 128,
+            "demo_train": 6,
+            "demo_unlabeled": 4,
+            "demo_test": 3,
+            "demo_val": 3,
+        },
+        "train": {
+            "teachers": [{"name": t, "config": f"configs/demo/{t}.yaml"} for t in teachers],
+            "student": {"name": "student", "config": "configs/demo/student.yaml"},
+            "overrides": TINY,
+        },
         "infer": {"shard_size": 2, "devices": ["cpu", "cpu"]},
         "fuse": {"keep_thr": keep_thr, "auto_keep_thr": False},
     }
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    from flows.server import LocalServer
+def served(server, tmp_path_factory):
+    """The session's server with the project's deployments served (``python -m flows.serve``)."""
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "flows.serve"],
+        env=server.env,
+        cwd=REPO,
+        start_new_session=True,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        from flows.demo import wait_for_deployments
 
-    home = tmp_path_factory.mktemp("prefect-home")
-    with LocalServer(home, timeout=240) as server:
-        serve = subprocess.Popen([sys.executable, "-m", "flows.serve"], env=server.env, cwd=REPO, start_new_session=True,
-                                 stdout=open(home / "serve.log", "wb"), stderr=subprocess.STDOUT)
-        try:
-            from flows.demo import wait_for_deployments
-
-            wait_for_deployments(server.env, ["ssl-pipeline/default", "train-teachers/default", "fuse-pseudo-labels/default"])
-            yield server
-        finally:
-            os.killpg(serve.pid, 15)
-            serve.wait(timeout=60)
+        wait_for_deployments(
+            server.env, ["ssl-pipeline/default", "train-teachers/default", "fuse-pseudo-labels/default"]
+        )
+        yield server
+    finally:
+        os.killpg(serve.pid, 15)
+        serve.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +235,14 @@ def pipeline_dirs(tmp_path_factory):
 
 
 def prefect_cli(server, *args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "prefect", *args], env=server.env, cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "prefect", *args],
+        env=server.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def deployment_run(server, name: str, params, watch: bool = True):
@@ -188,12 +256,19 @@ def deployment_run(server, name: str, params, watch: bool = True):
 
     for k in ("PREFECT_API_URL", "PREFECT_HOME"):
         assert os.environ.get(k) == server.env[k], "monkeypatch the server's settings first"
-    run = run_deployment(name, parameters=json.loads(params) if isinstance(params, str) else params,
-                         timeout=None if watch else 0, poll_interval=1)
+    run = run_deployment(
+        name,
+        parameters=json.loads(params) if isinstance(params, str) else params,
+        timeout=None if watch else 0,
+        poll_interval=1,
+    )
     state = run.state
     ok = state is not None and (state.is_completed() if watch else True)
-    return SimpleNamespace(returncode=0 if ok else 1, stdout=f"UUID: {run.id}\n{state.name if state else ''}",
-                           stderr=(state.message or "") if state else "")
+    return SimpleNamespace(
+        returncode=0 if ok else 1,
+        stdout=f"UUID: {run.id}\n{state.name if state else ''}",
+        stderr=(state.message or "") if state else "",
+    )
 
 
 def run_id_from(output: str) -> str:
@@ -207,32 +282,61 @@ def run_id_from(output: str) -> str:
 def task_states(server, root_id: str) -> dict[str, str]:
     """Task run name -> state name over the whole run tree under ``root_id``."""
     from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
+    )
 
     with get_client(sync_client=True) as client:
         ids, frontier = [root_id], [root_id]
         while frontier:
-            kids = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)))
+            kids = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier))
+            )
             frontier = [str(k.id) for k in kids]
             ids += frontier
-        runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=ids)))
+        runs = client.read_task_runs(
+            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=ids))
+        )
         return {r.name: r.state.name for r in runs}
 
 
 @pytest.mark.slow
-def test_pipeline_deployment_runs_then_refuses_bad_params_and_reuses_caches(served, pipeline_dirs, monkeypatch):
+def test_pipeline_deployment_runs_then_refuses_bad_params_and_reuses_caches(
+    served, pipeline_dirs, monkeypatch
+):
     for k in ("PREFECT_API_URL", "PREFECT_HOME"):
         monkeypatch.setenv(k, served.env[k])
     wd, demo = pipeline_dirs
     params = tiny_params(wd, demo)
-    res = prefect_cli(served, "deployment", "run", "ssl-pipeline/default", "--params", json.dumps(params),
-                      "--watch", "--watch-interval", "1")
+    res = prefect_cli(
+        served,
+        "deployment",
+        "run",
+        "ssl-pipeline/default",
+        "--params",
+        json.dumps(params),
+        "--watch",
+        "--watch-interval",
+        "1",
+    )
     assert res.returncode == 0 and "Completed" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
     first = task_states(served, run_id_from(res.stdout))
     assert first["train-teacher_a"] == "Completed" and first["train-student"] == "Completed"
     summary = json.loads((wd / "summary.json").read_text())
-    assert set(summary["scores"]) == {"teacher:teacher_a", "teacher:teacher_c", "student:student", "control:student"}
-    assert {"hmean"} <= set(summary["pseudo_quality"]) and set(summary["best_teacher_on_unlabeled"]) == {"name", "hmean", "thr"}
+    assert set(summary["scores"]) == {
+        "teacher:teacher_a",
+        "teacher:teacher_c",
+        "student:student",
+        "control:student",
+    }
+    assert {"hmean"} <= set(summary["pseudo_quality"]) and set(summary["best_teacher_on_unlabeled"]) == {
+        "name",
+        "hmean",
+        "thr",
+    }
     from i3cl_core import variants
 
     first_variant = variants.current_variant(wd / "pseudo")
@@ -254,10 +358,16 @@ def test_pipeline_deployment_runs_then_refuses_bad_params_and_reuses_caches(serv
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ssl-pipeline-summary"])))
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ssl-pipeline-summary"]))
+        )
     assert arts and "F per model" in arts[-1].data and arts[-1].data.count("data:image/jpeg;base64,") >= 3
-    with get_client(sync_client=True) as client:  # the training curve (one version per epoch; TINY trains one)
-        curves = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["training-curve-teacher-a"])))
+    with get_client(
+        sync_client=True
+    ) as client:  # the training curve (one version per epoch; TINY trains one)
+        curves = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["training-curve-teacher-a"]))
+        )
     assert curves and any("finished" in a.data for a in curves) and "data:image/jpeg" in curves[-1].data
     # no pickle crosses the work dir: every persisted task result is a JSON record with a JSON payload
     records = [f for f in (wd / ".prefect-results").rglob("*") if f.is_file()]
@@ -268,8 +378,14 @@ def test_pipeline_deployment_runs_then_refuses_bad_params_and_reuses_caches(serv
         assert b"\x80\x04" not in f.read_bytes() and "cloudpickle" not in f.read_text()
 
     # an invalid parameter is refused before any run is created, naming the field
-    bad = prefect_cli(served, "deployment", "run", "fuse-pseudo-labels/default", "--params",
-                      json.dumps({"work_dir": str(wd), "fuse": {"iou_thr": 1.7}}))
+    bad = prefect_cli(
+        served,
+        "deployment",
+        "run",
+        "fuse-pseudo-labels/default",
+        "--params",
+        json.dumps({"work_dir": str(wd), "fuse": {"iou_thr": 1.7}}),
+    )
     assert bad.returncode != 0 and "fuse.iou_thr" in bad.stdout + bad.stderr
 
     # another fusion threshold: teachers and inference come back Cached, fusion and what follows run again
@@ -278,23 +394,31 @@ def test_pipeline_deployment_runs_then_refuses_bad_params_and_reuses_caches(serv
     second = task_states(served, run_id_from(res2.stdout))
     assert second["train-teacher_a"] == "Cached" and second["train-teacher_c"] == "Cached"
     infer = {k: v for k, v in second.items() if k.startswith("infer-")}
-    assert len(infer) == 8 and set(infer.values()) == {"Cached"}  # 2 unlabeled + 2 validation shards per teacher
+    assert len(infer) == 8 and set(infer.values()) == {
+        "Cached"
+    }  # 2 unlabeled + 2 validation shards per teacher
     assert second["fuse-r1"] == "Completed" and second["train-student"] == "Completed", second
     # the re-fusion added a variant and moved current; the first variant is still there, and the student
     # now records the second
     second_variant = variants.current_variant(wd / "pseudo")
-    assert second_variant != first_variant and (wd / "pseudo" / first_variant / "train_lossweight.json").exists()
+    assert (
+        second_variant != first_variant and (wd / "pseudo" / first_variant / "train_lossweight.json").exists()
+    )
     second_student = current_model_dir(wd / "student" / "student")
     assert json.loads((second_student / "lineage.json").read_text())["pseudo"]["variant"] == second_variant
     # ... in a folder of its own: the first student, its lineage and its score are still there
     assert second_student != first_student and (first_student / "checkpoints" / "latest.pth").exists()
     assert json.loads((first_student / "lineage.json").read_text())["pseudo"]["variant"] == first_variant
     # a third run with the first parameters reuses the first variant: fusion Cached, no new variant
-    res4 = deployment_run(served, "fuse-pseudo-labels/default", json.dumps({"work_dir": str(wd), "fuse": params["fuse"]}))
+    res4 = deployment_run(
+        served, "fuse-pseudo-labels/default", json.dumps({"work_dir": str(wd), "fuse": params["fuse"]})
+    )
     assert res4.returncode == 0, res4.stdout[-3000:]
     assert task_states(served, run_id_from(res4.stdout))["fuse-r1"] == "Cached"
     assert variants.current_variant(wd / "pseudo") == first_variant
-    assert sorted(p.name for p in (wd / "pseudo").iterdir() if p.is_dir()) == sorted([first_variant, second_variant])
+    assert sorted(p.name for p in (wd / "pseudo").iterdir() if p.is_dir()) == sorted(
+        [first_variant, second_variant]
+    )
     from i3cl_core.cli import main
 
     assert main(["runs", "compare", str(wd)]) == 0
@@ -303,13 +427,19 @@ def test_pipeline_deployment_runs_then_refuses_bad_params_and_reuses_caches(serv
     used = {r["variant"]: r["models"] for r in rows}
     assert [m for m, _ in used[second_variant]] == [str(second_student.relative_to(wd))]
     assert [m for m, _ in used[first_variant]] == [str(first_student.relative_to(wd))]
-    assert all(f is not None for v in (first_variant, second_variant) for _, f in used[v])  # each with its test F
+    assert all(
+        f is not None for v in (first_variant, second_variant) for _, f in used[v]
+    )  # each with its test F
     # gc keeps what current or a lineage needs: here both variants
     assert variants.gc(wd, keep=0, dry_run=True) == []
 
     # a cache hit whose output is gone is recomputed, not trusted
     (wd / "predictions" / "teacher_c" / "shard_00001.json").unlink()
-    res3 = deployment_run(served, "ensemble-inference/default", json.dumps({k: params[k] for k in ("work_dir", "data", "infer")}))
+    res3 = deployment_run(
+        served,
+        "ensemble-inference/default",
+        json.dumps({k: params[k] for k in ("work_dir", "data", "infer")}),
+    )
     assert res3.returncode == 0, res3.stdout[-3000:]
     third = task_states(served, run_id_from(res3.stdout))
     assert third["infer-teacher_c-1"] == "Completed" and third["infer-teacher_a-0"] == "Cached"
@@ -330,16 +460,24 @@ def test_two_rounds_and_the_control_run(served, pipeline_dirs, monkeypatch):
     assert res.returncode == 0 and "Completed" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
     first = task_states(served, run_id_from(res.stdout))
     summary = json.loads((wd / "summary.json").read_text())
-    assert set(summary["scores"]) == {"teacher:teacher_a", "teacher:teacher_c", "control:student", "student:student",
-                                      "student-r2:student"}
+    assert set(summary["scores"]) == {
+        "teacher:teacher_a",
+        "teacher:teacher_c",
+        "control:student",
+        "student:student",
+        "student-r2:student",
+    }
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     # round 2's ensemble is round 1's student plus the teachers, with its own predictions and pseudo labels
     assert json.loads((wd / "rounds" / "r2" / "predictions" / "members.json").read_text()) == [
-        str(wd / "rounds" / "r2" / "predictions" / n) for n in ("student-r1", "teacher_a", "teacher_c")]
+        str(wd / "rounds" / "r2" / "predictions" / n) for n in ("student-r1", "teacher_a", "teacher_c")
+    ]
     from i3cl_core import variants
 
     assert first["infer-r2-student-r1-0"] == "Completed" and first["train-student-r2"] == "Completed"
-    report = json.loads((variants.pseudo_file(wd / "rounds" / "r2" / "pseudo").parent / "report.json").read_text())
+    report = json.loads(
+        (variants.pseudo_file(wd / "rounds" / "r2" / "pseudo").parent / "report.json").read_text()
+    )
     assert report["keep_thr_selection"]["chosen_on"].endswith("val/annotations.json")
 
     # the control: the student's start and number of iterations, the labeled data alone
@@ -349,9 +487,17 @@ def test_two_rounds_and_the_control_run(served, pipeline_dirs, monkeypatch):
     control_cfg = yaml.safe_load((current_model_dir(wd / "control" / "student") / "config.yaml").read_text())
     labeled = str((demo / "train" / "annotations.json").resolve())
     assert [s["ann_file"] for s in control_cfg["data"]["train"]] == [labeled]
-    assert [s["ann_file"] for s in student_cfg["data"]["train"]] == [labeled, str(variants.pseudo_file(wd / "pseudo"))]
+    assert [s["ann_file"] for s in student_cfg["data"]["train"]] == [
+        labeled,
+        str(variants.pseudo_file(wd / "pseudo")),
+    ]
     assert control_cfg["train"]["load_from"] == student_cfg["train"]["load_from"]
-    iters = [json.loads((current_model_dir(wd / r / "student") / "metrics.json").read_text())["summary"]["iterations"] for r in ("student", "control")]
+    iters = [
+        json.loads((current_model_dir(wd / r / "student") / "metrics.json").read_text())["summary"][
+            "iterations"
+        ]
+        for r in ("student", "control")
+    ]
     assert iters[0] == iters[1] > 0
 
     # a changed round-2 parameter: round 1 comes back Cached, round 2's fusion and student run again
@@ -359,8 +505,15 @@ def test_two_rounds_and_the_control_run(served, pipeline_dirs, monkeypatch):
     res2 = deployment_run(served, "ssl-pipeline/default", json.dumps(params))
     assert res2.returncode == 0 and "Completed" in res2.stdout, res2.stdout[-3000:]
     second = task_states(served, run_id_from(res2.stdout))
-    round1 = ["train-teacher_a", "train-teacher_c", "infer-teacher_a-0", "infer-val-teacher_a-0", "fuse-r1",
-              "train-student", "train-control-student"]
+    round1 = [
+        "train-teacher_a",
+        "train-teacher_c",
+        "infer-teacher_a-0",
+        "infer-val-teacher_a-0",
+        "fuse-r1",
+        "train-student",
+        "train-control-student",
+    ]
     assert all(second[t] == "Cached" for t in round1), second
     assert second["infer-r2-student-r1-0"] == "Cached"  # round 1's student did not change
     assert second["fuse-r2"] == "Completed" and second["train-student-r2"] == "Completed", second
@@ -386,8 +539,13 @@ def test_a_killed_teacher_training_resumes_on_a_deployment_rerun(served, tmp_pat
     res = deployment_run(served, "train-teachers/default", params(wd), watch=False)
     run_id = run_id_from(res.stdout)
     ckpts = wd / "teachers" / "teacher_a" / "checkpoints"
-    serve_pid = int(next(p.name for p in Path("/proc").iterdir() if p.name.isdigit()
-                         and b"flows.serve" in (p / "cmdline").read_bytes()))
+    serve_pid = int(
+        next(
+            p.name
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit() and b"flows.serve" in (p / "cmdline").read_bytes()
+        )
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not (ckpts / "epoch_1.pth").exists():
         time.sleep(0.05)
@@ -396,7 +554,9 @@ def test_a_killed_teacher_training_resumes_on_a_deployment_rerun(served, tmp_pat
             os.kill(pid, 9)
         except ProcessLookupError:
             pass
-    assert not (wd / "teachers" / "teacher_a" / "metrics.json").exists(), "the training finished before the kill"
+    assert not (wd / "teachers" / "teacher_a" / "metrics.json").exists(), (
+        "the training finished before the kill"
+    )
     from prefect import get_client
 
     with get_client(sync_client=True) as client:
@@ -411,7 +571,9 @@ def test_a_killed_teacher_training_resumes_on_a_deployment_rerun(served, tmp_pat
     assert resumed and 1 <= int(resumed.group(1)) < 6, log[-2000:]
     done = int(re.search(r"(\d+) iterations done", log.split("resumed from")[-1]).group(1))
     assert torch.load(ckpts / "latest.pth", weights_only=True)["global_iter"] == 18
-    assert len(re.findall(r"epoch \d+/6 iter \d+/3", log.split("resumed from")[-1])) == 18 - done  # the rest only
+    assert (
+        len(re.findall(r"epoch \d+/6 iter \d+/3", log.split("resumed from")[-1])) == 18 - done
+    )  # the rest only
 
 
 def test_a_second_run_on_a_work_dir_in_use_fails_at_once_naming_the_first(served, tmp_path, monkeypatch):
@@ -421,14 +583,20 @@ def test_a_second_run_on_a_work_dir_in_use_fails_at_once_naming_the_first(served
     for k in ("PREFECT_API_URL", "PREFECT_HOME"):
         monkeypatch.setenv(k, served.env[k])
     wd = tmp_path / "busy"
-    code = ("import sys, time; from i3cl_core.workdir_lock import acquire; "
-            "acquire(sys.argv[1], 'flow run ssl-pipeline/first-run (abc)'); print('held', flush=True); time.sleep(600)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(wd)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    code = (
+        "import sys, time; from i3cl_core.workdir_lock import acquire; "
+        "acquire(sys.argv[1], 'flow run ssl-pipeline/first-run (abc)'); print('held', flush=True); time.sleep(600)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(wd)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         p = tiny_params(wd, tmp_path / "demo", teachers=("teacher_a",))
         t0 = time.time()
-        res = deployment_run(served, "train-teachers/default", {k: p[k] for k in ("work_dir", "data", "train")})
+        res = deployment_run(
+            served, "train-teachers/default", {k: p[k] for k in ("work_dir", "data", "train")}
+        )
         assert res.returncode == 1 and time.time() - t0 < 60
         assert "is being written by flow run ssl-pipeline/first-run (abc)" in res.stderr, res.stderr
         assert f"pid {holder.pid}" in res.stderr
@@ -444,7 +612,9 @@ def test_cancelled_training_leaves_no_child_processes(served, tmp_path, monkeypa
         monkeypatch.setenv(k, served.env[k])
     wd = tmp_path / "cancel"
     params = tiny_params(wd, tmp_path / "demo", teachers=("teacher_a",))
-    params["train"]["overrides"] = [o for o in TINY if not o.startswith("train.epochs")] + ["train.epochs=200"]
+    params["train"]["overrides"] = [o for o in TINY if not o.startswith("train.epochs")] + [
+        "train.epochs=200"
+    ]
     params = {k: params[k] for k in ("work_dir", "data", "train")}
     res = deployment_run(served, "train-teachers/default", json.dumps(params), watch=False)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -489,12 +659,19 @@ def test_stage_runs_without_data_params_reuse_the_work_dirs_data(tmp_path):
     from flows.params import DataParams
     from flows.pipeline import _data
 
-    explicit = DataParams(labeled=[{"ann_file": "/d/train.json", "img_root": "/d/train"}], unlabeled_images="/d/u.json",
-                          unlabeled_root="/d/u", unlabeled_gt=None, test={"ann_file": "/d/test.json", "img_root": "/d/test"})
+    explicit = DataParams(
+        labeled=[{"ann_file": "/d/train.json", "img_root": "/d/train"}],
+        unlabeled_images="/d/u.json",
+        unlabeled_root="/d/u",
+        unlabeled_gt=None,
+        test={"ann_file": "/d/test.json", "img_root": "/d/test"},
+    )
     wd = check_work_dir(tmp_path / "run")
     first = _data(explicit, wd)
     assert first["unlabeled_images"] == "/d/u.json" and first["labeled"][0]["ann_file"] == "/d/train.json"
-    assert _data(DataParams(), wd) == first  # defaults: the data the work_dir was made with, no demo generated
+    assert (
+        _data(DataParams(), wd) == first
+    )  # defaults: the data the work_dir was made with, no demo generated
     assert not (tmp_path / "data").exists()
 
 
@@ -512,8 +689,11 @@ def test_artifact_markdown_is_commonmark_with_every_picture_within_budget(tmp_pa
         p = tmp_path / f"p{k}.png"
         Image.fromarray(rng.integers(0, 255, (900, 1200, 3), dtype="uint8")).save(p)
         pics.append(p)
-    blocks = [("Scores", [("scores", pics[0])]), ("Votes", [("votes", pics[1])]),
-              ("Samples", [(f"sample {k}", p) for k, p in enumerate(pics[2:])])]
+    blocks = [
+        ("Scores", [("scores", pics[0])]),
+        ("Votes", [("votes", pics[1])]),
+        ("Samples", [(f"sample {k}", p) for k, p in enumerate(pics[2:])]),
+    ]
     text = markdown_with_images("Pseudo labels", blocks, "12 pseudo labels.", budget=300_000)
     assert len(text.encode()) <= 300_000
     lines = text.splitlines()
@@ -531,7 +711,9 @@ def _random_teachers_work_dir(wd: Path, images: int = 8) -> Path:
     """A work dir with two small random teachers over ``images`` images (no training needed)."""
     from i3cl_core.data.synth import generate_dataset
 
-    data = generate_dataset(wd.parent / f"{wd.name}-images", images, seed=7, size=(256, 256), progress=False, cjk=False)
+    data = generate_dataset(
+        wd.parent / f"{wd.name}-images", images, seed=7, size=(256, 256), progress=False, cjk=False
+    )
     (wd.parent / f"{wd.name}-teachers").mkdir()
     return ensemble_work_dir(wd, random_teachers(wd.parent / f"{wd.name}-teachers"), data["img_root"])
 
@@ -545,13 +727,22 @@ def test_a_killed_ensemble_run_retried_from_the_api_reuses_finished_shards(serve
         monkeypatch.setenv(k, served.env[k])
     infer = {"shard_size": 1, "devices": ["cpu"], "precision": "fp32", "loader_workers": 0}
     ref, wd = _random_teachers_work_dir(tmp_path / "ref"), _random_teachers_work_dir(tmp_path / "killed")
-    res = deployment_run(served, "ensemble-inference/default", json.dumps({"work_dir": str(ref), "infer": infer}))
+    res = deployment_run(
+        served, "ensemble-inference/default", json.dumps({"work_dir": str(ref), "infer": infer})
+    )
     assert res.returncode == 0 and "Completed" in res.stdout, res.stdout[-3000:]
-    res = deployment_run(served, "ensemble-inference/default", json.dumps({"work_dir": str(wd), "infer": infer}), watch=False)
+    res = deployment_run(
+        served, "ensemble-inference/default", json.dumps({"work_dir": str(wd), "infer": infer}), watch=False
+    )
     run_id = run_id_from(res.stdout)
     shards = wd / "predictions"
-    serve_pid = int(next(p.name for p in Path("/proc").iterdir() if p.name.isdigit()
-                         and b"flows.serve" in (p / "cmdline").read_bytes()))
+    serve_pid = int(
+        next(
+            p.name
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit() and b"flows.serve" in (p / "cmdline").read_bytes()
+        )
+    )
     deadline = time.time() + 240
     while time.time() < deadline and len(list(shards.rglob("shard_*.json"))) < 3:
         time.sleep(0.05)
@@ -582,19 +773,24 @@ def test_a_killed_ensemble_run_retried_from_the_api_reuses_finished_shards(serve
         assert state.name == "Completed", state
     for p, mtime in done.items():
         assert p.stat().st_mtime_ns == mtime, f"{p} was recomputed"
-    ref_files = {p.relative_to(ref / "predictions"): p.read_bytes() for p in (ref / "predictions").rglob("*.json")
-                 if p.name != "members.json"}
+    ref_files = {
+        p.relative_to(ref / "predictions"): p.read_bytes()
+        for p in (ref / "predictions").rglob("*.json")
+        if p.name != "members.json"
+    }
     got = {p.relative_to(shards): p.read_bytes() for p in shards.rglob("*.json") if p.name != "members.json"}
     assert len([k for k in ref_files if k.name.startswith("shard_")]) == 16 and got == ref_files
 
 
 @pytest.mark.slow
-def test_a_prefect_server_killed_and_restarted_during_a_run_loses_none_of_the_work_dirs_outputs(served, tmp_path, monkeypatch):
+def test_a_prefect_server_killed_and_restarted_during_a_run_loses_none_of_the_work_dirs_outputs(
+    served, tmp_path, monkeypatch
+):
     """The server is killed (SIGKILL) in the middle of the ensemble stage and started again on the same
     address and database: the flow run carries on (task state is orchestrated in the flow-run process),
     ends Completed, every shard is in the work dir, and a re-run of the deployment finds them all (the
     cache records live in the work dir, not in the server's database): every shard task is Cached, no
-    file rewritten. Runs last in this module: it restarts the module's server."""
+    file rewritten. Runs last in this module: it restarts the session's server."""
     import signal
 
     for k in ("PREFECT_API_URL", "PREFECT_HOME"):

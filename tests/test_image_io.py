@@ -1,5 +1,6 @@
 """The image reader's rule (i3cl_core/data/image_io.py): stored orientation, EXIF tag ignored unless asked; one
 pixel limit, checked from the header before any pixel is decoded."""
+
 from __future__ import annotations
 
 import json
@@ -28,12 +29,22 @@ def _oriented_jpeg(path, orientation=6, size=(320, 240)):
 
 def _png_claiming(path, width, height):
     """A small PNG file whose header claims ``width`` x ``height`` (a decompression bomb's header)."""
+
     def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_exif_orientation_is_ignored_unless_asked(tmp_path, monkeypatch):
@@ -60,8 +71,10 @@ def test_check_data_counts_oriented_images_and_convert_keeps_stored_sizes(tmp_pa
     (tmp_path / "img").mkdir()
     _oriented_jpeg(tmp_path / "img" / "a.jpg", orientation=6)
     Image.new("RGB", (320, 240)).save(tmp_path / "img" / "b.jpg")
-    images = [{"id": 1, "file_name": "a.jpg", "width": 320, "height": 240},
-              {"id": 2, "file_name": "b.jpg", "width": 320, "height": 240}]
+    images = [
+        {"id": 1, "file_name": "a.jpg", "width": 320, "height": 240},
+        {"id": 2, "file_name": "b.jpg", "width": 320, "height": 240},
+    ]
     (tmp_path / "gt.json").write_text(json.dumps({"images": images, "annotations": [], "categories": []}))
     result = check_sources([(tmp_path / "gt.json", tmp_path / "img")], workers=2, decode=True)
     assert result.problems == [] and result.oriented == 1
@@ -77,11 +90,25 @@ def test_check_data_counts_oriented_images_and_convert_keeps_stored_sizes(tmp_pa
     (tmp_path / "gt_txt").mkdir()
     for stem in ("a", "b"):
         (tmp_path / "gt_txt" / f"gt_{stem}.txt").write_text("10,10,100,10,100,40,10,40,word\n")
-    rc = main(["convert-dataset", "--format", "icdar2015", "--ann", str(tmp_path / "gt_txt"),
-               "--img-root", str(tmp_path / "img"), "--out", str(tmp_path / "c.json")])
+    rc = main(
+        [
+            "convert-dataset",
+            "--format",
+            "icdar2015",
+            "--ann",
+            str(tmp_path / "gt_txt"),
+            "--img-root",
+            str(tmp_path / "img"),
+            "--out",
+            str(tmp_path / "c.json"),
+        ]
+    )
     out = capsys.readouterr()
     assert rc == 0, out.err
-    sizes = {im["file_name"]: (im["width"], im["height"]) for im in json.loads((tmp_path / "c.json").read_text())["images"]}
+    sizes = {
+        im["file_name"]: (im["width"], im["height"])
+        for im in json.loads((tmp_path / "c.json").read_text())["images"]
+    }
     assert sizes == {"a.jpg": (320, 240), "b.jpg": (320, 240)}
     assert "1 image(s) carry an EXIF orientation tag" in out.out
 
@@ -92,8 +119,11 @@ def test_pixel_limit_refuses_from_the_header_and_the_run_goes_on(tmp_path, monke
     monkeypatch.delenv(MAX_PIXELS_ENV, raising=False)
     (tmp_path / "img").mkdir()
     _png_claiming(tmp_path / "img" / "huge.png", 30000, 30000)  # 900 M pixels in a 100-byte file
-    with pytest.raises(DatasetError, match=r"huge.png.* is 30000x30000 = 900,000,000 pixels, over the limit of "
-                                           rf"150,000,000 \({MAX_PIXELS_ENV} raises it\)"):
+    with pytest.raises(
+        DatasetError,
+        match=r"huge.png.* is 30000x30000 = 900,000,000 pixels, over the limit of "
+        rf"150,000,000 \({MAX_PIXELS_ENV} raises it\)",
+    ):
         read_image(tmp_path / "img" / "huge.png")
     Image.new("RGB", (160, 128), "white").save(tmp_path / "img" / "good.jpg")
     monkeypatch.setenv(MAX_PIXELS_ENV, "20000")  # the good image (20,480 pixels) is over this one
@@ -108,14 +138,41 @@ def test_pixel_limit_refuses_from_the_header_and_the_run_goes_on(tmp_path, monke
 
     ckpt = random_teachers(tmp_path / "t", side=128, seeds=(0,))["teacher_0"]
     (tmp_path / "list.txt").write_text("img/huge.png\nimg/good.jpg\n")
-    rc = main(["infer", "--checkpoint", ckpt, "--images", str(tmp_path / "list.txt"), "--out", str(tmp_path / "o"),
-               "--no-progress", "--workers", "0", "--device", "cpu", "--no-vis"])
+    rc = main(
+        [
+            "infer",
+            "--checkpoint",
+            ckpt,
+            "--images",
+            str(tmp_path / "list.txt"),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--no-vis",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 0 and "huge.png: image 1 is 30000x30000" in err and "1 of 2 images failed" in err
     assert (tmp_path / "o" / "per_image" / "good.jpg.json").is_file()
     # the ensemble's size table names it too and goes on
-    ens = ["ensemble", "--checkpoints", ckpt, "--images", str(tmp_path / "list.txt"), "--no-progress", "--devices",
-           "cpu", "--loader-workers", "0", "--out", str(tmp_path / "e")]
+    ens = [
+        "ensemble",
+        "--checkpoints",
+        ckpt,
+        "--images",
+        str(tmp_path / "list.txt"),
+        "--no-progress",
+        "--devices",
+        "cpu",
+        "--loader-workers",
+        "0",
+        "--out",
+        str(tmp_path / "e"),
+    ]
     assert main(ens) == 0
     err = capsys.readouterr().err
     assert "1 of 2 images could not be read" in err and "over the limit" in err

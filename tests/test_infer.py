@@ -1,4 +1,5 @@
 """Inference and export: outputs, resumability, unreadable images, round trip into evaluate."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,10 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("infer")
     data = generate_dataset(root / "data", 3, seed=5, size=(160, 160), progress=False, cjk=False)
-    cfg = load_config(REPO / "configs" / "demo" / "tiny_model.yaml",
-                      ["model.test_short_side=160", "model.test_long_side=160", "infer.score_thr=0.3"])
+    cfg = load_config(
+        REPO / "configs" / "demo" / "tiny_model.yaml",
+        ["model.test_short_side=160", "model.test_long_side=160", "infer.score_thr=0.3"],
+    )
     torch.manual_seed(0)
     model = build_model(cfg)
     ds = CocoTextDataset([(data["ann_file"], data["img_root"])])
@@ -76,7 +79,9 @@ def test_infer_outputs_resume_and_bad_images(tmp_path, trained):
     (folder / "gt_9.jpg").write_bytes(b"broken")
     out = tmp_path / "out"
     items = collect_images(str(folder))
-    s = infer_images(str(trained["ckpt"]), items, out, score_thr=0.3, device="cpu", num_workers=0, progress=False)
+    s = infer_images(
+        str(trained["ckpt"]), items, out, score_thr=0.3, device="cpu", num_workers=0, progress=False
+    )
     assert s["processed"] == 3 and s["failed"] == 1 and "gt_9.jpg" in s["failures"][0]
     results = json.loads((out / "results.json").read_text())
     sub = json.loads((out / "submission.json").read_text())
@@ -92,10 +97,14 @@ def test_infer_outputs_resume_and_bad_images(tmp_path, trained):
     assert [im["width"] for im in images] == [160, 160, 160]
     # a second run skips the finished images and writes the same files
     before = (out / "results.json").read_bytes()
-    s2 = infer_images(str(trained["ckpt"]), items, out, score_thr=0.3, device="cpu", num_workers=0, progress=False)
+    s2 = infer_images(
+        str(trained["ckpt"]), items, out, score_thr=0.3, device="cpu", num_workers=0, progress=False
+    )
     assert s2["skipped_done"] == 3 and s2["processed"] == 0 and (out / "results.json").read_bytes() == before
     # changed settings invalidate the finished images
-    s3 = infer_images(str(trained["ckpt"]), items, out, score_thr=0.5, device="cpu", num_workers=0, progress=False)
+    s3 = infer_images(
+        str(trained["ckpt"]), items, out, score_thr=0.5, device="cpu", num_workers=0, progress=False
+    )
     assert s3["skipped_done"] == 0 and s3["processed"] == 3
 
 
@@ -104,11 +113,42 @@ def test_round_trip_model_infer_evaluate(tmp_path, trained, capsys):
 
     data = trained["data"]
     out = tmp_path / "pred"
-    assert main(["infer", "--checkpoint", str(trained["ckpt"]), "--images", data["ann_file"], "--img-root",
-                 data["img_root"], "--out", str(out), "--no-progress", "--no-vis", "--workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "infer",
+                "--checkpoint",
+                str(trained["ckpt"]),
+                "--images",
+                data["ann_file"],
+                "--img-root",
+                data["img_root"],
+                "--out",
+                str(out),
+                "--no-progress",
+                "--no-vis",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["evaluate", "--gt", data["ann_file"], "--pred", str(out / "results.json"), "--protocol", "art",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--gt",
+                data["ann_file"],
+                "--pred",
+                str(out / "results.json"),
+                "--protocol",
+                "art",
+                "--json",
+            ]
+        )
+        == 0
+    )
     res = json.loads(capsys.readouterr().out.strip().splitlines()[0])
     assert res["protocol"] == "art" and res["num_det_care"] > 0
     # the model has seen these images: it finds some of their text. (Its F after 60 SGD steps depends on the
@@ -116,15 +156,44 @@ def test_round_trip_model_infer_evaluate(tmp_path, trained, capsys):
     # the round trip, so only a margin-wide sanity bound.)
     assert res["num_matched"] >= 1 and res["recall"] >= 0.15, res
     # the ArT submission scores the same against the COCO ground truth
-    assert main(["evaluate", "--gt", data["ann_file"], "--pred", str(out / "submission.json"), "--protocol", "art",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--gt",
+                data["ann_file"],
+                "--pred",
+                str(out / "submission.json"),
+                "--protocol",
+                "art",
+                "--json",
+            ]
+        )
+        == 0
+    )
     res2 = json.loads(capsys.readouterr().out.strip().splitlines()[0])
     # exactly what the COCO results give once their points are rounded as the ArT export rounds them
-    rounded = [dict(r, segmentation=[[v for p in int_points(r["segmentation"][0]) for v in p]])
-               for r in json.loads((out / "results.json").read_text()) if int_points(r["segmentation"][0])]
+    rounded = [
+        dict(r, segmentation=[[v for p in int_points(r["segmentation"][0]) for v in p]])
+        for r in json.loads((out / "results.json").read_text())
+        if int_points(r["segmentation"][0])
+    ]
     (tmp_path / "rounded.json").write_text(json.dumps(rounded))
-    assert main(["evaluate", "--gt", data["ann_file"], "--pred", str(tmp_path / "rounded.json"), "--protocol", "art",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--gt",
+                data["ann_file"],
+                "--pred",
+                str(tmp_path / "rounded.json"),
+                "--protocol",
+                "art",
+                "--json",
+            ]
+        )
+        == 0
+    )
     res3 = json.loads(capsys.readouterr().out.strip().splitlines()[0])
     for k in ("num_gt_care", "num_det_care", "num_matched", "precision", "recall", "hmean"):
         assert res2[k] == res3[k], k
@@ -146,7 +215,9 @@ def test_same_base_name_in_two_folders_stays_apart(tmp_path, trained):
     assert [(i.image_id, i.file_name) for i in items] == [(1, "d1/x.jpg"), (2, "d2/x.jpg")]
     assert [i.file_name for i in collect_images(str(tmp_path / "d*" / "x.jpg"))] == ["d1/x.jpg", "d2/x.jpg"]
     out = tmp_path / "out"
-    s = infer_images(str(trained["ckpt"]), items, out, score_thr=0.3, device="cpu", num_workers=0, progress=False)
+    s = infer_images(
+        str(trained["ckpt"]), items, out, score_thr=0.3, device="cpu", num_workers=0, progress=False
+    )
     assert s["processed"] == 2
     per_image = sorted(p.name for p in (out / "per_image").iterdir())
     assert per_image == ["d1__x.jpg.json", "d2__x.jpg.json"]
@@ -162,14 +233,26 @@ def test_same_base_name_in_two_folders_stays_apart(tmp_path, trained):
     # names that would write the same per-image record, or the same txt/vis file, are refused up front
     (tmp_path / "d1__x.jpg").write_bytes(files[2].read_bytes())
     (tmp_path / "d1" / "x.png").write_bytes(files[2].read_bytes())
-    for listed, clash in (("d1/x.jpg\nd2/x.jpg\nd1__x.jpg\n", "per_image/d1__x.jpg.json"), ("d1/x.jpg\nd1/x.png\n", "txt/x.txt")):
+    for listed, clash in (
+        ("d1/x.jpg\nd2/x.jpg\nd1__x.jpg\n", "per_image/d1__x.jpg.json"),
+        ("d1/x.jpg\nd1/x.png\n", "txt/x.txt"),
+    ):
         lst.write_text(listed)
         with pytest.raises(Exception, match=f"images .* and .* would both write {clash}"):
-            infer_images(str(trained["ckpt"]), collect_images(str(lst)), tmp_path / "clash", score_thr=0.3, device="cpu",
-                         num_workers=0, progress=False)
+            infer_images(
+                str(trained["ckpt"]),
+                collect_images(str(lst)),
+                tmp_path / "clash",
+                score_thr=0.3,
+                device="cpu",
+                num_workers=0,
+                progress=False,
+            )
     assert not (tmp_path / "clash" / "per_image").exists()
     lst.write_text("d1/x.jpg\nd2/x.jpg\n")
-    ens = run_ensemble([str(trained["ckpt"])], str(lst), tmp_path / "ens", shard_size=8, devices=["cpu"], progress=False)
+    ens = run_ensemble(
+        [str(trained["ckpt"])], str(lst), tmp_path / "ens", shard_size=8, devices=["cpu"], progress=False
+    )
     table = json.loads(open(ens["images_json"]).read())["images"]
     assert [(im["id"], im["file_name"]) for im in table] == [(1, "d1/x.jpg"), (2, "d2/x.jpg")]
     # the same file listed twice, or a COCO json naming one file for two ids, is refused
@@ -177,7 +260,9 @@ def test_same_base_name_in_two_folders_stays_apart(tmp_path, trained):
     with pytest.raises(Exception, match="listed twice"):
         collect_images(str(lst))
     bad = tmp_path / "imgs.json"
-    bad.write_text(json.dumps({"images": [{"id": 1, "file_name": "d1/x.jpg"}, {"id": 2, "file_name": "d1/x.jpg"}]}))
+    bad.write_text(
+        json.dumps({"images": [{"id": 1, "file_name": "d1/x.jpg"}, {"id": 2, "file_name": "d1/x.jpg"}]})
+    )
     with pytest.raises(Exception, match="same file_name 'd1/x.jpg'"):
         collect_images(str(bad), str(tmp_path))
 
@@ -187,14 +272,42 @@ def test_infer_exit_code_when_every_image_fails(tmp_path, trained, capsys):
 
     lst = tmp_path / "list.txt"
     lst.write_text("missing1.jpg\nmissing2.jpg\n")
-    rc = main(["infer", "--checkpoint", str(trained["ckpt"]), "--images", str(lst), "--out", str(tmp_path / "o"),
-               "--no-progress", "--workers", "0", "--device", "cpu"])
+    rc = main(
+        [
+            "infer",
+            "--checkpoint",
+            str(trained["ckpt"]),
+            "--images",
+            str(lst),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and "2 of 2 images failed" in err and "no image could be processed" in err
     (tmp_path / "ok.jpg").write_bytes(sorted(Path(trained["data"]["img_root"]).iterdir())[0].read_bytes())
     lst.write_text("missing1.jpg\nok.jpg\n")
-    rc = main(["infer", "--checkpoint", str(trained["ckpt"]), "--images", str(lst), "--out", str(tmp_path / "o2"),
-               "--no-progress", "--workers", "0", "--device", "cpu"])
+    rc = main(
+        [
+            "infer",
+            "--checkpoint",
+            str(trained["ckpt"]),
+            "--images",
+            str(lst),
+            "--out",
+            str(tmp_path / "o2"),
+            "--no-progress",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0 and "1 of 2 images failed" in capsys.readouterr().err
 
 
@@ -204,11 +317,22 @@ def test_evaluate_checkpoint_reports_its_threshold_sweep(tmp_path, trained):
     from i3cl_core.stages import evaluate_checkpoint
 
     data = trained["data"]
-    res = evaluate_checkpoint(str(trained["ckpt"]), data["ann_file"], data["img_root"], str(tmp_path / "e.json"),
-                              score_thr=0.45, device="cpu")
+    res = evaluate_checkpoint(
+        str(trained["ckpt"]),
+        data["ann_file"],
+        data["img_root"],
+        str(tmp_path / "e.json"),
+        score_thr=0.45,
+        device="cpu",
+    )
     assert json.loads((tmp_path / "e.json").read_text())["sweep"] == res["sweep"]
     thrs = [r["score_thr"] for r in res["sweep"]]
-    assert len(thrs) == 19 and thrs == sorted(thrs) and abs(thrs[0] - 0.05) < 1e-9 and abs(thrs[-1] - 0.95) < 1e-9
+    assert (
+        len(thrs) == 19
+        and thrs == sorted(thrs)
+        and abs(thrs[0] - 0.05) < 1e-9
+        and abs(thrs[-1] - 0.95) < 1e-9
+    )
     at = next(r for r in res["sweep"] if abs(r["score_thr"] - 0.45) < 1e-9)
     assert (at["precision"], at["recall"], at["hmean"]) == (res["precision"], res["recall"], res["hmean"])
     assert res["best_hmean"] == max(r["hmean"] for r in res["sweep"]) > 0

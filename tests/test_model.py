@@ -1,5 +1,6 @@
 """The I3CL detector: parameter counts, gradients, per-instance loss weights, do-not-care regions,
 batched inference, checkpoints, and overfitting one image."""
+
 from __future__ import annotations
 
 import json
@@ -11,17 +12,16 @@ import pytest
 import torch
 
 from i3cl_core.config import ConfigError, load_config
-from i3cl_core.data.polygons import rasterize_instance
+from i3cl_core.data.polygons import mask_to_polygon, rasterize_instance
 from i3cl_core.model.backbone import CheckpointError
 from i3cl_core.model.checkpoint import load_model, save_checkpoint
-from i3cl_core.data.polygons import mask_to_polygon
-from i3cl_core.structures import Instances
 from i3cl_core.model.detector import build_model, native_bf16
 from i3cl_core.model.inter_cl import InterCL
 from i3cl_core.model.intra_cl import IntraCL
 from i3cl_core.model.roi_heads import weighted_fastrcnn_loss
 from i3cl_core.model.rpn import weighted_rpn_loss
 from i3cl_core.model.sampling import box_iof
+from i3cl_core.structures import Instances
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "demo" / "tiny_model.yaml"
@@ -38,7 +38,9 @@ def text_image(h=256, w=256):
     for x, y, txt in [(20, 40, "HELLO"), (40, 120, "TEXT"), (30, 200, "WORLD")]:
         cv2.putText(img, txt, (x, y), cv2.FONT_HERSHEY_SIMPLEX, 1.4, (20, 20, 120), 3)
         (tw, th), b = cv2.getTextSize(txt, cv2.FONT_HERSHEY_SIMPLEX, 1.4, 3)
-        polys.append(np.array([[x, y - th - 3], [x + tw, y - th - 3], [x + tw, y + b], [x, y + b]], np.float32))
+        polys.append(
+            np.array([[x, y - th - 3], [x + tw, y - th - 3], [x + tw, y + b], [x, y + b]], np.float32)
+        )
     image = torch.from_numpy(img).permute(2, 0, 1).float() / 255
     target = {
         "instances": Instances(
@@ -78,7 +80,9 @@ def test_frozen_stages_and_norm_eval():
     bb = m.backbone
     assert not any(p.requires_grad for p in bb.layer1.parameters()) and not bb.conv1.weight.requires_grad
     assert all(p.requires_grad for p in bb.layer2.parameters())
-    assert not bb.layer3[0].bn1.training and bb.layer3[0].bn1.weight.requires_grad  # stats frozen, affine trains
+    assert (
+        not bb.layer3[0].bn1.training and bb.layer3[0].bn1.weight.requires_grad
+    )  # stats frozen, affine trains
     assert m.intra_cl[0].bn.training  # BN outside the backbone trains normally
 
 
@@ -123,8 +127,12 @@ def test_loss_weights_scale_exactly_their_instances_positives():
     for term in ("loss_rpn_cls", "loss_rpn_box", "loss_rcnn_box"):
         # normalisers are unchanged by w: each term is affine in w, and instance 0 really contributes
         assert L[1.0][term] != pytest.approx(L[0.5][term], rel=1e-4), term
-        assert L[1.0][term] - L[0.5][term] == pytest.approx(2 * (L[0.5][term] - L[0.25][term]), rel=1e-3, abs=1e-6)
-        assert L[0.5][term] - L[0.0][term] == pytest.approx(2 * (L[0.25][term] - L[0.0][term]), rel=1e-3, abs=1e-6)
+        assert L[1.0][term] - L[0.5][term] == pytest.approx(
+            2 * (L[0.5][term] - L[0.25][term]), rel=1e-3, abs=1e-6
+        )
+        assert L[0.5][term] - L[0.0][term] == pytest.approx(
+            2 * (L[0.25][term] - L[0.0][term]), rel=1e-3, abs=1e-6
+        )
     # R-CNN CE is divided by count(w > 0): affine while w > 0
     c = "loss_rcnn_cls"
     assert L[1.0][c] - L[0.5][c] == pytest.approx(2 * (L[0.5][c] - L[0.25][c]), rel=1e-3, abs=1e-6)
@@ -147,7 +155,9 @@ def test_background_weight_scales_the_negatives_of_its_image():
     assert _losses(m, image, target) == L[1.0]
     for term in ("loss_rpn_cls", "loss_rcnn_cls"):
         assert L[1.0][term] > L[0.5][term] > L[0.25][term] > 0, term
-        assert L[1.0][term] - L[0.5][term] == pytest.approx(2 * (L[0.5][term] - L[0.25][term]), rel=1e-3, abs=1e-6)
+        assert L[1.0][term] - L[0.5][term] == pytest.approx(
+            2 * (L[0.5][term] - L[0.25][term]), rel=1e-3, abs=1e-6
+        )
     # the RPN normalises by the sampled anchors (affine down to 0); the R-CNN CE by the samples of weight > 0, so
     # at 0 the negatives leave its normaliser too
     rpn = "loss_rpn_cls"
@@ -155,8 +165,15 @@ def test_background_weight_scales_the_negatives_of_its_image():
     for term in ("loss_rpn_box", "loss_rcnn_box", "loss_mask"):
         assert len({round(L[w][term], 7) for w in L}) == 1, term
     # zero background weight on an image without text: its classification terms vanish
-    empty = dict(target, instances=Instances(boxes=torch.zeros((0, 4)), labels=torch.zeros(0, dtype=torch.int64),
-                                             polygons=[], lossweight=torch.zeros(0)))
+    empty = dict(
+        target,
+        instances=Instances(
+            boxes=torch.zeros((0, 4)),
+            labels=torch.zeros(0, dtype=torch.int64),
+            polygons=[],
+            lossweight=torch.zeros(0),
+        ),
+    )
     z = _losses(m, image, empty, background_weight=0.0)
     assert z["loss_rpn_cls"] == 0.0 and z["loss_rcnn_cls"] == 0.0
     assert _losses(m, image, empty)["loss_rpn_cls"] > 0
@@ -168,13 +185,17 @@ def test_mask_lossweight_scales_each_positives_mask_loss():
     image, target = text_image()
     L = {w: _losses_with_weights(m, image, target, [w, 1.0, 1.0]) for w in (1.0, 0.5, 0.0)}
     assert L[1.0]["loss_mask"] > L[0.5]["loss_mask"] > L[0.0]["loss_mask"] > 0
-    assert L[1.0]["loss_mask"] - L[0.5]["loss_mask"] == pytest.approx(L[0.5]["loss_mask"] - L[0.0]["loss_mask"], rel=1e-3)
+    assert L[1.0]["loss_mask"] - L[0.5]["loss_mask"] == pytest.approx(
+        L[0.5]["loss_mask"] - L[0.0]["loss_mask"], rel=1e-3
+    )
     zero = _losses_with_weights(m, image, target, [0.0, 0.0, 0.0])
     assert zero["loss_mask"] == 0.0  # zero weight, zero contribution
     # all weights 1: the unweighted loss of the release
     plain = build_model(tiny_cfg()).train()
     plain.load_state_dict(m.state_dict())
-    assert _losses_with_weights(plain, image, target, [1.0, 1.0, 1.0])["loss_mask"] == pytest.approx(L[1.0]["loss_mask"], rel=1e-5)
+    assert _losses_with_weights(plain, image, target, [1.0, 1.0, 1.0])["loss_mask"] == pytest.approx(
+        L[1.0]["loss_mask"], rel=1e-5
+    )
 
 
 def test_weighted_rpn_loss_by_hand():
@@ -184,7 +205,9 @@ def test_weighted_rpn_loss_by_hand():
     targets = torch.zeros(4, 4)
     w = torch.tensor([0.5, 0.0, 1.0, 1.0])  # as the assignment gives them: negatives weigh 1
     pos, neg = torch.tensor([True, True, False, False]), torch.tensor([False, False, True, True])
-    lo, lb = weighted_rpn_loss(obj, deltas, Instances(labels=labels, regression_targets=targets, lossweight=w), pos, neg)
+    lo, lb = weighted_rpn_loss(
+        obj, deltas, Instances(labels=labels, regression_targets=targets, lossweight=w), pos, neg
+    )
     bce = torch.nn.functional.binary_cross_entropy_with_logits(obj, labels, reduction="none")
     assert lo.item() == pytest.approx(((0.5 * bce[0]) + 0 * bce[1] + bce[2] + bce[3]).item() / 4)
     assert lb.item() == pytest.approx((0.5 * 1.0 + 0.0 * 2.0) / 4)  # normaliser: all 4 sampled anchors
@@ -196,7 +219,9 @@ def test_weighted_fastrcnn_loss_by_hand():
     box = torch.tensor([[1.0, 0, 0, 0], [0, 3.0, 0, 0], [9.0, 9, 9, 9]])
     reg = torch.zeros(3, 4)
     w = torch.tensor([2.0, 0.0, 1.0])
-    lc, lb = weighted_fastrcnn_loss(logits, box, Instances(labels=labels, regression_targets=reg, lossweight=w))
+    lc, lb = weighted_fastrcnn_loss(
+        logits, box, Instances(labels=labels, regression_targets=reg, lossweight=w)
+    )
     ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
     assert lc.item() == pytest.approx((2 * ce[0] + ce[2]).item() / 2)  # a w=0 positive leaves the count
     assert lb.item() == pytest.approx(2 * 1.0 / 3)  # divided by all sampled RoIs
@@ -279,7 +304,9 @@ def test_bf16_features_and_channels_last():
     losses = fast([image], [target])
     sum(losses.values()).backward()
     assert all(torch.isfinite(v) for v in losses.values())
-    assert fast.backbone.conv1.weight.grad is not None and fast.backbone.conv1.weight.grad.dtype == torch.float32
+    assert (
+        fast.backbone.conv1.weight.grad is not None and fast.backbone.conv1.weight.grad.dtype == torch.float32
+    )
 
     seen = _neck_dtypes(ref)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -322,7 +349,9 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     ckpt = torch.load(path, weights_only=True)
     ckpt["config"]["model"]["fpn_channels"] = 32
     torch.save(ckpt, tmp_path / "mismatch.pth")
-    with pytest.raises(CheckpointError, match=r"mismatch.pth: checkpoint does not match the model: .*other shapes"):
+    with pytest.raises(
+        CheckpointError, match=r"mismatch.pth: checkpoint does not match the model: .*other shapes"
+    ):
         load_model(tmp_path / "mismatch.pth")
     torch.save({"state_dict": m.state_dict()}, tmp_path / "foreign.pth")
     with pytest.raises(CheckpointError, match="not an i3cl checkpoint"):
@@ -359,7 +388,12 @@ def test_timm_features_only_backbone():
     assert m.backbone.strides == [4, 8, 16, 32]
     image, target = text_image(128, 160)
     feats = m.features(m.preprocess([image], resize=False)[0].tensors)
-    assert [tuple(f.shape[-2:]) for f in feats[:4]] == [(32, 40), (16, 20), (8, 10), (4, 5)]  # strides 4-32 of 128x160
+    assert [tuple(f.shape[-2:]) for f in feats[:4]] == [
+        (32, 40),
+        (16, 20),
+        (8, 10),
+        (4, 5),
+    ]  # strides 4-32 of 128x160
     out = m([image])
     assert set(out[0]) >= {"boxes", "scores", "polygons"} and len(out[0]["polygons"]) == len(out[0]["scores"])
     # and it trains: finite losses whose gradients reach the timm stages
@@ -430,10 +464,13 @@ def test_polygon_mask_targets_rasterise_inside_each_box():
 
 def test_tta_scales_do_not_touch_the_models_config():
     from i3cl_core.config import load_config
-    from i3cl_core.model.detector import build_model
     from i3cl_core.infer.predictor import predict_polygons
+    from i3cl_core.model.detector import build_model
 
-    cfg = load_config(REPO / "configs" / "demo" / "tiny_model.yaml", ["model.test_short_side=128", "model.test_long_side=160"])
+    cfg = load_config(
+        REPO / "configs" / "demo" / "tiny_model.yaml",
+        ["model.test_short_side=128", "model.test_long_side=160"],
+    )
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     model.roi_heads.box_head.cls_score.bias.data = torch.tensor([0.0, 0.6])
@@ -447,21 +484,28 @@ def test_tta_scales_do_not_touch_the_models_config():
     assert model.cfg.model_dump() == before
     assert isinstance(fused, list) and all(0 <= s <= 1 for _, s in fused)
     # the per-call scale is the one used: the 96-px run differs from the config's 128 px
-    assert direct["boxes"].shape != plain["boxes"].shape or not torch.allclose(direct["boxes"], plain["boxes"])
+    assert direct["boxes"].shape != plain["boxes"].shape or not torch.allclose(
+        direct["boxes"], plain["boxes"]
+    )
 
 
 def test_fp16_features_keep_heads_boxes_and_masks_in_float32():
     from i3cl_core.config import load_config
     from i3cl_core.model.detector import build_model
 
-    cfg = load_config(REPO / "configs" / "demo" / "tiny_model.yaml", ["model.test_short_side=128", "model.test_long_side=128"])
+    cfg = load_config(
+        REPO / "configs" / "demo" / "tiny_model.yaml",
+        ["model.test_short_side=128", "model.test_long_side=128"],
+    )
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     model.roi_heads.box_head.cls_score.bias.data = torch.tensor([0.0, 0.6])
     img = [torch.rand(3, 128, 128)]
     with torch.inference_mode():
         ref = model.predict(img)[0]
-        model.fp16_features = True  # what infer.precision=fp16 sets (float16 autocast of backbone, FPN, IntraCL)
+        model.fp16_features = (
+            True  # what infer.precision=fp16 sets (float16 autocast of backbone, FPN, IntraCL)
+        )
         low = model.predict(img)[0]
     assert ref["boxes"].dtype == low["boxes"].dtype == low["scores"].dtype == torch.float32
     assert len(ref["scores"]) > 0 and abs(len(ref["scores"]) - len(low["scores"])) <= 2

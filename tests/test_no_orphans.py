@@ -1,5 +1,6 @@
 """``kill -9`` of a command leaves no process behind: DataLoader workers and torchrun's trainers die with
 their parent (PR_SET_PDEATHSIG)."""
+
 from __future__ import annotations
 
 import os
@@ -94,21 +95,53 @@ def test_kill_9_of_infer_leaves_no_dataloader_worker(tmp_path, images):
         (copies / f"c{k}.jpg").symlink_to(files[k % len(files)])
     lst.write_text("\n".join(str(p) for p in sorted(copies.iterdir())))
     out = tmp_path / "out"
-    proc = subprocess.Popen([PY, "-m", "i3cl_core.cli", "infer", "--checkpoint", str(ckpt), "--images", str(lst),
-                             "--out", str(out), "--workers", "2", "--no-vis", "--no-progress", "--device", "cpu"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    proc = subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "i3cl_core.cli",
+            "infer",
+            "--checkpoint",
+            str(ckpt),
+            "--images",
+            str(lst),
+            "--out",
+            str(out),
+            "--workers",
+            "2",
+            "--no-vis",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO,
+    )
     kill_and_check(proc, 2, lambda: any((out / "per_image").glob("*.json")))
 
 
 def test_kill_9_of_train_and_of_torchrun_leaves_no_process(tmp_path, images):
     import yaml
 
-    cfg = {"_base_": str(REPO / "configs" / "demo" / "tiny_model.yaml"),
-           "data": {"train": [{"ann_file": images["ann_file"], "img_root": images["img_root"]}], "num_workers": 2,
-                    "augment": {"scales": [[128, 160]]}},
-           "model": {"test_short_side": 160, "test_long_side": 160},
-           "train": {"epochs": 50, "batch_size": 1, "lr": 0.001, "warmup_iters": 0, "lr_steps": [49],
-                     "log_interval": 1, "eval_interval": 0}}
+    cfg = {
+        "_base_": str(REPO / "configs" / "demo" / "tiny_model.yaml"),
+        "data": {
+            "train": [{"ann_file": images["ann_file"], "img_root": images["img_root"]}],
+            "num_workers": 2,
+            "augment": {"scales": [[128, 160]]},
+        },
+        "model": {"test_short_side": 160, "test_long_side": 160},
+        "train": {
+            "epochs": 50,
+            "batch_size": 1,
+            "lr": 0.001,
+            "warmup_iters": 0,
+            "lr_steps": [49],
+            "log_interval": 1,
+            "eval_interval": 0,
+        },
+    }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -118,12 +151,17 @@ def test_kill_9_of_train_and_of_torchrun_leaves_no_process(tmp_path, images):
         return log.exists() and "iter" in log.read_text(errors="replace")
 
     with open(log, "w") as f:
-        proc = subprocess.Popen([PY, "-m", "i3cl_core.cli", "train", str(path), "--work-dir", str(tmp_path / "w1")],
-                                stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        proc = subprocess.Popen(
+            [PY, "-m", "i3cl_core.cli", "train", str(path), "--work-dir", str(tmp_path / "w1")],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=env,
+        )
         kill_and_check(proc, 2, started)
     # the training task's launcher: torchrun -> trainer -> DataLoader workers, started as the flow does
-    from i3cl_core.utils import terminate_with_parent
     from i3cl_core.stages import train_command
+    from i3cl_core.utils import terminate_with_parent
 
     log2 = tmp_path / "torchrun.log"
 
@@ -131,7 +169,13 @@ def test_kill_9_of_train_and_of_torchrun_leaves_no_process(tmp_path, images):
         return log2.exists() and "iter" in log2.read_text(errors="replace")
 
     with open(log2, "w") as f:
-        proc = subprocess.Popen(train_command(path, tmp_path / "w2"), stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
-                                env=env, start_new_session=True, preexec_fn=terminate_with_parent)
+        proc = subprocess.Popen(
+            train_command(path, tmp_path / "w2"),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=env,
+            start_new_session=True,
+            preexec_fn=terminate_with_parent,
+        )
         kill_and_check(proc, 3, started2)
-

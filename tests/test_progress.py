@@ -1,5 +1,6 @@
 """make demo's live progress, read from a work dir: trainings and ensemble shards; bars on a terminal,
 plain lines at most every N seconds otherwise."""
+
 from __future__ import annotations
 
 import io
@@ -12,8 +13,10 @@ def _work_dir(tmp_path):
     wd = tmp_path / "run"
     t = wd / "teachers" / "teacher_a"
     t.mkdir(parents=True)
-    (t / "train.log").write_text("12:00:00 INFO i3cl.train: epoch 1/4 iter 25/25 loss 2.1000 lr 5e-04 2.10 img/s\n"
-                                 "12:00:10 INFO i3cl.train: epoch 2/4 iter 10/25 loss 1.7321 lr 5e-04 2.05 img/s\n")
+    (t / "train.log").write_text(
+        "12:00:00 INFO i3cl.train: epoch 1/4 iter 25/25 loss 2.1000 lr 5e-04 2.10 img/s\n"
+        "12:00:10 INFO i3cl.train: epoch 2/4 iter 10/25 loss 1.7321 lr 5e-04 2.05 img/s\n"
+    )
     (wd / "teachers" / "teacher_c").mkdir()  # not started: no log yet
     pred = wd / "predictions"
     (pred / "teacher_a").mkdir(parents=True)

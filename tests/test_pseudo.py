@@ -1,5 +1,6 @@
 """Pseudo labelling: Weighted Polygon Fusion against ensemble-boxes WBF, order independence,
 pseudo-label rules, the fuse command's bad-input handling, and the resumable sharded ensemble."""
+
 from __future__ import annotations
 
 import json
@@ -40,13 +41,18 @@ def random_case(rng, k=3):
                 p.append((rect(x, y, x + abs(w) + 1, y + abs(h) + 1), float(rng.uniform(0.05, 1))))
         for _ in range(rng.integers(0, 3)):
             x, y = rng.uniform(0, 540), rng.uniform(0, 420)
-            p.append((rect(x, y, x + rng.uniform(10, 100), y + rng.uniform(10, 60)), float(rng.uniform(0.05, 1))))
+            p.append(
+                (rect(x, y, x + rng.uniform(10, 100), y + rng.uniform(10, 60)), float(rng.uniform(0.05, 1)))
+            )
         preds.append([(np.clip(r, 0, [W, H]), s) for r, s in p])
     return preds
 
 
 def as_wbf_input(preds):
-    boxes = [[[r[:, 0].min() / W, r[:, 1].min() / H, r[:, 0].max() / W, r[:, 1].max() / H] for r, _ in p] for p in preds]
+    boxes = [
+        [[r[:, 0].min() / W, r[:, 1].min() / H, r[:, 0].max() / W, r[:, 1].max() / H] for r, _ in p]
+        for p in preds
+    ]
     scores = [[s for _, s in p] for p in preds]
     labels = [[0] * len(p) for p in preds]
     return boxes, scores, labels
@@ -54,7 +60,9 @@ def as_wbf_input(preds):
 
 def with_edge_midpoints(r):
     """The same rectangle as an 8-point polygon (takes the mean-shape path instead of the corner mean)."""
-    return np.array([r[0], (r[0] + r[1]) / 2, r[1], (r[1] + r[2]) / 2, r[2], (r[2] + r[3]) / 2, r[3], (r[3] + r[0]) / 2])
+    return np.array(
+        [r[0], (r[0] + r[1]) / 2, r[1], (r[1] + r[2]) / 2, r[2], (r[2] + r[3]) / 2, r[3], (r[3] + r[0]) / 2]
+    )
 
 
 @pytest.mark.parametrize("conf_type", ["avg", "max", "box_and_model_avg", "absent_model_aware_avg"])
@@ -69,11 +77,14 @@ def test_rectangles_cluster_and_score_exactly_like_wbf(conf_type):
         b, s, lab = as_wbf_input(preds)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            wb, ws, _ = weighted_boxes_fusion(b, s, lab, weights=weights.tolist(), iou_thr=0.55, skip_box_thr=0.1,
-                                              conf_type=conf_type)
+            wb, ws, _ = weighted_boxes_fusion(
+                b, s, lab, weights=weights.tolist(), iou_thr=0.55, skip_box_thr=0.1, conf_type=conf_type
+            )
         clusters = cluster_predictions(preds, weights, iou_thr=0.55, skip_thr=0.1, conf_type=conf_type)
         assert len(clusters) == len(wb)
-        ours = sorted(((round(c.score, 5), *(np.r_[c.points.min(0), c.points.max(0)] / [W, H, W, H])) for c in clusters))
+        ours = sorted(
+            (round(c.score, 5), *(np.r_[c.points.min(0), c.points.max(0)] / [W, H, W, H])) for c in clusters
+        )
         ref = sorted(((round(float(sc), 5), *bx) for sc, bx in zip(ws, wb)))
         for o, r in zip(ours, ref):
             assert o[0] == pytest.approx(r[0], abs=2e-5)  # fused score
@@ -86,9 +97,16 @@ def test_rectangles_cluster_and_score_exactly_like_wbf(conf_type):
             twins = [cc for cc in by_score if abs(cc.score - sc) < 2e-5]
             assert max(iou(cc.polygon, ref_box) for cc in twins) >= 0.999
             if len(c.members) > 1:
-                as_8gons = [Member(canonical(with_edge_midpoints(m.polygon)), m.score, m.model, m.weight) for m in c.members]
-                shape_ious.append(max(iou(mean_shape_polygon(as_8gons), box(*np.r_[cc.points.min(0), cc.points.max(0)]))
-                                      for cc in twins))
+                as_8gons = [
+                    Member(canonical(with_edge_midpoints(m.polygon)), m.score, m.model, m.weight)
+                    for m in c.members
+                ]
+                shape_ious.append(
+                    max(
+                        iou(mean_shape_polygon(as_8gons), box(*np.r_[cc.points.min(0), cc.points.max(0)]))
+                        for cc in twins
+                    )
+                )
     # the mean shape (the fallback for self-intersecting point means) rounds the corners where the
     # members' corners differ, so it is close to WBF's box but not equal
     assert len(shape_ious) > 50 and np.mean(shape_ious) >= 0.95 and min(shape_ious) >= 0.8
@@ -104,7 +122,9 @@ def test_equal_weights_result_does_not_depend_on_model_order():
     for _ in range(20):
         preds = random_case(rng, k=4)
         # curved polygons too: resample-mean and vote paths
-        preds[0].append((np.array([[100, 100], [150, 90], [200, 100], [200, 130], [150, 120], [100, 130.0]]), 0.9))
+        preds[0].append(
+            (np.array([[100, 100], [150, 90], [200, 100], [200, 130], [150, 120], [100, 130.0]]), 0.9)
+        )
         preds[2].append((np.array([[102, 101], [200, 99], [201, 131], [101, 129.0]]), 0.8))
 
         def signature(ps):
@@ -173,8 +193,10 @@ def test_canonical_many_equals_canonical_one_by_one():
     got = canonical_many(polys)
     want = [canonical(p) for p in polys]
     assert sum(w is None for w in want) >= 3
-    assert all((g is None and w is None) or (g is not None and w is not None and np.array_equal(g, w))
-               for g, w in zip(got, want))
+    assert all(
+        (g is None and w is None) or (g is not None and w is not None and np.array_equal(g, w))
+        for g, w in zip(got, want)
+    )
 
 
 # ------------------------------------------------------------------------------------ fuse command
@@ -189,8 +211,14 @@ def _results(preds_by_image):
     out = []
     for image_id, preds in preds_by_image.items():
         for poly, s in preds:
-            out.append({"image_id": image_id, "category_id": 1, "segmentation": [np.asarray(poly).ravel().tolist()],
-                        "score": s})
+            out.append(
+                {
+                    "image_id": image_id,
+                    "category_id": 1,
+                    "segmentation": [np.asarray(poly).ravel().tolist()],
+                    "score": s,
+                }
+            )
     return out
 
 
@@ -207,8 +235,14 @@ def test_fusion_in_a_process_pool_writes_what_one_process_writes(tmp_path):
         preds = {}
         for im in images:
             boxes = rng.uniform(0, 200, (6, 2))
-            preds[im["id"]] = [(np.array([[x, y], [x + 60, y + 3], [x + 60, y + 25], [x, y + 22]]) + rng.normal(0, 2, (4, 2)),
-                                float(rng.uniform(0.3, 1.0))) for x, y in boxes]
+            preds[im["id"]] = [
+                (
+                    np.array([[x, y], [x + 60, y + 3], [x + 60, y + 25], [x, y + 22]])
+                    + rng.normal(0, 2, (4, 2)),
+                    float(rng.uniform(0.3, 1.0)),
+                )
+                for x, y in boxes
+            ]
         path = tmp_path / f"m{k}.json"
         path.write_text(json.dumps(_results(preds)))
         sources.append(str(path))
@@ -227,8 +261,15 @@ def test_fuse_writes_a_loadable_lossweight_dataset(tmp_path):
     (tmp_path / "images").mkdir()
     for im in images:
         cv2.imwrite(str(tmp_path / "images" / im["file_name"]), np.full((H, W, 3), 120, np.uint8))
-    a = {1: [(rect(10, 10, 110, 40), 0.9), (rect(300, 300, 380, 330), 0.6)], 2: [(rect(50, 50, 150, 90), 0.8)]}
-    b = {1: [(rect(12, 11, 111, 41), 0.8)], 2: [(rect(51, 52, 149, 91), 0.7)], 99: [(rect(0, 0, 10, 10), 0.9)]}
+    a = {
+        1: [(rect(10, 10, 110, 40), 0.9), (rect(300, 300, 380, 330), 0.6)],
+        2: [(rect(50, 50, 150, 90), 0.8)],
+    }
+    b = {
+        1: [(rect(12, 11, 111, 41), 0.8)],
+        2: [(rect(51, 52, 149, 91), 0.7)],
+        99: [(rect(0, 0, 10, 10), 0.9)],
+    }
     c = {1: [(rect(11, 10, 109, 39), 0.7), ([[0, 0], [5, 5]], 0.9)], 3: [(rect(5, 5, 60, 30), 0.95)]}
     files = []
     for name, d in (("a", a), ("b", b), ("c", c)):
@@ -236,9 +277,30 @@ def test_fuse_writes_a_loadable_lossweight_dataset(tmp_path):
         f.write_text(json.dumps(_results(d)))
         files.append(str(f))
     gt = tmp_path / "gt.json"
-    gt.write_text(json.dumps({"images": images, "categories": [{"id": 1, "name": "text"}], "annotations": [
-        {"id": 1, "image_id": 1, "segmentation": [rect(10, 10, 110, 40).ravel().tolist()], "iscrowd": 0, "bbox": [10, 10, 100, 30]},
-        {"id": 2, "image_id": 2, "segmentation": [rect(50, 50, 150, 90).ravel().tolist()], "iscrowd": 0, "bbox": [50, 50, 100, 40]}]}))
+    gt.write_text(
+        json.dumps(
+            {
+                "images": images,
+                "categories": [{"id": 1, "name": "text"}],
+                "annotations": [
+                    {
+                        "id": 1,
+                        "image_id": 1,
+                        "segmentation": [rect(10, 10, 110, 40).ravel().tolist()],
+                        "iscrowd": 0,
+                        "bbox": [10, 10, 100, 30],
+                    },
+                    {
+                        "id": 2,
+                        "image_id": 2,
+                        "segmentation": [rect(50, 50, 150, 90).ravel().tolist()],
+                        "iscrowd": 0,
+                        "bbox": [50, 50, 100, 40],
+                    },
+                ],
+            }
+        )
+    )
     out = tmp_path / "pseudo" / "train_lossweight.json"
     cfg = load_config(None, ["fuse.keep_thr=0.3", "fuse.min_votes=2"]).fuse
     summary = fuse_predictions(files, str(images_json), out, cfg, gt=str(gt), progress=False)
@@ -252,7 +314,9 @@ def test_fuse_writes_a_loadable_lossweight_dataset(tmp_path):
     assert all(0 < a["lossweight"] <= 1 for a in data["annotations"] if not a["iscrowd"])
     # the default uncertain band: lone high-score clusters are do-not-care (weight 0), not background
     dontcare = [a for a in data["annotations"] if a["iscrowd"]]
-    assert summary["dontcare"] == len(dontcare) == 2 and all(a["votes"] == 1 and a["lossweight"] == 0 for a in dontcare)
+    assert summary["dontcare"] == len(dontcare) == 2 and all(
+        a["votes"] == 1 and a["lossweight"] == 0 for a in dontcare
+    )
     report = json.loads((tmp_path / "pseudo" / "report.json").read_text())
     assert report["quality"]["fused"]["hmean"] == 1.0
     assert Path(report["figures"]["scores"]).exists() and (tmp_path / "pseudo" / "report.md").exists()
@@ -265,8 +329,23 @@ def test_fuse_writes_a_loadable_lossweight_dataset(tmp_path):
     from i3cl_core.data.coco import CocoTextDataset
 
     labeled = tmp_path / "labeled.json"
-    labeled.write_text(json.dumps({"images": images[:1], "categories": [{"id": 1, "name": "text"}], "annotations": [
-        {"id": 1, "image_id": 1, "segmentation": [rect(10, 10, 110, 40).ravel().tolist()], "iscrowd": 0, "bbox": [10, 10, 100, 30]}]}))
+    labeled.write_text(
+        json.dumps(
+            {
+                "images": images[:1],
+                "categories": [{"id": 1, "name": "text"}],
+                "annotations": [
+                    {
+                        "id": 1,
+                        "image_id": 1,
+                        "segmentation": [rect(10, 10, 110, 40).ravel().tolist()],
+                        "iscrowd": 0,
+                        "bbox": [10, 10, 100, 30],
+                    }
+                ],
+            }
+        )
+    )
     ds = CocoTextDataset([(labeled, tmp_path / "images"), (out, tmp_path / "images")])
     assert len(ds) == 3
     weights = [ds[i][1]["instances"].lossweight.tolist() for i in range(3)]
@@ -281,15 +360,23 @@ def test_fuse_bad_inputs(tmp_path):
     with pytest.raises(DatasetError, match="empty.json: no usable prediction at all"):
         fuse_predictions([str(empty)], str(images_json), tmp_path / "o.json", cfg, progress=False)
     assert not (tmp_path / "o.json").exists()  # nothing for a student to train on
-    s = fuse_predictions([str(empty)], str(images_json), tmp_path / "o.json", cfg, progress=False, allow_empty=True)
+    s = fuse_predictions(
+        [str(empty)], str(images_json), tmp_path / "o.json", cfg, progress=False, allow_empty=True
+    )
     assert s["pseudo_labels"] == 0 and s["model_stats"][0]["predictions"] == 0
     broken = tmp_path / "broken.json"
     broken.write_text("[{")
     with pytest.raises(DatasetError, match="broken.json: malformed JSON"):
         fuse_predictions([str(broken)], str(images_json), tmp_path / "o.json", cfg, progress=False)
     with pytest.raises(DatasetError, match="model_weights: 2 weights for 1 prediction sources"):
-        fuse_predictions([str(empty)], str(images_json), tmp_path / "o.json", FuseConfig(model_weights=[1, 2]),
-                         progress=False, allow_empty=True)
+        fuse_predictions(
+            [str(empty)],
+            str(images_json),
+            tmp_path / "o.json",
+            FuseConfig(model_weights=[1, 2]),
+            progress=False,
+            allow_empty=True,
+        )
     shard_dir = tmp_path / "m"
     shard_dir.mkdir()
     (shard_dir / "shard_00000.json").write_text("[]")
@@ -297,15 +384,25 @@ def test_fuse_bad_inputs(tmp_path):
     with pytest.raises(DatasetError, match="mismatched image sets: this model ran on 2 images"):
         fuse_predictions([str(shard_dir)], str(images_json), tmp_path / "o.json", cfg, progress=False)
     with pytest.raises(DatasetError, match="prediction file or folder not found"):
-        fuse_predictions([str(tmp_path / "nope.json")], str(images_json), tmp_path / "o.json", cfg, progress=False)
+        fuse_predictions(
+            [str(tmp_path / "nope.json")], str(images_json), tmp_path / "o.json", cfg, progress=False
+        )
 
 
 def test_fuse_accepts_art_submissions(tmp_path):
     images_json, _ = _images(tmp_path)
     art = tmp_path / "art.json"
-    art.write_text(json.dumps({"res_1": [{"points": rect(10, 10, 60, 30).tolist(), "confidence": 0.9}],
-                               "res_77": [{"points": rect(0, 0, 9, 9).tolist(), "confidence": 0.9}]}))
-    s = fuse_predictions([str(art)], str(images_json), tmp_path / "o.json", FuseConfig(keep_thr=0.3), progress=False)
+    art.write_text(
+        json.dumps(
+            {
+                "res_1": [{"points": rect(10, 10, 60, 30).tolist(), "confidence": 0.9}],
+                "res_77": [{"points": rect(0, 0, 9, 9).tolist(), "confidence": 0.9}],
+            }
+        )
+    )
+    s = fuse_predictions(
+        [str(art)], str(images_json), tmp_path / "o.json", FuseConfig(keep_thr=0.3), progress=False
+    )
     assert s["pseudo_labels"] == 1 and s["model_stats"][0]["unknown_image"] == 1
 
 
@@ -322,9 +419,15 @@ def two_checkpoints(tmp_path_factory):
     data = generate_dataset(root / "unlabeled", 5, seed=21, size=(128, 128), progress=False, cjk=False)
     ckpts = []
     for seed in (0, 1):
-        cfg = load_config(REPO / "configs" / "demo" / "tiny_model.yaml",
-                          ["model.test_short_side=128", "model.test_long_side=128", "model.score_thr=0.3",
-                           "model.max_detections=20"])
+        cfg = load_config(
+            REPO / "configs" / "demo" / "tiny_model.yaml",
+            [
+                "model.test_short_side=128",
+                "model.test_long_side=128",
+                "model.score_thr=0.3",
+                "model.max_detections=20",
+            ],
+        )
         torch.manual_seed(seed)
         m = build_model(cfg).eval()
         m.roi_heads.box_head.cls_score.bias.data = torch.tensor([0.0, 0.6])  # some confident detections
@@ -335,10 +438,24 @@ def two_checkpoints(tmp_path_factory):
 @pytest.mark.slow
 def test_killed_ensemble_resumes_without_recomputing(tmp_path, two_checkpoints):
     ckpts, data = two_checkpoints
-    cmd = [sys.executable, "-m", "i3cl_core.cli", "ensemble", "--checkpoints", *ckpts, "--images", data["img_root"],
-           "--shard-size", "1", "--no-progress", "--out"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "i3cl_core.cli",
+        "ensemble",
+        "--checkpoints",
+        *ckpts,
+        "--images",
+        data["img_root"],
+        "--shard-size",
+        "1",
+        "--no-progress",
+        "--out",
+    ]
     subprocess.run(cmd + [str(tmp_path / "full")], check=True, capture_output=True, timeout=600)
-    proc = subprocess.Popen(cmd + [str(tmp_path / "killed")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd + [str(tmp_path / "killed")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     pred = tmp_path / "killed" / "predictions" / "teacher_0"
     deadline = time.time() + 300
     while len(list(pred.glob("shard_*.json"))) < 2 and time.time() < deadline:
@@ -349,14 +466,18 @@ def test_killed_ensemble_resumes_without_recomputing(tmp_path, two_checkpoints):
     n_full = len(list((tmp_path / "full" / "predictions").rglob("shard_*.json")))
     n_killed = len(list((tmp_path / "killed" / "predictions").rglob("shard_*.json")))
     assert len(done_before) >= 2 and n_killed < n_full  # killed mid-run, after some finished shards
-    res = subprocess.run(cmd + [str(tmp_path / "killed")], check=True, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        cmd + [str(tmp_path / "killed")], check=True, capture_output=True, text=True, timeout=600
+    )
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["models"][0]["skipped_done"] == len(done_before)
     for name, mtime in done_before.items():
         assert (pred / name).stat().st_mtime_ns == mtime  # finished shards were not recomputed
     full = sorted((tmp_path / "full").rglob("*.json"))
     killed = sorted((tmp_path / "killed").rglob("*.json"))
-    assert [p.relative_to(tmp_path / "full") for p in full] == [p.relative_to(tmp_path / "killed") for p in killed]
+    assert [p.relative_to(tmp_path / "full") for p in full] == [
+        p.relative_to(tmp_path / "killed") for p in killed
+    ]
     for a, b in zip(full, killed):
         if a.name != "members.json":
             assert a.read_bytes() == b.read_bytes(), a.name
@@ -369,7 +490,9 @@ def test_ensemble_then_fuse_round_trip(tmp_path, two_checkpoints):
     s = run_ensemble(ckpts, data["img_root"], tmp_path / "ens", shard_size=2, progress=False, flips=["h"])
     assert s["shards"] == 3 and len(s["members"]) == 2
     out = tmp_path / "pseudo.json"
-    f = fuse_predictions(s["members"], s["images_json"], out, FuseConfig(keep_thr=0.0, uncertain_band=None), progress=False)
+    f = fuse_predictions(
+        s["members"], s["images_json"], out, FuseConfig(keep_thr=0.0, uncertain_band=None), progress=False
+    )
     assert f["images"] == 5 and f["models"] == 2
     assert f["pseudo_labels"] == len(json.loads(out.read_text())["annotations"])
 
@@ -379,6 +502,7 @@ def _val_case(tmp_path, rng):
     """A labeled validation split (10 images, 3 texts each) and two models' predictions on it: each
     true text found by both models with scores in [0.55, 0.95], plus false positives with scores
     below 0.5; and an unlabeled split (3 images) with predictions of the same kind."""
+
     def split(name, n, labeled):
         images, anns, preds = [], [], [[], []]
         for i in range(1, n + 1):
@@ -386,17 +510,44 @@ def _val_case(tmp_path, rng):
             for j in range(3):
                 x, y = 20 + 200 * j, 40 + 30 * (i % 5)
                 r = rect(x, y, x + 150, y + 40)
-                anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 1, "iscrowd": 0,
-                             "segmentation": [r.ravel().tolist()], "bbox": [x, y, 150, 40], "area": 6000})
+                anns.append(
+                    {
+                        "id": len(anns) + 1,
+                        "image_id": i,
+                        "category_id": 1,
+                        "iscrowd": 0,
+                        "segmentation": [r.ravel().tolist()],
+                        "bbox": [x, y, 150, 40],
+                        "area": 6000,
+                    }
+                )
                 for m in range(2):
-                    preds[m].append({"image_id": i, "segmentation": [(r + rng.normal(0, 2, r.shape)).ravel().tolist()],
-                                     "score": float(rng.uniform(0.55, 0.95))})
+                    preds[m].append(
+                        {
+                            "image_id": i,
+                            "segmentation": [(r + rng.normal(0, 2, r.shape)).ravel().tolist()],
+                            "score": float(rng.uniform(0.55, 0.95)),
+                        }
+                    )
             for m in range(2):  # a false positive both models agree on
                 fp = rect(50, 300, 200, 340) + m
-                preds[m].append({"image_id": i, "segmentation": [fp.ravel().tolist()], "score": float(rng.uniform(0.1, 0.45))})
+                preds[m].append(
+                    {
+                        "image_id": i,
+                        "segmentation": [fp.ravel().tolist()],
+                        "score": float(rng.uniform(0.1, 0.45)),
+                    }
+                )
         ann_file = tmp_path / f"{name}.json"
-        ann_file.write_text(json.dumps({"images": images, "annotations": anns if labeled else [],
-                                        "categories": [{"id": 1, "name": "text"}]}))
+        ann_file.write_text(
+            json.dumps(
+                {
+                    "images": images,
+                    "annotations": anns if labeled else [],
+                    "categories": [{"id": 1, "name": "text"}],
+                }
+            )
+        )
         sources = []
         for m in range(2):
             p = tmp_path / f"{name}_model{m}.json"
@@ -420,8 +571,16 @@ def test_keep_thr_is_chosen_on_the_validation_split_without_the_unlabeled_ground
 
     hidden_gt = tmp_path / "unlabeled_gt.json"  # never written: the selection must not need it
     out = tmp_path / "pseudo" / "train_lossweight.json"
-    s = fuse_stage(unl_sources, str(unl_json), str(out), cfg, gt=None, img_root=str(tmp_path),
-                   val_members=val_sources, val_ann_file=str(val_json))
+    s = fuse_stage(
+        unl_sources,
+        str(unl_json),
+        str(out),
+        cfg,
+        gt=None,
+        img_root=str(tmp_path),
+        val_members=val_sources,
+        val_ann_file=str(val_json),
+    )
     assert not hidden_gt.exists()
     assert s["keep_thr"] == chosen["keep_thr"] and s["keep_thr_chosen_on"] == str(val_json)
     data = json.loads(out.read_text())
@@ -435,8 +594,16 @@ def test_keep_thr_is_chosen_on_the_validation_split_without_the_unlabeled_ground
     assert report["keep_thr_selection"]["chosen_on"] == str(val_json) and "quality" not in report
 
     # switched off: keep_thr as given (0.05 lets the false positives through)
-    s_off = fuse_stage(unl_sources, str(unl_json), str(out), cfg.model_copy(update={"auto_keep_thr": False}), gt=None,
-                       img_root=str(tmp_path), val_members=val_sources, val_ann_file=str(val_json))
+    s_off = fuse_stage(
+        unl_sources,
+        str(unl_json),
+        str(out),
+        cfg.model_copy(update={"auto_keep_thr": False}),
+        gt=None,
+        img_root=str(tmp_path),
+        val_members=val_sources,
+        val_ann_file=str(val_json),
+    )
     assert s_off["keep_thr"] == 0.05 and s_off["pseudo_labels"] == 12 and s_off["keep_thr_chosen_on"] is None
     assert s_off["dontcare"] == 0  # the band [0.3, 0.4) lies above keep_thr 0.05: nothing is left out
 
@@ -462,14 +629,27 @@ def test_ensemble_recomputes_shards_when_the_checkpoint_changed(tmp_path, two_ch
     assert shard.read_text() != first
 
 
-def test_fuse_cli_refuses_wrong_shaped_predictions_foreign_overrides_and_reports_capped_votes(tmp_path, capsys):
+def test_fuse_cli_refuses_wrong_shaped_predictions_foreign_overrides_and_reports_capped_votes(
+    tmp_path, capsys
+):
     from i3cl_core.cli import main
 
     images_json, _ = _images(tmp_path)
     wrong = tmp_path / "wrong.json"  # records without image ids' polygons: nothing usable
     wrong.write_text(json.dumps([{"image_id": 1, "segmentation": [[1, 2]], "score": 0.9}]))
-    base = ["fuse", "--predictions", str(wrong), str(wrong), "--images", str(images_json), "--out",
-            str(tmp_path / "p.json"), "--no-progress", "--set", "fuse.auto_keep_thr=false"]
+    base = [
+        "fuse",
+        "--predictions",
+        str(wrong),
+        str(wrong),
+        "--images",
+        str(images_json),
+        "--out",
+        str(tmp_path / "p.json"),
+        "--no-progress",
+        "--set",
+        "fuse.auto_keep_thr=false",
+    ]
     assert main(base) == 2
     assert "wrong.json: no usable prediction at all (1 invalid polygons" in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
@@ -481,7 +661,9 @@ def test_fuse_cli_refuses_wrong_shaped_predictions_foreign_overrides_and_reports
     assert "fuse.min_votes=5 is more than the 2 prediction sources; using 2" in capsys.readouterr().err
 
 
-def test_two_cpu_workers_write_the_same_shard_files_as_one_and_load_each_model_once(tmp_path, two_checkpoints):
+def test_two_cpu_workers_write_the_same_shard_files_as_one_and_load_each_model_once(
+    tmp_path, two_checkpoints
+):
     from i3cl_core.pseudo.ensemble import run_ensemble
 
     ckpts, data = two_checkpoints
@@ -491,27 +673,58 @@ def test_two_cpu_workers_write_the_same_shard_files_as_one_and_load_each_model_o
     assert one["devices"] == ["cpu"] and two["devices"] == ["cpu", "cpu"]
     assert one["model_loads_per_worker"] == [2]  # 10 (model, shard) jobs, each model loaded once
     assert sum(two["model_loads_per_worker"]) <= 4 and max(two["model_loads_per_worker"]) <= 2
-    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.json") if p.name != "members.json")
+    files = sorted(
+        p.relative_to(tmp_path / "one")
+        for p in (tmp_path / "one").rglob("*.json")
+        if p.name != "members.json"
+    )
     assert len([f for f in files if f.name.startswith("shard_")]) == 10
-    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.json")
-                           if p.name != "members.json")
+    assert files == sorted(
+        p.relative_to(tmp_path / "two")
+        for p in (tmp_path / "two").rglob("*.json")
+        if p.name != "members.json"
+    )
     for f in files:
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
-    assert sum(len(json.loads((tmp_path / "one" / f).read_text())) for f in files if f.name.startswith("shard_")) > 0
+    assert (
+        sum(len(json.loads((tmp_path / "one" / f).read_text())) for f in files if f.name.startswith("shard_"))
+        > 0
+    )
 
 
 def test_batched_inference_matches_one_image_at_a_time(tmp_path, two_checkpoints):
     from i3cl_core.pseudo.ensemble import run_ensemble
 
     ckpts, data = two_checkpoints
-    a = run_ensemble(ckpts[:1], data["img_root"], tmp_path / "b1", shard_size=5, devices=["cpu"], batch_size=1,
-                     loader_workers=0, precision="fp32", progress=False)
-    b = run_ensemble(ckpts[:1], data["img_root"], tmp_path / "b3", shard_size=5, devices=["cpu"], batch_size=3,
-                     loader_workers=2, precision="fp32", progress=False)
+    a = run_ensemble(
+        ckpts[:1],
+        data["img_root"],
+        tmp_path / "b1",
+        shard_size=5,
+        devices=["cpu"],
+        batch_size=1,
+        loader_workers=0,
+        precision="fp32",
+        progress=False,
+    )
+    b = run_ensemble(
+        ckpts[:1],
+        data["img_root"],
+        tmp_path / "b3",
+        shard_size=5,
+        devices=["cpu"],
+        batch_size=3,
+        loader_workers=2,
+        precision="fp32",
+        progress=False,
+    )
     r1 = json.loads(Path(a["members"][0], "shard_00000.json").read_text())
     r3 = json.loads(Path(b["members"][0], "shard_00000.json").read_text())
     assert len(r1) == len(r3) > 0  # the same detections, scores equal to float rounding
-    for x, y in zip(sorted(r1, key=lambda r: (r["image_id"], -r["score"])), sorted(r3, key=lambda r: (r["image_id"], -r["score"]))):
+    for x, y in zip(
+        sorted(r1, key=lambda r: (r["image_id"], -r["score"])),
+        sorted(r3, key=lambda r: (r["image_id"], -r["score"])),
+    ):
         assert x["image_id"] == y["image_id"] and abs(x["score"] - y["score"]) < 1e-4
 
 
@@ -529,7 +742,16 @@ def test_bad_devices_and_precisions_are_refused_before_any_work(tmp_path, two_ch
     with pytest.raises(ValueError, match="fp16 autocast needs a CUDA device"):
         resolve_precision("fp16", "cpu")
     assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("auto", "cpu") in ("fp32", "bf16")
-    base = ["ensemble", "--checkpoints", ckpts[0], "--images", data["img_root"], "--out", str(tmp_path / "e"), "--no-progress"]
+    base = [
+        "ensemble",
+        "--checkpoints",
+        ckpts[0],
+        "--images",
+        data["img_root"],
+        "--out",
+        str(tmp_path / "e"),
+        "--no-progress",
+    ]
     assert main(base + ["--devices", "cuda:0"]) == 2
     assert "--devices: 'cuda:0' requested" in capsys.readouterr().err
     assert main(base + ["--precision", "fp16"]) == 2
@@ -565,8 +787,14 @@ def test_fuse_reads_what_evaluate_reads_rle_masks_included(tmp_path):
     rle = mask_utils.encode(m)
     rle["counts"] = rle["counts"].decode()
     f = tmp_path / "rle.json"
-    f.write_text(json.dumps([{"image_id": 1, "category_id": 1, "segmentation": rle, "score": 0.8},
-                             {"image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 12], "score": 0.7}]))
+    f.write_text(
+        json.dumps(
+            [
+                {"image_id": 1, "category_id": 1, "segmentation": rle, "score": 0.8},
+                {"image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 12], "score": 0.7},
+            ]
+        )
+    )
     preds, stats = load_model_predictions(f, images)
     assert stats["predictions"] == 2 and stats["invalid_polygon"] == 0
     (poly, score), (box, _) = preds[1]
@@ -577,8 +805,10 @@ def test_fuse_reads_what_evaluate_reads_rle_masks_included(tmp_path):
 def test_keep_thr_beta_below_one_chooses_for_precision(monkeypatch):
     from i3cl_core.pseudo import thresholds
 
-    rows = [{"threshold": t, "precision": p, "recall": r, "hmean": round(2 * p * r / (p + r), 4), "best": False}
-            for t, p, r in [(0.3, 0.60, 0.90), (0.5, 0.75, 0.75), (0.7, 0.95, 0.60), (0.9, 0.99, 0.20)]]
+    rows = [
+        {"threshold": t, "precision": p, "recall": r, "hmean": round(2 * p * r / (p + r), 4), "best": False}
+        for t, p, r in [(0.3, 0.60, 0.90), (0.5, 0.75, 0.75), (0.7, 0.95, 0.60), (0.9, 0.99, 0.20)]
+    ]
     best_f = max(rows, key=lambda r: r["hmean"])
     for r in rows:
         r["best"] = r is best_f
@@ -598,18 +828,31 @@ def test_min_votes_is_chosen_on_the_validation_split_with_its_keep_thr(monkeypat
 
     def sweep(sources, images_json, cfg):  # one vote: more recall; two votes: precise but misses text
         p, r = {1: (0.80, 0.78), 2: (0.90, 0.60), 3: (0.95, 0.30)}[cfg.min_votes]
-        return [{"threshold": 0.5, "precision": p, "recall": r, "hmean": round(2 * p * r / (p + r), 4), "best": True}]
+        return [
+            {
+                "threshold": 0.5,
+                "precision": p,
+                "recall": r,
+                "hmean": round(2 * p * r / (p + r), 4),
+                "best": True,
+            }
+        ]
 
     monkeypatch.setattr(thresholds, "val_sweep", sweep)
     chosen = thresholds.choose_fusion(["a", "b", "c"], "val.json", FuseConfig())
     assert chosen["min_votes"] == 1 and set(chosen["by_min_votes"]) == {1, 2, 3}
     assert chosen["by_min_votes"][1] > chosen["by_min_votes"][2] > chosen["by_min_votes"][3]
     # F0.5 counts precision twice: two votes win
-    assert thresholds.choose_fusion(["a", "b", "c"], "val.json", FuseConfig(keep_thr_beta=0.5))["min_votes"] == 2
+    assert (
+        thresholds.choose_fusion(["a", "b", "c"], "val.json", FuseConfig(keep_thr_beta=0.5))["min_votes"] == 2
+    )
     # off: only the given value (capped at the number of models) is tried
     off = thresholds.choose_fusion(["a", "b"], "val.json", FuseConfig(auto_min_votes=False, min_votes=3))
     assert off["min_votes"] == 2 and list(off["by_min_votes"]) == [2]
     # ties go to more votes
-    monkeypatch.setattr(thresholds, "val_sweep", lambda s, j, cfg: [
-        {"threshold": 0.5, "precision": 0.8, "recall": 0.8, "hmean": 0.8, "best": True}])
+    monkeypatch.setattr(
+        thresholds,
+        "val_sweep",
+        lambda s, j, cfg: [{"threshold": 0.5, "precision": 0.8, "recall": 0.8, "hmean": 0.8, "best": True}],
+    )
     assert thresholds.choose_fusion(["a", "b"], "val.json", FuseConfig())["min_votes"] == 2

@@ -2,6 +2,7 @@
 commands (always), and the train-teachers flow on a real one-node Slurm (slurmctld + slurmd on
 127.0.0.1, started by scripts/slurm_local.sh from Debian's slurm-wlm and munge): a training, a
 cancelled flow run that scancels its job, and a re-run that resumes from the last checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -14,24 +15,58 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from i3cl_core.engine.launch import SlurmError, SlurmJob, SlurmLauncher, TorchrunLauncher, sbatch_script, torchrun_command
+from i3cl_core.engine.launch import (
+    SlurmError,
+    SlurmJob,
+    SlurmLauncher,
+    TorchrunLauncher,
+    sbatch_script,
+    torchrun_command,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------ no Slurm needed
 def test_batch_script_has_the_requested_resources_and_the_resume_flag(tmp_path):
-    launcher = SlurmLauncher(nodes=2, gpus_per_node=4, cpus_per_task=16, time="2-00:00:00", partition="gpu",
-                             account="ocr", sbatch_args=["--qos=high"], setup=["module load cuda/12.4"])
-    script = sbatch_script("teacher_a", tmp_path / "config.yaml", tmp_path, launcher, nproc_per_node=4, resume=True)
+    launcher = SlurmLauncher(
+        nodes=2,
+        gpus_per_node=4,
+        cpus_per_task=16,
+        time="2-00:00:00",
+        partition="gpu",
+        account="ocr",
+        sbatch_args=["--qos=high"],
+        setup=["module load cuda/12.4"],
+    )
+    script = sbatch_script(
+        "teacher_a", tmp_path / "config.yaml", tmp_path, launcher, nproc_per_node=4, resume=True
+    )
     lines = script.splitlines()
-    for opt in ("--nodes=2", "--gpus-per-node=4", "--cpus-per-task=16", "--time=2-00:00:00", "--partition=gpu",
-                "--account=ocr", "--qos=high", "--ntasks-per-node=1", f"--output={tmp_path}/slurm-%j.log"):
+    for opt in (
+        "--nodes=2",
+        "--gpus-per-node=4",
+        "--cpus-per-task=16",
+        "--time=2-00:00:00",
+        "--partition=gpu",
+        "--account=ocr",
+        "--qos=high",
+        "--ntasks-per-node=1",
+        f"--output={tmp_path}/slurm-%j.log",
+    ):
         assert f"#SBATCH {opt}" in lines, opt
-    assert lines.index("module load cuda/12.4") < next(i for i, ln in enumerate(lines) if ln.startswith("srun "))
+    assert lines.index("module load cuda/12.4") < next(
+        i for i, ln in enumerate(lines) if ln.startswith("srun ")
+    )
     run = next(ln for ln in lines if ln.startswith("srun "))
-    for part in ("--nnodes=$SLURM_JOB_NUM_NODES", "--nproc_per_node=4", "--rdzv-backend=c10d", '--rdzv-endpoint="$head:29500"',
-                 f"train {tmp_path / 'config.yaml'} --work-dir {tmp_path}", "--resume"):
+    for part in (
+        "--nnodes=$SLURM_JOB_NUM_NODES",
+        "--nproc_per_node=4",
+        "--rdzv-backend=c10d",
+        '--rdzv-endpoint="$head:29500"',
+        f"train {tmp_path / 'config.yaml'} --work-dir {tmp_path}",
+        "--resume",
+    ):
         assert part in run, part
     assert "--resume" not in sbatch_script("t", "c.yaml", tmp_path, SlurmLauncher(), resume=False)
     assert "--gpus-per-node" not in sbatch_script("t", "c.yaml", tmp_path, SlurmLauncher())  # a CPU job
@@ -46,7 +81,9 @@ def test_launcher_settings_are_validated_with_the_field_named():
         SlurmLauncher(time="two days")
     with pytest.raises(ValidationError, match="sbatch_args"):
         SlurmLauncher(sbatch_args=["-p gpu\n#SBATCH --x"])
-    cmd = torchrun_command("c.yaml", "w", 8, launcher=TorchrunLauncher(nnodes=2, rdzv_endpoint="node01:29500", rdzv_id="r1"))
+    cmd = torchrun_command(
+        "c.yaml", "w", 8, launcher=TorchrunLauncher(nnodes=2, rdzv_endpoint="node01:29500", rdzv_id="r1")
+    )
     assert "--standalone" not in cmd and "--nnodes=2" in cmd and "--rdzv-endpoint=node01:29500" in cmd
     assert torchrun_command("c.yaml", "w")[1:3] == ["-m", "i3cl_core.engine.local_launch"]
     from flows.params import TrainParams
@@ -93,7 +130,9 @@ def fake_slurm(tmp_path, monkeypatch):
 
 
 def test_submit_follows_the_log_and_the_exit_code(fake_slurm, tmp_path):
-    job = SlurmJob.submit("echo 'epoch 1/1 iter 1/2 loss 1.0'\nsleep 0.5\necho done\nexit 3\n", tmp_path / "run")
+    job = SlurmJob.submit(
+        "echo 'epoch 1/1 iter 1/2 loss 1.0'\nsleep 0.5\necho done\nexit 3\n", tmp_path / "run"
+    )
     assert json.loads((tmp_path / "run" / "slurm_job.json").read_text())["job_id"] == job.job_id
     lines = []
     assert job.follow(lines.append, poll=0.1, timeout=60) == 3  # FAILED, its exit code
@@ -130,8 +169,12 @@ def test_missing_slurm_commands_are_named(tmp_path, monkeypatch):
 def slurm(tmp_path_factory):
     """A one-node Slurm on 127.0.0.1; skipped, with the reason, where it cannot start."""
     d = tmp_path_factory.mktemp("slurm")
-    res = subprocess.run(["bash", str(REPO / "scripts" / "slurm_local.sh"), "start", str(d)], capture_output=True,
-                         text=True, timeout=600)
+    res = subprocess.run(
+        ["bash", str(REPO / "scripts" / "slurm_local.sh"), "start", str(d)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if res.returncode != 0:
         pytest.skip(f"no local Slurm here ({res.stderr.strip()[-300:]}); the stand-in tests above still ran")
     conf = res.stdout.strip().splitlines()[-1]
@@ -143,35 +186,51 @@ def slurm(tmp_path_factory):
         os.environ.pop("SLURM_CONF", None)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from flows.server import LocalServer
-
-    with LocalServer(tmp_path_factory.mktemp("prefect-home"), timeout=240) as srv:
-        yield srv
-
-
 RUN = """
 import json, sys
 from flows.pipeline import train_teachers
 print(json.dumps(train_teachers(**json.loads(sys.argv[1]))), flush=True)
 """
-TINY = ["train.batch_size=2", "train.warmup_iters=2", "train.log_interval=1", "data.num_workers=0",
-        "model.test_short_side=128", "model.test_long_side=160", "data.augment.scales=[[112, 160]]"]
+TINY = [
+    "train.batch_size=2",
+    "train.warmup_iters=2",
+    "train.log_interval=1",
+    "data.num_workers=0",
+    "model.test_short_side=128",
+    "model.test_long_side=160",
+    "data.augment.scales=[[112, 160]]",
+]
 
 
 def teachers_params(wd: Path, demo: Path, epochs: int, iters: int) -> dict:
-    return {"work_dir": str(wd),
-            "data": {"demo_dir": str(demo), "demo_size": 128, "demo_train": 4, "demo_unlabeled": 2, "demo_test": 2, "demo_val": 0},
-            "train": {"teachers": [{"name": "teacher_a", "config": "configs/demo/teacher_a.yaml"}],
-                      "overrides": [*TINY, f"train.epochs={epochs}", f"train.iters_per_epoch={iters}"],
-                      "launcher": {"kind": "slurm", "poll_s": 0.5, "time": "00:30:00"}}}
+    return {
+        "work_dir": str(wd),
+        "data": {
+            "demo_dir": str(demo),
+            "demo_size": 128,
+            "demo_train": 4,
+            "demo_unlabeled": 2,
+            "demo_test": 2,
+            "demo_val": 0,
+        },
+        "train": {
+            "teachers": [{"name": "teacher_a", "config": "configs/demo/teacher_a.yaml"}],
+            "overrides": [*TINY, f"train.epochs={epochs}", f"train.iters_per_epoch={iters}"],
+            "launcher": {"kind": "slurm", "poll_s": 0.5, "time": "00:30:00"},
+        },
+    }
 
 
 def start_flow(server, params: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", RUN, json.dumps(params)], cwd=REPO, text=True,
-                            env={**server.env, "SLURM_CONF": os.environ["SLURM_CONF"], "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", RUN, json.dumps(params)],
+        cwd=REPO,
+        text=True,
+        env={**server.env, "SLURM_CONF": os.environ["SLURM_CONF"], "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 CANCEL = """
@@ -188,7 +247,9 @@ with get_client(sync_client=True) as client:
 def cancel_latest_train_teachers_run(server) -> None:
     """Ask the API to cancel the newest train-teachers run, from another process (Prefect is never
     imported into the test process: its settings would stay bound to the first server it saw)."""
-    subprocess.run([sys.executable, "-c", CANCEL], env=server.env, cwd=REPO, check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-c", CANCEL], env=server.env, cwd=REPO, check=True, capture_output=True, timeout=120
+    )
 
 
 @pytest.mark.slow

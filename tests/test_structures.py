@@ -1,4 +1,5 @@
 """Instances: fields of one length, indexed together (numpy, torch and list fields alike)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,14 +10,22 @@ from i3cl_core.structures import Instances
 
 
 def _inst():
-    return Instances(boxes=torch.arange(16, dtype=torch.float32).reshape(4, 4), lossweight=np.array([0.1, 0.2, 0.3, 0.4]),
-                     polygons=["p0", "p1", "p2", "p3"])
+    return Instances(
+        boxes=torch.arange(16, dtype=torch.float32).reshape(4, 4),
+        lossweight=np.array([0.1, 0.2, 0.3, 0.4]),
+        polygons=["p0", "p1", "p2", "p3"],
+    )
 
 
 def test_every_field_is_indexed_the_same_way():
     inst = _inst()
-    for item in (torch.tensor([False, True, False, True]), np.array([False, True, False, True]), [1, 3],
-                 torch.tensor([1, 3]), slice(1, 4, 2)):
+    for item in (
+        torch.tensor([False, True, False, True]),
+        np.array([False, True, False, True]),
+        [1, 3],
+        torch.tensor([1, 3]),
+        slice(1, 4, 2),
+    ):
         sub = inst[item]
         assert len(sub) == 2
         assert sub.polygons == ["p1", "p3"]
@@ -34,7 +43,7 @@ def test_a_field_of_another_length_is_refused():
     with pytest.raises(ValueError, match="field 'labels' has 3 entries, the others 4"):
         inst.labels = torch.ones(3)
     with pytest.raises(AttributeError, match="no field 'scores'.*boxes, lossweight, polygons"):
-        inst.scores
+        _ = inst.scores
 
 
 def test_cat_joins_each_field_and_checks_the_names():
@@ -63,8 +72,17 @@ def test_a_dataloader_with_worker_processes_delivers_targets(coco_factory):
     from i3cl_core.data.coco import CocoTextDataset, collate
 
     imgs = [{"id": i, "file_name": f"gt_{i}.jpg", "width": 320, "height": 240} for i in (1, 2)]
-    anns = [{"id": i, "image_id": i, "segmentation": [rect(10, 10, 60, 20)], "bbox": [10, 10, 60, 20],
-             "iscrowd": 0, "lossweight": 0.5} for i in (1, 2)]
+    anns = [
+        {
+            "id": i,
+            "image_id": i,
+            "segmentation": [rect(10, 10, 60, 20)],
+            "bbox": [10, 10, 60, 20],
+            "iscrowd": 0,
+            "lossweight": 0.5,
+        }
+        for i in (1, 2)
+    ]
     ann, root = coco_factory(imgs, anns)
     loader = DataLoader(CocoTextDataset([(ann, root)]), batch_size=2, num_workers=1, collate_fn=collate)
     _, targets = next(iter(loader))

@@ -1,4 +1,5 @@
 """The synthetic curved-text generator: determinism, geometry, ink coverage, fallbacks, demo layout, CLI."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,9 @@ CJK_RE = re.compile(r"[\u4e00-\u9fff]")
 
 
 def _gen(path, n=10, seed=0, workers=1, **kw):
-    return synth.generate_dataset(path, n, seed=seed, size=kw.pop("size", SIZE), workers=workers, progress=False, **kw)
+    return synth.generate_dataset(
+        path, n, seed=seed, size=kw.pop("size", SIZE), workers=workers, progress=False, **kw
+    )
 
 
 def _poly(ann) -> np.ndarray:
@@ -90,7 +93,9 @@ def test_polygons_valid_inside_and_consistent(ten_images):
         assert (p >= 0).all() and (p[:, 0] <= SIZE[0]).all() and (p[:, 1] <= SIZE[1]).all()
         x, y, w, h = a["bbox"]
         assert x == pytest.approx(p[:, 0].min(), abs=0.011) and y == pytest.approx(p[:, 1].min(), abs=0.011)
-        assert x + w == pytest.approx(p[:, 0].max(), abs=0.02) and y + h == pytest.approx(p[:, 1].max(), abs=0.02)
+        assert x + w == pytest.approx(p[:, 0].max(), abs=0.02) and y + h == pytest.approx(
+            p[:, 1].max(), abs=0.02
+        )
         assert a["area"] == pytest.approx(shape.area, abs=0.02)
         assert _shoelace_y_down(p) > 0  # clockwise on screen: top edge left->right, bottom edge back
         assert (a["transcription"] == "###") == (a["iscrowd"] == 1)
@@ -165,7 +170,9 @@ def test_cjk_false_is_latin_without_warning(tmp_path, monkeypatch):
 def test_chinese_text_when_a_cjk_font_exists():
     texts = []
     for index in range(1, 16):
-        texts += [a["transcription"] for a in synth.render_sample(0, index, SIZE, cjk_font=synth.find_cjk_font())[1]]
+        texts += [
+            a["transcription"] for a in synth.render_sample(0, index, SIZE, cjk_font=synth.find_cjk_font())[1]
+        ]
     assert any(CJK_RE.search(t) for t in texts)
     assert any(re.search(r"[A-Za-z]", t) for t in texts)
 
@@ -208,7 +215,9 @@ def test_demo_preset_layout(tmp_path):
     assert len(train["images"]) == 3 and len(test["images"]) == 2 and len(gt["images"]) == 3
     assert images["annotations"] == [] and images["images"] == gt["images"]
     assert images["categories"] == gt["categories"] == [{"id": 1, "name": "text"}]
-    assert gt["annotations"] and {a["image_id"] for a in gt["annotations"]} <= {im["id"] for im in gt["images"]}
+    assert gt["annotations"] and {a["image_id"] for a in gt["annotations"]} <= {
+        im["id"] for im in gt["images"]
+    }
     for split, coco in (("train", train), ("unlabeled", gt), ("test", test)):
         for im in coco["images"]:
             assert (tmp_path / split / "images" / im["file_name"]).is_file()
@@ -218,16 +227,61 @@ def test_demo_preset_layout(tmp_path):
 
 
 def test_cli_synth(tmp_path, capsys):
-    rc = main(["synth", "--out", str(tmp_path / "d"), "--num-images", "3", "--size", "128", "96",
-               "--seed", "7", "--no-progress", "--no-cjk"])
+    rc = main(
+        [
+            "synth",
+            "--out",
+            str(tmp_path / "d"),
+            "--num-images",
+            "3",
+            "--size",
+            "128",
+            "96",
+            "--seed",
+            "7",
+            "--no-progress",
+            "--no-cjk",
+        ]
+    )
     assert rc == 0
     coco = json.loads((tmp_path / "d" / "annotations.json").read_text(encoding="utf-8"))
     assert [(im["width"], im["height"]) for im in coco["images"]] == [(128, 96)] * 3
     assert "3 images" in capsys.readouterr().out
-    rc = main(["synth", "--preset", "demo", "--out", str(tmp_path / "demo"), "--num-images", "2",
-               "--num-unlabeled", "2", "--num-test", "1", "--size", "96", "96", "--no-progress", "--no-cjk"])
+    rc = main(
+        [
+            "synth",
+            "--preset",
+            "demo",
+            "--out",
+            str(tmp_path / "demo"),
+            "--num-images",
+            "2",
+            "--num-unlabeled",
+            "2",
+            "--num-test",
+            "1",
+            "--size",
+            "96",
+            "96",
+            "--no-progress",
+            "--no-cjk",
+        ]
+    )
     assert rc == 0
     assert (tmp_path / "demo" / "unlabeled" / "images.json").is_file()
-    assert main(["synth", "--out", str(tmp_path / "e"), "--num-images", "1", "--backgrounds",
-                 str(tmp_path / "missing"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "synth",
+                "--out",
+                str(tmp_path / "e"),
+                "--num-images",
+                "1",
+                "--backgrounds",
+                str(tmp_path / "missing"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "missing" in capsys.readouterr().err

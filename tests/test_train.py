@@ -1,4 +1,5 @@
 """Training engine: checkpoints, resume after a kill, DDP equivalence, load_from, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -36,12 +37,27 @@ def write_cfg(path: Path, data, **train) -> Path:
     tr, val = data
     cfg = {
         "_base_": str(REPO / "configs" / "demo" / "tiny_model.yaml"),
-        "data": {"train": [{"ann_file": tr["ann_file"], "img_root": tr["img_root"]}], "num_workers": 0,
-                 "augment": {"scales": [[128, 192]], "flip": "random", "vflip_prob": 0.0}},
-        "model": {"test_short_side": 160, "test_long_side": 192,
-                  "backbone": {"name": "resnet18", "frozen_stages": 1, "norm_eval": True}},
-        "train": {"epochs": 2, "batch_size": 2, "lr": 0.01, "warmup_iters": 2, "lr_steps": [2], "log_interval": 1,
-                  "eval_interval": 0, "seed": 3, **train},
+        "data": {
+            "train": [{"ann_file": tr["ann_file"], "img_root": tr["img_root"]}],
+            "num_workers": 0,
+            "augment": {"scales": [[128, 192]], "flip": "random", "vflip_prob": 0.0},
+        },
+        "model": {
+            "test_short_side": 160,
+            "test_long_side": 192,
+            "backbone": {"name": "resnet18", "frozen_stages": 1, "norm_eval": True},
+        },
+        "train": {
+            "epochs": 2,
+            "batch_size": 2,
+            "lr": 0.01,
+            "warmup_iters": 2,
+            "lr_steps": [2],
+            "log_interval": 1,
+            "eval_interval": 0,
+            "seed": 3,
+            **train,
+        },
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -58,7 +74,9 @@ def assert_same_weights(a: dict, b: dict, atol=0.0, rtol=0.0):
 
 
 def test_lr_schedule():
-    t = load_config(None, ["train.lr=0.1", "train.warmup_iters=10", "train.warmup_ratio=0.001", "train.lr_steps=[2, 4]"]).train
+    t = load_config(
+        None, ["train.lr=0.1", "train.warmup_iters=10", "train.warmup_ratio=0.001", "train.lr_steps=[2, 4]"]
+    ).train
     assert lr_at(t, 0, 0) == pytest.approx(0.1 * 0.001)
     assert lr_at(t, 0, 5) == pytest.approx(0.1 * (0.001 + 0.999 * 0.5))
     assert lr_at(t, 1, 10) == pytest.approx(0.1)
@@ -86,7 +104,7 @@ def test_sampler_with_a_fixed_epoch_length_runs_one_stream_of_permutations_acros
         assert len(order) == len(s) == 10
         stream += order
     # the epochs are consecutive cuts of one stream of whole permutations
-    assert all(sorted(stream[k:k + 4]) == [0, 1, 2, 3] for k in range(0, 40, 4))
+    assert all(sorted(stream[k : k + 4]) == [0, 1, 2, 3] for k in range(0, 40, 4))
     s.set_epoch(1)
     assert s.indices() == stream[10:20]  # any epoch alone gives the same cut (resume)
     # shorter than one pass: two processes deal the epoch's cut round-robin
@@ -123,15 +141,17 @@ def test_sampler_mix_gives_each_batch_its_share_of_each_set():
     one = EpochSampler(105, 1, 0, seed=2, per_process=40, mix=[(labeled, 0.5), (pseudo, 0.5)])
     order = one.indices()
     assert len(order) == 40
-    batches = [order[i:i + 2] for i in range(0, 40, 2)]
+    batches = [order[i : i + 2] for i in range(0, 40, 2)]
     assert all(sum(x in labeled for x in b) == 1 for b in batches)  # one labeled image in every batch of 2
     picks = [x for x in order if x in labeled]
-    assert all(sorted(picks[i:i + 5]) == labeled for i in range(0, 20, 5))  # cycled in whole passes
+    assert all(sorted(picks[i : i + 5]) == labeled for i in range(0, 20, 5))  # cycled in whole passes
     # two processes: each gets half of each set's share, still one of each per batch
     a = EpochSampler(105, 2, 0, seed=2, per_process=20, mix=[(labeled, 0.5), (pseudo, 0.5)])
     b = EpochSampler(105, 2, 1, seed=2, per_process=20, mix=[(labeled, 0.5), (pseudo, 0.5)])
     for part in (a.indices(), b.indices()):
-        assert len(part) == 20 and all(sum(x in labeled for x in part[i:i + 2]) == 1 for i in range(0, 20, 2))
+        assert len(part) == 20 and all(
+            sum(x in labeled for x in part[i : i + 2]) == 1 for i in range(0, 20, 2)
+        )
     assert sorted(a.indices() + b.indices()) == sorted(order)
 
 
@@ -142,8 +162,11 @@ def test_dataset_mix_from_fractions(caplog):
     from i3cl_core.engine.train import dataset_mix
 
     ds = SimpleNamespace(records=[SimpleNamespace(source=k) for k in (0, 0, 1, 1, 1, 1, 1, 1, 2, 2)])
-    srcs = [DatasetSource(ann_file="a", img_root="r"), DatasetSource(ann_file="b", img_root="r", fraction=0.5),
-            DatasetSource(ann_file="c", img_root="r")]
+    srcs = [
+        DatasetSource(ann_file="a", img_root="r"),
+        DatasetSource(ann_file="b", img_root="r", fraction=0.5),
+        DatasetSource(ann_file="c", img_root="r"),
+    ]
     mix = dataset_mix(ds, srcs)
     # b has its half; a and c share the other half by size (2 and 2 images)
     assert [(g, round(f, 3)) for g, f in mix] == [([0, 1], 0.25), ([2, 3, 4, 5, 6, 7], 0.5), ([8, 9], 0.25)]
@@ -157,7 +180,12 @@ def test_dataset_mix_from_fractions(caplog):
 
 def test_training_set_fractions_are_validated(tmp_path):
     with pytest.raises(ConfigError, match="fractions of the training sets add up to 1.200"):
-        load_config(None, ["data.train=[{ann_file: a, img_root: b, fraction: 0.6}, {ann_file: c, img_root: d, fraction: 0.6}]"])
+        load_config(
+            None,
+            [
+                "data.train=[{ann_file: a, img_root: b, fraction: 0.6}, {ann_file: c, img_root: d, fraction: 0.6}]"
+            ],
+        )
     with pytest.raises(ConfigError, match="fraction"):
         load_config(None, ["data.train=[{ann_file: a, img_root: b, fraction: 1.5}]"])
 
@@ -173,7 +201,10 @@ def test_iters_per_epoch_trains_exactly_that_long(tmp_path, tiny_data):
 
 def test_training_writes_checkpoints_metrics_and_evaluates(tmp_path, tiny_data):
     cfg_path = write_cfg(tmp_path / "c.yaml", tiny_data, eval_interval=1, keep_last=1, tensorboard=True)
-    cfg = load_config(cfg_path, [f"data.val.ann_file={tiny_data[1]['ann_file']}", f"data.val.img_root={tiny_data[1]['img_root']}"])
+    cfg = load_config(
+        cfg_path,
+        [f"data.val.ann_file={tiny_data[1]['ann_file']}", f"data.val.img_root={tiny_data[1]['img_root']}"],
+    )
     summary = train(cfg, tmp_path / "w", progress=False)
     ck = tmp_path / "w" / "checkpoints"
     # keep_last=1: epoch_1.pth is pruned even when it is the best; best.pth (a hard link) keeps its content
@@ -197,8 +228,12 @@ def test_training_writes_checkpoints_metrics_and_evaluates(tmp_path, tiny_data):
     assert not any(t.endswith("/eval") or t.endswith("/epoch") for t in tags)
     logged = [r for r in lines if not r.get("eval")]
     assert [e.step for e in events.Scalars("train/loss")] == [r["iter"] for r in logged]
-    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in logged], rel=1e-6)
-    assert [e.value for e in events.Scalars("val/hmean")] == pytest.approx([r["hmean"] for r in lines if r.get("eval")], abs=1e-6)
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(
+        [r["loss"] for r in logged], rel=1e-6
+    )
+    assert [e.value for e in events.Scalars("val/hmean")] == pytest.approx(
+        [r["hmean"] for r in lines if r.get("eval")], abs=1e-6
+    )
 
 
 @pytest.mark.slow
@@ -207,7 +242,9 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_data):
     cmd = [PY, "-m", "i3cl_core.cli", "train", str(cfg_path), "--no-progress", "--work-dir"]
     subprocess.run(cmd + [str(tmp_path / "full")], check=True, capture_output=True, timeout=600)
 
-    proc = subprocess.Popen(cmd + [str(tmp_path / "killed")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd + [str(tmp_path / "killed")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     first = tmp_path / "killed" / "checkpoints" / "epoch_1.pth"
     deadline = time.time() + 300
     while not first.exists() and time.time() < deadline:
@@ -234,20 +271,53 @@ def test_two_process_gloo_ddp_matches_one_process(tmp_path, tiny_data):
     common = dict(epochs=1, max_iters_per_epoch=1, warmup_iters=0, lr=0.005, weight_decay=0.0)
     one = write_cfg(tmp_path / "one.yaml", tiny_data, batch_size=2, **common)
     two = write_cfg(tmp_path / "two.yaml", tiny_data, batch_size=1, **common)
-    sets = ["--set", "model.intra_cl=false", "--set", "model.inter_cl=false", "--set", "model.box_positive_fraction=0.01",
-            "--no-progress"]
-    subprocess.run([PY, "-m", "i3cl_core.cli", "train", str(one), "--work-dir", str(tmp_path / "w1"), *sets],
-                   check=True, capture_output=True, timeout=600)
+    sets = [
+        "--set",
+        "model.intra_cl=false",
+        "--set",
+        "model.inter_cl=false",
+        "--set",
+        "model.box_positive_fraction=0.01",
+        "--no-progress",
+    ]
+    subprocess.run(
+        [PY, "-m", "i3cl_core.cli", "train", str(one), "--work-dir", str(tmp_path / "w1"), *sets],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29617",
-                          "-m", "i3cl_core.cli", "train", str(two), "--work-dir", str(tmp_path / "w2"), *sets],
-                         capture_output=True, text=True, timeout=600, env=env)
+    res = subprocess.run(
+        [
+            PY,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29617",
+            "-m",
+            "i3cl_core.cli",
+            "train",
+            str(two),
+            "--work-dir",
+            str(tmp_path / "w2"),
+            *sets,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     s1 = json.loads((tmp_path / "w1" / "metrics.json").read_text())["summary"]
     s2 = json.loads((tmp_path / "w2" / "metrics.json").read_text())["summary"]
     assert s1["iterations"] == 1 and s2["iterations"] == 1 and s2["world_size"] == 2
-    logs = [[json.loads(line) for line in (tmp_path / w / "metrics.jsonl").read_text().splitlines()] for w in ("w1", "w2")]
-    assert [(r["epoch"], r["iter"]) for r in logs[0]] == [(r["epoch"], r["iter"]) for r in logs[1]] == [(1, 1)]
+    logs = [
+        [json.loads(line) for line in (tmp_path / w / "metrics.jsonl").read_text().splitlines()]
+        for w in ("w1", "w2")
+    ]
+    assert (
+        [(r["epoch"], r["iter"]) for r in logs[0]] == [(r["epoch"], r["iter"]) for r in logs[1]] == [(1, 1)]
+    )
     for k in ("loss_rpn_cls", "loss_rpn_box", "loss_rcnn_cls", "loss_rcnn_box", "loss_mask"):
         assert logs[1][0][k] == pytest.approx(logs[0][0][k], rel=1e-5, abs=1e-6), k
     ckpts = [torch.load(tmp_path / w / "checkpoints" / "latest.pth", weights_only=True) for w in ("w1", "w2")]
@@ -264,10 +334,21 @@ def test_two_process_gloo_ddp_matches_one_process(tmp_path, tiny_data):
 
 def test_load_from_switches_modules_on_and_logs_new_keys(tmp_path, tiny_data, caplog):
     plain = write_cfg(tmp_path / "plain.yaml", tiny_data, epochs=1, max_iters_per_epoch=1)
-    train(load_config(plain, ["model.intra_cl=false", "model.inter_cl=false"]), tmp_path / "stage1", progress=False)
+    train(
+        load_config(plain, ["model.intra_cl=false", "model.inter_cl=false"]),
+        tmp_path / "stage1",
+        progress=False,
+    )
     stage1 = final_weights(tmp_path / "stage1")
-    cfg = load_config(plain, [f"train.load_from={tmp_path / 'stage1' / 'checkpoints' / 'latest.pth'}",
-                              "train.lr=1e-12", "train.weight_decay=0", "train.momentum=0"])
+    cfg = load_config(
+        plain,
+        [
+            f"train.load_from={tmp_path / 'stage1' / 'checkpoints' / 'latest.pth'}",
+            "train.lr=1e-12",
+            "train.weight_decay=0",
+            "train.momentum=0",
+        ],
+    )
     import logging
 
     with caplog.at_level(logging.INFO, logger="i3cl"):
@@ -288,16 +369,27 @@ def test_corrupt_checkpoint_on_resume(tmp_path, tiny_data):
     with pytest.raises(CheckpointError, match=r"latest.pth: cannot read checkpoint: truncated, corrupt"):
         train(load_config(cfg_path), tmp_path / "w", resume=True, progress=False)
     with pytest.raises(CheckpointError, match="load_from checkpoint file not found"):
-        train(load_config(cfg_path, [f"train.load_from={tmp_path / 'nope.pth'}"]), tmp_path / "w2", progress=False)
+        train(
+            load_config(cfg_path, [f"train.load_from={tmp_path / 'nope.pth'}"]),
+            tmp_path / "w2",
+            progress=False,
+        )
 
 
 def test_missing_data_and_weights_are_reported(tmp_path, tiny_data):
     cfg_path = write_cfg(tmp_path / "c.yaml", tiny_data)
     with pytest.raises(DatasetError, match="annotation file not found"):
-        train(load_config(cfg_path, [f"data.train=[{{ann_file: {tmp_path}/none.json, img_root: {tmp_path}}}]"]),
-              tmp_path / "w", progress=False)
+        train(
+            load_config(cfg_path, [f"data.train=[{{ann_file: {tmp_path}/none.json, img_root: {tmp_path}}}]"]),
+            tmp_path / "w",
+            progress=False,
+        )
     with pytest.raises(CheckpointError, match="weights file not found"):
-        train(load_config(cfg_path, [f"model.backbone.weights={tmp_path}/r50.pth"]), tmp_path / "w", progress=False)
+        train(
+            load_config(cfg_path, [f"model.backbone.weights={tmp_path}/r50.pth"]),
+            tmp_path / "w",
+            progress=False,
+        )
 
 
 def test_nan_loss_stops_with_iteration_images_and_terms(tmp_path, tiny_data, monkeypatch):
@@ -336,10 +428,19 @@ def test_vitae_no_decay_keys_select_the_releases_parameters():
     opt = build_optimizer(model, tcfg)
     names = {id(p): n for n, p in model.named_parameters()}
     decay, no_decay = ({names[id(p)] for p in g["params"]} for g in opt.param_groups)
-    assert opt.param_groups[0]["weight_decay"] == tcfg.weight_decay > 0 and opt.param_groups[1]["weight_decay"] == 0
-    assert {"intra_cl.0.bn.weight", "roi_heads.inter_cl.bn.weight", "roi_heads.inter_cl.fuse_conv3.weight"} <= decay
-    assert {"roi_heads.inter_cl.transformer.layers.0.norm1.weight",
-            "roi_heads.inter_cl.transformer.layers.0.norm2.bias"} <= no_decay
+    assert (
+        opt.param_groups[0]["weight_decay"] == tcfg.weight_decay > 0
+        and opt.param_groups[1]["weight_decay"] == 0
+    )
+    assert {
+        "intra_cl.0.bn.weight",
+        "roi_heads.inter_cl.bn.weight",
+        "roi_heads.inter_cl.fuse_conv3.weight",
+    } <= decay
+    assert {
+        "roi_heads.inter_cl.transformer.layers.0.norm1.weight",
+        "roi_heads.inter_cl.transformer.layers.0.norm2.bias",
+    } <= no_decay
     assert all("norm" in n for n in no_decay)
 
 
@@ -355,8 +456,11 @@ def test_single_node_training_and_the_local_dask_cluster_listen_on_loopback_only
     from i3cl_core.stages import train_command
 
     def listeners(pids):
-        return {(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections(kind="inet")
-                if c.status == psutil.CONN_LISTEN and c.pid in pids}
+        return {
+            (c.laddr.ip, c.laddr.port, c.pid)
+            for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.pid in pids
+        }
 
     me = os.getpid()
     before = {(ip, port) for ip, port, _ in listeners({me})}
@@ -364,8 +468,14 @@ def test_single_node_training_and_the_local_dask_cluster_listen_on_loopback_only
     seen = set()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with LocalCluster(**local_dask_cluster_kwargs(1)) as cluster:
-        proc = subprocess.Popen(train_command(cfg, tmp_path / "w", nproc_per_node=2), cwd=REPO, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            train_command(cfg, tmp_path / "w", nproc_per_node=2),
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             while proc.poll() is None:
                 tree = {proc.pid}
@@ -373,9 +483,14 @@ def test_single_node_training_and_the_local_dask_cluster_listen_on_loopback_only
                     tree |= {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
                 except psutil.NoSuchProcess:
                     pass
-                tree |= {c.pid for c in psutil.Process(me).children(recursive=True)}  # the Dask nanny and worker
-                seen |= {(ip, port, "train" if pid in tree and pid != me else "dask") for ip, port, pid in listeners(tree | {me})
-                         if (ip, port) not in before}
+                tree |= {
+                    c.pid for c in psutil.Process(me).children(recursive=True)
+                }  # the Dask nanny and worker
+                seen |= {
+                    (ip, port, "train" if pid in tree and pid != me else "dask")
+                    for ip, port, pid in listeners(tree | {me})
+                    if (ip, port) not in before
+                }
                 time.sleep(0.2)
         finally:
             if proc.poll() is None:

@@ -2,6 +2,7 @@
 flow run on a local server, opened in headless Chromium; the rendered DOM must show every heading,
 every picture and every table row. Skipped, with the reason, where Chromium is not installed
 (``make test`` installs Debian's ``chromium`` when it can)."""
+
 from __future__ import annotations
 
 import re
@@ -13,12 +14,19 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium): "
-                                                          "the browser test of the UI's artifact pages did not run")]
+CHROMIUM = next(
+    (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None
+)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        CHROMIUM is None,
+        reason="no chromium on PATH (apt-get install chromium): "
+        "the browser test of the UI's artifact pages did not run",
+    ),
+]
 
-FLOW = r'''
+FLOW = r"""
 import sys
 from pathlib import Path
 import numpy as np
@@ -45,42 +53,64 @@ def artifact_check():
                           key="browser-table")
 
 artifact_check()
-'''
+"""
 
 
 def _dom(url: str) -> str:
-    res = subprocess.run([CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--dump-dom",
-                          "--virtual-time-budget=25000", "--window-size=1400,1600", url],
-                         capture_output=True, text=True, timeout=180)
+    res = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--dump-dom",
+            "--virtual-time-budget=25000",
+            "--window-size=1400,1600",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     return res.stdout
 
 
-def test_artifact_pages_render_headings_pictures_and_rows(tmp_path):
-    from flows.server import LocalServer
+def test_artifact_pages_render_headings_pictures_and_rows(server, tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-c", FLOW, str(tmp_path)],
+        env=server.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with LocalServer(tmp_path / "home", timeout=240) as server:
-        res = subprocess.run([sys.executable, "-c", FLOW, str(tmp_path)], env=server.env, cwd=REPO,
-                             capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stderr[-3000:]
-        from prefect import get_client
-        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+    # an explicit settings context: an earlier test of this process may have bound Prefect to its own server
+    with (
+        temporary_settings({PREFECT_API_URL: server.env["PREFECT_API_URL"]}),
+        get_client(sync_client=True) as client,
+    ):
+        arts = {
+            a.key: a
+            for a in client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["browser-md", "browser-table"]))
+            )
+        }
+    assert set(arts) == {"browser-md", "browser-table"}
 
-        # an explicit settings context: an earlier test of this process may have bound Prefect to its own server
-        with temporary_settings({PREFECT_API_URL: server.env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
-            arts = {a.key: a for a in client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["browser-md", "browser-table"])))}
-        assert set(arts) == {"browser-md", "browser-table"}
+    for ui in ("", "/v2"):  # the default UI and the V2 UI the server also ships
+        md = _dom(f"{server.url}{ui}/artifacts/artifact/{arts['browser-md'].id}")
+        headings = re.findall(r"<h([12])[^>]*>(.*?)</h\1>", md, flags=re.S)
+        texts = [re.sub(r"<[^>]+>", "", t).strip() for _, t in headings]
+        for h in ("Pseudo labels", "Precision and recall", "Fused scores", "Samples"):
+            assert h in texts, (ui, h, texts)
+        assert len(re.findall(r'<img[^>]+src="data:image/jpeg;base64,', md)) == 4, ui
+        assert "12 pseudo labels from 2 models." in md
 
-        for ui in ("", "/v2"):  # the default UI and the V2 UI the server also ships
-            md = _dom(f"{server.url}{ui}/artifacts/artifact/{arts['browser-md'].id}")
-            headings = re.findall(r"<h([12])[^>]*>(.*?)</h\1>", md, flags=re.S)
-            texts = [re.sub(r"<[^>]+>", "", t).strip() for _, t in headings]
-            for h in ("Pseudo labels", "Precision and recall", "Fused scores", "Samples"):
-                assert h in texts, (ui, h, texts)
-            assert len(re.findall(r'<img[^>]+src="data:image/jpeg;base64,', md)) == 4, ui
-            assert "12 pseudo labels from 2 models." in md
-
-        table = _dom(f"{server.url}/artifacts/artifact/{arts['browser-table'].id}")
-        for cell in ("teacher:teacher_a", "control:student", "0.61", "0.66"):
-            assert cell in table, cell
+    table = _dom(f"{server.url}/artifacts/artifact/{arts['browser-table'].id}")
+    for cell in ("teacher:teacher_a", "control:student", "0.61", "0.66"):
+        assert cell in table, cell

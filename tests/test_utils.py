@@ -1,4 +1,5 @@
 """Shared helpers: atomic writes keep the permissions a plain write would give."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Pseudo-label variants: current pointer, legacy work dirs, compare and gc (without Prefect)."""
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,18 @@ from i3cl_core import variants
 def _variant(stage, key, keep_thr, n):
     d = stage / key
     d.mkdir(parents=True)
-    (d / "train_lossweight.json").write_text(json.dumps({"info": {"fuse": {"keep_thr": keep_thr}}, "images": [],
-                                                         "annotations": []}))
-    (d / "report.json").write_text(json.dumps({"fuse": {"keep_thr": keep_thr, "min_votes": 2, "conf_type": "max"},
-                                               "pseudo_labels": n, "quality": {"fused": {"hmean": 0.5 + n / 100}}}))
+    (d / "train_lossweight.json").write_text(
+        json.dumps({"info": {"fuse": {"keep_thr": keep_thr}}, "images": [], "annotations": []})
+    )
+    (d / "report.json").write_text(
+        json.dumps(
+            {
+                "fuse": {"keep_thr": keep_thr, "min_votes": 2, "conf_type": "max"},
+                "pseudo_labels": n,
+                "quality": {"fused": {"hmean": 0.5 + n / 100}},
+            }
+        )
+    )
     time.sleep(0.01)  # distinct modification times: variants are listed oldest first
     return d
 
@@ -23,7 +32,9 @@ def test_current_legacy_compare_and_gc(tmp_path):
     stage = wd / "pseudo"
     stage.mkdir(parents=True)
     # a legacy work dir: the labels directly in pseudo/
-    (stage / "train_lossweight.json").write_text(json.dumps({"info": {"fuse": {"keep_thr": 0.6}}, "annotations": []}))
+    (stage / "train_lossweight.json").write_text(
+        json.dumps({"info": {"fuse": {"keep_thr": 0.6}}, "annotations": []})
+    )
     assert variants.current_variant(stage) == variants.LEGACY
     assert variants.pseudo_file(stage) == stage / "train_lossweight.json"
     a = _variant(stage, "aaaaaaaaaaaa", 0.3, 10)
@@ -34,7 +45,9 @@ def test_current_legacy_compare_and_gc(tmp_path):
     assert variants.pseudo_file(stage, "aaaaaaaaaaaa") == a / "train_lossweight.json"
     # a model trained on variant a records it
     (wd / "student" / "s").mkdir(parents=True)
-    (wd / "student" / "s" / "lineage.json").write_text(json.dumps({"pseudo": {"path": str(a / "train_lossweight.json")}}))
+    (wd / "student" / "s" / "lineage.json").write_text(
+        json.dumps({"pseudo": {"path": str(a / "train_lossweight.json")}})
+    )
     rows = variants.compare(wd)
     assert [r["variant"] for r in rows] == ["legacy", "aaaaaaaaaaaa", "bbbbbbbbbbbb", "cccccccccccc"]
     assert [r["current"] for r in rows] == [False, False, False, True]
@@ -43,7 +56,11 @@ def test_current_legacy_compare_and_gc(tmp_path):
     assert variants.gc(wd, keep=0, dry_run=True) == [b]
     assert b.exists()
     assert variants.gc(wd, keep=1) == [b] and not b.exists() and a.exists() and c.exists()
-    assert variants.variant_key(x=1, y=[1, 2]) == variants.variant_key(y=[1, 2], x=1) != variants.variant_key(x=2, y=[1, 2])
+    assert (
+        variants.variant_key(x=1, y=[1, 2])
+        == variants.variant_key(y=[1, 2], x=1)
+        != variants.variant_key(x=2, y=[1, 2])
+    )
 
 
 def test_runs_cli(tmp_path, capsys):

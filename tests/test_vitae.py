@@ -1,5 +1,6 @@
 """The ViTAEv2-S backbone: size, output strides, any input size, window attention, gradient
 checkpointing, loading weights, and the detector and recipe built on it."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,7 +34,12 @@ def test_size_channels_and_strides(backbone):
     assert backbone.out_channels == [64, 128, 256, 512] and backbone.strides == [4, 8, 16, 32]
     with torch.no_grad():
         outs = backbone(torch.randn(1, 3, 224, 320))
-    assert [tuple(o.shape) for o in outs] == [(1, 64, 56, 80), (1, 128, 28, 40), (1, 256, 14, 20), (1, 512, 7, 10)]
+    assert [tuple(o.shape) for o in outs] == [
+        (1, 64, 56, 80),
+        (1, 128, 28, 40),
+        (1, 256, 14, 20),
+        (1, 512, 7, 10),
+    ]
     assert all(torch.isfinite(o).all() for o in outs)
 
 
@@ -53,8 +59,8 @@ def test_window_attention_is_attention_inside_each_window():
     grid = x.view(1, 14, 14, 32)
     for i in (0, 7):
         for j in (0, 7):
-            ref = full(grid[:, i:i + 7, j:j + 7].reshape(1, 49, 32))
-            assert torch.allclose(out[:, i:i + 7, j:j + 7].reshape(1, 49, 32), ref, atol=1e-5)
+            ref = full(grid[:, i : i + 7, j : j + 7].reshape(1, 49, 32))
+            assert torch.allclose(out[:, i : i + 7, j : j + 7].reshape(1, 49, 32), ref, atol=1e-5)
     # a map smaller than the window is padded: one window, padding tokens only as extra keys
     assert win(torch.randn(2, 5 * 3, 32), (5, 3)).shape == (2, 15, 32)
     # reduction cells change the width; the values (merged over heads) are the skip connection
@@ -69,7 +75,9 @@ def test_drop_path_schedules():
     step = 0.3 / 13
     cumulative = rates(ViTAEv2Backbone(drop_path_rate=0.3))
     assert cumulative[0] == [0.0, round(step, 4)] and cumulative[3] == [round(12 * step, 4), 0.3]
-    release = rates(ViTAEv2Backbone(drop_path_rate=0.3, drop_path_schedule="release"))  # the release's schedule, docs/model.md
+    release = rates(
+        ViTAEv2Backbone(drop_path_rate=0.3, drop_path_schedule="release")
+    )  # the release's schedule, docs/model.md
     assert release[2][0] == round(2 * step, 4) and release[3] == [round(8 * step, 4), round(9 * step, 4)]
 
 
@@ -97,9 +105,15 @@ def test_load_weights(tmp_path, backbone, caplog):
     # our own weights, saved the way an ImageNet training script would: nested, prefixed, with the
     # classifier, the final norm and recomputed buffers beside them
     state = {f"module.{k}": v + 1.0 for k, v in backbone.state_dict().items()}
-    state.update({"module.head.weight": torch.zeros(1000, 512), "module.head.bias": torch.zeros(1000),
-                  "module.norm.weight": torch.ones(512), "module.norm.bias": torch.zeros(512),
-                  "module.layers.0.NC.0.attn.relative_position_index": torch.zeros(49, 49, dtype=torch.long)})
+    state.update(
+        {
+            "module.head.weight": torch.zeros(1000, 512),
+            "module.head.bias": torch.zeros(1000),
+            "module.norm.weight": torch.ones(512),
+            "module.norm.bias": torch.zeros(512),
+            "module.layers.0.NC.0.attn.relative_position_index": torch.zeros(49, 49, dtype=torch.long),
+        }
+    )
     torch.save({"epoch": 300, "state_dict": state}, tmp_path / "vitaev2_s.pth.tar")
     m = ViTAEv2Backbone()
     missing, skipped = m.load_weights(str(tmp_path / "vitaev2_s.pth.tar"))
@@ -138,9 +152,15 @@ def text_image(h: int, w: int):
     polys = [[np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32)] for x0, y0, x1, y1 in boxes]
     from i3cl_core.structures import Instances
 
-    target = {"instances": Instances(boxes=torch.tensor(boxes, dtype=torch.float32), labels=torch.ones(len(boxes), dtype=torch.int64),
-                                     polygons=polys, lossweight=torch.ones(len(boxes))),
-              "dontcare": Instances(boxes=torch.zeros((0, 4)), polygons=[])}
+    target = {
+        "instances": Instances(
+            boxes=torch.tensor(boxes, dtype=torch.float32),
+            labels=torch.ones(len(boxes), dtype=torch.int64),
+            polygons=polys,
+            lossweight=torch.ones(len(boxes)),
+        ),
+        "dontcare": Instances(boxes=torch.zeros((0, 4)), polygons=[]),
+    }
     return torch.from_numpy(img).permute(2, 0, 1).float() / 255, target
 
 
@@ -148,8 +168,15 @@ def test_detector_with_vitae_trains_and_predicts():
     from i3cl_core.model.detector import build_model
 
     torch.manual_seed(0)
-    cfg = load_config(TINY, ["model.backbone.name=vitaev2_s", "model.backbone.drop_path_rate=0.0",
-                             "model.test_short_side=128", "model.test_long_side=160"])
+    cfg = load_config(
+        TINY,
+        [
+            "model.backbone.name=vitaev2_s",
+            "model.backbone.drop_path_rate=0.0",
+            "model.test_short_side=128",
+            "model.test_long_side=160",
+        ],
+    )
     m = build_model(cfg)
     assert m.neck.fpn.inner_blocks[0][0].in_channels == 64
     image, target = text_image(128, 160)

@@ -1,5 +1,6 @@
 """Config errors: :class:`ConfigError`, and pydantic validation errors rewritten to name the key, where its
 value came from (file or ``--set``), and what is allowed."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -17,7 +18,10 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
-        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+        if (
+            not (isinstance(current, type) and issubclass(current, BaseModel))
+            or part not in current.model_fields
+        ):
             return None
         annotation = current.model_fields[part].annotation
         current = _unwrap_model(annotation)
@@ -44,7 +48,10 @@ def _field_description(model: type[BaseModel], loc: tuple) -> str | None:
     for part in loc:
         if isinstance(part, int):
             continue
-        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+        if (
+            not (isinstance(current, type) and issubclass(current, BaseModel))
+            or part not in current.model_fields
+        ):
             return None
         info = current.model_fields[part]
         current = _unwrap_model(info.annotation)
@@ -91,5 +98,3 @@ def format_validation_error(err: ValidationError, origins: dict[str, str], model
             text += f"; {desc}"
         lines.append(text)
     return "invalid config:\n  " + "\n  ".join(lines)
-
-

@@ -1,4 +1,5 @@
 """YAML config files with ``_base_`` inheritance, ``--set key=value`` overrides, saving a resolved config."""
+
 from __future__ import annotations
 
 import copy

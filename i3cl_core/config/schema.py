@@ -1,12 +1,12 @@
 """The configuration schema: one pydantic model per section (data, model, train, infer, fuse), every
 field typed, with its range and a description."""
+
 from __future__ import annotations
 
 import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
 
 _LOGGED: set[str] = set()
 
@@ -31,17 +31,24 @@ class DatasetSource(_Strict):
     ann_file: str = Field(description="COCO json with images, annotations (polygon/RLE), optional lossweight")
     img_root: str = Field(description="folder that the images' file_name entries are relative to")
     fraction: float | None = Field(
-        None, gt=0.0, le=1.0, description="share of every training epoch drawn from this set, spread evenly over "
-        "the batches (sets without one share the rest in proportion to their sizes); e.g. 0.5 for the pseudo labels"
+        None,
+        gt=0.0,
+        le=1.0,
+        description="share of every training epoch drawn from this set, spread evenly over "
+        "the batches (sets without one share the rest in proportion to their sizes); e.g. 0.5 for the pseudo labels",
     )
     augment: Literal["default", "strong"] = Field(
-        "default", description="default: data.augment's policies; strong: data.augment.strong (scale, translation, "
-        "rotation, shear, colour, blur/noise, cutout), the noise a student needs on pseudo-labelled images"
+        "default",
+        description="default: data.augment's policies; strong: data.augment.strong (scale, translation, "
+        "rotation, shear, colour, blur/noise, cutout), the noise a student needs on pseudo-labelled images",
     )
     background_weight: float = Field(
-        1.0, ge=0.0, le=1.0, description="weight of the negative anchors and RoIs of this set's images in the "
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="weight of the negative anchors and RoIs of this set's images in the "
         "classification losses: below 1 on pseudo-labelled images, where text no teacher found would otherwise be "
-        "taught as confident background"
+        "taught as confident background",
     )
 
 
@@ -55,12 +62,18 @@ class StrongAugmentConfig(_Strict):
     rotate: float = Field(30.0, ge=0.0, le=180.0, description="largest rotation in degrees (either sign)")
     shear: float = Field(15.0, ge=0.0, le=45.0, description="largest shear in degrees (x and y, either sign)")
     affine_prob: float = Field(0.8, ge=0.0, le=1.0)
-    color_prob: float = Field(0.8, ge=0.0, le=1.0, description="chance of random brightness/contrast/saturation")
+    color_prob: float = Field(
+        0.8, ge=0.0, le=1.0, description="chance of random brightness/contrast/saturation"
+    )
     color_strength: float = Field(0.4, ge=0.0, le=1.0, description="factors drawn from [1 - s, 1 + s]")
-    blur_noise_prob: float = Field(0.3, ge=0.0, le=1.0, description="chance of a Gaussian blur or Gaussian noise")
+    blur_noise_prob: float = Field(
+        0.3, ge=0.0, le=1.0, description="chance of a Gaussian blur or Gaussian noise"
+    )
     cutout_prob: float = Field(0.5, ge=0.0, le=1.0)
     cutout_patches: tuple[int, int] = Field((1, 5), description="number of grey patches (min, max)")
-    cutout_size: float = Field(0.2, ge=0.0, le=0.5, description="largest patch side as a fraction of the image side")
+    cutout_size: float = Field(
+        0.2, ge=0.0, le=0.5, description="largest patch side as a fraction of the image side"
+    )
 
     @field_validator("scale")
     @classmethod
@@ -89,7 +102,8 @@ class AugmentConfig(_Strict):
     hflip_prob: float = Field(0.5, ge=0.0, le=1.0)
     vflip_prob: float = Field(0.5, ge=0.0, le=1.0)
     policies: Literal["r50", "vitae", "resize_only"] = Field(
-        "r50", description="AutoAugment policy set: r50 (3 policies), vitae (4: adds resize only), resize_only"
+        "r50",
+        description="AutoAugment policy set: r50 (3 policies), vitae (4: adds resize only), resize_only",
     )
     rotate_prob: float = Field(0.5, ge=0.0, le=1.0)
     rotate_angles: tuple[float, float] = Field(
@@ -105,8 +119,9 @@ class AugmentConfig(_Strict):
     min_instance_area: float = Field(
         4.0, ge=0.0, description="instances whose clipped polygon area (px^2) falls below this are dropped"
     )
-    strong: StrongAugmentConfig = Field(default_factory=StrongAugmentConfig,
-                                        description="the policy of training sets with augment: strong")
+    strong: StrongAugmentConfig = Field(
+        default_factory=StrongAugmentConfig, description="the policy of training sets with augment: strong"
+    )
 
     @field_validator("scales")
     @classmethod
@@ -129,12 +144,14 @@ class DataConfig(_Strict):
     )
     num_workers: int = Field(2, ge=0, le=64)
     check_images: bool = Field(
-        True, description="before training, check that every image exists, decodes its header and has the json's "
-        "size (all problems listed at once; `i3cl check-data` runs the same check alone)")
+        True,
+        description="before training, check that every image exists, decodes its header and has the json's "
+        "size (all problems listed at once; `i3cl check-data` runs the same check alone)",
+    )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     @model_validator(mode="after")
-    def _check_fractions(self) -> "DataConfig":
+    def _check_fractions(self) -> DataConfig:
         given = [s.fraction for s in self.train if s.fraction is not None]
         total = sum(given)
         if total > 1.0 + 1e-9:
@@ -154,8 +171,12 @@ class BackboneConfig(_Strict):
     )
     weights: str | None = Field(None, description="local path of pretrained weights (never downloaded)")
     frozen_stages: int = Field(1, ge=-1, le=4, description="-1: none; 0: stem; 1: stem + first stage; ...")
-    norm_eval: bool = Field(True, description="keep BatchNorm running statistics frozen (affine stays trainable)")
-    drop_path_rate: float = Field(0.3, ge=0.0, lt=1.0, description="vitaev2_s only: stochastic depth of the last block")
+    norm_eval: bool = Field(
+        True, description="keep BatchNorm running statistics frozen (affine stays trainable)"
+    )
+    drop_path_rate: float = Field(
+        0.3, ge=0.0, lt=1.0, description="vitaev2_s only: stochastic depth of the last block"
+    )
     grad_checkpointing: bool = Field(
         False, description="vitaev2_s only: recompute each cell in the backward pass (less memory, slower)"
     )
@@ -180,11 +201,14 @@ class ModelConfig(_Strict):
     representation_size: int = Field(1024, ge=8, description="width of the box head's two FC layers")
     mask_head_convs: int = Field(4, ge=1, le=8)
     bf16_features: bool | Literal["auto"] = Field(
-        False, description="run backbone, FPN and IntraCL under bfloat16 autocast (heads, boxes and losses stay "
+        False,
+        description="run backbone, FPN and IntraCL under bfloat16 autocast (heads, boxes and losses stay "
         "float32); 'auto': only where the device computes bfloat16 natively (CPUs with AVX512-BF16/AMX, CUDA with "
-        "bf16 support), elsewhere it would be slower"
+        "bf16 support), elsewhere it would be slower",
     )
-    channels_last: bool = Field(False, description="NHWC memory format for the convolutions (faster with oneDNN on CPU)")
+    channels_last: bool = Field(
+        False, description="NHWC memory format for the convolutions (faster with oneDNN on CPU)"
+    )
     # RPN
     anchor_sizes: list[int] = Field(default_factory=lambda: [32, 64, 128, 256, 512])
     anchor_ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0])
@@ -199,12 +223,19 @@ class ModelConfig(_Strict):
     box_batch_size_per_image: int = Field(512, ge=1)
     box_positive_fraction: float = Field(0.25, gt=0.0, le=1.0)
     dontcare_iof_thr: float = Field(
-        0.5, ge=0.0, le=1.0, description="anchors/RoIs covered more than this by a do-not-care region are ignored"
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="anchors/RoIs covered more than this by a do-not-care region are ignored",
     )
-    ignore_dontcare: bool = Field(True, description="False reproduces the release (do-not-care is background)")
+    ignore_dontcare: bool = Field(
+        True, description="False reproduces the release (do-not-care is background)"
+    )
     mask_lossweight: bool = Field(
-        False, description="scale each positive's mask loss by its instance's lossweight too (the release weights only "
-        "the classification and box terms)")
+        False,
+        description="scale each positive's mask loss by its instance's lossweight too (the release weights only "
+        "the classification and box terms)",
+    )
     # test
     score_thr: float = Field(0.05, ge=0.0, le=1.0)
     nms_thr: float = Field(0.35, gt=0.0, le=1.0)
@@ -215,7 +246,7 @@ class ModelConfig(_Strict):
     size_divisible: int = Field(32, ge=1)
 
     @model_validator(mode="after")
-    def _check_heads(self) -> "ModelConfig":
+    def _check_heads(self) -> ModelConfig:
         if self.inter_cl:
             d = self.inter_cl_cfg.token_channels * self.inter_cl_cfg.token_pool**2
             if d % self.inter_cl_cfg.heads:
@@ -224,7 +255,9 @@ class ModelConfig(_Strict):
                     f"{self.inter_cl_cfg.heads}"
                 )
         if len(self.anchor_sizes) != 5:
-            raise ValueError(f"anchor_sizes: needs 5 sizes, one per level P2-P6 (got {len(self.anchor_sizes)})")
+            raise ValueError(
+                f"anchor_sizes: needs 5 sizes, one per level P2-P6 (got {len(self.anchor_sizes)})"
+            )
         return self
 
 
@@ -237,7 +270,8 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
     betas: tuple[float, float] = (0.9, 0.999)
     no_decay_keys: list[str] = Field(
-        default_factory=list, description="parameter-name substrings excluded from weight decay (AdamW recipe)"
+        default_factory=list,
+        description="parameter-name substrings excluded from weight decay (AdamW recipe)",
     )
     epochs: int = Field(12, ge=1, le=10000)
     lr_steps: list[int] = Field(default_factory=lambda: [8, 11], description="epochs after which lr x= gamma")
@@ -255,14 +289,25 @@ class TrainConfig(_Strict):
     seed: int = Field(0, ge=0)
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N (under torchrun: cuda:LOCAL_RANK)")
     log_interval: int = Field(20, ge=1)
-    sync_bn: bool = Field(False, description="SyncBatchNorm for the BN layers outside the backbone under DDP (CUDA)")
-    tensorboard: bool = Field(False, description="also write TensorBoard scalars to work_dir/tb (train/*, val/*)")
-    max_iters_per_epoch: int | None = Field(None, ge=1, description="cap on iterations per epoch (quick runs)")
-    iters_per_epoch: int | None = Field(
-        None, ge=1, le=10_000_000, description="exact iterations per epoch, whatever the dataset size (further "
-        "shuffled passes follow when one pass is shorter): equal training budgets on datasets of different sizes"
+    sync_bn: bool = Field(
+        False, description="SyncBatchNorm for the BN layers outside the backbone under DDP (CUDA)"
     )
-    nproc_per_node: int = Field(1, ge=1, description="processes per node when launched by the pipeline (torchrun)")
+    tensorboard: bool = Field(
+        False, description="also write TensorBoard scalars to work_dir/tb (train/*, val/*)"
+    )
+    max_iters_per_epoch: int | None = Field(
+        None, ge=1, description="cap on iterations per epoch (quick runs)"
+    )
+    iters_per_epoch: int | None = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        description="exact iterations per epoch, whatever the dataset size (further "
+        "shuffled passes follow when one pass is shorter): equal training budgets on datasets of different sizes",
+    )
+    nproc_per_node: int = Field(
+        1, ge=1, description="processes per node when launched by the pipeline (torchrun)"
+    )
 
 
 class InferConfig(_Strict):
@@ -279,21 +324,26 @@ class FuseConfig(_Strict):
     skip_thr: float = Field(0.05, ge=0.0, le=1.0)
     keep_thr: float = Field(0.6, ge=0.0, le=1.0, description="minimum fused score of a pseudo label")
     auto_keep_thr: bool = Field(
-        True, description="with a labeled validation split, keep_thr is the fused score threshold with the best F "
-        "on it (the teachers run over that split too); without one, keep_thr as given"
+        True,
+        description="with a labeled validation split, keep_thr is the fused score threshold with the best F "
+        "on it (the teachers run over that split too); without one, keep_thr as given",
     )
     keep_thr_beta: float = Field(
-        1.0, gt=0.0, le=4.0, description="auto_keep_thr maximises F-beta on the validation split: 1 is F; below 1 "
+        1.0,
+        gt=0.0,
+        le=4.0,
+        description="auto_keep_thr maximises F-beta on the validation split: 1 is F; below 1 "
         "favours precision (0.5: precision counts twice as much as recall), as detection self-training keeps labels "
-        "for precision"
+        "for precision",
     )
     min_votes: int = Field(
         2, ge=1, description="minimum number of models in a cluster (capped at the number of models)"
     )
     auto_min_votes: bool = Field(
-        True, description="with auto_keep_thr and a labeled validation split, min_votes is chosen there too: every "
+        True,
+        description="with auto_keep_thr and a labeled validation split, min_votes is chosen there too: every "
         "value from 1 to the number of models, each with its own best keep_thr, the best F-beta winning (ties: more "
-        "votes); without a validation split, min_votes as given"
+        "votes); without a validation split, min_votes as given",
     )
     conf_type: Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"] = Field(
         "max",
@@ -302,13 +352,15 @@ class FuseConfig(_Strict):
     )
     model_weights: list[float] | None = None
     uncertain_band: tuple[float, float] | None = Field(
-        (0.2, 0.6), description="(low, high): clusters not kept whose fused score is in [low, high), or >= low with "
+        (0.2, 0.6),
+        description="(low, high): clusters not kept whose fused score is in [low, high), or >= low with "
         "too few votes, become do-not-care regions instead of being dropped (the student is not taught they are "
-        "background); null drops them. With auto_keep_thr, high follows the chosen keep_thr"
+        "background); null drops them. With auto_keep_thr, high follows the chosen keep_thr",
     )
     lossweight_formula: Literal["score_x_votes", "score", "votes", "one"] = Field(
-        "score_x_votes", description="each kept pseudo label's lossweight: fused score x votes / number of models, "
-        "the fused score, votes / number of models, or 1"
+        "score_x_votes",
+        description="each kept pseudo label's lossweight: fused score x votes / number of models, "
+        "the fused score, votes / number of models, or 1",
     )
 
     @model_validator(mode="before")
@@ -317,14 +369,18 @@ class FuseConfig(_Strict):
         if isinstance(data, dict) and "lossweight" in data:
             if "lossweight_formula" in data:
                 raise ValueError("lossweight was renamed lossweight_formula; give only lossweight_formula")
-            _log_once("fuse.lossweight was renamed fuse.lossweight_formula (the formula that gives each pseudo "
-                      "label its lossweight); read as lossweight_formula, please rename the key")
+            _log_once(
+                "fuse.lossweight was renamed fuse.lossweight_formula (the formula that gives each pseudo "
+                "label its lossweight); read as lossweight_formula, please rename the key"
+            )
             data = {("lossweight_formula" if k == "lossweight" else k): v for k, v in data.items()}
         return data
 
     @model_validator(mode="after")
-    def _check_band(self) -> "FuseConfig":
-        if self.model_weights is not None and any((not math.isfinite(w)) or w <= 0 for w in self.model_weights):
+    def _check_band(self) -> FuseConfig:
+        if self.model_weights is not None and any(
+            (not math.isfinite(w)) or w <= 0 for w in self.model_weights
+        ):
             raise ValueError("model_weights: every weight must be finite and > 0")
         if self.uncertain_band is not None:
             lo, hi = self.uncertain_band
@@ -340,8 +396,10 @@ class I3CLConfig(_Strict):
         # configs written by earlier versions (every run's resolved config.yaml) hold a pipeline section that
         # was never read: drop it with a note rather than refuse the file
         if isinstance(data, dict) and "pipeline" in data:
-            _log_once("config: the 'pipeline' section is no longer used (the pipeline takes its settings as flow "
-                      "parameters); ignored")
+            _log_once(
+                "config: the 'pipeline' section is no longer used (the pipeline takes its settings as flow "
+                "parameters); ignored"
+            )
             data = {k: v for k, v in data.items() if k != "pipeline"}
         return data
 
@@ -350,5 +408,3 @@ class I3CLConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     infer: InferConfig = Field(default_factory=InferConfig)
     fuse: FuseConfig = Field(default_factory=FuseConfig)
-
-

@@ -14,14 +14,19 @@ outside (numpy/OpenCV in :mod:`i3cl_core.deploy.onnx_runtime`, the same function
 uses). The file's metadata records the model config, the pre-processing and the post-processing
 settings, so the runtime needs nothing else.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from i3cl_core.utils import get_logger
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = get_logger("export")
 
@@ -69,9 +74,13 @@ def metadata(cfg, checkpoint: str, opset: int) -> dict[str, str]:
     from i3cl_core import __version__
 
     m = cfg.model
-    postprocess = {"mask_thr": m.mask_thr, "polygon_epsilon": cfg.infer.polygon_epsilon,
-                   "score_thr": cfg.infer.score_thr, "model_score_thr": m.score_thr,
-                   "boxes": "divide by the resize scale, clip to the original image"}
+    postprocess = {
+        "mask_thr": m.mask_thr,
+        "polygon_epsilon": cfg.infer.polygon_epsilon,
+        "score_thr": cfg.infer.score_thr,
+        "model_score_thr": m.score_thr,
+        "boxes": "divide by the resize scale, clip to the original image",
+    }
     return {
         "i3cl.format_version": FORMAT_VERSION,
         "i3cl.version": __version__,
@@ -85,7 +94,7 @@ def metadata(cfg, checkpoint: str, opset: int) -> dict[str, str]:
     }
 
 
-def sample_image(size: tuple[int, int] = (480, 320)) -> "np.ndarray":
+def sample_image(size: tuple[int, int] = (480, 320)) -> np.ndarray:
     """An RGB uint8 image (w, h = ``size``) with text on it, from the synthetic renderer: a trained model finds
     detections in it, so that tracing follows every step of the post-processing."""
     from i3cl_core.data.synth.render import render_sample
@@ -112,13 +121,20 @@ def preprocess_settings(model_cfg) -> dict:
 def metadata_preprocess(model_cfg) -> str:
     from i3cl_core.model.detector import PIXEL_MEAN, PIXEL_STD
 
-    return json.dumps({
-        "color": "RGB", "scale": "divide by 255", "mean": list(PIXEL_MEAN), "std": list(PIXEL_STD),
-        "test_short_side": model_cfg.test_short_side, "test_long_side": model_cfg.test_long_side,
-        "resize": "scale = min(long_side / max(h, w), short_side / min(h, w)); new size round(h * scale), "
-                  "round(w * scale) (at least 1); bilinear, half-pixel centres, no antialiasing",
-        "size_divisible": model_cfg.size_divisible, "pad": "zeros at the bottom and right, after normalising",
-    })
+    return json.dumps(
+        {
+            "color": "RGB",
+            "scale": "divide by 255",
+            "mean": list(PIXEL_MEAN),
+            "std": list(PIXEL_STD),
+            "test_short_side": model_cfg.test_short_side,
+            "test_long_side": model_cfg.test_long_side,
+            "resize": "scale = min(long_side / max(h, w), short_side / min(h, w)); new size round(h * scale), "
+            "round(w * scale) (at least 1); bilinear, half-pixel centres, no antialiasing",
+            "size_divisible": model_cfg.size_divisible,
+            "pad": "zeros at the bottom and right, after normalising",
+        }
+    )
 
 
 def _failing_part(graph, inputs, opset: int) -> str:
@@ -138,14 +154,20 @@ def _failing_part(graph, inputs, opset: int) -> str:
 
     name = graph.detector.cfg.backbone.name
     try:
-        torch.onnx.export(Features(graph.detector), (inputs[0],), io.BytesIO(), dynamo=False, opset_version=opset)
+        torch.onnx.export(
+            Features(graph.detector), (inputs[0],), io.BytesIO(), dynamo=False, opset_version=opset
+        )
     except Exception:  # noqa: BLE001 - any failure here names the part
         return f"the backbone, FPN or IntraCL (backbone {name!r})"
     return "the RPN or the RoI heads (box head, InterCL, mask head)"
 
 
-def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: int = DEFAULT_OPSET,
-                sample: "np.ndarray | None" = None) -> dict:
+def export_onnx(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    opset: int = DEFAULT_OPSET,
+    sample: np.ndarray | None = None,
+) -> dict:
     """Export ``checkpoint`` to ``out`` (written atomically); returns a summary with the parity of the
     exported graph against PyTorch on the tracing image (its detections, scores and masks)."""
     import io
@@ -170,20 +192,37 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: in
     with torch.no_grad():
         expected = graph(*inputs)
     if expected[0].shape[0] == 0:
-        raise ExportError(f"{checkpoint}: the model finds no text in the tracing image, so the export could not "
-                          "follow its post-processing; give an image with text it detects (--sample-image)")
+        raise ExportError(
+            f"{checkpoint}: the model finds no text in the tracing image, so the export could not "
+            "follow its post-processing; give an image with text it detects (--sample-image)"
+        )
     buf = io.BytesIO()
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the tracer's notes on constants that are truly fixed (RoI sizes)
-            torch.onnx.export(graph, inputs, buf, dynamo=False, opset_version=opset, input_names=list(INPUT_NAMES),
-                              output_names=list(OUTPUT_NAMES),
-                              dynamic_axes={"image": {2: "height", 3: "width"}, "boxes": {0: "detections"},
-                                            "scores": {0: "detections"}, "mask_probs": {0: "detections"}})
+            warnings.simplefilter(
+                "ignore"
+            )  # the tracer's notes on constants that are truly fixed (RoI sizes)
+            torch.onnx.export(
+                graph,
+                inputs,
+                buf,
+                dynamo=False,
+                opset_version=opset,
+                input_names=list(INPUT_NAMES),
+                output_names=list(OUTPUT_NAMES),
+                dynamic_axes={
+                    "image": {2: "height", 3: "width"},
+                    "boxes": {0: "detections"},
+                    "scores": {0: "detections"},
+                    "mask_probs": {0: "detections"},
+                },
+            )
     except Exception as e:  # noqa: BLE001 - re-raised with the part named
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise ExportError(f"{checkpoint}: cannot export {_failing_part(graph, inputs, opset)} to ONNX opset {opset}: "
-                          f"{first}") from e
+        raise ExportError(
+            f"{checkpoint}: cannot export {_failing_part(graph, inputs, opset)} to ONNX opset {opset}: "
+            f"{first}"
+        ) from e
     proto = onnx.load_from_string(buf.getvalue())
     meta = metadata(cfg, str(checkpoint), opset)
     for key, value in meta.items():
@@ -193,7 +232,12 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: in
     onnx.checker.check_model(proto)
     out = Path(out)
     atomic_write_bytes(out, proto.SerializeToString())
-    summary = {"out": str(out), "opset": opset, "bytes": out.stat().st_size, "sample_detections": int(expected[0].shape[0])}
+    summary = {
+        "out": str(out),
+        "opset": opset,
+        "bytes": out.stat().st_size,
+        "sample_detections": int(expected[0].shape[0]),
+    }
     try:
         from i3cl_core.deploy.onnx_runtime import OnnxDetector
     except ImportError:  # onnxruntime not installed: exported, not checked
@@ -203,10 +247,12 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: in
     if got[0].shape != ref[0].shape:
         summary["parity"] = {"detections": [int(ref[0].shape[0]), int(got[0].shape[0])]}
     else:
-        summary["parity"] = {"detections": int(ref[0].shape[0]),
-                             "max_box_diff": float(np.abs(got[0] - ref[0]).max()),
-                             "max_score_diff": float(np.abs(got[1] - ref[1]).max()),
-                             "max_mask_diff": float(np.abs(got[2] - ref[2]).max())}
+        summary["parity"] = {
+            "detections": int(ref[0].shape[0]),
+            "max_box_diff": float(np.abs(got[0] - ref[0]).max()),
+            "max_score_diff": float(np.abs(got[1] - ref[1]).max()),
+            "max_mask_diff": float(np.abs(got[2] - ref[2]).max()),
+        }
     return summary
 
 
@@ -214,9 +260,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="an i3cl checkpoint (.pth)")
     p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (onnx)")
     p.add_argument("--out", required=True, help="the .onnx file to write")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET}, at least 16)")
-    p.add_argument("--sample-image", help="the image the export traces (default: a synthetic one with text); the "
-                   "model must detect text in it")
+    p.add_argument(
+        "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET}, at least 16)"
+    )
+    p.add_argument(
+        "--sample-image",
+        help="the image the export traces (default: a synthetic one with text); the "
+        "model must detect text in it",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

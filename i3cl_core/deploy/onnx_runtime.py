@@ -5,6 +5,7 @@ as the PyTorch model does (scale to [0, 1], normalise, resize to the test scale,
 turns its boxes and mask probabilities into polygons with the functions the PyTorch predictor uses
 (:func:`i3cl_core.data.polygons.masks_to_polygons`). Nothing here imports torch.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,13 +61,16 @@ class OnnxDetector:
             self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - onnxruntime raises several types for a bad file
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{self.path}: cannot load the ONNX file: truncated, corrupt or not an ONNX "
-                                  f"model ({first})") from e
+            raise CheckpointError(
+                f"{self.path}: cannot load the ONNX file: truncated, corrupt or not an ONNX model ({first})"
+            ) from e
         meta = self.session.get_modelmeta().custom_metadata_map
         missing = [k for k in REQUIRED_KEYS if k not in meta]
         if missing:
-            raise CheckpointError(f"{self.path}: not an i3cl export (metadata {', '.join(missing)} missing); "
-                                  "export the checkpoint with `i3cl export`")
+            raise CheckpointError(
+                f"{self.path}: not an i3cl export (metadata {', '.join(missing)} missing); "
+                "export the checkpoint with `i3cl export`"
+            )
         self.metadata = meta
         self.preprocess_settings = json.loads(meta["i3cl.preprocess"])
         self.postprocess_settings = json.loads(meta["i3cl.postprocess"])
@@ -101,6 +105,7 @@ class OnnxDetector:
 
         det = self.detect(rgb)
         eps = self.polygon_epsilon if epsilon is None else epsilon
-        polys = masks_to_polygons(det["boxes"], det["mask_probs"], rgb.shape[:2],
-                                  float(self.postprocess_settings["mask_thr"]), eps)
+        polys = masks_to_polygons(
+            det["boxes"], det["mask_probs"], rgb.shape[:2], float(self.postprocess_settings["mask_thr"]), eps
+        )
         return [(p, float(s)) for p, s in zip(polys, det["scores"]) if p is not None]

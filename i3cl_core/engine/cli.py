@@ -3,6 +3,7 @@
 The same command runs under ``torchrun --nproc_per_node=N -m i3cl_core.cli train ...`` (or
 ``torchrun ... $(which i3cl) train ...``) for DistributedDataParallel.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,24 +16,30 @@ def default_work_dir(config: str) -> Path:
     work_dirs/<name> for a config outside such a folder."""
     path = Path(config).resolve()
     folder = path.parent.name
-    return Path("work_dirs") / (f"{folder}_{path.stem}" if folder and folder != "configs" and path.parent.parent.name == "configs"
-                                else path.stem)
+    return Path("work_dirs") / (
+        f"{folder}_{path.stem}"
+        if folder and folder != "configs" and path.parent.parent.name == "configs"
+        else path.stem
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML training config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--work-dir", help="output folder (default: work_dirs/<config folder>_<config name>, e.g. "
-                   "work_dirs/i3cl_r50_pretrain, where the next stage's load_from looks)")
+    p.add_argument(
+        "--work-dir",
+        help="output folder (default: work_dirs/<config folder>_<config name>, e.g. "
+        "work_dirs/i3cl_r50_pretrain, where the next stage's load_from looks)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from work_dir/checkpoints/latest.pth")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     from i3cl_core.config import load_config
     from i3cl_core.engine.train import TrainingError, train
-
-    import os
 
     if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: die with it, even when it is SIGKILLed
         from i3cl_core.utils import die_with_parent

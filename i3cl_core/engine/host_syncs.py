@@ -13,6 +13,7 @@ NMS) each stop the host until the GPU has caught up. The same calls are visible 
 It uses PyTorch's Python dispatch and function modes (the operators as dispatched, plus the tensor methods
 that leave the device without an operator). It slows what it watches: for tests and benchmarks only.
 """
+
 from __future__ import annotations
 
 import sys
@@ -55,7 +56,7 @@ def _caller() -> str:
 
 
 class _Dispatch(TorchDispatchMode):
-    def __init__(self, counter: "HostSyncCounter"):
+    def __init__(self, counter: HostSyncCounter):
         super().__init__()
         self.counter = counter
 
@@ -74,7 +75,7 @@ class _Dispatch(TorchDispatchMode):
 
 
 class _Function(TorchFunctionMode):
-    def __init__(self, counter: "HostSyncCounter"):
+    def __init__(self, counter: HostSyncCounter):
         super().__init__()
         self.counter = counter
 
@@ -108,10 +109,12 @@ class HostSyncCounter:
 
     def table(self) -> str:
         rows = sorted(self.calls.items(), key=lambda kv: (-kv[1], kv[0][1]))
-        lines = [f"{self.total} host synchronisations"] + [f"  {n:4d}  {loc}  {kind}" for (kind, loc), n in rows]
+        lines = [f"{self.total} host synchronisations"] + [
+            f"  {n:4d}  {loc}  {kind}" for (kind, loc), n in rows
+        ]
         return "\n".join(lines)
 
-    def __enter__(self) -> "HostSyncCounter":
+    def __enter__(self) -> HostSyncCounter:
         self._modes = [_Function(self), _Dispatch(self)]
         for m in self._modes:
             m.__enter__()

@@ -11,6 +11,7 @@ as rendezvous id). :class:`SlurmJob` submits it with ``sbatch --parsable``, foll
 and cancels it with ``scancel``. Nothing here imports Prefect; ``flows/`` streams the log into the
 run's logs and cancels the job when the flow run is cancelled.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,9 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -36,18 +38,28 @@ class TorchrunLauncher(_Launcher):
     same command (printed in the log) on the other nodes with their ``node_rank``."""
 
     kind: Literal["torchrun"] = "torchrun"
-    nnodes: int = Field(1, ge=1, le=1024, description="nodes of the run (1: this machine, rendezvous on 127.0.0.1)")
-    node_rank: int = Field(0, ge=0, description="rank of this machine's node (0 for the node that runs the task)")
-    rdzv_endpoint: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5}$",
-                                      description="host:port of the rendezvous (a node every node reaches); "
-                                      "needed when nnodes > 1")
-    rdzv_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]+$", description="a name shared by all nodes of one run")
+    nnodes: int = Field(
+        1, ge=1, le=1024, description="nodes of the run (1: this machine, rendezvous on 127.0.0.1)"
+    )
+    node_rank: int = Field(
+        0, ge=0, description="rank of this machine's node (0 for the node that runs the task)"
+    )
+    rdzv_endpoint: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5}$",
+        description="host:port of the rendezvous (a node every node reaches); needed when nnodes > 1",
+    )
+    rdzv_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.\-]+$", description="a name shared by all nodes of one run"
+    )
 
     @model_validator(mode="after")
     def _multi_node(self):
         if self.nnodes > 1 and not self.rdzv_endpoint:
-            raise ValueError("train.launcher.rdzv_endpoint: a multi-node torchrun (nnodes > 1) needs host:port of "
-                             "the rendezvous, e.g. node01:29500")
+            raise ValueError(
+                "train.launcher.rdzv_endpoint: a multi-node torchrun (nnodes > 1) needs host:port of "
+                "the rendezvous, e.g. node01:29500"
+            )
         if self.node_rank >= self.nnodes:
             raise ValueError(f"train.launcher.node_rank: {self.node_rank} is not below nnodes={self.nnodes}")
         return self
@@ -58,18 +70,28 @@ class SlurmLauncher(_Launcher):
 
     kind: Literal["slurm"] = "slurm"
     nodes: int = Field(1, ge=1, le=1024)
-    gpus_per_node: int = Field(0, ge=0, le=64, description="GPUs per node (--gpus-per-node); 0: a CPU job (gloo)")
+    gpus_per_node: int = Field(
+        0, ge=0, le=64, description="GPUs per node (--gpus-per-node); 0: a CPU job (gloo)"
+    )
     cpus_per_task: int | None = Field(None, ge=1, le=1024, description="CPUs of each node's torchrun task")
     mem: str | None = Field(None, pattern=r"^[0-9]+[KMGT]?$", description="memory per node, e.g. 64G")
-    time: str = Field("24:00:00", pattern=r"^([0-9]+-)?[0-9]{1,2}(:[0-9]{2}){0,2}$", description="wall-time limit")
+    time: str = Field(
+        "24:00:00", pattern=r"^([0-9]+-)?[0-9]{1,2}(:[0-9]{2}){0,2}$", description="wall-time limit"
+    )
     partition: str | None = Field(None, pattern=r"^[A-Za-z0-9_.,\-]+$")
     account: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]+$")
     rdzv_port: int = Field(29500, ge=1024, le=65535, description="rendezvous port on the job's first node")
-    sbatch_args: list[str] = Field(default_factory=list, description="more sbatch options, e.g. ['--qos=high']")
-    setup: list[str] = Field(default_factory=list, description="shell lines run first in the job (module load, "
-                             "source a venv, export NCCL_...)")
-    python: str | None = Field(None, description="python of the job (default: the flow's own, which the nodes "
-                               "must see at the same path)")
+    sbatch_args: list[str] = Field(
+        default_factory=list, description="more sbatch options, e.g. ['--qos=high']"
+    )
+    setup: list[str] = Field(
+        default_factory=list,
+        description="shell lines run first in the job (module load, source a venv, export NCCL_...)",
+    )
+    python: str | None = Field(
+        None,
+        description="python of the job (default: the flow's own, which the nodes must see at the same path)",
+    )
     poll_s: float = Field(5.0, gt=0.0, le=300.0, description="seconds between job-state queries")
 
     @model_validator(mode="after")
@@ -83,13 +105,21 @@ class SlurmLauncher(_Launcher):
 Launcher = TorchrunLauncher | SlurmLauncher
 
 
-def trainer_args(config_path: str | os.PathLike, work_dir: str | os.PathLike, resume: bool = False) -> list[str]:
+def trainer_args(
+    config_path: str | os.PathLike, work_dir: str | os.PathLike, resume: bool = False
+) -> list[str]:
     args = ["-m", "i3cl_core.cli", "train", str(config_path), "--work-dir", str(work_dir), "--no-progress"]
     return args + (["--resume"] if resume else [])
 
 
-def torchrun_command(config_path, work_dir, nproc_per_node: int = 1, resume: bool = False,
-                     launcher: TorchrunLauncher | None = None, python: str | None = None) -> list[str]:
+def torchrun_command(
+    config_path,
+    work_dir,
+    nproc_per_node: int = 1,
+    resume: bool = False,
+    launcher: TorchrunLauncher | None = None,
+    python: str | None = None,
+) -> list[str]:
     """The command line of one training: on one node the project's launcher, whose rendezvous listens on
     127.0.0.1 only (``torchrun --standalone`` binds its stores to every interface; see
     :mod:`i3cl_core.engine.local_launch`); on several nodes torchrun with c10d rendezvous on the endpoint the
@@ -98,35 +128,64 @@ def torchrun_command(config_path, work_dir, nproc_per_node: int = 1, resume: boo
     if launcher.nnodes == 1:
         cmd = [python or sys.executable, "-m", "i3cl_core.engine.local_launch"]
     else:
-        cmd = [python or sys.executable, "-m", "torch.distributed.run", f"--nnodes={launcher.nnodes}",
-               f"--node_rank={launcher.node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={launcher.rdzv_endpoint}",
-               f"--rdzv-id={launcher.rdzv_id or 'i3cl'}"]
+        cmd = [
+            python or sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={launcher.nnodes}",
+            f"--node_rank={launcher.node_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={launcher.rdzv_endpoint}",
+            f"--rdzv-id={launcher.rdzv_id or 'i3cl'}",
+        ]
     return cmd + [f"--nproc_per_node={nproc_per_node}", *trainer_args(config_path, work_dir, resume)]
 
 
-def sbatch_script(name: str, config_path, work_dir, launcher: SlurmLauncher, nproc_per_node: int = 1,
-                  resume: bool = False) -> str:
+def sbatch_script(
+    name: str, config_path, work_dir, launcher: SlurmLauncher, nproc_per_node: int = 1, resume: bool = False
+) -> str:
     """The batch script of one training; its log goes to ``work_dir/slurm-<jobid>.log``."""
     work_dir = Path(work_dir).resolve()
-    lines = ["#!/bin/bash", f"#SBATCH --job-name=i3cl-{name}", f"#SBATCH --nodes={launcher.nodes}",
-             "#SBATCH --ntasks-per-node=1", f"#SBATCH --time={launcher.time}",
-             f"#SBATCH --output={work_dir}/slurm-%j.log", "#SBATCH --open-mode=append"]
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name=i3cl-{name}",
+        f"#SBATCH --nodes={launcher.nodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --time={launcher.time}",
+        f"#SBATCH --output={work_dir}/slurm-%j.log",
+        "#SBATCH --open-mode=append",
+    ]
     if launcher.gpus_per_node:
         lines.append(f"#SBATCH --gpus-per-node={launcher.gpus_per_node}")
-    for opt, value in (("cpus-per-task", launcher.cpus_per_task), ("mem", launcher.mem),
-                       ("partition", launcher.partition), ("account", launcher.account)):
+    for opt, value in (
+        ("cpus-per-task", launcher.cpus_per_task),
+        ("mem", launcher.mem),
+        ("partition", launcher.partition),
+        ("account", launcher.account),
+    ):
         if value is not None:
             lines.append(f"#SBATCH --{opt}={value}")
     lines += [f"#SBATCH {a}" for a in launcher.sbatch_args]
     python = launcher.python or sys.executable
-    torchrun = [python, "-m", "torch.distributed.run", "--nnodes=$SLURM_JOB_NUM_NODES",
-                f"--nproc_per_node={nproc_per_node}", "--rdzv-backend=c10d",
-                f'--rdzv-endpoint="$head:{launcher.rdzv_port}"', '--rdzv-id="$SLURM_JOB_ID"',
-                *[shlex.quote(a) for a in trainer_args(config_path, work_dir, resume)]]
-    lines += ["set -euo pipefail", *launcher.setup, f"cd {shlex.quote(str(Path.cwd()))}",
-              'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-              'echo "i3cl: job $SLURM_JOB_ID on $SLURM_JOB_NUM_NODES node(s): $SLURM_JOB_NODELIST, rendezvous $head"',
-              "srun --kill-on-bad-exit=1 " + " ".join(torchrun[:1]) + " " + " ".join(torchrun[1:])]
+    torchrun = [
+        python,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=$SLURM_JOB_NUM_NODES",
+        f"--nproc_per_node={nproc_per_node}",
+        "--rdzv-backend=c10d",
+        f'--rdzv-endpoint="$head:{launcher.rdzv_port}"',
+        '--rdzv-id="$SLURM_JOB_ID"',
+        *[shlex.quote(a) for a in trainer_args(config_path, work_dir, resume)],
+    ]
+    lines += [
+        "set -euo pipefail",
+        *launcher.setup,
+        f"cd {shlex.quote(str(Path.cwd()))}",
+        'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        'echo "i3cl: job $SLURM_JOB_ID on $SLURM_JOB_NUM_NODES node(s): $SLURM_JOB_NODELIST, rendezvous $head"',
+        "srun --kill-on-bad-exit=1 " + " ".join(torchrun[:1]) + " " + " ".join(torchrun[1:]),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -134,8 +193,17 @@ class SlurmError(RuntimeError):
     """sbatch, squeue or scancel failed, or the job ended in a failed state; the message says which."""
 
 
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL",
-            "DEADLINE"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 def _run(cmd: list[str], what: str) -> str:
@@ -146,7 +214,9 @@ def _run(cmd: list[str], what: str) -> str:
     except subprocess.TimeoutExpired:
         raise SlurmError(f"{' '.join(cmd)} did not answer within 120 s") from None
     if res.returncode != 0:
-        raise SlurmError(f"{' '.join(cmd)} failed ({res.returncode}): {(res.stderr or res.stdout).strip()[:500]}")
+        raise SlurmError(
+            f"{' '.join(cmd)} failed ({res.returncode}): {(res.stderr or res.stdout).strip()[:500]}"
+        )
     return res.stdout
 
 
@@ -163,17 +233,19 @@ class SlurmJob:
         return self.work_dir / f"slurm-{self.job_id}.log"
 
     @classmethod
-    def submit(cls, script: str, work_dir: str | os.PathLike) -> "SlurmJob":
+    def submit(cls, script: str, work_dir: str | os.PathLike) -> SlurmJob:
         work_dir = Path(work_dir)
         path = atomic_write_text(work_dir / "train.sbatch", script)
         out = _run(["sbatch", "--parsable", str(path)], "the slurm launcher").strip()
         job = cls(out.split(";")[0], work_dir)
-        atomic_write_json(work_dir / "slurm_job.json", {"job_id": job.job_id, "script": str(path),
-                                                        "submitted": time.strftime("%Y-%m-%d %H:%M:%S")})
+        atomic_write_json(
+            work_dir / "slurm_job.json",
+            {"job_id": job.job_id, "script": str(path), "submitted": time.strftime("%Y-%m-%d %H:%M:%S")},
+        )
         return job
 
     @classmethod
-    def recorded(cls, work_dir: str | os.PathLike) -> "SlurmJob | None":
+    def recorded(cls, work_dir: str | os.PathLike) -> SlurmJob | None:
         """The job this work_dir submitted last, if it is still queued or running."""
         path = Path(work_dir) / "slurm_job.json"
         if not path.exists():
@@ -191,7 +263,9 @@ class SlurmJob:
         if out and out.split()[0] not in TERMINAL:
             return out.split()[0], None
         try:
-            acct = _run(["sacct", "-n", "-X", "-P", "-j", self.job_id, "-o", "State,ExitCode"], "sacct").strip()
+            acct = _run(
+                ["sacct", "-n", "-X", "-P", "-j", self.job_id, "-o", "State,ExitCode"], "sacct"
+            ).strip()
         except SlurmError:
             acct = ""
         first = acct.splitlines()[0] if acct else ""
@@ -205,8 +279,13 @@ class SlurmJob:
     def cancel(self) -> None:
         _run(["scancel", self.job_id], "cancelling the job")
 
-    def follow(self, on_line: Callable[[str], None], cancelled: Callable[[], bool] | None = None,
-               poll: float = 5.0, timeout: float | None = None) -> int:
+    def follow(
+        self,
+        on_line: Callable[[str], None],
+        cancelled: Callable[[], bool] | None = None,
+        poll: float = 5.0,
+        timeout: float | None = None,
+    ) -> int:
         """Stream the job's log lines to ``on_line`` until the job ends; its exit code (0: COMPLETED).
         ``cancelled()`` returning True cancels the job (``scancel``) and raises SlurmError."""
         pos, t0, state, code = 0, time.time(), "PENDING", None

@@ -14,6 +14,7 @@ exit code is the launcher's; SIGTERM/SIGINT to the launcher reach every trainer,
 the launcher even when it is SIGKILLed (they set PR_SET_PDEATHSIG when ``TORCHELASTIC_RUN_ID`` is set).
 Multi-node runs use torchrun with the endpoint the user gives (``train.launcher``).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -60,8 +61,15 @@ def loopback_store(world_size: int):
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     port = sock.getsockname()[1]
-    store = dist.TCPStore("127.0.0.1", port, world_size=world_size, is_master=True, wait_for_workers=False,
-                          master_listen_fd=sock.detach(), timeout=datetime.timedelta(minutes=30))
+    store = dist.TCPStore(
+        "127.0.0.1",
+        port,
+        world_size=world_size,
+        is_master=True,
+        wait_for_workers=False,
+        master_listen_fd=sock.detach(),
+        timeout=datetime.timedelta(minutes=30),
+    )
     return store, port
 
 
@@ -83,8 +91,14 @@ def launch(nproc: int, command: list[str]) -> int:
     from i3cl_core.utils import terminate_with_parent
 
     store = None
-    env = dict(os.environ, WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", ROLE_RANK="0",
-               TORCHELASTIC_RUN_ID=os.environ.get("TORCHELASTIC_RUN_ID", f"i3cl-local-{os.getpid()}"))
+    env = dict(
+        os.environ,
+        WORLD_SIZE=str(nproc),
+        LOCAL_WORLD_SIZE=str(nproc),
+        GROUP_RANK="0",
+        ROLE_RANK="0",
+        TORCHELASTIC_RUN_ID=os.environ.get("TORCHELASTIC_RUN_ID", f"i3cl-local-{os.getpid()}"),
+    )
     if nproc > 1:
         store, port = loopback_store(nproc)
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
@@ -100,15 +114,22 @@ def launch(nproc: int, command: list[str]) -> int:
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         for rank in range(nproc):
-            procs.append(subprocess.Popen([sys.executable, *command],
-                                          env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank), ROLE_WORLD_SIZE=str(nproc)),
-                                          preexec_fn=terminate_with_parent))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, *command],
+                    env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank), ROLE_WORLD_SIZE=str(nproc)),
+                    preexec_fn=terminate_with_parent,
+                )
+            )
         while True:
             codes = [p.poll() for p in procs]
             failed = [c for c in codes if c not in (None, 0)]
             if failed:
                 first = next(i for i, c in enumerate(codes) if c not in (None, 0))
-                print(f"local_launch: rank {first} exited with code {failed[0]}; stopping the others", file=sys.stderr)
+                print(
+                    f"local_launch: rank {first} exited with code {failed[0]}; stopping the others",
+                    file=sys.stderr,
+                )
                 _stop(procs)
                 return failed[0] if failed[0] > 0 else 128 - failed[0]
             if all(c == 0 for c in codes):

@@ -19,6 +19,7 @@ Reproducibility: augmentations and the model's anchor/RoI sampling are seeded pe
 (seed, epoch, index); checkpoints hold the optimiser, scaler, counters and the torch RNG state, so
 ``--resume`` after a kill ends with the same weights as an uninterrupted run.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,14 @@ import torch.distributed as dist
 
 from i3cl_core.config import ConfigError, save_config
 from i3cl_core.model.backbone import CheckpointError
-from i3cl_core.utils import append_text, atomic_write_json, atomic_write_text, get_logger, worker_init, write_error
+from i3cl_core.utils import (
+    append_text,
+    atomic_write_json,
+    atomic_write_text,
+    get_logger,
+    worker_init,
+    write_error,
+)
 
 log = get_logger("train")
 
@@ -65,9 +73,15 @@ def init_distributed(device_name: str) -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {device_name!r} requested but CUDA is not available on this machine")
+        raise ConfigError(
+            f"train.device: {device_name!r} requested but CUDA is not available on this machine"
+        )
     if use_cuda:
-        index = local_rank if world > 1 or device_name in ("auto", "cuda") else torch.device(device_name).index or 0
+        index = (
+            local_rank
+            if world > 1 or device_name in ("auto", "cuda")
+            else torch.device(device_name).index or 0
+        )
         torch.cuda.set_device(index)
         device = torch.device("cuda", index)
     else:
@@ -101,9 +115,23 @@ class EpochSampler(torch.utils.data.Sampler):
     every group evenly over each process's order (with two halves and batches of 2: one of each per
     batch)."""
 
-    def __init__(self, size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True,
-                 per_process: int | None = None, mix: list[tuple[list[int], float]] | None = None):
-        self.size, self.num_replicas, self.rank, self.seed, self.shuffle = size, num_replicas, rank, seed, shuffle
+    def __init__(
+        self,
+        size: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        per_process: int | None = None,
+        mix: list[tuple[list[int], float]] | None = None,
+    ):
+        self.size, self.num_replicas, self.rank, self.seed, self.shuffle = (
+            size,
+            num_replicas,
+            rank,
+            seed,
+            shuffle,
+        )
         self.per_process, self.mix = per_process, mix
         self.epoch, self.skip = 0, 0
 
@@ -192,10 +220,19 @@ def dataset_mix(dataset, sources) -> list[tuple[list[int], float]] | None:
     free_size = sum(len(groups[k]) for k in free)
     mix = []
     for k, s in enumerate(sources):
-        share = s.fraction if s.fraction is not None else (rest * len(groups[k]) / free_size if free_size else 0.0)
+        share = (
+            s.fraction
+            if s.fraction is not None
+            else (rest * len(groups[k]) / free_size if free_size else 0.0)
+        )
         if share > 0 and not groups[k]:
-            log.warning("data.train[%d] (%s): no usable images, so its fraction %.2f of the epoch goes to the other "
-                        "sets", k, s.ann_file, share)
+            log.warning(
+                "data.train[%d] (%s): no usable images, so its fraction %.2f of the epoch goes to the other "
+                "sets",
+                k,
+                s.ann_file,
+                share,
+            )
             continue
         if share > 0:
             mix.append((groups[k], share))
@@ -264,6 +301,7 @@ def find_latest(work_dir: Path) -> Path | None:
 def _prune(ckpt_dir: Path, keep_last: int) -> None:
     """Keep the last ``keep_last`` epoch/iteration checkpoints. ``best.pth`` and ``latest.pth`` are hard
     links (or copies), so removing the epoch file they were made from leaves them intact."""
+
     def number(p: Path) -> int:
         return int(p.stem.split("_")[1])
 
@@ -279,7 +317,9 @@ def load_from(model: torch.nn.Module, path: str) -> tuple[list[str], list[str]]:
     from i3cl_core.model.backbone import read_state_dict, strip_prefixes
     from i3cl_core.model.checkpoint import upgrade_state
 
-    state = upgrade_state(strip_prefixes(read_state_dict(path, "load_from checkpoint"), prefixes=("module.",)))
+    state = upgrade_state(
+        strip_prefixes(read_state_dict(path, "load_from checkpoint"), prefixes=("module.",))
+    )
     own = model.state_dict()
     shape_mismatch = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     result = model.load_state_dict({k: v for k, v in state.items() if k not in shape_mismatch}, strict=False)
@@ -287,9 +327,15 @@ def load_from(model: torch.nn.Module, path: str) -> tuple[list[str], list[str]]:
     loaded = len(own) - len(missing)
     if loaded == 0:
         raise CheckpointError(f"{path}: load_from matched none of the model's parameters")
-    log.info("load_from %s: %d tensors loaded; %d keys new in this model%s; %d keys of the checkpoint unused%s",
-             path, loaded, len(missing), f" ({_group_keys(missing)})" if missing else "",
-             len(unexpected), f" ({_group_keys(unexpected)})" if unexpected else "")
+    log.info(
+        "load_from %s: %d tensors loaded; %d keys new in this model%s; %d keys of the checkpoint unused%s",
+        path,
+        loaded,
+        len(missing),
+        f" ({_group_keys(missing)})" if missing else "",
+        len(unexpected),
+        f" ({_group_keys(unexpected)})" if unexpected else "",
+    )
     return missing, unexpected
 
 
@@ -353,8 +399,10 @@ class Trainer:
         self.ddp_model = self.model
         if self.info.distributed:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.info.device.index] if self.info.device.type == "cuda" else None,
-                find_unused_parameters=True)
+                self.model,
+                device_ids=[self.info.device.index] if self.info.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
         self.build_loader()
         self.tb = self._tensorboard()
 
@@ -391,8 +439,12 @@ class Trainer:
         )
         self.val_dataset = None
         if cfg.data.val is not None and tcfg.eval_interval > 0 and info.main:
-            self.val_dataset = CocoTextDataset([(cfg.data.val.ann_file, cfg.data.val.img_root)], train=False,
-                                               min_image_size=cfg.data.min_image_size, dontcare=cfg.data.dontcare)
+            self.val_dataset = CocoTextDataset(
+                [(cfg.data.val.ann_file, cfg.data.val.img_root)],
+                train=False,
+                min_image_size=cfg.data.min_image_size,
+                dontcare=cfg.data.dontcare,
+            )
         model = build_model(cfg).to(info.device)
         if tcfg.load_from and load_weights:
             load_from(model, tcfg.load_from)
@@ -417,12 +469,24 @@ class Trainer:
         # an epoch of a fixed length (or cut short) takes exactly its draws from the stream of permutations, so
         # the next epoch goes on where it stopped
         per_process = None if iters == whole and tcfg.iters_per_epoch is None else iters * tcfg.batch_size
-        self.sampler = EpochSampler(len(self.dataset), info.world_size, info.rank, seed=tcfg.seed, per_process=per_process,
-                                    mix=dataset_mix(self.dataset, self.cfg.data.train))
-        self.loader = DataLoader(self.dataset, batch_size=tcfg.batch_size, sampler=self.sampler,
-                                 num_workers=self.cfg.data.num_workers, collate_fn=collate,
-                                 pin_memory=info.device.type == "cuda", persistent_workers=False,
-                                 worker_init_fn=worker_init)
+        self.sampler = EpochSampler(
+            len(self.dataset),
+            info.world_size,
+            info.rank,
+            seed=tcfg.seed,
+            per_process=per_process,
+            mix=dataset_mix(self.dataset, self.cfg.data.train),
+        )
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=tcfg.batch_size,
+            sampler=self.sampler,
+            num_workers=self.cfg.data.num_workers,
+            collate_fn=collate,
+            pin_memory=info.device.type == "cuda",
+            persistent_workers=False,
+            worker_init_fn=worker_init,
+        )
         self.iters_per_epoch = iters
         if len(self.cfg.data.train) > 1 and info.main:
             self.log_coverage()
@@ -436,8 +500,13 @@ class Trainer:
             sizes[record.source] += 1
             counts[record.source] += i in drawn
         for k, (n, size) in enumerate(zip(counts, sizes)):
-            log.info("data.train[%d]: the run draws %d of its %d images at least once (%.0f%%)", k, n, size,
-                     100.0 * n / max(size, 1))
+            log.info(
+                "data.train[%d]: the run draws %d of its %d images at least once (%.0f%%)",
+                k,
+                n,
+                size,
+                100.0 * n / max(size, 1),
+            )
 
     def _tensorboard(self):
         if not (self.tcfg.tensorboard and self.info.main):
@@ -447,8 +516,10 @@ class Trainer:
 
             return SummaryWriter(str(self.work_dir / "tb"))
         except ImportError:
-            log.warning("train.tensorboard: the tensorboard package is not installed (pip install tensorboard); "
-                        "skipping, metrics.jsonl has the same numbers")
+            log.warning(
+                "train.tensorboard: the tensorboard package is not installed (pip install tensorboard); "
+                "skipping, metrics.jsonl has the same numbers"
+            )
             return None
 
     # ------------------------------------------------------------------ resume and checkpoints
@@ -466,14 +537,25 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scaler.load_state_dict(ckpt["scaler"])
         except (KeyError, ValueError) as e:
-            raise CheckpointError(f"{latest}: cannot resume, its training state does not fit this config ({e})") from None
-        self.start_epoch, self.start_iter, self.global_iter = ckpt["epoch"], ckpt["iter_in_epoch"], ckpt["global_iter"]
+            raise CheckpointError(
+                f"{latest}: cannot resume, its training state does not fit this config ({e})"
+            ) from None
+        self.start_epoch, self.start_iter, self.global_iter = (
+            ckpt["epoch"],
+            ckpt["iter_in_epoch"],
+            ckpt["global_iter"],
+        )
         self.best, self.history = ckpt.get("best", self.best), ckpt.get("history", [])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if self.info.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        log.info("resumed from %s: epoch %d, iteration %d of the epoch, %d iterations done",
-                 latest, self.start_epoch, self.start_iter, self.global_iter)
+        log.info(
+            "resumed from %s: epoch %d, iteration %d of the epoch, %d iterations done",
+            latest,
+            self.start_epoch,
+            self.start_iter,
+            self.global_iter,
+        )
 
     def checkpoint(self, name: str, epoch_done: int, iter_in_epoch: int) -> Path:
         """Save everything a resume needs as ``checkpoints/<name>`` and point ``latest.pth`` at it."""
@@ -481,16 +563,21 @@ class Trainer:
 
         path = self.ckpt_dir / name
         cuda = self.info.device.type == "cuda"
-        save_checkpoint(path, self.model, self.cfg, extra={
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "epoch": epoch_done,
-            "iter_in_epoch": iter_in_epoch,
-            "global_iter": self.global_iter,
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None},
-            "best": self.best,
-            "history": self.history,
-        })
+        save_checkpoint(
+            path,
+            self.model,
+            self.cfg,
+            extra={
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "epoch": epoch_done,
+                "iter_in_epoch": iter_in_epoch,
+                "global_iter": self.global_iter,
+                "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None},
+                "best": self.best,
+                "history": self.history,
+            },
+        )
         _link_atomic(path, self.ckpt_dir / "latest.pth")
         return path
 
@@ -521,15 +608,22 @@ class Trainer:
                 continue
             kept.append(line)
         if len(kept) != len(lines):
-            log.info("%s: dropping %d rows past iteration %d (logged after the last checkpoint; this run logs "
-                     "them again)", path, len(lines) - len(kept), self.global_iter)
+            log.info(
+                "%s: dropping %d rows past iteration %d (logged after the last checkpoint; this run logs "
+                "them again)",
+                path,
+                len(lines) - len(kept),
+                self.global_iter,
+            )
             atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def write_metrics(self, record: dict) -> None:
         """One line of ``metrics.jsonl`` (and TensorBoard scalars when enabled), on the main process."""
         if not self.info.main:
             return
-        append_text(self.work_dir / "metrics.jsonl", json.dumps(record) + "\n")  # a failure leaves no partial line
+        append_text(
+            self.work_dir / "metrics.jsonl", json.dumps(record) + "\n"
+        )  # a failure leaves no partial line
         if self.tb is not None:  # train/<term> per logged iteration, val/<measure> per evaluation
             prefix = "val/" if record.get("eval") else "train/"
             for k, v in record.items():
@@ -550,13 +644,23 @@ class Trainer:
         with torch.autocast(info.device.type, enabled=self.use_amp):
             losses = self.ddp_model(images, targets)
         loss = sum(losses.values())
-        self.unchecked.append(UncheckedStep(self.global_iter + 1, epoch, it, _batch_ids(targets),
-                                            {k: v.detach() for k, v in losses.items()}, torch.isfinite(loss)))
+        self.unchecked.append(
+            UncheckedStep(
+                self.global_iter + 1,
+                epoch,
+                it,
+                _batch_ids(targets),
+                {k: v.detach() for k, v in losses.items()},
+                torch.isfinite(loss),
+            )
+        )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if tcfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], tcfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], tcfg.grad_clip
+            )
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.global_iter += 1
@@ -594,8 +698,14 @@ class Trainer:
         self.dataset.set_epoch(epoch)
         self.sampler.set_epoch(epoch, skip=self.start_iter * tcfg.batch_size)
         self.ddp_model.train()
-        bar = tqdm(total=self.iters_per_epoch, initial=self.start_iter, desc=f"epoch {epoch + 1}/{tcfg.epochs}",
-                   disable=not (self.progress and info.main), dynamic_ncols=True, leave=False)
+        bar = tqdm(
+            total=self.iters_per_epoch,
+            initial=self.start_iter,
+            desc=f"epoch {epoch + 1}/{tcfg.epochs}",
+            disable=not (self.progress and info.main),
+            dynamic_ncols=True,
+            leave=False,
+        )
         running: dict[str, torch.Tensor] = {}
         n_running = 0
         it = self.start_iter
@@ -617,14 +727,34 @@ class Trainer:
                 means = _all_reduce_mean({k: v / n_running for k, v in zip(running, sums)}, info)
                 running, n_running = {}, 0
                 elapsed = time.time() - self.t_start
-                record = {"epoch": epoch + 1, "iter": self.global_iter, "lr": lr, "loss": sum(means.values()), **means,
-                          "images_per_s": self.images_seen / max(elapsed, 1e-9), "time": elapsed}
+                record = {
+                    "epoch": epoch + 1,
+                    "iter": self.global_iter,
+                    "lr": lr,
+                    "loss": sum(means.values()),
+                    **means,
+                    "images_per_s": self.images_seen / max(elapsed, 1e-9),
+                    "time": elapsed,
+                }
                 self.write_metrics(record)
                 if not self.progress and info.main:  # plain progress lines (parsed by the Prefect flows)
-                    log.info("epoch %d/%d iter %d/%d loss %.4f lr %.3g %.2f img/s", epoch + 1, tcfg.epochs, it,
-                             self.iters_per_epoch, record["loss"], lr, record["images_per_s"])
-                bar.set_postfix({"loss": f"{record['loss']:.3f}",
-                                 **{k.replace("loss_", ""): f"{v:.3f}" for k, v in means.items()}, "lr": f"{lr:.2e}"})
+                    log.info(
+                        "epoch %d/%d iter %d/%d loss %.4f lr %.3g %.2f img/s",
+                        epoch + 1,
+                        tcfg.epochs,
+                        it,
+                        self.iters_per_epoch,
+                        record["loss"],
+                        lr,
+                        record["images_per_s"],
+                    )
+                bar.set_postfix(
+                    {
+                        "loss": f"{record['loss']:.3f}",
+                        **{k.replace("loss_", ""): f"{v:.3f}" for k, v in means.items()},
+                        "lr": f"{lr:.2e}",
+                    }
+                )
             if tcfg.checkpoint_interval_iters and self.global_iter % tcfg.checkpoint_interval_iters == 0:
                 self.check_finite()
                 if info.main:
@@ -639,14 +769,28 @@ class Trainer:
         from i3cl_core.infer.predictor import evaluate_model
 
         cfg = self.cfg
-        evaluation = evaluate_model(self.model, self.val_dataset, self.info.device, self.tcfg.eval_protocol,
-                                    cfg.infer.score_thr, batch_size=cfg.infer.batch_size, progress=self.progress)
+        evaluation = evaluate_model(
+            self.model,
+            self.val_dataset,
+            self.info.device,
+            self.tcfg.eval_protocol,
+            cfg.infer.score_thr,
+            batch_size=cfg.infer.batch_size,
+            progress=self.progress,
+        )
         evaluation.update(epoch=epoch + 1, iter=self.global_iter, time=time.time() - self.t_start)
         self.history.append(evaluation)
         self.write_metrics({"eval": True, **evaluation})
-        log.info("epoch %d: %s P %.4f R %.4f F %.4f (best threshold %.2f: F %.4f)", epoch + 1, self.tcfg.eval_protocol,
-                 evaluation["precision"], evaluation["recall"], evaluation["hmean"], evaluation["best_thr"],
-                 evaluation["best_hmean"])
+        log.info(
+            "epoch %d: %s P %.4f R %.4f F %.4f (best threshold %.2f: F %.4f)",
+            epoch + 1,
+            self.tcfg.eval_protocol,
+            evaluation["precision"],
+            evaluation["recall"],
+            evaluation["hmean"],
+            evaluation["best_thr"],
+            evaluation["best_hmean"],
+        )
         if evaluation["hmean"] > self.best["hmean"]:
             self.best = {"hmean": evaluation["hmean"], "epoch": epoch + 1}
         return evaluation
@@ -657,13 +801,23 @@ class Trainer:
         self.t_start = time.time()
         self.images_seen = 0
         if info.main:
-            log.info("training %d images (%d per process x %d processes), %d iterations per epoch, epochs %d-%d, "
-                     "device %s", len(self.dataset), tcfg.batch_size, info.world_size, self.iters_per_epoch,
-                     self.start_epoch + 1, tcfg.epochs, info.device)
+            log.info(
+                "training %d images (%d per process x %d processes), %d iterations per epoch, epochs %d-%d, "
+                "device %s",
+                len(self.dataset),
+                tcfg.batch_size,
+                info.world_size,
+                self.iters_per_epoch,
+                self.start_epoch + 1,
+                tcfg.epochs,
+                info.device,
+            )
         for epoch in range(self.start_epoch, tcfg.epochs):
             self.train_epoch(epoch)
             evaluation = None
-            if self.val_dataset is not None and ((epoch + 1) % tcfg.eval_interval == 0 or epoch + 1 == tcfg.epochs):
+            if self.val_dataset is not None and (
+                (epoch + 1) % tcfg.eval_interval == 0 or epoch + 1 == tcfg.epochs
+            ):
                 evaluation = self.evaluate(epoch)
             if info.main:
                 path = self.checkpoint(f"epoch_{epoch + 1}.pth", epoch + 1, 0)
@@ -690,7 +844,9 @@ class Trainer:
             "world_size": self.info.world_size,
         }
         if self.info.main:
-            atomic_write_json(self.work_dir / "metrics.json", {"summary": summary, "evaluations": self.history}, indent=2)
+            atomic_write_json(
+                self.work_dir / "metrics.json", {"summary": summary, "evaluations": self.history}, indent=2
+            )
             if self.tb is not None:
                 self.tb.close()
         if self.info.distributed:

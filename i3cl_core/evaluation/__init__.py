@@ -11,6 +11,7 @@ Public API (imported lazily so that ``i3cl --help`` stays fast)::
 
 See ``docs/evaluation.md`` for the protocol definitions and deviations from the public scripts.
 """
+
 from __future__ import annotations
 
 import importlib

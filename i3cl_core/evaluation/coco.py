@@ -6,6 +6,7 @@ on them, GT parts with fewer than 3 usable points dropped. Predictions become CO
 segmentations (rasterised at the GT image size) and the polygon's bounding box; predictions without a usable
 polygon are dropped (they cannot be rasterised).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,16 +41,29 @@ def coco_map(gt, preds, max_dets: int = 100) -> dict:
     images, anns = [], []
     for n, (key, img) in enumerate(gt.images.items(), start=1):
         if not img.width or not img.height:
-            raise DatasetError(f"{gt.source}: image {key!r} ({img.file_name}) has no width/height, needed for segm mAP")
+            raise DatasetError(
+                f"{gt.source}: image {key!r} ({img.file_name}) has no width/height, needed for segm mAP"
+            )
         key_to_id[key] = n
-        images.append({"id": n, "file_name": img.file_name, "width": int(img.width), "height": int(img.height)})
+        images.append(
+            {"id": n, "file_name": img.file_name, "width": int(img.width), "height": int(img.height)}
+        )
         for poly, dc in zip(img.polygons, img.dontcare):
             parts = _flat_parts(poly)
             if not parts:
                 continue
             rle = mask_utils.merge(mask_utils.frPyObjects(parts, int(img.height), int(img.width)))
-            anns.append({"id": len(anns) + 1, "image_id": n, "category_id": 1, "segmentation": parts,
-                         "bbox": coco_bbox(parts), "area": float(mask_utils.area(rle)), "iscrowd": int(bool(dc))})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": n,
+                    "category_id": 1,
+                    "segmentation": parts,
+                    "bbox": coco_bbox(parts),
+                    "area": float(mask_utils.area(rle)),
+                    "iscrowd": int(bool(dc)),
+                }
+            )
     results = []
     for key, (polys, scores) in preds.by_image.items():
         if key not in key_to_id:
@@ -61,9 +75,21 @@ def coco_map(gt, preds, max_dets: int = 100) -> dict:
                 continue
             rle = mask_utils.merge(mask_utils.frPyObjects(parts, int(img.height), int(img.width)))
             rle["counts"] = rle["counts"].decode("ascii")
-            results.append({"image_id": key_to_id[key], "category_id": 1, "segmentation": rle,
-                            "bbox": coco_bbox(parts), "score": float(score)})
-    out = {"protocol": "coco_map", "num_images": len(images), "num_detections": len(results), "max_dets": max_dets}
+            results.append(
+                {
+                    "image_id": key_to_id[key],
+                    "category_id": 1,
+                    "segmentation": rle,
+                    "bbox": coco_bbox(parts),
+                    "score": float(score),
+                }
+            )
+    out = {
+        "protocol": "coco_map",
+        "num_images": len(images),
+        "num_detections": len(results),
+        "max_dets": max_dets,
+    }
     names = ("mAP", "AP50", "AP75")
     if not results or not anns:
         for iou_type in ("bbox", "segm"):

@@ -7,6 +7,7 @@ set. The protocols then work on small per-image numpy matrices, so a score sweep
 
 See ``docs/evaluation.md`` for the protocol definitions and every deviation from the public scripts.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -44,8 +45,14 @@ class _Image:
 class PreparedEval:
     """Geometry and pairwise intersections for one GT/prediction pair, reusable by every protocol."""
 
-    def __init__(self, gt_by_image: Mapping, pred_by_image: Mapping, *, unknown_image_ids: Sequence = (),
-                 num_unknown_predictions: int = 0):
+    def __init__(
+        self,
+        gt_by_image: Mapping,
+        pred_by_image: Mapping,
+        *,
+        unknown_image_ids: Sequence = (),
+        num_unknown_predictions: int = 0,
+    ):
         keys = list(gt_by_image)
         gt_inst, gt_dc, gt_img = [], [], []
         for i, key in enumerate(keys):
@@ -100,8 +107,8 @@ class PreparedEval:
 
         pair_g, pair_d, slices = [], [], []
         for i in range(len(keys)):
-            gi = g_sorted[g_starts[i]:g_starts[i + 1]]
-            di = d_sorted[d_starts[i]:d_starts[i + 1]]
+            gi = g_sorted[g_starts[i] : g_starts[i + 1]]
+            di = d_sorted[d_starts[i] : d_starts[i + 1]]
             if len(gi) and len(di):
                 a, b = candidate_pairs(g_bounds[gi], d_bounds[di])
                 pair_g.append(gi[a])
@@ -119,32 +126,44 @@ class PreparedEval:
         self.images: list[_Image] = []
         offset = 0
         for i, key in enumerate(keys):
-            gi = g_sorted[g_starts[i]:g_starts[i + 1]]
-            di = d_sorted[d_starts[i]:d_starts[i + 1]]
+            gi = g_sorted[g_starts[i] : g_starts[i + 1]]
+            di = d_sorted[d_starts[i] : d_starts[i + 1]]
             a, b = slices[i]
             inter = np.zeros((len(gi), len(di)))
             if len(a):
-                inter[a, b] = areas[offset:offset + len(a)]
+                inter[a, b] = areas[offset : offset + len(a)]
                 offset += len(a)
             dc = gt_dc_arr[gi]
             scores = d_score[di]
-            self.images.append(_Image(
-                key=key,
-                gt_care=np.flatnonzero(~dc),
-                gt_dc=np.flatnonzero(dc),
-                gt_area=g_area[gi],
-                det_area=d_area[di],
-                det_score=scores,
-                det_invalid=d_status[di] == STATUS_INVALID,
-                det_repaired=d_status[di] == STATUS_REPAIRED,
-                order=np.argsort(-scores, kind="stable"),
-                inter=inter,
-            ))
+            self.images.append(
+                _Image(
+                    key=key,
+                    gt_care=np.flatnonzero(~dc),
+                    gt_dc=np.flatnonzero(dc),
+                    gt_area=g_area[gi],
+                    det_area=d_area[di],
+                    det_score=scores,
+                    det_invalid=d_status[di] == STATUS_INVALID,
+                    det_repaired=d_status[di] == STATUS_REPAIRED,
+                    order=np.argsort(-scores, kind="stable"),
+                    inter=inter,
+                )
+            )
 
     # ------------------------------------------------------------------ public
-    def evaluate(self, protocol: str = "art", score_thr: float | None = None, *, match: str = "greedy",
-                 iou_thr: float = 0.5, dc_thr: float = 0.5, tr: float = 0.7, tp: float = 0.6,
-                 split_credit: float = 0.8, deteval_mode: str = "strict") -> dict:
+    def evaluate(
+        self,
+        protocol: str = "art",
+        score_thr: float | None = None,
+        *,
+        match: str = "greedy",
+        iou_thr: float = 0.5,
+        dc_thr: float = 0.5,
+        tr: float = 0.7,
+        tp: float = 0.6,
+        split_credit: float = 0.8,
+        deteval_mode: str = "strict",
+    ) -> dict:
         """Dataset-wide P/R/H-mean and the counts behind them for one protocol."""
         if protocol in IOU_PROTOCOLS:
             if match not in MATCH_MODES:
@@ -158,8 +177,13 @@ class PreparedEval:
             res.update(tr=tr, tp=tp, deteval_mode=deteval_mode)
         else:
             raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}")
-        out = {"protocol": protocol, "precision": res.pop("precision"), "recall": res.pop("recall"),
-               "hmean": res.pop("hmean"), "score_thr": score_thr}
+        out = {
+            "protocol": protocol,
+            "precision": res.pop("precision"),
+            "recall": res.pop("recall"),
+            "hmean": res.pop("hmean"),
+            "score_thr": score_thr,
+        }
         out.update(res)
         out.update(
             num_invalid_gt=self.num_invalid_gt,
@@ -172,7 +196,9 @@ class PreparedEval:
         )
         return out
 
-    def sweep(self, protocol: str = "art", thresholds: Iterable[float] | None = None, **options) -> list[dict]:
+    def sweep(
+        self, protocol: str = "art", thresholds: Iterable[float] | None = None, **options
+    ) -> list[dict]:
         """``evaluate`` at every score threshold; the entry with the best H-mean (lowest threshold on ties) has
         ``best: True``."""
         ths = list(DEFAULT_SWEEP if thresholds is None else thresholds)
@@ -199,7 +225,9 @@ class PreparedEval:
             if len(im.gt_dc) and len(dets):
                 area = im.det_area[dets]
                 with np.errstate(divide="ignore", invalid="ignore"):
-                    ap = np.where(area > 0, im.inter[np.ix_(im.gt_dc, dets)] / np.where(area > 0, area, 1), 0.0)
+                    ap = np.where(
+                        area > 0, im.inter[np.ix_(im.gt_dc, dets)] / np.where(area > 0, area, 1), 0.0
+                    )
                 is_dc = (ap > dc_thr).any(axis=0)
                 n_det_dc += int(is_dc.sum())
                 dets = dets[~is_dc]
@@ -215,9 +243,18 @@ class PreparedEval:
             n_match += _greedy(iou > iou_thr) if match == "greedy" else _best_iou(iou, iou_thr)
         p = n_match / n_det if n_det else 0.0
         r = n_match / n_gt if n_gt else 0.0
-        return dict(precision=p, recall=r, hmean=_hmean(p, r), num_gt_care=n_gt, num_det_care=n_det,
-                    num_matched=n_match, num_gt_dontcare=n_gt_dc, num_det_dontcare=n_det_dc,
-                    num_invalid_det=n_invalid, num_repaired_det=n_repaired)
+        return dict(
+            precision=p,
+            recall=r,
+            hmean=_hmean(p, r),
+            num_gt_care=n_gt,
+            num_det_care=n_det,
+            num_matched=n_match,
+            num_gt_dontcare=n_gt_dc,
+            num_det_dontcare=n_det_dc,
+            num_invalid_det=n_invalid,
+            num_repaired_det=n_repaired,
+        )
 
     def _deteval(self, score_thr, tr, tp, dc_thr, k, official) -> dict:
         n_gt = n_det = n_gt_dc = n_det_dc = n_invalid = n_repaired = 0
@@ -241,7 +278,9 @@ class PreparedEval:
             d_area = im.det_area[dets]
             sigma = np.round(inter / im.gt_area[im.gt_care][:, None], 2)
             with np.errstate(divide="ignore", invalid="ignore"):
-                tau = np.round(np.where(d_area[None, :] > 0, inter / np.where(d_area > 0, d_area, 1)[None, :], 0.0), 2)
+                tau = np.round(
+                    np.where(d_area[None, :] > 0, inter / np.where(d_area > 0, d_area, 1)[None, :], 0.0), 2
+                )
             r, p, c = _deteval_image(sigma, tau, tr, tp, k, official)
             rec += r
             prec += p
@@ -249,10 +288,22 @@ class PreparedEval:
                 counts[name] += c[name]
         p = prec / n_det if n_det else 0.0
         r = rec / n_gt if n_gt else 0.0
-        return dict(precision=p, recall=r, hmean=_hmean(p, r), num_gt_care=n_gt, num_det_care=n_det,
-                    recall_credit=rec, precision_credit=prec, num_one_to_one=counts["one_to_one"],
-                    num_split=counts["split"], num_merge=counts["merge"], num_gt_dontcare=n_gt_dc,
-                    num_det_dontcare=n_det_dc, num_invalid_det=n_invalid, num_repaired_det=n_repaired)
+        return dict(
+            precision=p,
+            recall=r,
+            hmean=_hmean(p, r),
+            num_gt_care=n_gt,
+            num_det_care=n_det,
+            recall_credit=rec,
+            precision_credit=prec,
+            num_one_to_one=counts["one_to_one"],
+            num_split=counts["split"],
+            num_merge=counts["merge"],
+            num_gt_dontcare=n_gt_dc,
+            num_det_dontcare=n_det_dc,
+            num_invalid_det=n_invalid,
+            num_repaired_det=n_repaired,
+        )
 
 
 def _hmean(p: float, r: float) -> float:
@@ -289,7 +340,9 @@ def _best_iou(iou: np.ndarray, thr: float) -> int:
     return n
 
 
-def _deteval_image(sigma: np.ndarray, tau: np.ndarray, tr: float, tp: float, k: float, official: bool = False):
+def _deteval_image(
+    sigma: np.ndarray, tau: np.ndarray, tr: float, tp: float, k: float, official: bool = False
+):
     """DetEval on one image (rows = care GT in file order, columns = care detections in file order).
 
     The two modes differ in three places, all where detections overlap several objects:
@@ -373,8 +426,12 @@ def _prepared(gt, preds) -> PreparedEval:
     if cache is not None and cache[0] is gt:
         return cache[1]
     gt_by_image = {k: (img.polygons, img.dontcare) for k, img in gt.images.items()}
-    prep = PreparedEval(gt_by_image, preds.by_image, unknown_image_ids=preds.unknown_image_ids,
-                        num_unknown_predictions=preds.num_unknown_predictions)
+    prep = PreparedEval(
+        gt_by_image,
+        preds.by_image,
+        unknown_image_ids=preds.unknown_image_ids,
+        num_unknown_predictions=preds.num_unknown_predictions,
+    )
     preds._cache = (gt, prep)
     return prep
 
@@ -394,13 +451,20 @@ def evaluate(gt, preds, protocol: str = "art", score_thr: float | None = None, *
     return _prepared(gt, preds).evaluate(protocol, score_thr, **options)
 
 
-def sweep(gt, preds, protocol: str = "art", thresholds: Iterable[float] | None = None, **options) -> list[dict]:
+def sweep(
+    gt, preds, protocol: str = "art", thresholds: Iterable[float] | None = None, **options
+) -> list[dict]:
     """``evaluate`` at each score threshold (default 0.05, 0.10, ..., 0.95); the best H-mean is marked."""
     return _prepared(gt, preds).sweep(protocol, thresholds, **options)
 
 
-def evaluate_polygons(gt_by_image: Mapping, pred_by_image: Mapping, protocol: str = "art",
-                      score_thr: float | None = None, **options) -> dict:
+def evaluate_polygons(
+    gt_by_image: Mapping,
+    pred_by_image: Mapping,
+    protocol: str = "art",
+    score_thr: float | None = None,
+    **options,
+) -> dict:
     """Evaluate in-memory data.
 
     ``gt_by_image``: ``{image_key: [(polygon, dontcare), ...]}``; ``pred_by_image``:

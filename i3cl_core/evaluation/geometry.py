@@ -10,6 +10,7 @@ Conventions used by every protocol:
   triangles, whose area is half of its bounding box. ``STATUS_INVALID``: fewer than 3 vertices, a non-finite
   coordinate, or zero area after repair; the geometry is an empty polygon (area 0, intersects nothing).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ STATUS_REPAIRED = 1
 STATUS_INVALID = 2
 
 _EMPTY = shapely.Polygon()
+
 
 def as_parts(instance) -> list[np.ndarray]:
     """Normalise an instance to a list of float64 ``(N, 2)`` arrays (no validity checks beyond shape).
@@ -46,11 +48,19 @@ def as_parts(instance) -> list[np.ndarray]:
         return [_flat_to_xy(parts)]
     if all(_is_point(p) for p in parts):  # a list of [x, y] points
         return [np.asarray(parts, dtype=np.float64).reshape(-1, 2)]
-    return [q for p in parts for q in as_parts(p if isinstance(p, np.ndarray) else np.asarray(p, dtype=np.float64))]
+    return [
+        q
+        for p in parts
+        for q in as_parts(p if isinstance(p, np.ndarray) else np.asarray(p, dtype=np.float64))
+    ]
 
 
 def _is_point(p) -> bool:
-    return isinstance(p, (list, tuple, np.ndarray)) and len(p) == 2 and all(np.isscalar(v) or v is None for v in p)
+    return (
+        isinstance(p, (list, tuple, np.ndarray))
+        and len(p) == 2
+        and all(np.isscalar(v) or v is None for v in p)
+    )
 
 
 def _flat_to_xy(flat) -> np.ndarray:
@@ -131,7 +141,9 @@ def build_geometries(instances: Sequence) -> tuple[np.ndarray, np.ndarray]:
     for i, parts, dropped in multi:
         polys = [shapely.Polygon(p) for p in parts]
         broken = [not p.is_valid for p in polys]
-        geoms[i] = _polygonal_union(shapely.union_all([_repair(p) if b else p for p, b in zip(polys, broken)]))
+        geoms[i] = _polygonal_union(
+            shapely.union_all([_repair(p) if b else p for p, b in zip(polys, broken)])
+        )
         status[i] = STATUS_REPAIRED if (dropped or any(broken)) else STATUS_OK
     if n:
         areas = shapely.area(geoms)
@@ -174,6 +186,10 @@ def intersection_areas(a: np.ndarray, b: np.ndarray, workers: int | None = None)
 
 def candidate_pairs(ab: np.ndarray, bb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs whose bounding boxes overlap with positive area (NaN bounds of empty geometries never do)."""
-    overlap = ((ab[:, None, 0] < bb[None, :, 2]) & (bb[None, :, 0] < ab[:, None, 2])
-               & (ab[:, None, 1] < bb[None, :, 3]) & (bb[None, :, 1] < ab[:, None, 3]))
+    overlap = (
+        (ab[:, None, 0] < bb[None, :, 2])
+        & (bb[None, :, 0] < ab[:, None, 2])
+        & (ab[:, None, 1] < bb[None, :, 3])
+        & (bb[None, :, 1] < ab[:, None, 3])
+    )
     return np.nonzero(overlap)

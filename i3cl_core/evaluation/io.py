@@ -24,6 +24,7 @@ Malformed files raise :class:`~i3cl_core.data.errors.DatasetError` naming the fi
 problems (fewer than 3 points, NaN, self-intersections) are *not* errors: they are handled and counted at
 evaluation time.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -35,7 +36,6 @@ import numpy as np
 from i3cl_core.data.errors import DatasetError
 from i3cl_core.data.validate import far_outside
 from i3cl_core.utils import read_json
-
 
 
 @dataclass
@@ -54,7 +54,9 @@ class GroundTruth:
     format: str  # "coco" | "art" | "memory"
     source: str = "<memory>"
     categories: list = field(default_factory=list)
-    num_outside_image: int = 0  # ground-truth polygons with a point more than one image size outside their image
+    num_outside_image: int = (
+        0  # ground-truth polygons with a point more than one image size outside their image
+    )
     duplicate_file_names: list = field(default_factory=list)  # (file_name, first id, other id): scored twice
     _token_index: dict | None = field(default=None, repr=False)
 
@@ -70,7 +72,8 @@ class GroundTruth:
                 if tok in index and index[tok] != key:
                     raise DatasetError(
                         f"{self.source}: images {self.images[index[tok]].file_name!r} and {img.file_name!r} share the "
-                        f"token {tok!r}; ArT-style predictions (res_<n>) cannot be matched unambiguously")
+                        f"token {tok!r}; ArT-style predictions (res_<n>) cannot be matched unambiguously"
+                    )
                 index[tok] = key
             self._token_index = index
         return self._token_index
@@ -118,7 +121,9 @@ def _points(value, where: str) -> np.ndarray:
         else:
             arr = np.asarray(value, dtype=np.float64)
             if arr.ndim != 1 or arr.size % 2:
-                raise DatasetError(f"{where}: a flat coordinate list must have an even length, got {arr.size}")
+                raise DatasetError(
+                    f"{where}: a flat coordinate list must have an even length, got {arr.size}"
+                )
             arr = arr.reshape(-1, 2)
     except (TypeError, ValueError) as e:
         raise DatasetError(f"{where}: coordinates must be numbers ({e})") from e
@@ -177,8 +182,11 @@ def rle_to_parts(rle: dict, where: str, size: tuple[int, int] | None = None) -> 
 
 
 def _is_art_dict(data: Any, prefix: str) -> bool:
-    return isinstance(data, dict) and all(isinstance(k, str) and k.startswith(prefix) for k in data) and all(
-        isinstance(v, list) for v in data.values())
+    return (
+        isinstance(data, dict)
+        and all(isinstance(k, str) and k.startswith(prefix) for k in data)
+        and all(isinstance(v, list) for v in data.values())
+    )
 
 
 def _is_dontcare(ann: dict) -> bool:
@@ -193,7 +201,9 @@ def load_ground_truth(path) -> GroundTruth:
         return _gt_from_coco(data, src)
     if _is_art_dict(data, "gt_") or data == {}:
         return _gt_from_art(data, src)
-    raise DatasetError(f"{src}: not a COCO dataset (images/annotations) nor an ArT json ({{'gt_<n>': [...]}})")
+    raise DatasetError(
+        f"{src}: not a COCO dataset (images/annotations) nor an ArT json ({{'gt_<n>': [...]}})"
+    )
 
 
 def _gt_from_coco(data: dict, src: str) -> GroundTruth:
@@ -206,7 +216,9 @@ def _gt_from_coco(data: dict, src: str) -> GroundTruth:
     duplicates = []
     for img in coco_images(data, src, size="optional", file_name="optional"):
         key = img["id"]
-        images[key] = GtImage(key=key, file_name=img["file_name"] or str(key), width=img["width"], height=img["height"])
+        images[key] = GtImage(
+            key=key, file_name=img["file_name"] or str(key), width=img["width"], height=img["height"]
+        )
         if img["file_name"] is not None:
             if img["file_name"] in first_id:  # one picture under two ids: its text would be counted twice
                 duplicates.append((img["file_name"], first_id[img["file_name"]], key))
@@ -221,13 +233,18 @@ def _gt_from_coco(data: dict, src: str) -> GroundTruth:
             raise DatasetError(f"{where}: image_id {ann.get('image_id')!r} is not in 'images'")
         size = (img.height, img.width) if img.height and img.width else None
         instance = _segmentation(ann.get("segmentation"), ann.get("bbox"), where, size)
-        if img.width and img.height and any(
-                far_outside(part, img.width, img.height) for part in instance):
+        if img.width and img.height and any(far_outside(part, img.width, img.height) for part in instance):
             outside += 1  # kept (a missed object unless matched), and reported: likely another scale
         img.polygons.append(instance)
         img.dontcare.append(_is_dontcare(ann))
-    return GroundTruth(images=images, format="coco", source=src, categories=list(data.get("categories") or []),
-                       num_outside_image=outside, duplicate_file_names=duplicates)
+    return GroundTruth(
+        images=images,
+        format="coco",
+        source=src,
+        categories=list(data.get("categories") or []),
+        num_outside_image=outside,
+        duplicate_file_names=duplicates,
+    )
 
 
 def _art_dontcare(item: dict) -> bool:
@@ -277,9 +294,14 @@ class _Collector:
         scores.append(score)
 
     def result(self) -> Predictions:
-        return Predictions(by_image=self.by_image, format=self.fmt, source=self.src,
-                           unknown_image_ids=list(self.unknown), num_unknown_predictions=self.num_unknown,
-                           num_outside_image=self.num_outside)
+        return Predictions(
+            by_image=self.by_image,
+            format=self.fmt,
+            source=self.src,
+            unknown_image_ids=list(self.unknown),
+            num_unknown_predictions=self.num_unknown,
+            num_outside_image=self.num_outside,
+        )
 
 
 def load_predictions(path, gt: GroundTruth) -> Predictions:

@@ -10,6 +10,7 @@
   2020 kit one ``<image stem>.txt`` per image with lines ``x1,y1,...,xn,yn`` (integers). Both without
   scores: threshold first.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -95,8 +96,16 @@ def draw_results(image_rgb: np.ndarray, results: list[dict], path: Path) -> None
         pts = np.rint(np.asarray(r["segmentation"][0]).reshape(-1, 2)).astype(np.int32)
         cv2.polylines(canvas, [pts], True, (0, 220, 0), thickness, cv2.LINE_AA)
         x, y = int(pts[:, 0].min()), int(pts[:, 1].min())
-        cv2.putText(canvas, f"{r['score']:.2f}", (x, max(10, y - 3)), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thickness,
-                    (0, 0, 255), thickness, cv2.LINE_AA)
+        cv2.putText(
+            canvas,
+            f"{r['score']:.2f}",
+            (x, max(10, y - 3)),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.4 * thickness,
+            (0, 0, 255),
+            thickness,
+            cv2.LINE_AA,
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     ok, buf = cv2.imencode(".png", canvas)
     if ok:

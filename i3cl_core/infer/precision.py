@@ -7,6 +7,7 @@ FPN and IntraCL run in the low precision; heads, boxes and masks stay float32, s
 their precision. Inference also runs the convolutions in NHWC memory format (``channels_last``: the
 same arithmetic in another order, faster with oneDNN and cuDNN; benchmarks/bench_model_latency.py).
 """
+
 from __future__ import annotations
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -27,17 +28,27 @@ def resolve_precision(precision: str, device: str) -> str:
             return "fp16"
         return "bf16" if native_bf16(dev) else "fp32"
     if precision == "fp16" and dev.type != "cuda":
-        raise ValueError(f"infer.precision: fp16 autocast needs a CUDA device, not {device}; use bf16 or fp32")
+        raise ValueError(
+            f"infer.precision: fp16 autocast needs a CUDA device, not {device}; use bf16 or fp32"
+        )
     return precision
 
 
-def load_inference_model(checkpoint, device, precision: str = "auto", model_overrides: dict | None = None,
-                         channels_last: bool = True):
+def load_inference_model(
+    checkpoint,
+    device,
+    precision: str = "auto",
+    model_overrides: dict | None = None,
+    channels_last: bool = True,
+):
     """(model in eval mode, config, resolved precision) of ``checkpoint`` on ``device``."""
     from i3cl_core.model.checkpoint import load_model
 
     prec = resolve_precision(precision, str(device))
-    model, cfg = load_model(checkpoint, device, {"channels_last": channels_last, **(model_overrides or {}),
-                                                 "bf16_features": prec == "bf16"})
+    model, cfg = load_model(
+        checkpoint,
+        device,
+        {"channels_last": channels_last, **(model_overrides or {}), "bf16_features": prec == "bf16"},
+    )
     model.fp16_features = prec == "fp16"
     return model, cfg, prec

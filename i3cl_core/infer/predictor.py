@@ -1,7 +1,8 @@
 """Run a detector over a dataset or a list of images: polygons and scores per image."""
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -30,7 +31,9 @@ def _flip_poly(poly: np.ndarray, w: int, h: int, flip: str) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_polygons(model, images: list, epsilon: float = 0.005, flips=(), scales=()) -> list[list[tuple[np.ndarray, float]]]:
+def predict_polygons(
+    model, images: list, epsilon: float = 0.005, flips=(), scales=()
+) -> list[list[tuple[np.ndarray, float]]]:
     """The one predictor: ``[(polygon, score), ...]`` per image of a batch (images already on the model's
     device, in input coordinates; detections whose mask gives no polygon are left out). Test-time
     augmentation: each of ``flips`` ('h', 'v') and ``scales`` (short sides) runs on the whole batch as
@@ -47,28 +50,43 @@ def predict_polygons(model, images: list, epsilon: float = 0.005, flips=(), scal
         elif flip == "v":
             batch = [torch.flip(im, dims=[-2]) for im in images]
         sides = None
-        if short is not None:  # another short side, the long side limit scaled alike (never below the config's)
+        if (
+            short is not None
+        ):  # another short side, the long side limit scaled alike (never below the config's)
             base_short, base_long = model.cfg.test_short_side, model.cfg.test_long_side
             sides = (short, max(base_long, int(base_long * short / base_short)))
         outputs = model.predict(batch, epsilon=epsilon, test_sides=sides)
         for k, (im, out) in enumerate(zip(images, outputs)):
             h, w = im.shape[-2:]
-            per_image[k].append([(_flip_poly(poly, w, h, flip) if flip else poly, s)
-                                 for poly, s in zip(out["polygons"], out["scores"].float().tolist()) if poly is not None])
+            per_image[k].append(
+                [
+                    (_flip_poly(poly, w, h, flip) if flip else poly, s)
+                    for poly, s in zip(out["polygons"], out["scores"].float().tolist())
+                    if poly is not None
+                ]
+            )
     if len(variants) == 1:
         return [v[0] for v in per_image]
     from i3cl_core.pseudo.fusion import cluster_predictions
 
     fused = []
     for outputs in per_image:
-        clusters = cluster_predictions(outputs, None, iou_thr=0.55, skip_thr=0.0, conf_type="avg", epsilon=epsilon)
+        clusters = cluster_predictions(
+            outputs, None, iou_thr=0.55, skip_thr=0.0, conf_type="avg", epsilon=epsilon
+        )
         fused.append([(c.polygon, c.score) for c in clusters if c.polygon is not None])
     return fused
 
 
 @torch.no_grad()
-def predict_batches(model, batches: Iterable[tuple[list, list[torch.Tensor]]], device, epsilon: float = 0.005,
-                    progress: bool = False, total: int | None = None) -> Iterable[tuple[object, list]]:
+def predict_batches(
+    model,
+    batches: Iterable[tuple[list, list[torch.Tensor]]],
+    device,
+    epsilon: float = 0.005,
+    progress: bool = False,
+    total: int | None = None,
+) -> Iterable[tuple[object, list]]:
     """Yield ``(key, [(polygon, score), ...])`` for each image of each ``(keys, images)`` batch
     (:func:`predict_polygons`)."""
     from tqdm import tqdm
@@ -82,14 +100,23 @@ def predict_batches(model, batches: Iterable[tuple[list, list[torch.Tensor]]], d
     bar.close()
 
 
-def predict_dataset(model, dataset, device, batch_size: int = 1, num_workers: int = 0, epsilon: float = 0.005,
-                    progress: bool = False) -> dict[int, list[tuple]]:
+def predict_dataset(
+    model,
+    dataset,
+    device,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    epsilon: float = 0.005,
+    progress: bool = False,
+) -> dict[int, list[tuple]]:
     """``{image_id: [(polygon, score), ...]}`` over a :class:`CocoTextDataset` (without transform)."""
     from torch.utils.data import DataLoader
 
     from i3cl_core.data.coco import collate
 
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate
+    )
     batches = (([t["image_id"] for t in targets], images) for images, targets in loader)
     results = {}
     for key, polygons in predict_batches(model, batches, device, epsilon, progress, total=len(dataset)):
@@ -102,8 +129,16 @@ def dataset_ground_truth(dataset) -> dict[int, list[tuple]]:
     return {r.image_id: [(inst.parts, inst.iscrowd) for inst in r.instances] for r in dataset.records}
 
 
-def evaluate_model(model, dataset, device, protocol: str = "art", score_thr: float = 0.45, batch_size: int = 1,
-                   num_workers: int = 0, progress: bool = False) -> dict:
+def evaluate_model(
+    model,
+    dataset,
+    device,
+    protocol: str = "art",
+    score_thr: float = 0.45,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> dict:
     """P/R/F of ``model`` on ``dataset`` at ``score_thr``, plus a sweep of thresholds (``sweep``: P/R/F at
     0.05, 0.10, ..., 0.95) and its best one."""
     from i3cl_core.evaluation import prepare_polygons

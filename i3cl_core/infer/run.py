@@ -14,6 +14,7 @@ full disk, a kill) never leaves ``run.json``, ``results.json`` and ``per_image/`
 next run with the same settings goes on from what ``.infer-next/`` holds. ``.per_image.json`` records
 the settings of the per-image files beside it (what the resume check reads).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,13 +57,18 @@ def check_output_names(items: list[ImageItem]) -> None:
     """Two images must never write the same output file: an error naming both when their per-image
     records (``d1/x.jpg`` and a file called ``d1__x.jpg``) or their txt / vis files (``y.jpg`` and
     ``y.png``) would collide."""
-    for what, name_of in (("per_image/{}.json", lambda it: it.key), ("txt/{0}.txt and vis/{0}.png", lambda it: it.stem)):
+    for what, name_of in (
+        ("per_image/{}.json", lambda it: it.key),
+        ("txt/{0}.txt and vis/{0}.png", lambda it: it.stem),
+    ):
         seen: dict[str, ImageItem] = {}
         for it in items:
             other = seen.setdefault(name_of(it), it)
             if other is not it:
-                raise DatasetError(f"images {other.path} and {it.path} would both write {what.format(name_of(it))}; "
-                                   "rename one of them, or run them in separate calls")
+                raise DatasetError(
+                    f"images {other.path} and {it.path} would both write {what.format(name_of(it))}; "
+                    "rename one of them, or run them in separate calls"
+                )
 
 
 def art_key_clashes(items: list[ImageItem]) -> tuple[str, str] | None:
@@ -98,8 +104,13 @@ def collect_images(spec: str, img_root: str | None = None) -> list[ImageItem]:
         return items
     if p.suffix.lower() == ".txt" and p.is_file():
         lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        return _unique_names([ImageItem(i + 1, (p.parent / ln) if not os.path.isabs(ln) else Path(ln), Path(ln).name)
-                              for i, ln in enumerate(lines)], str(p))
+        return _unique_names(
+            [
+                ImageItem(i + 1, (p.parent / ln) if not os.path.isabs(ln) else Path(ln), Path(ln).name)
+                for i, ln in enumerate(lines)
+            ],
+            str(p),
+        )
     files = sorted(glob.glob(spec, recursive=True))
     if not files:
         raise FileNotFoundError(f"{spec}: no such folder, json, list file, or glob matches")
@@ -114,7 +125,9 @@ def _unique_names(items: list[ImageItem], spec: str) -> list[ImageItem]:
     for it in items:
         key = os.path.normpath(os.path.abspath(it.path))
         if key in resolved:
-            raise DatasetError(f"{spec}: image {it.path} is listed twice (as {resolved[key].image_id} and {it.image_id})")
+            raise DatasetError(
+                f"{spec}: image {it.path} is listed twice (as {resolved[key].image_id} and {it.image_id})"
+            )
         resolved[key] = it
     if len({it.file_name for it in items}) == len(items):
         return items
@@ -225,8 +238,12 @@ def prepare_output(out: Path, manifest: dict) -> Path:
         return staging
     if staging.exists():
         _remove(staging)
-    log.warning("%s: checkpoint or settings changed since the last run; recomputing every image into %s (the "
-                "previous outputs stay until the new ones are complete)", out, staging)
+    log.warning(
+        "%s: checkpoint or settings changed since the last run; recomputing every image into %s (the "
+        "previous outputs stay until the new ones are complete)",
+        out,
+        staging,
+    )
     _start_per_image(staging, manifest)
     return staging
 
@@ -287,17 +304,26 @@ def infer_images(
     check_output_names(items)
     out = Path(out_dir)
     if engine == "onnxruntime":
-        predict, batches, eps, prec, image_hw = _onnx_engine(checkpoint, epsilon, model_overrides, threads, visualize,
-                                                             model)
+        predict, batches, eps, prec, image_hw = _onnx_engine(
+            checkpoint, epsilon, model_overrides, threads, visualize, model
+        )
     else:
-        predict, batches, eps, prec, image_hw = _torch_engine(checkpoint, epsilon, model_overrides, device, precision,
-                                                              model, batch_size, num_workers, visualize)
-    manifest = {"checkpoint": _file_stats(checkpoint) if checkpoint else None, "score_thr": score_thr,
-                "epsilon": eps, "model_overrides": model_overrides or {}, "precision": prec}
+        predict, batches, eps, prec, image_hw = _torch_engine(
+            checkpoint, epsilon, model_overrides, device, precision, model, batch_size, num_workers, visualize
+        )
+    manifest = {
+        "checkpoint": _file_stats(checkpoint) if checkpoint else None,
+        "score_thr": score_thr,
+        "epsilon": eps,
+        "model_overrides": model_overrides or {},
+        "precision": prec,
+    }
     if engine != "torch":  # recorded only when not the default, so that earlier runs' outputs stay resumable
         manifest["engine"] = engine
     manifest = json.loads(json.dumps(manifest))  # as read back from a file (lists, not tuples)
-    root = prepare_output(out, manifest)  # out, or out/.infer-next while a complete run with other settings is there
+    root = prepare_output(
+        out, manifest
+    )  # out, or out/.infer-next while a complete run with other settings is there
     per_image = root / "per_image"
 
     todo = [i for i, it in enumerate(items) if not (per_image / f"{it.key}.json").exists()]
@@ -306,8 +332,13 @@ def infer_images(
         log.info("%s: %d of %d images already done, skipping them", out, skipped, len(items))
     failures: list[str] = []
     t0 = time.time()
-    bar = tqdm(total=len(todo), desc=f"infer {Path(checkpoint).name if checkpoint else ''}", unit="img",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(todo),
+        desc=f"infer {Path(checkpoint).name if checkpoint else ''}",
+        unit="img",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     for batch in batches([items[i] for i in todo]):
         good = [(j, x, rgb) for j, x, rgb, err in batch if err is None]
         for _, _, _, err in batch:
@@ -320,17 +351,29 @@ def infer_images(
                 item = items[todo[j]]
                 results = [coco_result(item.image_id, poly, s) for poly, s in polygons if s >= score_thr]
                 h, w = image_hw(x)
-                record = {"image_id": item.image_id, "file_name": item.file_name, "width": w, "height": h,
-                          "results": results}
+                record = {
+                    "image_id": item.image_id,
+                    "file_name": item.file_name,
+                    "width": w,
+                    "height": h,
+                    "results": results,
+                }
                 if visualize:
                     draw_results(rgb, results, root / "vis" / f"{item.stem}.png")
                 atomic_write_json(per_image / f"{item.key}.json", record)
         bar.update(len(batch))
     bar.close()
     seconds = time.time() - t0
-    summary = {"images": len(items), "processed": len(todo) - len(failures), "skipped_done": skipped,
-               "failed": len(failures), "failures": failures[:20], "seconds": round(seconds, 2),
-               "images_per_s": round((len(todo) - len(failures)) / max(seconds, 1e-9), 3), "out": str(out)}
+    summary = {
+        "images": len(items),
+        "processed": len(todo) - len(failures),
+        "skipped_done": skipped,
+        "failed": len(failures),
+        "failures": failures[:20],
+        "seconds": round(seconds, 2),
+        "images_per_s": round((len(todo) - len(failures)) / max(seconds, 1e-9), 3),
+        "out": str(out),
+    }
     if write_exports:
         summary.update(write_outputs(items, root, txt_lines, art_entries))
     if failures:
@@ -345,7 +388,9 @@ def infer_images(
     return summary
 
 
-def _torch_engine(checkpoint, epsilon, model_overrides, device, precision, model, batch_size, num_workers, visualize):
+def _torch_engine(
+    checkpoint, epsilon, model_overrides, device, precision, model, batch_size, num_workers, visualize
+):
     """(predict, batches, epsilon, precision, image_hw) of the PyTorch engine: images decoded in DataLoader
     workers, predicted in batches on ``device`` (:func:`~i3cl_core.infer.predictor.predict_polygons`)."""
     import torch
@@ -363,8 +408,14 @@ def _torch_engine(checkpoint, epsilon, model_overrides, device, precision, model
     eps = epsilon if epsilon is not None else (cfg.infer.polygon_epsilon if cfg is not None else 0.005)
 
     def batches(todo):
-        return DataLoader(ImageDataset(todo, keep_rgb=visualize), batch_size=batch_size, shuffle=False,
-                          num_workers=num_workers, collate_fn=collate_items, worker_init_fn=worker_init)
+        return DataLoader(
+            ImageDataset(todo, keep_rgb=visualize),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            collate_fn=collate_items,
+            worker_init_fn=worker_init,
+        )
 
     def predict(tensors):
         with torch.no_grad():
@@ -382,8 +433,9 @@ def _onnx_engine(path, epsilon, model_overrides, threads, visualize, detector=No
     detector = detector if detector is not None else OnnxDetector(path, threads=threads)
     for key, value in (model_overrides or {}).items():
         if key not in ("test_short_side", "test_long_side"):
-            raise DatasetError(f"--engine onnxruntime: {key} is fixed in the exported graph; only the test sides "
-                               "can change")
+            raise DatasetError(
+                f"--engine onnxruntime: {key} is fixed in the exported graph; only the test sides can change"
+            )
         detector.preprocess_settings[key] = int(value)
     eps = epsilon if epsilon is not None else detector.polygon_epsilon
 
@@ -391,8 +443,13 @@ def _onnx_engine(path, epsilon, model_overrides, threads, visualize, detector=No
         data = ImageDataset(todo, keep_rgb=visualize, as_tensor=False)
         return ([data[i]] for i in range(len(data)))
 
-    return (lambda rgbs: [detector.predict(rgb, eps) for rgb in rgbs]), batches, eps, "fp32", \
-        lambda rgb: (int(rgb.shape[0]), int(rgb.shape[1]))
+    return (
+        (lambda rgbs: [detector.predict(rgb, eps) for rgb in rgbs]),
+        batches,
+        eps,
+        "fp32",
+        lambda rgb: (int(rgb.shape[0]), int(rgb.shape[1])),
+    )
 
 
 def write_outputs(items: list[ImageItem], out: Path, txt_lines, art_entries) -> dict:
@@ -410,43 +467,72 @@ def write_outputs(items: list[ImageItem], out: Path, txt_lines, art_entries) -> 
         rec = json.loads(f.read_text())
         results.extend(rec["results"])
         submission[art_key(item.file_name)] = art_entries(rec["results"])
-        images.append({"id": rec["image_id"], "file_name": rec["file_name"], "width": rec["width"], "height": rec["height"]})
+        images.append(
+            {
+                "id": rec["image_id"],
+                "file_name": rec["file_name"],
+                "width": rec["width"],
+                "height": rec["height"],
+            }
+        )
         atomic_write_text(out / "txt" / f"{item.stem}.txt", txt_lines(rec["results"]))
     atomic_write_json(out / "results.json", results)
     summary = {"detections": len(results), "results": str(out / "results.json"), "submission": None}
     if clash:
-        summary["submission_skipped"] = (f"{clash[0]} and {clash[1]} have the same ArT key {art_key(clash[0])}; "
-                                         "submission.json not written (results.json and txt/ hold every image)")
+        summary["submission_skipped"] = (
+            f"{clash[0]} and {clash[1]} have the same ArT key {art_key(clash[0])}; "
+            "submission.json not written (results.json and txt/ hold every image)"
+        )
         log.warning("%s: %s", out, summary["submission_skipped"])
         (out / "submission.json").unlink(missing_ok=True)  # never a stale one from an earlier run
     else:
         atomic_write_json(out / "submission.json", submission)
         summary["submission"] = str(out / "submission.json")
-    atomic_write_json(out / "images.json", {"images": images, "annotations": [], "categories": [{"id": 1, "name": "text"}]})
+    atomic_write_json(
+        out / "images.json", {"images": images, "annotations": [], "categories": [{"id": 1, "name": "text"}]}
+    )
     return summary
 
 
 # ------------------------------------------------------------------------------------ CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="an i3cl checkpoint (.pth), for --engine torch")
-    p.add_argument("--engine", default="torch", choices=ENGINES,
-                   help="torch (default) runs a checkpoint; onnxruntime runs a file from `i3cl export` (--model) "
-                   "without importing torch")
+    p.add_argument(
+        "--engine",
+        default="torch",
+        choices=ENGINES,
+        help="torch (default) runs a checkpoint; onnxruntime runs a file from `i3cl export` (--model) "
+        "without importing torch",
+    )
     p.add_argument("--model", help="an exported model (.onnx from `i3cl export`), for --engine onnxruntime")
-    p.add_argument("--threads", type=int, help="--engine onnxruntime: CPU threads of the session (default: "
-                   "onnxruntime's choice)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="--engine onnxruntime: CPU threads of the session (default: onnxruntime's choice)",
+    )
     p.add_argument("--images", required=True, help="folder, glob pattern, .txt list, or COCO json of images")
     p.add_argument("--img-root", help="image root for a COCO json (default: the json's folder)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--score-thr", type=float, default=None, help="keep detections with score >= this (default: the "
-                   "checkpoint config's infer.score_thr, 0.45 for the paper's recipes)")
+    p.add_argument(
+        "--score-thr",
+        type=float,
+        default=None,
+        help="keep detections with score >= this (default: the "
+        "checkpoint config's infer.score_thr, 0.45 for the paper's recipes)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--workers", type=int, default=1, help="image decoding processes")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto (default): float16 features on CUDA, bfloat16 on CPUs that compute it natively "
-                   "(AVX512-BF16/AMX), else float32; heads, boxes and masks always float32")
-    p.add_argument("--short-side", type=int, help="test scale: short side (default from the checkpoint config)")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto (default): float16 features on CUDA, bfloat16 on CPUs that compute it natively "
+        "(AVX512-BF16/AMX), else float32; heads, boxes and masks always float32",
+    )
+    p.add_argument(
+        "--short-side", type=int, help="test scale: short side (default from the checkpoint config)"
+    )
     p.add_argument("--long-side", type=int, help="test scale: long-side cap")
     p.add_argument("--no-vis", action="store_true", help="skip the PNG visualisations")
     p.add_argument("--no-progress", action="store_true")
@@ -458,15 +544,21 @@ def run(args: argparse.Namespace) -> int:
     detector = None
     if args.engine == "onnxruntime":
         if not args.model or args.checkpoint:
-            raise DatasetError("--engine onnxruntime runs --model MODEL.onnx (from `i3cl export`), not --checkpoint")
+            raise DatasetError(
+                "--engine onnxruntime runs --model MODEL.onnx (from `i3cl export`), not --checkpoint"
+            )
         source = args.model
         from i3cl_core.deploy.onnx_runtime import OnnxDetector
 
-        detector = OnnxDetector(source, threads=args.threads)  # a bad model file is refused before the images are listed
+        detector = OnnxDetector(
+            source, threads=args.threads
+        )  # a bad model file is refused before the images are listed
     else:
         if not args.checkpoint or args.model:
-            raise DatasetError("--engine torch runs --checkpoint CHECKPOINT.pth; an exported --model needs "
-                               "--engine onnxruntime")
+            raise DatasetError(
+                "--engine torch runs --checkpoint CHECKPOINT.pth; an exported --model needs "
+                "--engine onnxruntime"
+            )
         source = args.checkpoint
     items = collect_images(args.images, args.img_root)
     if not items:
@@ -485,16 +577,32 @@ def run(args: argparse.Namespace) -> int:
         score_thr = config_from_checkpoint(load_checkpoint(source), source).infer.score_thr
     if not 0.0 <= score_thr <= 1.0:
         raise DatasetError(f"--score-thr must be in [0, 1], got {score_thr}")
-    summary = infer_images(source, items, args.out, score_thr, args.device, args.batch_size, args.workers,
-                           visualize=not args.no_vis, model_overrides=overrides or None, progress=not args.no_progress,
-                           precision=args.precision, engine=args.engine, threads=args.threads, model=detector)
+    summary = infer_images(
+        source,
+        items,
+        args.out,
+        score_thr,
+        args.device,
+        args.batch_size,
+        args.workers,
+        visualize=not args.no_vis,
+        model_overrides=overrides or None,
+        progress=not args.no_progress,
+        precision=args.precision,
+        engine=args.engine,
+        threads=args.threads,
+        model=detector,
+    )
     print(json.dumps(summary))
     if summary.get("submission_skipped"):
         print(f"i3cl infer: warning: {summary['submission_skipped']}", file=sys.stderr)
     done = summary["processed"] + summary["skipped_done"]
     if summary["failed"]:
-        print(f"i3cl infer: {summary['failed']} of {summary['images']} images failed (listed in "
-              f"{Path(args.out) / 'failed.txt'}); first: {summary['failures'][0]}", file=sys.stderr)
+        print(
+            f"i3cl infer: {summary['failed']} of {summary['images']} images failed (listed in "
+            f"{Path(args.out) / 'failed.txt'}); first: {summary['failures'][0]}",
+            file=sys.stderr,
+        )
         if done == 0:
             print("i3cl infer: error: no image could be processed", file=sys.stderr)
             return 1

@@ -15,6 +15,7 @@ integers (consecutive duplicate points dropped, polygons left with fewer than 3 
 multi-part instance is written as its largest part. Predictions with a score below ``--score-thr`` are
 dropped. Neither torch nor an image is needed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,12 +26,19 @@ FORMATS = ("totaltext", "ctw1500", "art")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", required=True, choices=FORMATS, help="which official script's input to write")
+    parser.add_argument(
+        "--format", required=True, choices=FORMATS, help="which official script's input to write"
+    )
     parser.add_argument("--pred", required=True, help="predictions: COCO results list or ArT submission json")
-    parser.add_argument("--images", required=True,
-                        help="COCO json with the 'images' the predictions belong to (ground truth, or infer's images.json)")
+    parser.add_argument(
+        "--images",
+        required=True,
+        help="COCO json with the 'images' the predictions belong to (ground truth, or infer's images.json)",
+    )
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--score-thr", type=float, default=0.0, help="drop predictions with score < T (default 0)")
+    parser.add_argument(
+        "--score-thr", type=float, default=0.0, help="drop predictions with score < T (default 0)"
+    )
 
 
 def _largest_part(instance):
@@ -63,13 +71,18 @@ def export_submission(fmt: str, pred_path, images_path, out, score_thr: float = 
     per_image = []
     for key, img in gt.images.items():
         polys, scores = preds.by_image.get(key, ([], []))
-        results = [{"segmentation": [_largest_part(p).reshape(-1).tolist()], "score": s}
-                   for p, s in zip(polys, scores) if s >= score_thr]
+        results = [
+            {"segmentation": [_largest_part(p).reshape(-1).tolist()], "score": s}
+            for p, s in zip(polys, scores)
+            if s >= score_thr
+        ]
         stem = Path(img.file_name).stem
         if fmt != "art":
             if stem in stems:
-                raise DatasetError(f"{images_path}: images {stems[stem]!r} and {key!r} share the file stem {stem!r}; "
-                                   "their result files would overwrite each other")
+                raise DatasetError(
+                    f"{images_path}: images {stems[stem]!r} and {key!r} share the file stem {stem!r}; "
+                    "their result files would overwrite each other"
+                )
             stems[stem] = key
         per_image.append((img, stem, results))
     submission = {}
@@ -88,17 +101,29 @@ def export_submission(fmt: str, pred_path, images_path, out, score_thr: float = 
         n_skipped += len(results) - n_written
     if fmt == "art":
         atomic_write_json(out / "submission.json", submission)
-    return {"images": len(per_image), "detections": n_det, "skipped": n_skipped,
-            "unknown_images": len(preds.unknown_image_ids), "out": str(out)}
+    return {
+        "images": len(per_image),
+        "detections": n_det,
+        "skipped": n_skipped,
+        "unknown_images": len(preds.unknown_image_ids),
+        "out": str(out),
+    }
 
 
 def run(args) -> int:
     s = export_submission(args.format, args.pred, args.images, args.out, args.score_thr)
     if s["unknown_images"]:
-        print(f"warning: predictions for {s['unknown_images']} images not in --images were ignored", file=sys.stderr)
+        print(
+            f"warning: predictions for {s['unknown_images']} images not in --images were ignored",
+            file=sys.stderr,
+        )
     if s["skipped"]:
-        print(f"warning: {s['skipped']} polygons had fewer than 3 distinct integer points and were skipped",
-              file=sys.stderr)
-    print(f"wrote {s['images']} {'entries' if args.format == 'art' else 'files'} with {s['detections']} detections "
-          f"to {s['out']}")
+        print(
+            f"warning: {s['skipped']} polygons had fewer than 3 distinct integer points and were skipped",
+            file=sys.stderr,
+        )
+    print(
+        f"wrote {s['images']} {'entries' if args.format == 'art' else 'files'} with {s['detections']} detections "
+        f"to {s['out']}"
+    )
     return 0

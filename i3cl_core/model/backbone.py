@@ -9,6 +9,7 @@
 Pretrained weights only ever come from a local path (``model.backbone.weights``); nothing is
 downloaded. The FPN is torchvision's with P6 = max-pool(P5), the same as the release.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -54,7 +55,7 @@ def strip_prefixes(state: dict[str, torch.Tensor], prefixes=("module.", "backbon
         changed = False
         for p in prefixes:
             if state and all(k.startswith(p) for k in state):
-                state = {k[len(p):]: v for k, v in state.items()}
+                state = {k[len(p) :]: v for k, v in state.items()}
                 changed = True
     return state
 
@@ -86,14 +87,16 @@ def select_prefix(state: dict[str, torch.Tensor], own_keys) -> tuple[dict[str, t
     best = max(counts, key=rank)
     if not best:
         return state, ""
-    return {k[len(best):]: v for k, v in state.items() if k.startswith(best)}, best
+    return {k[len(best) :]: v for k, v in state.items() if k.startswith(best)}, best
 
 
-def load_pretrained(module: nn.Module, path: str, prefix_hint: str | None = None) -> tuple[list[str], list[str]]:
+def load_pretrained(
+    module: nn.Module, path: str, prefix_hint: str | None = None
+) -> tuple[list[str], list[str]]:
     """Non-strict load of local pretrained weights; logs and returns (missing, unexpected) keys."""
     state = read_state_dict(path, "pretrained weights")
     if prefix_hint:
-        nested = {k[len(prefix_hint):]: v for k, v in state.items() if k.startswith(prefix_hint)}
+        nested = {k[len(prefix_hint) :]: v for k, v in state.items() if k.startswith(prefix_hint)}
         if nested:
             state = nested
     state = strip_prefixes(state)
@@ -102,8 +105,14 @@ def load_pretrained(module: nn.Module, path: str, prefix_hint: str | None = None
     state = {k: v for k, v in state.items() if k not in shape_mismatch}
     result = module.load_state_dict(state, strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys) + shape_mismatch
-    log.info("loaded %s: %d tensors, %d missing, %d unexpected/skipped%s", path, len(state) - len(result.unexpected_keys),
-             len(missing), len(unexpected), f" (e.g. missing {missing[:3]}, skipped {unexpected[:3]})" if missing or unexpected else "")
+    log.info(
+        "loaded %s: %d tensors, %d missing, %d unexpected/skipped%s",
+        path,
+        len(state) - len(result.unexpected_keys),
+        len(missing),
+        len(unexpected),
+        f" (e.g. missing {missing[:3]}, skipped {unexpected[:3]})" if missing or unexpected else "",
+    )
     if len(state) == len(result.unexpected_keys):
         raise CheckpointError(f"{path}: none of its keys match the backbone (first keys: {list(state)[:3]})")
     return missing, unexpected
@@ -171,14 +180,26 @@ class ResNetBackbone(FreezableBackbone):
         state, prefix = select_prefix(read_state_dict(path, "backbone weights"), self.state_dict().keys())
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         own = self.state_dict()
-        shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
+        shapes = [
+            f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if k in own and own[k].shape != v.shape
+        ]
         if shapes:  # another depth or width: refuse rather than load a part of it
-            raise CheckpointError(f"{path}: {len(shapes)} tensors have other shapes than in a torchvision "
-                                  f"{self.name} (another ResNet?), e.g. {'; '.join(shapes[:3])}")
+            raise CheckpointError(
+                f"{path}: {len(shapes)} tensors have other shapes than in a torchvision "
+                f"{self.name} (another ResNet?), e.g. {'; '.join(shapes[:3])}"
+            )
         result = self.load_state_dict(state, strict=False)
-        log.info("backbone weights %s%s: %d loaded, %d missing, %d unexpected %s", path,
-                 f" (keys under {prefix!r})" if prefix else "", len(state) - len(result.unexpected_keys),
-                 len(result.missing_keys), len(result.unexpected_keys), (result.missing_keys + result.unexpected_keys)[:5])
+        log.info(
+            "backbone weights %s%s: %d loaded, %d missing, %d unexpected %s",
+            path,
+            f" (keys under {prefix!r})" if prefix else "",
+            len(state) - len(result.unexpected_keys),
+            len(result.missing_keys),
+            len(result.unexpected_keys),
+            (result.missing_keys + result.unexpected_keys)[:5],
+        )
         if len(state) == len(result.unexpected_keys):
             raise CheckpointError(f"{path}: none of its keys match a torchvision {self.name}")
         return result
@@ -199,7 +220,9 @@ class TimmBackbone(FreezableBackbone):
         super().__init__()
         import timm
 
-        self.body = timm.create_model(model_name, pretrained=False, features_only=True, out_indices=(1, 2, 3, 4))
+        self.body = timm.create_model(
+            model_name, pretrained=False, features_only=True, out_indices=(1, 2, 3, 4)
+        )
         info = self.body.feature_info
         self.out_channels = list(info.channels())
         self.strides = list(info.reduction())
@@ -224,8 +247,12 @@ def build_backbone(cfg) -> nn.Module:
     elif name == "vitaev2_s":
         from i3cl_core.model.vitae import ViTAEv2Backbone
 
-        backbone = ViTAEv2Backbone(drop_path_rate=cfg.drop_path_rate, grad_checkpointing=cfg.grad_checkpointing,
-                                   frozen_stages=cfg.frozen_stages, norm_eval=cfg.norm_eval)
+        backbone = ViTAEv2Backbone(
+            drop_path_rate=cfg.drop_path_rate,
+            grad_checkpointing=cfg.grad_checkpointing,
+            frozen_stages=cfg.frozen_stages,
+            norm_eval=cfg.norm_eval,
+        )
     else:
         raise ValueError(
             f"model.backbone.name: unknown backbone {name!r}; allowed: {', '.join(TORCHVISION_RESNETS)}, "

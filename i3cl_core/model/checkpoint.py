@@ -3,6 +3,7 @@
 Files are written atomically and read with ``torch.load(weights_only=True)``; a truncated, corrupt
 or mismatched file gives a :class:`CheckpointError` that names the file and what is wrong.
 """
+
 from __future__ import annotations
 
 import io
@@ -46,8 +47,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
         raise unreadable_checkpoint(path, "checkpoint", e) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or not isinstance(ckpt.get("model"), dict):
-        raise CheckpointError(f"{path}: not an i3cl checkpoint (expected a dict with format={FORMAT!r}, 'model' and "
-                              "'config'); original mmdetection checkpoints are imported with `i3cl convert-checkpoint`")
+        raise CheckpointError(
+            f"{path}: not an i3cl checkpoint (expected a dict with format={FORMAT!r}, 'model' and "
+            "'config'); original mmdetection checkpoints are imported with `i3cl convert-checkpoint`"
+        )
     return ckpt
 
 
@@ -62,7 +65,10 @@ def config_from_checkpoint(ckpt: dict, path: str = "checkpoint"):
 
 # parameter names of earlier versions of this project -> current names
 _RENAMED = (
-    (re.compile(r"^(intra_cl\.\d+)\.norm\.(.+)$"), r"\1.bn.\2"),  # IntraCL/InterCL BatchNorm: `norm` -> `bn` (the
+    (
+        re.compile(r"^(intra_cl\.\d+)\.norm\.(.+)$"),
+        r"\1.bn.\2",
+    ),  # IntraCL/InterCL BatchNorm: `norm` -> `bn` (the
     (re.compile(r"^(roi_heads\.inter_cl)\.norm\.(.+)$"), r"\1.bn.\2"),  # release's name) in November 2026
 )
 
@@ -82,7 +88,11 @@ def load_state_strict(model: torch.nn.Module, state: dict, path: str) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -95,7 +105,9 @@ def load_state_strict(model: torch.nn.Module, state: dict, path: str) -> None:
     model.load_state_dict(state)
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", model_overrides: dict | None = None):
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", model_overrides: dict | None = None
+):
     """(model in eval mode, I3CLConfig) from a checkpoint; ``model_overrides`` may change test-time
     settings (score_thr, nms_thr, ...), never the architecture."""
     from i3cl_core.model.detector import build_model

@@ -41,6 +41,7 @@ the config switches the module off, and a module the config switches on but the 
 The release's GCG 1x1 convs had padding=1 (docs/model.md), which we fix to 0, so with InterCL on the
 converted model's outputs are close to, but not bit-identical with, the original's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,14 +68,25 @@ _RENAMES: list[tuple[str, str]] = [
     (r"^roi_head\.bbox_head\.fc_reg\.(weight|bias)$", r"roi_heads.box_head.bbox_pred.\1"),
     (r"^roi_head\.mask_head\.upsample\.(weight|bias)$", r"roi_heads.mask_head.upsample.\1"),
     (r"^roi_head\.mask_head\.conv_logits\.(weight|bias)$", r"roi_heads.mask_head.logits.\1"),
-    (r"^roi_head\.inter_cl_module\.conv1x1_reduce_channel\.(weight|bias)$", r"roi_heads.inter_cl.to_tokens.\1"),
-    (r"^roi_head\.inter_cl_module\.conv1x1_return_channel\.(weight|bias)$", r"roi_heads.inter_cl.from_tokens.\1"),
-    (r"^roi_head\.inter_cl_module\.transformer_encoder_instance\.(.+)$", r"roi_heads.inter_cl.transformer.\1"),
+    (
+        r"^roi_head\.inter_cl_module\.conv1x1_reduce_channel\.(weight|bias)$",
+        r"roi_heads.inter_cl.to_tokens.\1",
+    ),
+    (
+        r"^roi_head\.inter_cl_module\.conv1x1_return_channel\.(weight|bias)$",
+        r"roi_heads.inter_cl.from_tokens.\1",
+    ),
+    (
+        r"^roi_head\.inter_cl_module\.transformer_encoder_instance\.(.+)$",
+        r"roi_heads.inter_cl.transformer.\1",
+    ),
     (r"^roi_head\.inter_cl_module\.conv3x3_out\.(weight|bias)$", r"roi_heads.inter_cl.fuse_conv3.\1"),
     (r"^roi_head\.inter_cl_module\.conv1x1_out\.(weight|bias)$", r"roi_heads.inter_cl.fuse_conv1.\1"),
     (r"^roi_head\.inter_cl_module\.bn\.(.+)$", r"roi_heads.inter_cl.bn.\1"),
-    (r"^roi_head\.inter_cl_module\.global_context_extract_module\.conv1x1_list\.(\d+)\.weight$",
-     r"roi_heads.inter_cl.context.convs.\1.weight"),
+    (
+        r"^roi_head\.inter_cl_module\.global_context_extract_module\.conv1x1_list\.(\d+)\.weight$",
+        r"roi_heads.inter_cl.context.convs.\1.weight",
+    ),
 ]
 _INTRA_BRANCH = re.compile(r"^intra_cl_module\.(\d+)\.([cvq])_layer_(\d)x(\d)\.(weight|bias)$")
 _MASK_CONV = re.compile(r"^roi_head\.mask_head\.convs\.(\d+)\.conv\.(weight|bias)$")
@@ -82,8 +94,10 @@ _DROP = re.compile(r"(relative_position_index|attn_mask)$")
 _STAGE_OF_KERNEL = {7: 0, 5: 1, 3: 2}
 _BRANCH = {"c": "square", "v": "vertical", "q": "horizontal"}
 
-GCG_NOTE = ("note: the release's GCG 1x1 convs had padding=1 (docs/model.md); ours have padding 0, so the converted "
-            "model's InterCL context differs slightly and outputs are not bit-identical with the original")
+GCG_NOTE = (
+    "note: the release's GCG 1x1 convs had padding=1 (docs/model.md); ours have padding 0, so the converted "
+    "model's InterCL context differs slightly and outputs are not bit-identical with the original"
+)
 
 
 def rename(key: str) -> str | None:
@@ -114,7 +128,9 @@ def _module_of(key: str) -> str | None:
     return None
 
 
-def convert_state(original: dict[str, torch.Tensor], own: dict[str, torch.Tensor], path: str = "original") -> tuple[dict, dict]:
+def convert_state(
+    original: dict[str, torch.Tensor], own: dict[str, torch.Tensor], path: str = "original"
+) -> tuple[dict, dict]:
     """Map an original state dict onto ``own`` (the target model's state dict).
 
     Returns (state, report): ``state`` has exactly ``own``'s keys when everything worked; ``report``
@@ -124,10 +140,20 @@ def convert_state(original: dict[str, torch.Tensor], own: dict[str, torch.Tensor
     """
     from i3cl_core.model.backbone import CheckpointError
 
-    report: dict = {"mapped": 0, "dropped": [], "unmatched": [], "fresh": {}, "missing": [], "shapes": [], "notes": []}
+    report: dict = {
+        "mapped": 0,
+        "dropped": [],
+        "unmatched": [],
+        "fresh": {},
+        "missing": [],
+        "shapes": [],
+        "notes": [],
+    }
     cls_key, own_cls = "roi_head.bbox_head.fc_cls.weight", own.get("roi_heads.box_head.cls_score.weight")
     if cls_key not in original:
-        raise CheckpointError(f"{path}: no {cls_key}: not a checkpoint of the original I3CL (mmdetection) release")
+        raise CheckpointError(
+            f"{path}: no {cls_key}: not a checkpoint of the original I3CL (mmdetection) release"
+        )
     c_orig = original[cls_key].shape[0] - 1
     k_ours = own_cls.shape[0] - 1
     if k_ours > c_orig:
@@ -178,7 +204,8 @@ def convert_state(original: dict[str, torch.Tensor], own: dict[str, torch.Tensor
     if c_orig != k_ours:
         report["notes"].append(
             f"classes: the original's {c_orig}-class heads were cut to {k_ours} (cls rows [{c_orig}, "
-            f"{', '.join(map(str, range(k_ours)))}], reg rows 0-{4 * k_ours - 1}, mask channels 0-{k_ours - 1})")
+            f"{', '.join(map(str, range(k_ours)))}], reg rows 0-{4 * k_ours - 1}, mask channels 0-{k_ours - 1})"
+        )
     if "roi_heads.inter_cl.context.convs.0.weight" in state and "inter_cl" not in report["fresh"]:
         report["notes"].append(GCG_NOTE)
     return state, report
@@ -213,19 +240,23 @@ def read_original(path: str) -> dict[str, torch.Tensor]:
                     f"{path}: cannot read the original checkpoint: {pickled_code(text)} Nothing in it was run. "
                     "Besides tensors only numpy scalars are accepted here (mmcv's meta). If the file comes from a "
                     "source you trust, re-save only its 'state_dict' of tensors with the release's own environment "
-                    "on a trusted machine, then convert that file") from None
+                    "on a trusted machine, then convert that file"
+                ) from None
             msg = text.splitlines()[0][:200] if text else type(first).__name__
-            raise CheckpointError(f"{path}: cannot read the original checkpoint: truncated, corrupt or not a torch "
-                                  f"file ({msg})") from None
+            raise CheckpointError(
+                f"{path}: cannot read the original checkpoint: truncated, corrupt or not a torch file ({msg})"
+            ) from None
     if isinstance(obj, dict) and obj.get("format") == "i3cl-checkpoint":
         raise CheckpointError(f"{path}: already an i3cl checkpoint; nothing to convert")
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: does not hold a state dict of tensors (expected an mmdetection checkpoint "
-                              "with 'state_dict')")
+        raise CheckpointError(
+            f"{path}: does not hold a state dict of tensors (expected an mmdetection checkpoint "
+            "with 'state_dict')"
+        )
     if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj
 
 
@@ -240,21 +271,29 @@ def convert_checkpoint(original_path: str, out_path: str, cfg, echo=print) -> di
     model = build_model(cfg)
     state, report = convert_state(original, model.state_dict(), original_path)
     c_orig, k_ours = report["classes"]
-    echo(f"{original_path}: {len(original)} tensors, {c_orig} classes; mapped {report['mapped']}, "
-         f"dropped {len(report['dropped'])}, unmatched {len(report['unmatched'])}")
+    echo(
+        f"{original_path}: {len(original)} tensors, {c_orig} classes; mapped {report['mapped']}, "
+        f"dropped {len(report['dropped'])}, unmatched {len(report['unmatched'])}"
+    )
     by_reason: dict[str, list[str]] = {}
     for item in report["dropped"]:
         key, reason = item.split(" (", 1)
         by_reason.setdefault(reason.rstrip(")"), []).append(key)
     for reason, keys in by_reason.items():
-        echo(f"  dropped {len(keys)} tensors ({reason}): {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}")
+        echo(
+            f"  dropped {len(keys)} tensors ({reason}): {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+        )
     for module, n in report["fresh"].items():
-        echo(f"  {module}: not in the original ({n} tensors): keeps its fresh initialisation (the config switches it on)")
+        echo(
+            f"  {module}: not in the original ({n} tensors): keeps its fresh initialisation (the config switches it on)"
+        )
     for note in report["notes"]:
         echo(f"  {note}")
-    problems = [(f"{len(report['unmatched'])} original keys with no counterpart", report["unmatched"]),
-                (f"{len(report['shapes'])} with other shapes", report["shapes"]),
-                (f"{len(report['missing'])} of our keys missing from the original", report["missing"])]
+    problems = [
+        (f"{len(report['unmatched'])} original keys with no counterpart", report["unmatched"]),
+        (f"{len(report['shapes'])} with other shapes", report["shapes"]),
+        (f"{len(report['missing'])} of our keys missing from the original", report["missing"]),
+    ]
     problems = [(title, items) for title, items in problems if items]
     for title, items in problems:
         echo(f"  unmatched: {title}:")
@@ -264,22 +303,35 @@ def convert_checkpoint(original_path: str, out_path: str, cfg, echo=print) -> di
             echo(f"    ... and {len(items) - 20} more")
     if problems:
         summary = "; ".join(f"{title} (e.g. {items[0]})" for title, items in problems)
-        raise CheckpointError(f"{original_path}: does not fit the model of this config (backbone "
-                              f"{cfg.model.backbone.name}, intra_cl {cfg.model.intra_cl}, inter_cl {cfg.model.inter_cl}, "
-                              f"{k_ours} classes): {summary}")
+        raise CheckpointError(
+            f"{original_path}: does not fit the model of this config (backbone "
+            f"{cfg.model.backbone.name}, intra_cl {cfg.model.intra_cl}, inter_cl {cfg.model.inter_cl}, "
+            f"{k_ours} classes): {summary}"
+        )
     load_state_strict(model, state, original_path)
     save_checkpoint(out_path, model, cfg, extra={"converted_from": str(original_path)})
-    echo(f"wrote {out_path} (backbone {cfg.model.backbone.name}, intra_cl {cfg.model.intra_cl}, inter_cl {cfg.model.inter_cl})")
+    echo(
+        f"wrote {out_path} (backbone {cfg.model.backbone.name}, intra_cl {cfg.model.intra_cl}, inter_cl {cfg.model.inter_cl})"
+    )
     return report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("original", help="checkpoint of the original mmdetection I3CL release (.pth)")
     p.add_argument("out", help="i3cl checkpoint to write")
-    p.add_argument("--config", help="model config of the original (default: the paper's R50 I3CL); e.g. "
-                                    "configs/_base_/i3cl_r50_fpn.yaml, configs/i3cl_vitae/train.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. --set model.inter_cl=false for a checkpoint without InterCL")
+    p.add_argument(
+        "--config",
+        help="model config of the original (default: the paper's R50 I3CL); e.g. "
+        "configs/_base_/i3cl_r50_fpn.yaml, configs/i3cl_vitae/train.yaml",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. --set model.inter_cl=false for a checkpoint without InterCL",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,12 +12,12 @@ targets are the dataset's target dicts (see ``i3cl_core.data.coco``). Inference:
 returns per image a dict with ``boxes`` [N, 4], ``scores`` [N], ``labels`` [N] and ``polygons``
 (N arrays (K, 2), clockwise) in the coordinates of the input images.
 """
+
 from __future__ import annotations
 
 import math
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -84,8 +84,9 @@ class I3CL(nn.Module):
         short, long = sides or (self.cfg.test_short_side, self.cfg.test_long_side)
         return min(long / max(h, w), short / min(h, w))
 
-    def preprocess(self, images: list[Tensor], resize: bool,
-                   sides: tuple[int, int] | None = None) -> tuple[ImageList, list[float]]:
+    def preprocess(
+        self, images: list[Tensor], resize: bool, sides: tuple[int, int] | None = None
+    ) -> tuple[ImageList, list[float]]:
         """Normalise, optionally resize to the test scale (keep ratio; ``sides`` overrides the
         config's test sides), pad to a multiple of 32."""
         out, scales = [], []
@@ -116,14 +117,24 @@ class I3CL(nn.Module):
         if self.cfg.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         # no context at all when off: a disabled autocast would also switch off the trainer's CUDA AMP here
-        use_bf16 = self.cfg.bf16_features is True or (self.cfg.bf16_features == "auto" and native_bf16(batch.device))
-        dtype = torch.float16 if self.fp16_features and not self.training else torch.bfloat16 if use_bf16 else None
+        use_bf16 = self.cfg.bf16_features is True or (
+            self.cfg.bf16_features == "auto" and native_bf16(batch.device)
+        )
+        dtype = (
+            torch.float16
+            if self.fp16_features and not self.training
+            else torch.bfloat16
+            if use_bf16
+            else None
+        )
         autocast = torch.autocast(batch.device.type, dtype=dtype) if dtype is not None else nullcontext()
         with autocast:
             feats = self.neck(self.backbone(batch))
             if self.intra_cl is not None:
                 feats = [block(f) for block, f in zip(self.intra_cl, feats)]
-        return [f.float() for f in feats] if dtype is not None else feats  # under the trainer's CUDA AMP they stay float16
+        return (
+            [f.float() for f in feats] if dtype is not None else feats
+        )  # under the trainer's CUDA AMP they stay float16
 
     def forward(self, images: list[Tensor], targets: list[dict] | None = None):
         if self.training:
@@ -133,7 +144,9 @@ class I3CL(nn.Module):
             targets = [self._targets_to_device(t, image_list.tensors.device) for t in targets]
             feats = self.features(image_list.tensors)
             proposals, rpn_losses = self.rpn(image_list, feats, targets)
-            _, roi_losses = self.roi_heads(feats, proposals, image_list.image_sizes, image_list.tensors.shape[-2:], targets)
+            _, roi_losses = self.roi_heads(
+                feats, proposals, image_list.image_sizes, image_list.tensors.shape[-2:], targets
+            )
             return {**rpn_losses, **roi_losses}
         return self.predict(images)
 
@@ -142,29 +155,48 @@ class I3CL(nn.Module):
         return {k: (v.to(device) if isinstance(v, (Tensor, Instances)) else v) for k, v in t.items()}
 
     @torch.no_grad()
-    def predict(self, images: list[Tensor], resize: bool = True, polygons: bool = True, epsilon: float = 0.005,
-                test_sides: tuple[int, int] | None = None) -> list[dict]:
+    def predict(
+        self,
+        images: list[Tensor],
+        resize: bool = True,
+        polygons: bool = True,
+        epsilon: float = 0.005,
+        test_sides: tuple[int, int] | None = None,
+    ) -> list[dict]:
         """Detections in original image coordinates (boxes, scores, labels, mask_probs, and polygons);
         ``test_sides`` (short, long) replaces the config's test scale for this call only."""
         image_list, scales = self.preprocess(images, resize=resize, sides=test_sides)
         feats = self.features(image_list.tensors)
         proposals, _ = self.rpn(image_list, feats)
-        detections, _ = self.roi_heads(feats, proposals, image_list.image_sizes, image_list.tensors.shape[-2:])
+        detections, _ = self.roi_heads(
+            feats, proposals, image_list.image_sizes, image_list.tensors.shape[-2:]
+        )
         results = []
         for det, scale, img in zip(detections, scales, images):
             h, w = img.shape[-2:]
             boxes = det["boxes"] / scale
             boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-            res = {"boxes": boxes, "scores": det["scores"], "labels": det["labels"], "mask_probs": det["mask_probs"]}
+            res = {
+                "boxes": boxes,
+                "scores": det["scores"],
+                "labels": det["labels"],
+                "mask_probs": det["mask_probs"],
+            }
             if polygons:
-                res.update(detections_to_polygons(boxes, det["scores"], det["mask_probs"], (h, w), self.cfg.mask_thr, epsilon))
+                res.update(
+                    detections_to_polygons(
+                        boxes, det["scores"], det["mask_probs"], (h, w), self.cfg.mask_thr, epsilon
+                    )
+                )
             results.append(res)
         return results
 
 
 # ---------------------------------------------------------------------------------- masks -> polygons
-def detections_to_polygons(boxes: Tensor, scores: Tensor, mask_probs: Tensor, image_hw, thr: float, epsilon: float) -> dict:
+def detections_to_polygons(
+    boxes: Tensor, scores: Tensor, mask_probs: Tensor, image_hw, thr: float, epsilon: float
+) -> dict:
     """Polygons (original image coordinates) for each detection; detections whose mask yields no
     polygon get ``None`` so that indices stay aligned with boxes and scores
     (:func:`i3cl_core.data.polygons.masks_to_polygons`, the rule the torch-free runtime shares)."""

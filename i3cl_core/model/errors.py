@@ -11,8 +11,10 @@ def pickled_code(torch_message: str) -> str:
 
     m = re.search(r"GLOBAL ([\w.]+)", torch_message)
     named = f" (it names {m.group(1)})" if m else ""
-    return (f"the file holds pickled Python objects besides tensors{named}: rebuilding them means running code "
-            "the file chooses (unpickling could run code), so it is refused.")
+    return (
+        f"the file holds pickled Python objects besides tensors{named}: rebuilding them means running code "
+        "the file chooses (unpickling could run code), so it is refused."
+    )
 
 
 def unreadable_checkpoint(path: str, what: str, exc: BaseException) -> CheckpointError:
@@ -24,13 +26,16 @@ def unreadable_checkpoint(path: str, what: str, exc: BaseException) -> Checkpoin
         return CheckpointError(
             f"{path}: cannot read {what}: {pickled_code(text)} Nothing in it was run. If the file comes from a "
             "source you trust, convert it on a trusted machine: `i3cl convert-checkpoint` for the original "
-            "mmdetection release, or re-save only its tensors (its state_dict) with the program that wrote it")
+            "mmdetection release, or re-save only its tensors (its state_dict) with the program that wrote it"
+        )
     if "weights only load failed" in text.lower():  # PyTorch's text goes on with how to load it unsafely
         import re
 
         m = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
         why = m.group(1).strip()[:160] if m else "pickled content other than tensors"
-        return CheckpointError(f"{path}: cannot read {what}: refused by the weights-only reader ({why}); the file is "
-                               "corrupt or holds pickled objects, and nothing in it was run")
+        return CheckpointError(
+            f"{path}: cannot read {what}: refused by the weights-only reader ({why}); the file is "
+            "corrupt or holds pickled objects, and nothing in it was run"
+        )
     first = text.splitlines()[0][:200] if text else type(exc).__name__
     return CheckpointError(f"{path}: cannot read {what}: truncated, corrupt or not a torch file ({first})")

@@ -17,6 +17,7 @@ inference (the release only ran batch size 1 at test).
 
 At C = 256: 5,483,136 parameters. With zero RoIs the input is returned unchanged.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,7 +32,9 @@ class GlobalContext(nn.Module):
         super().__init__()
         self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 1, bias=False) for _ in range(num_levels))
 
-    def forward(self, features: list[torch.Tensor], image_sizes: list[tuple[int, int]], padded_hw: tuple[int, int]):
+    def forward(
+        self, features: list[torch.Tensor], image_sizes: list[tuple[int, int]], padded_hw: tuple[int, int]
+    ):
         if torch.onnx.is_in_onnx_export():
             return self.forward_traced(features, image_sizes[0], padded_hw)
         context = None
@@ -56,7 +59,9 @@ class GlobalContext(nn.Module):
         for conv, feat in zip(self.convs, features):
             y = conv(feat)
             fh, fw = torch._shape_as_tensor(y)[-2], torch._shape_as_tensor(y)[-1]
-            vh = torch.minimum(torch.clamp((h * fh + padded[0] - 1) // padded[0], min=1), fh)  # ceil(h / stride)
+            vh = torch.minimum(
+                torch.clamp((h * fh + padded[0] - 1) // padded[0], min=1), fh
+            )  # ceil(h / stride)
             vw = torch.minimum(torch.clamp((w * fw + padded[1] - 1) // padded[1], min=1), fw)
             rows = (torch.arange(y.shape[-2], device=y.device) < vh).to(y.dtype)
             cols = (torch.arange(y.shape[-1], device=y.device) < vw).to(y.dtype)
@@ -73,7 +78,9 @@ def adaptive_max_pool_unrolled(x: torch.Tensor, out: int) -> torch.Tensor:
     rows = []
     for i in range(out):
         h0, h1 = i * sh // out, -(-(i + 1) * sh // out)
-        cells = [x[..., h0:h1, j * sw // out: -(-(j + 1) * sw // out)].amax(dim=(-2, -1)) for j in range(out)]
+        cells = [
+            x[..., h0:h1, j * sw // out : -(-(j + 1) * sw // out)].amax(dim=(-2, -1)) for j in range(out)
+        ]
         rows.append(torch.stack(cells, dim=-1))
     return torch.stack(rows, dim=-2)
 
@@ -87,7 +94,9 @@ def encoder_unrolled(encoder: nn.TransformerEncoder, x: torch.Tensor) -> torch.T
         heads = attn.num_heads
         d = x.shape[-1]
         q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-        q, k, v = (t.reshape(-1, heads, d // heads).transpose(0, 1) for t in (q, k, v))  # [heads, N, d / heads]
+        q, k, v = (
+            t.reshape(-1, heads, d // heads).transpose(0, 1) for t in (q, k, v)
+        )  # [heads, N, d / heads]
         weights = torch.softmax(q @ k.transpose(1, 2) / float(d // heads) ** 0.5, dim=-1)
         a = (weights @ v).transpose(0, 1).reshape(-1, d)
         x = layer.norm1(x + attn.out_proj(a))
@@ -121,7 +130,13 @@ class InterCL(nn.Module):
         self.context = GlobalContext(channels, num_levels)
         self.to_tokens = nn.Conv2d(channels, token_channels, 1)
         layer = nn.TransformerEncoderLayer(
-            d_model, heads, dim_feedforward=ffn_dim, dropout=dropout, activation="relu", batch_first=False, norm_first=False
+            d_model,
+            heads,
+            dim_feedforward=ffn_dim,
+            dropout=dropout,
+            activation="relu",
+            batch_first=False,
+            norm_first=False,
         )
         self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.from_tokens = nn.Conv2d(token_channels, channels, 1)
@@ -154,12 +169,15 @@ class InterCL(nn.Module):
             encoded.append(self.transformer(chunk.unsqueeze(1)).squeeze(1))  # sequence-first, batch 1
         t = torch.cat(encoded).view(-1, self.token_channels, self.token_pool, self.token_pool)
         t = F.interpolate(self.from_tokens(t), size=size, mode="bilinear", align_corners=True)
-        g = torch.repeat_interleave(context, torch.as_tensor(counts, device=rois.device), dim=0,
-                                    output_size=sum(counts))
+        g = torch.repeat_interleave(
+            context, torch.as_tensor(counts, device=rois.device), dim=0, output_size=sum(counts)
+        )
         fused = rois + t + g[:, :, None, None]
         return torch.relu(self.bn(self.fuse_conv1(self.fuse_conv3(fused))))
 
-    def forward_traced(self, rois: torch.Tensor, features: list[torch.Tensor], image_sizes, padded_hw) -> torch.Tensor:
+    def forward_traced(
+        self, rois: torch.Tensor, features: list[torch.Tensor], image_sizes, padded_hw
+    ) -> torch.Tensor:
         """:meth:`forward` for the RoIs of one image with no branch on their number (ONNX export: the graph
         holds every step whatever the number of detections; ``image_sizes[0]`` and ``padded_hw`` are tensors)."""
         context = self.context.forward_traced(features, image_sizes[0], padded_hw)  # [1, C]

@@ -12,6 +12,7 @@ and the RoI extractors. With C input channels and c = C/4:
 
 At C = 256 a block has 497,024 parameters. PyTorch default initialisation, as the release.
 """
+
 from __future__ import annotations
 
 import torch

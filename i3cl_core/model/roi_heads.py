@@ -16,8 +16,8 @@ per-instance loss weights (B) and do-not-care regions.
   polygon-to-mask rule), which equals cropping the full bitmap with RoIAlign and binarising at 0.5
   up to boundary pixels, without materialising full-image masks.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import numpy as np
 import torch
@@ -41,7 +41,9 @@ class RoIPooler(nn.Module):
         self.canonical_scale = canonical_scale
 
     def levels(self, boxes: Tensor) -> Tensor:
-        scale = torch.sqrt((boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0))
+        scale = torch.sqrt(
+            (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+        )
         lvl = torch.floor(torch.log2(scale / self.canonical_scale + 1e-6))
         return lvl.clamp(0, len(self.strides) - 1).to(torch.int64)
 
@@ -57,7 +59,9 @@ class RoIPooler(nn.Module):
         for lvl, (feat, stride) in enumerate(zip(features, self.strides)):
             idx = torch.where(levels == lvl)[0]
             if idx.numel():
-                out[idx] = roi_align(feat, rois[idx], self.output_size, 1.0 / stride, sampling_ratio=0, aligned=True).to(out.dtype)
+                out[idx] = roi_align(
+                    feat, rois[idx], self.output_size, 1.0 / stride, sampling_ratio=0, aligned=True
+                ).to(out.dtype)
         return out
 
     def forward_traced(self, features: list[Tensor], rois: Tensor) -> Tensor:
@@ -67,7 +71,9 @@ class RoIPooler(nn.Module):
         pooled, order = [], []
         for lvl, (feat, stride) in enumerate(zip(features, self.strides)):
             idx = torch.where(levels == lvl)[0]
-            pooled.append(roi_align(feat, rois[idx], self.output_size, 1.0 / stride, sampling_ratio=0, aligned=True))
+            pooled.append(
+                roi_align(feat, rois[idx], self.output_size, 1.0 / stride, sampling_ratio=0, aligned=True)
+            )
             order.append(idx)
         return torch.cat(pooled)[torch.argsort(torch.cat(order))]
 
@@ -112,14 +118,18 @@ class MaskHead(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ losses
-def weighted_fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, rois: Instances) -> tuple[Tensor, Tensor]:
+def weighted_fastrcnn_loss(
+    class_logits: Tensor, box_regression: Tensor, rois: Instances
+) -> tuple[Tensor, Tensor]:
     """R-CNN losses over the sampled RoIs of the batch (``rois``: ``labels``, ``regression_targets`` and
     ``lossweight``, the matched GT's for positives, the image's background weight for negatives)."""
     labels, lossweight = rois.labels, rois.lossweight
     ce = F.cross_entropy(class_logits, labels, reduction="none")
     loss_cls = (ce * lossweight).sum() / (lossweight > 0).sum().clamp(min=1)
     n = class_logits.shape[0]
-    deltas = box_regression.reshape(n, -1, 4)[torch.arange(n, device=labels.device), (labels - 1).clamp(min=0)]
+    deltas = box_regression.reshape(n, -1, 4)[
+        torch.arange(n, device=labels.device), (labels - 1).clamp(min=0)
+    ]
     l1 = (deltas - rois.regression_targets).abs().sum(dim=1)
     loss_box = torch.where(labels > 0, l1 * lossweight, 0.0).sum() / max(n, 1)  # positives only
     return loss_cls, loss_box
@@ -143,7 +153,11 @@ def polygon_mask_targets(polygons: list, boxes: Tensor, size: int) -> Tensor:
     boxes_np = boxes.detach().cpu().numpy().astype(np.float64)
     for i, (parts, (x1, y1, x2, y2)) in enumerate(zip(polygons, boxes_np)):
         sx, sy = size / max(x2 - x1, 1e-3), size / max(y2 - y1, 1e-3)
-        flat = [((np.asarray(p, np.float64) - (x1, y1)) * (sx, sy)).reshape(-1).tolist() for p in parts if len(p) >= 3]
+        flat = [
+            ((np.asarray(p, np.float64) - (x1, y1)) * (sx, sy)).reshape(-1).tolist()
+            for p in parts
+            if len(p) >= 3
+        ]
         if flat:
             out[i] = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(flat, size, size)))
     return torch.from_numpy(out).to(boxes.device)
@@ -168,7 +182,9 @@ class RoIHeads(nn.Module):
         self.inter_cl = None
         if cfg.inter_cl:
             ic = cfg.inter_cl_cfg
-            self.inter_cl = InterCL(channels, ic.token_channels, ic.token_pool, ic.layers, ic.heads, ic.ffn_dim, ic.dropout)
+            self.inter_cl = InterCL(
+                channels, ic.token_channels, ic.token_pool, ic.layers, ic.heads, ic.ffn_dim, ic.dropout
+            )
         self.mask_head = MaskHead(channels, cfg.mask_head_convs, cfg.num_classes)
         self.matcher = det_utils.Matcher(0.5, 0.5, allow_low_quality_matches=False)
         self.box_coder = det_utils.BoxCoder((10.0, 10.0, 5.0, 5.0))
@@ -193,9 +209,15 @@ class RoIHeads(nn.Module):
                 matched = self.matcher(box_iou(gt_boxes, props))
                 labels = torch.where(matched >= 0, gt.labels.to(props.device)[matched.clamp(min=0)], 0)
             if self.cfg.ignore_dontcare:
-                labels = torch.where(dontcare_mask(props, dontcare_boxes(t), self.cfg.dontcare_iof_thr), -1, labels)
-            pos, neg = balanced_sample(labels, self.cfg.box_batch_size_per_image, self.cfg.box_positive_fraction,
-                                       sample_generator(t, salt=2))
+                labels = torch.where(
+                    dontcare_mask(props, dontcare_boxes(t), self.cfg.dontcare_iof_thr), -1, labels
+                )
+            pos, neg = balanced_sample(
+                labels,
+                self.cfg.box_batch_size_per_image,
+                self.cfg.box_positive_fraction,
+                sample_generator(t, salt=2),
+            )
             keep = torch.where(pos | neg)[0]
             # positives first (each group in index order): the mask branch takes them in this order
             keep = keep[torch.argsort((labels[keep] <= 0).to(torch.uint8), stable=True)]
@@ -208,7 +230,9 @@ class RoIHeads(nn.Module):
                 rois.regression_targets = self.box_coder.encode_single(gt_boxes[idx], rois.boxes)
             else:
                 rois.lossweight = background
-                rois.regression_targets = self.box_coder.encode_single(torch.zeros_like(rois.boxes), rois.boxes)
+                rois.regression_targets = self.box_coder.encode_single(
+                    torch.zeros_like(rois.boxes), rois.boxes
+                )
             out.append(rois)
         return out
 
@@ -223,7 +247,9 @@ class RoIHeads(nn.Module):
         features = features[:4]  # P2-P5
         if self.training:
             samples = self.sample(proposals, targets)
-            class_logits, box_regression = self.box_head(self.box_pooler(features, [r.boxes for r in samples]))
+            class_logits, box_regression = self.box_head(
+                self.box_pooler(features, [r.boxes for r in samples])
+            )
             loss_cls, loss_box = weighted_fastrcnn_loss(class_logits, box_regression, Instances.cat(samples))
             # mask branch on the positives of each image
             pos_boxes, pos_labels, pos_weights, mask_targets = [], [], [], []
@@ -233,16 +259,24 @@ class RoIHeads(nn.Module):
                 pos_labels.append(positives.labels)
                 pos_weights.append(positives.lossweight)
                 polygons = t["instances"].polygons
-                mask_targets.append(polygon_mask_targets([polygons[j] for j in positives.matched_index.tolist()],
-                                                         positives.boxes, 28))
+                mask_targets.append(
+                    polygon_mask_targets(
+                        [polygons[j] for j in positives.matched_index.tolist()], positives.boxes, 28
+                    )
+                )
             mask_logits = self.mask_forward(features, pos_boxes, image_sizes, padded_hw)
             pos_labels = torch.cat(pos_labels)
             if pos_labels.numel() == 0:
                 loss_mask = mask_logits.sum() * 0.0
             else:
-                chosen = mask_logits[torch.arange(pos_labels.numel(), device=pos_labels.device), pos_labels - 1]
-                loss_mask = mask_loss(chosen, torch.cat(mask_targets),
-                                      torch.cat(pos_weights) if self.cfg.mask_lossweight else None)
+                chosen = mask_logits[
+                    torch.arange(pos_labels.numel(), device=pos_labels.device), pos_labels - 1
+                ]
+                loss_mask = mask_loss(
+                    chosen,
+                    torch.cat(mask_targets),
+                    torch.cat(pos_weights) if self.cfg.mask_lossweight else None,
+                )
             return [], {"loss_rcnn_cls": loss_cls, "loss_rcnn_box": loss_box, "loss_mask": loss_mask}
 
         class_logits, box_regression = self.box_head(self.box_pooler(features, proposals))

@@ -15,6 +15,7 @@ differs from torchvision's RPN:
   and low-scoring boxes and one NMS per image (torchvision runs one NMS per level once an image has more
   than 1,000 candidates on a CPU or 5,000 on a GPU).
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,7 +24,8 @@ from torch import Tensor
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
-from torchvision.ops import box_iou, boxes as box_ops, nms
+from torchvision.ops import box_iou, nms
+from torchvision.ops import boxes as box_ops
 
 from i3cl_core.model.sampling import balanced_sample, dontcare_boxes, dontcare_mask, sample_generator
 from i3cl_core.structures import Instances
@@ -41,11 +43,15 @@ def level_nms(boxes: Tensor, scores: Tensor, levels: Tensor, iou_thr: float) -> 
 class FlooredMatcher(det_utils.Matcher):
     """torchvision's Matcher whose low-quality matches need an IoU of at least ``min_pos_iou``."""
 
-    def __init__(self, high: float, low: float, min_pos_iou: float = 0.0, allow_low_quality_matches: bool = True):
+    def __init__(
+        self, high: float, low: float, min_pos_iou: float = 0.0, allow_low_quality_matches: bool = True
+    ):
         super().__init__(high, low, allow_low_quality_matches)
         self.min_pos_iou = min_pos_iou
 
-    def set_low_quality_matches_(self, matches: Tensor, all_matches: Tensor, match_quality_matrix: Tensor) -> None:
+    def set_low_quality_matches_(
+        self, matches: Tensor, all_matches: Tensor, match_quality_matrix: Tensor
+    ) -> None:
         highest, _ = match_quality_matrix.max(dim=1)
         gt_idx, pred_idx = torch.nonzero(
             (match_quality_matrix == highest[:, None]) & (highest[:, None] >= self.min_pos_iou), as_tuple=True
@@ -53,7 +59,9 @@ class FlooredMatcher(det_utils.Matcher):
         matches[pred_idx] = all_matches[pred_idx]
 
 
-def weighted_rpn_loss(objectness: Tensor, deltas: Tensor, anchors: Instances, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor]:
+def weighted_rpn_loss(
+    objectness: Tensor, deltas: Tensor, anchors: Instances, pos: Tensor, neg: Tensor
+) -> tuple[Tensor, Tensor]:
     """RPN losses over the batch's anchors (all concatenated): ``anchors`` holds per anchor its
     ``labels`` (1, 0, -1), ``regression_targets`` and the matched GT's ``lossweight`` (1 for
     negatives); ``pos``/``neg`` are boolean masks of the sampled anchors (masks, not indices: nothing here
@@ -112,20 +120,35 @@ class I3CLRPN(RegionProposalNetwork):
             labels = (matches >= 0).to(torch.float32)
             labels[matches == self.proposal_matcher.BELOW_LOW_THRESHOLD] = 0.0
             labels[matches == self.proposal_matcher.BETWEEN_THRESHOLDS] = -1.0
-            lossweight = torch.where(matches >= 0, gt.lossweight.to(anchors)[idx], torch.full_like(labels, background))
+            lossweight = torch.where(
+                matches >= 0, gt.lossweight.to(anchors)[idx], torch.full_like(labels, background)
+            )
         if self.ignore_dontcare:
             labels[dontcare_mask(anchors, dontcare_boxes(target), self.dontcare_iof_thr)] = -1.0
         return Instances(labels=labels, matched_boxes=matched_boxes, lossweight=lossweight)
 
-    def filter_proposals(self, proposals: Tensor, objectness: Tensor, image_shapes: list[tuple[int, int]],
-                         num_anchors_per_level: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+    def filter_proposals(
+        self,
+        proposals: Tensor,
+        objectness: Tensor,
+        image_shapes: list[tuple[int, int]],
+        num_anchors_per_level: list[int],
+    ) -> tuple[list[Tensor], list[Tensor]]:
         """torchvision's filtering (the top ``pre_nms_top_n`` per level, clipped to the image, small and
         low-scoring boxes out, NMS within each level, the best ``post_nms_top_n``) with one data-dependent
         selection and one NMS call per image."""
         num_images, device = proposals.shape[0], proposals.device
         objectness = objectness.detach().reshape(num_images, -1)
-        levels = torch.cat([torch.full((n,), i, dtype=torch.int64, device=device)
-                            for i, n in enumerate(num_anchors_per_level)]).reshape(1, -1).expand_as(objectness)
+        levels = (
+            torch.cat(
+                [
+                    torch.full((n,), i, dtype=torch.int64, device=device)
+                    for i, n in enumerate(num_anchors_per_level)
+                ]
+            )
+            .reshape(1, -1)
+            .expand_as(objectness)
+        )
         top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)
         batch_idx = torch.arange(num_images, device=device)[:, None]
         scores_all = torch.sigmoid(objectness[batch_idx, top_n_idx])
@@ -159,12 +182,18 @@ class I3CLRPN(RegionProposalNetwork):
                 a.regression_targets = self.box_coder.encode_single(a.matched_boxes, anchors_i)
                 assigned.append(a)
             sampled = [
-                balanced_sample(a.labels, self.fg_bg_sampler.batch_size_per_image, self.fg_bg_sampler.positive_fraction,
-                                sample_generator(t, salt=1))
+                balanced_sample(
+                    a.labels,
+                    self.fg_bg_sampler.batch_size_per_image,
+                    self.fg_bg_sampler.positive_fraction,
+                    sample_generator(t, salt=1),
+                )
                 for a, t in zip(assigned, targets)
             ]
             pos = torch.cat([p for p, _ in sampled])
             neg = torch.cat([n for _, n in sampled])
-            loss_obj, loss_box = weighted_rpn_loss(objectness.flatten(), deltas, Instances.cat(assigned), pos, neg)
+            loss_obj, loss_box = weighted_rpn_loss(
+                objectness.flatten(), deltas, Instances.cat(assigned), pos, neg
+            )
             losses = {"loss_rpn_cls": loss_obj, "loss_rpn_box": loss_box}
         return boxes, losses

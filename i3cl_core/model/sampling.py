@@ -1,5 +1,6 @@
 """Sampling helpers shared by the RPN and the RoI heads: do-not-care coverage, the per-image random
 generator and the balanced positive/negative sampler."""
+
 from __future__ import annotations
 
 import torch
@@ -40,7 +41,9 @@ def sample_generator(target: dict, salt: int) -> torch.Generator | None:
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + salt) % (2**63 - 1))
 
 
-def balanced_sample(labels: Tensor, batch_size: int, positive_fraction: float, generator=None) -> tuple[Tensor, Tensor]:
+def balanced_sample(
+    labels: Tensor, batch_size: int, positive_fraction: float, generator=None
+) -> tuple[Tensor, Tensor]:
     """Random positives (label >= 1) up to ``batch_size * positive_fraction``, negatives (label 0)
     filling the rest: boolean masks."""
     positive = torch.where(labels >= 1)[0]

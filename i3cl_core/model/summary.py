@@ -1,4 +1,5 @@
 """``i3cl model-summary CONFIG [--set ...] [--json]``: parameters per part and output strides."""
+
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info))
         return 0
-    print(f"backbone {info['backbone']}: channels {info['backbone_channels']}, strides {info['backbone_strides']}")
+    print(
+        f"backbone {info['backbone']}: channels {info['backbone_channels']}, strides {info['backbone_strides']}"
+    )
     print(f"FPN: {info['fpn_channels']} channels, strides {info['fpn_strides']} (P2-P6)")
     width = max(map(len, info["parameters"]))
     for name, n in info["parameters"].items():

@@ -47,6 +47,7 @@ cells scale attention by their input width (T2T convention); window attention ha
 position bias table per head (zero init, so a checkpoint without one means no bias); the stage
 outputs have no extra norm; the ImageNet file's ``state_dict`` is used (not ``state_dict_ema``).
 """
+
 from __future__ import annotations
 
 import math
@@ -116,7 +117,9 @@ class GlobalAttention(nn.Module):
     ``scale_by_input``: scale the logits by (in_dim / heads)^-0.5 instead of (out_dim / heads)^-0.5,
     the convention of the T2T token transformer that ViTAE's global reduction cells build on."""
 
-    def __init__(self, in_dim: int, out_dim: int, heads: int, qkv_bias: bool = True, scale_by_input: bool = False):
+    def __init__(
+        self, in_dim: int, out_dim: int, heads: int, qkv_bias: bool = True, scale_by_input: bool = False
+    ):
         super().__init__()
         if out_dim % heads:
             raise ValueError(f"attention width {out_dim} is not divisible by {heads} heads")
@@ -154,7 +157,9 @@ class WindowAttention(GlobalAttention):
         self.window = window
         # zero start: a checkpoint without the table behaves as attention without position bias
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
-        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+        coords = torch.stack(
+            torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+        ).flatten(1)
         rel = (coords[:, :, None] - coords[:, None, :]) + (window - 1)  # [2, w*w, w*w], each in [0, 2w-2]
         self.register_buffer("relative_position_index", rel[0] * (2 * window - 1) + rel[1], persistent=False)
 
@@ -172,7 +177,9 @@ class WindowAttention(GlobalAttention):
         q, k, v = self._qkv(win)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         bias = bias.view(ws * ws, ws * ws, self.heads).permute(2, 0, 1).unsqueeze(0).to(q.dtype)
-        out = self._finish(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale), v)  # [B*nWin, ws*ws, out]
+        out = self._finish(
+            F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale), v
+        )  # [B*nWin, ws*ws, out]
         out = out.view(b, hp // ws, wp // ws, ws, ws, self.out_dim).permute(0, 1, 3, 2, 4, 5)
         out = out.reshape(b, hp, wp, self.out_dim)[:, :h, :w]
         return out.reshape(b, h * w, self.out_dim)
@@ -203,8 +210,14 @@ class PyramidReduction(nn.Module):
         super().__init__()
         self.convs = nn.ModuleList(
             nn.Sequential(
-                nn.Conv2d(in_chans, embed_dim, kernel, stride=stride, dilation=d,
-                          padding=math.ceil(((kernel - 1) * d + 1 - stride) / 2)),
+                nn.Conv2d(
+                    in_chans,
+                    embed_dim,
+                    kernel,
+                    stride=stride,
+                    dilation=d,
+                    padding=math.ceil(((kernel - 1) * d + 1 - stride) / 2),
+                ),
                 nn.GELU(),
             )
             for d in dilations
@@ -227,8 +240,20 @@ class RCTransformer(nn.Module):
 
 
 class ReductionCell(nn.Module):
-    def __init__(self, in_chans: int, embed_dim: int, token_dim: int, ratio: int, kernel: int, dilations,
-                 heads: int, group: int, kind: str, window: int = 7, mlp_ratio: float = 1.0):
+    def __init__(
+        self,
+        in_chans: int,
+        embed_dim: int,
+        token_dim: int,
+        ratio: int,
+        kernel: int,
+        dilations,
+        heads: int,
+        group: int,
+        kind: str,
+        window: int = 7,
+        mlp_ratio: float = 1.0,
+    ):
         super().__init__()
         self.ratio = ratio
         self.PRM = PyramidReduction(in_chans, embed_dim, kernel, ratio, dilations)
@@ -263,8 +288,16 @@ class ReductionCell(nn.Module):
 
 
 class NormalCell(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, group: int, kind: str, window: int = 7,
-                 drop_path: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: float,
+        group: int,
+        kind: str,
+        window: int = 7,
+        drop_path: float = 0.0,
+    ):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.norm1 = _layer_norm(dim)
@@ -327,11 +360,31 @@ class ViTAEv2Backbone(FreezableBackbone):
         stages, chans = [], in_chans
         for i, depth in enumerate(depths):
             kind = a["token_types"][i]
-            rc = ReductionCell(chans, a["embed_dims"][i], a["token_dims"][i], a["downsample_ratios"][i],
-                               a["kernel_sizes"][i], a["dilations"][i], a["rc_heads"][i], a["rc_groups"][i],
-                               kind, window_size, rc_mlp_ratio)
-            ncs = [NormalCell(a["token_dims"][i], a["nc_heads"][i], mlp_ratio, a["nc_groups"][i], kind, window_size,
-                              dpr[starts[i] + j]) for j in range(depth)]
+            rc = ReductionCell(
+                chans,
+                a["embed_dims"][i],
+                a["token_dims"][i],
+                a["downsample_ratios"][i],
+                a["kernel_sizes"][i],
+                a["dilations"][i],
+                a["rc_heads"][i],
+                a["rc_groups"][i],
+                kind,
+                window_size,
+                rc_mlp_ratio,
+            )
+            ncs = [
+                NormalCell(
+                    a["token_dims"][i],
+                    a["nc_heads"][i],
+                    mlp_ratio,
+                    a["nc_groups"][i],
+                    kind,
+                    window_size,
+                    dpr[starts[i] + j],
+                )
+                for j in range(depth)
+            ]
             stages.append(Stage(rc, ncs))
             chans = a["token_dims"][i]
         self.layers = nn.ModuleList(stages)
@@ -385,22 +438,48 @@ class ViTAEv2Backbone(FreezableBackbone):
         state, prefix = select_prefix(strip_prefixes(read_state_dict(path, "ViTAEv2 weights")), own.keys())
         if prefix:
             log.info("ViTAEv2 weights %s: using the keys under %r", path, prefix)
-        dropped = [k for k in state if k.split(".")[0] in ("head", "norm", "fc", "classifier")
-                   or k.endswith(("relative_position_index", "attn_mask"))]
+        dropped = [
+            k
+            for k in state
+            if k.split(".")[0] in ("head", "norm", "fc", "classifier")
+            or k.endswith(("relative_position_index", "attn_mask"))
+        ]
         state = {k: v for k, v in state.items() if k not in dropped}
-        shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
+        shapes = [
+            f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if k in own and own[k].shape != v.shape
+        ]
         state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape or k not in own}
         result = self.load_state_dict(state, strict=False)
         loaded = len(state) - len(result.unexpected_keys)
         missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
-        log.info("ViTAEv2 weights %s: %d tensors loaded, %d missing, %d unexpected, %d shape mismatches, %d dropped "
-                 "(classifier/recomputed buffers)", path, loaded, len(missing), len(unexpected), len(shapes), len(dropped))
+        log.info(
+            "ViTAEv2 weights %s: %d tensors loaded, %d missing, %d unexpected, %d shape mismatches, %d dropped "
+            "(classifier/recomputed buffers)",
+            path,
+            loaded,
+            len(missing),
+            len(unexpected),
+            len(shapes),
+            len(dropped),
+        )
         if missing:
-            log.info("  missing (kept at init): %s%s", ", ".join(missing[:8]), " ..." if len(missing) > 8 else "")
+            log.info(
+                "  missing (kept at init): %s%s", ", ".join(missing[:8]), " ..." if len(missing) > 8 else ""
+            )
         if unexpected:
-            log.info("  unexpected (skipped): %s%s", ", ".join(unexpected[:8]), " ..." if len(unexpected) > 8 else "")
+            log.info(
+                "  unexpected (skipped): %s%s",
+                ", ".join(unexpected[:8]),
+                " ..." if len(unexpected) > 8 else "",
+            )
         if shapes:
-            log.warning("  other shapes (skipped): %s%s", "; ".join(shapes[:5]), " ..." if len(shapes) > 5 else "")
+            log.warning(
+                "  other shapes (skipped): %s%s", "; ".join(shapes[:5]), " ..." if len(shapes) > 5 else ""
+            )
         if loaded == 0:
-            raise CheckpointError(f"{path}: none of its keys match the ViTAEv2-S backbone (first keys: {list(state)[:3]})")
+            raise CheckpointError(
+                f"{path}: none of its keys match the ViTAEv2-S backbone (first keys: {list(state)[:3]})"
+            )
         return missing, unexpected + shapes

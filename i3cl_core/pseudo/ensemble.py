@@ -20,6 +20,7 @@ heads, boxes and masks stay float32).
 A shard file depends on the shard, the model, the batch size and the precision, never on the
 number of workers. The pipeline's ensemble stage runs the same :func:`infer_shard`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from i3cl_core.data.errors import DatasetError
-from i3cl_core.infer.run import ImageItem, collect_images
 from i3cl_core.infer.precision import PRECISIONS, load_inference_model, resolve_precision
+from i3cl_core.infer.run import ImageItem, collect_images
 from i3cl_core.utils import atomic_write_json, get_logger
 
 log = get_logger("ensemble")
@@ -111,7 +112,9 @@ def resolve_devices(spec: str | list[str] | tuple[str, ...] = "auto") -> list[st
             n = torch.cuda.device_count() if torch.cuda.is_available() else 0
             index = dev.index or 0
             if index >= n:
-                raise ValueError(f"infer.devices: {name!r} requested but this machine has {n} visible CUDA device(s)")
+                raise ValueError(
+                    f"infer.devices: {name!r} requested but this machine has {n} visible CUDA device(s)"
+                )
             out.append(f"cuda:{index}")
         elif dev.type == "cpu":
             out.append("cpu")
@@ -251,8 +254,18 @@ def decode(job: tuple[str, str]) -> tuple[np.ndarray | None, str | None]:
         return None, str(e)
 
 
-def run_shard(model, shard: Shard, path: Path, score_thr: float, device, epsilon: float = 0.005, flips=(), scales=(),
-              batch_size: int = 1, decoder=None) -> dict:
+def run_shard(
+    model,
+    shard: Shard,
+    path: Path,
+    score_thr: float,
+    device,
+    epsilon: float = 0.005,
+    flips=(),
+    scales=(),
+    batch_size: int = 1,
+    decoder=None,
+) -> dict:
     """Predict one shard with one loaded model and write its COCO results atomically. Images are
     decoded by ``decoder`` (a thread pool, see :meth:`DeviceWorkers.decoder`; None: inline) ahead of the
     model predicts ``batch_size`` at a time; the file depends on the shard, the model (and the precision
@@ -263,13 +276,17 @@ def run_shard(model, shard: Shard, path: Path, score_thr: float, device, epsilon
     from i3cl_core.infer.predictor import predict_polygons
 
     jobs = [(str(it.path), f"image {it.image_id}") for it in shard.items]
-    decoded = decoder.map(decode, jobs) if decoder is not None else map(decode, jobs)  # in order, decoded ahead
+    decoded = (
+        decoder.map(decode, jobs) if decoder is not None else map(decode, jobs)
+    )  # in order, decoded ahead
     results, failures, batch = [], [], []
     exported = not isinstance(model, torch.nn.Module)  # an OnnxDetector: RGB arrays in, one at a time
     if exported and (flips or scales):
-        raise DatasetError(f"{getattr(model, 'path', 'an exported model')}: test-time augmentation (flips, scales) "
-                           "is not available for exported members; leave infer.tta_flips/tta_scales empty or use "
-                           "the checkpoint")
+        raise DatasetError(
+            f"{getattr(model, 'path', 'an exported model')}: test-time augmentation (flips, scales) "
+            "is not available for exported members; leave infer.tta_flips/tta_scales empty or use "
+            "the checkpoint"
+        )
 
     def flush() -> None:
         if exported:
@@ -289,26 +306,53 @@ def run_shard(model, shard: Shard, path: Path, score_thr: float, device, epsilon
             if exported:
                 batch.append((j, rgb))
             else:
-                t = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).to(device, non_blocking=True)
+                t = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).to(
+                    device, non_blocking=True
+                )
                 batch.append((j, t.float().div_(255.0)))
             if len(batch) == batch_size:
                 flush()
         if batch:
             flush()
     atomic_write_json(path, results)
-    return {"shard": shard.index, "images": len(shard.items), "detections": len(results), "failures": failures}
+    return {
+        "shard": shard.index,
+        "images": len(shard.items),
+        "detections": len(results),
+        "failures": failures,
+    }
 
 
-def infer_shard(checkpoint: str, shard: Shard, out_dir: str | os.PathLike, score_thr: float, devices: list[str],
-                flips=(), scales=(), batch_size: int = 1, loader_workers: int = 0, precision: str = "auto") -> dict:
+def infer_shard(
+    checkpoint: str,
+    shard: Shard,
+    out_dir: str | os.PathLike,
+    score_thr: float,
+    devices: list[str],
+    flips=(),
+    scales=(),
+    batch_size: int = 1,
+    loader_workers: int = 0,
+    precision: str = "auto",
+) -> dict:
     """One model on one shard on a free worker of this process -> ``out_dir/shard_NNNNN.json``
     (the ensemble stage's unit of work, the same for ``i3cl ensemble`` and the pipeline)."""
     workers = device_workers(devices)
     with workers.take() as w:
         model, epsilon, prec = workers.model(w, checkpoint, precision)
         path = Path(out_dir) / shard.name
-        result = run_shard(model, shard, path, score_thr, workers.devices[w], epsilon, flips, scales,
-                           batch_size, workers.decoder(w, loader_workers))
+        result = run_shard(
+            model,
+            shard,
+            path,
+            score_thr,
+            workers.devices[w],
+            epsilon,
+            flips,
+            scales,
+            batch_size,
+            workers.decoder(w, loader_workers),
+        )
     return {**result, "path": str(path), "device": workers.devices[w], "worker": w, "precision": prec}
 
 
@@ -349,7 +393,9 @@ def run_ensemble(
         log.warning("skipping %s", f)
     if not items:
         raise DatasetError(f"{images}: no readable images")
-    atomic_write_json(out / "images.json", {"images": table, "annotations": [], "categories": [{"id": 1, "name": "text"}]})
+    atomic_write_json(
+        out / "images.json", {"images": table, "annotations": [], "categories": [{"id": 1, "name": "text"}]}
+    )
     shards = plan_shards(items, shard_size)
     taken: set[str] = set()
     members, per_model, jobs = [], [], []
@@ -361,8 +407,12 @@ def run_ensemble(
         stamp, fp = pred_dir / "checkpoint.sha1", fingerprint(ckpt)
         if stamp.exists() and stamp.read_text() != fp:
             stale = sorted(pred_dir.glob("shard_*.json"))
-            log.warning("%s: the checkpoint %s changed since its shards were written; recomputing %d shards",
-                        pred_dir, ckpt, len(stale))
+            log.warning(
+                "%s: the checkpoint %s changed since its shards were written; recomputing %d shards",
+                pred_dir,
+                ckpt,
+                len(stale),
+            )
             for f in stale:
                 f.unlink()
             (pred_dir / "coverage.json").unlink(missing_ok=True)
@@ -370,15 +420,41 @@ def run_ensemble(
         todo = [s for s in shards if not (pred_dir / s.name).exists()]
         jobs += [(ckpt, s, pred_dir) for s in todo]
         members.append(str(pred_dir))
-        per_model.append({"model": name, "checkpoint": ckpt, "shards": len(shards), "skipped_done": len(shards) - len(todo),
-                          "computed": len(todo)})
+        per_model.append(
+            {
+                "model": name,
+                "checkpoint": ckpt,
+                "shards": len(shards),
+                "skipped_done": len(shards) - len(todo),
+                "computed": len(todo),
+            }
+        )
     workers = device_workers(devs)
-    bar = tqdm(total=sum(len(s.items) for _, s, _ in jobs), desc="ensemble", unit="img", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(len(s.items) for _, s, _ in jobs),
+        desc="ensemble",
+        unit="img",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     try:
         with ThreadPoolExecutor(max_workers=len(devs), thread_name_prefix="ensemble-worker") as pool:
-            futures = [pool.submit(infer_shard, ckpt, s, pred_dir, score_thr, devs, flips, scales, batch_size,
-                                   loader_workers, precision) for ckpt, s, pred_dir in jobs]
+            futures = [
+                pool.submit(
+                    infer_shard,
+                    ckpt,
+                    s,
+                    pred_dir,
+                    score_thr,
+                    devs,
+                    flips,
+                    scales,
+                    batch_size,
+                    loader_workers,
+                    precision,
+                )
+                for ckpt, s, pred_dir in jobs
+            ]
             for f in futures:  # in submission order: a failure stops the run with its own error
                 r = f.result()
                 failures.extend(r["failures"])
@@ -396,31 +472,63 @@ def run_ensemble(
     seconds = time.time() - t0
     computed = sum(len(s.items) for _, s, _ in jobs)
     unique = list(dict.fromkeys(failures))  # a file that no model could decode is listed once
-    return {"images": len(items), "listed": listed, "shards": len(shards), "models": per_model, "members": members,
-            "unreadable": unique[:20], "num_unreadable": len(unique), "seconds": round(seconds, 2),
-            "images_per_s": round(computed / max(seconds, 1e-9), 3), "devices": devs, "model_loads_per_worker": loads,
-            "images_json": str(out / "images.json")}
+    return {
+        "images": len(items),
+        "listed": listed,
+        "shards": len(shards),
+        "models": per_model,
+        "members": members,
+        "unreadable": unique[:20],
+        "num_unreadable": len(unique),
+        "seconds": round(seconds, 2),
+        "images_per_s": round(computed / max(seconds, 1e-9), 3),
+        "devices": devs,
+        "model_loads_per_worker": loads,
+        "images_json": str(out / "images.json"),
+    }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoints", nargs="+", default=[], help="i3cl checkpoints (.pth) or exported models (.onnx, "
-                   "from `i3cl export`, run by onnxruntime on the CPU), one per ensemble member")
-    p.add_argument("--images", required=True, help="folder, glob, .txt list or COCO json of the unlabeled images")
+    p.add_argument(
+        "--checkpoints",
+        nargs="+",
+        default=[],
+        help="i3cl checkpoints (.pth) or exported models (.onnx, "
+        "from `i3cl export`, run by onnxruntime on the CPU), one per ensemble member",
+    )
+    p.add_argument(
+        "--images", required=True, help="folder, glob, .txt list or COCO json of the unlabeled images"
+    )
     p.add_argument("--img-root", help="image root for a COCO json (default: its folder)")
     p.add_argument("--out", required=True)
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("--score-thr", type=float, default=0.05, help="keep detections with score >= this")
-    p.add_argument("--devices", nargs="+", default=["auto"],
-                   help="auto (every visible GPU, else the CPU) or devices, one inference worker each: cuda:0 cuda:1, cpu cpu")
+    p.add_argument(
+        "--devices",
+        nargs="+",
+        default=["auto"],
+        help="auto (every visible GPU, else the CPU) or devices, one inference worker each: cuda:0 cuda:1, cpu cpu",
+    )
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
-    p.add_argument("--loader-workers", type=int, default=2, help="image-decoding threads per inference worker")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="precision of backbone, FPN and IntraCL (heads stay fp32); auto: fp16 on CUDA, bf16 on CPUs with native "
-                        "bfloat16, else fp32")
+    p.add_argument(
+        "--loader-workers", type=int, default=2, help="image-decoding threads per inference worker"
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="precision of backbone, FPN and IntraCL (heads stay fp32); auto: fp16 on CUDA, bf16 on CPUs with native "
+        "bfloat16, else fp32",
+    )
     p.add_argument("--tta-flips", nargs="*", default=[], choices=["h", "v"])
     p.add_argument("--tta-scales", nargs="*", type=int, default=[], help="extra test short sides")
-    p.add_argument("--extra", nargs="*", default=[], help="predictions of other detectors: a COCO results or ArT json, or FORMAT:PATH with FORMAT "
-                        "paddleocr, rapidocr, doctr or mmocr (converted into OUT/extra/)")
+    p.add_argument(
+        "--extra",
+        nargs="*",
+        default=[],
+        help="predictions of other detectors: a COCO results or ArT json, or FORMAT:PATH with FORMAT "
+        "paddleocr, rapidocr, doctr or mmocr (converted into OUT/extra/)",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -435,16 +543,34 @@ def run(args: argparse.Namespace) -> int:
         for d in devices:
             resolve_precision(args.precision, d)
     except ValueError as e:
-        raise DatasetError(str(e).replace("infer.devices", "--devices").replace("infer.precision", "--precision")) from None
-    summary = run_ensemble(args.checkpoints, args.images, args.out, args.shard_size, args.img_root, args.score_thr,
-                           devices, args.tta_flips, args.tta_scales, args.extra, progress=not args.no_progress,
-                           batch_size=args.batch_size, loader_workers=args.loader_workers, precision=args.precision)
+        raise DatasetError(
+            str(e).replace("infer.devices", "--devices").replace("infer.precision", "--precision")
+        ) from None
+    summary = run_ensemble(
+        args.checkpoints,
+        args.images,
+        args.out,
+        args.shard_size,
+        args.img_root,
+        args.score_thr,
+        devices,
+        args.tta_flips,
+        args.tta_scales,
+        args.extra,
+        progress=not args.no_progress,
+        batch_size=args.batch_size,
+        loader_workers=args.loader_workers,
+        precision=args.precision,
+    )
     print(json.dumps(summary))
     if summary["num_unreadable"]:
         import sys
 
-        print(f"i3cl ensemble: {summary['num_unreadable']} of {summary['listed']} images could not be read; first: "
-              f"{summary['unreadable'][0]}", file=sys.stderr)
+        print(
+            f"i3cl ensemble: {summary['num_unreadable']} of {summary['listed']} images could not be read; first: "
+            f"{summary['unreadable'][0]}",
+            file=sys.stderr,
+        )
         if summary["num_unreadable"] >= summary["listed"]:
             print("i3cl ensemble: error: no image could be processed", file=sys.stderr)
             return 1

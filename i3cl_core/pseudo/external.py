@@ -26,6 +26,7 @@ files are decoded as UTF-8, or with ``encoding`` (``--encoding``), by the one te
 ``i3cl ensemble --extra FORMAT:PATH`` and the pipeline's ``infer.extra_members`` convert with this module
 into ``<out>/extra/`` before fusing; ``i3cl convert-predictions`` writes the COCO results file alone.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,16 +66,27 @@ class _ImageIndex:
         for table, key in ((self.full, name), (self.base, Path(name).name), (self.stem, Path(name).stem)):
             if key in table:
                 if key in self.ambiguous and table is not self.full:
-                    raise DatasetError(f"prediction for {name!r}: several images are named {key!r}; give full names")
+                    raise DatasetError(
+                        f"prediction for {name!r}: several images are named {key!r}; give full names"
+                    )
                 return table[key]
         return None
 
 
 def _result(image_id, flat: list[float], score: float) -> dict:
     xs, ys = flat[0::2], flat[1::2]
-    return {"image_id": image_id, "category_id": 1, "segmentation": [[round(float(v), 2) for v in flat]],
-            "bbox": [round(min(xs), 2), round(min(ys), 2), round(max(xs) - min(xs), 2), round(max(ys) - min(ys), 2)],
-            "score": float(score)}
+    return {
+        "image_id": image_id,
+        "category_id": 1,
+        "segmentation": [[round(float(v), 2) for v in flat]],
+        "bbox": [
+            round(min(xs), 2),
+            round(min(ys), 2),
+            round(max(xs) - min(xs), 2),
+            round(max(ys) - min(ys), 2),
+        ],
+        "score": float(score),
+    }
 
 
 def _flat(points, where: str) -> list[float]:
@@ -94,9 +106,17 @@ def _score(value, where: str) -> float:
 # ------------------------------------------------------------------ PaddleOCR / RapidOCR
 def _paddle_entries(result, where: str):
     """(flat points, score) of one image's OCR result, whichever of the shapes above it has."""
-    if isinstance(result, list) and len(result) == 1 and isinstance(result[0], list) and result[0] \
-            and isinstance(result[0][0], list) and result[0][0] and isinstance(result[0][0][0], list) \
-            and result[0][0][0] and isinstance(result[0][0][0][0], (list, tuple)):
+    if (
+        isinstance(result, list)
+        and len(result) == 1
+        and isinstance(result[0], list)
+        and result[0]
+        and isinstance(result[0][0], list)
+        and result[0][0]
+        and isinstance(result[0][0][0], list)
+        and result[0][0][0]
+        and isinstance(result[0][0][0][0], (list, tuple))
+    ):
         result = result[0]  # PaddleOCR's one-page wrapper
     if result is None or result == [None]:  # PaddleOCR: nothing found
         return []
@@ -114,7 +134,9 @@ def _paddle_entries(result, where: str):
         elif isinstance(e, (list, tuple)) and len(e) == 3:
             out.append((_flat(e[0], w), _score(e[2], w)))  # [points, text, score]
         else:
-            raise DatasetError(f"{w}: expected [points, [text, score]], [points, text, score] or {{'points', 'score'}}")
+            raise DatasetError(
+                f"{w}: expected [points, [text, score]], [points, text, score] or {{'points', 'score'}}"
+            )
     return out
 
 
@@ -129,15 +151,22 @@ def _read_paddle(path: Path, encoding: str = "utf-8"):
             if len(scores) != len(polys):
                 raise DatasetError(f"{f}: {len(polys)} dt_polys but {len(scores)} scores")
             name = d.get("input_path") or f.stem
-            yield name, [(_flat(p, f"{f}: dt_polys[{k}]"), _score(s, f"{f}: score {k}"))
-                         for k, (p, s) in enumerate(zip(polys, scores))]
+            yield (
+                name,
+                [
+                    (_flat(p, f"{f}: dt_polys[{k}]"), _score(s, f"{f}: score {k}"))
+                    for k, (p, s) in enumerate(zip(polys, scores))
+                ],
+            )
         return
     if path.suffix.lower() == ".txt":
         for n, line in enumerate(read_lines(path, encoding), start=1):
             if not line.strip():
                 continue
             if "\t" not in line:
-                raise DatasetError(f"{path} line {n}: expected 'name<TAB>[{{\"transcription\", \"points\"}}, ...]'")
+                raise DatasetError(
+                    f'{path} line {n}: expected \'name<TAB>[{{"transcription", "points"}}, ...]\''
+                )
             name, payload = line.split("\t", 1)
             try:
                 entries = json.loads(payload)
@@ -200,14 +229,20 @@ def _mmocr_entries(pred, where: str):
     polys, scores = pred["det_polygons"], pred.get("det_scores", [1.0] * len(pred["det_polygons"]))
     if len(polys) != len(scores):
         raise DatasetError(f"{where}: {len(polys)} det_polygons but {len(scores)} det_scores")
-    return [(_flat(p, f"{where}: det_polygons[{k}]"), _score(s, f"{where}: det_scores[{k}]"))
-            for k, (p, s) in enumerate(zip(polys, scores))]
+    return [
+        (_flat(p, f"{where}: det_polygons[{k}]"), _score(s, f"{where}: det_scores[{k}]"))
+        for k, (p, s) in enumerate(zip(polys, scores))
+    ]
 
 
 def _finite(flat: list[float]) -> bool:
     """All coordinates finite, and so are the box's width and height (1e308 - -1e308 is not)."""
     xs, ys = flat[0::2], flat[1::2]
-    return all(math.isfinite(v) for v in flat) and math.isfinite(max(xs) - min(xs)) and math.isfinite(max(ys) - min(ys))
+    return (
+        all(math.isfinite(v) for v in flat)
+        and math.isfinite(max(xs) - min(xs))
+        and math.isfinite(max(ys) - min(ys))
+    )
 
 
 def to_coco_results(fmt: str, path, images: list[dict], encoding: str = "utf-8") -> tuple[list[dict], dict]:
@@ -220,9 +255,13 @@ def to_coco_results(fmt: str, path, images: list[dict], encoding: str = "utf-8")
     if fmt in ("paddleocr", "rapidocr"):
         per_image = ((name, entries) for name, entries in _read_paddle(path, encoding))
     elif fmt == "doctr":
-        per_image = ((name, _doctr_entries(v, w)) for name, v, w in _per_image_files_or_mapping(path, encoding))
+        per_image = (
+            (name, _doctr_entries(v, w)) for name, v, w in _per_image_files_or_mapping(path, encoding)
+        )
     elif fmt == "mmocr":
-        per_image = ((name, _mmocr_entries(v, w)) for name, v, w in _per_image_files_or_mapping(path, encoding))
+        per_image = (
+            (name, _mmocr_entries(v, w)) for name, v, w in _per_image_files_or_mapping(path, encoding)
+        )
     else:
         raise DatasetError(f"unknown detector output format {fmt!r}; choose from {EXTERNAL_FORMATS}")
     index = _ImageIndex(images)
@@ -244,8 +283,10 @@ def to_coco_results(fmt: str, path, images: list[dict], encoding: str = "utf-8")
             results.append(_result(image_id, flat, score))
     stats["detections"] = len(results)
     if not stats["images"]:
-        raise DatasetError(f"{path}: none of its {stats['unknown_images']} images is in the image list "
-                           f"(e.g. {unknown}); names are matched by file name, base name or stem")
+        raise DatasetError(
+            f"{path}: none of its {stats['unknown_images']} images is in the image list "
+            f"(e.g. {unknown}); names are matched by file name, base name or stem"
+        )
     return results, {**stats, "unknown_examples": unknown, "non_finite_examples": non_finite}
 
 
@@ -253,8 +294,10 @@ def skipped_message(stats: dict) -> str | None:
     """The warning for detections skipped for non-finite coordinates, or None."""
     if not stats.get("non_finite"):
         return None
-    return (f"{stats['non_finite']} detections with non-finite coordinates (NaN or inf) were skipped "
-            f"(e.g. {', '.join(stats['non_finite_examples'])})")
+    return (
+        f"{stats['non_finite']} detections with non-finite coordinates (NaN or inf) were skipped "
+        f"(e.g. {', '.join(stats['non_finite_examples'])})"
+    )
 
 
 def prepare_extra(spec: str, images: list[dict], out_dir, index: int) -> str:
@@ -268,8 +311,12 @@ def prepare_extra(spec: str, images: list[dict], out_dir, index: int) -> str:
         return path
     results, stats = to_coco_results(fmt, path, images)
     if stats.get("unknown_images"):
-        logging.getLogger(__name__).warning("%s: %d images not in the image list were ignored (e.g. %s)", spec,
-                                            stats["unknown_images"], stats["unknown_examples"])
+        logging.getLogger(__name__).warning(
+            "%s: %d images not in the image list were ignored (e.g. %s)",
+            spec,
+            stats["unknown_images"],
+            stats["unknown_examples"],
+        )
     if skipped_message(stats):
         logging.getLogger(__name__).warning("%s: %s", spec, skipped_message(stats))
     out = Path(out_dir) / f"extra{index}_{fmt}_{Path(path).stem}.json"
@@ -279,13 +326,21 @@ def prepare_extra(spec: str, images: list[dict], out_dir, index: int) -> str:
 
 # ------------------------------------------------------------------ CLI: i3cl convert-predictions
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", required=True, choices=EXTERNAL_FORMATS, help="the detector's output format")
+    parser.add_argument(
+        "--format", required=True, choices=EXTERNAL_FORMATS, help="the detector's output format"
+    )
     parser.add_argument("--pred", required=True, help="the detector's output file or folder")
-    parser.add_argument("--images", required=True,
-                        help="COCO json whose 'images' the predictions belong to (ensemble's images.json, or a dataset)")
+    parser.add_argument(
+        "--images",
+        required=True,
+        help="COCO json whose 'images' the predictions belong to (ensemble's images.json, or a dataset)",
+    )
     parser.add_argument("--out", required=True, help="output COCO results json")
-    parser.add_argument("--encoding", default="utf-8",
-                        help="text encoding of the --pred files (default utf-8; e.g. latin-1, cp1252, gbk)")
+    parser.add_argument(
+        "--encoding",
+        default="utf-8",
+        help="text encoding of the --pred files (default utf-8; e.g. latin-1, cp1252, gbk)",
+    )
 
 
 def run(args) -> int:
@@ -297,10 +352,15 @@ def run(args) -> int:
     results, stats = to_coco_results(args.format, args.pred, images, encoding=args.encoding)
     write_json(args.out, results)
     if stats.get("unknown_images"):
-        print(f"warning: {stats['unknown_images']} images not in {args.images} were ignored "
-              f"(e.g. {stats['unknown_examples']})", file=sys.stderr)
+        print(
+            f"warning: {stats['unknown_images']} images not in {args.images} were ignored "
+            f"(e.g. {stats['unknown_examples']})",
+            file=sys.stderr,
+        )
     if skipped_message(stats):
         print(f"warning: {skipped_message(stats)}", file=sys.stderr)
-    print(f"wrote {args.out}: {stats['detections']} detections on {stats['images']} images"
-          + (f"; skipped {stats['non_finite']} with non-finite coordinates" if stats.get("non_finite") else ""))
+    print(
+        f"wrote {args.out}: {stats['detections']} detections on {stats['images']} images"
+        + (f"; skipped {stats['non_finite']} with non-finite coordinates" if stats.get("non_finite") else "")
+    )
     return 0

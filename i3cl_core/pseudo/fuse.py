@@ -10,6 +10,7 @@ pseudo labels' precision/recall/F against the hidden ground truth (ArT protocol)
 Nothing is dropped silently: unknown images, invalid polygons and empty models are counted and
 reported.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from i3cl_core.data.errors import DatasetError
-from i3cl_core.data.polygons import polygon_area
-from i3cl_core.data.polygons import coco_bbox
+from i3cl_core.data.polygons import coco_bbox, polygon_area
 from i3cl_core.pseudo.fusion import cluster_predictions, pseudo_labels
 from i3cl_core.pseudo.report import histogram_png, pr_curve_png
 from i3cl_core.pseudo.sources import load_images, load_model_predictions
@@ -41,8 +41,9 @@ def _fuse_one(args):
     return [len(c.members) for c in clusters], pseudo_labels(clusters, len(per_model), cfg), everything
 
 
-def _load_members(sources: list[str], images: list[dict], images_json, cfg,
-                  allow_empty: bool = False) -> tuple[list[dict], list[dict], np.ndarray]:
+def _load_members(
+    sources: list[str], images: list[dict], images_json, cfg, allow_empty: bool = False
+) -> tuple[list[dict], list[dict], np.ndarray]:
     """Every model's predictions on ``images`` (checked for a matching image set), their stats, and
     the model weights."""
     if not sources:
@@ -57,31 +58,47 @@ def _load_members(sources: list[str], images: list[dict], images_json, cfg,
         coverage = stats.pop("_coverage_set")
         if coverage is not None and coverage != {im["id"] for im in images}:
             missing = len({im["id"] for im in images} - coverage)
-            raise DatasetError(f"{src}: models with mismatched image sets: this model ran on {len(coverage)} images, "
-                               f"{images_json} has {len(images)} ({missing} missing, e.g. {stats['missing_images']})")
+            raise DatasetError(
+                f"{src}: models with mismatched image sets: this model ran on {len(coverage)} images, "
+                f"{images_json} has {len(images)} ({missing} missing, e.g. {stats['missing_images']})"
+            )
         if stats["predictions"] == 0:
             if not allow_empty:
-                raise DatasetError(f"{src}: no usable prediction at all ({stats.get('invalid_polygon', 0)} invalid "
-                                   f"polygons, {stats.get('unknown_image', 0)} for unknown images); the fused labels "
-                                   "would be wrong. Check the file, or pass allow_empty (--allow-empty) if this "
-                                   "model really found nothing")
+                raise DatasetError(
+                    f"{src}: no usable prediction at all ({stats.get('invalid_polygon', 0)} invalid "
+                    f"polygons, {stats.get('unknown_image', 0)} for unknown images); the fused labels "
+                    "would be wrong. Check the file, or pass allow_empty (--allow-empty) if this "
+                    "model really found nothing"
+                )
             log.warning("%s: no usable predictions at all (an empty prediction set)", src)
         if stats.get("unknown_image"):
-            log.warning("%s: %d predictions for images not in %s were ignored (e.g. %s)", src, stats["unknown_image"],
-                        images_json, stats["unknown_examples"])
+            log.warning(
+                "%s: %d predictions for images not in %s were ignored (e.g. %s)",
+                src,
+                stats["unknown_image"],
+                images_json,
+                stats["unknown_examples"],
+            )
         if stats.get("outside_image"):
-            log.warning("%s: %d predictions with points more than one image size outside their image were ignored",
-                        src, stats["outside_image"])
+            log.warning(
+                "%s: %d predictions with points more than one image size outside their image were ignored",
+                src,
+                stats["outside_image"],
+            )
         if stats.get("invalid_polygon"):
-            log.warning("%s: %d predictions with fewer than 3 points, non-finite values or zero area were ignored",
-                        src, stats["invalid_polygon"])
+            log.warning(
+                "%s: %d predictions with fewer than 3 points, non-finite values or zero area were ignored",
+                src,
+                stats["invalid_polygon"],
+            )
         models.append(preds)
         model_stats.append(stats)
     return models, model_stats, weights
 
 
-def _fuse_images(images: list[dict], models: list[dict], cfg, weights, workers: int | None = None,
-                 progress: bool = False) -> list:
+def _fuse_images(
+    images: list[dict], models: list[dict], cfg, weights, workers: int | None = None, progress: bool = False
+) -> list:
     """``_fuse_one`` over every image (in a process pool with ``workers`` > 1), in image order; the
     result does not depend on ``workers``."""
     from tqdm import tqdm
@@ -97,7 +114,9 @@ def _fuse_images(images: list[dict], models: list[dict], cfg, weights, workers: 
 
         from i3cl_core.utils import die_with_parent
 
-        with mp.get_context("spawn").Pool(workers, initializer=die_with_parent) as pool:  # no orphans on kill -9
+        with mp.get_context("spawn").Pool(
+            workers, initializer=die_with_parent
+        ) as pool:  # no orphans on kill -9
             for r in pool.imap(_fuse_one, jobs, chunksize=32):
                 results.append(r)
                 bar.update(1)
@@ -114,7 +133,9 @@ def fuse_clusters(sources: list[str], images_json: str | os.PathLike, cfg) -> di
     fusion of ``sources`` over the images of ``images_json``, in memory (nothing written)."""
     images = load_images(images_json)
     models, _, weights = _load_members(sources, images, images_json, cfg, allow_empty=True)
-    return {im["id"]: labels for im, (_, labels, _) in zip(images, _fuse_images(images, models, cfg, weights))}
+    return {
+        im["id"]: labels for im, (_, labels, _) in zip(images, _fuse_images(images, models, cfg, weights))
+    }
 
 
 def fuse_predictions(
@@ -143,17 +164,28 @@ def fuse_predictions(
         per_image.append(sum(1 for lab in labels if not lab["iscrowd"]))
         for lab in labels:
             poly = lab["polygon"]
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": im["id"], "category_id": 1,
-                "segmentation": [[round(float(v), 2) for v in poly.reshape(-1)]],
-                "bbox": [round(v, 2) for v in coco_bbox([poly])],
-                "area": round(polygon_area(poly), 2), "iscrowd": lab["iscrowd"], "lossweight": lab["lossweight"],
-                "score": round(lab["score"], 5), "votes": lab["votes"],
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": im["id"],
+                    "category_id": 1,
+                    "segmentation": [[round(float(v), 2) for v in poly.reshape(-1)]],
+                    "bbox": [round(v, 2) for v in coco_bbox([poly])],
+                    "area": round(polygon_area(poly), 2),
+                    "iscrowd": lab["iscrowd"],
+                    "lossweight": lab["lossweight"],
+                    "score": round(lab["score"], 5),
+                    "votes": lab["votes"],
+                }
+            )
     out = Path(out)
     dataset = {
-        "info": {"description": "pseudo labels by Weighted Polygon Fusion", "models": [str(s) for s in sources],
-                 "fuse": cfg.model_dump(mode="json"), "images_json": str(images_json)},
+        "info": {
+            "description": "pseudo labels by Weighted Polygon Fusion",
+            "models": [str(s) for s in sources],
+            "fuse": cfg.model_dump(mode="json"),
+            "images_json": str(images_json),
+        },
         "images": images,
         "annotations": annotations,
         "categories": [{"id": 1, "name": "text"}],
@@ -173,10 +205,27 @@ def fuse_predictions(
         "seconds": round(time.time() - t0, 2),
     }
     report_dir = out.parent
-    summary["report"] = str(write_report(dataset, summary, report_dir, sources, models, all_clusters, gt,
-                                         img_root or _default_root(images_json), samples))
-    log.info("fused %d models over %d images: %d pseudo labels, %d do-not-care -> %s", k, len(images), len(kept),
-             summary["dontcare"], out)
+    summary["report"] = str(
+        write_report(
+            dataset,
+            summary,
+            report_dir,
+            sources,
+            models,
+            all_clusters,
+            gt,
+            img_root or _default_root(images_json),
+            samples,
+        )
+    )
+    log.info(
+        "fused %d models over %d images: %d pseudo labels, %d do-not-care -> %s",
+        k,
+        len(images),
+        len(kept),
+        summary["dontcare"],
+        out,
+    )
     return summary
 
 
@@ -186,43 +235,69 @@ def _default_root(images_json: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ report
-def write_report(dataset, summary, report_dir: Path, sources, models, all_clusters, gt, img_root, samples) -> Path:
+def write_report(
+    dataset, summary, report_dir: Path, sources, models, all_clusters, gt, img_root, samples
+) -> Path:
     anns = dataset["annotations"]
     kept = [a for a in anns if not a["iscrowd"]]
     figs = report_dir / "report_figures"
     pngs = {}
     with writing(figs / "scores.png"):  # the figures' writer raises bare OSErrors: name the file
-        pngs["scores"] = histogram_png([a["score"] for a in anns], np.linspace(0, 1, 21), "fused score",
-                                       figs / "scores.png")
+        pngs["scores"] = histogram_png(
+            [a["score"] for a in anns], np.linspace(0, 1, 21), "fused score", figs / "scores.png"
+        )
     with writing(figs / "votes.png"):
-        pngs["votes"] = histogram_png([a["votes"] for a in anns], np.arange(0.5, len(sources) + 1.5), "votes",
-                                      figs / "votes.png", xlabel="models agreeing on the instance")
+        pngs["votes"] = histogram_png(
+            [a["votes"] for a in anns],
+            np.arange(0.5, len(sources) + 1.5),
+            "votes",
+            figs / "votes.png",
+            xlabel="models agreeing on the instance",
+        )
     with writing(figs / "weights.png"):
-        pngs["weights"] = histogram_png([a["lossweight"] for a in kept], np.linspace(0, 1, 21), "lossweight",
-                                        figs / "weights.png", xlabel="per-instance loss weight")
+        pngs["weights"] = histogram_png(
+            [a["lossweight"] for a in kept],
+            np.linspace(0, 1, 21),
+            "lossweight",
+            figs / "weights.png",
+            xlabel="per-instance loss weight",
+        )
     report = {k: v for k, v in summary.items() if k != "report"}
     report["fuse"] = dataset["info"]["fuse"]
     report["figures"] = {k: str(p) for k, p in pngs.items()}
     if gt:
         q = report["quality"] = pseudo_label_quality(dataset, gt, models, all_clusters, sources)
         with writing(figs / "pr_curve.png"):
-            pngs["pr_curve"] = pr_curve_png(q["fused_sweep"], figs / "pr_curve.png",
-                                            keep_thr=dataset["info"]["fuse"]["keep_thr"],
-                                            teachers=[{"name": Path(m["source"]).name, "hmean": m["hmean"]}
-                                                      for m in q["models"]])
+            pngs["pr_curve"] = pr_curve_png(
+                q["fused_sweep"],
+                figs / "pr_curve.png",
+                keep_thr=dataset["info"]["fuse"]["keep_thr"],
+                teachers=[{"name": Path(m["source"]).name, "hmean": m["hmean"]} for m in q["models"]],
+            )
         report["figures"]["pr_curve"] = str(pngs["pr_curve"])
     sample_paths = _draw_samples(dataset, img_root, figs, samples)
     report["samples"] = [str(p) for p in sample_paths]
     atomic_write_json(report_dir / "report.json", report, indent=2)
-    md = ["# Pseudo labels", "", f"* images: **{summary['images']}**, models: **{summary['models']}**",
-          f"* pseudo labels: **{summary['pseudo_labels']}**, do-not-care: **{summary['dontcare']}**, "
-          f"images with labels: **{summary['images_with_labels']}**", ""]
+    md = [
+        "# Pseudo labels",
+        "",
+        f"* images: **{summary['images']}**, models: **{summary['models']}**",
+        f"* pseudo labels: **{summary['pseudo_labels']}**, do-not-care: **{summary['dontcare']}**, "
+        f"images with labels: **{summary['images_with_labels']}**",
+        "",
+    ]
     if gt:
         q = report["quality"]
-        md += ["## Quality against the hidden ground truth (ArT protocol)", "",
-               "| source | threshold | P | R | F |", "|---|---|---|---|---|"]
+        md += [
+            "## Quality against the hidden ground truth (ArT protocol)",
+            "",
+            "| source | threshold | P | R | F |",
+            "|---|---|---|---|---|",
+        ]
         for row in q["table"]:
-            md.append(f"| {row['source']} | {row['threshold']} | {row['precision']:.4f} | {row['recall']:.4f} | {row['hmean']:.4f} |")
+            md.append(
+                f"| {row['source']} | {row['threshold']} | {row['precision']:.4f} | {row['recall']:.4f} | {row['hmean']:.4f} |"
+            )
         md.append("")
     md += [f"![{k}]({Path(p).relative_to(report_dir)})" for k, p in pngs.items()]
     md += [f"![sample]({Path(p).relative_to(report_dir)})" for p in sample_paths]
@@ -238,30 +313,46 @@ def pseudo_label_quality(dataset, gt_path, models, all_clusters, sources) -> dic
 
     gt = load_ground_truth(gt_path)
     if gt.format != "coco":
-        raise DatasetError(f"{gt_path}: --gt must be a COCO json with the same image ids as the unlabeled set")
+        raise DatasetError(
+            f"{gt_path}: --gt must be a COCO json with the same image ids as the unlabeled set"
+        )
     gt_by_image = {key: list(zip(im.polygons, im.dontcare)) for key, im in gt.images.items()}
     fused = {}
     for a in dataset["annotations"]:
         if not a["iscrowd"]:
-            fused.setdefault(a["image_id"], []).append((np.asarray(a["segmentation"][0]).reshape(-1, 2), a["score"]))
+            fused.setdefault(a["image_id"], []).append(
+                (np.asarray(a["segmentation"][0]).reshape(-1, 2), a["score"])
+            )
     at_output = prepare_polygons(gt_by_image, fused).evaluate("art", 0.0)
     table = [{"source": "pseudo labels (as written)", "threshold": "keep_thr", **_prf(at_output)}]
     sweep = prepare_polygons(gt_by_image, all_clusters).sweep("art")
     best = next(r for r in sweep if r["best"])
-    table.append({"source": "all fused clusters (best threshold)", "threshold": best["score_thr"], **_prf(best)})
+    table.append(
+        {"source": "all fused clusters (best threshold)", "threshold": best["score_thr"], **_prf(best)}
+    )
     per_model = []
     for src, preds in zip(sources, models):
         rows = prepare_polygons(gt_by_image, preds).sweep("art")
         b = next(r for r in rows if r["best"])
         per_model.append({"source": str(src), "best_threshold": b["score_thr"], **_prf(b)})
-        table.append({"source": f"model {Path(src).name} (best threshold)", "threshold": b["score_thr"], **_prf(b)})
-    return {"fused": _prf(at_output), "fused_sweep": [{"threshold": r["score_thr"], **_prf(r)} for r in sweep],
-            "models": per_model, "best_single_model_hmean": max((m["hmean"] for m in per_model), default=0.0),
-            "table": table}
+        table.append(
+            {"source": f"model {Path(src).name} (best threshold)", "threshold": b["score_thr"], **_prf(b)}
+        )
+    return {
+        "fused": _prf(at_output),
+        "fused_sweep": [{"threshold": r["score_thr"], **_prf(r)} for r in sweep],
+        "models": per_model,
+        "best_single_model_hmean": max((m["hmean"] for m in per_model), default=0.0),
+        "table": table,
+    }
 
 
 def _prf(r: dict) -> dict:
-    return {"precision": round(r["precision"], 4), "recall": round(r["recall"], 4), "hmean": round(r["hmean"], 4)}
+    return {
+        "precision": round(r["precision"], 4),
+        "recall": round(r["recall"], 4),
+        "hmean": round(r["hmean"], 4),
+    }
 
 
 def _draw_samples(dataset, img_root, figs: Path, n: int) -> list[Path]:
@@ -285,8 +376,16 @@ def _draw_samples(dataset, img_root, figs: Path, n: int) -> list[Path]:
             pts = np.rint(np.asarray(a["segmentation"][0]).reshape(-1, 2)).astype(np.int32)
             color = (0, 0, 255) if a["iscrowd"] else (0, 200, 0)
             cv2.polylines(img, [pts], True, color, 1, cv2.LINE_AA)
-            cv2.putText(img, f"{a['score']:.2f}/{a['votes']}", (int(pts[:, 0].min()), max(10, int(pts[:, 1].min()) - 2)),
-                        cv2.FONT_HERSHEY_SIMPLEX, 0.35, color, 1, cv2.LINE_AA)
+            cv2.putText(
+                img,
+                f"{a['score']:.2f}/{a['votes']}",
+                (int(pts[:, 0].min()), max(10, int(pts[:, 1].min()) - 2)),
+                cv2.FONT_HERSHEY_SIMPLEX,
+                0.35,
+                color,
+                1,
+                cv2.LINE_AA,
+            )
         p = figs / f"sample_{image_id}.png"
         ok, png = cv2.imencode(".png", img)  # cv2.imwrite says nothing when the disk is full
         if not ok:
@@ -297,19 +396,44 @@ def _draw_samples(dataset, img_root, figs: Path, n: int) -> list[Path]:
 
 # ------------------------------------------------------------------------------------ CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--predictions", nargs="+", required=True, metavar="P",
-                   help="one per model: COCO results json, ArT submission json, or a folder of shard files")
-    p.add_argument("--images", required=True, metavar="IMAGES.json", help="COCO json whose images define the unlabeled set")
-    p.add_argument("--out", required=True, help="output COCO json (e.g. work_dir/pseudo/train_lossweight.json)")
+    p.add_argument(
+        "--predictions",
+        nargs="+",
+        required=True,
+        metavar="P",
+        help="one per model: COCO results json, ArT submission json, or a folder of shard files",
+    )
+    p.add_argument(
+        "--images",
+        required=True,
+        metavar="IMAGES.json",
+        help="COCO json whose images define the unlabeled set",
+    )
+    p.add_argument(
+        "--out", required=True, help="output COCO json (e.g. work_dir/pseudo/train_lossweight.json)"
+    )
     p.add_argument("--config", help="YAML config whose fuse section to start from")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="fuse.KEY=VALUE",
-                   help="e.g. --set fuse.iou_thr=0.5 --set fuse.conf_type=max")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="fuse.KEY=VALUE",
+        help="e.g. --set fuse.iou_thr=0.5 --set fuse.conf_type=max",
+    )
     p.add_argument("--gt", help="ground truth of the unlabeled set, to measure pseudo-label quality")
     p.add_argument("--img-root", help="image root of the unlabeled set (for sample pictures)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="fusion processes (default: the CPUs, at most 8; a pool is used above 64 images only)")
-    p.add_argument("--allow-empty", action="store_true",
-                   help="accept a prediction source with no usable prediction (default: an error)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="fusion processes (default: the CPUs, at most 8; a pool is used above 64 images only)",
+    )
+    p.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="accept a prediction source with no usable prediction (default: an error)",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -322,13 +446,27 @@ def run(args: argparse.Namespace) -> int:
         raise DatasetError(f"--workers must be >= 1, got {args.workers}")
     unused = [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith("fuse.")]
     if unused:
-        raise ConfigError(f"--set {unused[0]}: i3cl fuse reads only fuse.* settings (got {', '.join(unused)})")
+        raise ConfigError(
+            f"--set {unused[0]}: i3cl fuse reads only fuse.* settings (got {', '.join(unused)})"
+        )
     cfg = load_config(args.config, args.overrides).fuse
     if cfg.min_votes > len(args.predictions):
-        print(f"i3cl fuse: fuse.min_votes={cfg.min_votes} is more than the {len(args.predictions)} prediction sources; "
-              f"using {len(args.predictions)} (every model must agree)", file=sys.stderr)
-    summary = fuse_predictions(args.predictions, args.images, args.out, cfg, gt=args.gt, img_root=args.img_root,
-                               workers=args.workers, progress=not args.no_progress, allow_empty=args.allow_empty)
+        print(
+            f"i3cl fuse: fuse.min_votes={cfg.min_votes} is more than the {len(args.predictions)} prediction sources; "
+            f"using {len(args.predictions)} (every model must agree)",
+            file=sys.stderr,
+        )
+    summary = fuse_predictions(
+        args.predictions,
+        args.images,
+        args.out,
+        cfg,
+        gt=args.gt,
+        img_root=args.img_root,
+        workers=args.workers,
+        progress=not args.no_progress,
+        allow_empty=args.allow_empty,
+    )
     printable = {k: v for k, v in summary.items() if k != "model_stats"}
     print(json.dumps(printable))
     return 0

@@ -31,6 +31,7 @@ Per image, K models each give (polygon, score) predictions; model k has weight w
    that they are background.
 6. ``lossweight`` = score x votes / K by default (in [0, 1]); alternatives: score, votes / K, 1.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -216,7 +217,9 @@ def _geometries(polys: list[np.ndarray]) -> list:
     return list(geoms)
 
 
-def mean_shape_polygon(members: list[Member], resolution: int = MEAN_SHAPE_RESOLUTION, epsilon: float = 0.002) -> np.ndarray | None:
+def mean_shape_polygon(
+    members: list[Member], resolution: int = MEAN_SHAPE_RESOLUTION, epsilon: float = 0.002
+) -> np.ndarray | None:
     """The weighted mean shape of the members (see the module docstring); None if it is empty."""
     import cv2
 
@@ -290,9 +293,17 @@ def cluster_predictions(
     weights = np.ones(k) if weights is None else np.asarray(weights, dtype=np.float64)
     if len(weights) != k:
         raise ValueError(f"{len(weights)} model weights for {k} models")
-    raw = [(poly, float(score), model) for model, preds in enumerate(predictions) for poly, score in preds if score >= skip_thr]
-    members = [Member(p, s, model, float(weights[model]))
-               for p, (_, s, model) in zip(canonical_many([r[0] for r in raw]), raw) if p is not None]
+    raw = [
+        (poly, float(score), model)
+        for model, preds in enumerate(predictions)
+        for poly, score in preds
+        if score >= skip_thr
+    ]
+    members = [
+        Member(p, s, model, float(weights[model]))
+        for p, (_, s, model) in zip(canonical_many([r[0] for r in raw]), raw)
+        if p is not None
+    ]
     if members:  # every member, quads too: a quad that joins a curved cluster is averaged by its 32 points
         for m, r in zip(members, resample_many([m.polygon for m in members])):
             m.resampled = r
@@ -312,7 +323,9 @@ def cluster_predictions(
         if n:
             bx0, by0, bx1, by1 = b
             # clusters whose box overlaps the member's with positive area (min(x1) - max(x0) > 0 per axis)
-            for j in np.flatnonzero((x0[:n] < bx1) & (x1[:n] > bx0) & (y0[:n] < by1) & (y1[:n] > by0)).tolist():
+            for j in np.flatnonzero(
+                (x0[:n] < bx1) & (x1[:n] > bx0) & (y0[:n] < by1) & (y1[:n] > by0)
+            ).tolist():
                 # IoU <= I / (a + a_c - I) with I <= min(box intersection, a, a_c): skip clusters that cannot pass
                 iw = min(float(x1[j]), bx1) - max(float(x0[j]), bx0)
                 ih = min(float(y1[j]), by1) - max(float(y0[j]), by0)
@@ -376,11 +389,22 @@ def pseudo_labels(clusters: list[Cluster], num_models: int, cfg) -> list[dict]:
         votes = c.votes
         keep = votes >= min_votes and c.score >= cfg.keep_thr
         # not kept but plausible: a score inside the band, or a high score with too few votes
-        uncertain = (not keep and cfg.uncertain_band is not None and c.score >= cfg.uncertain_band[0]
-                     and (c.score < cfg.uncertain_band[1] or votes < min_votes))
+        uncertain = (
+            not keep
+            and cfg.uncertain_band is not None
+            and c.score >= cfg.uncertain_band[0]
+            and (c.score < cfg.uncertain_band[1] or votes < min_votes)
+        )
         if not (keep or uncertain):
             continue
         weight = float(min(1.0, max(0.0, formula(c.score, votes, num_models)))) if keep else 0.0
-        out.append({"polygon": c.polygon, "score": float(c.score), "votes": votes, "iscrowd": 0 if keep else 1,
-                    "lossweight": round(weight, 6)})
+        out.append(
+            {
+                "polygon": c.polygon,
+                "score": float(c.score),
+                "votes": votes,
+                "iscrowd": 0 if keep else 1,
+                "lossweight": round(weight, 6),
+            }
+        )
     return out

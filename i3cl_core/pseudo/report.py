@@ -5,6 +5,7 @@ recall / F curve of the fused labels over the score threshold with the chosen ``
 pseudo labels' F per threshold against each teacher's best, a bar chart of F per model, and a
 training curve (loss terms, learning rate) per model.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,7 +33,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def histogram_png(values, bins, title: str, path: Path, xlabel: str | None = None, ylabel: str = "instances") -> Path:
+def histogram_png(
+    values, bins, title: str, path: Path, xlabel: str | None = None, ylabel: str = "instances"
+) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3))
     values = np.asarray(values, dtype=float)
@@ -47,20 +50,32 @@ def histogram_png(values, bins, title: str, path: Path, xlabel: str | None = Non
     return _save(fig, path)
 
 
-def pr_curve_png(rows: list[dict], path: Path, keep_thr: float | None = None,
-                 teachers: list[dict] | None = None) -> Path:
+def pr_curve_png(
+    rows: list[dict], path: Path, keep_thr: float | None = None, teachers: list[dict] | None = None
+) -> Path:
     """P, R and F of the fused clusters against the hidden ground truth over the score threshold; the
     chosen ``keep_thr`` as a vertical line; each teacher's best F as a horizontal dotted line."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     t = [r["threshold"] for r in rows]
-    for key, label, colour in (("precision", "precision", "#1f5fbf"), ("recall", "recall", "#c83232"),
-                               ("hmean", "F (hmean)", "#1e961e")):
+    for key, label, colour in (
+        ("precision", "precision", "#1f5fbf"),
+        ("recall", "recall", "#c83232"),
+        ("hmean", "F (hmean)", "#1e961e"),
+    ):
         ax.plot(t, [r[key] for r in rows], label=label, color=colour, lw=2)
-    for k, tr in enumerate(teachers or []):
+    for tr in teachers or []:
         ax.axhline(tr["hmean"], ls=":", color="grey", lw=1)
-        ax.text(0.01, tr["hmean"] + 0.005, f"{tr['name']}: best F {tr['hmean']:.3f}", ha="left", va="bottom",
-                fontsize=7, color="dimgrey", transform=ax.get_yaxis_transform())
+        ax.text(
+            0.01,
+            tr["hmean"] + 0.005,
+            f"{tr['name']}: best F {tr['hmean']:.3f}",
+            ha="left",
+            va="bottom",
+            fontsize=7,
+            color="dimgrey",
+            transform=ax.get_yaxis_transform(),
+        )
     if keep_thr is not None:
         ax.axvline(keep_thr, color="black", ls="--", lw=1)
         ax.text(keep_thr, 0.02, f" keep_thr {keep_thr:g}", fontsize=8)
@@ -78,8 +93,10 @@ def f_per_model_png(scores: dict[str, dict], path: Path, title: str = "F per mod
     """A bar per model (``{name: {"hmean", ...}}``), teachers / control / student coloured apart."""
     plt = _plt()
     names = list(scores)
-    colours = ["#808080" if n.startswith("teacher") else "#e08a1e" if n.startswith("control") else "#1e7fbf"
-               for n in names]
+    colours = [
+        "#808080" if n.startswith("teacher") else "#e08a1e" if n.startswith("control") else "#1e7fbf"
+        for n in names
+    ]
     fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(names) + 1), 3.2))
     vals = [scores[n]["hmean"] for n in names]
     bars = ax.bar(range(len(names)), vals, color=colours)
@@ -112,7 +129,12 @@ def training_curve_png(metrics_jsonl: Path, path: Path, title: str) -> Path | No
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     it = [r["iter"] for r in rows]
     for key in sorted(k for k in rows[-1] if k.startswith("loss")):
-        ax.plot(it, [r.get(key, np.nan) for r in rows], label=key.replace("loss_", ""), lw=1.5 if key == "loss" else 1)
+        ax.plot(
+            it,
+            [r.get(key, np.nan) for r in rows],
+            label=key.replace("loss_", ""),
+            lw=1.5 if key == "loss" else 1,
+        )
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss")
     ax.set_title(title)
@@ -126,7 +148,9 @@ def training_curve_png(metrics_jsonl: Path, path: Path, title: str) -> Path | No
     return _save(fig, path)
 
 
-def side_by_side_png(image_rgb: np.ndarray, panels: list[tuple[str, list, str]], path: Path, title: str = "") -> Path:
+def side_by_side_png(
+    image_rgb: np.ndarray, panels: list[tuple[str, list, str]], path: Path, title: str = ""
+) -> Path:
     """One picture per panel (``(title, polygons, colour)``; a polygon is an (N, 2) array, or
     ``(array, "dashed")`` for a do-not-care region), side by side, with a legend."""
     from matplotlib.lines import Line2D
@@ -142,8 +166,16 @@ def side_by_side_png(image_rgb: np.ndarray, panels: list[tuple[str, list, str]],
         for poly in polys:
             dashed = isinstance(poly, tuple)
             pts = np.asarray(poly[0] if dashed else poly, dtype=float).reshape(-1, 2)
-            ax.add_patch(Polygon(pts, closed=True, fill=False, lw=1.2, edgecolor="lightgrey" if dashed else colour,
-                                 ls="--" if dashed else "-"))
+            ax.add_patch(
+                Polygon(
+                    pts,
+                    closed=True,
+                    fill=False,
+                    lw=1.2,
+                    edgecolor="lightgrey" if dashed else colour,
+                    ls="--" if dashed else "-",
+                )
+            )
         ax.set_title(f"{name} ({sum(1 for p in polys if not isinstance(p, tuple))})", fontsize=9)
         ax.axis("off")
         handles.append(Line2D([], [], color=colour, lw=2, label=name))

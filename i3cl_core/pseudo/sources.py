@@ -9,6 +9,7 @@ cannot use is counted per source, never dropped silently: predictions for images
 list, polygons with fewer than 3 points, non-finite values or zero area, and polygons with a point
 more than one image size outside their image.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,9 +36,14 @@ def load_images(path: str | os.PathLike) -> list[dict]:
 def _image_list(images: list[dict]):
     from i3cl_core.evaluation.io import GroundTruth, GtImage
 
-    return GroundTruth(images={im["id"]: GtImage(key=im["id"], file_name=im["file_name"], width=im["width"],
-                                                height=im["height"]) for im in images}, format="coco",
-                       source="IMAGES.json")
+    return GroundTruth(
+        images={
+            im["id"]: GtImage(key=im["id"], file_name=im["file_name"], width=im["width"], height=im["height"])
+            for im in images
+        },
+        format="coco",
+        source="IMAGES.json",
+    )
 
 
 def _fusion_polygon(instance: list) -> np.ndarray | None:
@@ -79,8 +85,13 @@ def load_model_predictions(source: str | os.PathLike, images: list[dict]) -> tup
         raise DatasetError(f"{src}: prediction file or folder not found")
 
     preds: dict = {}
-    counts = {"predictions": 0, "images_with_predictions": 0, "unknown_image": 0, "invalid_polygon": 0,
-              "outside_image": 0}
+    counts = {
+        "predictions": 0,
+        "images_with_predictions": 0,
+        "unknown_image": 0,
+        "invalid_polygon": 0,
+        "outside_image": 0,
+    }
     unknown: list = []
     for f, data in files:
         loaded = parse_predictions(data, gt, str(f))
@@ -90,7 +101,9 @@ def load_model_predictions(source: str | os.PathLike, images: list[dict]) -> tup
             img = gt.images[key]
             for instance, score in zip(instances, scores):
                 # far outside first: at 1e12 the area of a small box rounds to 0 and would read as "invalid"
-                if any(np.isfinite(part).all() and far_outside(part, img.width, img.height) for part in instance):
+                if any(
+                    np.isfinite(part).all() and far_outside(part, img.width, img.height) for part in instance
+                ):
                     counts["outside_image"] += 1
                     continue
                 poly = _fusion_polygon(instance)
@@ -101,6 +114,11 @@ def load_model_predictions(source: str | os.PathLike, images: list[dict]) -> tup
                     counts["predictions"] += 1
     counts["images_with_predictions"] = len(preds)
     ids = set(gt.images)
-    return preds, {"source": str(src), **counts, "unknown_examples": unknown[:5],
-                   "coverage": None if coverage is None else len(coverage & ids),
-                   "missing_images": None if coverage is None else sorted(ids - coverage)[:5], "_coverage_set": coverage}
+    return preds, {
+        "source": str(src),
+        **counts,
+        "unknown_examples": unknown[:5],
+        "coverage": None if coverage is None else len(coverage & ids),
+        "missing_images": None if coverage is None else sorted(ids - coverage)[:5],
+        "_coverage_set": coverage,
+    }

@@ -6,6 +6,7 @@ are scored against the split's labels (ArT protocol) at every score threshold. `
 the threshold with the best F on that split. Only the validation split's labels are read: the
 unlabeled set's hidden ground truth, where one exists, is for measuring alone.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,11 +28,21 @@ def val_sweep(sources: list[str], images_json: str | os.PathLike, cfg) -> list[d
     gt_by_image = {key: list(zip(im.polygons, im.dontcare)) for key, im in gt.images.items()}
     open_cfg = cfg.model_copy(update={"keep_thr": 0.0, "uncertain_band": None})
     labels = fuse_clusters(sources, images_json, open_cfg)
-    fused = {image_id: [(lab["polygon"], lab["score"]) for lab in labs if not lab["iscrowd"]]
-             for image_id, labs in labels.items()}
+    fused = {
+        image_id: [(lab["polygon"], lab["score"]) for lab in labs if not lab["iscrowd"]]
+        for image_id, labs in labels.items()
+    }
     rows = prepare_polygons(gt_by_image, fused).sweep("art", SWEEP)
-    return [{"threshold": r["score_thr"], "precision": round(r["precision"], 4), "recall": round(r["recall"], 4),
-             "hmean": round(r["hmean"], 4), "best": r["best"]} for r in rows]
+    return [
+        {
+            "threshold": r["score_thr"],
+            "precision": round(r["precision"], 4),
+            "recall": round(r["recall"], 4),
+            "hmean": round(r["hmean"], 4),
+            "best": r["best"],
+        }
+        for r in rows
+    ]
 
 
 def f_beta(precision: float, recall: float, beta: float) -> float:
@@ -55,22 +66,38 @@ def choose_keep_thr(sources: list[str], images_json: str | os.PathLike, cfg) -> 
         rows[scores.index(top)]["best"] = True
     best = next(r for r in rows if r["best"])
     if best["hmean"] <= 0.0:
-        log.warning("%s: the fused predictions match no validation label at any threshold; keeping keep_thr %.2f",
-                    images_json, cfg.keep_thr)
+        log.warning(
+            "%s: the fused predictions match no validation label at any threshold; keeping keep_thr %.2f",
+            images_json,
+            cfg.keep_thr,
+        )
         return {"keep_thr": cfg.keep_thr, "val": None, "sweep": rows}
     by = "" if beta == 1.0 else f"F-beta({beta:g}) {best['f_beta']:.3f}; "
-    log.info("keep_thr %.2f chosen on %s (%sF %.3f, P %.3f, R %.3f)", best["threshold"], images_json, by, best["hmean"],
-             best["precision"], best["recall"])
-    return {"keep_thr": float(best["threshold"]), "val": {k: best[k] for k in ("precision", "recall", "hmean")},
-            "sweep": rows}
+    log.info(
+        "keep_thr %.2f chosen on %s (%sF %.3f, P %.3f, R %.3f)",
+        best["threshold"],
+        images_json,
+        by,
+        best["hmean"],
+        best["precision"],
+        best["recall"],
+    )
+    return {
+        "keep_thr": float(best["threshold"]),
+        "val": {k: best[k] for k in ("precision", "recall", "hmean")},
+        "sweep": rows,
+    }
 
 
 def choose_fusion(sources: list[str], images_json: str | os.PathLike, cfg) -> dict:
     """:func:`choose_keep_thr` for each ``min_votes`` from 1 to the number of sources (only ``cfg.min_votes``
     unless ``cfg.auto_min_votes``); the one with the best F-beta on the validation split wins (ties: more
     votes, the more precise labels). Adds ``min_votes`` and ``by_min_votes`` (its F-beta there, per value)."""
-    candidates = range(1, len(sources) + 1) if getattr(cfg, "auto_min_votes", False) else [min(cfg.min_votes,
-                                                                                                 len(sources))]
+    candidates = (
+        range(1, len(sources) + 1)
+        if getattr(cfg, "auto_min_votes", False)
+        else [min(cfg.min_votes, len(sources))]
+    )
     beta = getattr(cfg, "keep_thr_beta", 1.0)
     best, by_votes = None, {}
     for m in candidates:
