@@ -25,6 +25,9 @@ there, as a user would) and 300 test images. Per seed (each seed has its own tea
      ssl_r2         round 2 of self-training: the ssl student plus the teachers label the unlabeled
                     images again; trained as long again, from the ssl student
      control_r2     round 2 of the control: as long again on the labeled images, from the control
+     ssl_online     as ssl_strong_bg, but a mean teacher (train.mean_teacher: an exponential moving average of the
+                    student) relabels the pseudo-labelled images online, the student learning its labels on a
+                    pixel-only strong view (augment: online); the fused labels seed it (--set-online KEY=VALUE)
    The labeled images keep the default augmentation in every arm: the one thing an arm changes is what it adds.
    ``--protocol scratch`` (the STAC protocol) trains every arm from scratch instead, with the first teacher's config,
    seed and 1,000-iteration schedule; its control is that teacher itself (the same training), so it costs no
@@ -71,6 +74,7 @@ ARMS = (
     "ssl_nodc",
     "ssl_r2",
     "control_r2",
+    "ssl_online",
 )
 DEFAULT_ARMS = ["control", "ssl", "ssl_strong", "ssl_strong_bg", "oracle"]
 
@@ -248,7 +252,23 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
                 "background_weight": args.background_weight,
             }
         ],
+        "ssl_online": [
+            {
+                "ann_file": str(pseudo),
+                "img_root": u_root,
+                "fraction": mix,
+                "augment": "online",
+                "background_weight": args.background_weight,
+            }
+        ],
     }
+    # the online arm: a mean teacher relabels the pseudo-labelled images as the student learns (from scratch it
+    # trains on the fused labels first, for train.mean_teacher.burn_in_iters; from a teacher it starts at once)
+    online_overrides = [
+        "train.mean_teacher.enabled=true",
+        *([] if args.protocol == "scratch" else ["train.mean_teacher.burn_in_iters=0"]),
+        *args.set_online,
+    ]
     start = teachers[args.teachers[0]]
     arm_ckpts, t_arms = {}, {}
     arm_dir = sd / ("arms" if args.protocol == "continue" else f"arms_{args.protocol}")
@@ -318,7 +338,11 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
             continue
         t2 = time.time()
         arm_ckpts[arm] = train(
-            arm_config, arm_dir / arm, d["labeled"] + arm_sets[arm], arm_overrides, load_from=load_from
+            arm_config,
+            arm_dir / arm,
+            d["labeled"] + arm_sets[arm],
+            arm_overrides + (online_overrides if arm == "ssl_online" else []),
+            load_from=load_from,
         )
         t_arms[arm] = time.time() - t2
 
@@ -475,12 +499,13 @@ def print_table(results: list[dict], args) -> None:
     first = f"teacher:{args.teachers[0]}"
     diff("control", first, what="  (convergence of the start: < +0.010 wanted)")
     diff("oracle", "control", what="  (headroom: >= +0.080 wanted for the regime to have room)")
-    for arm in ("ssl", "ssl_strong", "ssl_strong_bg", "ssl_nodc"):
+    for arm in ("ssl", "ssl_strong", "ssl_strong_bg", "ssl_nodc", "ssl_online"):
         if arm in args.arms:
             diff(arm, "control", goal=0.03)
     diff("ssl", "ssl_uniform", goal=0.005, what="  (the loss weights)")
     diff("ssl_strong", "ssl", what="  (strong augmentation on the pseudo-labelled images)")
     diff("ssl_strong_bg", "ssl_strong", what="  (soft background)")
+    diff("ssl_online", "ssl_strong_bg", what="  (a mean teacher relabelling online)")
     if "ssl_r2" in args.arms:
         diff("ssl_r2", "ssl", what="  (round 2 over round 1)")
         diff("ssl_r2", "control_r2", goal=0.03, what="  (both rounds of each)")
@@ -540,7 +565,19 @@ def main() -> None:
         help="continue: arms at the teacher's final learning rate (no restart); restart: the student "
         "config's schedule; scratch: every arm trained from scratch like the first teacher",
     )
-    ap.add_argument("--background-weight", type=float, default=0.5, help="negatives' weight in ssl_strong_bg")
+    ap.add_argument(
+        "--background-weight",
+        type=float,
+        default=0.5,
+        help="negatives' weight in ssl_strong_bg and ssl_online",
+    )
+    ap.add_argument(
+        "--set-online",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="settings of the ssl_online arm only, e.g. train.mean_teacher.score_thr=0.8",
+    )
     ap.add_argument(
         "--devices", nargs="+", default=["cpu"], help="ensemble devices (cpu, cuda:0, ... or auto)"
     )

@@ -206,7 +206,7 @@ def _without_new_defaults(cfg: dict) -> dict:
     """``cfg`` (a dumped config) without the fields added after trainings were first fingerprinted, where they
     hold their defaults (which reproduce the earlier behaviour): finished trainings of a work dir made before stay
     valid, and a field that is set changes the fingerprint."""
-    from i3cl_core.config.schema import StrongAugmentConfig
+    from i3cl_core.config.schema import MeanTeacherConfig, StrongAugmentConfig
 
     model, data = cfg.get("model", {}), cfg.get("data", {})
     if model.get("mask_lossweight") is False:
@@ -214,6 +214,9 @@ def _without_new_defaults(cfg: dict) -> dict:
     augment = data.get("augment", {})
     if augment.get("strong") == StrongAugmentConfig().model_dump(mode="json"):
         augment.pop("strong")
+    train = cfg.get("train", {})
+    if train.get("mean_teacher") == MeanTeacherConfig().model_dump(mode="json"):
+        train.pop("mean_teacher")
     for source in data.get("train", []):
         if source.get("augment") == "default":
             source.pop("augment")

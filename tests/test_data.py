@@ -324,13 +324,42 @@ def test_strong_augmentation_keeps_polygons_on_their_pixels():
         ]
 
 
+def test_online_views_share_their_pixels_and_polygons():
+    """augment: online: the weak view (flip, resize) keeps each polygon on its pixels, and the student's view is
+    the same image under colour, blur or noise and cutout only: same size, same polygons, other pixels."""
+    from i3cl_core.data.polygons import rasterize_instance
+    from i3cl_core.data.transforms import build_online_transform
+
+    online = build_online_transform(
+        AugmentConfig(
+            scales=[(200, 400)],
+            flip="random",
+            vflip_prob=0.5,
+            rotate_fill=0,
+            strong={"color_prob": 1.0, "blur_noise_prob": 1.0, "cutout_prob": 1.0},
+        )
+    )
+    for seed in range(5):
+        out = online(_shape_sample(), np.random.default_rng(seed))
+        h, w = out.size
+        assert out.student_image is not None and out.student_image.shape == out.image.shape
+        assert not np.array_equal(out.student_image, out.image) and "color_jitter" in out.log
+        for k, parts in zip(out.instances.ann_id, out.instances.polygons):
+            pixels = out.image[..., int(k)] > 127
+            m = rasterize_instance(parts, h, w).astype(bool)
+            assert (m & pixels).sum() / (m | pixels).sum() >= 0.95
+        image, target = out.to_tensors()
+        assert target["student_image"].shape == image.shape
+
+
 def test_strong_affine_range_and_per_source_transforms():
     aff = RandomAffine(scale=(0.5, 1.5), rotate=30, shear=15, translate=0.1)
     rng = np.random.default_rng(0)
     zooms = [np.sqrt(abs(np.linalg.det(aff.matrix(100, 100, rng)[:, :2]))) for _ in range(500)]
     assert 0.45 < min(zooms) < 0.6 and 1.3 < max(zooms) < 1.6
     aug = AugmentConfig(scales=[(128, 192)])
-    t = build_source_transforms(aug, ["default", "strong", "default"])
+    t = build_source_transforms(aug, ["default", "strong", "default", "online"])
+    assert "StudentView" in repr(t[3]) and "RandomAffine" not in repr(t[3])
     assert (
         t[0] is t[2]
         and t[1] is not t[0]

@@ -1,5 +1,6 @@
 """The package's import structure: every module imports on its own, and the imports at module level form
 no cycle (a cycle works or breaks depending on which module a user imports first)."""
+
 from __future__ import annotations
 
 import ast
@@ -44,8 +45,12 @@ def module_level_imports(path: Path, name: str, known: set[str]) -> set[str]:
             if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
                 continue
             if isinstance(node, (ast.If, ast.Try)):
-                visit(node.body + node.orelse + getattr(node, "finalbody", [])
-                      + [n for h in getattr(node, "handlers", []) for n in h.body])
+                visit(
+                    node.body
+                    + node.orelse
+                    + getattr(node, "finalbody", [])
+                    + [n for h in getattr(node, "handlers", []) for n in h.body]
+                )
             elif isinstance(node, ast.Import):
                 found.update(a.name for a in node.names)
             elif isinstance(node, ast.ImportFrom):
@@ -87,7 +92,7 @@ def test_module_level_imports_form_no_cycle():
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycles.append(stack[stack.index(nxt):] + [nxt])
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 walk(nxt, stack)
         stack.pop()

@@ -544,3 +544,51 @@ def test_a_training_step_waits_for_the_device_only_inside_the_model(tmp_path, ti
     assert len(trainer.unchecked) == 2
     trainer.check_finite()
     assert trainer.unchecked == []
+
+
+def test_mean_teacher_labels_the_online_set_after_burn_in_and_is_what_checkpoints_hold(
+    tmp_path, tiny_data, monkeypatch
+):
+    from i3cl_core.engine import train as train_module
+
+    tr, _ = tiny_data
+    labelled_at = []
+    original = train_module.teacher_targets
+
+    def spy(pred, score_thr, ignore_thr):
+        out = original(pred, score_thr, ignore_thr)
+        labelled_at.append(len(out["instances"]) + len(out["dontcare"]))
+        return out
+
+    monkeypatch.setattr(train_module, "teacher_targets", spy)
+    sets = (
+        f"data.train=[{{ann_file: {tr['ann_file']}, img_root: {tr['img_root']}}}, "
+        f"{{ann_file: {tr['ann_file']}, img_root: {tr['img_root']}, augment: online, fraction: 0.5}}]"
+    )
+    overrides = [
+        sets,
+        "train.mean_teacher.enabled=true",
+        "train.mean_teacher.burn_in_iters=2",
+        "train.mean_teacher.score_thr=0.05",
+        "train.mean_teacher.ignore_thr=0.01",
+        "train.iters_per_epoch=2",
+    ]
+    cfg = load_config(write_cfg(tmp_path / "c.yaml", tiny_data, epochs=2), overrides)
+    wd = tmp_path / "w"
+    train(cfg, wd, progress=False)
+    # burn-in: the first 2 iterations train on the set's own labels; then each online image is labelled
+    assert len(labelled_at) == 2  # one online image per batch of 2 (fraction 0.5), iterations 3 and 4
+    ckpt = torch.load(wd / "checkpoints" / "latest.pth", weights_only=True)
+    teacher, student = ckpt["model"], ckpt["student_model"]
+    assert teacher.keys() == student.keys()
+    moved = [k for k in teacher if teacher[k].is_floating_point() and not torch.equal(teacher[k], student[k])]
+    assert moved, "the teacher is an average, not a copy of the student"
+    rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert any("teacher_labels_per_image" in r for r in rows)
+    # a resumed run restores both models and goes on
+    cfg3 = load_config(write_cfg(tmp_path / "c.yaml", tiny_data, epochs=3), overrides)
+    assert train(cfg3, wd, resume=True, progress=False)["iterations"] == 6
+    with pytest.raises(
+        ConfigError, match="train.mean_teacher.enabled: needs a training set with augment: online"
+    ):
+        load_config(write_cfg(tmp_path / "c.yaml", tiny_data), ["train.mean_teacher.enabled=true"])

@@ -37,10 +37,12 @@ class DatasetSource(_Strict):
         description="share of every training epoch drawn from this set, spread evenly over "
         "the batches (sets without one share the rest in proportion to their sizes); e.g. 0.5 for the pseudo labels",
     )
-    augment: Literal["default", "strong"] = Field(
+    augment: Literal["default", "strong", "online"] = Field(
         "default",
         description="default: data.augment's policies; strong: data.augment.strong (scale, translation, "
-        "rotation, shear, colour, blur/noise, cutout), the noise a student needs on pseudo-labelled images",
+        "rotation, shear, colour, blur/noise, cutout), the noise a student needs on pseudo-labelled images; "
+        "online: two views of each image, a weak one (flip, training resize) that train.mean_teacher labels and "
+        "the same pixels under data.augment.strong's colour, blur/noise and cutout for the student",
     )
     background_weight: float = Field(
         1.0,
@@ -263,6 +265,37 @@ class ModelConfig(_Strict):
 
 # ----------------------------------------------------------------------------------------------
 # training, inference, fusion, pipeline
+class MeanTeacherConfig(_Strict):
+    """Online pseudo labels (a mean teacher, as in Unbiased Teacher): an exponential moving average of the
+    student's weights labels the weak view of each image of the ``augment: online`` sets, and the student
+    learns those labels on the strong view. Before ``burn_in_iters`` the sets' own (fused) labels are used."""
+
+    enabled: bool = False
+    ema_decay: float = Field(
+        0.99,
+        gt=0.0,
+        lt=1.0,
+        description="weight of the old average at each step (0.99: about the last 100 steps)",
+    )
+    burn_in_iters: int = Field(
+        300, ge=0, description="iterations on the sets' own labels before the teacher's replace them"
+    )
+    score_thr: float = Field(0.7, gt=0.0, le=1.0, description="teacher detections kept as pseudo labels")
+    ignore_thr: float | None = Field(
+        0.3,
+        ge=0.0,
+        le=1.0,
+        description="teacher detections scored in [ignore_thr, score_thr) become "
+        "do-not-care regions (neither text nor background); None: they are background",
+    )
+
+    @model_validator(mode="after")
+    def _check_thresholds(self) -> MeanTeacherConfig:
+        if self.ignore_thr is not None and self.ignore_thr > self.score_thr:
+            raise ValueError(f"ignore_thr: needs <= score_thr ({self.ignore_thr} > {self.score_thr})")
+        return self
+
+
 class TrainConfig(_Strict):
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.01, gt=0.0, le=10.0)
@@ -308,6 +341,7 @@ class TrainConfig(_Strict):
     nproc_per_node: int = Field(
         1, ge=1, description="processes per node when launched by the pipeline (torchrun)"
     )
+    mean_teacher: MeanTeacherConfig = Field(default_factory=MeanTeacherConfig)
 
 
 class InferConfig(_Strict):
@@ -408,3 +442,12 @@ class I3CLConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     infer: InferConfig = Field(default_factory=InferConfig)
     fuse: FuseConfig = Field(default_factory=FuseConfig)
+
+    @model_validator(mode="after")
+    def _check_mean_teacher(self) -> I3CLConfig:
+        if self.train.mean_teacher.enabled and not any(s.augment == "online" for s in self.data.train):
+            raise ValueError(
+                "train.mean_teacher.enabled: needs a training set with augment: online (the images the teacher "
+                "labels), e.g. the pseudo labels' entry of data.train"
+            )
+        return self

@@ -30,6 +30,7 @@ class Sample:
     file_name: str = ""
     orig_size: tuple[int, int] = (0, 0)
     log: list = field(default_factory=list)  # names of the transforms applied, for debugging
+    student_image: np.ndarray | None = None  # sets with augment: online: the student's (strong) view, same pixels
 
     def __len__(self) -> int:
         return len(self.instances)
@@ -84,6 +85,10 @@ class Sample:
             "file_name": self.file_name,
             "orig_size": self.orig_size,
         }
+        if self.student_image is not None:
+            target["student_image"] = (
+                torch.from_numpy(np.ascontiguousarray(self.student_image.transpose(2, 0, 1))).float().div_(255.0)
+            )
         return image, target
 
 
@@ -383,12 +388,47 @@ def build_strong_transform(aug) -> Compose:
     ])
 
 
+class StudentView:
+    """The student's view of an ``augment: online`` image: the pixel-only operations of the strong policy
+    (colour, blur or noise, cutout) on a copy, kept as ``student_image``; the sample's own image stays the weak
+    view the teacher labels. No pixel moves, so the teacher's labels fit both views."""
+
+    def __init__(self, ops: Sequence[Callable]):
+        self.ops = Compose(ops)
+
+    def __call__(self, s: Sample, rng: np.random.Generator) -> Sample:
+        strong = self.ops(replace(s, log=[]), rng)
+        return replace(s, student_image=strong.image, log=[*s.log, *strong.log])
+
+    def __repr__(self) -> str:
+        return f"StudentView({self.ops!r})"
+
+
+def build_online_transform(aug) -> Compose:
+    """Sets with ``augment: online``: a weak view (flip, the training resize) and the student's strong view of
+    the same pixels (:class:`StudentView`)."""
+    st = aug.strong
+    return Compose([
+        RandomFlip(aug.flip, aug.hflip_prob, aug.vflip_prob),
+        Resize(aug.scales, aug.min_instance_area),
+        ClipAndFilter(aug.min_instance_area),
+        StudentView([
+            ColorJitter(st.color_strength, st.color_prob),
+            BlurOrNoise(st.blur_noise_prob),
+            Cutout(st.cutout_patches, st.cutout_size, st.cutout_prob, aug.rotate_fill),
+        ]),
+    ])
+
+
+BUILDERS = {"default": lambda aug: build_train_transform(aug), "strong": lambda aug: build_strong_transform(aug),
+            "online": lambda aug: build_online_transform(aug)}
+
+
 def build_source_transforms(aug, kinds: Sequence[str]) -> list[Compose]:
-    """One transform per training set: ``"default"`` -> :func:`build_train_transform`, ``"strong"`` ->
-    :func:`build_strong_transform` (each built once and shared)."""
-    built = {}
-    for kind in set(kinds):
-        built[kind] = build_strong_transform(aug) if kind == "strong" else build_train_transform(aug)
+    """One transform per training set by its ``augment`` kind: ``"default"`` -> :func:`build_train_transform`,
+    ``"strong"`` -> :func:`build_strong_transform`, ``"online"`` -> :func:`build_online_transform` (each built
+    once and shared)."""
+    built = {kind: BUILDERS[kind](aug) for kind in set(kinds)}
     return [built[k] for k in kinds]
 
 

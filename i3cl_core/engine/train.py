@@ -22,6 +22,7 @@ Reproducibility: augmentations and the model's anchor/RoI sampling are seeded pe
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -360,6 +361,40 @@ class UncheckedStep:
     finite: torch.Tensor
 
 
+def teacher_targets(pred: dict, score_thr: float, ignore_thr: float | None) -> dict:
+    """A training target (``instances`` and ``dontcare``) from a teacher's detections on one image: those
+    scored >= ``score_thr`` with a polygon are text (weight 1), those in [``ignore_thr``, ``score_thr``)
+    do-not-care regions."""
+    import numpy as np
+
+    from i3cl_core.data.polygons import instance_box
+    from i3cl_core.structures import Instances
+
+    scores = pred["scores"].float().cpu().tolist()
+    text, unsure = [], []
+    for poly, score in zip(pred["polygons"], scores):
+        if poly is None:
+            continue
+        if score >= score_thr:
+            text.append([np.asarray(poly, np.float32)])
+        elif ignore_thr is not None and score >= ignore_thr:
+            unsure.append([np.asarray(poly, np.float32)])
+
+    def boxes(instances):
+        return torch.tensor(np.array([instance_box(p) for p in instances], np.float32)).reshape(-1, 4)
+
+    return {
+        "instances": Instances(
+            boxes=boxes(text),
+            labels=torch.ones(len(text), dtype=torch.int64),
+            polygons=text,
+            lossweight=torch.ones(len(text)),
+            ann_id=torch.full((len(text),), -1, dtype=torch.int64),
+        ),
+        "dontcare": Instances(boxes=boxes(unsure), polygons=unsure),
+    }
+
+
 def _batch_ids(targets) -> list:
     return [t.get("image_id") for t in targets]
 
@@ -392,6 +427,7 @@ class Trainer:
         self.best = {"hmean": -1.0, "epoch": None}
         self.history: list[dict] = []
         self.unchecked: list[UncheckedStep] = []
+        self.teacher_labels, self.teacher_images = 0, 0  # the mean teacher's labels since the last log line
         self.build(load_weights=not resume)
         if resume:
             self.resume()
@@ -451,6 +487,9 @@ class Trainer:
         if tcfg.sync_bn and info.distributed:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
+        self.teacher = None  # train.mean_teacher: the exponential moving average of the student's weights
+        if tcfg.mean_teacher.enabled:
+            self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
         self.optimizer = build_optimizer(model, tcfg, fused=info.device.type == "cuda")
         self.use_amp = tcfg.amp and info.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
@@ -532,7 +571,15 @@ class Trainer:
             log.warning("--resume: no checkpoint in %s, starting from scratch", self.ckpt_dir)
             return
         ckpt = load_checkpoint(latest)
-        load_state_strict(self.model, ckpt["model"], str(latest))
+        if self.teacher is not None:
+            if "student_model" not in ckpt:
+                raise CheckpointError(
+                    f"{latest}: cannot resume with train.mean_teacher, it holds no student weights"
+                )
+            load_state_strict(self.teacher, ckpt["model"], str(latest))
+            load_state_strict(self.model, ckpt["student_model"], str(latest))
+        else:
+            load_state_strict(self.model, ckpt["model"], str(latest))
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -563,11 +610,15 @@ class Trainer:
 
         path = self.ckpt_dir / name
         cuda = self.info.device.type == "cuda"
+        extra = {}
+        if self.teacher is not None:  # "model" is what evaluation, inference and load_from use: the teacher
+            extra["student_model"] = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         save_checkpoint(
             path,
-            self.model,
+            self.teacher if self.teacher is not None else self.model,
             self.cfg,
             extra={
+                **extra,
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "epoch": epoch_done,
@@ -641,6 +692,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         images = [im.to(info.device, non_blocking=True) for im in images]
+        images, targets = self.student_views(images, targets)
         with torch.autocast(info.device.type, enabled=self.use_amp):
             losses = self.ddp_model(images, targets)
         loss = sum(losses.values())
@@ -663,9 +715,43 @@ class Trainer:
             )
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.teacher is not None:
+            self.update_teacher()
         self.global_iter += 1
         self.images_seen += len(images) * info.world_size
         return losses, lr
+
+    def student_views(self, images: list, targets: list) -> tuple[list, list]:
+        """What the student trains on: images of ``augment: online`` sets are replaced by their strong view,
+        and once ``train.mean_teacher`` is past its burn-in their labels by the teacher's detections on the weak
+        view (kept at ``score_thr``; those in [``ignore_thr``, ``score_thr``) become do-not-care regions)."""
+        online = [i for i, t in enumerate(targets) if "student_image" in t]
+        if not online:
+            return images, targets
+        images, targets = list(images), [dict(t) for t in targets]
+        mt = self.tcfg.mean_teacher
+        if self.teacher is not None and self.global_iter >= mt.burn_in_iters:
+            with torch.autocast(self.info.device.type, enabled=self.use_amp):
+                predictions = self.teacher.predict([images[i] for i in online], resize=False)
+            for i, pred in zip(online, predictions):
+                targets[i].update(teacher_targets(pred, mt.score_thr, mt.ignore_thr))
+                self.teacher_labels += len(targets[i]["instances"])
+            self.teacher_images += len(online)
+        for i in online:
+            images[i] = targets[i].pop("student_image").to(self.info.device, non_blocking=True)
+        return images, targets
+
+    @torch.no_grad()
+    def update_teacher(self) -> None:
+        """teacher <- decay x teacher + (1 - decay) x student, parameters and float buffers alike (integer
+        buffers, such as BatchNorm's step count, are copied)."""
+        decay = self.tcfg.mean_teacher.ema_decay
+        student = self.model.state_dict()
+        for name, value in self.teacher.state_dict().items():
+            if value.dtype.is_floating_point:
+                value.lerp_(student[name].to(value.dtype), 1.0 - decay)
+            else:
+                value.copy_(student[name])
 
     def check_finite(self, collective: bool = True) -> None:
         """Read, in one host synchronisation, whether the steps since the last check had finite losses (on
@@ -736,6 +822,9 @@ class Trainer:
                     "images_per_s": self.images_seen / max(elapsed, 1e-9),
                     "time": elapsed,
                 }
+                if self.teacher_images:  # the mean teacher's pseudo labels per image it labelled
+                    record["teacher_labels_per_image"] = self.teacher_labels / self.teacher_images
+                    self.teacher_labels, self.teacher_images = 0, 0
                 self.write_metrics(record)
                 if not self.progress and info.main:  # plain progress lines (parsed by the Prefect flows)
                     log.info(
@@ -770,7 +859,7 @@ class Trainer:
 
         cfg = self.cfg
         evaluation = evaluate_model(
-            self.model,
+            self.teacher if self.teacher is not None else self.model,
             self.val_dataset,
             self.info.device,
             self.tcfg.eval_protocol,
