@@ -28,6 +28,7 @@ there, as a user would) and 300 test images. Per seed (each seed has its own tea
      ssl_online     as ssl_strong_bg, but a mean teacher (train.mean_teacher: an exponential moving average of the
                     student) relabels the pseudo-labelled images online, the student learning its labels on a
                     pixel-only strong view (augment: online); the fused labels seed it (--set-online KEY=VALUE)
+     control_ema    its control: labeled images only, saved and scored as the same average of its weights
    The labeled images keep the default augmentation in every arm: the one thing an arm changes is what it adds.
    ``--protocol scratch`` (the STAC protocol) trains every arm from scratch instead, with the first teacher's config,
    seed and 1,000-iteration schedule; its control is that teacher itself (the same training), so it costs no
@@ -75,6 +76,7 @@ ARMS = (
     "ssl_r2",
     "control_r2",
     "ssl_online",
+    "control_ema",
 )
 DEFAULT_ARMS = ["control", "ssl", "ssl_strong", "ssl_strong_bg", "oracle"]
 
@@ -252,6 +254,7 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
                 "background_weight": args.background_weight,
             }
         ],
+        "control_ema": [],
         "ssl_online": [
             {
                 "ann_file": str(pseudo),
@@ -341,7 +344,9 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
             arm_config,
             arm_dir / arm,
             d["labeled"] + arm_sets[arm],
-            arm_overrides + (online_overrides if arm == "ssl_online" else []),
+            arm_overrides
+            + (online_overrides if arm == "ssl_online" else [])
+            + (["train.mean_teacher.enabled=true"] if arm == "control_ema" else []),
             load_from=load_from,
         )
         t_arms[arm] = time.time() - t2
@@ -505,6 +510,8 @@ def print_table(results: list[dict], args) -> None:
     diff("ssl", "ssl_uniform", goal=0.005, what="  (the loss weights)")
     diff("ssl_strong", "ssl", what="  (strong augmentation on the pseudo-labelled images)")
     diff("ssl_strong_bg", "ssl_strong", what="  (soft background)")
+    diff("ssl_online", "control_ema", goal=0.03, what="  (both saved as the average of their weights)")
+    diff("control_ema", "control", what="  (the weight average alone)")
     diff("ssl_online", "ssl_strong_bg", what="  (a mean teacher relabelling online)")
     if "ssl_r2" in args.arms:
         diff("ssl_r2", "ssl", what="  (round 2 over round 1)")
