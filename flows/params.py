@@ -89,10 +89,12 @@ class TrainParams(_Params):
         description="share of every student batch drawn from the pseudo-labelled images, the "
         "rest from the labeled sets (null: all images alike, so scarce labels are drowned out)",
     )
-    pseudo_augment: Literal["default", "strong"] = Field(
+    pseudo_augment: Literal["default", "strong", "online"] = Field(
         "default",
         description="augmentation of the pseudo-labelled images in the student's training: default (the "
-        "config's policies) or strong (data.augment.strong: scale, shift, rotation, shear, colour, blur/noise, cutout)",
+        "config's policies), strong (data.augment.strong: scale, shift, rotation, shear, colour, blur/noise, "
+        "cutout) or online (a mean teacher, train.mean_teacher in the config, relabels them as the student "
+        "learns on a strongly coloured, blurred and cut-out view; the control keeps the same weight average)",
     )
     pseudo_background_weight: float = Field(
         1.0,

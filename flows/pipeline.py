@@ -498,6 +498,8 @@ def train_student(
     student's config, start and number of iterations, on the labeled data alone."""
     wd = _open_work_dir(work_dir, create=False)
     d = _data(data, wd)
+    if train.pseudo_augment == "online":  # the student and its control are both saved as a weight average
+        extra_overrides = [*(extra_overrides or []), "train.mean_teacher.enabled=true"]
     rd = _round_dir(wd, ssl_round)
     pseudo = variants.pseudo_file(rd / "pseudo")
     if pseudo is None:
