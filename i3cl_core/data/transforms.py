@@ -420,15 +420,12 @@ def build_online_transform(aug) -> Compose:
     ])
 
 
-BUILDERS = {"default": lambda aug: build_train_transform(aug), "strong": lambda aug: build_strong_transform(aug),
-            "online": lambda aug: build_online_transform(aug)}
-
-
 def build_source_transforms(aug, kinds: Sequence[str]) -> list[Compose]:
     """One transform per training set by its ``augment`` kind: ``"default"`` -> :func:`build_train_transform`,
     ``"strong"`` -> :func:`build_strong_transform`, ``"online"`` -> :func:`build_online_transform` (each built
     once and shared)."""
-    built = {kind: BUILDERS[kind](aug) for kind in set(kinds)}
+    builders = {"default": build_train_transform, "strong": build_strong_transform, "online": build_online_transform}
+    built = {kind: builders[kind](aug) for kind in set(kinds)}
     return [built[k] for k in kinds]
 
 

@@ -104,9 +104,6 @@ class HostSyncCounter:
         """How many were made by lines whose file path contains ``path_part``."""
         return sum(n for (_, loc), n in self.calls.items() if path_part in loc)
 
-    def by_file(self) -> Counter:
-        return Counter({f: n for f, n in _sum_by(self.calls, lambda loc: loc.rsplit(":", 1)[0]).items()})
-
     def table(self) -> str:
         rows = sorted(self.calls.items(), key=lambda kv: (-kv[1], kv[0][1]))
         lines = [f"{self.total} host synchronisations"] + [
@@ -124,10 +121,3 @@ class HostSyncCounter:
         for m in reversed(self._modes):
             m.__exit__(*exc)
         self._modes = []
-
-
-def _sum_by(calls: Counter, key) -> Counter:
-    out: Counter = Counter()
-    for (_, loc), n in calls.items():
-        out[key(loc)] += n
-    return out
