@@ -202,10 +202,10 @@ def write_train_config(
     return save_config(cfg, out_dir / "config.yaml")
 
 
-def _without_new_defaults(cfg: dict) -> dict:
-    """``cfg`` (a dumped config) without the fields added after trainings were first fingerprinted, where they
-    hold their defaults (which reproduce the earlier behaviour): finished trainings of a work dir made before stay
-    valid, and a field that is set changes the fingerprint."""
+def _as_first_fingerprinted(cfg: dict) -> dict:
+    """``cfg`` (a dumped config) as trainings were first fingerprinted: without the fields added since, where
+    they hold their defaults (which reproduce the earlier behaviour), and with the fields removed since: finished
+    trainings of a work dir made before stay valid, and a field that is set changes the fingerprint."""
     from i3cl_core.config.schema import MeanTeacherConfig, StrongAugmentConfig
 
     model, data = cfg.get("model", {}), cfg.get("data", {})
@@ -222,6 +222,9 @@ def _without_new_defaults(cfg: dict) -> dict:
             source.pop("augment")
         if source.get("background_weight") == 1.0:
             source.pop("background_weight")
+    # fields removed since (never read by anything), put back as every config held them then
+    train["nproc_per_node"] = 1
+    cfg.setdefault("infer", {}).update(device="auto", tta_flips=[], tta_scales=[])
     return cfg
 
 
@@ -231,7 +234,7 @@ def training_fingerprint(config_path: Path, train_sets: list[dict], load_from: s
     annotation files and start checkpoint (a rewritten pseudo-label file under the same name counts as new)."""
     from i3cl_core.config import load_config
 
-    cfg = _without_new_defaults(load_config(config_path).model_dump(mode="json", exclude={"fuse"}))
+    cfg = _as_first_fingerprinted(load_config(config_path).model_dump(mode="json", exclude={"fuse"}))
     h = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode())
     h.update(fingerprint(*[s["ann_file"] for s in train_sets], *([load_from] if load_from else [])).encode())
     return h.hexdigest()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
+import yaml
 
 from i3cl_core.config import ConfigError, I3CLConfig, load_config, save_config
 
@@ -156,12 +158,19 @@ def test_a_training_fingerprint_follows_what_training_reads(tmp_path):
 
     ref = fp()
     assert fp("fuse.keep_thr=0.3", "fuse.lossweight_formula=one") == ref
+    # a config.yaml written before four unread fields were removed: the same training
+    cfg_path = tmp_path / "run" / "config.yaml"
+    old = yaml.safe_load(cfg_path.read_text())
+    old["train"]["nproc_per_node"] = 1
+    old["infer"].update(device="auto", tta_flips=[], tta_scales=[])
+    cfg_path.write_text(yaml.safe_dump(old))
+    assert training_fingerprint(cfg_path, sets) == ref
     assert fp("train.lr=0.001") != ref
     ann.write_text('{"images": [], "annotations": [], "info": {}}')
     assert fp() != ref
 
 
-def test_configs_written_by_earlier_versions_still_load(tmp_path):
+def test_configs_written_by_earlier_versions_still_load(tmp_path, caplog, monkeypatch):
     """A resolved config.yaml of an earlier version (a 'pipeline' section, fuse.lossweight) loads, with a note."""
     p = tmp_path / "old.yaml"
     p.write_text(
@@ -170,5 +179,13 @@ def test_configs_written_by_earlier_versions_still_load(tmp_path):
     )
     cfg = load_config(p)
     assert cfg.fuse.lossweight_formula == "votes"
+    monkeypatch.setattr("i3cl_core.config.schema._LOGGED", set())  # each note is logged once per process
+    p.write_text(
+        "train: {nproc_per_node: 4}\ninfer: {device: cuda, tta_flips: [h], tta_scales: [], score_thr: 0.3}\n"
+    )
+    with caplog.at_level(logging.WARNING, logger="i3cl.config"):
+        cfg = load_config(p)
+    assert cfg.infer.score_thr == 0.3 and "infer.tta_flips is no longer read" in caplog.text
+    assert "train.nproc_per_node is no longer read" in caplog.text
     with pytest.raises(ConfigError, match="give only lossweight_formula"):
         load_config(None, ["fuse.lossweight=one", "fuse.lossweight_formula=one"])

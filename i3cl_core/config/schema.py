@@ -23,6 +23,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _drop_removed(data, section: str, removed: dict[str, str]):
+    """``data`` without the ``removed`` fields (name -> where the setting lives now), each dropped with a note:
+    every run's resolved config.yaml written by an earlier version holds them, and it must still load."""
+    if not isinstance(data, dict) or not removed.keys() & data.keys():
+        return data
+    for name in sorted(removed.keys() & data.keys()):
+        _log_once(f"config: {section}.{name} is no longer read ({removed[name]}); ignored")
+    return {k: v for k, v in data.items() if k not in removed}
+
+
 # ----------------------------------------------------------------------------------------------
 # data
 class DatasetSource(_Strict):
@@ -340,19 +350,36 @@ class TrainConfig(_Strict):
         description="exact iterations per epoch, whatever the dataset size (further "
         "shuffled passes follow when one pass is shorter): equal training budgets on datasets of different sizes",
     )
-    nproc_per_node: int = Field(
-        1, ge=1, description="processes per node when launched by the pipeline (torchrun)"
-    )
     mean_teacher: MeanTeacherConfig = Field(default_factory=MeanTeacherConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data):
+        return _drop_removed(
+            data,
+            "train",
+            {"nproc_per_node": "the pipeline's train.nproc_per_node parameter, or torchrun's own"},
+        )
 
 
 class InferConfig(_Strict):
     score_thr: float = Field(0.45, ge=0.0, le=1.0, description="output filter on box score (ArT demo: 0.45)")
     batch_size: int = Field(1, ge=1, le=256)
-    device: str = "auto"
     polygon_epsilon: float = Field(0.005, ge=0.0, le=0.5, description="approxPolyDP epsilon x perimeter")
-    tta_flips: list[Literal["h", "v"]] = Field(default_factory=list)
-    tta_scales: list[int] = Field(default_factory=list, description="extra test short sides")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data):
+        tta = "test-time augmentation is the pipeline's infer.tta_flips / infer.tta_scales parameters"
+        return _drop_removed(
+            data,
+            "infer",
+            {
+                "device": "`i3cl infer --device`, the pipeline's infer.devices parameter",
+                "tta_flips": tta,
+                "tta_scales": tta,
+            },
+        )
 
 
 class FuseConfig(_Strict):
