@@ -265,7 +265,7 @@ def part_pipeline(args, device, tmp: Path) -> list[dict]:
             ("train-student", lambda: pipeline.train_student(str(wd), data, train)),
             ("evaluate", lambda: pipeline.evaluate(str(wd), data, EvalParams())),
         ]
-        from i3cl_core.pseudo.ensemble import resolve_devices
+        from i3cl_core.devices import resolve_devices
 
         for name, run in stages:
             t = time.time()

@@ -237,7 +237,7 @@ def _task_runner(infer: InferParams):
     """The engine the shard tasks run on: a thread pool with one thread per inference worker (one per
     ``infer.devices`` entry), an existing Dask scheduler, or a local Dask cluster started for the stage."""
     if not (infer.dask_address or infer.dask_workers):
-        from i3cl_core.pseudo.ensemble import resolve_devices
+        from i3cl_core.devices import resolve_devices
 
         try:
             devices = resolve_devices(infer.devices)

@@ -427,8 +427,9 @@ def evaluate_checkpoint(
     ``infer.score_thr``, plus the best threshold of a sweep) -> ``out_json``; in the precision that
     ``i3cl infer`` and the ensemble use (:mod:`i3cl_core.infer.precision`), so the score is the outputs'."""
     from i3cl_core.data.coco import CocoTextDataset
+    from i3cl_core.devices import resolve_device
     from i3cl_core.infer.precision import load_inference_model
-    from i3cl_core.infer.predictor import evaluate_model, resolve_device
+    from i3cl_core.infer.predictor import evaluate_model
 
     dev = resolve_device(device)
     model, cfg, prec = load_inference_model(checkpoint, dev, precision)

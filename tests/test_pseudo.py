@@ -730,8 +730,8 @@ def test_batched_inference_matches_one_image_at_a_time(tmp_path, two_checkpoints
 
 def test_bad_devices_and_precisions_are_refused_before_any_work(tmp_path, two_checkpoints, capsys):
     from i3cl_core.cli import main
+    from i3cl_core.devices import resolve_devices
     from i3cl_core.infer.precision import resolve_precision
-    from i3cl_core.pseudo.ensemble import resolve_devices
 
     ckpts, data = two_checkpoints
     assert resolve_devices("auto") == ["cpu"] and resolve_devices(["cpu", "cpu"]) == ["cpu", "cpu"]

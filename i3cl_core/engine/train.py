@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from i3cl_core.config import ConfigError, save_config
+from i3cl_core.devices import resolve_device
 from i3cl_core.model.backbone import CheckpointError
 from i3cl_core.utils import (
     append_text,
@@ -72,23 +73,14 @@ def init_distributed(device_name: str) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise ConfigError(
-            f"train.device: {device_name!r} requested but CUDA is not available on this machine"
-        )
-    if use_cuda:
-        index = (
-            local_rank
-            if world > 1 or device_name in ("auto", "cuda")
-            else torch.device(device_name).index or 0
-        )
-        torch.cuda.set_device(index)
-        device = torch.device("cuda", index)
-    else:
-        device = torch.device("cpu")
+    try:
+        device = resolve_device(device_name, "train.device", local_rank if world > 1 else None)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return DistInfo(rank, world, local_rank, device)
 
 

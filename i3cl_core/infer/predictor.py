@@ -12,15 +12,6 @@ from i3cl_core.utils import get_logger
 log = get_logger("infer")
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
-    return device
-
-
 def _flip_poly(poly: np.ndarray, w: int, h: int, flip: str) -> np.ndarray:
     p = poly.copy()
     if flip == "h":

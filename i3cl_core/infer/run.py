@@ -396,8 +396,9 @@ def _torch_engine(
     import torch
     from torch.utils.data import DataLoader
 
+    from i3cl_core.devices import resolve_device
     from i3cl_core.infer.precision import load_inference_model
-    from i3cl_core.infer.predictor import predict_polygons, resolve_device
+    from i3cl_core.infer.predictor import predict_polygons
     from i3cl_core.utils import worker_init
 
     dev = resolve_device(device)

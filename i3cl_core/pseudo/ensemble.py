@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from i3cl_core.data.errors import DatasetError
+from i3cl_core.devices import resolve_devices
 from i3cl_core.infer.precision import PRECISIONS, load_inference_model, resolve_precision
 from i3cl_core.infer.run import ImageItem, collect_images
 from i3cl_core.utils import atomic_write_json, get_logger
@@ -88,39 +89,6 @@ def plan_shards(items: list[ImageItem], shard_size: int) -> list[Shard]:
 
 
 # ------------------------------------------------------------------------------------ devices
-
-
-def resolve_devices(spec: str | list[str] | tuple[str, ...] = "auto") -> list[str]:
-    """``auto``: every visible GPU (``cuda:0`` .. ``cuda:N-1``), else one CPU worker; a list is
-    checked entry by entry (``cpu``, ``cuda``, ``cuda:N``; an entry may repeat: two workers on it)."""
-    import torch
-
-    if spec == "auto" or spec == ["auto"]:
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        return [f"cuda:{i}" for i in range(n)] or ["cpu"]
-    if isinstance(spec, str):
-        spec = [spec]
-    if not spec:
-        raise ValueError("infer.devices: give 'auto' or at least one device")
-    out = []
-    for name in spec:
-        try:
-            dev = torch.device(name)
-        except RuntimeError:
-            raise ValueError(f"infer.devices: {name!r} is not a device (cpu, cuda, cuda:N)") from None
-        if dev.type == "cuda":
-            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            index = dev.index or 0
-            if index >= n:
-                raise ValueError(
-                    f"infer.devices: {name!r} requested but this machine has {n} visible CUDA device(s)"
-                )
-            out.append(f"cuda:{index}")
-        elif dev.type == "cpu":
-            out.append("cpu")
-        else:
-            raise ValueError(f"infer.devices: {name!r}: only cpu and cuda devices are supported")
-    return out
 
 
 class DeviceWorkers:
