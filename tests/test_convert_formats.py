@@ -311,6 +311,7 @@ def test_skipped_polygons_are_counted_by_reason_and_output_is_strict_json(tmp_pa
     )
     ds, stats = convert("icdar2015", tmp_path / "gt_img_1.txt", tmp_path / "img")
     assert [a["transcription"] for a in ds["annotations"]] == ["ok", "far"]
+    assert ds["annotations"][1]["area"] == pytest.approx(1e4, rel=1e-3)  # 100 x 100 px at 1e12
     assert stats.skipped_reasons == {
         "non-finite coordinates": 1,
         "zero area": 2,

@@ -489,3 +489,21 @@ def test_pipeline_is_deterministic_under_seed(coco_factory):
         assert torch.equal(ia, ib) and torch.equal(ta["instances"].boxes, tb["instances"].boxes)
         assert torch.equal(ta["instances"].lossweight, tb["instances"].lossweight)
     assert any(ia.shape != ic.shape or not torch.equal(ia, ic) for (ia, _), (ic, _) in zip(a, c))
+
+
+def test_one_polygon_rule_with_its_reasons():
+    """repair_polygon is the rule datasets, converters and the validator share."""
+    from i3cl_core.data.polygons import REPAIR_REASONS, polygon_area, repair_polygon
+
+    far = np.array([[1e12, 1e12], [1e12 + 100, 1e12], [1e12 + 100, 1e12 + 100], [1e12, 1e12 + 100]])
+    kept = repair_polygon(far, dtype=np.float64)
+    assert kept.status == "ok" and polygon_area(kept.parts[0]) == 100 * 100
+    huge = [[1.5e308, 1], [-1.5e308, 1], [-1.5e308, 9], [1.5e308, 9]]
+    assert repair_polygon(huge).status == "too_large"
+    assert repair_polygon([[0, 0], [1, 1]]).status == "too_few_points"
+    assert repair_polygon([[0, 0], [0, 0], [1, 1]]).status == "zero_area"
+    assert repair_polygon([[0, 0], [np.nan, 1], [1, 1]]).status == "non_finite"
+    bow = repair_polygon([[0, 0], [10, 10], [10, 0], [0, 10]], keep="all")
+    assert bow.status == "repaired" and [polygon_area(p) for p in bow.parts] == [25.0, 25.0]
+    assert len(repair_polygon([[0, 0], [10, 10], [10, 0], [0, 10]]).parts) == 1  # keep="largest"
+    assert set(REPAIR_REASONS) == {"non_finite", "too_few_points", "too_large", "zero_area"}

@@ -211,6 +211,7 @@ def _load_sizes(sizes) -> dict:
 # each record: (image_id or None, file_name relative to img_root, source description,
 #               [(points, text, dontcare)], (width, height) from the annotations or None)
 def _build(records, img_root: Path | None, size_table: dict | None = None) -> tuple[dict, ConvertStats]:
+    from i3cl_core.data.polygons import coco_bbox, instance_area
     from i3cl_core.utils import safe_join
 
     stats = ConvertStats()
@@ -251,13 +252,10 @@ def _build(records, img_root: Path | None, size_table: dict | None = None) -> tu
                 stats.far_outside += 1
                 stats.far_outside_where.append(f"{where} #{k}")
             flat = [[round(float(v), 2) for v in p.ravel()] for p in polys]
-            xy = _concat(polys)
-            x0, y0 = xy.min(axis=0)
-            x1, y1 = xy.max(axis=0)
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": 1, "segmentation": flat,
-                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                "area": float(sum(_area(p) for p in polys)), "iscrowd": int(bool(dc)), "transcription": text,
+                "bbox": coco_bbox(polys),
+                "area": instance_area(polys), "iscrowd": int(bool(dc)), "transcription": text,
             })
             stats.dontcare += int(bool(dc))
     stats.images = len(images)
@@ -274,45 +272,19 @@ def _build(records, img_root: Path | None, size_table: dict | None = None) -> tu
     return dataset, stats
 
 
-def _concat(polys):
-    import numpy as np
-
-    return np.concatenate(polys, axis=0)
-
-
-def _area(p) -> float:
-    import shapely
-
-    return float(shapely.Polygon(p).area)
-
-
 def _clean_polygon(points):
-    """-> (list of (N, 2) arrays, repaired flag, why it is skipped). Empty list = skip."""
+    """-> (list of (N, 2) float64 arrays, repaired flag, why it is skipped) by the project's one polygon rule
+    (:func:`i3cl_core.data.polygons.repair_polygon`, every part of a repaired polygon kept). Empty list = skip."""
     import numpy as np
-    import shapely
 
-    from i3cl_core.evaluation.geometry import STATUS_INVALID, STATUS_REPAIRED, build_geometries
+    from i3cl_core.data.polygons import REPAIR_REASONS, repair_polygon
 
     try:
         arr = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     except (TypeError, ValueError):
         return [], False, "points that are not (x, y) numbers"
-    if not np.isfinite(arr).all():
-        return [], False, "non-finite coordinates"
-    if len(arr) < 3:
-        return [], False, "fewer than 3 points"
-    span_x = float(arr[:, 0].max()) - float(arr[:, 0].min())  # Python floats: inf, not a numpy overflow warning
-    span_y = float(arr[:, 1].max()) - float(arr[:, 1].min())
-    if not math.isfinite(span_x * span_y):  # e.g. +-1.5e308: the box or its area is no finite number
-        return [], False, "coordinates too large for a finite box or area"
-    geoms, status = build_geometries([arr])
-    if status[0] == STATUS_INVALID:
-        return [], False, "zero area"
-    if status[0] != STATUS_REPAIRED:
-        return [arr], False, ""
-    parts = [np.asarray(p.exterior.coords)[:-1] for p in shapely.get_parts(geoms[0])
-             if p.geom_type == "Polygon" and p.area > 0]
-    return parts, True, "" if parts else "zero area"
+    res = repair_polygon(arr, keep="all", dtype=np.float64)
+    return res.parts, res.status == "repaired", REPAIR_REASONS.get(res.status, "")
 
 
 def _image_size(path: Path, where: str) -> tuple[int, int, int]:

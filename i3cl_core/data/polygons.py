@@ -11,6 +11,7 @@ integer coordinate j is our j + 0.5); every call into OpenCV converts with that 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +23,15 @@ Instance = list  # list[Polygon]
 @dataclass
 class RepairResult:
     parts: list[Polygon]
-    status: str  # "ok", "repaired", "too_few_points", "zero_area", "invalid", "non_finite"
+    status: str  # "ok", "repaired", or why there are no parts: a key of REPAIR_REASONS
+
+
+REPAIR_REASONS = {
+    "non_finite": "non-finite coordinates",
+    "too_few_points": "fewer than 3 points",
+    "too_large": "coordinates too large for a finite box or area",
+    "zero_area": "zero area",
+}
 
 
 def flat_to_polygon(flat) -> Polygon:
@@ -36,6 +45,7 @@ def signed_area(poly) -> float:
     p = np.asarray(poly, dtype=np.float64)
     if len(p) < 3:
         return 0.0
+    p = p - p[0]  # relative to a vertex: exact for far coordinates (1e12 + 100), where products of 1e24 are not
     x, y = p[:, 0], p[:, 1]
     return float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2.0
 
@@ -63,7 +73,7 @@ def coco_bbox(parts) -> list[float]:
     return [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
 
 
-def _shapely_parts(geom) -> list[Polygon]:
+def _shapely_parts(geom, dtype=np.float32) -> list[Polygon]:
     """Exterior rings of the polygonal parts of a shapely geometry, largest first."""
     import shapely
 
@@ -74,28 +84,38 @@ def _shapely_parts(geom) -> list[Polygon]:
         elif g.geom_type in ("MultiPolygon", "GeometryCollection"):
             polys.extend(p for p in shapely.get_parts(g) if p.geom_type == "Polygon" and p.area > 0)
     polys.sort(key=lambda g: -g.area)
-    return [np.asarray(g.exterior.coords[:-1], dtype=np.float32) for g in polys]
+    return [np.asarray(g.exterior.coords[:-1], dtype=dtype) for g in polys]
 
 
-def repair_polygon(poly: Polygon, keep: str = "largest") -> RepairResult:
-    """Validate one polygon; repair self-intersections with shapely ``make_valid``.
-
-    ``keep="largest"`` keeps the largest polygonal part of a repaired shape (a bow-tie becomes its
-    bigger lobe); ``keep="all"`` keeps every part.
+def repair_polygon(poly, keep: str = "largest", dtype=np.float32) -> RepairResult:
+    """The project's rule for a usable polygon, for datasets, converters and the validator alike: an (N, 2)
+    array of at least 3 points, every coordinate finite, a bounding box whose area is a finite number, and a
+    positive area. A self-intersecting polygon is repaired with shapely's ``make_valid``, its polygonal parts
+    kept (holes dropped): ``keep="largest"`` keeps the largest part (a bow-tie becomes its bigger lobe),
+    ``keep="all"`` every part, largest first. Parts come back as ``dtype`` (float64 keeps coordinates such as
+    1e12 + 100 apart). Evaluation builds its geometries by the same rule, vectorised
+    (:func:`i3cl_core.evaluation.geometry.build_geometries`), and keeps the union of the parts.
     """
-    if not np.all(np.isfinite(poly)):
+    p = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
+    if not np.isfinite(p).all():
         return RepairResult([], "non_finite")
-    if len(poly) < 3 or len(np.unique(poly, axis=0)) < 3:
+    if len(p) < 3:
         return RepairResult([], "too_few_points")
+    # Python floats: inf, not a numpy overflow warning, for spans such as +-1.5e308
+    span_x, span_y = float(p[:, 0].max()) - float(p[:, 0].min()), float(p[:, 1].max()) - float(p[:, 1].min())
+    if not math.isfinite(span_x * span_y):
+        return RepairResult([], "too_large")
+    if len(np.unique(p, axis=0)) < 3:
+        return RepairResult([], "zero_area")
     import shapely
     from shapely.geometry import Polygon as SPolygon
 
-    g = SPolygon(poly)
+    g = SPolygon(p)
     if g.is_valid:
         if g.area <= 0:
             return RepairResult([], "zero_area")
-        return RepairResult([poly.astype(np.float32)], "ok")
-    parts = _shapely_parts(shapely.make_valid(g))
+        return RepairResult([np.asarray(poly, dtype=dtype).reshape(-1, 2)], "ok")
+    parts = _shapely_parts(shapely.make_valid(g), dtype)
     if not parts:
         return RepairResult([], "zero_area")
     return RepairResult(parts if keep == "all" else parts[:1], "repaired")

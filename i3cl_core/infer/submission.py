@@ -45,13 +45,10 @@ def _largest_part(instance):
     import numpy as np
 
     parts = instance if isinstance(instance, list) else [instance]
+    from i3cl_core.data.polygons import polygon_area
+
     parts = [np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in parts]
-
-    def area(p):
-        x, y = p[:, 0], p[:, 1]
-        return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
-
-    return max(parts, key=area) if parts else np.zeros((0, 2))
+    return max(parts, key=polygon_area) if parts else np.zeros((0, 2))
 
 
 def export_submission(fmt: str, pred_path, images_path, out, score_thr: float = 0.0) -> dict:
