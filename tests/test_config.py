@@ -113,8 +113,7 @@ def test_every_shipped_config_validates():
 def test_stage_recipes_chain_through_the_trainers_checkpoint_layout():
     """Each stage's load_from is where `i3cl train configs/<family>/<previous stage>.yaml` (default work
     dir) leaves its latest checkpoint (``<work_dir>/checkpoints/latest.pth``)."""
-    from i3cl_core.engine.cli import default_work_dir
-    from i3cl_core.engine.train import checkpoint_dir
+    from i3cl_core.engine.train import checkpoint_dir, default_work_dir
 
     chained = 0
     for family in ("i3cl_r50", "i3cl_r50_regioncl"):

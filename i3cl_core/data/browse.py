@@ -1,15 +1,14 @@
-"""``i3cl browse``: draw a COCO dataset's polygons (and optionally predictions) on its images.
+"""A COCO dataset's polygons (and optionally predictions) drawn on its images (``i3cl browse``).
 
 Care instances are drawn in green, do-not-care ones (``iscrowd: 1`` or ``ignore: true``) in red, and
 predictions from a COCO results file in blue with their score. Each polygon is labelled with its
 annotation id (plus ``w=<lossweight>`` when present and not 1). One PNG per image, named after the image.
 
-This module reads the json itself (no dependency on the dataset loader) and keeps heavy imports inside
-functions so that ``i3cl --help`` stays fast.
+This module reads the json itself (no dependency on the dataset loader) and keeps heavy imports (cv2,
+pycocotools) inside functions.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import warnings
@@ -23,24 +22,6 @@ from i3cl_core.utils import read_json
 CARE_COLOUR = (0, 255, 0)  # green
 DONTCARE_COLOUR = (0, 0, 255)  # red
 PRED_COLOUR = (255, 128, 0)  # blue
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ann", required=True, help="COCO dataset json (images + annotations)")
-    parser.add_argument("--img-root", required=True, help="folder that the images' file_name entries are relative to")
-    parser.add_argument("--out", required=True, help="output folder for the PNG files (one per image)")
-    parser.add_argument("--limit", type=int, default=None, help="draw at most N images (in json order)")
-    parser.add_argument("--ids", type=int, nargs="+", default=None, metavar="ID", help="only these image ids")
-    parser.add_argument("--pred", default=None, help="COCO results json (list of {image_id, segmentation, score}) to overlay")
-    parser.add_argument("--min-score", type=float, default=0.0, help="hide predictions scoring below this (default 0)")
-
-
-def run(args: argparse.Namespace) -> int:
-    written = browse_dataset(
-        args.ann, args.img_root, args.out, limit=args.limit, pred_file=args.pred, ids=args.ids, min_score=args.min_score
-    )
-    print(f"i3cl browse: wrote {len(written)} PNG file(s) to {args.out}", file=sys.stderr)
-    return 0
 
 
 # ------------------------------------------------------------------------------------------------ reading

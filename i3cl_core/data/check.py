@@ -1,4 +1,4 @@
-"""``i3cl check-data CONFIG``: every image of every dataset of a config, checked before training.
+"""Every image of every dataset of a config, checked before training (``i3cl check-data CONFIG``).
 
 For each image listed in ``data.train``, ``data.val`` and ``data.test``: the file exists, its header
 decodes (Pillow reads the header only; ``--decode`` decodes every pixel too), the file is not cut
@@ -11,7 +11,6 @@ before any training starts; training runs the same header check first (``data.ch
 """
 from __future__ import annotations
 
-import argparse
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -89,22 +88,3 @@ def raise_on_problems(result: CheckResult, limit: int = 20) -> None:
         more = f"\n  ... and {len(result.problems) - limit} more" if len(result.problems) > limit else ""
         raise DatasetError(f"{len(result.problems)} of {result.images} images cannot be used:\n  {shown}{more}")
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config whose data sets to check")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--workers", type=int, default=8, help="threads (default 8)")
-    parser.add_argument("--decode", action="store_true", help="decode every pixel (finds truncated files; slower)")
-
-
-def run(args) -> int:
-    import sys
-
-    from i3cl_core.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    result = check_sources(config_sources(cfg), args.workers, args.decode)
-    for p in result.problems:
-        print(p, file=sys.stderr)
-    print(result.summary())
-    return 1 if result.problems else 0

@@ -1,4 +1,4 @@
-"""``i3cl export``: a checkpoint -> one ONNX file holding the whole detector.
+"""A checkpoint -> one ONNX file holding the whole detector (``i3cl export``).
 
 The graph takes one pre-processed image and returns the detections before polygon tracing:
 
@@ -17,7 +17,6 @@ settings, so the runtime needs nothing else.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -254,34 +253,3 @@ def export_onnx(
             "max_mask_diff": float(np.abs(got[2] - ref[2]).max()),
         }
     return summary
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="an i3cl checkpoint (.pth)")
-    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (onnx)")
-    p.add_argument("--out", required=True, help="the .onnx file to write")
-    p.add_argument(
-        "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET}, at least 16)"
-    )
-    p.add_argument(
-        "--sample-image",
-        help="the image the export traces (default: a synthetic one with text); the "
-        "model must detect text in it",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    sample = None
-    if args.sample_image:
-        from i3cl_core.data.image_io import read_image
-
-        sample = read_image(args.sample_image, "--sample-image")
-    try:
-        summary = export_onnx(args.checkpoint, args.out, args.opset, sample)
-    except ExportError as e:
-        import sys
-
-        print(f"i3cl export: error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary))
-    return 0

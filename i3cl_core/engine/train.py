@@ -264,6 +264,18 @@ def checkpoint_dir(work_dir: Path) -> Path:
     return Path(work_dir) / "checkpoints"
 
 
+def default_work_dir(config: str) -> Path:
+    """work_dirs/<folder>_<name> for configs/<folder>/<name>.yaml (the stage recipes' load_from layout),
+    work_dirs/<name> for a config outside such a folder (``i3cl train`` without ``--work-dir``)."""
+    path = Path(config).resolve()
+    folder = path.parent.name
+    return Path("work_dirs") / (
+        f"{folder}_{path.stem}"
+        if folder and folder != "configs" and path.parent.parent.name == "configs"
+        else path.stem
+    )
+
+
 def _link_atomic(src: Path, dst: Path) -> None:
     """Point ``dst`` at ``src`` (a hard link, else a copy) atomically; a failure (a full disk while copying)
     leaves ``dst`` as it was, no temporary file, and raises a WriteError naming ``dst``."""

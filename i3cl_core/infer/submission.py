@@ -1,4 +1,4 @@
-"""``i3cl export-submission``: predictions -> the input files of the official evaluation scripts.
+"""Predictions -> the input files of the official evaluation scripts (``i3cl export-submission``).
 
 Reads predictions (a COCO results list, or an ArT submission json) and the image list they belong to (a
 COCO json with ``images``: the ground truth, or the ``images.json`` that ``i3cl infer`` writes), and
@@ -18,27 +18,9 @@ dropped. Neither torch nor an image is needed.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 FORMATS = ("totaltext", "ctw1500", "art")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--format", required=True, choices=FORMATS, help="which official script's input to write"
-    )
-    parser.add_argument("--pred", required=True, help="predictions: COCO results list or ArT submission json")
-    parser.add_argument(
-        "--images",
-        required=True,
-        help="COCO json with the 'images' the predictions belong to (ground truth, or infer's images.json)",
-    )
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument(
-        "--score-thr", type=float, default=0.0, help="drop predictions with score < T (default 0)"
-    )
 
 
 def _largest_part(instance):
@@ -105,22 +87,3 @@ def export_submission(fmt: str, pred_path, images_path, out, score_thr: float = 
         "unknown_images": len(preds.unknown_image_ids),
         "out": str(out),
     }
-
-
-def run(args) -> int:
-    s = export_submission(args.format, args.pred, args.images, args.out, args.score_thr)
-    if s["unknown_images"]:
-        print(
-            f"warning: predictions for {s['unknown_images']} images not in --images were ignored",
-            file=sys.stderr,
-        )
-    if s["skipped"]:
-        print(
-            f"warning: {s['skipped']} polygons had fewer than 3 distinct integer points and were skipped",
-            file=sys.stderr,
-        )
-    print(
-        f"wrote {s['images']} {'entries' if args.format == 'art' else 'files'} with {s['detections']} detections "
-        f"to {s['out']}"
-    )
-    return 0

@@ -1,5 +1,5 @@
-"""``i3cl convert-checkpoint ORIGINAL.pth OUT.pth [--config CONFIG] [--set ...]``: import a checkpoint of
-the original mmdetection-based I3CL release.
+"""A checkpoint of the original mmdetection-based I3CL release, imported as an i3cl checkpoint
+(``i3cl convert-checkpoint ORIGINAL.pth OUT.pth [--config CONFIG] [--set ...]``).
 
 The original's parameter names are mapped to ours (table below), the 63-class heads are cut down to
 our classes, and the result is loaded strictly into ``build_model(cfg)`` and written as an
@@ -44,7 +44,6 @@ converted model's outputs are close to, but not bit-identical with, the original
 
 from __future__ import annotations
 
-import argparse
 import re
 from typing import TYPE_CHECKING
 
@@ -314,29 +313,3 @@ def convert_checkpoint(original_path: str, out_path: str, cfg, echo=print) -> di
         f"wrote {out_path} (backbone {cfg.model.backbone.name}, intra_cl {cfg.model.intra_cl}, inter_cl {cfg.model.inter_cl})"
     )
     return report
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("original", help="checkpoint of the original mmdetection I3CL release (.pth)")
-    p.add_argument("out", help="i3cl checkpoint to write")
-    p.add_argument(
-        "--config",
-        help="model config of the original (default: the paper's R50 I3CL); e.g. "
-        "configs/_base_/i3cl_r50_fpn.yaml, configs/i3cl_vitae/train.yaml",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override, e.g. --set model.inter_cl=false for a checkpoint without InterCL",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    from i3cl_core.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    convert_checkpoint(args.original, args.out, cfg)
-    return 0

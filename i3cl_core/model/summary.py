@@ -1,15 +1,6 @@
-"""``i3cl model-summary CONFIG [--set ...] [--json]``: parameters per part and output strides."""
+"""Parameters per part of a model and its output strides (``i3cl model-summary``)."""
 
 from __future__ import annotations
-
-import argparse
-import json
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="YAML config (default: the paper's R50 I3CL)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def summarize(model) -> dict:
@@ -38,23 +29,12 @@ def summarize(model) -> dict:
     }
 
 
-def run(args: argparse.Namespace) -> int:
-    from i3cl_core.config import load_config
+def config_summary(cfg) -> dict:
+    """:func:`summarize` of the model of ``cfg`` (an I3CLConfig; built without pretrained weights), plus
+    ``backbone``: the backbone's name."""
     from i3cl_core.model.detector import build_model
 
-    cfg = load_config(args.config, args.overrides)
     cfg.model.backbone.weights = None  # counting needs no weights
     info = summarize(build_model(cfg))
     info["backbone"] = cfg.model.backbone.name
-    if args.json:
-        print(json.dumps(info))
-        return 0
-    print(
-        f"backbone {info['backbone']}: channels {info['backbone_channels']}, strides {info['backbone_strides']}"
-    )
-    print(f"FPN: {info['fpn_channels']} channels, strides {info['fpn_strides']} (P2-P6)")
-    width = max(map(len, info["parameters"]))
-    for name, n in info["parameters"].items():
-        print(f"  {name:<{width}}  {n:>12,}")
-    print(f"  {'trainable':<{width}}  {info['trainable']:>12,}")
-    return 0
+    return info

@@ -29,7 +29,6 @@ into ``<out>/extra/`` before fusing; ``i3cl convert-predictions`` writes the COC
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections import Counter
@@ -324,43 +323,13 @@ def prepare_extra(spec: str, images: list[dict], out_dir, index: int) -> str:
     return str(out)
 
 
-# ------------------------------------------------------------------ CLI: i3cl convert-predictions
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--format", required=True, choices=EXTERNAL_FORMATS, help="the detector's output format"
-    )
-    parser.add_argument("--pred", required=True, help="the detector's output file or folder")
-    parser.add_argument(
-        "--images",
-        required=True,
-        help="COCO json whose 'images' the predictions belong to (ensemble's images.json, or a dataset)",
-    )
-    parser.add_argument("--out", required=True, help="output COCO results json")
-    parser.add_argument(
-        "--encoding",
-        default="utf-8",
-        help="text encoding of the --pred files (default utf-8; e.g. latin-1, cp1252, gbk)",
-    )
-
-
-def run(args) -> int:
-    import sys
-
+def convert_predictions(fmt: str, pred_path, images_json, out, encoding: str = "utf-8") -> dict:
+    """Convert one detector's output ``pred_path`` (format ``fmt``) for the images of the COCO json
+    ``images_json`` and write the COCO results to ``out`` (``i3cl convert-predictions``); returns the stats
+    of :func:`to_coco_results`."""
     from i3cl_core.data.validate import coco_images, write_json
 
-    images = coco_images(read_json(args.images), str(args.images), size="optional", non_empty=True)
-    results, stats = to_coco_results(args.format, args.pred, images, encoding=args.encoding)
-    write_json(args.out, results)
-    if stats.get("unknown_images"):
-        print(
-            f"warning: {stats['unknown_images']} images not in {args.images} were ignored "
-            f"(e.g. {stats['unknown_examples']})",
-            file=sys.stderr,
-        )
-    if skipped_message(stats):
-        print(f"warning: {skipped_message(stats)}", file=sys.stderr)
-    print(
-        f"wrote {args.out}: {stats['detections']} detections on {stats['images']} images"
-        + (f"; skipped {stats['non_finite']} with non-finite coordinates" if stats.get("non_finite") else "")
-    )
-    return 0
+    images = coco_images(read_json(images_json), str(images_json), size="optional", non_empty=True)
+    results, stats = to_coco_results(fmt, pred_path, images, encoding=encoding)
+    write_json(out, results)
+    return stats

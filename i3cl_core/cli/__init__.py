@@ -1,8 +1,13 @@
 """The ``i3cl`` command line.
 
-Each subcommand lives in the module that implements it, which exposes two functions:
-``add_arguments(parser)`` and ``run(args) -> int``. Heavy imports (torch, cv2, shapely) stay inside
-``run`` so that ``i3cl --help`` is fast.
+One module per subcommand in this package, named after the command with underscores
+(``i3cl check-data`` -> :mod:`i3cl_core.cli.check_data`), exposes two functions: ``add_arguments(parser)``
+and ``run(args) -> int``. They hold the argument handling only (argparse lives in this package and nowhere
+else): ``run`` reads ``args``, calls the library function that does the work (:mod:`i3cl_core.data.convert`,
+:mod:`i3cl_core.infer.run`, :mod:`i3cl_core.pseudo.fuse`, ...) and prints its result. Heavy imports (torch,
+cv2, shapely) stay inside ``run`` so that ``i3cl --help`` is fast and the commands that need no model do
+not import torch. ``python -m i3cl_core.cli`` (:mod:`i3cl_core.cli.__main__`) runs :func:`main`, as under
+``torchrun -m i3cl_core.cli train ...``.
 """
 
 from __future__ import annotations
@@ -11,61 +16,62 @@ import argparse
 import importlib
 import sys
 
-# subcommand -> (module, one-line help)
+# subcommand -> (its module in this package, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": (
-        "i3cl_core.config_cli",
+        "i3cl_core.cli.config",
         "print a resolved config (after _base_ and --set), or explain why it is invalid",
     ),
-    "synth": ("i3cl_core.data.synth_cli", "generate a synthetic curved-text dataset (COCO json + images)"),
+    "synth": ("i3cl_core.cli.synth", "generate a synthetic curved-text dataset (COCO json + images)"),
     "check-data": (
-        "i3cl_core.data.check",
+        "i3cl_core.cli.check_data",
         "check every image of a config's datasets (exists, decodes, size) before training",
     ),
-    "browse": ("i3cl_core.data.browse", "draw a dataset's polygons on its images into PNG files"),
+    "browse": ("i3cl_core.cli.browse", "draw a dataset's polygons on its images into PNG files"),
     "model-summary": (
-        "i3cl_core.model.summary",
+        "i3cl_core.cli.model_summary",
         "parameter counts per part of a model config, and output strides",
     ),
-    "train": ("i3cl_core.engine.cli", "train a detector (one process, or under torchrun for DDP)"),
-    "infer": ("i3cl_core.infer.run", "run a checkpoint over images: COCO results, ArT submission, txt, PNGs"),
+    "train": ("i3cl_core.cli.train", "train a detector (one process, or under torchrun for DDP)"),
+    "infer": ("i3cl_core.cli.infer", "run a checkpoint over images: COCO results, ArT submission, txt, PNGs"),
     "ensemble": (
-        "i3cl_core.pseudo.ensemble",
+        "i3cl_core.cli.ensemble",
         "run several checkpoints over unlabeled images, sharded and resumable",
     ),
-    "fuse": ("i3cl_core.pseudo.fuse", "fuse ensemble predictions into pseudo labels (train_lossweight.json)"),
+    "fuse": ("i3cl_core.cli.fuse", "fuse ensemble predictions into pseudo labels (train_lossweight.json)"),
     "convert-predictions": (
-        "i3cl_core.pseudo.external",
+        "i3cl_core.cli.convert_predictions",
         "PaddleOCR/RapidOCR, docTR or mmocr predictions -> COCO results (for --extra)",
     ),
     "evaluate": (
-        "i3cl_core.evaluation.cli",
+        "i3cl_core.cli.evaluate",
         "score predictions against ground truth (ArT, Total-Text, CTW1500, IC15)",
     ),
     "export-submission": (
-        "i3cl_core.infer.submission",
+        "i3cl_core.cli.export_submission",
         "write predictions as the input files of the official Total-Text / CTW1500 / ArT scripts",
     ),
     "runs": (
-        "i3cl_core.variants",
+        "i3cl_core.cli.runs",
         "compare a work dir's pseudo-label variants and the models trained on each; gc old ones",
     ),
     "convert-dataset": (
-        "i3cl_core.data.convert",
+        "i3cl_core.cli.convert_dataset",
         "convert ArT/LSVT/Total-Text/CTW1500/ICDAR2015/MLT/RCTW/mmocr/PaddleOCR annotations to COCO",
     ),
     "convert-checkpoint": (
-        "i3cl_core.model.convert",
+        "i3cl_core.cli.convert_checkpoint",
         "import a checkpoint of the original mmdetection I3CL release",
     ),
     "export": (
-        "i3cl_core.deploy.onnx_export",
+        "i3cl_core.cli.export",
         "export a checkpoint to ONNX (the whole detector) for the torch-free runtime",
     ),
 }
 
 
-# the subcommands that write into an output folder of their own: one writer at a time (i3cl_core/workdir_lock.py);
+# the subcommands that write into an output folder of their own: one writer at a time
+# (i3cl_core/workdir_lock.py);
 # train takes its work dir's lock itself (rank 0 only, after resolving the default work dir)
 WRITES_OUT_DIR = ("infer", "ensemble")
 
@@ -131,7 +137,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"i3cl {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

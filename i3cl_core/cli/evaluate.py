@@ -18,7 +18,10 @@ import sys
 
 PROTOCOL_CHOICES = ("art", "totaltext", "ctw1500", "icdar2015", "all")
 GT_FORMATS = "a COCO dataset json or an ArT json ({'gt_<n>': [...]})"
-PRED_FORMATS = "a COCO results json (a list), a COCO dataset json with scored annotations, or an ArT submission json ({'res_<n>': [...]})"
+PRED_FORMATS = (
+    "a COCO results json (a list), a COCO dataset json with scored annotations, or an ArT submission json "
+    "({'res_<n>': [...]})"
+)
 EXIT_STRICT = 3
 
 
@@ -137,14 +140,14 @@ def run(args) -> int:
         )
     if gt.num_outside_image:
         print(
-            f"warning: {gt.num_outside_image} ground-truth polygons have points more than one image size outside "
-            "their image (kept, as missed objects unless matched); check the coordinate scale",
+            f"warning: {gt.num_outside_image} ground-truth polygons have points more than one image size "
+            "outside their image (kept, as missed objects unless matched); check the coordinate scale",
             file=sys.stderr,
         )
     if preds.num_outside_image:
         print(
-            f"warning: {preds.num_outside_image} predictions have points more than one image size outside their "
-            "image (kept, as false positives unless they match); check the coordinate scale",
+            f"warning: {preds.num_outside_image} predictions have points more than one image size outside "
+            "their image (kept, as false positives unless they match); check the coordinate scale",
             file=sys.stderr,
         )
     if args.out:
@@ -181,8 +184,8 @@ def _warnings(objects, num_known_images: int, stream) -> bool:
         serious = True
     if first.get("num_invalid_gt"):
         print(
-            f"warning: {first['num_invalid_gt']} GT polygons with < 3 points, non-finite coordinates or zero area "
-            f"were skipped",
+            f"warning: {first['num_invalid_gt']} GT polygons with < 3 points, non-finite coordinates or zero "
+            "area were skipped",
             file=stream,
         )
     return serious

@@ -1,7 +1,8 @@
 """``i3cl train CONFIG [--set key=value ...] [--work-dir DIR] [--resume]``.
 
 The same command runs under ``torchrun --nproc_per_node=N -m i3cl_core.cli train ...`` (or
-``torchrun ... $(which i3cl) train ...``) for DistributedDataParallel.
+``torchrun ... $(which i3cl) train ...``) for DistributedDataParallel. The training itself is
+:func:`i3cl_core.engine.train.train`.
 """
 
 from __future__ import annotations
@@ -9,18 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-
-
-def default_work_dir(config: str) -> Path:
-    """work_dirs/<folder>_<name> for configs/<folder>/<name>.yaml (the stage recipes' load_from layout),
-    work_dirs/<name> for a config outside such a folder."""
-    path = Path(config).resolve()
-    folder = path.parent.name
-    return Path("work_dirs") / (
-        f"{folder}_{path.stem}"
-        if folder and folder != "configs" and path.parent.parent.name == "configs"
-        else path.stem
-    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from i3cl_core.config import load_config
-    from i3cl_core.engine.train import TrainingError, train
+    from i3cl_core.engine.train import TrainingError, default_work_dir, train
 
     if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: die with it, even when it is SIGKILLed
         from i3cl_core.utils import die_with_parent
@@ -63,8 +52,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if main_rank:
             workdir_lock.release(work_dir)
-    import os
-
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
     return 0

@@ -1,4 +1,5 @@
 """``i3cl synth``: command-line glue for the synthetic curved-text generator (:mod:`i3cl_core.data.synth`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -39,26 +40,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "on --seed, sizes, backgrounds and fonts, not on --workers."
     )
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--num-images", type=_positive_int, default=None,
-                        help="number of images (default 100; with --preset demo: train images, default 200)")
+    parser.add_argument(
+        "--num-images",
+        type=_positive_int,
+        default=None,
+        help="number of images (default 100; with --preset demo: train images, default 200)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--size", type=_side, nargs=2, metavar=("W", "H"), default=None,
-                        help="image width and height (default 512 512; demo preset 384 384)")
-    parser.add_argument("--backgrounds", default=None, metavar="DIR",
-                        help="extra folder of background photos (used for ~70%% of images, besides scikit-image's)")
+    parser.add_argument(
+        "--size",
+        type=_side,
+        nargs=2,
+        metavar=("W", "H"),
+        default=None,
+        help="image width and height (default 512 512; demo preset 384 384)",
+    )
+    parser.add_argument(
+        "--backgrounds",
+        default=None,
+        metavar="DIR",
+        help="extra folder of background photos (used for ~70%% of images, besides scikit-image's)",
+    )
     parser.add_argument("--workers", type=_positive_int, default=1, help="worker processes (default 1)")
     parser.add_argument("--preset", choices=["demo"], default=None, help="demo: train/unlabeled/test splits")
-    parser.add_argument("--num-unlabeled", type=_positive_int, default=200, help="demo preset: unlabeled images (default 200)")
-    parser.add_argument("--num-test", type=_positive_int, default=100, help="demo preset: test images (default 100)")
-    parser.add_argument("--num-val", type=_non_negative_int, default=0, help="demo preset: labeled validation images (default 0: none)")
-    parser.add_argument("--no-cjk", action="store_true", help="Latin text only, even when a CJK font is installed")
+    parser.add_argument(
+        "--num-unlabeled", type=_positive_int, default=200, help="demo preset: unlabeled images (default 200)"
+    )
+    parser.add_argument(
+        "--num-test", type=_positive_int, default=100, help="demo preset: test images (default 100)"
+    )
+    parser.add_argument(
+        "--num-val",
+        type=_non_negative_int,
+        default=0,
+        help="demo preset: labeled validation images (default 0: none)",
+    )
+    parser.add_argument(
+        "--no-cjk", action="store_true", help="Latin text only, even when a CJK font is installed"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _line(name: str, s: dict) -> str:
     return (
-        f"{name}: {s['num_images']} images, {s['num_instances']} instances ({s['num_dontcare']} do-not-care), "
-        f"CJK {'on' if s['cjk'] else 'off'}, {s['seconds']:.1f} s, {s['images_per_s']:.1f} images/s -> {s['ann_file']}"
+        f"{name}: {s['num_images']} images, {s['num_instances']} instances ({s['num_dontcare']} "
+        f"do-not-care), CJK {'on' if s['cjk'] else 'off'}, {s['seconds']:.1f} s, "
+        f"{s['images_per_s']:.1f} images/s -> {s['ann_file']}"
     )
 
 
