@@ -231,7 +231,7 @@ def part_pipeline(args, device, tmp: Path) -> list[dict]:
     with LocalServer(tmp / "prefect", port=free_port(4300), timeout=120) as server:
         os.environ.update(server.env)
         from flows import pipeline
-        from flows.params import DataParams, EvalParams, FuseConfig, InferParams, TrainParams
+        from i3cl_core.pipeline.params import DataParams, EvalParams, FuseConfig, InferParams, TrainParams
 
         wd = tmp / "run"
         overrides = [

@@ -11,6 +11,8 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from i3cl_core.pipeline.workdir import WorkDir
+
 
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
@@ -119,11 +121,36 @@ def pseudo_label_artifacts(variant_dir: Path, summary: dict, ssl_round: int = 1)
     )
 
 
+def pseudo_variants_artifact(wd: Path, pseudo_dir: Path, ssl_round: int) -> None:
+    """A table of every fused variant of one round's pseudo labels and the models trained on each."""
+    from i3cl_core.variants import compare
+
+    rows = [
+        {
+            "variant": r["variant"] + (" (current)" if r["current"] else ""),
+            "keep_thr": r["keep_thr"],
+            "min_votes": r["fuse"].get("min_votes"),
+            "conf_type": r["fuse"].get("conf_type"),
+            "iou_thr": r["fuse"].get("iou_thr"),
+            "pseudo_labels": r["pseudo_labels"],
+            "F_vs_hidden_GT": (r["quality"] or {}).get("hmean"),
+            "models": ", ".join(m for m, _ in r["models"]) or "-",
+        }
+        for r in compare(wd)
+        if r["stage"] == str(pseudo_dir.relative_to(wd))
+    ]
+    create_table_artifact(
+        rows,
+        key="pseudo-variants" + ("" if ssl_round == 1 else f"-r{ssl_round}"),
+        description="every fused variant of this work dir's pseudo labels and the models trained on each",
+    )
+
+
 def summary_artifact(wd: Path, summary: dict) -> None:
     """summary.md with its figures, and the same as the parent run's markdown artifact."""
     from i3cl_core.run_summary import write_summary
 
-    written = write_summary(wd, summary, json.loads((wd / "data.json").read_text()))
+    written = write_summary(wd, summary, json.loads(WorkDir(wd).data_file.read_text()))
     text = markdown_with_images("SSL pipeline summary", written["blocks"], written["text_head"].strip())
     create_markdown_artifact(text, key="ssl-pipeline-summary", description="final table, figures and samples")
     print(f"run summary: {written['md']}")

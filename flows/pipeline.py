@@ -14,12 +14,11 @@ recomputes fusion and what follows only. Before using a cache entry the flow che
 output files still exist; if they are gone the task runs again (``refresh_cache``).
 
 Layout: the flows are here, the tasks in :mod:`flows.tasks`, the UI artifacts in :mod:`flows.artifacts`,
-the typed parameters in :mod:`flows.params`, subprocess streaming in :mod:`flows.runner`.
+the typed parameters in :mod:`i3cl_core.pipeline.params`, subprocess streaming in :mod:`flows.runner`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -28,8 +27,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
-from flows.artifacts import pseudo_label_artifacts, summary_artifact
-from flows.params import DataParams, EvalParams, FuseConfig, InferParams, RoundParams, TrainParams
+from flows.artifacts import pseudo_label_artifacts, pseudo_variants_artifact, summary_artifact
 from flows.tasks import (
     evaluate_task,
     flow_run_id,
@@ -40,7 +38,21 @@ from flows.tasks import (
     train_spec,
 )
 from i3cl_core import stages, variants, workdir_lock
-from i3cl_core.stages import PipelineError, fingerprint
+from i3cl_core.infer.dask_cluster import check_dask_cluster, local_dask_cluster_kwargs
+from i3cl_core.pipeline.data import resolve_data
+from i3cl_core.pipeline.errors import PipelineError
+from i3cl_core.pipeline.params import (
+    DataParams,
+    EvalParams,
+    FuseConfig,
+    InferParams,
+    RoundParams,
+    TrainParams,
+)
+from i3cl_core.pipeline.plans import plan_control, plan_fusion, plan_student
+from i3cl_core.pipeline.results import SCORE_KEYS, round_record, run_summary
+from i3cl_core.pipeline.workdir import WorkDir
+from i3cl_core.stages import fingerprint
 from i3cl_core.utils import atomic_write_json
 
 # ------------------------------------------------------------------------------------ helpers
@@ -81,45 +93,6 @@ LOCK_HOOKS = dict(
 )
 
 
-def _data(data: DataParams, wd: Path) -> dict:
-    """Resolved data paths: explicit ones, else the synthetic demo splits (generated when missing).
-    A stage run with the default ``data`` on an existing work_dir uses the data it was made with
-    (``work_dir/data.json``), so ``fuse-pseudo-labels/default -p work_dir=...`` needs no data paths."""
-    saved = wd / "data.json"
-    if data == DataParams() and saved.exists():
-        return json.loads(saved.read_text())
-    resolved = _resolve_data(data)
-    atomic_write_json(saved, resolved, indent=2)
-    return resolved
-
-
-def _resolve_data(data: DataParams) -> dict:
-    demo = None
-    if data.uses_demo():
-        demo_dir = Path(data.demo_dir)
-        if not demo_dir.is_absolute():
-            demo_dir = Path.cwd() / demo_dir
-        demo = stages.ensure_demo_data(
-            demo_dir,
-            data.demo_seed,
-            data.demo_train,
-            data.demo_unlabeled,
-            data.demo_test,
-            data.demo_size,
-            num_val=data.demo_val,
-        )
-    return {
-        "labeled": [d.model_dump() for d in data.labeled] if data.labeled else demo["labeled"],
-        "unlabeled_images": data.unlabeled_images or demo["unlabeled_images"],
-        "unlabeled_root": data.unlabeled_root or demo["unlabeled_root"],
-        "unlabeled_gt": data.unlabeled_gt
-        if data.unlabeled_images
-        else (data.unlabeled_gt or demo["unlabeled_gt"]),
-        "test": data.test.model_dump() if data.test else demo["test"],
-        "val": data.val.model_dump() if data.val else (demo["val"] if demo and not data.labeled else None),
-    }
-
-
 # ------------------------------------------------------------------------------------ flows
 @flow(name="train-teachers", **LOCK_HOOKS, log_prints=True, persist_result=True, result_serializer="json")
 def train_teachers(
@@ -127,52 +100,16 @@ def train_teachers(
 ) -> dict:
     """Train every teacher (one after the other: trainings use all cores or GPUs themselves)."""
     wd = _open_work_dir(work_dir)
-    d = _data(data, wd)
+    d = resolve_data(data, wd)
     names = [t.name for t in train.teachers]
     if len(set(names)) != len(names):
         raise PipelineError(f"train.teachers: names must be unique, got {names}")
+    layout = WorkDir(wd)
     checkpoints = {
-        spec.name: train_spec(spec, wd / "teachers" / spec.name, wd, d, train) for spec in train.teachers
+        spec.name: train_spec(spec, layout.teachers_dir / spec.name, wd, d, train) for spec in train.teachers
     }
-    atomic_write_json(wd / "teachers" / "teachers.json", checkpoints, indent=2)
+    atomic_write_json(layout.teachers_listing, checkpoints, indent=2)
     return checkpoints
-
-
-def _teachers(wd: Path) -> dict:
-    listing = stages.require(
-        wd / "teachers" / "teachers.json", "train-teachers", "run train-teachers (or ssl-pipeline)"
-    )
-    teachers = json.loads(listing.read_text())
-    for name, ckpt in teachers.items():
-        stages.require(
-            Path(ckpt), "train-teachers", f"re-run train-teachers: teacher {name}'s checkpoint has gone"
-        )
-    return teachers
-
-
-def _round_dir(wd: Path, ssl_round: int) -> Path:
-    """Round 1 lives in the work_dir itself; round r > 1 in ``rounds/r<r>/`` (predictions, pseudo, student)."""
-    return wd if ssl_round == 1 else wd / "rounds" / f"r{ssl_round}"
-
-
-def _student_checkpoint(wd: Path, ssl_round: int) -> str:
-    folder = _round_dir(wd, ssl_round) / "student"
-    done = [stages.trained_checkpoint(d) for _, d in variants.model_runs(folder)]
-    done = [c for c in done if c is not None]
-    if not done:
-        raise PipelineError(
-            f"{folder}: round {ssl_round} has no trained student yet; run train-student with "
-            f"ssl_round={ssl_round} first"
-        )
-    return str(done[0])
-
-
-def _ensemble_models(wd: Path, ssl_round: int, with_teachers: bool) -> dict:
-    """Round 1: the teachers. Round r > 1: round r-1's student (plus the teachers with ``with_teachers``)."""
-    if ssl_round == 1:
-        return _teachers(wd)
-    models = {f"student-r{ssl_round - 1}": _student_checkpoint(wd, ssl_round - 1)}
-    return {**models, **_teachers(wd)} if with_teachers else models
 
 
 @flow(name="ensemble-inference-shards")
@@ -251,52 +188,15 @@ def _task_runner(infer: InferParams):
             "infer.dask_address / infer.dask_workers need prefect-dask: pip install 'i3cl[dask]'"
         ) from None
     if infer.dask_address:
-        _check_dask_cluster(infer.dask_address, infer.dask_resource)
+        try:
+            check_dask_cluster(infer.dask_address, infer.dask_resource)
+        except ValueError as e:
+            raise PipelineError(str(e)) from None
         return DaskTaskRunner(address=infer.dask_address), None
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs=local_dask_cluster_kwargs(infer.dask_workers, infer.dask_resource),
     ), None
-
-
-def local_dask_cluster_kwargs(workers: int, resource: str | None = None) -> dict:
-    """``distributed.LocalCluster`` arguments of the pipeline's own cluster: every listener (scheduler, workers,
-    nannies, the scheduler's HTTP server) on 127.0.0.1, no dashboard. ``dashboard_address=None`` alone still
-    starts the scheduler's HTTP server on port 8787."""
-    kwargs = {
-        "n_workers": workers,
-        "threads_per_worker": 1,
-        "processes": True,
-        "host": "127.0.0.1",
-        "dashboard_address": None,
-        "scheduler_kwargs": {"dashboard": False, "dashboard_address": "127.0.0.1:0"},
-    }
-    if resource:
-        kwargs["resources"] = {resource: 1}
-    return kwargs
-
-
-def _check_dask_cluster(address: str, resource: str | None) -> None:
-    """Refuse a scheduler that cannot be reached, has no workers, or whose workers offer no
-    ``resource`` (the shard tasks would wait for ever)."""
-    from distributed import Client
-
-    try:
-        with Client(address, timeout=30) as client:
-            workers = client.scheduler_info(n_workers=-1)["workers"]
-    except OSError as e:
-        raise PipelineError(f"infer.dask_address: no Dask scheduler reachable at {address} ({e})") from None
-    if not workers:
-        raise PipelineError(
-            f"infer.dask_address: the scheduler at {address} has no workers; start some with "
-            f"`dask worker {address} --nworkers 1 --nthreads 1 --resources {resource or 'GPU'}=1`"
-        )
-    if resource and not any(w.get("resources", {}).get(resource) for w in workers.values()):
-        raise PipelineError(
-            f"infer.dask_address: no worker of {address} offers the resource {resource!r} that shard "
-            f"tasks request; start workers with `--resources {resource}=1` (one per GPU) or set "
-            "infer.dask_resource to null"
-        )
 
 
 @flow(
@@ -321,23 +221,23 @@ def ensemble_inference(
     if ssl_round < 1:
         raise PipelineError(f"ssl_round: must be >= 1, got {ssl_round}")
     wd = _open_work_dir(work_dir, create=False)
-    d = _data(data, wd)
-    rd = _round_dir(wd, ssl_round)
+    d = resolve_data(data, wd)
+    layout = WorkDir(wd)
     models = {
-        **_ensemble_models(wd, ssl_round, with_teachers),
+        **layout.ensemble_models(ssl_round, with_teachers),
         **stages.exported_members(infer.exported_members),
     }
     runner, devices = _task_runner(infer)
     if devices:
         print(f"ensemble inference: {len(devices)} worker(s) on {', '.join(devices)}")
-    splits = {"unlabeled": (d["unlabeled_images"], d["unlabeled_root"], rd / "predictions")}
+    splits = {"unlabeled": (d["unlabeled_images"], d["unlabeled_root"], layout.predictions(ssl_round))}
     if d.get("val") and len(infer.extra_members) != len(infer.extra_val_members):
         raise PipelineError(
             "infer.extra_members: with a validation split, give the same detectors' predictions on it "
             "in infer.extra_val_members (same order), so that keep_thr is chosen on the same ensemble"
         )
     if d.get("val"):
-        splits["val"] = (d["val"]["ann_file"], d["val"]["img_root"], rd / "predictions_val")
+        splits["val"] = (d["val"]["ann_file"], d["val"]["img_root"], layout.predictions(ssl_round, "val"))
     result = {}
     for split, (images, root, pred_root) in splits.items():
         shards = stages.plan_inference(images, root, infer.shard_size)
@@ -404,77 +304,30 @@ def fuse_pseudo_labels(
     (``fuse.auto_keep_thr``: the threshold chosen on the labeled validation split, never on the
     unlabeled set's hidden ground truth, which only measures the result)."""
     wd = _open_work_dir(work_dir, create=False)
-    d = _data(data, wd)
-    rd = _round_dir(wd, ssl_round)
-    members_file = stages.require(
-        rd / "predictions" / "members.json", "ensemble-inference", "run ensemble-inference first"
-    )
-    members = json.loads(members_file.read_text())
-    val_file = rd / "predictions_val" / "members.json"
-    val_members = json.loads(val_file.read_text()) if d.get("val") and val_file.exists() else None
-    if val_members is not None and len(val_members) != len(members):
-        raise PipelineError(
-            f"{members_file} lists {len(members)} members but {val_file} {len(val_members)}: re-run "
-            "ensemble-inference (infer.extra_members and infer.extra_val_members pair up)"
-        )
-    if fuse.auto_keep_thr and d.get("val") and val_members is None:
-        raise PipelineError(
-            f"missing {val_file}: re-run ensemble-inference (it also runs the ensemble over the "
-            "validation split, on which fuse.auto_keep_thr chooses keep_thr)"
-        )
-    members_fp = fingerprint(*members, *(val_members or []))
-    # keep_thr_beta at its default (F) is left out: pseudo labels fused before it existed keep their key and cache
-    fuse_params = fuse.model_dump(
-        mode="json", exclude={"keep_thr_beta"} if fuse.keep_thr_beta == 1.0 else None
-    )
-    # every variant of the pseudo labels in its own folder, keyed by what it is made from; current.json
-    # names the one the student uses. Re-fusing with other parameters adds a variant, nothing is overwritten.
-    key = variants.variant_key(
-        members=members_fp,
-        fuse=fuse_params,
-        images=fingerprint(d["unlabeled_images"]),
-        val=fingerprint(d["val"]["ann_file"]) if val_members else None,
-    )
-    out = rd / "pseudo" / key / "train_lossweight.json"
+    d = resolve_data(data, wd)
+    plan = plan_fusion(WorkDir(wd), d, fuse, ssl_round)
     summary = run_cached(
         fuse_task.with_options(result_storage=result_storage(wd)),
-        out.exists(),
+        plan.out.exists(),
         ssl_round=ssl_round,
-        members=members,
-        members_fingerprint=members_fp,
+        members=plan.members,
+        members_fingerprint=plan.members_fingerprint,
         images_json=d["unlabeled_images"],
-        fuse=fuse_params,
-        out=str(out),
+        fuse=plan.fuse_params,
+        out=str(plan.out),
         gt=d["unlabeled_gt"],
         img_root=d["unlabeled_root"],
-        val_members=val_members,
-        val_ann_file=d["val"]["ann_file"] if val_members else None,
+        val_members=plan.val_members,
+        val_ann_file=d["val"]["ann_file"] if plan.val_members else None,
     )
     variants.set_current(
-        rd / "pseudo", key, {"path": str(out), "fuse": fuse_params, "flow_run_id": flow_run_id()}
+        plan.pseudo_dir,
+        plan.key,
+        {"path": str(plan.out), "fuse": plan.fuse_params, "flow_run_id": flow_run_id()},
     )
-    pseudo_label_artifacts(out.parent, summary, ssl_round)
-    suffix = "" if ssl_round == 1 else f"-r{ssl_round}"
-    rows = [
-        {
-            "variant": r["variant"] + (" (current)" if r["current"] else ""),
-            "keep_thr": r["keep_thr"],
-            "min_votes": r["fuse"].get("min_votes"),
-            "conf_type": r["fuse"].get("conf_type"),
-            "iou_thr": r["fuse"].get("iou_thr"),
-            "pseudo_labels": r["pseudo_labels"],
-            "F_vs_hidden_GT": (r["quality"] or {}).get("hmean"),
-            "models": ", ".join(m for m, _ in r["models"]) or "-",
-        }
-        for r in variants.compare(wd)
-        if r["stage"] == str((rd / "pseudo").relative_to(wd))
-    ]
-    create_table_artifact(
-        rows,
-        key=f"pseudo-variants{suffix}",
-        description="every fused variant of this work dir's pseudo labels and the models trained on each",
-    )
-    return {**{k: v for k, v in summary.items() if k != "model_stats"}, "variant": key}
+    pseudo_label_artifacts(plan.out.parent, summary, ssl_round)
+    pseudo_variants_artifact(wd, plan.pseudo_dir, ssl_round)
+    return {**{k: v for k, v in summary.items() if k != "model_stats"}, "variant": plan.key}
 
 
 @flow(
@@ -497,80 +350,39 @@ def train_student(
     previous round's student. In round 1, with ``train.control``, a control model follows: the
     student's config, start and number of iterations, on the labeled data alone."""
     wd = _open_work_dir(work_dir, create=False)
-    d = _data(data, wd)
-    if train.pseudo_augment == "online":  # the student and its control are both saved as a weight average
-        extra_overrides = [*(extra_overrides or []), "train.mean_teacher.enabled=true"]
-    rd = _round_dir(wd, ssl_round)
-    pseudo = variants.pseudo_file(rd / "pseudo")
-    if pseudo is None:
-        raise PipelineError(f"{rd / 'pseudo'}: no pseudo labels; run fuse-pseudo-labels first")
-    load_from = None
-    if ssl_round > 1:
-        load_from = _student_checkpoint(wd, ssl_round - 1)
-    elif train.student_init == "first_teacher":
-        load_from = _teachers(wd)[train.teachers[0].name]
-    extra = [
-        {
-            "ann_file": str(pseudo),
-            "img_root": d["unlabeled_root"],
-            "fraction": train.pseudo_fraction,
-            "augment": train.pseudo_augment,
-            "background_weight": train.pseudo_background_weight,
-        }
-    ]
-    name = train.student.name if ssl_round == 1 else f"{train.student.name}-r{ssl_round}"
-    lineage_pseudo = {
-        "variant": variants.current_variant(rd / "pseudo"),
-        "path": str(pseudo),
-        "fingerprint": fingerprint(pseudo),
-        "fuse": json.loads(pseudo.read_text()).get("info", {}).get("fuse"),
-    }
-    # each student in its own folder, keyed by what it starts from: re-training after a re-fusion keeps the
-    # earlier student (and its lineage and score); current.json names the one evaluate and round r+1 use
-    spec = {
-        "spec": train.student.model_dump(),
-        "overrides": [*train.overrides, *(extra_overrides or [])],
-        "load_from": fingerprint(load_from) if load_from else None,
-    }
-    root = rd / "student" / train.student.name
-    noise = {
-        k: v
-        for k, v in (("augment", train.pseudo_augment), ("background_weight", train.pseudo_background_weight))
-        if v != TrainParams.model_fields[f"pseudo_{k}"].default
-    }  # non-default only: earlier keys stay valid
-    key = variants.variant_key(
-        pseudo=lineage_pseudo["fingerprint"], fraction=train.pseudo_fraction, **noise, **spec
-    )
+    d = resolve_data(data, wd)
+    layout = WorkDir(wd)
+    plan = plan_student(layout, d, train, ssl_round, extra_overrides)
     student = train_spec(
         train.student,
-        root / key,
+        plan.out,
         wd,
         d,
         train,
-        extra,
-        load_from,
-        extra_overrides,
-        name=name,
-        pseudo=lineage_pseudo,
+        plan.extra_sets,
+        plan.load_from,
+        plan.overrides,
+        name=plan.name,
+        pseudo=plan.pseudo,
     )
-    variants.set_current(root, key, {"pseudo_variant": lineage_pseudo["variant"], "checkpoint": student})
+    variants.set_current(
+        plan.root, plan.key, {"pseudo_variant": plan.pseudo["variant"], "checkpoint": student}
+    )
     result = {"student": student}
     if train.control and ssl_round == 1:
-        iters = stages.iterations_per_epoch(Path(student).parents[1])
-        croot = wd / "control" / train.student.name
-        ckey = variants.variant_key(iters_per_epoch=iters, **spec)
+        control = plan_control(layout, train, plan, stages.iterations_per_epoch(plan.out))
         result["control"] = train_spec(
             train.student,
-            croot / ckey,
+            control.out,
             wd,
             d,
             train,
             None,
-            load_from,
-            [*(extra_overrides or []), f"train.iters_per_epoch={iters}"],
-            name=f"control-{train.student.name}",
+            plan.load_from,
+            control.overrides,
+            name=control.name,
         )
-        variants.set_current(croot, ckey, {"checkpoint": result["control"]})
+        variants.set_current(control.root, control.key, {"checkpoint": result["control"]})
     return result
 
 
@@ -583,18 +395,9 @@ def evaluate(
     is scored at its best-F threshold on the labeled validation split when the run has one (``hmean``; the test
     split's own best threshold is ``best_hmean``, an upper bound no user could choose)."""
     wd = _open_work_dir(work_dir, create=False)
-    d = _data(data, wd)
-    models = {}
-    folders = [("teacher", wd / "teachers"), ("control", wd / "control"), ("student", wd / "student")]
-    rounds = (
-        sorted((wd / "rounds").glob("r*"), key=lambda p: int(p.name[1:])) if (wd / "rounds").exists() else []
-    )
-    folders += [(f"student-{r.name}", r / "student") for r in rounds if r.name[1:].isdigit()]
-    for role, folder in folders:
-        for name, out in variants.model_runs(folder):  # students and controls: their current variant
-            ckpt = stages.trained_checkpoint(out)
-            if ckpt is not None:
-                models[f"{role}:{name}"] = str(ckpt)
+    d = resolve_data(data, wd)
+    layout = WorkDir(wd)
+    models = layout.trained_models()  # students and controls: their current variant
     if not models:
         raise PipelineError(f"{wd}: no trained model to evaluate; run train-teachers first")
     split_fp = fingerprint(d["test"]["ann_file"])
@@ -605,7 +408,7 @@ def evaluate(
         cached = evaluate_task.with_options(result_storage=result_storage(wd))
         thr, chosen_on = evaluation.score_thr, "parameter" if evaluation.score_thr is not None else "config"
         if on_val:  # the model's best-F threshold on the labeled validation split
-            val_json = wd / "eval" / f"{stem}.val.json"
+            val_json = layout.eval_dir / f"{stem}.val.json"
             val = run_cached(
                 cached,
                 val_json.exists(),
@@ -619,7 +422,7 @@ def evaluate(
                 score_thr=None,
             )
             thr, chosen_on = float(val["best_thr"]), "val"
-        out_json = wd / "eval" / f"{stem}.json"
+        out_json = layout.eval_dir / f"{stem}.json"
         results[name] = run_cached(
             cached,
             out_json.exists(),
@@ -651,31 +454,7 @@ def evaluate(
     create_table_artifact(
         rows, key="model-metrics", description=f"models on the test split ({evaluation.protocol})"
     )
-    return {
-        n: {
-            k: r[k]
-            for k in (
-                "precision",
-                "recall",
-                "hmean",
-                "best_hmean",
-                "best_thr",
-                "score_thr",
-                "threshold_chosen_on",
-            )
-        }
-        for n, r in results.items()
-    }
-
-
-def _best_teacher_on_unlabeled(report: dict) -> dict | None:
-    """The best ensemble member on the unlabeled split at its own best threshold (what the pseudo
-    labels must beat), from the fusion report's quality section."""
-    models = (report.get("quality") or {}).get("models") or []
-    if not models:
-        return None
-    best = max(models, key=lambda m: m["hmean"])
-    return {"name": Path(best["source"]).name, "hmean": best["hmean"], "thr": best["best_threshold"]}
+    return {n: {k: r[k] for k in SCORE_KEYS} for n, r in results.items()}
 
 
 @flow(name="ssl-pipeline", **LOCK_HOOKS, log_prints=True, persist_result=True, result_serializer="json")
@@ -699,7 +478,8 @@ def ssl_pipeline(
 ) -> dict:
     """The whole semi-supervised loop on one work_dir, ``rounds`` times."""
     wd = _open_work_dir(work_dir)
-    checked = stages.preflight(_data(data, wd))  # every image of every split, before hours of training
+    layout = WorkDir(wd)
+    checked = stages.preflight(resolve_data(data, wd))  # every image of every split, before hours of training
     print(f"pre-flight: {checked['images']} images checked in {checked['seconds']} s")
     teachers = train_teachers(str(wd), data, train)
     per_round = []
@@ -716,42 +496,10 @@ def ssl_pipeline(
             ssl_round=r,
             extra_overrides=list(later_rounds.student_overrides) if later else None,
         )
-        report = json.loads(
-            (variants.pseudo_file(_round_dir(wd, r) / "pseudo").parent / "report.json").read_text()
-        )
-        per_round.append(
-            {
-                "round": r,
-                "student": trained["student"],
-                "control": trained.get("control"),
-                "pseudo_labels": pseudo["pseudo_labels"],
-                "keep_thr": pseudo.get("keep_thr"),
-                "pseudo_quality": (report.get("quality") or {}).get("fused"),
-                "best_teacher_on_unlabeled": _best_teacher_on_unlabeled(report),
-            }
-        )
+        per_round.append(round_record(layout, r, trained, pseudo))
     scores = evaluate(str(wd), data, evaluation)
-    first = per_round[0]
-    summary = {
-        "work_dir": str(wd),
-        "teachers": teachers,
-        "student": first["student"],
-        "control": first["control"],
-        "scores": scores,
-        "pseudo_labels": first["pseudo_labels"],
-        "keep_thr": first["keep_thr"],
-        "pseudo_quality": first["pseudo_quality"],
-        "best_teacher_on_unlabeled": first["best_teacher_on_unlabeled"],
-        "rounds": per_round,
-        "lineage": {
-            "pseudo_variant": variants.current_variant(wd / "pseudo"),
-            "pseudo_labels_file": str(variants.pseudo_file(wd / "pseudo")),
-            "data": {k: v for k, v in _data(data, wd).items()},
-            "code": variants.code_version(),
-            "flow_run_id": flow_run_id(),
-        },
-    }
-    atomic_write_json(wd / "summary.json", summary, indent=2)
+    summary = run_summary(layout, teachers, per_round, scores, resolve_data(data, wd), flow_run_id())
+    atomic_write_json(layout.summary_json, summary, indent=2)
     summary_artifact(wd, summary)
     return summary
 

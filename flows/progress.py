@@ -40,15 +40,15 @@ def _last_match(path: Path, pattern: re.Pattern, tail_bytes: int = 4096):
 
 def scan(work_dir: Path) -> list[Activity]:
     """Every training and every ensemble model of the work dir that has started, with its progress."""
+    from i3cl_core.pipeline.workdir import WorkDir
     from i3cl_core.variants import model_runs
 
     wd = Path(work_dir)
+    layout = WorkDir(wd)
     out = []
     runs = []
-    for role in ("teachers", "control", "student"):
-        runs += [(f"{role}/{name}", p) for name, p in model_runs(wd / role, running=True)]
-    for rd in sorted((wd / "rounds").glob("r*")) if (wd / "rounds").exists() else []:
-        runs += [(f"{rd.name}/student/{name}", p) for name, p in model_runs(rd / "student", running=True)]
+    for _, folder in layout.model_folders():
+        runs += [(f"{folder.relative_to(wd)}/{name}", p) for name, p in model_runs(folder, running=True)]
     for name, run in runs:
         m = _last_match(run / "train.log", TRAIN_LINE)
         if m is None:
@@ -63,11 +63,7 @@ def scan(work_dir: Path) -> list[Activity]:
                 finished=(run / "metrics.json").exists(),
             )
         )
-    for pred_root in (
-        [wd / "predictions", *sorted((wd / "rounds").glob("r*/predictions"))]
-        if (wd / "rounds").exists()
-        else [wd / "predictions"]
-    ):
+    for pred_root in layout.prediction_dirs():
         if not pred_root.exists():
             continue
         plan = pred_root / "plan.json"

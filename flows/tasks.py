@@ -12,10 +12,10 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from flows.artifacts import slug, training_curve_artifact
-from flows.params import FuseConfig, ModelSpec, TrainParams
 from flows.runner import run_slurm, run_streaming
 from i3cl_core import stages, variants
-from i3cl_core.stages import PipelineError
+from i3cl_core.pipeline.errors import PipelineError
+from i3cl_core.pipeline.params import FuseConfig, ModelSpec, TrainParams
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = INPUTS + TASK_SOURCE
@@ -81,7 +81,7 @@ def train_model(
     """One training, launched by ``launcher`` (torchrun here, or a Slurm job); returns the checkpoint
     path. How it is launched is not part of the cache key: the same inputs give the same model."""
     from i3cl_core.engine.launch import SlurmLauncher, TorchrunLauncher
-    from i3cl_core.engine.train import checkpoint_dir
+    from i3cl_core.pipeline.training import training_start
 
     launch = (
         SlurmLauncher(**launcher)
@@ -90,24 +90,11 @@ def train_model(
     )
     logger = get_run_logger()
     out = Path(out_dir)
-    ckpt_dir = checkpoint_dir(out)
-    stamp = out / "inputs.fingerprint"
-    same_inputs = stamp.exists() and stamp.read_text() == inputs_fingerprint
-    attach = False
-    if isinstance(launch, SlurmLauncher) and same_inputs:
-        from i3cl_core.engine.launch import SlurmJob
-
-        attach = (
-            SlurmJob.recorded(out) is not None
-        )  # an earlier attempt's job still runs: follow it, touch nothing
-    resume = (ckpt_dir / "latest.pth").exists() and same_inputs and not (out / "metrics.json").exists()
-    if not resume and not attach:
-        for f in ckpt_dir.glob("*.pth") if ckpt_dir.exists() else []:
-            f.unlink()
-        (out / "metrics.json").unlink(missing_ok=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(inputs_fingerprint)
+    start = training_start(out, inputs_fingerprint, slurm=isinstance(launch, SlurmLauncher))
+    if start == "done":
+        logger.info("%s: a finished training of the same inputs is in %s; reused", name, out)
+        return str(stages.trained_checkpoint(out))
+    resume, attach = start == "resume", start == "attach"
     progress_id = create_progress_artifact(0.0, key=f"train-{slug(name)}", description=f"training {name}")
     epoch = {"seen": 0}
     with open(out / "train.log", "a", encoding="utf-8") as log_file:

@@ -60,11 +60,13 @@ def sample_panels(wd: Path, data: dict, figs: Path, n: int = 3) -> list[Path]:
     """``n`` unlabeled images (those with the most pseudo labels), teachers / fused / GT side by side."""
     from i3cl_core.data.errors import DatasetError
     from i3cl_core.data.image_io import read_image
+    from i3cl_core.pipeline.workdir import WorkDir
     from i3cl_core.pseudo.report import side_by_side_png
     from i3cl_core.utils import safe_join
     from i3cl_core.variants import pseudo_file as current_pseudo
 
-    pseudo_file = current_pseudo(wd / "pseudo")
+    layout = WorkDir(wd)
+    pseudo_file = current_pseudo(layout.pseudo_dir())
     if pseudo_file is None:
         return []
     pseudo = json.loads(pseudo_file.read_text())
@@ -78,12 +80,9 @@ def sample_panels(wd: Path, data: dict, figs: Path, n: int = 3) -> list[Path]:
     thr = {
         Path(m["source"]).name: m["best_threshold"] for m in (report.get("quality") or {}).get("models", [])
     }
-    teachers = (
-        sorted(p.name for p in (wd / "predictions").iterdir() if p.is_dir())
-        if (wd / "predictions").exists()
-        else []
-    )
-    preds = {t: _predictions_by_image(wd / "predictions" / t, set(chosen), thr.get(t, 0.5)) for t in teachers}
+    predictions = layout.predictions()
+    teachers = sorted(p.name for p in predictions.iterdir() if p.is_dir()) if predictions.exists() else []
+    preds = {t: _predictions_by_image(predictions / t, set(chosen), thr.get(t, 0.5)) for t in teachers}
     gt = {}
     if data.get("unlabeled_gt") and Path(data["unlabeled_gt"]).exists():
         g = json.loads(Path(data["unlabeled_gt"]).read_text())
@@ -117,18 +116,20 @@ def sample_panels(wd: Path, data: dict, figs: Path, n: int = 3) -> list[Path]:
 def write_summary(wd: Path, summary: dict, data: dict) -> dict:
     """Write ``summary.md`` and its figures; returns ``{"md": path, "blocks": [(heading, [(alt, png)])]}``
     (the blocks are what the pipeline's artifact shows)."""
+    from i3cl_core.pipeline.workdir import WorkDir
     from i3cl_core.pseudo.report import f_per_model_png, training_curve_png
 
     wd = Path(wd)
-    figs = wd / "summary_figures"
+    layout = WorkDir(wd)
+    figs = layout.summary_figures
     blocks = []
     if summary.get("scores"):
         bar = f_per_model_png(summary["scores"], figs / "f_per_model.png")
         blocks.append(("F per model on the test split", [("F per model", bar)]))
     from i3cl_core.variants import pseudo_file
 
-    current = pseudo_file(wd / "pseudo")
-    report = current.parent / "report.json" if current else wd / "pseudo" / "report.json"
+    current = pseudo_file(layout.pseudo_dir())
+    report = current.parent / "report.json" if current else layout.pseudo_dir() / "report.json"
     if report.exists():
         pr = json.loads(report.read_text()).get("figures", {}).get("pr_curve")
         if pr and Path(pr).exists():
@@ -136,14 +137,17 @@ def write_summary(wd: Path, summary: dict, data: dict) -> dict:
     curves = []
     from i3cl_core.variants import model_runs
 
-    for role in ("teachers", "control", "student"):
-        for name, run in model_runs(wd / role):
+    for _, folder in layout.model_folders():
+        where = folder.relative_to(wd).as_posix()  # teachers, control, student, rounds/r2/student
+        for name, run in model_runs(folder):
             if (run / "metrics.jsonl").exists():
                 png = training_curve_png(
-                    run / "metrics.jsonl", figs / f"train_{role}_{name}.png", f"{role}/{name}"
+                    run / "metrics.jsonl",
+                    figs / f"train_{where.replace('/', '_')}_{name}.png",
+                    f"{where}/{name}",
                 )
                 if png:
-                    curves.append((f"{role}/{name}", png))
+                    curves.append((f"{where}/{name}", png))
     if curves:
         blocks.append(("Training curves", curves))
     samples = sample_panels(wd, data, figs)
@@ -161,7 +165,7 @@ def write_summary(wd: Path, summary: dict, data: dict) -> dict:
             f"![{alt}]({Path(p).resolve().relative_to(wd.resolve()) if Path(p).resolve().is_relative_to(wd.resolve()) else p})"
             for alt, p in images
         ]
-    md = atomic_write_text(wd / "summary.md", "\n".join(lines) + "\n")
+    md = atomic_write_text(layout.summary_md, "\n".join(lines) + "\n")
     return {
         "md": str(md),
         "text_head": "\n".join(["", *_table(summary), "", *_claims(summary)]),

@@ -19,14 +19,11 @@ import os
 import time
 from pathlib import Path
 
+from i3cl_core.pipeline.errors import PipelineError, require
 from i3cl_core.utils import atomic_write_json, get_logger
 
 log = get_logger("pipeline")
 PIPELINE_VERSION = 1
-
-
-class PipelineError(RuntimeError):
-    """A work_dir or stage input that cannot be used; the message says what is missing and where."""
 
 
 # ------------------------------------------------------------------------------------ work_dir
@@ -96,12 +93,6 @@ def check_result_records(wd: Path) -> int:
                 "came from"
             )
     return n
-
-
-def require(path: Path, stage: str, hint: str) -> Path:
-    if not Path(path).exists():
-        raise PipelineError(f"missing {path}: the {stage} stage has not produced it yet; {hint}")
-    return Path(path)
 
 
 def fingerprint(*paths) -> str:

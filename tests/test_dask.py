@@ -146,14 +146,13 @@ def test_a_killed_dask_worker_costs_only_its_shard(server, teachers, pool_refere
 
 CHECK = """
 from distributed import LocalCluster
-from flows.pipeline import _check_dask_cluster
-from i3cl_core.stages import PipelineError
+from i3cl_core.infer.dask_cluster import check_dask_cluster
 with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
     for resource in ("GPU", None):
         try:
-            _check_dask_cluster(cluster.scheduler_address, resource)
+            check_dask_cluster(cluster.scheduler_address, resource)
             print("accepted", resource)
-        except PipelineError as e:
+        except ValueError as e:
             print("refused", resource, e)
 """
 

@@ -323,7 +323,7 @@ def test_an_exported_model_joins_the_ensemble_next_to_its_checkpoint(exported, t
 def test_pipeline_exported_members_are_checked():
     from pydantic import ValidationError
 
-    from flows.params import InferParams
+    from i3cl_core.pipeline.params import InferParams
 
     assert InferParams(exported_members=["m.onnx"]).exported_members == ["m.onnx"]
     with pytest.raises(ValidationError, match="not an .onnx file"):

@@ -151,7 +151,7 @@ def test_ensemble_extra_member_is_converted_and_fused(tmp_path):
 
 
 def test_flow_params_pair_extra_members():
-    from flows.params import InferParams
+    from i3cl_core.pipeline.params import InferParams
 
     InferParams(extra_members=["paddleocr:a.json"], extra_val_members=["paddleocr:v.json"])
     with pytest.raises(ValueError, match="extra_val_members: 1 entries for 2 extra_members"):

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import ensemble_work_dir, random_teachers
 
-from i3cl_core.stages import PIPELINE_VERSION, PipelineError, check_work_dir, fingerprint, require
+from i3cl_core.pipeline.errors import PipelineError, require
+from i3cl_core.stages import PIPELINE_VERSION, check_work_dir, fingerprint
 from i3cl_core.variants import current_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -657,8 +658,8 @@ def test_cancelled_training_leaves_no_child_processes(served, tmp_path, monkeypa
 
 
 def test_stage_runs_without_data_params_reuse_the_work_dirs_data(tmp_path):
-    from flows.params import DataParams
-    from flows.pipeline import _data
+    from i3cl_core.pipeline.data import resolve_data
+    from i3cl_core.pipeline.params import DataParams
 
     explicit = DataParams(
         labeled=[{"ann_file": "/d/train.json", "img_root": "/d/train"}],
@@ -668,10 +669,10 @@ def test_stage_runs_without_data_params_reuse_the_work_dirs_data(tmp_path):
         test={"ann_file": "/d/test.json", "img_root": "/d/test"},
     )
     wd = check_work_dir(tmp_path / "run")
-    first = _data(explicit, wd)
+    first = resolve_data(explicit, wd)
     assert first["unlabeled_images"] == "/d/u.json" and first["labeled"][0]["ann_file"] == "/d/train.json"
     assert (
-        _data(DataParams(), wd) == first
+        resolve_data(DataParams(), wd) == first
     )  # defaults: the data the work_dir was made with, no demo generated
     assert not (tmp_path / "data").exists()
 

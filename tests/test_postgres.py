@@ -116,7 +116,7 @@ def test_a_stage_flow_runs_against_a_prefect_server_on_postgresql(postgres, tmp_
         code = f"""
 import json, sys
 from flows.pipeline import train_teachers
-from flows.params import DataParams, TrainParams
+from i3cl_core.pipeline.params import DataParams, TrainParams
 sys.path.insert(0, {str(REPO / "tests")!r})
 from test_flows import tiny_params
 p = tiny_params({str(tmp_path / "run")!r}, {str(tmp_path / "demo")!r}, teachers=("teacher_c",))

@@ -762,7 +762,7 @@ def test_bad_devices_and_precisions_are_refused_before_any_work(tmp_path, two_ch
 def test_infer_params_name_the_renamed_fields():
     from pydantic import ValidationError
 
-    from flows.params import InferParams
+    from i3cl_core.pipeline.params import InferParams
 
     with pytest.raises(ValidationError, match="infer.device was replaced by infer.devices"):
         InferParams(device="cuda")

@@ -86,7 +86,7 @@ def test_launcher_settings_are_validated_with_the_field_named():
     )
     assert "--standalone" not in cmd and "--nnodes=2" in cmd and "--rdzv-endpoint=node01:29500" in cmd
     assert torchrun_command("c.yaml", "w")[1:3] == ["-m", "i3cl_core.engine.local_launch"]
-    from flows.params import TrainParams
+    from i3cl_core.pipeline.params import TrainParams
 
     assert TrainParams(launcher={"kind": "slurm", "nodes": 2}).launcher.nodes == 2
     with pytest.raises(ValidationError, match="launcher"):

@@ -452,7 +452,7 @@ def test_single_node_training_and_the_local_dask_cluster_listen_on_loopback_only
     import psutil
     from distributed import LocalCluster
 
-    from flows.pipeline import local_dask_cluster_kwargs
+    from i3cl_core.infer.dask_cluster import local_dask_cluster_kwargs
     from i3cl_core.stages import train_command
 
     def listeners(pids):

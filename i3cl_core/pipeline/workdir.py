@@ -1,0 +1,157 @@
+"""The layout of a pipeline work dir: this module knows it, the flows, the progress view, the run summary and
+``i3cl runs`` ask it.
+
+    <work_dir>/
+      data.json                      the run's resolved data paths (a stage run without data parameters reuses them)
+      teachers/<name>/               one training per teacher; teachers/teachers.json lists their checkpoints
+      predictions/<model>/           round 1's ensemble over the unlabeled images (members.json lists them)
+      predictions_val/<model>/       ... and over the labeled validation split (where keep_thr is chosen)
+      pseudo/<variant>/              fused pseudo labels, one folder per variant; pseudo/current.json names one
+      student/<name>/<variant>/      round 1's student, one folder per variant; student/<name>/current.json
+      control/<name>/<variant>/      its control: the labeled data alone
+      rounds/r<k>/                   round k >= 2: its own predictions/, predictions_val/, pseudo/, student/
+      eval/                          every model's scores on the test (and validation) split
+      summary.json, summary.md, summary_figures/
+      .prefect-results/              the persisted task results (JSON records)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from i3cl_core.pipeline.errors import PipelineError, require
+
+
+@dataclass(frozen=True)
+class WorkDir:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # ------------------------------------------------------------------ fixed files and folders
+    @property
+    def data_file(self) -> Path:
+        return self.root / "data.json"
+
+    @property
+    def teachers_dir(self) -> Path:
+        return self.root / "teachers"
+
+    @property
+    def teachers_listing(self) -> Path:
+        return self.teachers_dir / "teachers.json"
+
+    @property
+    def control_dir(self) -> Path:
+        return self.root / "control"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def summary_json(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def summary_md(self) -> Path:
+        return self.root / "summary.md"
+
+    @property
+    def summary_figures(self) -> Path:
+        return self.root / "summary_figures"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.root / ".prefect-results"
+
+    # ------------------------------------------------------------------ rounds
+    def round_dir(self, ssl_round: int = 1) -> Path:
+        """Round 1 lives in the work dir itself; round r > 1 in ``rounds/r<r>/``."""
+        if ssl_round < 1:
+            raise ValueError(f"ssl_round: must be >= 1, got {ssl_round}")
+        return self.root if ssl_round == 1 else self.root / "rounds" / f"r{ssl_round}"
+
+    def later_rounds(self) -> list[int]:
+        """The rounds >= 2 that have a folder, in order."""
+        folder = self.root / "rounds"
+        found = [p.name[1:] for p in folder.glob("r*") if p.is_dir()] if folder.exists() else []
+        return sorted(int(r) for r in found if r.isdigit())
+
+    def predictions(self, ssl_round: int = 1, split: str = "unlabeled") -> Path:
+        if split not in ("unlabeled", "val"):
+            raise ValueError(f"split: 'unlabeled' or 'val', got {split!r}")
+        return self.round_dir(ssl_round) / ("predictions" if split == "unlabeled" else "predictions_val")
+
+    def pseudo_dir(self, ssl_round: int = 1) -> Path:
+        return self.round_dir(ssl_round) / "pseudo"
+
+    def student_dir(self, ssl_round: int = 1) -> Path:
+        return self.round_dir(ssl_round) / "student"
+
+    def pseudo_dirs(self) -> list[Path]:
+        """The pseudo-label folder of every round that has one."""
+        return [self.pseudo_dir(r) for r in [1, *self.later_rounds()]]
+
+    def prediction_dirs(self) -> list[Path]:
+        """The unlabeled predictions of every round."""
+        return [self.predictions(r) for r in [1, *self.later_rounds()]]
+
+    def model_folders(self) -> list[tuple[str, Path]]:
+        """``(role, folder)`` of every kind of trained model: ``teacher``, ``control``, ``student`` (round 1),
+        ``student-r<k>`` (round k); each folder holds one sub-folder per model name."""
+        return [
+            ("teacher", self.teachers_dir),
+            ("control", self.control_dir),
+            ("student", self.student_dir(1)),
+            *[(f"student-r{r}", self.student_dir(r)) for r in self.later_rounds()],
+        ]
+
+    # ------------------------------------------------------------------ what earlier stages left
+    def teachers(self) -> dict[str, str]:
+        """Teacher name -> checkpoint, as train-teachers listed them, each checkpoint still there."""
+        listing = require(self.teachers_listing, "train-teachers", "run train-teachers (or ssl-pipeline)")
+        teachers = json.loads(listing.read_text())
+        for name, ckpt in teachers.items():
+            require(
+                Path(ckpt), "train-teachers", f"re-run train-teachers: teacher {name}'s checkpoint has gone"
+            )
+        return teachers
+
+    def student_checkpoint(self, ssl_round: int) -> str:
+        """The checkpoint of round ``ssl_round``'s (current) student."""
+        from i3cl_core.stages import trained_checkpoint
+        from i3cl_core.variants import model_runs
+
+        folder = self.student_dir(ssl_round)
+        done = [c for c in (trained_checkpoint(d) for _, d in model_runs(folder)) if c is not None]
+        if not done:
+            raise PipelineError(
+                f"{folder}: round {ssl_round} has no trained student yet; run train-student with "
+                f"ssl_round={ssl_round} first"
+            )
+        return str(done[0])
+
+    def ensemble_models(self, ssl_round: int, with_teachers: bool = True) -> dict[str, str]:
+        """Round 1: the teachers. Round r > 1: round r-1's student (plus the teachers with ``with_teachers``)."""
+        if ssl_round == 1:
+            return self.teachers()
+        models = {f"student-r{ssl_round - 1}": self.student_checkpoint(ssl_round - 1)}
+        return {**models, **self.teachers()} if with_teachers else models
+
+    def trained_models(self) -> dict[str, str]:
+        """``role:name`` -> checkpoint of every finished training (students and controls: their current
+        variant), in the order of :meth:`model_folders`."""
+        from i3cl_core.stages import trained_checkpoint
+        from i3cl_core.variants import model_runs
+
+        models = {}
+        for role, folder in self.model_folders():
+            for name, out in model_runs(folder):
+                ckpt = trained_checkpoint(out)
+                if ckpt is not None:
+                    models[f"{role}:{name}"] = str(ckpt)
+        return models

@@ -1,0 +1,73 @@
+"""The work dir's layout (i3cl_core/pipeline/workdir.py): where each stage writes, and what the later stages
+find there."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from i3cl_core.pipeline.errors import PipelineError
+from i3cl_core.pipeline.workdir import WorkDir
+
+
+def _finished(folder):
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "latest.pth").write_bytes(b"")
+    (folder / "metrics.json").write_text("{}")
+    return folder / "checkpoints" / "latest.pth"
+
+
+def test_rounds_live_under_rounds_in_numeric_order(tmp_path):
+    wd = WorkDir(tmp_path)
+    assert wd.round_dir(1) == tmp_path and wd.predictions(1, "val") == tmp_path / "predictions_val"
+    assert wd.pseudo_dir(3) == tmp_path / "rounds" / "r3" / "pseudo"
+    for r in ("r10", "r2", "rx"):
+        (tmp_path / "rounds" / r).mkdir(parents=True)
+    assert wd.later_rounds() == [2, 10]
+    assert [role for role, _ in wd.model_folders()] == [
+        "teacher",
+        "control",
+        "student",
+        "student-r2",
+        "student-r10",
+    ]
+    assert wd.prediction_dirs()[-1] == tmp_path / "rounds" / "r10" / "predictions"
+    with pytest.raises(ValueError, match="ssl_round: must be >= 1"):
+        wd.round_dir(0)
+    with pytest.raises(ValueError, match="split"):
+        wd.predictions(1, "test")
+
+
+def test_later_stages_find_the_teachers_and_students_or_say_which_stage_to_run(tmp_path):
+    wd = WorkDir(tmp_path)
+    with pytest.raises(PipelineError, match="run train-teachers"):
+        wd.ensemble_models(1)
+    ckpt = _finished(wd.teachers_dir / "teacher_a")
+    wd.teachers_listing.write_text(json.dumps({"teacher_a": str(ckpt)}))
+    assert wd.ensemble_models(1) == {"teacher_a": str(ckpt)}
+    with pytest.raises(PipelineError, match="round 1 has no trained student yet"):
+        wd.ensemble_models(2)
+    student = _finished(wd.student_dir(1) / "student")
+    assert wd.ensemble_models(2) == {"student-r1": str(student), "teacher_a": str(ckpt)}
+    assert wd.ensemble_models(2, with_teachers=False) == {"student-r1": str(student)}
+    assert wd.trained_models() == {"teacher:teacher_a": str(ckpt), "student:student": str(student)}
+    ckpt.unlink()
+    with pytest.raises(PipelineError, match="teacher teacher_a's checkpoint has gone"):
+        wd.teachers()
+
+
+def test_a_training_folder_is_reused_resumed_or_cleared_by_its_inputs(tmp_path):
+    from i3cl_core.pipeline.training import training_start
+
+    out = tmp_path / "teacher_a"
+    assert training_start(out, "a") == "fresh" and (out / "inputs.fingerprint").read_text() == "a"
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "latest.pth").write_bytes(b"")
+    assert training_start(out, "a") == "resume"  # interrupted: no metrics.json yet
+    (out / "metrics.json").write_text("{}")
+    assert training_start(out, "a") == "done"  # finished on the same inputs: nothing removed
+    assert (out / "checkpoints" / "latest.pth").exists()
+    assert training_start(out, "b") == "fresh"  # other inputs: the old training goes
+    assert not (out / "checkpoints" / "latest.pth").exists() and not (out / "metrics.json").exists()
+    assert (out / "inputs.fingerprint").read_text() == "b"
