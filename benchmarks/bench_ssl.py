@@ -29,6 +29,8 @@ there, as a user would) and 300 test images. Per seed (each seed has its own tea
                     student) relabels the pseudo-labelled images online, the student learning its labels on a
                     pixel-only strong view (augment: online); the fused labels seed it (--set-online KEY=VALUE)
      control_ema    its control: labeled images only, saved and scored as the same average of its weights
+     control_long   (--protocol scratch) the control trained twice as long, each epoch twice its iterations: how
+                    much more training alone would give, next to what the added images give
    The labeled images keep the default augmentation in every arm: the one thing an arm changes is what it adds.
    ``--protocol scratch`` (the STAC protocol) trains every arm from scratch instead, with the first teacher's config,
    seed and 1,000-iteration schedule; its control is that teacher itself (the same training), so it costs no
@@ -77,6 +79,7 @@ ARMS = (
     "control_r2",
     "ssl_online",
     "control_ema",
+    "control_long",
 )
 DEFAULT_ARMS = ["control", "ssl", "ssl_strong", "ssl_strong_bg", "oracle"]
 
@@ -255,6 +258,7 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
             }
         ],
         "control_ema": [],
+        "control_long": [],
         "ssl_online": [
             {
                 "ann_file": str(pseudo),
@@ -283,6 +287,9 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
     else:
         arm_config, load_from = "configs/demo/student.yaml", start
         arm_overrides = [f"train.seed={seed}", *args.arm_schedule, *args.set_arms]
+    iters_per_epoch = load_config(arm_config, arm_overrides).train.iters_per_epoch
+    if "control_long" in args.arms and iters_per_epoch is None:
+        sys.exit("--arms control_long: the arms' config needs train.iters_per_epoch (it doubles it)")
     round2 = None
     for arm in args.arms:
         print(f"seed {seed}: arm {arm}", flush=True)
@@ -340,13 +347,16 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
             t_arms[arm] = time.time() - t2
             continue
         t2 = time.time()
+        extra = {
+            "ssl_online": online_overrides,
+            "control_ema": ["train.mean_teacher.enabled=true"],
+            "control_long": [f"train.iters_per_epoch={2 * iters_per_epoch}"] if arm == "control_long" else [],
+        }
         arm_ckpts[arm] = train(
             arm_config,
             arm_dir / arm,
             d["labeled"] + arm_sets[arm],
-            arm_overrides
-            + (online_overrides if arm == "ssl_online" else [])
-            + (["train.mean_teacher.enabled=true"] if arm == "control_ema" else []),
+            arm_overrides + extra.get(arm, []),
             load_from=load_from,
         )
         t_arms[arm] = time.time() - t2
@@ -503,6 +513,7 @@ def print_table(results: list[dict], args) -> None:
 
     first = f"teacher:{args.teachers[0]}"
     diff("control", first, what="  (convergence of the start: < +0.010 wanted)")
+    diff("control_long", "control", what="  (twice the iterations on the labeled images alone)")
     diff("oracle", "control", what="  (headroom: >= +0.080 wanted for the regime to have room)")
     for arm in ("ssl", "ssl_strong", "ssl_strong_bg", "ssl_nodc", "ssl_online"):
         if arm in args.arms:
@@ -603,6 +614,8 @@ def main() -> None:
     args = ap.parse_args()
     args.set_teachers = TEACHER_SCHEDULE + args.set_teachers
     args.arm_schedule = ARM_SCHEDULES.get(args.protocol, [])
+    if "control_long" in args.arms and args.protocol != "scratch":
+        ap.error("--arms: control_long is the scratch protocol's longer control; use --protocol scratch")
     if args.protocol == "scratch" and {"ssl_r2", "control_r2"} & set(args.arms):
         ap.error(
             "--arms: the rounds (ssl_r2, control_r2) continue from a trained model; use --protocol continue"
