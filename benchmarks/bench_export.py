@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def demo_checkpoint(data: dict, work: Path) -> str:
     """The demo's teacher_a trained on the demo's labeled split (its own schedule), reused when present."""
-    from i3cl_core.stages import train_command, trained_checkpoint, write_train_config
+    from i3cl_core.pipeline.stages import train_command, trained_checkpoint, write_train_config
 
     out = work / "teacher_a"
     ckpt = trained_checkpoint(out)
@@ -143,7 +143,7 @@ def main() -> None:
     from i3cl_core.deploy.onnx_runtime import OnnxDetector
     from i3cl_core.infer.precision import load_inference_model
     from i3cl_core.infer.predictor import predict_polygons
-    from i3cl_core.stages import ensure_demo_data
+    from i3cl_core.pipeline.stages import ensure_demo_data
 
     torch.set_num_threads(args.threads)
     work = Path(args.work_dir)

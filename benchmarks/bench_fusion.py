@@ -56,7 +56,7 @@ def make_data(rng, n_images, k, m, size=(1024, 768)):
 
 
 def _cluster_one(img) -> int:
-    from i3cl_core.pseudo.fusion import cluster_predictions
+    from i3cl_core.fusion import cluster_predictions
 
     return len(cluster_predictions(img, None, iou_thr=0.55, skip_thr=0.05, conf_type="avg"))
 
@@ -70,7 +70,7 @@ def main() -> None:
     args = ap.parse_args()
     from ensemble_boxes import weighted_boxes_fusion
 
-    from i3cl_core.pseudo.fusion import cluster_predictions
+    from i3cl_core.fusion import cluster_predictions
 
     rng = np.random.default_rng(0)
     data, (W, H) = make_data(rng, args.images, args.models, args.polygons)

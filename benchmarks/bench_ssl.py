@@ -85,7 +85,7 @@ DEFAULT_ARMS = ["control", "ssl", "ssl_strong", "ssl_strong_bg", "oracle"]
 
 
 def ensure_data(data: Path, args) -> dict:
-    from i3cl_core.stages import ensure_demo_data
+    from i3cl_core.pipeline.stages import ensure_demo_data
 
     return ensure_demo_data(
         data,
@@ -104,7 +104,12 @@ def train(
 ) -> str:
     """One training (the pipeline's torchrun command), skipped when ``out`` holds a finished run made
     from the same resolved config and the same input files."""
-    from i3cl_core.stages import train_command, trained_checkpoint, training_fingerprint, write_train_config
+    from i3cl_core.pipeline.stages import (
+        train_command,
+        trained_checkpoint,
+        training_fingerprint,
+        write_train_config,
+    )
 
     stamp = out / "inputs.fingerprint"
     previous = stamp.read_text() if stamp.exists() else None
@@ -160,8 +165,9 @@ def uniform_weights(src: Path, dst: Path) -> Path:
 
 def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
     from i3cl_core.config import load_config
+    from i3cl_core.pipeline.stages import evaluate_checkpoint, fuse_stage
     from i3cl_core.pseudo.ensemble import run_ensemble
-    from i3cl_core.stages import evaluate_checkpoint, fingerprint, fuse_stage
+    from i3cl_core.utils import fingerprint
 
     sd = wd / f"seed{seed}"
     t0 = time.time()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 def ensure_bench_data(data: Path) -> None:
     """The benchmarks' synthetic data: seed 0, 320 px, 200 train / 200 unlabeled (hidden GT) / 100 test."""
-    from i3cl_core.stages import ensure_demo_data
+    from i3cl_core.pipeline.stages import ensure_demo_data
 
     ensure_demo_data(data, seed=0, num_train=200, num_unlabeled=200, num_test=100, size=320)
 

@@ -123,7 +123,7 @@ def pseudo_label_artifacts(variant_dir: Path, summary: dict, ssl_round: int = 1)
 
 def pseudo_variants_artifact(wd: Path, pseudo_dir: Path, ssl_round: int) -> None:
     """A table of every fused variant of one round's pseudo labels and the models trained on each."""
-    from i3cl_core.variants import compare
+    from i3cl_core.pipeline.variants import compare
 
     rows = [
         {
@@ -148,7 +148,7 @@ def pseudo_variants_artifact(wd: Path, pseudo_dir: Path, ssl_round: int) -> None
 
 def summary_artifact(wd: Path, summary: dict) -> None:
     """summary.md with its figures, and the same as the parent run's markdown artifact."""
-    from i3cl_core.run_summary import write_summary
+    from i3cl_core.pipeline.run_summary import write_summary
 
     written = write_summary(wd, summary, json.loads(WorkDir(wd).data_file.read_text()))
     text = markdown_with_images("SSL pipeline summary", written["blocks"], written["text_head"].strip())

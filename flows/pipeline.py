@@ -37,8 +37,9 @@ from flows.tasks import (
     run_cached,
     train_spec,
 )
-from i3cl_core import stages, variants, workdir_lock
+from i3cl_core import workdir_lock
 from i3cl_core.infer.dask_cluster import check_dask_cluster, local_dask_cluster_kwargs
+from i3cl_core.pipeline import stages, variants
 from i3cl_core.pipeline.data import resolve_data
 from i3cl_core.pipeline.errors import PipelineError
 from i3cl_core.pipeline.params import (
@@ -52,8 +53,7 @@ from i3cl_core.pipeline.params import (
 from i3cl_core.pipeline.plans import plan_control, plan_fusion, plan_student
 from i3cl_core.pipeline.results import SCORE_KEYS, round_record, run_summary
 from i3cl_core.pipeline.workdir import WorkDir
-from i3cl_core.stages import fingerprint
-from i3cl_core.utils import atomic_write_json
+from i3cl_core.utils import atomic_write_json, fingerprint
 
 # ------------------------------------------------------------------------------------ helpers
 _LOCKED_BY: dict[str, str] = {}  # flow run id -> the work dir whose lock it took

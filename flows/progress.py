@@ -40,8 +40,8 @@ def _last_match(path: Path, pattern: re.Pattern, tail_bytes: int = 4096):
 
 def scan(work_dir: Path) -> list[Activity]:
     """Every training and every ensemble model of the work dir that has started, with its progress."""
+    from i3cl_core.pipeline.variants import model_runs
     from i3cl_core.pipeline.workdir import WorkDir
-    from i3cl_core.variants import model_runs
 
     wd = Path(work_dir)
     layout = WorkDir(wd)

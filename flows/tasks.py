@@ -13,7 +13,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from flows.artifacts import slug, training_curve_artifact
 from flows.runner import run_slurm, run_streaming
-from i3cl_core import stages, variants
+from i3cl_core.pipeline import stages, variants
 from i3cl_core.pipeline.errors import PipelineError
 from i3cl_core.pipeline.params import FuseConfig, ModelSpec, TrainParams
 

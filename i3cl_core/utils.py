@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_mod
+import hashlib
 import json
 import logging
 import os
@@ -258,3 +259,21 @@ def terminate_with_parent() -> None:
 def worker_init(worker_id: int) -> None:  # noqa: ARG001  (DataLoader's worker_init_fn signature)
     """DataLoader ``worker_init_fn``: the worker dies with the process that started it."""
     die_with_parent()
+
+
+def fingerprint(*paths) -> str:
+    """SHA-1 over the contents of files (folders: all their files, sorted); missing paths count as
+    absent. Used in cache keys so that a changed input file invalidates what was computed from it."""
+    h = hashlib.sha1()
+    for p in paths:
+        p = Path(p)
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            h.update(str(f.name).encode())
+            if not f.exists():
+                h.update(b"<absent>")
+                continue
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()

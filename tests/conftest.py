@@ -75,7 +75,7 @@ def random_teachers(root: Path, side: int = 256, seeds=(0, 1)) -> dict[str, str]
 
 def ensemble_work_dir(path: Path, ckpts: dict[str, str], img_root: str) -> Path:
     """A pipeline work dir whose teachers are ``ckpts`` and whose unlabeled set is ``img_root``."""
-    from i3cl_core.stages import check_work_dir
+    from i3cl_core.pipeline.stages import check_work_dir
 
     wd = check_work_dir(path)
     (wd / "teachers").mkdir()

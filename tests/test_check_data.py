@@ -94,7 +94,7 @@ def test_the_pipelines_preflight_lists_bad_images_of_every_split_at_once(tmp_pat
     import pytest
 
     from i3cl_core.data.errors import DatasetError
-    from i3cl_core.stages import preflight
+    from i3cl_core.pipeline.stages import preflight
 
     root = tmp_path / "d"
     (root / "img").mkdir(parents=True)

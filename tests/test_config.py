@@ -145,7 +145,7 @@ def test_cli_config_command(capsys):
 def test_a_training_fingerprint_follows_what_training_reads(tmp_path):
     """Changing a fuse setting (never read by training) or the YAML's layout keeps a finished training;
     a training setting or a changed annotation file does not."""
-    from i3cl_core.stages import training_fingerprint, write_train_config
+    from i3cl_core.pipeline.stages import training_fingerprint, write_train_config
 
     ann = tmp_path / "a.json"
     ann.write_text('{"images": [], "annotations": []}')

@@ -11,9 +11,11 @@ import torch
 
 from i3cl_core.cli import main
 from i3cl_core.config import load_config
-from i3cl_core.model.backbone import CheckpointError, ResNetBackbone, select_prefix
+from i3cl_core.model.backbone import ResNetBackbone
 from i3cl_core.model.checkpoint import load_checkpoint, load_model
 from i3cl_core.model.convert import convert_checkpoint, convert_state, rename
+from i3cl_core.model.errors import CheckpointError
+from i3cl_core.model.weights import select_prefix
 
 REPO = Path(__file__).resolve().parents[1]
 R50 = REPO / "configs" / "_base_" / "i3cl_r50_fpn.yaml"
@@ -228,9 +230,9 @@ class _Payload:
 def test_pickled_objects_are_refused_with_safe_advice(tmp_path):
     import torch
 
-    from i3cl_core.model.backbone import read_state_dict
     from i3cl_core.model.checkpoint import load_checkpoint
     from i3cl_core.model.convert import read_original
+    from i3cl_core.model.weights import read_state_dict
 
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "meta": _Payload()}, path)

@@ -15,8 +15,9 @@ import pytest
 from conftest import ensemble_work_dir, random_teachers
 
 from i3cl_core.pipeline.errors import PipelineError, require
-from i3cl_core.stages import PIPELINE_VERSION, check_work_dir, fingerprint
-from i3cl_core.variants import current_model_dir
+from i3cl_core.pipeline.stages import PIPELINE_VERSION, check_work_dir
+from i3cl_core.pipeline.variants import current_model_dir
+from i3cl_core.utils import fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -339,7 +340,7 @@ def test_pipeline_deployment_runs_then_refuses_bad_params_and_reuses_caches(
         "hmean",
         "thr",
     }
-    from i3cl_core import variants
+    from i3cl_core.pipeline import variants
 
     first_variant = variants.current_variant(wd / "pseudo")
     assert variants.pseudo_file(wd / "pseudo") == wd / "pseudo" / first_variant / "train_lossweight.json"
@@ -474,7 +475,7 @@ def test_two_rounds_and_the_control_run(served, pipeline_dirs, monkeypatch):
     assert json.loads((wd / "rounds" / "r2" / "predictions" / "members.json").read_text()) == [
         str(wd / "rounds" / "r2" / "predictions" / n) for n in ("student-r1", "teacher_a", "teacher_c")
     ]
-    from i3cl_core import variants
+    from i3cl_core.pipeline import variants
 
     assert first["infer-r2-student-r1-0"] == "Completed" and first["train-student-r2"] == "Completed"
     report = json.loads(

@@ -314,7 +314,7 @@ def test_infer_exit_code_when_every_image_fails(tmp_path, trained, capsys):
 def test_evaluate_checkpoint_reports_its_threshold_sweep(tmp_path, trained):
     """The sweep written by evaluate_checkpoint (bench_ssl chooses each model's threshold on the
     validation split from it) agrees with its own at-threshold numbers and with its best row."""
-    from i3cl_core.stages import evaluate_checkpoint
+    from i3cl_core.pipeline.stages import evaluate_checkpoint
 
     data = trained["data"]
     res = evaluate_checkpoint(

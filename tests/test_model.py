@@ -13,9 +13,9 @@ import torch
 
 from i3cl_core.config import ConfigError, load_config
 from i3cl_core.data.polygons import mask_to_polygon, rasterize_instance
-from i3cl_core.model.backbone import CheckpointError
 from i3cl_core.model.checkpoint import load_model, save_checkpoint
 from i3cl_core.model.detector import build_model, native_bf16
+from i3cl_core.model.errors import CheckpointError
 from i3cl_core.model.inter_cl import InterCL
 from i3cl_core.model.intra_cl import IntraCL
 from i3cl_core.model.roi_heads import weighted_fastrcnn_loss

@@ -160,7 +160,7 @@ def test_kill_9_of_train_and_of_torchrun_leaves_no_process(tmp_path, images):
         )
         kill_and_check(proc, 2, started)
     # the training task's launcher: torchrun -> trainer -> DataLoader workers, started as the flow does
-    from i3cl_core.stages import train_command
+    from i3cl_core.pipeline.stages import train_command
     from i3cl_core.utils import terminate_with_parent
 
     log2 = tmp_path / "torchrun.log"

@@ -18,8 +18,8 @@ from shapely.geometry import Polygon, box
 
 from i3cl_core.config import FuseConfig, load_config
 from i3cl_core.data.errors import DatasetError
+from i3cl_core.fusion import Member, canonical, cluster_predictions, mean_shape_polygon, pseudo_labels
 from i3cl_core.pseudo.fuse import fuse_predictions
-from i3cl_core.pseudo.fusion import Member, canonical, cluster_predictions, mean_shape_polygon, pseudo_labels
 
 REPO = Path(__file__).resolve().parents[1]
 W, H = 640, 480
@@ -174,7 +174,7 @@ def test_canonical_order():
 def test_canonical_many_equals_canonical_one_by_one():
     """The vectorised form over random polygons with ties, closing points, both orientations and the
     degenerate cases (too few points, NaN, zero area) mixed in."""
-    from i3cl_core.pseudo.fusion import canonical_many
+    from i3cl_core.fusion import canonical_many
 
     rng = np.random.default_rng(5)
     polys = []
@@ -559,8 +559,8 @@ def _val_case(tmp_path, rng):
 
 
 def test_keep_thr_is_chosen_on_the_validation_split_without_the_unlabeled_ground_truth(tmp_path):
+    from i3cl_core.pipeline.stages import fuse_stage
     from i3cl_core.pseudo.thresholds import choose_keep_thr
-    from i3cl_core.stages import fuse_stage
 
     (val_json, val_sources), (unl_json, unl_sources) = _val_case(tmp_path, np.random.default_rng(0))
     cfg = FuseConfig(keep_thr=0.05, auto_keep_thr=True, uncertain_band=(0.3, 0.4))

@@ -17,7 +17,7 @@ import yaml
 from i3cl_core.config import ConfigError, load_config
 from i3cl_core.data.errors import DatasetError
 from i3cl_core.engine.train import EpochSampler, TrainingError, lr_at, train
-from i3cl_core.model.backbone import CheckpointError
+from i3cl_core.model.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -194,7 +194,7 @@ def test_iters_per_epoch_trains_exactly_that_long(tmp_path, tiny_data):
     cfg_path = write_cfg(tmp_path / "c.yaml", tiny_data, epochs=2, iters_per_epoch=5)
     summary = train(load_config(cfg_path), tmp_path / "run", progress=False)
     assert summary["iterations"] == 10
-    from i3cl_core.stages import iterations_per_epoch
+    from i3cl_core.pipeline.stages import iterations_per_epoch
 
     assert iterations_per_epoch(tmp_path / "run") == 5
 
@@ -453,7 +453,7 @@ def test_single_node_training_and_the_local_dask_cluster_listen_on_loopback_only
     from distributed import LocalCluster
 
     from i3cl_core.infer.dask_cluster import local_dask_cluster_kwargs
-    from i3cl_core.stages import train_command
+    from i3cl_core.pipeline.stages import train_command
 
     def listeners(pids):
         return {

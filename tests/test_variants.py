@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from i3cl_core import variants
+from i3cl_core.pipeline import variants
 
 
 def _variant(stage, key, keep_thr, n):
@@ -77,7 +77,7 @@ def test_runs_cli(tmp_path, capsys):
 
 
 def test_students_are_kept_per_variant_and_old_layouts_still_load(tmp_path):
-    from i3cl_core.variants import current_model_dir, model_runs, set_current
+    from i3cl_core.pipeline.variants import current_model_dir, model_runs, set_current
 
     legacy = tmp_path / "student" / "old"
     (legacy / "checkpoints").mkdir(parents=True)  # trained before variants: the folder itself

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from i3cl_core.config import load_config
-from i3cl_core.model.backbone import CheckpointError
+from i3cl_core.model.errors import CheckpointError
 from i3cl_core.model.vitae import GlobalAttention, ViTAEv2Backbone, WindowAttention
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,7 +121,7 @@ def test_load_weights(tmp_path, backbone, caplog):
     for k, v in m.state_dict().items():
         assert torch.equal(v, backbone.state_dict()[k] + 1.0), k
     # through the config, as the detector does
-    from i3cl_core.model.backbone import build_backbone
+    from i3cl_core.model.detector import build_backbone
 
     cfg = load_config(VITAE, [f"model.backbone.weights={tmp_path / 'vitaev2_s.pth.tar'}"]).model.backbone
     built = build_backbone(cfg)

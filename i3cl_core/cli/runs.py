@@ -1,5 +1,5 @@
 """``i3cl runs compare|gc WORK_DIR``: a work dir's pseudo-label variants and the models trained on each;
-removing old variants (:func:`i3cl_core.variants.compare`, :func:`i3cl_core.variants.gc`)."""
+removing old variants (:func:`i3cl_core.pipeline.variants.compare`, :func:`i3cl_core.pipeline.variants.gc`)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from i3cl_core.data.errors import DatasetError
-    from i3cl_core.variants import compare, gc
+    from i3cl_core.pipeline.variants import compare, gc
 
     wd = Path(args.work_dir)
     if not wd.is_dir():

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from i3cl_core.config import ConfigError, save_config
 from i3cl_core.devices import resolve_device
-from i3cl_core.model.backbone import CheckpointError
+from i3cl_core.model.errors import CheckpointError
 from i3cl_core.utils import (
     append_text,
     atomic_write_json,
@@ -319,8 +319,8 @@ def _prune(ckpt_dir: Path, keep_last: int) -> None:
 def load_from(model: torch.nn.Module, path: str) -> tuple[list[str], list[str]]:
     """Non-strict initialisation from a checkpoint of an earlier stage; logs the keys that are new
     here (e.g. IntraCL/InterCL switched on) and those the checkpoint has that we don't."""
-    from i3cl_core.model.backbone import read_state_dict, strip_prefixes
     from i3cl_core.model.checkpoint import upgrade_state
+    from i3cl_core.model.weights import read_state_dict, strip_prefixes
 
     state = upgrade_state(
         strip_prefixes(read_state_dict(path, "load_from checkpoint"), prefixes=("module.",))

@@ -58,7 +58,7 @@ def predict_polygons(
             )
     if len(variants) == 1:
         return [v[0] for v in per_image]
-    from i3cl_core.pseudo.fusion import cluster_predictions
+    from i3cl_core.fusion import cluster_predictions
 
     fused = []
     for outputs in per_image:

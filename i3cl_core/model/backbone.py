@@ -4,7 +4,7 @@
   frozen; with ``norm_eval`` every BatchNorm keeps its running statistics frozen while its affine
   parameters stay trainable (mmdetection's ``norm_eval=True``, unlike torchvision's FrozenBN).
 * any timm model with ``features_only`` (``timm:resnest101e``, ``timm:resnext101_32x8d``, ...).
-* ``vitaev2_s`` (see vitae.py, when present).
+* ``vitaev2_s`` (vitae.py); :func:`i3cl_core.model.detector.build_backbone` picks one by name.
 
 Pretrained weights only ever come from a local path (``model.backbone.weights``); nothing is
 downloaded. The FPN is torchvision's with P6 = max-pool(P5), the same as the release.
@@ -19,103 +19,13 @@ from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from i3cl_core.model.errors import CheckpointError  # noqa: F401  (raised here; importable from here too)
+from i3cl_core.model.errors import CheckpointError
+from i3cl_core.model.weights import load_pretrained, read_state_dict, select_prefix
 from i3cl_core.utils import get_logger
 
 log = get_logger("model")
 
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-
-
-def read_state_dict(path: str, what: str = "weights") -> dict[str, torch.Tensor]:
-    """Load a tensor dict from ``path`` with ``weights_only=True``; unwrap common nesting."""
-    import os
-
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: {what} file not found (weights are only read from local paths)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle with code objects, not a torch file ...
-        from i3cl_core.model.errors import unreadable_checkpoint
-
-        raise unreadable_checkpoint(path, what, e) from None
-    for key in ("state_dict", "model", "model_state", "module"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict) and obj[key]:
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: {what} file does not hold a state dict of tensors")
-    return obj
-
-
-def strip_prefixes(state: dict[str, torch.Tensor], prefixes=("module.", "backbone.", "encoder.", "model.")):
-    """Drop wrapper prefixes (DDP ``module.``, ``backbone.``, ...) shared by the keys."""
-    changed = True
-    while changed:
-        changed = False
-        for p in prefixes:
-            if state and all(k.startswith(p) for k in state):
-                state = {k[len(p) :]: v for k, v in state.items()}
-                changed = True
-    return state
-
-
-# prefixes of the parts of self-supervised checkpoints that are *not* the encoder to use (MoCo's key
-# encoder, BYOL's target network, EMA teachers): chosen only when nothing else matches as well
-_SECONDARY_ENCODERS = ("encoder_k", "key_encoder", "momentum", "target", "teacher", "ema")
-
-
-def select_prefix(state: dict[str, torch.Tensor], own_keys) -> tuple[dict[str, torch.Tensor], str]:
-    """The sub-dict of ``state`` whose keys, with one common prefix removed, match ``own_keys`` best,
-    and that prefix. Handles ``module.``, ``backbone.``, MoCo's ``module.encoder_q.`` (next to
-    ``encoder_k.``, ``queue``) and the like; a plain state dict comes back unchanged with prefix ''."""
-    own = set(own_keys)
-    counts: dict[str, int] = {}
-    for k in state:
-        parts = k.split(".")
-        for i in range(len(parts)):
-            if ".".join(parts[i:]) in own:
-                prefix = ".".join(parts[:i]) + "." if i else ""
-                counts[prefix] = counts.get(prefix, 0) + 1
-    if not counts:
-        return state, ""
-
-    def rank(p: str):
-        secondary = any(s in p.lower() for s in _SECONDARY_ENCODERS)
-        return (counts[p], not secondary, -len(p))
-
-    best = max(counts, key=rank)
-    if not best:
-        return state, ""
-    return {k[len(best) :]: v for k, v in state.items() if k.startswith(best)}, best
-
-
-def load_pretrained(
-    module: nn.Module, path: str, prefix_hint: str | None = None
-) -> tuple[list[str], list[str]]:
-    """Non-strict load of local pretrained weights; logs and returns (missing, unexpected) keys."""
-    state = read_state_dict(path, "pretrained weights")
-    if prefix_hint:
-        nested = {k[len(prefix_hint) :]: v for k, v in state.items() if k.startswith(prefix_hint)}
-        if nested:
-            state = nested
-    state = strip_prefixes(state)
-    own = module.state_dict()
-    shape_mismatch = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    state = {k: v for k, v in state.items() if k not in shape_mismatch}
-    result = module.load_state_dict(state, strict=False)
-    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys) + shape_mismatch
-    log.info(
-        "loaded %s: %d tensors, %d missing, %d unexpected/skipped%s",
-        path,
-        len(state) - len(result.unexpected_keys),
-        len(missing),
-        len(unexpected),
-        f" (e.g. missing {missing[:3]}, skipped {unexpected[:3]})" if missing or unexpected else "",
-    )
-    if len(state) == len(result.unexpected_keys):
-        raise CheckpointError(f"{path}: none of its keys match the backbone (first keys: {list(state)[:3]})")
-    return missing, unexpected
 
 
 def freeze(modules) -> None:
@@ -235,32 +145,6 @@ class TimmBackbone(FreezableBackbone):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.body(x))
-
-
-def build_backbone(cfg) -> nn.Module:
-    """``cfg`` is a :class:`i3cl_core.config.BackboneConfig`."""
-    name = cfg.name
-    if name in TORCHVISION_RESNETS:
-        backbone = ResNetBackbone(name, cfg.frozen_stages, cfg.norm_eval)
-    elif name.startswith("timm:"):
-        backbone = TimmBackbone(name[5:], cfg.frozen_stages, cfg.norm_eval)
-    elif name == "vitaev2_s":
-        from i3cl_core.model.vitae import ViTAEv2Backbone
-
-        backbone = ViTAEv2Backbone(
-            drop_path_rate=cfg.drop_path_rate,
-            grad_checkpointing=cfg.grad_checkpointing,
-            frozen_stages=cfg.frozen_stages,
-            norm_eval=cfg.norm_eval,
-        )
-    else:
-        raise ValueError(
-            f"model.backbone.name: unknown backbone {name!r}; allowed: {', '.join(TORCHVISION_RESNETS)}, "
-            "timm:<model name>, vitaev2_s"
-        )
-    if cfg.weights:
-        backbone.load_weights(cfg.weights)
-    return backbone
 
 
 class FPN(nn.Module):

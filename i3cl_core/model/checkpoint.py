@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from i3cl_core.model.backbone import CheckpointError
+from i3cl_core.model.errors import CheckpointError, unreadable_checkpoint
 from i3cl_core.utils import atomic_write_bytes
 
 FORMAT = "i3cl-checkpoint"
@@ -43,8 +43,6 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        from i3cl_core.model.errors import unreadable_checkpoint
-
         raise unreadable_checkpoint(path, "checkpoint", e) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(

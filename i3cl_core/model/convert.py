@@ -137,7 +137,7 @@ def convert_state(
     with no counterpart), ``fresh`` (our keys the original lacks, by module), ``missing`` (other
     keys of ours the original lacks), ``shapes`` (shape mismatches) and ``classes`` (C, K).
     """
-    from i3cl_core.model.backbone import CheckpointError
+    from i3cl_core.model.errors import CheckpointError
 
     report: dict = {
         "mapped": 0,
@@ -261,9 +261,9 @@ def read_original(path: str) -> dict[str, torch.Tensor]:
 
 def convert_checkpoint(original_path: str, out_path: str, cfg, echo=print) -> dict:
     """Convert ``original_path`` for the model of ``cfg`` (an I3CLConfig) and write ``out_path``."""
-    from i3cl_core.model.backbone import CheckpointError
     from i3cl_core.model.checkpoint import load_state_strict, save_checkpoint
     from i3cl_core.model.detector import build_model
+    from i3cl_core.model.errors import CheckpointError
 
     original = read_original(original_path)
     cfg.model.backbone.weights = None  # every weight comes from the original

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 
 from i3cl_core.data.polygons import masks_to_polygons, paste_mask  # noqa: F401 (paste_mask: re-exported)
-from i3cl_core.model.backbone import FPN, build_backbone
+from i3cl_core.model.backbone import FPN, TORCHVISION_RESNETS, ResNetBackbone, TimmBackbone
 from i3cl_core.model.intra_cl import IntraCL
 from i3cl_core.model.roi_heads import RoIHeads
 from i3cl_core.model.rpn import I3CLRPN
@@ -33,6 +33,32 @@ from i3cl_core.structures import Instances
 # ImageNet statistics of the release (RGB, 0-255), here on the 0-1 scale
 PIXEL_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)
 PIXEL_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
+
+
+def build_backbone(cfg) -> nn.Module:
+    """``cfg`` is a :class:`i3cl_core.config.BackboneConfig`."""
+    name = cfg.name
+    if name in TORCHVISION_RESNETS:
+        backbone = ResNetBackbone(name, cfg.frozen_stages, cfg.norm_eval)
+    elif name.startswith("timm:"):
+        backbone = TimmBackbone(name[5:], cfg.frozen_stages, cfg.norm_eval)
+    elif name == "vitaev2_s":
+        from i3cl_core.model.vitae import ViTAEv2Backbone
+
+        backbone = ViTAEv2Backbone(
+            drop_path_rate=cfg.drop_path_rate,
+            grad_checkpointing=cfg.grad_checkpointing,
+            frozen_stages=cfg.frozen_stages,
+            norm_eval=cfg.norm_eval,
+        )
+    else:
+        raise ValueError(
+            f"model.backbone.name: unknown backbone {name!r}; allowed: {', '.join(TORCHVISION_RESNETS)}, "
+            "timm:<model name>, vitaev2_s"
+        )
+    if cfg.weights:
+        backbone.load_weights(cfg.weights)
+    return backbone
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -24,7 +24,7 @@ def resolve_data(data: DataParams, wd: Path) -> dict:
 
 
 def _from_params(data: DataParams) -> dict:
-    from i3cl_core.stages import ensure_demo_data
+    from i3cl_core.pipeline.stages import ensure_demo_data
 
     demo = None
     if data.uses_demo():

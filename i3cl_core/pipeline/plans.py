@@ -8,12 +8,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from i3cl_core import variants
 from i3cl_core.config import FuseConfig
+from i3cl_core.pipeline import variants
 from i3cl_core.pipeline.errors import PipelineError, require
 from i3cl_core.pipeline.params import TrainParams
 from i3cl_core.pipeline.workdir import WorkDir
-from i3cl_core.stages import fingerprint
+from i3cl_core.utils import fingerprint
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from i3cl_core import variants
+from i3cl_core.pipeline import variants
 from i3cl_core.pipeline.workdir import WorkDir
 
 # the keys of each model's scores that evaluate returns and summary.json keeps

@@ -11,7 +11,7 @@ Start = Literal["done", "attach", "resume", "fresh"]
 
 def training_start(out: Path, inputs_fingerprint: str, slurm: bool = False) -> Start:
     """How the training into ``out`` starts, given the fingerprint of its inputs (resolved config, annotation
-    files, start checkpoint: :func:`i3cl_core.stages.training_fingerprint`):
+    files, start checkpoint: :func:`i3cl_core.pipeline.stages.training_fingerprint`):
 
     - ``done``: a finished training of the same inputs is there; nothing to do (its checkpoint is the result);
     - ``attach``: a Slurm job of an earlier attempt on the same inputs still runs: follow it, touch nothing;
@@ -20,7 +20,7 @@ def training_start(out: Path, inputs_fingerprint: str, slurm: bool = False) -> S
 
     ``out/inputs.fingerprint`` records the inputs of what the folder holds from now on."""
     from i3cl_core.engine.train import checkpoint_dir
-    from i3cl_core.stages import trained_checkpoint
+    from i3cl_core.pipeline.stages import trained_checkpoint
 
     out = Path(out)
     ckpt_dir = checkpoint_dir(out)

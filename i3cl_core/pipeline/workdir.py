@@ -123,8 +123,8 @@ class WorkDir:
 
     def student_checkpoint(self, ssl_round: int) -> str:
         """The checkpoint of round ``ssl_round``'s (current) student."""
-        from i3cl_core.stages import trained_checkpoint
-        from i3cl_core.variants import model_runs
+        from i3cl_core.pipeline.stages import trained_checkpoint
+        from i3cl_core.pipeline.variants import model_runs
 
         folder = self.student_dir(ssl_round)
         done = [c for c in (trained_checkpoint(d) for _, d in model_runs(folder)) if c is not None]
@@ -145,8 +145,8 @@ class WorkDir:
     def trained_models(self) -> dict[str, str]:
         """``role:name`` -> checkpoint of every finished training (students and controls: their current
         variant), in the order of :meth:`model_folders`."""
-        from i3cl_core.stages import trained_checkpoint
-        from i3cl_core.variants import model_runs
+        from i3cl_core.pipeline.stages import trained_checkpoint
+        from i3cl_core.pipeline.variants import model_runs
 
         models = {}
         for role, folder in self.model_folders():

@@ -344,7 +344,7 @@ def run_ensemble(
 
     from tqdm import tqdm
 
-    from i3cl_core.stages import fingerprint
+    from i3cl_core.utils import fingerprint
 
     if not checkpoints and not extra:
         raise DatasetError("ensemble: give at least one checkpoint (or --extra prediction file)")

@@ -22,7 +22,7 @@ import numpy as np
 
 from i3cl_core.data.errors import DatasetError
 from i3cl_core.data.polygons import coco_bbox, polygon_area
-from i3cl_core.pseudo.fusion import cluster_predictions, pseudo_labels
+from i3cl_core.fusion import cluster_predictions, pseudo_labels
 from i3cl_core.pseudo.report import histogram_png, pr_curve_png
 from i3cl_core.pseudo.sources import load_images, load_model_predictions
 from i3cl_core.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, get_logger, writing

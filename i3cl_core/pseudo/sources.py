@@ -49,7 +49,7 @@ def _image_list(images: list[dict]):
 def _fusion_polygon(instance: list) -> np.ndarray | None:
     """One polygon per prediction: the largest valid part (an RLE mask may trace into several)."""
     from i3cl_core.data.polygons import signed_area
-    from i3cl_core.pseudo.fusion import canonical
+    from i3cl_core.fusion import canonical
 
     best, best_area = None, 0.0
     for part in instance:

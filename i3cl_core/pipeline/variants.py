@@ -169,7 +169,7 @@ def write_lineage(
     flow_run_id: str | None = None,
 ) -> Path:
     """``model_dir/lineage.json``: what this model was made from."""
-    from i3cl_core.stages import fingerprint
+    from i3cl_core.utils import fingerprint
 
     sets = [{**s, "fingerprint": fingerprint(s["ann_file"])} for s in data_sets]
     record = {

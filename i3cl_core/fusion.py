@@ -1,4 +1,6 @@
-"""Weighted Polygon Fusion: the polygon counterpart of Weighted Boxes Fusion.
+"""Weighted Polygon Fusion: the polygon counterpart of Weighted Boxes Fusion. The ensemble's pseudo labels
+(:mod:`i3cl_core.pseudo.fuse`) and the merge of test-time augmented views (:mod:`i3cl_core.infer.predictor`)
+both use it.
 
 Per image, K models each give (polygon, score) predictions; model k has weight w_k.
 

@@ -60,10 +60,10 @@ def sample_panels(wd: Path, data: dict, figs: Path, n: int = 3) -> list[Path]:
     """``n`` unlabeled images (those with the most pseudo labels), teachers / fused / GT side by side."""
     from i3cl_core.data.errors import DatasetError
     from i3cl_core.data.image_io import read_image
+    from i3cl_core.pipeline.variants import pseudo_file as current_pseudo
     from i3cl_core.pipeline.workdir import WorkDir
     from i3cl_core.pseudo.report import side_by_side_png
     from i3cl_core.utils import safe_join
-    from i3cl_core.variants import pseudo_file as current_pseudo
 
     layout = WorkDir(wd)
     pseudo_file = current_pseudo(layout.pseudo_dir())
@@ -126,7 +126,7 @@ def write_summary(wd: Path, summary: dict, data: dict) -> dict:
     if summary.get("scores"):
         bar = f_per_model_png(summary["scores"], figs / "f_per_model.png")
         blocks.append(("F per model on the test split", [("F per model", bar)]))
-    from i3cl_core.variants import pseudo_file
+    from i3cl_core.pipeline.variants import pseudo_file
 
     current = pseudo_file(layout.pseudo_dir())
     report = current.parent / "report.json" if current else layout.pseudo_dir() / "report.json"
@@ -135,7 +135,7 @@ def write_summary(wd: Path, summary: dict, data: dict) -> dict:
         if pr and Path(pr).exists():
             blocks.append(("Pseudo labels over the score threshold", [("PR curve", Path(pr))]))
     curves = []
-    from i3cl_core.variants import model_runs
+    from i3cl_core.pipeline.variants import model_runs
 
     for _, folder in layout.model_folders():
         where = folder.relative_to(wd).as_posix()  # teachers, control, student, rounds/r2/student

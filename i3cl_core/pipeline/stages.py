@@ -7,7 +7,7 @@ One run is one ``work_dir``::
     teachers/<name>/config.yaml, checkpoints/latest.pth, metrics.json, train.log
     predictions/<teacher>/shard_NNNNN.json     COCO results, one file per shard (+ coverage.json)
     pseudo/<key>/train_lossweight.json, report.json, report.md, report_figures/; pseudo/current.json
-    student/<name>/<key>/..., current.json     as teachers, one folder per variant (see i3cl_core.variants)
+    student/<name>/<key>/..., current.json     as teachers, one folder per variant (see i3cl_core.pipeline.variants)
     eval/<model>.json                          P/R/F on the test split
 """
 
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from i3cl_core.pipeline.errors import PipelineError, require
-from i3cl_core.utils import atomic_write_json, get_logger
+from i3cl_core.utils import atomic_write_json, fingerprint, get_logger
 
 log = get_logger("pipeline")
 PIPELINE_VERSION = 1
@@ -93,24 +93,6 @@ def check_result_records(wd: Path) -> int:
                 "came from"
             )
     return n
-
-
-def fingerprint(*paths) -> str:
-    """SHA-1 over the contents of files (folders: all their files, sorted); missing paths count as
-    absent. Used in cache keys so that a changed input file invalidates what was computed from it."""
-    h = hashlib.sha1()
-    for p in paths:
-        p = Path(p)
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-        for f in files:
-            h.update(str(f.name).encode())
-            if not f.exists():
-                h.update(b"<absent>")
-                continue
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ data
