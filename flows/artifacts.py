@@ -89,7 +89,7 @@ def pseudo_label_artifacts(variant_dir: Path, summary: dict, ssl_round: int = 1)
             }
             for r in quality["table"]
         ]
-    selection = report.get("keep_thr_selection") or {}
+    selection = summary.get("keep_thr_selection") or report.get("keep_thr_selection") or {}
     rows.append(
         {
             "stat": "keep_thr",

@@ -592,6 +592,7 @@ def test_keep_thr_is_chosen_on_the_validation_split_without_the_unlabeled_ground
     assert dontcare and all(0.3 <= a["score"] < chosen["keep_thr"] and a["lossweight"] == 0 for a in dontcare)
     report = json.loads((out.parent / "report.json").read_text())
     assert report["keep_thr_selection"]["chosen_on"] == str(val_json) and "quality" not in report
+    assert s["keep_thr_selection"] == report["keep_thr_selection"]  # returned as a value, written once
 
     # switched off: keep_thr as given (0.05 lets the false positives through)
     s_off = fuse_stage(

@@ -364,7 +364,6 @@ def fuse_stage(
     if cfg.auto_keep_thr and val_members and val_ann_file:
         chosen = choose_fusion(val_members, val_ann_file, cfg)
         cfg = with_keep_thr(cfg.model_copy(update={"min_votes": chosen["min_votes"]}), chosen["keep_thr"])
-    summary = fuse_predictions(members, images_json, out, cfg, gt=gt, img_root=img_root, progress=False)
     selection = {
         "keep_thr": cfg.keep_thr,
         "min_votes": cfg.min_votes,
@@ -373,15 +372,22 @@ def fuse_stage(
         "val_sweep": chosen["sweep"] if chosen else None,
         "val_by_min_votes": chosen["by_min_votes"] if chosen else None,
     }
-    report_path = Path(summary["report"])
-    report = json.loads(report_path.read_text())
-    report["keep_thr_selection"] = selection
-    atomic_write_json(report_path, report, indent=2)
+    summary = fuse_predictions(
+        members,
+        images_json,
+        out,
+        cfg,
+        gt=gt,
+        img_root=img_root,
+        progress=False,
+        report_extra={"keep_thr_selection": selection},
+    )
     return {
         **summary,
         "keep_thr": cfg.keep_thr,
         "min_votes": cfg.min_votes,
         "keep_thr_chosen_on": selection["chosen_on"],
+        "keep_thr_selection": selection,
     }
 
 

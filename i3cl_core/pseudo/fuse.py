@@ -147,8 +147,10 @@ def fuse_predictions(
     progress: bool = True,
     samples: int = 4,
     allow_empty: bool = False,
+    report_extra: dict | None = None,
 ) -> dict:
-    """Fuse K models' predictions over the images of ``images_json`` into ``out`` (a COCO json)."""
+    """Fuse K models' predictions over the images of ``images_json`` into ``out`` (a COCO json), with
+    ``report.json`` beside it (``report_extra``: more sections for it, such as how keep_thr was chosen)."""
     t0 = time.time()
     images = load_images(images_json)
     k = len(sources)
@@ -214,6 +216,7 @@ def fuse_predictions(
             gt,
             img_root or _default_root(images_json),
             samples,
+            report_extra,
         )
     )
     log.info(
@@ -234,7 +237,7 @@ def _default_root(images_json: str) -> str:
 
 # ------------------------------------------------------------------------------------ report
 def write_report(
-    dataset, summary, report_dir: Path, sources, models, all_clusters, gt, img_root, samples
+    dataset, summary, report_dir: Path, sources, models, all_clusters, gt, img_root, samples, extra=None
 ) -> Path:
     anns = dataset["annotations"]
     kept = [a for a in anns if not a["iscrowd"]]
@@ -275,6 +278,7 @@ def write_report(
         report["figures"]["pr_curve"] = str(pngs["pr_curve"])
     sample_paths = _draw_samples(dataset, img_root, figs, samples)
     report["samples"] = [str(p) for p in sample_paths]
+    report.update(extra or {})
     atomic_write_json(report_dir / "report.json", report, indent=2)
     md = [
         "# Pseudo labels",
