@@ -370,7 +370,8 @@ def fuse_stage(
         "chosen_on": val_ann_file if chosen else None,
         "val": chosen["val"] if chosen else None,
         "val_sweep": chosen["sweep"] if chosen else None,
-        "val_by_min_votes": chosen["by_min_votes"] if chosen else None,
+        # keys as JSON writes them (report.json, the flow's persisted result): strings
+        "val_by_min_votes": {str(k): v for k, v in chosen["by_min_votes"].items()} if chosen else None,
     }
     summary = fuse_predictions(
         members,
