@@ -19,7 +19,7 @@ field             meaning
 ================  ==============================================================================
 
 The detector's heads build ``Instances`` of their own over sampled anchors and RoIs (``labels``,
-``matched_boxes`` / ``regression_targets``, ``lossweight`` copied from the matched ground truth).
+``gt_boxes`` / ``regression_targets``, ``lossweight`` copied from the matched ground truth).
 """
 
 from __future__ import annotations

@@ -46,7 +46,10 @@ log = get_logger("data")
 
 
 @dataclass
-class Instance:
+class TextInstance:
+    """One ground-truth text instance of a dataset image, as the loader keeps it (the model sees the image's
+    instances together as :class:`~i3cl_core.structures.Instances`)."""
+
     parts: list  # list of (K, 2) float32 polygons
     iscrowd: bool
     lossweight: float
@@ -60,7 +63,7 @@ class ImageRecord:
     file_name: str
     width: int
     height: int
-    instances: list[Instance]
+    instances: list[TextInstance]
     source: int  # index of the (ann_file, img_root) pair
 
 
@@ -221,7 +224,7 @@ def load_coco_records(
         if repaired:
             report.repaired += 1
             report.note("repaired", ann_id)
-        record.instances.append(Instance(parts, is_dontcare, float(weight), int(ann_id) if isinstance(ann_id, int) else -1))
+        record.instances.append(TextInstance(parts, is_dontcare, float(weight), int(ann_id) if isinstance(ann_id, int) else -1))
         if is_dontcare:
             report.dontcare += 1
         else:

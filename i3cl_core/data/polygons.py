@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 Polygon = np.ndarray  # (K, 2) float32
-Instance = list  # list[Polygon]
+Parts = list  # list[Polygon]: the parts of one instance (COCO allows several)
 
 
 @dataclass
@@ -55,11 +55,11 @@ def polygon_area(poly: Polygon) -> float:
     return abs(signed_area(poly))
 
 
-def instance_area(parts: Instance) -> float:
+def instance_area(parts: Parts) -> float:
     return float(sum(polygon_area(p) for p in parts))
 
 
-def instance_box(parts: Instance) -> np.ndarray:
+def instance_box(parts: Parts) -> np.ndarray:
     """Axis-aligned box (x1, y1, x2, y2) around all parts."""
     pts = np.concatenate(parts, axis=0)
     return np.array([pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()], dtype=np.float32)
@@ -121,7 +121,7 @@ def repair_polygon(poly, keep: str = "largest", dtype=np.float32) -> RepairResul
     return RepairResult(parts if keep == "all" else parts[:1], "repaired")
 
 
-def clip_instance(parts: Instance, width: float, height: float) -> Instance:
+def clip_instance(parts: Parts, width: float, height: float) -> Parts:
     """Intersect an instance with the image rectangle [0, width] x [0, height]."""
     pts = np.concatenate(parts, axis=0)
     if pts[:, 0].min() >= 0 and pts[:, 1].min() >= 0 and pts[:, 0].max() <= width and pts[:, 1].max() <= height:
@@ -139,7 +139,7 @@ def clip_instance(parts: Instance, width: float, height: float) -> Instance:
     return out
 
 
-def rasterize_instance(parts: Instance, height: int, width: int) -> np.ndarray:
+def rasterize_instance(parts: Parts, height: int, width: int) -> np.ndarray:
     """Binary uint8 mask (H, W) of an instance, through pycocotools (the COCO convention)."""
     from pycocotools import mask as mask_utils
 

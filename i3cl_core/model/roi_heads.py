@@ -196,7 +196,7 @@ class RoIHeads(nn.Module):
         """Per image, the sampled RoIs as :class:`Instances` (positives first): ``boxes``, ``labels``,
         ``regression_targets``, ``lossweight`` (the matched GT's for positives, the image's
         ``background_weight`` for negatives) and
-        ``matched_index`` (the matched GT instance, -1 for negatives)."""
+        ``gt_index`` (the matched GT instance, -1 for negatives)."""
         out = []
         for props, t in zip(proposals, targets):
             gt = t["instances"]
@@ -221,11 +221,11 @@ class RoIHeads(nn.Module):
             keep = torch.where(pos | neg)[0]
             # positives first (each group in index order): the mask branch takes them in this order
             keep = keep[torch.argsort((labels[keep] <= 0).to(torch.uint8), stable=True)]
-            rois = Instances(boxes=props, labels=labels, matched_index=matched)[keep]
+            rois = Instances(boxes=props, labels=labels, gt_index=matched)[keep]
             positive = rois.labels > 0
             background = torch.full_like(rois.boxes[:, 0], float(t.get("background_weight", 1.0)))
             if len(gt):
-                idx = rois.matched_index.clamp(min=0)
+                idx = rois.gt_index.clamp(min=0)
                 rois.lossweight = torch.where(positive, gt.lossweight.to(props)[idx], background)
                 rois.regression_targets = self.box_coder.encode_single(gt_boxes[idx], rois.boxes)
             else:
@@ -261,7 +261,7 @@ class RoIHeads(nn.Module):
                 polygons = t["instances"].polygons
                 mask_targets.append(
                     polygon_mask_targets(
-                        [polygons[j] for j in positives.matched_index.tolist()], positives.boxes, 28
+                        [polygons[j] for j in positives.gt_index.tolist()], positives.boxes, 28
                     )
                 )
             mask_logits = self.mask_forward(features, pos_boxes, image_sizes, padded_hw)

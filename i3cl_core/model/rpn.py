@@ -105,18 +105,18 @@ class I3CLRPN(RegionProposalNetwork):
 
     def assign(self, anchors: Tensor, target: dict) -> Instances:
         """The anchors of one image as :class:`Instances`: ``labels`` (1 positive, 0 negative, -1 ignored),
-        ``matched_boxes`` (the matched GT box; any box for negatives) and ``lossweight`` (the matched GT's;
+        ``gt_boxes`` (the matched GT box; any box for negatives) and ``lossweight`` (the matched GT's;
         the image's ``background_weight``, default 1, for negatives)."""
         gt = target["instances"]
         background = float(target.get("background_weight", 1.0))
         if len(gt) == 0:
             labels = torch.zeros(anchors.shape[0], dtype=torch.float32, device=anchors.device)
-            matched_boxes = torch.zeros_like(anchors)
+            gt_boxes = torch.zeros_like(anchors)
             lossweight = torch.full_like(labels, background)
         else:
             matches = self.proposal_matcher(box_iou(gt.boxes, anchors))
             idx = matches.clamp(min=0)
-            matched_boxes = gt.boxes[idx]
+            gt_boxes = gt.boxes[idx]
             labels = (matches >= 0).to(torch.float32)
             labels[matches == self.proposal_matcher.BELOW_LOW_THRESHOLD] = 0.0
             labels[matches == self.proposal_matcher.BETWEEN_THRESHOLDS] = -1.0
@@ -125,7 +125,7 @@ class I3CLRPN(RegionProposalNetwork):
             )
         if self.ignore_dontcare:
             labels[dontcare_mask(anchors, dontcare_boxes(target), self.dontcare_iof_thr)] = -1.0
-        return Instances(labels=labels, matched_boxes=matched_boxes, lossweight=lossweight)
+        return Instances(labels=labels, gt_boxes=gt_boxes, lossweight=lossweight)
 
     def filter_proposals(
         self,
@@ -179,7 +179,7 @@ class I3CLRPN(RegionProposalNetwork):
             assigned = []
             for anchors_i, t in zip(anchors, targets):
                 a = self.assign(anchors_i, t)
-                a.regression_targets = self.box_coder.encode_single(a.matched_boxes, anchors_i)
+                a.regression_targets = self.box_coder.encode_single(a.gt_boxes, anchors_i)
                 assigned.append(a)
             sampled = [
                 balanced_sample(

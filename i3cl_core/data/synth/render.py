@@ -32,7 +32,9 @@ MAX_OVERLAP = 0.03  # intersection / smaller polygon area allowed between two in
 
 
 @dataclass
-class Instance:
+class RenderedText:
+    """One word as the generator drew it: its text, polygon and the alpha masks it was composited with."""
+
     text: str
     polygon: np.ndarray  # (K, 2) in image coords, clockwise on screen
     ink: np.ndarray  # float32 alpha of the glyph fill, image-sized ROI below
@@ -267,7 +269,7 @@ def render_sample(
     short = min(w, h)
 
     target = int(geo.integers(MIN_INSTANCES, MAX_INSTANCES + 1))
-    placed: list[Instance] = []
+    placed: list[RenderedText] = []
     shapes: list[Any] = []
     attempts = 0
     while len(placed) < target and attempts < 4 * target:
@@ -329,7 +331,7 @@ def render_sample(
 
         ink = warp(mask)
         out = warp(outline) if outline is not None else None
-        placed.append(Instance(text, poly, ink, out, (x0, y0, x1, y1), dontcare, {"dc": dc_kind}))
+        placed.append(RenderedText(text, poly, ink, out, (x0, y0, x1, y1), dontcare, {"dc": dc_kind}))
         shapes.append(shape)
 
     debug_masks = []
@@ -353,7 +355,7 @@ def render_sample(
     return img, anns, {"ink": full_masks, "text_layer": layer}
 
 
-def _composite(canvas: np.ndarray, inst: Instance, pix: np.random.Generator) -> np.ndarray:
+def _composite(canvas: np.ndarray, inst: RenderedText, pix: np.random.Generator) -> np.ndarray:
     """Blend one instance into ``canvas`` in place; return its ink mask (ROI-sized, bool)."""
     import cv2
 
@@ -391,7 +393,7 @@ def _composite(canvas: np.ndarray, inst: Instance, pix: np.random.Generator) -> 
     return ink_mask
 
 
-def _occlude(canvas: np.ndarray, placed: list[Instance], pix: np.random.Generator) -> None:
+def _occlude(canvas: np.ndarray, placed: list[RenderedText], pix: np.random.Generator) -> None:
     """Random filled shapes partly over some instances (poles, leaves, stickers...)."""
     import cv2
 
@@ -435,7 +437,7 @@ def _finish(canvas: np.ndarray, pix: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _annotation(inst: Instance) -> dict:
+def _annotation(inst: RenderedText) -> dict:
     poly = np.round(inst.polygon.astype(np.float64), 2)
     xs, ys = poly[:, 0], poly[:, 1]
     x0, y0 = float(xs.min()), float(ys.min())
