@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 
+from i3cl_core.cli.options import add_set_option
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config whose data sets to check")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_set_option(parser)
     parser.add_argument("--workers", type=int, default=8, help="threads (default 8)")
     parser.add_argument(
         "--decode", action="store_true", help="decode every pixel (finds truncated files; slower)"

@@ -6,17 +6,12 @@ import argparse
 
 import yaml
 
+from i3cl_core.cli.options import add_set_option
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML config file (may name _base_ files)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one key, e.g. --set train.lr=0.001 (repeatable)",
-    )
+    add_set_option(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from i3cl_core.cli.options import add_set_option
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("original", help="checkpoint of the original mmdetection I3CL release (.pth)")
@@ -14,14 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="model config of the original (default: the paper's R50 I3CL); e.g. "
         "configs/_base_/i3cl_r50_fpn.yaml, configs/i3cl_vitae/train.yaml",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override, e.g. --set model.inter_cl=false for a checkpoint without InterCL",
-    )
+    add_set_option(p, "config override, e.g. --set model.inter_cl=false for a checkpoint without InterCL")
 
 
 def run(args: argparse.Namespace) -> int:

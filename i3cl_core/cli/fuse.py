@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from i3cl_core.cli.options import add_set_option
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -25,14 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--out", required=True, help="output COCO json (e.g. work_dir/pseudo/train_lossweight.json)"
     )
     p.add_argument("--config", help="YAML config whose fuse section to start from")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="fuse.KEY=VALUE",
-        help="e.g. --set fuse.iou_thr=0.5 --set fuse.conf_type=max",
-    )
+    add_set_option(p, "e.g. --set fuse.iou_thr=0.5 --set fuse.conf_type=max", metavar="fuse.KEY=VALUE")
     p.add_argument("--gt", help="ground truth of the unlabeled set, to measure pseudo-label quality")
     p.add_argument("--img-root", help="image root of the unlabeled set (for sample pictures)")
     p.add_argument(

@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from i3cl_core.cli.options import add_set_option
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML config (default: the paper's R50 I3CL)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_set_option(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -11,10 +11,12 @@ import argparse
 import json
 from pathlib import Path
 
+from i3cl_core.cli.options import add_set_option
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML training config")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_set_option(p)
     p.add_argument(
         "--work-dir",
         help="output folder (default: work_dirs/<config folder>_<config name>, e.g. "
