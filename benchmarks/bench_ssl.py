@@ -57,14 +57,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from i3cl_core.utils import atomic_write_json, atomic_write_text, terminate_with_parent
+from i3cl_core.utils import atomic_write_json, terminate_with_parent
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = (
@@ -102,38 +101,32 @@ def ensure_data(data: Path, args) -> dict:
 def train(
     config: str, out: Path, sets: list[dict], overrides: list[str], load_from: str | None = None
 ) -> str:
-    """One training (the pipeline's torchrun command), skipped when ``out`` holds a finished run made
-    from the same resolved config and the same input files."""
+    """One training (the pipeline's torchrun command) by the pipeline's rule for its folder
+    (:func:`i3cl_core.pipeline.training.training_start`): a finished run of the same resolved config and input
+    files is reused, an interrupted one resumed, anything else cleared first."""
     from i3cl_core.pipeline.stages import (
         train_command,
         trained_checkpoint,
         training_fingerprint,
         write_train_config,
     )
+    from i3cl_core.pipeline.training import training_start
 
-    stamp = out / "inputs.fingerprint"
-    previous = stamp.read_text() if stamp.exists() else None
     cfg_path = write_train_config(config, out, sets, overrides, load_from)
-    fp = training_fingerprint(cfg_path, sets, load_from)
-    ckpt = trained_checkpoint(out)
-    if ckpt is not None and previous == fp:
-        return str(ckpt)
-    for name in ("checkpoints", "metrics.json", "metrics.jsonl"):
-        p = out / name
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    cfg_path = write_train_config(config, out, sets, overrides, load_from)
+    start = training_start(out, training_fingerprint(cfg_path, sets, load_from))
+    if start == "done":
+        return str(trained_checkpoint(out))
     t0 = time.time()
-    with open(out / "train.log", "w", encoding="utf-8") as log:
+    with open(out / "train.log", "a" if start == "resume" else "w", encoding="utf-8") as log:
         rc = subprocess.run(
-            train_command(cfg_path, out),
+            train_command(cfg_path, out, resume=start == "resume"),
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
             preexec_fn=terminate_with_parent,
         ).returncode
     if rc != 0:
-        sys.exit(f"training {out} failed (exit {rc}); see {out / 'train.log'}")
-    atomic_write_text(stamp, fp)
+        sys.exit(f"training {out} failed (exit {rc}); see {out / 'train.log'} (a rerun resumes it)")
     summary = json.loads((out / "metrics.json").read_text())["summary"]
     print(
         f"  trained {out.relative_to(out.parents[1])}: {summary.get('iterations')} iterations, "
