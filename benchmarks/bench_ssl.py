@@ -114,12 +114,12 @@ def train(
 
     cfg_path = write_train_config(config, out, sets, overrides, load_from)
     start = training_start(out, training_fingerprint(cfg_path, sets, load_from))
-    if start == "done":
+    if start.how == "done":
         return str(trained_checkpoint(out))
     t0 = time.time()
-    with open(out / "train.log", "a" if start == "resume" else "w", encoding="utf-8") as log:
+    with open(out / "train.log", "a" if start.resume else "w", encoding="utf-8") as log:
         rc = subprocess.run(
-            train_command(cfg_path, out, resume=start == "resume"),
+            train_command(cfg_path, out, resume=start.resume),
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,

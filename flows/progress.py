@@ -40,15 +40,15 @@ def _last_match(path: Path, pattern: re.Pattern, tail_bytes: int = 4096):
 
 def scan(work_dir: Path) -> list[Activity]:
     """Every training and every ensemble model of the work dir that has started, with its progress."""
-    from i3cl_core.pipeline.variants import model_runs
-    from i3cl_core.pipeline.workdir import WorkDir
+    from i3cl_core.pipeline.workdir import WorkDir, model_runs
 
     wd = Path(work_dir)
     layout = WorkDir(wd)
     out = []
     runs = []
     for _, folder in layout.model_folders():
-        runs += [(f"{folder.relative_to(wd)}/{name}", p) for name, p in model_runs(folder, running=True)]
+        where = folder.relative_to(wd).as_posix().removeprefix("rounds/")  # teachers, student, r2/student
+        runs += [(f"{where}/{name}", p) for name, p in model_runs(folder, running=True)]
     for name, run in runs:
         m = _last_match(run / "train.log", TRAIN_LINE)
         if m is None:

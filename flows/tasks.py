@@ -90,11 +90,13 @@ def train_model(
     )
     logger = get_run_logger()
     out = Path(out_dir)
-    start = training_start(out, inputs_fingerprint, slurm=isinstance(launch, SlurmLauncher))
-    if start == "done":
+    slurm = isinstance(launch, SlurmLauncher)
+    world_size = nproc_per_node * (launch.nodes if slurm else launch.nnodes)
+    start = training_start(out, inputs_fingerprint, world_size, slurm=slurm)
+    if start.how == "done":
         logger.info("%s: a finished training of the same inputs is in %s; reused", name, out)
         return str(stages.trained_checkpoint(out))
-    resume, attach = start == "resume", start == "attach"
+    resume, attach = start.resume, start.how == "attach"
     progress_id = create_progress_artifact(0.0, key=f"train-{slug(name)}", description=f"training {name}")
     epoch = {"seen": 0}
     with open(out / "train.log", "a", encoding="utf-8") as log_file:

@@ -16,7 +16,7 @@ from conftest import ensemble_work_dir, random_teachers
 
 from i3cl_core.pipeline.errors import PipelineError, require
 from i3cl_core.pipeline.stages import PIPELINE_VERSION, check_work_dir
-from i3cl_core.pipeline.variants import current_model_dir
+from i3cl_core.pipeline.workdir import current_model_dir
 from i3cl_core.utils import fingerprint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ def test_rounds_live_under_rounds_in_numeric_order(tmp_path):
     wd = WorkDir(tmp_path)
     assert wd.round_dir(1) == tmp_path and wd.predictions(1, "val") == tmp_path / "predictions_val"
     assert wd.pseudo_dir(3) == tmp_path / "rounds" / "r3" / "pseudo"
-    for r in ("r10", "r2", "rx"):
+    for r in ("r10", "r2", "rx", "r0", "r1", "r02"):
         (tmp_path / "rounds" / r).mkdir(parents=True)
     assert wd.later_rounds() == [2, 10]
     assert [role for role, _ in wd.model_folders()] == [
@@ -33,7 +33,7 @@ def test_rounds_live_under_rounds_in_numeric_order(tmp_path):
         "student-r10",
     ]
     assert wd.prediction_dirs()[-1] == tmp_path / "rounds" / "r10" / "predictions"
-    with pytest.raises(ValueError, match="ssl_round: must be >= 1"):
+    with pytest.raises(PipelineError, match="ssl_round: must be >= 1"):
         wd.round_dir(0)
     with pytest.raises(ValueError, match="split"):
         wd.predictions(1, "test")
@@ -58,16 +58,19 @@ def test_later_stages_find_the_teachers_and_students_or_say_which_stage_to_run(t
 
 
 def test_a_training_folder_is_reused_resumed_or_cleared_by_its_inputs(tmp_path):
-    from i3cl_core.pipeline.training import training_start
+    from i3cl_core.pipeline.training import TrainingStart, training_start
 
     out = tmp_path / "teacher_a"
-    assert training_start(out, "a") == "fresh" and (out / "inputs.fingerprint").read_text() == "a"
+    assert training_start(out, "a").how == "fresh" and (out / "inputs.fingerprint").read_text() == "a"
     (out / "checkpoints").mkdir()
     (out / "checkpoints" / "latest.pth").write_bytes(b"")
-    assert training_start(out, "a") == "resume"  # interrupted: no metrics.json yet
-    (out / "metrics.json").write_text("{}")
-    assert training_start(out, "a") == "done"  # finished on the same inputs: nothing removed
+    assert training_start(out, "a") == TrainingStart("resume", True)  # interrupted: no metrics.json yet
+    (out / "metrics.json").write_text(json.dumps({"summary": {"world_size": 1}}))
+    assert training_start(out, "a").how == "done"  # finished on the same inputs: nothing removed
     assert (out / "checkpoints" / "latest.pth").exists()
-    assert training_start(out, "b") == "fresh"  # other inputs: the old training goes
+    assert training_start(out, "a", world_size=4).how == "fresh"  # on 4 processes: another batch, retrained
+    (out / "checkpoints" / "latest.pth").write_bytes(b"")
+    (out / "metrics.json").write_text(json.dumps({"summary": {"world_size": 1}}))
+    assert training_start(out, "b").how == "fresh"  # other inputs: the old training goes
     assert not (out / "checkpoints" / "latest.pth").exists() and not (out / "metrics.json").exists()
     assert (out / "inputs.fingerprint").read_text() == "b"

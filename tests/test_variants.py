@@ -77,7 +77,8 @@ def test_runs_cli(tmp_path, capsys):
 
 
 def test_students_are_kept_per_variant_and_old_layouts_still_load(tmp_path):
-    from i3cl_core.pipeline.variants import current_model_dir, model_runs, set_current
+    from i3cl_core.pipeline.variants import set_current
+    from i3cl_core.pipeline.workdir import current_model_dir, model_runs
 
     legacy = tmp_path / "student" / "old"
     (legacy / "checkpoints").mkdir(parents=True)  # trained before variants: the folder itself

@@ -80,6 +80,13 @@ def run(args: argparse.Namespace) -> int:
                 "--engine onnxruntime"
             )
         source = args.checkpoint
+    if args.engine == "torch":
+        from i3cl_core.devices import resolve_device
+
+        try:  # a bad device name is refused before any work, naming the option
+            resolve_device(args.device, "--device")
+        except ValueError as e:
+            raise DatasetError(str(e)) from None
     items = collect_images(args.images, args.img_root)
     if not items:
         raise DatasetError(f"{args.images}: no images found")

@@ -200,7 +200,7 @@ def load_coco_records(
             else _bbox_parts(ann.get("bbox"), ann_id, ann_file)
         )
         if any(np.isfinite(poly).all() and far_outside(poly, record.width, record.height) for poly in raw_parts):
-            # before the repair: in float32, points far out (1e12) merge and would read as "too few points"
+            # before the repair: in float32, points far out (1e12) merge and would read as "zero area"
             report.note("far_outside_image", ann_id)  # e.g. coordinates of another scale or file
             continue
         parts, repaired, reasons = [], False, []

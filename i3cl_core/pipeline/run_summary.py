@@ -135,7 +135,7 @@ def write_summary(wd: Path, summary: dict, data: dict) -> dict:
         if pr and Path(pr).exists():
             blocks.append(("Pseudo labels over the score threshold", [("PR curve", Path(pr))]))
     curves = []
-    from i3cl_core.pipeline.variants import model_runs
+    from i3cl_core.pipeline.workdir import model_runs
 
     for _, folder in layout.model_folders():
         where = folder.relative_to(wd).as_posix()  # teachers, control, student, rounds/r2/student

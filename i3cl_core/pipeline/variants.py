@@ -9,7 +9,7 @@ re-fusing with earlier parameters finds that variant again. Nothing is overwritt
 Trained students and controls are kept the same way: ``student/<name>/<key>/`` (and
 ``control/<name>/<key>/``), ``key`` a fingerprint of what the training starts from (the pseudo-label
 variant, the model spec and overrides, the start checkpoint), with ``student/<name>/current.json``
-naming the one downstream stages use (:func:`current_model_dir`). Re-training after a re-fusion adds a
+naming the one downstream stages use (:func:`i3cl_core.pipeline.workdir.current_model_dir`). Re-training after a re-fusion adds a
 folder; the earlier student, its lineage and its test score stay.
 
 A work dir made before variants existed (``pseudo/train_lossweight.json``, ``student/<name>/checkpoints``
@@ -28,9 +28,9 @@ import shutil
 import time
 from pathlib import Path
 
+from i3cl_core.pipeline.workdir import CURRENT, WorkDir
 from i3cl_core.utils import atomic_write_json
 
-CURRENT = "current.json"
 LEGACY = "legacy"
 
 
@@ -60,31 +60,6 @@ def current_variant(stage_dir: Path) -> str | None:
     if (stage_dir / "train_lossweight.json").exists():
         return LEGACY
     return None
-
-
-def current_model_dir(model_root: Path) -> Path:
-    """The folder of the current variant of a student or control (``student/<name>/<key>/``, as
-    ``current.json`` names it), or ``model_root`` itself for one trained before variants existed."""
-    model_root = Path(model_root)
-    f = model_root / CURRENT
-    return model_root / json.loads(f.read_text())["variant"] if f.exists() else model_root
-
-
-def model_runs(stage_dir: Path, running: bool = False) -> list[tuple[str, Path]]:
-    """``(name, folder)`` of every model under ``stage_dir`` (``student/``, ``control/``, ``teachers/``):
-    its current variant; with ``running`` also the variants that are still training."""
-    stage_dir = Path(stage_dir)
-    out = []
-    for root in sorted(p for p in stage_dir.glob("*") if p.is_dir()) if stage_dir.exists() else []:
-        current = current_model_dir(root)
-        out.append((root.name, current))
-        if running and (root / CURRENT).exists():
-            out += [
-                (f"{root.name}@{v.name}", v)
-                for v in sorted(p for p in root.glob("*") if p.is_dir())
-                if v != current and (v / "train.log").exists() and not (v / "metrics.json").exists()
-            ]
-    return out
 
 
 def pseudo_file(stage_dir: Path, variant: str | None = None) -> Path | None:
@@ -194,13 +169,7 @@ def _lineages(work_dir: Path) -> list[tuple[Path, dict]]:
 
 
 def _pseudo_dirs(work_dir: Path) -> list[Path]:
-    wd = Path(work_dir)
-    dirs = (
-        [wd / "pseudo"] + sorted(p / "pseudo" for p in (wd / "rounds").glob("r*"))
-        if (wd / "rounds").exists()
-        else [wd / "pseudo"]
-    )
-    return [d for d in dirs if d.exists()]
+    return [d for d in WorkDir(work_dir).pseudo_dirs() if d.exists()]
 
 
 def compare(work_dir: Path) -> list[dict]:

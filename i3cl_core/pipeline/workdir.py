@@ -1,4 +1,4 @@
-"""The layout of a pipeline work dir: this module knows it, the flows, the progress view, the run summary and
+"""The layout of a pipeline work dir: this module knows it; the flows, the progress view, the run summary and
 ``i3cl runs`` ask it.
 
     <work_dir>/
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from i3cl_core.pipeline.errors import PipelineError, require
+
+CURRENT = "current.json"  # in a stage folder: names the variant the next stage uses
 
 
 @dataclass(frozen=True)
@@ -72,14 +74,15 @@ class WorkDir:
     def round_dir(self, ssl_round: int = 1) -> Path:
         """Round 1 lives in the work dir itself; round r > 1 in ``rounds/r<r>/``."""
         if ssl_round < 1:
-            raise ValueError(f"ssl_round: must be >= 1, got {ssl_round}")
+            raise PipelineError(f"ssl_round: must be >= 1, got {ssl_round}")
         return self.root if ssl_round == 1 else self.root / "rounds" / f"r{ssl_round}"
 
     def later_rounds(self) -> list[int]:
-        """The rounds >= 2 that have a folder, in order."""
+        """The rounds >= 2 that have a folder (``rounds/r2``, ``rounds/r10``; stray names such as ``r0``, ``r1``
+        or ``r02`` are not rounds), in order."""
         folder = self.root / "rounds"
         found = [p.name[1:] for p in folder.glob("r*") if p.is_dir()] if folder.exists() else []
-        return sorted(int(r) for r in found if r.isdigit())
+        return sorted(int(r) for r in found if r.isdigit() and int(r) >= 2 and r == str(int(r)))
 
     def predictions(self, ssl_round: int = 1, split: str = "unlabeled") -> Path:
         if split not in ("unlabeled", "val"):
@@ -124,7 +127,6 @@ class WorkDir:
     def student_checkpoint(self, ssl_round: int) -> str:
         """The checkpoint of round ``ssl_round``'s (current) student."""
         from i3cl_core.pipeline.stages import trained_checkpoint
-        from i3cl_core.pipeline.variants import model_runs
 
         folder = self.student_dir(ssl_round)
         done = [c for c in (trained_checkpoint(d) for _, d in model_runs(folder)) if c is not None]
@@ -146,7 +148,6 @@ class WorkDir:
         """``role:name`` -> checkpoint of every finished training (students and controls: their current
         variant), in the order of :meth:`model_folders`."""
         from i3cl_core.pipeline.stages import trained_checkpoint
-        from i3cl_core.pipeline.variants import model_runs
 
         models = {}
         for role, folder in self.model_folders():
@@ -155,3 +156,28 @@ class WorkDir:
                 if ckpt is not None:
                     models[f"{role}:{name}"] = str(ckpt)
         return models
+
+
+def current_model_dir(model_root: Path) -> Path:
+    """The folder of the current variant of a student or control (``student/<name>/<key>/``, as
+    ``current.json`` names it), or ``model_root`` itself for one trained before variants existed."""
+    model_root = Path(model_root)
+    f = model_root / CURRENT
+    return model_root / json.loads(f.read_text())["variant"] if f.exists() else model_root
+
+
+def model_runs(stage_dir: Path, running: bool = False) -> list[tuple[str, Path]]:
+    """``(name, folder)`` of every model under ``stage_dir`` (``student/``, ``control/``, ``teachers/``):
+    its current variant; with ``running`` also the variants that are still training."""
+    stage_dir = Path(stage_dir)
+    out = []
+    for root in sorted(p for p in stage_dir.glob("*") if p.is_dir()) if stage_dir.exists() else []:
+        current = current_model_dir(root)
+        out.append((root.name, current))
+        if running and (root / CURRENT).exists():
+            out += [
+                (f"{root.name}@{v.name}", v)
+                for v in sorted(p for p in root.glob("*") if p.is_dir())
+                if v != current and (v / "train.log").exists() and not (v / "metrics.json").exists()
+            ]
+    return out
