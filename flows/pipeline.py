@@ -50,7 +50,7 @@ from i3cl_core.pipeline.params import (
     RoundParams,
     TrainParams,
 )
-from i3cl_core.pipeline.plans import plan_control, plan_fusion, plan_student
+from i3cl_core.pipeline.plans import finish_split, plan_control, plan_ensemble, plan_fusion, plan_student
 from i3cl_core.pipeline.results import SCORE_KEYS, round_record, run_summary
 from i3cl_core.pipeline.workdir import WorkDir
 from i3cl_core.utils import atomic_write_json, fingerprint
@@ -218,42 +218,24 @@ def ensemble_inference(
     given, for the fusion threshold), one task per (model, shard); finished shards are skipped.
     Round 1's ensemble is the teachers; a later round's is the previous round's student (and the
     teachers with ``with_teachers``)."""
-    if ssl_round < 1:
-        raise PipelineError(f"ssl_round: must be >= 1, got {ssl_round}")
     wd = _open_work_dir(work_dir, create=False)
-    d = resolve_data(data, wd)
-    layout = WorkDir(wd)
-    models = {
-        **layout.ensemble_models(ssl_round, with_teachers),
-        **stages.exported_members(infer.exported_members),
-    }
+    plan = plan_ensemble(WorkDir(wd), resolve_data(data, wd), infer, ssl_round, with_teachers)
+    models = plan.models
     runner, devices = _task_runner(infer)
     if devices:
         print(f"ensemble inference: {len(devices)} worker(s) on {', '.join(devices)}")
-    splits = {"unlabeled": (d["unlabeled_images"], d["unlabeled_root"], layout.predictions(ssl_round))}
-    if d.get("val") and len(infer.extra_members) != len(infer.extra_val_members):
-        raise PipelineError(
-            "infer.extra_members: with a validation split, give the same detectors' predictions on it "
-            "in infer.extra_val_members (same order), so that keep_thr is chosen on the same ensemble"
-        )
-    if d.get("val"):
-        splits["val"] = (d["val"]["ann_file"], d["val"]["img_root"], layout.predictions(ssl_round, "val"))
     result = {}
-    for split, (images, root, pred_root) in splits.items():
-        shards = stages.plan_inference(images, root, infer.shard_size)
-        atomic_write_json(
-            pred_root / "plan.json", {"shards": len(shards), "images": sum(len(x) for x in shards)}
-        )
+    for split in plan.splits:
         try:
             detections = _infer_all.with_options(
-                task_runner=runner, flow_run_name=f"ensemble-inference-shards-{split}"
+                task_runner=runner, flow_run_name=f"ensemble-inference-shards-{split.name}"
             )(
                 str(wd),
-                str(pred_root),
+                str(split.pred_root),
                 models,
-                shards,
+                split.shards,
                 infer,
-                split,
+                split.name,
                 "" if ssl_round == 1 else f"r{ssl_round}-",
                 dask_local=bool(infer.dask_workers),
             )
@@ -261,14 +243,8 @@ def ensemble_inference(
             from i3cl_core.pseudo.ensemble import release_device_workers
 
             release_device_workers()
-        members = [stages.finish_model_predictions(pred_root / name, shards) for name in models]
-        members += stages.extra_members(
-            infer.extra_members if split == "unlabeled" else infer.extra_val_members,
-            shards,
-            pred_root / "extra",
-        )
-        atomic_write_json(pred_root / "members.json", members, indent=2)
-        result[split] = {"members": members, "shards": len(shards), "detections": detections}
+        members = finish_split(split, models)
+        result[split.name] = {"members": members, "shards": len(split.shards), "detections": detections}
     create_table_artifact(
         [
             {"model": n, "split": sp, "shards": r["shards"], "detections": r["detections"][n]}

@@ -1,6 +1,6 @@
-"""What the fusion and student stages will do, decided from the work dir and the settings before anything runs:
-their inputs, the variant key that names their output folder, and the lineage they record. The flows run these
-plans as cached tasks; a script can run them without Prefect."""
+"""What the ensemble, fusion and student stages will do, decided from the work dir and the settings before
+anything runs: their inputs, the folders and variant keys of their outputs, and the lineage they record. The
+flows run these plans as cached tasks; a script can run them without Prefect."""
 
 from __future__ import annotations
 
@@ -11,9 +11,65 @@ from pathlib import Path
 from i3cl_core.config import FuseConfig
 from i3cl_core.pipeline import variants
 from i3cl_core.pipeline.errors import PipelineError, require
-from i3cl_core.pipeline.params import TrainParams
+from i3cl_core.pipeline.params import InferParams, TrainParams
 from i3cl_core.pipeline.workdir import WorkDir
 from i3cl_core.utils import fingerprint
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    name: str  # "unlabeled", or "val" (the labeled validation split, where keep_thr is chosen)
+    pred_root: Path  # predictions/ or predictions_val/ of the round
+    shards: list[list[dict]]  # the split's images, cut into shards (one task per model and shard)
+    extra: list[str]  # other detectors' predictions on this split (infer.extra_members / extra_val_members)
+
+
+@dataclass(frozen=True)
+class EnsemblePlan:
+    models: dict[str, str]  # name -> checkpoint (or exported model) of every ensemble member
+    splits: list[SplitPlan]
+
+
+def plan_ensemble(
+    layout: WorkDir, data: dict, infer: InferParams, ssl_round: int = 1, with_teachers: bool = True
+) -> EnsemblePlan:
+    """Round ``ssl_round``'s ensemble (round 1: the teachers; round r > 1: round r-1's student, plus the
+    teachers with ``with_teachers``; then any exported members) over the unlabeled images and, where the run
+    has one, the validation split; each split's shards recorded in its ``plan.json``."""
+    from i3cl_core.pipeline.stages import exported_members, plan_inference
+    from i3cl_core.utils import atomic_write_json
+
+    models = {**layout.ensemble_models(ssl_round, with_teachers), **exported_members(infer.exported_members)}
+    val = data.get("val")
+    if val and len(infer.extra_members) != len(infer.extra_val_members):
+        raise PipelineError(
+            "infer.extra_members: with a validation split, give the same detectors' predictions on it "
+            "in infer.extra_val_members (same order), so that keep_thr is chosen on the same ensemble"
+        )
+    sources = [("unlabeled", data["unlabeled_images"], data["unlabeled_root"], infer.extra_members)]
+    if val:
+        sources.append(("val", val["ann_file"], val["img_root"], infer.extra_val_members))
+    splits = []
+    for name, images, root, extra in sources:
+        shards = plan_inference(images, root, infer.shard_size)
+        pred_root = layout.predictions(ssl_round, name)
+        atomic_write_json(
+            pred_root / "plan.json", {"shards": len(shards), "images": sum(len(x) for x in shards)}
+        )
+        splits.append(SplitPlan(name, pred_root, shards, list(extra)))
+    return EnsemblePlan(models, splits)
+
+
+def finish_split(split: SplitPlan, models: dict[str, str]) -> list[str]:
+    """The members of one split once its shards are done: each model's predictions checked complete and joined,
+    the extra detectors' converted; listed in the split's ``members.json``, which fusion reads."""
+    from i3cl_core.pipeline.stages import extra_members, finish_model_predictions
+    from i3cl_core.utils import atomic_write_json
+
+    members = [finish_model_predictions(split.pred_root / name, split.shards) for name in models]
+    members += extra_members(split.extra, split.shards, split.pred_root / "extra")
+    atomic_write_json(split.pred_root / "members.json", members, indent=2)
+    return members
 
 
 @dataclass(frozen=True)
