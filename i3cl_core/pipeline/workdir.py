@@ -66,10 +66,6 @@ class WorkDir:
     def summary_figures(self) -> Path:
         return self.root / "summary_figures"
 
-    @property
-    def results_dir(self) -> Path:
-        return self.root / ".prefect-results"
-
     # ------------------------------------------------------------------ rounds
     def round_dir(self, ssl_round: int = 1) -> Path:
         """Round 1 lives in the work dir itself; round r > 1 in ``rounds/r<r>/``."""
