@@ -207,7 +207,8 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
     fuse_cfg = load_config(
         None, [f"fuse.{o}" if not o.startswith("fuse.") else o for o in args.set_fuse]
     ).fuse
-    pseudo = sd / "pseudo" / "train_lossweight.json"
+    vs = f"_{args.variant}" if args.variant else ""  # a lever's run keeps the other runs' labels and arms
+    pseudo = sd / f"pseudo{vs}" / "train_lossweight.json"
     summary = fuse_stage(
         ens_u["members"],
         ens_u["images_json"],
@@ -220,10 +221,10 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
     )
     report = json.loads(Path(summary["report"]).read_text())
     quality, chosen = report["quality"], report["keep_thr_selection"]
-    uniform = uniform_weights(pseudo, sd / "pseudo" / "train_uniform.json")
+    uniform = uniform_weights(pseudo, sd / f"pseudo{vs}" / "train_uniform.json")
     nodc = None
     if "ssl_nodc" in args.arms:
-        nodc = sd / "pseudo_nodc" / "train_lossweight.json"
+        nodc = sd / f"pseudo_nodc{vs}" / "train_lossweight.json"
         fuse_stage(
             ens_u["members"],
             ens_u["images_json"],
@@ -277,7 +278,7 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
     ]
     start = teachers[args.teachers[0]]
     arm_ckpts, t_arms = {}, {}
-    arm_dir = sd / ("arms" if args.protocol == "continue" else f"arms_{args.protocol}")
+    arm_dir = sd / (("arms" if args.protocol == "continue" else f"arms_{args.protocol}") + vs)
     if (
         args.protocol == "scratch"
     ):  # every arm is the first teacher's training with only the added data changed
@@ -303,12 +304,16 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
             t2 = time.time()
             members = [arm_ckpts["ssl"], *teachers.values()]
             e_u = run_ensemble(
-                members, d["unlabeled_images"], sd / "r2_ensemble_unlabeled", img_root=u_root, **ens_kw
+                members, d["unlabeled_images"], sd / f"r2_ensemble_unlabeled{vs}", img_root=u_root, **ens_kw
             )
             e_v = run_ensemble(
-                members, d["val"]["ann_file"], sd / "r2_ensemble_val", img_root=d["val"]["img_root"], **ens_kw
+                members,
+                d["val"]["ann_file"],
+                sd / f"r2_ensemble_val{vs}",
+                img_root=d["val"]["img_root"],
+                **ens_kw,
             )
-            pseudo2 = sd / "r2_pseudo" / "train_lossweight.json"
+            pseudo2 = sd / f"r2_pseudo{vs}" / "train_lossweight.json"
             s2 = fuse_stage(
                 e_u["members"],
                 e_u["images_json"],
@@ -325,7 +330,7 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
             }
             arm_ckpts[arm] = train(
                 "configs/demo/student.yaml",
-                sd / "arms" / arm,
+                arm_dir / arm,
                 d["labeled"] + [{"ann_file": str(pseudo2), "img_root": u_root, "fraction": mix}],
                 [f"train.seed={seed}", *args.arm_schedule, *args.set_arms],
                 load_from=arm_ckpts["ssl"],
@@ -338,7 +343,7 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
             t2 = time.time()
             arm_ckpts[arm] = train(
                 "configs/demo/student.yaml",
-                sd / "arms" / arm,
+                arm_dir / arm,
                 d["labeled"],
                 [f"train.seed={seed}", *args.arm_schedule, *args.set_arms],
                 load_from=arm_ckpts["control"],
@@ -377,6 +382,8 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
             if name.startswith("teacher:") or args.protocol == "continue"
             else f"{args.protocol}_{name}"
         )
+        if not name.startswith("teacher:") and not (name == "control" and args.protocol == "scratch"):
+            stem += vs
         val_thr = evaluated(ckpt, d["val"], sd / "eval" / f"{stem}.val.json")["best_thr"]
         r = evaluated(ckpt, d["test"], sd / "eval" / f"{stem}.json")
         at_val = next(row for row in r["sweep"] if abs(row["score_thr"] - val_thr) < 1e-6)
@@ -420,7 +427,7 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
         },
     }
     atomic_write_json(
-        sd / f"result_{args.protocol}.json" if args.protocol != "continue" else sd / "result.json",
+        sd / (f"result_{args.protocol}{vs}.json" if args.protocol != "continue" else f"result{vs}.json"),
         result,
         indent=2,
     )
@@ -607,10 +614,18 @@ def main() -> None:
         default=0.5,
         help="share of every batch from the unlabeled images (as the pipeline's train.pseudo_fraction)",
     )
+    ap.add_argument(
+        "--variant",
+        default="",
+        help="name of a lever's run: its pseudo labels, arms, evaluations and results go to folders and files "
+        "with this suffix, so the runs of other settings are kept (the teachers and the ensemble are shared)",
+    )
     ap.add_argument("--set-teachers", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--set-arms", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--set-fuse", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
+    if args.variant and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.variant):
+        ap.error(f"--variant {args.variant!r}: letters, digits, '_', '.' and '-' only (it names folders)")
     args.set_teachers = TEACHER_SCHEDULE + args.set_teachers
     args.arm_schedule = ARM_SCHEDULES.get(args.protocol, [])
     if "control_long" in args.arms and args.protocol != "scratch":
@@ -626,11 +641,12 @@ def main() -> None:
             ap.error(f"--arms: {arm} needs the {need} arm")
     print(f"protocol {args.protocol}: {PROTOCOL_TEXT[args.protocol]}", flush=True)
 
+    vs = f"_{args.variant}" if args.variant else ""
     d = ensure_data(Path(args.data), args)
     wd = Path(args.work_dir)
     results = [run_seed(s, d, args, wd) for s in args.seeds]
     atomic_write_json(
-        wd / ("results.json" if args.protocol == "continue" else f"results_{args.protocol}.json"),
+        wd / (f"results{vs}.json" if args.protocol == "continue" else f"results_{args.protocol}{vs}.json"),
         results,
         indent=2,
     )
