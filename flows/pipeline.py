@@ -127,7 +127,7 @@ def _infer_all(
     and keeps it for that model's shards; with Dask each task requests one ``infer.dask_resource``."""
     import contextlib
 
-    from i3cl_core.pseudo.ensemble import Shard
+    from i3cl_core.infer.shards import Shard
 
     storage = result_storage(Path(wd))
     resources = contextlib.nullcontext()
@@ -240,7 +240,7 @@ def ensemble_inference(
                 dask_local=bool(infer.dask_workers),
             )
         finally:  # the models the thread-pool workers kept: free them (and the GPUs) for the trainings
-            from i3cl_core.pseudo.ensemble import release_device_workers
+            from i3cl_core.infer.workers import release_device_workers
 
             release_device_workers()
         members = finish_split(split, models)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from i3cl_core.config import load_config
+from i3cl_core.data.errors import DatasetError
 from i3cl_core.infer.export import art_entries, art_key, coco_result, int_points, txt_lines
 from i3cl_core.infer.run import collect_images, infer_images
 from i3cl_core.model.checkpoint import save_checkpoint
@@ -338,3 +339,51 @@ def test_evaluate_checkpoint_reports_its_threshold_sweep(tmp_path, trained):
     assert res["best_hmean"] == max(r["hmean"] for r in res["sweep"]) > 0
     best = next(r for r in res["sweep"] if r["hmean"] == res["best_hmean"])
     assert abs(best["score_thr"] - res["best_thr"]) < 1e-9
+
+
+def test_one_inference_loop_behind_infer_ensemble_and_evaluation(tmp_path, trained):
+    """``i3cl infer``, an ensemble shard and the evaluation all predict through ``predict_images``: the same
+    polygons and scores for the same model and batch size; an unreadable image is yielded with its error,
+    and the caller's code never runs in inference mode."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from i3cl_core.data.coco import CocoTextDataset
+    from i3cl_core.infer.evaluate import predict_dataset
+    from i3cl_core.infer.loop import predict_images
+    from i3cl_core.infer.precision import load_inference_model
+    from i3cl_core.infer.shards import Shard, run_shard
+
+    model, cfg, _ = load_inference_model(trained["ckpt"], "cpu", "fp32")
+    eps = cfg.infer.polygon_epsilon
+    items = collect_images(trained["data"]["ann_file"], trained["data"]["img_root"])
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    images = [(it.path, f"image {it.image_id}") for it in items]
+    with ThreadPoolExecutor(2) as decoder:
+        seen = []
+        for p in predict_images(model, [images[0], (broken, "image 99"), *images[1:]], eps, decoder=decoder):
+            assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+            seen.append(p)
+    assert [p.index for p in seen] == [0, 1, 2, 3]
+    assert "broken.jpg" in seen[1].error and seen[1].polygons == []
+    loop = {items[k].image_id: p for k, p in zip([0, 1, 2], [seen[0], seen[2], seen[3]])}
+    assert all(p.error is None and (p.height, p.width) == (160, 160) for p in loop.values())
+    assert sum(len(p.polygons) for p in loop.values()) > 0, "the overfitted model finds text"
+
+    def as_results(image_id, polygons, thr):
+        return [coco_result(image_id, poly, s) for poly, s in polygons if s >= thr]
+
+    thr = 0.3
+    want = [r for i, p in loop.items() for r in as_results(i, p.polygons, thr)]
+    infer_images(trained["ckpt"], items, tmp_path / "infer", score_thr=thr, device="cpu", precision="fp32",
+                 visualize=False, progress=False, num_workers=0)  # fmt: skip
+    assert json.loads((tmp_path / "infer" / "results.json").read_text()) == want
+    run_shard(model, Shard(0, items), tmp_path / "shard.json", thr, "cpu", eps)
+    assert json.loads((tmp_path / "shard.json").read_text()) == want
+    ds = CocoTextDataset([(trained["data"]["ann_file"], trained["data"]["img_root"])], train=False)
+    evaluated = predict_dataset(model, ds, "cpu", epsilon=eps)
+    assert [r for i, polys in evaluated.items() for r in as_results(i, polys, thr)] == want
+    # a score covers every image: evaluation refuses an image it cannot read
+    ds.records[1].path = broken
+    with pytest.raises(DatasetError, match="broken.jpg"):
+        predict_dataset(model, ds, "cpu", epsilon=eps)

@@ -326,9 +326,14 @@ def test_two_process_gloo_ddp_matches_one_process(tmp_path, tiny_data):
     # processes the all-reduced (averaged) one. One image's gradient alone differs by up to 0.6 (measured).
     grads = [[st["momentum_buffer"] for _, st in sorted(c["optimizer"]["state"].items())] for c in ckpts]
     assert len(grads[0]) == len(grads[1]) > 0
+    # The two runs sum in different orders (one batch of two padded images vs one image per process), and how
+    # many threads a run has changes that order again: single elements where the gradient nearly cancels differ
+    # by up to 2e-5 of the largest gradient (measured, 1 and 2 threads). A wrong reduction (a sum, one image)
+    # moves whole tensors by far more.
     scale = max(g.abs().max().item() for g in grads[0])
     for g1, g2 in zip(*grads):
-        torch.testing.assert_close(g2, g1, atol=1e-5 * scale, rtol=1e-4)
+        torch.testing.assert_close(g2, g1, atol=2e-4 * scale, rtol=1e-3)
+        assert (g2 - g1).norm() <= 1e-3 * g1.norm() + 1e-6 * scale
     assert_same_weights(ckpts[0]["model"], ckpts[1]["model"], atol=1e-6, rtol=1e-5)
 
 

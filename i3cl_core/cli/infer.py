@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--workers", type=int, default=1, help="image decoding processes")
+    p.add_argument("--workers", type=int, default=1, help="image-decoding threads (0: decode inline)")
     p.add_argument(
         "--precision",
         default="auto",

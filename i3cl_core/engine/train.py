@@ -859,7 +859,7 @@ class Trainer:
 
     def evaluate(self, epoch: int) -> dict:
         """F of the model on the validation set (``train.eval_protocol``), recorded in the history."""
-        from i3cl_core.infer.predictor import evaluate_model
+        from i3cl_core.infer.evaluate import evaluate_model
 
         cfg = self.cfg
         evaluation = evaluate_model(

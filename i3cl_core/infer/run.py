@@ -24,8 +24,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from i3cl_core.data.errors import DatasetError
 from i3cl_core.data.image_io import IMAGE_EXTENSIONS
 from i3cl_core.utils import atomic_write_json, atomic_write_text, get_logger, read_json, safe_join, writing
@@ -133,40 +131,6 @@ def _unique_names(items: list[ImageItem], spec: str) -> list[ImageItem]:
         it.file_name = Path(os.path.relpath(os.path.abspath(it.path), common)).as_posix()
     log.info("%s: images share base names; naming them by their path under %s", spec, common)
     return items
-
-
-class ImageDataset:
-    """Decodes images in DataLoader workers: ``(index, float tensor [3, H, W] in [0, 1], RGB array or
-    None, error)``; a failure becomes an error string, not an exception. ``keep_rgb``: also return the
-    decoded array (for drawing), else None."""
-
-    def __init__(self, items: list[ImageItem], keep_rgb: bool = False, as_tensor: bool = True):
-        self.items = items
-        self.keep_rgb = keep_rgb
-        self.as_tensor = as_tensor  # False: the RGB array in place of the tensor (the torch-free engine)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        from i3cl_core.data.image_io import read_image
-
-        item = self.items[i]
-        try:
-            rgb = read_image(item.path, f"image {item.image_id}")
-        except DatasetError as e:
-            return i, None, None, str(e)
-        if not self.as_tensor:
-            return i, rgb, rgb if self.keep_rgb else None, None
-        import torch
-
-        tensor = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float().div_(255.0)
-        return i, tensor, rgb if self.keep_rgb else None, None
-
-
-def collate_items(batch):
-    """DataLoader collate: the list of ImageDataset entries as it is (images differ in size)."""
-    return batch
 
 
 def _file_stats(path: str) -> list:
@@ -287,27 +251,29 @@ def infer_images(
     engine: str = "torch",
     threads: int | None = None,
 ) -> dict:
-    """Run one checkpoint over ``items``; returns a summary (counts, seconds, failures). ``precision``:
+    """Run one checkpoint over ``items`` by the one inference loop (:func:`~i3cl_core.infer.loop.predict_images`,
+    ``num_workers`` decoding threads, ``batch_size`` images per forward pass); returns a summary (counts,
+    seconds, failures). ``precision``:
     see :mod:`i3cl_core.infer.precision` (ignored when a ``model`` is given). ``engine="onnxruntime"``:
     ``checkpoint`` is a file from ``i3cl export``, run by :class:`~i3cl_core.deploy.onnx_runtime.OnnxDetector`
     on ``threads`` CPU threads without importing torch (``device``, ``precision`` and ``batch_size`` do not
     apply; ``model_overrides`` may set the test sides)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
     from i3cl_core.infer.export import art_entries, coco_result, draw_results, txt_lines
+    from i3cl_core.infer.loop import predict_images
 
     if engine not in ENGINES:
         raise DatasetError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     check_output_names(items)
     out = Path(out_dir)
     if engine == "onnxruntime":
-        predict, batches, eps, prec, image_hw = _onnx_engine(
-            checkpoint, epsilon, model_overrides, threads, visualize, model
-        )
+        model, dev, eps, prec = _onnx_engine(checkpoint, epsilon, model_overrides, threads, model)
+        batch_size = 1
     else:
-        predict, batches, eps, prec, image_hw = _torch_engine(
-            checkpoint, epsilon, model_overrides, device, precision, model, batch_size, num_workers, visualize
-        )
+        model, dev, eps, prec = _torch_engine(checkpoint, epsilon, model_overrides, device, precision, model)
     manifest = {
         "checkpoint": _file_stats(checkpoint) if checkpoint else None,
         "score_thr": score_thr,
@@ -336,30 +302,31 @@ def infer_images(
         disable=not progress,
         dynamic_ncols=True,
     )
-    for batch in batches([items[i] for i in todo]):
-        good = [(j, x, rgb) for j, x, rgb, err in batch if err is None]
-        for _, _, _, err in batch:
-            if err is not None:
-                failures.append(err)
-                log.warning("skipping %s", err)
-        if good:
-            outputs = predict([x for _, x, _ in good])
-            for (j, x, rgb), polygons in zip(good, outputs):
-                item = items[todo[j]]
-                results = [coco_result(item.image_id, poly, s) for poly, s in polygons if s >= score_thr]
-                h, w = image_hw(x)
-                record = {
-                    "image_id": item.image_id,
-                    "file_name": item.file_name,
-                    "width": w,
-                    "height": h,
-                    "results": results,
-                }
-                if visualize:
-                    draw_results(rgb, results, root / "vis" / f"{item.stem}.png")
-                atomic_write_json(per_image / f"{item.key}.json", record)
-        bar.update(len(batch))
-    bar.close()
+    images = [(items[i].path, f"image {items[i].image_id}") for i in todo]
+    decoder = ThreadPoolExecutor(num_workers, thread_name_prefix="decode") if num_workers > 0 else None
+    try:
+        for p in predict_images(model, images, eps, dev, batch_size, decoder=decoder, keep_rgb=visualize):
+            bar.update(1)
+            if p.error is not None:
+                failures.append(p.error)
+                log.warning("skipping %s", p.error)
+                continue
+            item = items[todo[p.index]]
+            results = [coco_result(item.image_id, poly, s) for poly, s in p.polygons if s >= score_thr]
+            record = {
+                "image_id": item.image_id,
+                "file_name": item.file_name,
+                "width": p.width,
+                "height": p.height,
+                "results": results,
+            }
+            if visualize:
+                draw_results(p.rgb, results, root / "vis" / f"{item.stem}.png")
+            atomic_write_json(per_image / f"{item.key}.json", record)
+    finally:
+        bar.close()
+        if decoder is not None:
+            decoder.shutdown(wait=True, cancel_futures=True)
     seconds = time.time() - t0
     summary = {
         "images": len(items),
@@ -385,18 +352,11 @@ def infer_images(
     return summary
 
 
-def _torch_engine(
-    checkpoint, epsilon, model_overrides, device, precision, model, batch_size, num_workers, visualize
-):
-    """(predict, batches, epsilon, precision, image_hw) of the PyTorch engine: images decoded in DataLoader
-    workers, predicted in batches on ``device`` (:func:`~i3cl_core.infer.predictor.predict_polygons`)."""
-    import torch
-    from torch.utils.data import DataLoader
-
+def _torch_engine(checkpoint, epsilon, model_overrides, device, precision, model):
+    """(model, device, epsilon, precision) of the PyTorch engine: the checkpoint loaded on ``device`` in
+    ``precision`` (:func:`~i3cl_core.infer.precision.load_inference_model`), or ``model`` as given."""
     from i3cl_core.devices import resolve_device
     from i3cl_core.infer.precision import load_inference_model
-    from i3cl_core.infer.predictor import predict_polygons
-    from i3cl_core.utils import worker_init
 
     dev = resolve_device(device)
     cfg, prec = None, None
@@ -404,28 +364,13 @@ def _torch_engine(
         model, cfg, prec = load_inference_model(checkpoint, dev, precision, model_overrides)
     model.eval()
     eps = epsilon if epsilon is not None else (cfg.infer.polygon_epsilon if cfg is not None else 0.005)
-
-    def batches(todo):
-        return DataLoader(
-            ImageDataset(todo, keep_rgb=visualize),
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=num_workers,
-            collate_fn=collate_items,
-            worker_init_fn=worker_init,
-        )
-
-    def predict(tensors):
-        with torch.no_grad():
-            return predict_polygons(model, [t.to(dev) for t in tensors], eps)
-
-    return predict, batches, eps, prec, lambda t: (int(t.shape[-2]), int(t.shape[-1]))
+    return model, dev, eps, prec
 
 
-def _onnx_engine(path, epsilon, model_overrides, threads, visualize, detector=None):
-    """(predict, batches, epsilon, precision, image_hw) of the torch-free engine: an exported model in an
-    onnxruntime session (:class:`~i3cl_core.deploy.onnx_runtime.OnnxDetector`, ``detector`` when given),
-    one image at a time."""
+def _onnx_engine(path, epsilon, model_overrides, threads, detector=None):
+    """(detector, None, epsilon, precision) of the torch-free engine: an exported model in an onnxruntime
+    session (:class:`~i3cl_core.deploy.onnx_runtime.OnnxDetector`, ``detector`` when given), one image at a
+    time."""
     from i3cl_core.deploy.onnx_runtime import OnnxDetector
 
     detector = detector if detector is not None else OnnxDetector(path, threads=threads)
@@ -436,18 +381,7 @@ def _onnx_engine(path, epsilon, model_overrides, threads, visualize, detector=No
             )
         detector.preprocess_settings[key] = int(value)
     eps = epsilon if epsilon is not None else detector.polygon_epsilon
-
-    def batches(todo):
-        data = ImageDataset(todo, keep_rgb=visualize, as_tensor=False)
-        return ([data[i]] for i in range(len(data)))
-
-    return (
-        (lambda rgbs: [detector.predict(rgb, eps) for rgb in rgbs]),
-        batches,
-        eps,
-        "fp32",
-        lambda rgb: (int(rgb.shape[0]), int(rgb.shape[1])),
-    )
+    return detector, None, eps, "fp32"
 
 
 def write_outputs(items: list[ImageItem], out: Path, txt_lines, art_entries) -> dict:

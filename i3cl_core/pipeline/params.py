@@ -195,7 +195,7 @@ class InferParams(_Params):
             )
         if isinstance(self.devices, list) and not self.devices:
             raise ValueError("infer.devices: the list is empty; give 'auto' or at least one device")
-        from i3cl_core.pseudo.ensemble import is_exported
+        from i3cl_core.infer.loop import is_exported
 
         bad = [m for m in self.exported_members if not is_exported(m)]
         if bad:

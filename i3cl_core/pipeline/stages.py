@@ -250,7 +250,7 @@ def iterations_per_epoch(work_dir: Path) -> int:
 def plan_inference(images_json: str, img_root: str, shard_size: int) -> list[list[dict]]:
     """Shards of the unlabeled set as lists of {id, path, file_name} (JSON-able, for task inputs)."""
     from i3cl_core.infer.run import collect_images
-    from i3cl_core.pseudo.ensemble import plan_shards
+    from i3cl_core.infer.shards import plan_shards
 
     items = collect_images(images_json, img_root)
     if not items:
@@ -312,10 +312,11 @@ def infer_shard(
     dask_local: bool = False,
 ) -> dict:
     """One teacher on one shard -> ``out_dir/shard_NNNNN.json`` (atomic), on a free inference worker
-    of this process (see :func:`i3cl_core.pseudo.ensemble.worker_devices`)."""
+    of this process (see :func:`i3cl_core.infer.workers.worker_devices`)."""
     from i3cl_core.infer.run import ImageItem
-    from i3cl_core.pseudo.ensemble import Shard, worker_devices
-    from i3cl_core.pseudo.ensemble import infer_shard as run
+    from i3cl_core.infer.shards import Shard
+    from i3cl_core.infer.shards import infer_shard as run
+    from i3cl_core.infer.workers import worker_devices
 
     s = Shard(shard_index, [ImageItem(d["id"], Path(d["path"]), d["file_name"]) for d in shard])
     return run(
@@ -334,7 +335,7 @@ def infer_shard(
 
 def finish_model_predictions(pred_dir: Path, shards: list[list[dict]]) -> str:
     """Write coverage.json once every shard file of a model exists; returns the folder."""
-    from i3cl_core.pseudo.ensemble import Shard
+    from i3cl_core.infer.shards import Shard
 
     missing = [i for i in range(len(shards)) if not (pred_dir / Shard(i, []).name).exists()]
     if missing:
@@ -408,8 +409,8 @@ def evaluate_checkpoint(
     ``i3cl infer`` and the ensemble use (:mod:`i3cl_core.infer.precision`), so the score is the outputs'."""
     from i3cl_core.data.coco import CocoTextDataset
     from i3cl_core.devices import resolve_device
+    from i3cl_core.infer.evaluate import evaluate_model
     from i3cl_core.infer.precision import load_inference_model
-    from i3cl_core.infer.predictor import evaluate_model
 
     dev = resolve_device(device)
     model, cfg, prec = load_inference_model(checkpoint, dev, precision)

@@ -18,39 +18,26 @@ images in its own pool of decoding threads and predicts ``--batch-size`` images 
 features on CUDA or bfloat16 features on CPUs that compute them natively (``--precision auto``;
 heads, boxes and masks stay float32).
 A shard file depends on the shard, the model, the batch size and the precision, never on the
-number of workers. The pipeline's ensemble stage runs the same :func:`infer_shard`.
+number of workers. The pipeline's ensemble stage runs the same
+:func:`~i3cl_core.infer.shards.infer_shard`, on the same workers (:mod:`i3cl_core.infer.workers`), and the
+shard's inference is the one loop of :mod:`i3cl_core.infer.loop`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import queue
-import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from i3cl_core.data.errors import DatasetError
 from i3cl_core.devices import resolve_devices
-from i3cl_core.infer.precision import load_inference_model, resolve_precision
+from i3cl_core.infer.precision import resolve_precision
 from i3cl_core.infer.run import ImageItem, collect_images
+from i3cl_core.infer.shards import infer_shard, plan_shards
+from i3cl_core.infer.workers import device_workers, release_device_workers
 from i3cl_core.utils import atomic_write_json, get_logger
 
 log = get_logger("ensemble")
-
-
-@dataclass
-class Shard:
-    index: int
-    items: list[ImageItem]
-
-    @property
-    def name(self) -> str:
-        return f"shard_{self.index:05d}.json"
 
 
 def model_name(checkpoint: str, taken: set[str]) -> str:
@@ -80,246 +67,6 @@ def image_table(items: list[ImageItem]) -> tuple[list[ImageItem], list[dict], li
         good.append(it)
         images.append({"id": it.image_id, "file_name": it.file_name, "width": w, "height": h})
     return good, images, failures
-
-
-def plan_shards(items: list[ImageItem], shard_size: int) -> list[Shard]:
-    return [Shard(i // shard_size, items[i : i + shard_size]) for i in range(0, len(items), shard_size)]
-
-
-# ------------------------------------------------------------------------------------ devices
-
-
-class DeviceWorkers:
-    """The inference workers of one process: one per entry of ``devices``. A shard task holds a worker
-    while it runs (tasks beyond the number of workers wait for one to be free), and each worker keeps
-    the models it has loaded, so every teacher is loaded once per worker, not once per shard."""
-
-    def __init__(self, devices: list[str], max_models: int = 8):
-        self.devices = list(devices)
-        self.max_models = max_models
-        self._free: queue.Queue[int] = queue.Queue()
-        for i in range(len(self.devices)):
-            self._free.put(i)
-        self._models: list[OrderedDict] = [OrderedDict() for _ in self.devices]
-        self._decoders: list = [None] * len(self.devices)
-        self.loads = [0] * len(self.devices)
-
-    @contextlib.contextmanager
-    def take(self):
-        i = self._free.get()
-        try:
-            yield i
-        finally:
-            self._free.put(i)
-
-    def model(self, worker: int, checkpoint: str, precision: str):
-        """(model, polygon epsilon, precision) of ``checkpoint`` on this worker's device, loaded on first use (a
-        checkpoint file replaced under the same name is loaded again). An exported model (``.onnx``, from
-        ``i3cl export``) is an :class:`~i3cl_core.deploy.onnx_runtime.OnnxDetector` on the CPU, in float32."""
-        st = os.stat(checkpoint)
-        device = self.devices[worker]
-        onnx = is_exported(checkpoint)
-        prec = "fp32" if onnx else resolve_precision(precision, device)
-        key = (os.path.abspath(checkpoint), st.st_size, st.st_mtime_ns, prec)
-        cache = self._models[worker]
-        if key not in cache:
-            if onnx:
-                from i3cl_core.deploy.onnx_runtime import OnnxDetector
-
-                model = OnnxDetector(checkpoint)
-                cache[key] = (model, model.polygon_epsilon)
-            else:
-                model, cfg, _ = load_inference_model(checkpoint, device, prec)
-                cache[key] = (model, cfg.infer.polygon_epsilon)
-            self.loads[worker] += 1
-            while len(cache) > self.max_models:
-                cache.popitem(last=False)
-        cache.move_to_end(key)
-        model, epsilon = cache[key]
-        return model, epsilon, prec
-
-    def decoder(self, worker: int, threads: int):
-        """This worker's pool of ``threads`` image-decoding threads, started on first use and kept (None:
-        decode inline). Threads, not processes: the decoders (OpenCV, Pillow) release the GIL, and a
-        forked decoding process of a process whose other threads are computing can deadlock."""
-        if threads < 1:
-            return None
-        if self._decoders[worker] is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._decoders[worker] = ThreadPoolExecutor(threads, thread_name_prefix=f"decode-{worker}")
-        return self._decoders[worker]
-
-    def release(self) -> None:
-        """Drop every loaded model (and the CUDA cache) and stop the decoding processes, e.g. before a
-        training needs the GPUs."""
-        for cache in self._models:
-            cache.clear()
-        for k, pool in enumerate(self._decoders):
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-            self._decoders[k] = None
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
-def worker_devices(spec: str | list[str] = "auto", dask_local: bool = False) -> list[str]:
-    """The devices of this process's inference workers. Outside Dask: :func:`resolve_devices`. In a
-    Dask worker process exactly one: on a cluster the flow started itself (``dask_local``), worker
-    ``k`` takes entry ``k`` (mod their number) of the resolved list; on an external cluster each
-    worker is expected to see its own GPU as the first (``CUDA_VISIBLE_DEVICES=k dask worker ...``
-    or dask-cuda's ``dask cuda worker``), so ``auto`` means ``cuda:0`` there, else the CPU."""
-    try:
-        from distributed import get_worker
-
-        worker = get_worker()
-    except (ImportError, ValueError):
-        return resolve_devices(spec)
-    if not dask_local and spec in ("auto", ["auto"]):
-        return resolve_devices("auto")[:1]
-    devices = resolve_devices(spec)
-    index = int(worker.name) if str(worker.name).isdigit() else 0
-    return [devices[index % len(devices)]]
-
-
-_WORKERS: dict[tuple[str, ...], DeviceWorkers] = {}
-_WORKERS_LOCK = threading.Lock()
-
-
-def device_workers(devices: list[str]) -> DeviceWorkers:
-    """The process-wide :class:`DeviceWorkers` for this device list (created on first use)."""
-    key = tuple(devices)
-    with _WORKERS_LOCK:
-        if key not in _WORKERS:
-            _WORKERS[key] = DeviceWorkers(list(devices))
-        return _WORKERS[key]
-
-
-def release_device_workers() -> None:
-    with _WORKERS_LOCK:
-        for w in _WORKERS.values():
-            w.release()
-        _WORKERS.clear()
-
-
-def is_exported(checkpoint: str | os.PathLike) -> bool:
-    """Whether an ensemble member is an exported model (``.onnx`` from ``i3cl export``) rather than a checkpoint."""
-    return str(checkpoint).lower().endswith(".onnx")
-
-
-# ------------------------------------------------------------------------------------ one shard
-def decode(job: tuple[str, str]) -> tuple[np.ndarray | None, str | None]:
-    """``(path, what)`` -> (RGB array, None) or (None, error): one image, in a decoding thread."""
-    from i3cl_core.data.image_io import read_image
-
-    try:
-        return read_image(job[0], job[1]), None
-    except DatasetError as e:
-        return None, str(e)
-
-
-def run_shard(
-    model,
-    shard: Shard,
-    path: Path,
-    score_thr: float,
-    device,
-    epsilon: float = 0.005,
-    flips=(),
-    scales=(),
-    batch_size: int = 1,
-    decoder=None,
-) -> dict:
-    """Predict one shard with one loaded model and write its COCO results atomically. Images are
-    decoded by ``decoder`` (a thread pool, see :meth:`DeviceWorkers.decoder`; None: inline) ahead of the
-    model predicts ``batch_size`` at a time; the file depends on the shard, the model (and the precision
-    it was loaded in) and the batch size only, not on which worker or how many ran it."""
-    import torch
-
-    from i3cl_core.infer.export import coco_result
-    from i3cl_core.infer.predictor import predict_polygons
-
-    jobs = [(str(it.path), f"image {it.image_id}") for it in shard.items]
-    decoded = (
-        decoder.map(decode, jobs) if decoder is not None else map(decode, jobs)
-    )  # in order, decoded ahead
-    results, failures, batch = [], [], []
-    exported = not isinstance(model, torch.nn.Module)  # an OnnxDetector: RGB arrays in, one at a time
-    if exported and (flips or scales):
-        raise DatasetError(
-            f"{getattr(model, 'path', 'an exported model')}: test-time augmentation (flips, scales) "
-            "is not available for exported members; leave infer.tta_flips/tta_scales empty or use "
-            "the checkpoint"
-        )
-
-    def flush() -> None:
-        if exported:
-            preds = [model.predict(rgb, epsilon) for _, rgb in batch]
-        else:
-            preds = predict_polygons(model, [t for _, t in batch], epsilon, flips, scales)
-        for (j, _), image_preds in zip(batch, preds):
-            item = shard.items[j]
-            results.extend(coco_result(item.image_id, poly, s) for poly, s in image_preds if s >= score_thr)
-        batch.clear()
-
-    with torch.inference_mode():
-        for j, (rgb, err) in enumerate(decoded):
-            if err is not None:
-                failures.append(err)
-                continue
-            if exported:
-                batch.append((j, rgb))
-            else:
-                t = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).to(
-                    device, non_blocking=True
-                )
-                batch.append((j, t.float().div_(255.0)))
-            if len(batch) == batch_size:
-                flush()
-        if batch:
-            flush()
-    atomic_write_json(path, results)
-    return {
-        "shard": shard.index,
-        "images": len(shard.items),
-        "detections": len(results),
-        "failures": failures,
-    }
-
-
-def infer_shard(
-    checkpoint: str,
-    shard: Shard,
-    out_dir: str | os.PathLike,
-    score_thr: float,
-    devices: list[str],
-    flips=(),
-    scales=(),
-    batch_size: int = 1,
-    loader_workers: int = 0,
-    precision: str = "auto",
-) -> dict:
-    """One model on one shard on a free worker of this process -> ``out_dir/shard_NNNNN.json``
-    (the ensemble stage's unit of work, the same for ``i3cl ensemble`` and the pipeline)."""
-    workers = device_workers(devices)
-    with workers.take() as w:
-        model, epsilon, prec = workers.model(w, checkpoint, precision)
-        path = Path(out_dir) / shard.name
-        result = run_shard(
-            model,
-            shard,
-            path,
-            score_thr,
-            workers.devices[w],
-            epsilon,
-            flips,
-            scales,
-            batch_size,
-            workers.decoder(w, loader_workers),
-        )
-    return {**result, "path": str(path), "device": workers.devices[w], "worker": w, "precision": prec}
 
 
 def run_ensemble(

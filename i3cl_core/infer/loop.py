@@ -1,0 +1,124 @@
+"""The one inference loop: decode images, batch them, predict, yield polygons with their scores.
+
+``i3cl infer`` (:func:`i3cl_core.infer.run.infer_images`), the ensemble's shards
+(:func:`i3cl_core.infer.shards.run_shard`) and the evaluation during training and of checkpoints
+(:func:`i3cl_core.infer.evaluate.predict_dataset`) all run :func:`predict_images`; what they write
+around it (per-image files, shard files, scores) is theirs.
+
+Images are read by the one image reader (:func:`i3cl_core.data.image_io.read_image`), in a pool of
+decoding threads when one is given (threads, not processes: the decoders release the GIL, and forking a
+process whose other threads compute can deadlock), in order and ahead of the model. A PyTorch model gets
+``batch_size`` images per forward pass, copied to its device as bytes (pinned, without blocking, on
+CUDA) and converted there; an exported model (:class:`~i3cl_core.deploy.onnx_runtime.OnnxDetector`) gets
+one RGB array at a time. An unreadable image is yielded with its error, never raised.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from i3cl_core.data.errors import DatasetError
+
+
+@dataclass
+class ImagePrediction:
+    """One image's outcome: ``polygons`` (``[(polygon [N, 2], score), ...]``, every score, in the image's
+    pixels) or ``error``; ``rgb`` only when asked for (to draw on)."""
+
+    index: int  # position in the list given to predict_images
+    polygons: list[tuple[np.ndarray, float]]
+    height: int = 0
+    width: int = 0
+    rgb: np.ndarray | None = None
+    error: str | None = None
+
+
+def is_exported(model_file: str | os.PathLike) -> bool:
+    """Whether a model file is an exported model (``.onnx`` from ``i3cl export``) rather than a checkpoint."""
+    return str(model_file).lower().endswith(".onnx")
+
+
+def decode(job: tuple[str, str]) -> tuple[np.ndarray | None, str | None]:
+    """``(path, what)`` -> (RGB array, None) or (None, error)."""
+    from i3cl_core.data.image_io import read_image
+
+    try:
+        return read_image(job[0], job[1]), None
+    except DatasetError as e:
+        return None, str(e)
+
+
+def predict_images(
+    model,
+    images: Sequence[tuple[str | os.PathLike, str]],
+    epsilon: float,
+    device=None,
+    batch_size: int = 1,
+    flips: Iterable[str] = (),
+    scales: Iterable[int] = (),
+    decoder=None,
+    keep_rgb: bool = False,
+) -> Iterator[ImagePrediction]:
+    """Predict ``images`` (``(path, what)`` pairs; ``what`` names the image in errors) with ``model``, in
+    their order. ``device``: where a PyTorch model's inputs go (default: its parameters' device).
+    ``flips``/``scales``: test-time augmentation (PyTorch models only). ``decoder``: an executor whose
+    ``map`` decodes ahead (None: decode inline)."""
+    flips, scales = tuple(flips), tuple(scales)
+    torch_module = sys.modules.get("torch")  # an exported model runs without importing torch
+    exported = torch_module is None or not isinstance(model, torch_module.nn.Module)
+    if exported:
+        if flips or scales:
+            raise DatasetError(
+                f"{getattr(model, 'path', 'an exported model')}: test-time augmentation (flips, scales) is "
+                "not available for exported models; leave infer.tta_flips/tta_scales empty or use the checkpoint"
+            )
+        yield from _predict_exported(model, images, epsilon, decoder, keep_rgb)
+        return
+    import torch
+
+    from i3cl_core.infer.predictor import predict_polygons
+
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    pin = device.type == "cuda"
+    batch: list[tuple[int, np.ndarray, object]] = []
+
+    def flush() -> Iterator[ImagePrediction]:
+        with torch.inference_mode():  # not across a yield: the caller's code runs in its own mode
+            outputs = predict_polygons(model, [x for _, _, x in batch], epsilon, flips, scales)
+        for (j, rgb, _), polygons in zip(batch, outputs):
+            yield ImagePrediction(j, polygons, rgb.shape[0], rgb.shape[1], rgb if keep_rgb else None)
+        batch.clear()
+
+    for j, (rgb, err) in enumerate(_decoded(images, decoder)):
+        if err is not None:
+            yield ImagePrediction(j, [], error=err)
+            continue
+        x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+        x = (x.pin_memory() if pin else x).to(device, non_blocking=True).float().div_(255.0)
+        batch.append((j, rgb, x))
+        if len(batch) == batch_size:
+            yield from flush()
+    if batch:
+        yield from flush()
+
+
+def _decoded(images, decoder):
+    jobs = [(str(path), what) for path, what in images]
+    return decoder.map(decode, jobs) if decoder is not None else map(decode, jobs)
+
+
+def _predict_exported(detector, images, epsilon, decoder, keep_rgb) -> Iterator[ImagePrediction]:
+    """An exported model (``detector.predict(rgb, epsilon)``): one RGB array at a time, no torch."""
+    for j, (rgb, err) in enumerate(_decoded(images, decoder)):
+        if err is not None:
+            yield ImagePrediction(j, [], error=err)
+            continue
+        polygons = detector.predict(rgb, epsilon)
+        yield ImagePrediction(j, polygons, rgb.shape[0], rgb.shape[1], rgb if keep_rgb else None)

@@ -1,0 +1,97 @@
+"""One model on one shard of images -> one file of COCO results: the ensemble's unit of work.
+
+A shard file depends on the shard, the model (and the precision it was loaded in) and the batch size, never
+on which worker or how many ran it. ``i3cl ensemble`` (:func:`i3cl_core.pseudo.ensemble.run_ensemble`) and the
+pipeline's ensemble stage both run :func:`infer_shard`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from i3cl_core.infer.run import ImageItem
+from i3cl_core.infer.workers import device_workers
+from i3cl_core.utils import atomic_write_json
+
+
+@dataclass
+class Shard:
+    index: int
+    items: list[ImageItem]
+
+    @property
+    def name(self) -> str:
+        return f"shard_{self.index:05d}.json"
+
+
+def plan_shards(items: list[ImageItem], shard_size: int) -> list[Shard]:
+    return [Shard(i // shard_size, items[i : i + shard_size]) for i in range(0, len(items), shard_size)]
+
+
+def run_shard(
+    model,
+    shard: Shard,
+    path: Path,
+    score_thr: float,
+    device,
+    epsilon: float = 0.005,
+    flips=(),
+    scales=(),
+    batch_size: int = 1,
+    decoder=None,
+) -> dict:
+    """Predict one shard with one loaded model (:func:`~i3cl_core.infer.loop.predict_images`, decoding in
+    ``decoder``, a worker's thread pool) and write its COCO results at or above ``score_thr`` atomically."""
+    from i3cl_core.infer.export import coco_result
+    from i3cl_core.infer.loop import predict_images
+
+    images = [(it.path, f"image {it.image_id}") for it in shard.items]
+    results, failures = [], []
+    for p in predict_images(model, images, epsilon, device, batch_size, flips, scales, decoder):
+        if p.error is not None:
+            failures.append(p.error)
+            continue
+        image_id = shard.items[p.index].image_id
+        results.extend(coco_result(image_id, poly, s) for poly, s in p.polygons if s >= score_thr)
+    atomic_write_json(path, results)
+    return {
+        "shard": shard.index,
+        "images": len(shard.items),
+        "detections": len(results),
+        "failures": failures,
+    }
+
+
+def infer_shard(
+    checkpoint: str,
+    shard: Shard,
+    out_dir: str | os.PathLike,
+    score_thr: float,
+    devices: list[str],
+    flips=(),
+    scales=(),
+    batch_size: int = 1,
+    loader_workers: int = 0,
+    precision: str = "auto",
+) -> dict:
+    """One model on one shard on a free worker of this process -> ``out_dir/shard_NNNNN.json``
+    (the ensemble stage's unit of work, the same for ``i3cl ensemble`` and the pipeline)."""
+    workers = device_workers(devices)
+    with workers.take() as w:
+        model, epsilon, prec = workers.model(w, checkpoint, precision)
+        path = Path(out_dir) / shard.name
+        result = run_shard(
+            model,
+            shard,
+            path,
+            score_thr,
+            workers.devices[w],
+            epsilon,
+            flips,
+            scales,
+            batch_size,
+            workers.decoder(w, loader_workers),
+        )
+    return {**result, "path": str(path), "device": workers.devices[w], "worker": w, "precision": prec}
