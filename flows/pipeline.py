@@ -13,35 +13,25 @@ read (configs, annotation files, checkpoints, predictions), with results persist
 recomputes fusion and what follows only. Before using a cache entry the flow checks that the task's
 output files still exist; if they are gone the task runs again (``refresh_cache``).
 
-Layout: the flows are here, the tasks in :mod:`flows.tasks`, the UI artifacts in :mod:`flows.artifacts`,
-the typed parameters in :mod:`i3cl_core.pipeline.params`, subprocess streaming in :mod:`flows.runner`.
+Layout: the ssl-pipeline flow is here, the stage flows in :mod:`flows.stages`, their tasks in
+:mod:`flows.tasks`, the work dir's lock in :mod:`flows.locking`, the UI artifacts in :mod:`flows.artifacts`,
+subprocess streaming in :mod:`flows.runner`; what each stage does, without Prefect, in
+:mod:`i3cl_core.pipeline` (typed parameters in :mod:`i3cl_core.pipeline.params`).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 from prefect import flow
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
-from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
-from flows.artifacts import pseudo_label_artifacts, pseudo_variants_artifact, summary_artifact
-from flows.tasks import (
-    evaluate_task,
-    flow_run_id,
-    fuse_task,
-    infer_shard,
-    result_storage,
-    run_cached,
-    train_spec,
-)
-from i3cl_core import workdir_lock
-from i3cl_core.infer.dask_cluster import check_dask_cluster, local_dask_cluster_kwargs
-from i3cl_core.pipeline import stages, variants
+from flows.artifacts import summary_artifact
+from flows.locking import LOCK_HOOKS, open_work_dir
+from flows.stages import ensemble_inference, evaluate, fuse_pseudo_labels, train_student, train_teachers
+from flows.tasks import flow_run_id
+from i3cl_core.pipeline import stages
 from i3cl_core.pipeline.data import resolve_data
-from i3cl_core.pipeline.errors import PipelineError
 from i3cl_core.pipeline.params import (
     DataParams,
     EvalParams,
@@ -50,387 +40,9 @@ from i3cl_core.pipeline.params import (
     RoundParams,
     TrainParams,
 )
-from i3cl_core.pipeline.plans import finish_split, plan_control, plan_ensemble, plan_fusion, plan_student
-from i3cl_core.pipeline.results import SCORE_KEYS, round_record, run_summary
+from i3cl_core.pipeline.results import round_record, run_summary
 from i3cl_core.pipeline.workdir import WorkDir
-from i3cl_core.utils import atomic_write_json, fingerprint
-
-# ------------------------------------------------------------------------------------ helpers
-_LOCKED_BY: dict[str, str] = {}  # flow run id -> the work dir whose lock it took
-
-
-def _open_work_dir(work_dir: str, create: bool = True) -> Path:
-    """:func:`stages.check_work_dir` plus the work dir's lock (one writer at a time: a second run on the same work
-    dir refuses at once, naming this one), held until the flow run ends (:func:`_unlock`); the ssl-pipeline and
-    the stage flows it calls share it."""
-    from prefect.runtime import flow_run
-
-    holder = f"flow run {flow_run.flow_name}/{flow_run.name} ({flow_run.id})"
-    if str(flow_run.id) in _LOCKED_BY:  # this flow run holds it already
-        return stages.check_work_dir(work_dir, create=create)
-    if create:
-        workdir_lock.acquire(work_dir, holder)
-        try:
-            wd = stages.check_work_dir(work_dir, create=True)
-        except BaseException:
-            workdir_lock.release(work_dir)
-            raise
-    else:
-        wd = stages.check_work_dir(work_dir, create=False)
-        workdir_lock.acquire(wd, holder)
-    _LOCKED_BY[str(flow_run.id)] = str(wd)
-    return wd
-
-
-def _unlock(flow, flow_run, state) -> None:  # noqa: ARG001  (Prefect's state-hook signature)
-    wd = _LOCKED_BY.pop(str(flow_run.id), None)
-    if wd is not None:
-        workdir_lock.release(wd)
-
-
-LOCK_HOOKS = dict(
-    on_completion=[_unlock], on_failure=[_unlock], on_cancellation=[_unlock], on_crashed=[_unlock]
-)
-
-
-# ------------------------------------------------------------------------------------ flows
-@flow(name="train-teachers", **LOCK_HOOKS, log_prints=True, persist_result=True, result_serializer="json")
-def train_teachers(
-    work_dir: str = "runs/demo", data: DataParams = DataParams(), train: TrainParams = TrainParams()
-) -> dict:
-    """Train every teacher (one after the other: trainings use all cores or GPUs themselves)."""
-    wd = _open_work_dir(work_dir)
-    d = resolve_data(data, wd)
-    names = [t.name for t in train.teachers]
-    if len(set(names)) != len(names):
-        raise PipelineError(f"train.teachers: names must be unique, got {names}")
-    layout = WorkDir(wd)
-    checkpoints = {
-        spec.name: train_spec(spec, layout.teachers_dir / spec.name, wd, d, train) for spec in train.teachers
-    }
-    atomic_write_json(layout.teachers_listing, checkpoints, indent=2)
-    return checkpoints
-
-
-@flow(name="ensemble-inference-shards")
-def _infer_all(
-    wd: str,
-    pred_root: str,
-    models: dict,
-    shards: list,
-    infer: InferParams,
-    split: str,
-    prefix: str,
-    dask_local: bool = False,
-) -> dict:
-    """One task per (model, shard), model by model, so that each inference worker loads a model once
-    and keeps it for that model's shards; with Dask each task requests one ``infer.dask_resource``."""
-    import contextlib
-
-    from i3cl_core.infer.shards import Shard
-
-    storage = result_storage(Path(wd))
-    resources = contextlib.nullcontext()
-    if (infer.dask_address or infer.dask_workers) and infer.dask_resource:
-        import dask
-
-        resources = dask.annotate(resources={infer.dask_resource: 1})
-    futures = {}
-    with resources:
-        for name, ckpt in models.items():
-            fp = fingerprint(ckpt)
-            out_dir = Path(pred_root) / name
-            for i, shard in enumerate(shards):
-                exists = (out_dir / Shard(i, []).name).exists()
-                t = infer_shard.with_options(result_storage=storage, refresh_cache=not exists)
-                label = prefix + (name if split == "unlabeled" else f"{split}-{name}")
-                futures[(name, i)] = t.submit(
-                    teacher=label,
-                    checkpoint=ckpt,
-                    checkpoint_fingerprint=fp,
-                    shard_index=i,
-                    shard=shard,
-                    out_dir=str(out_dir),
-                    score_thr=infer.score_thr,
-                    devices=infer.devices,
-                    flips=list(infer.tta_flips),
-                    scales=list(infer.tta_scales),
-                    batch_size=infer.batch_size,
-                    precision=infer.precision,
-                    loader_workers=infer.loader_workers,
-                    dask_local=dask_local,
-                )
-    progress_id = create_progress_artifact(
-        0.0, key=f"ensemble-inference-{split}", description=f"{split} shards done"
-    )
-    detections = {name: 0 for name in models}
-    for n, ((name, _), f) in enumerate(futures.items(), 1):
-        detections[name] += f.result()["detections"]
-        update_progress_artifact(progress_id, 100.0 * n / len(futures))
-    return detections
-
-
-def _task_runner(infer: InferParams):
-    """The engine the shard tasks run on: a thread pool with one thread per inference worker (one per
-    ``infer.devices`` entry), an existing Dask scheduler, or a local Dask cluster started for the stage."""
-    if not (infer.dask_address or infer.dask_workers):
-        from i3cl_core.devices import resolve_devices
-
-        try:
-            devices = resolve_devices(infer.devices)
-        except ValueError as e:
-            raise PipelineError(str(e)) from None
-        return ThreadPoolTaskRunner(max_workers=len(devices)), devices
-    try:
-        from prefect_dask import DaskTaskRunner
-    except ImportError:
-        raise PipelineError(
-            "infer.dask_address / infer.dask_workers need prefect-dask: pip install 'i3cl[dask]'"
-        ) from None
-    if infer.dask_address:
-        try:
-            check_dask_cluster(infer.dask_address, infer.dask_resource)
-        except ValueError as e:
-            raise PipelineError(str(e)) from None
-        return DaskTaskRunner(address=infer.dask_address), None
-    return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        cluster_kwargs=local_dask_cluster_kwargs(infer.dask_workers, infer.dask_resource),
-    ), None
-
-
-@flow(
-    name="ensemble-inference",
-    **LOCK_HOOKS,
-    log_prints=True,
-    persist_result=True,
-    result_serializer="json",
-    flow_run_name="ensemble-inference-r{ssl_round}",
-)
-def ensemble_inference(
-    work_dir: str = "runs/demo",
-    data: DataParams = DataParams(),
-    infer: InferParams = InferParams(),
-    ssl_round: int = 1,
-    with_teachers: bool = True,
-) -> dict:
-    """Every ensemble model over the unlabeled set (and the labeled validation split, where one is
-    given, for the fusion threshold), one task per (model, shard); finished shards are skipped.
-    Round 1's ensemble is the teachers; a later round's is the previous round's student (and the
-    teachers with ``with_teachers``)."""
-    wd = _open_work_dir(work_dir, create=False)
-    plan = plan_ensemble(WorkDir(wd), resolve_data(data, wd), infer, ssl_round, with_teachers)
-    models = plan.models
-    runner, devices = _task_runner(infer)
-    if devices:
-        print(f"ensemble inference: {len(devices)} worker(s) on {', '.join(devices)}")
-    result = {}
-    for split in plan.splits:
-        try:
-            detections = _infer_all.with_options(
-                task_runner=runner, flow_run_name=f"ensemble-inference-shards-{split.name}"
-            )(
-                str(wd),
-                str(split.pred_root),
-                models,
-                split.shards,
-                infer,
-                split.name,
-                "" if ssl_round == 1 else f"r{ssl_round}-",
-                dask_local=bool(infer.dask_workers),
-            )
-        finally:  # the models the thread-pool workers kept: free them (and the GPUs) for the trainings
-            from i3cl_core.infer.workers import release_device_workers
-
-            release_device_workers()
-        members = finish_split(split, models)
-        result[split.name] = {"members": members, "shards": len(split.shards), "detections": detections}
-    create_table_artifact(
-        [
-            {"model": n, "split": sp, "shards": r["shards"], "detections": r["detections"][n]}
-            for sp, r in result.items()
-            for n in models
-        ],
-        key=f"ensemble-detections-r{ssl_round}",
-        description="detections per ensemble model",
-    )
-    return {
-        "members": result["unlabeled"]["members"],
-        "shards": result["unlabeled"]["shards"],
-        "detections": result["unlabeled"]["detections"],
-        "val_members": result.get("val", {}).get("members"),
-    }
-
-
-@flow(
-    name="fuse-pseudo-labels",
-    **LOCK_HOOKS,
-    log_prints=True,
-    persist_result=True,
-    result_serializer="json",
-    flow_run_name="fuse-pseudo-labels-r{ssl_round}",
-)
-def fuse_pseudo_labels(
-    work_dir: str = "runs/demo",
-    data: DataParams = DataParams(),
-    fuse: FuseConfig = FuseConfig(),
-    ssl_round: int = 1,
-) -> dict:
-    """Weighted Polygon Fusion of the ensemble's predictions into pseudo/train_lossweight.json
-    (``fuse.auto_keep_thr``: the threshold chosen on the labeled validation split, never on the
-    unlabeled set's hidden ground truth, which only measures the result)."""
-    wd = _open_work_dir(work_dir, create=False)
-    d = resolve_data(data, wd)
-    plan = plan_fusion(WorkDir(wd), d, fuse, ssl_round)
-    summary = run_cached(
-        fuse_task.with_options(result_storage=result_storage(wd)),
-        plan.out.exists(),
-        ssl_round=ssl_round,
-        members=plan.members,
-        members_fingerprint=plan.members_fingerprint,
-        images_json=d["unlabeled_images"],
-        fuse=plan.fuse_params,
-        out=str(plan.out),
-        gt=d["unlabeled_gt"],
-        img_root=d["unlabeled_root"],
-        val_members=plan.val_members,
-        val_ann_file=d["val"]["ann_file"] if plan.val_members else None,
-    )
-    variants.set_current(
-        plan.pseudo_dir,
-        plan.key,
-        {"path": str(plan.out), "fuse": plan.fuse_params, "flow_run_id": flow_run_id()},
-    )
-    pseudo_label_artifacts(plan.out.parent, summary, ssl_round)
-    pseudo_variants_artifact(wd, plan.pseudo_dir, ssl_round)
-    return {**{k: v for k, v in summary.items() if k != "model_stats"}, "variant": plan.key}
-
-
-@flow(
-    name="train-student",
-    **LOCK_HOOKS,
-    log_prints=True,
-    persist_result=True,
-    result_serializer="json",
-    flow_run_name="train-student-r{ssl_round}",
-)
-def train_student(
-    work_dir: str = "runs/demo",
-    data: DataParams = DataParams(),
-    train: TrainParams = TrainParams(),
-    ssl_round: int = 1,
-    extra_overrides: list[str] | None = None,
-) -> dict:
-    """Retrain on the labeled data plus the pseudo labels (each pseudo instance's losses scaled by
-    its lossweight). Round 1 starts from the first teacher (``student_init``), a later round from the
-    previous round's student. In round 1, with ``train.control``, a control model follows: the
-    student's config, start and number of iterations, on the labeled data alone."""
-    wd = _open_work_dir(work_dir, create=False)
-    d = resolve_data(data, wd)
-    layout = WorkDir(wd)
-    plan = plan_student(layout, d, train, ssl_round, extra_overrides)
-    student = train_spec(
-        train.student,
-        plan.out,
-        wd,
-        d,
-        train,
-        plan.extra_sets,
-        plan.load_from,
-        plan.overrides,
-        name=plan.name,
-        pseudo=plan.pseudo,
-    )
-    variants.set_current(
-        plan.root, plan.key, {"pseudo_variant": plan.pseudo["variant"], "checkpoint": student}
-    )
-    result = {"student": student}
-    if train.control and ssl_round == 1:
-        control = plan_control(layout, train, plan, stages.iterations_per_epoch(plan.out))
-        result["control"] = train_spec(
-            train.student,
-            control.out,
-            wd,
-            d,
-            train,
-            None,
-            plan.load_from,
-            control.overrides,
-            name=control.name,
-        )
-        variants.set_current(control.root, control.key, {"checkpoint": result["control"]})
-    return result
-
-
-@flow(name="evaluate", **LOCK_HOOKS, log_prints=True, persist_result=True, result_serializer="json")
-def evaluate(
-    work_dir: str = "runs/demo", data: DataParams = DataParams(), evaluation: EvalParams = EvalParams()
-) -> dict:
-    """Every trained model of the work_dir on the test split -> eval/<model>.json and a table:
-    ``teacher:<name>``, ``control:<name>``, ``student:<name>`` (round 1) and ``student-r<r>:<name>``. Each model
-    is scored at its best-F threshold on the labeled validation split when the run has one (``hmean``; the test
-    split's own best threshold is ``best_hmean``, an upper bound no user could choose)."""
-    wd = _open_work_dir(work_dir, create=False)
-    d = resolve_data(data, wd)
-    layout = WorkDir(wd)
-    models = layout.trained_models()  # students and controls: their current variant
-    if not models:
-        raise PipelineError(f"{wd}: no trained model to evaluate; run train-teachers first")
-    split_fp = fingerprint(d["test"]["ann_file"])
-    on_val = evaluation.score_thr is None and evaluation.threshold == "val" and bool(d.get("val"))
-    results = {}
-    for name, ckpt in models.items():
-        stem = name.replace(":", "_")
-        cached = evaluate_task.with_options(result_storage=result_storage(wd))
-        thr, chosen_on = evaluation.score_thr, "parameter" if evaluation.score_thr is not None else "config"
-        if on_val:  # the model's best-F threshold on the labeled validation split
-            val_json = layout.eval_dir / f"{stem}.val.json"
-            val = run_cached(
-                cached,
-                val_json.exists(),
-                model=f"{name}@val",
-                checkpoint=ckpt,
-                checkpoint_fingerprint=fingerprint(ckpt),
-                split=d["val"],
-                split_fingerprint=fingerprint(d["val"]["ann_file"]),
-                out_json=str(val_json),
-                protocol=evaluation.protocol,
-                score_thr=None,
-            )
-            thr, chosen_on = float(val["best_thr"]), "val"
-        out_json = layout.eval_dir / f"{stem}.json"
-        results[name] = run_cached(
-            cached,
-            out_json.exists(),
-            model=name,
-            checkpoint=ckpt,
-            checkpoint_fingerprint=fingerprint(ckpt),
-            split=d["test"],
-            split_fingerprint=split_fp,
-            out_json=str(out_json),
-            protocol=evaluation.protocol,
-            score_thr=thr,
-        )
-        results[name]["threshold_chosen_on"] = chosen_on
-        atomic_write_json(
-            Path(ckpt).parents[1] / "test_eval.json", results[name], indent=2
-        )  # kept with the variant
-    rows = [
-        {
-            "model": n,
-            "protocol": r["protocol"],
-            "threshold": r["score_thr"],
-            "precision": round(r["precision"], 4),
-            "recall": round(r["recall"], 4),
-            "hmean": round(r["hmean"], 4),
-            "best_hmean": round(r["best_hmean"], 4),
-        }
-        for n, r in results.items()
-    ]
-    create_table_artifact(
-        rows, key="model-metrics", description=f"models on the test split ({evaluation.protocol})"
-    )
-    return {n: {k: r[k] for k in SCORE_KEYS} for n, r in results.items()}
+from i3cl_core.utils import atomic_write_json
 
 
 @flow(name="ssl-pipeline", **LOCK_HOOKS, log_prints=True, persist_result=True, result_serializer="json")
@@ -453,7 +65,7 @@ def ssl_pipeline(
     later_rounds: RoundParams = RoundParams(),
 ) -> dict:
     """The whole semi-supervised loop on one work_dir, ``rounds`` times."""
-    wd = _open_work_dir(work_dir)
+    wd = open_work_dir(work_dir)
     layout = WorkDir(wd)
     checked = stages.preflight(resolve_data(data, wd))  # every image of every split, before hours of training
     print(f"pre-flight: {checked['images']} images checked in {checked['seconds']} s")
@@ -480,4 +92,5 @@ def ssl_pipeline(
     return summary
 
 
+# the stage flows are also reachable here (deployments made before they moved to flows/stages.py name this file)
 ALL_FLOWS = [ssl_pipeline, train_teachers, ensemble_inference, fuse_pseudo_labels, train_student, evaluate]

@@ -13,6 +13,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from flows.artifacts import slug, training_curve_artifact
 from flows.runner import run_slurm, run_streaming
+from i3cl_core.infer.shards import ShardSettings
 from i3cl_core.pipeline import stages, variants
 from i3cl_core.pipeline.errors import PipelineError
 from i3cl_core.pipeline.params import FuseConfig, ModelSpec, TrainParams
@@ -153,7 +154,7 @@ def train_model(
 
 
 @task(
-    cache_policy=CACHE,
+    cache_policy=(INPUTS - "loader_workers" - "dask_local") + TASK_SOURCE,
     persist_result=True,
     result_serializer="json",
     task_run_name="infer-{teacher}-{shard_index}",
@@ -165,28 +166,15 @@ def infer_shard(
     shard_index: int,
     shard: list[dict],
     out_dir: str,
-    score_thr: float,
+    settings: ShardSettings,
     devices: str | list[str],
-    flips: list[str],
-    scales: list[int],
-    batch_size: int,
-    precision: str,
     loader_workers: int,
     dask_local: bool,
 ) -> dict:
+    """One model on one shard. Cached on what the shard file depends on (the devices included: ``precision:
+    auto`` resolves per device), not on the decoding threads or where Dask runs it."""
     return stages.infer_shard(
-        checkpoint,
-        shard_index,
-        shard,
-        out_dir,
-        score_thr,
-        devices,
-        flips,
-        scales,
-        batch_size,
-        loader_workers,
-        precision,
-        dask_local,
+        checkpoint, shard_index, shard, out_dir, settings, devices, loader_workers, dask_local
     )
 
 

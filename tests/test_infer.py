@@ -351,7 +351,7 @@ def test_one_inference_loop_behind_infer_ensemble_and_evaluation(tmp_path, train
     from i3cl_core.infer.evaluate import predict_dataset
     from i3cl_core.infer.loop import predict_images
     from i3cl_core.infer.precision import load_inference_model
-    from i3cl_core.infer.shards import Shard, run_shard
+    from i3cl_core.infer.shards import Shard, ShardSettings, run_shard
 
     model, cfg, _ = load_inference_model(trained["ckpt"], "cpu", "fp32")
     eps = cfg.infer.polygon_epsilon
@@ -378,7 +378,7 @@ def test_one_inference_loop_behind_infer_ensemble_and_evaluation(tmp_path, train
     infer_images(trained["ckpt"], items, tmp_path / "infer", score_thr=thr, device="cpu", precision="fp32",
                  visualize=False, progress=False, num_workers=0)  # fmt: skip
     assert json.loads((tmp_path / "infer" / "results.json").read_text()) == want
-    run_shard(model, Shard(0, items), tmp_path / "shard.json", thr, "cpu", eps)
+    run_shard(model, Shard(0, items), tmp_path / "shard.json", ShardSettings(score_thr=thr), "cpu", eps)
     assert json.loads((tmp_path / "shard.json").read_text()) == want
     ds = CocoTextDataset([(trained["data"]["ann_file"], trained["data"]["img_root"])], train=False)
     evaluated = predict_dataset(model, ds, "cpu", epsilon=eps)

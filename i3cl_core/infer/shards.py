@@ -10,10 +10,26 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from i3cl_core.infer.run import ImageItem
 from i3cl_core.infer.workers import device_workers
 from i3cl_core.utils import atomic_write_json
+
+
+class ShardSettings(BaseModel):
+    """What a shard file depends on besides its images and its model (the cache key of a shard task);
+    which worker and how many decoding threads ran it are not part of it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    score_thr: float = Field(0.05, ge=0.0, le=1.0)
+    flips: tuple[Literal["h", "v"], ...] = ()
+    scales: tuple[int, ...] = ()
+    batch_size: int = Field(1, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 
 @dataclass
@@ -31,30 +47,23 @@ def plan_shards(items: list[ImageItem], shard_size: int) -> list[Shard]:
 
 
 def run_shard(
-    model,
-    shard: Shard,
-    path: Path,
-    score_thr: float,
-    device,
-    epsilon: float = 0.005,
-    flips=(),
-    scales=(),
-    batch_size: int = 1,
-    decoder=None,
+    model, shard: Shard, path: Path, settings: ShardSettings, device, epsilon: float = 0.005, decoder=None
 ) -> dict:
     """Predict one shard with one loaded model (:func:`~i3cl_core.infer.loop.predict_images`, decoding in
-    ``decoder``, a worker's thread pool) and write its COCO results at or above ``score_thr`` atomically."""
+    ``decoder``, a worker's thread pool) and write its COCO results at or above ``settings.score_thr``
+    atomically."""
     from i3cl_core.infer.export import coco_result
     from i3cl_core.infer.loop import predict_images
 
     images = [(it.path, f"image {it.image_id}") for it in shard.items]
+    s = settings
     results, failures = [], []
-    for p in predict_images(model, images, epsilon, device, batch_size, flips, scales, decoder):
+    for p in predict_images(model, images, epsilon, device, s.batch_size, s.flips, s.scales, decoder):
         if p.error is not None:
             failures.append(p.error)
             continue
         image_id = shard.items[p.index].image_id
-        results.extend(coco_result(image_id, poly, s) for poly, s in p.polygons if s >= score_thr)
+        results.extend(coco_result(image_id, poly, sc) for poly, sc in p.polygons if sc >= s.score_thr)
     atomic_write_json(path, results)
     return {
         "shard": shard.index,
@@ -68,30 +77,17 @@ def infer_shard(
     checkpoint: str,
     shard: Shard,
     out_dir: str | os.PathLike,
-    score_thr: float,
+    settings: ShardSettings,
     devices: list[str],
-    flips=(),
-    scales=(),
-    batch_size: int = 1,
     loader_workers: int = 0,
-    precision: str = "auto",
 ) -> dict:
-    """One model on one shard on a free worker of this process -> ``out_dir/shard_NNNNN.json``
-    (the ensemble stage's unit of work, the same for ``i3cl ensemble`` and the pipeline)."""
+    """One model on one shard on a free worker of this process (of ``devices``, each with ``loader_workers``
+    decoding threads) -> ``out_dir/shard_NNNNN.json`` (the ensemble stage's unit of work, the same for
+    ``i3cl ensemble`` and the pipeline)."""
     workers = device_workers(devices)
     with workers.take() as w:
-        model, epsilon, prec = workers.model(w, checkpoint, precision)
+        model, epsilon, prec = workers.model(w, checkpoint, settings.precision)
         path = Path(out_dir) / shard.name
-        result = run_shard(
-            model,
-            shard,
-            path,
-            score_thr,
-            workers.devices[w],
-            epsilon,
-            flips,
-            scales,
-            batch_size,
-            workers.decoder(w, loader_workers),
-        )
+        decoder = workers.decoder(w, loader_workers)
+        result = run_shard(model, shard, path, settings, workers.devices[w], epsilon, decoder)
     return {**result, "path": str(path), "device": workers.devices[w], "worker": w, "precision": prec}

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from i3cl_core.config import FuseConfig  # noqa: F401  (re-exported: the fuse stage's parameters)
 from i3cl_core.engine.launch import SlurmLauncher, TorchrunLauncher
+from i3cl_core.infer.shards import ShardSettings
 
 DEMO_CONFIGS = "configs/demo"
 
@@ -170,6 +171,16 @@ class InferParams(_Params):
         description="the same detectors on the labeled validation split, in the same order (needed when a "
         "validation split chooses keep_thr)",
     )
+
+    def shard_settings(self) -> ShardSettings:
+        """What this stage's shard files depend on besides their images and models."""
+        return ShardSettings(
+            score_thr=self.score_thr,
+            flips=tuple(self.tta_flips),
+            scales=tuple(self.tta_scales),
+            batch_size=self.batch_size,
+            precision=self.precision,
+        )
 
     @model_validator(mode="before")
     @classmethod

@@ -19,6 +19,7 @@ import os
 import time
 from pathlib import Path
 
+from i3cl_core.infer.shards import ShardSettings
 from i3cl_core.pipeline.errors import PipelineError, require
 from i3cl_core.utils import atomic_write_json, fingerprint, get_logger
 
@@ -302,13 +303,9 @@ def infer_shard(
     shard_index: int,
     shard: list[dict],
     out_dir: str,
-    score_thr: float = 0.05,
+    settings: ShardSettings,
     devices: str | list[str] = "auto",
-    flips=(),
-    scales=(),
-    batch_size: int = 4,
     loader_workers: int = 2,
-    precision: str = "auto",
     dask_local: bool = False,
 ) -> dict:
     """One teacher on one shard -> ``out_dir/shard_NNNNN.json`` (atomic), on a free inference worker
@@ -319,18 +316,7 @@ def infer_shard(
     from i3cl_core.infer.workers import worker_devices
 
     s = Shard(shard_index, [ImageItem(d["id"], Path(d["path"]), d["file_name"]) for d in shard])
-    return run(
-        checkpoint,
-        s,
-        out_dir,
-        score_thr,
-        worker_devices(devices, dask_local),
-        flips,
-        scales,
-        batch_size,
-        loader_workers,
-        precision,
-    )
+    return run(checkpoint, s, out_dir, settings, worker_devices(devices, dask_local), loader_workers)
 
 
 def finish_model_predictions(pred_dir: Path, shards: list[list[dict]]) -> str:

@@ -33,7 +33,7 @@ from i3cl_core.data.errors import DatasetError
 from i3cl_core.devices import resolve_devices
 from i3cl_core.infer.precision import resolve_precision
 from i3cl_core.infer.run import ImageItem, collect_images
-from i3cl_core.infer.shards import infer_shard, plan_shards
+from i3cl_core.infer.shards import ShardSettings, infer_shard, plan_shards
 from i3cl_core.infer.workers import device_workers, release_device_workers
 from i3cl_core.utils import atomic_write_json, get_logger
 
@@ -95,6 +95,13 @@ def run_ensemble(
 
     if not checkpoints and not extra:
         raise DatasetError("ensemble: give at least one checkpoint (or --extra prediction file)")
+    settings = ShardSettings(
+        score_thr=score_thr,
+        flips=tuple(flips),
+        scales=tuple(scales),
+        batch_size=batch_size,
+        precision=precision,
+    )
     devs = resolve_devices(devices)
     for d in devs:
         resolve_precision(precision, d)  # refuse fp16 on a CPU before any work
@@ -153,19 +160,7 @@ def run_ensemble(
     try:
         with ThreadPoolExecutor(max_workers=len(devs), thread_name_prefix="ensemble-worker") as pool:
             futures = [
-                pool.submit(
-                    infer_shard,
-                    ckpt,
-                    s,
-                    pred_dir,
-                    score_thr,
-                    devs,
-                    flips,
-                    scales,
-                    batch_size,
-                    loader_workers,
-                    precision,
-                )
+                pool.submit(infer_shard, ckpt, s, pred_dir, settings, devs, loader_workers)
                 for ckpt, s, pred_dir in jobs
             ]
             for f in futures:  # in submission order: a failure stops the run with its own error
