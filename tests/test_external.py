@@ -44,6 +44,18 @@ def test_paddleocr_and_rapidocr_shapes(tmp_path):
     )
     results, _ = to_coco_results("paddleocr", tmp_path / "system_results.txt", IMAGES)
     assert _by_image(results) == [(3, FLAT, 0.7), (4, FLAT, 1.0)]
+    # the line format is read by the one reader of PaddleOCR's labels too: the same errors for the same faults
+    from i3cl_core.data.convert import convert
+
+    for bad, match in (
+        ("a.jpg [1, 2]", "line 1: expected 'name<TAB>"),
+        ("a.jpg\t[{", "line 1: not valid JSON"),
+    ):
+        (tmp_path / "system_results.txt").write_text(bad + "\n")
+        with pytest.raises(DatasetError, match=match):
+            to_coco_results("paddleocr", tmp_path / "system_results.txt", IMAGES)
+        with pytest.raises(DatasetError, match=match):
+            convert("paddleocr", tmp_path / "system_results.txt", tmp_path)
     # PaddleOCR 3 save_to_json folder
     (tmp_path / "p3").mkdir()
     (tmp_path / "p3" / "a_res.json").write_text(

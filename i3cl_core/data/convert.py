@@ -59,7 +59,7 @@ from pathlib import Path
 
 from i3cl_core.data.errors import DatasetError
 from i3cl_core.data.image_io import IMAGE_EXTENSIONS
-from i3cl_core.data.validate import far_outside, read_json, read_lines, text_encoding
+from i3cl_core.data.validate import far_outside, read_json, read_lines, read_tab_json_lines, text_encoding
 
 FORMATS = ("art", "lsvt", "totaltext", "ctw1500", "plain", "icdar2015", "mlt2017", "rctw17", "mmocr", "paddleocr")
 
@@ -573,22 +573,9 @@ def _read_mmocr(ann: Path, images: _Images, encoding: str = "utf-8"):
 
 # ------------------------------------------------------------------ PaddleOCR (PPOCRLabel Label.txt)
 def _read_paddleocr(ann: Path, images: _Images, encoding: str = "utf-8"):
-    import json
-
-    files = _label_files(ann, (".txt",))
     records = []
-    for f in files:
-        for n, raw in enumerate(read_lines(f, encoding), start=1):
-            if not raw.strip():
-                continue
-            where = f"{f} line {n}"
-            if "\t" not in raw:
-                raise DatasetError(f"{where}: expected 'path<TAB>[{{\"transcription\", \"points\"}}, ...]'")
-            path, payload = raw.split("\t", 1)
-            try:
-                entries = json.loads(payload)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{where}: the annotation list is not valid JSON ({e.msg})") from None
+    for f in _label_files(ann, (".txt",)):
+        for where, path, entries in read_tab_json_lines(f, encoding):
             if not isinstance(entries, list):
                 raise DatasetError(f"{where}: expected a list of annotations after the TAB")
             items = []
@@ -597,6 +584,6 @@ def _read_paddleocr(ann: Path, images: _Images, encoding: str = "utf-8"):
                     raise DatasetError(f"{where}[{k}]: expected an object with 'points'")
                 text = str(e.get("transcription", ""))
                 items.append((e["points"], text, text == "###" or bool(e.get("difficult", False))))
-            name = images.resolve(path.strip(), where)
+            name = images.resolve(path, where)
             records.append((_int_suffix(Path(name).stem), name, where, items))
     return records

@@ -165,6 +165,25 @@ def read_lines(path: str | os.PathLike, encoding: str = "utf-8") -> list[str]:
     return _LINE_BREAK.split(read_text(path, encoding))
 
 
+def read_tab_json_lines(path: str | os.PathLike, encoding: str = "utf-8"):
+    """PaddleOCR's line format, for its labels (PPOCRLabel's ``Label.txt``) and its predictions
+    (``system_results.txt``) alike: ``(where, name, value)`` of each non-empty line ``name<TAB>JSON``."""
+    import json
+
+    for n, line in enumerate(read_lines(path, encoding), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {n}"
+        if "\t" not in line:
+            raise DatasetError(f'{where}: expected \'name<TAB>[{{"transcription", "points"}}, ...]\'')
+        name, payload = line.split("\t", 1)
+        try:
+            value = json.loads(payload)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{where}: not valid JSON after the TAB ({e.msg})") from None
+        yield where, name.strip(), value
+
+
 def read_json(path: str | os.PathLike, encoding: str = "utf-8"):
     """A json input file decoded by :func:`read_text`; malformed json raises DatasetError with its position."""
     from i3cl_core.utils import parse_json

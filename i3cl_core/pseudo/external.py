@@ -29,13 +29,12 @@ into ``<out>/extra/`` before fusing; ``i3cl convert-predictions`` writes the COC
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from pathlib import Path
 
 from i3cl_core.data.errors import DatasetError
-from i3cl_core.data.validate import read_json, read_lines, score_value, text_encoding
+from i3cl_core.data.validate import read_json, read_tab_json_lines, score_value, text_encoding
 
 EXTERNAL_FORMATS = ("paddleocr", "rapidocr", "doctr", "mmocr")
 
@@ -159,19 +158,8 @@ def _read_paddle(path: Path, encoding: str = "utf-8"):
             )
         return
     if path.suffix.lower() == ".txt":
-        for n, line in enumerate(read_lines(path, encoding), start=1):
-            if not line.strip():
-                continue
-            if "\t" not in line:
-                raise DatasetError(
-                    f'{path} line {n}: expected \'name<TAB>[{{"transcription", "points"}}, ...]\''
-                )
-            name, payload = line.split("\t", 1)
-            try:
-                entries = json.loads(payload)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path} line {n}: not valid JSON after the TAB ({e.msg})") from None
-            yield name.strip(), _paddle_entries(entries, f"{path} line {n}")
+        for where, name, entries in read_tab_json_lines(path, encoding):
+            yield name, _paddle_entries(entries, where)
         return
     data = read_json(path, encoding)
     if not isinstance(data, dict):
