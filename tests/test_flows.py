@@ -676,6 +676,21 @@ def test_stage_runs_without_data_params_reuse_the_work_dirs_data(tmp_path):
         resolve_data(DataParams(), wd) == first
     )  # defaults: the data the work_dir was made with, no demo generated
     assert not (tmp_path / "data").exists()
+    # one class for a data set in the config and in the flow parameters (DatasetSource): a labeled set takes its
+    # training fields, which reach data.json only when set (so earlier work dirs' data.json stays the same)
+    mixed = explicit.model_copy(
+        update={
+            "labeled": [*explicit.labeled, {"ann_file": "/d/p.json", "img_root": "/d/u", "augment": "strong"}]
+        }
+    )
+    mixed = DataParams.model_validate(mixed.model_dump())
+    sets = resolve_data(mixed, check_work_dir(tmp_path / "run2"))["labeled"]
+    assert sets == [first["labeled"][0], {"ann_file": "/d/p.json", "img_root": "/d/u", "augment": "strong"}]
+    assert first["labeled"][0] == {"ann_file": "/d/train.json", "img_root": "/d/train"}
+    with pytest.raises(
+        ValueError, match=r"data.test: fraction: only training sets \(data.labeled\) take these"
+    ):
+        DataParams(test={"ann_file": "/d/test.json", "img_root": "/d/test", "fraction": 0.5})
 
 
 def test_artifact_markdown_is_commonmark_with_every_picture_within_budget(tmp_path):

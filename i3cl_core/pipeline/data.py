@@ -40,13 +40,18 @@ def _from_params(data: DataParams) -> dict:
             data.demo_size,
             num_val=data.demo_val,
         )
-    return {
-        "labeled": [d.model_dump() for d in data.labeled] if data.labeled else demo["labeled"],
+    split = {"ann_file", "img_root"}  # what an evaluation split uses of a DatasetSource
+    return {  # the training-only fields of a labeled set only when set: data.json as before they existed
+        "labeled": [d.model_dump(exclude_defaults=True) for d in data.labeled]
+        if data.labeled
+        else demo["labeled"],
         "unlabeled_images": data.unlabeled_images or demo["unlabeled_images"],
         "unlabeled_root": data.unlabeled_root or demo["unlabeled_root"],
         "unlabeled_gt": data.unlabeled_gt
         if data.unlabeled_images
         else (data.unlabeled_gt or demo["unlabeled_gt"]),
-        "test": data.test.model_dump() if data.test else demo["test"],
-        "val": data.val.model_dump() if data.val else (demo["val"] if demo and not data.labeled else None),
+        "test": data.test.model_dump(include=split) if data.test else demo["test"],
+        "val": data.val.model_dump(include=split)
+        if data.val
+        else (demo["val"] if demo and not data.labeled else None),
     }

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from i3cl_core.config import FuseConfig  # noqa: F401  (re-exported: the fuse stage's parameters)
+from i3cl_core.config import DatasetSource, FuseConfig  # noqa: F401  (FuseConfig re-exported: the fuse stage's)
 from i3cl_core.engine.launch import SlurmLauncher, TorchrunLauncher
 from i3cl_core.infer.shards import ShardSettings
 
@@ -16,11 +16,6 @@ DEMO_CONFIGS = "configs/demo"
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class Dataset(_Params):
-    ann_file: str = Field(description="COCO json (polygons, optional iscrowd / lossweight)")
-    img_root: str = Field(description="folder its file_name entries are relative to")
 
 
 class DataParams(_Params):
@@ -38,10 +33,10 @@ class DataParams(_Params):
         25, ge=0, le=100000, description="labeled demo validation images (fusion threshold)"
     )
     demo_test: int = Field(100, ge=1, le=100000)
-    labeled: list[Dataset] | None = Field(
+    labeled: list[DatasetSource] | None = Field(
         None, description="labeled training sets (default: demo train split)"
     )
-    val: Dataset | None = Field(
+    val: DatasetSource | None = Field(
         None,
         description="labeled validation split on which fuse.auto_keep_thr chooses the "
         "fusion threshold (default: the demo's val split; none for your own data unless given)",
@@ -51,10 +46,26 @@ class DataParams(_Params):
     unlabeled_gt: str | None = Field(
         None, description="hidden ground truth of the unlabeled set (quality report only)"
     )
-    test: Dataset | None = Field(None, description="test split for the final table")
+    test: DatasetSource | None = Field(None, description="test split for the final table")
 
     def uses_demo(self) -> bool:
         return self.labeled is None or self.unlabeled_images is None or self.test is None
+
+    @model_validator(mode="after")
+    def _splits_have_no_training_fields(self):
+        for name in ("val", "test"):
+            split = getattr(self, name)
+            fields = DatasetSource.model_fields
+            extra = [
+                k
+                for k in fields
+                if k not in ("ann_file", "img_root") and split and getattr(split, k) != fields[k].default
+            ]
+            if extra:
+                raise ValueError(
+                    f"data.{name}: {', '.join(extra)}: only training sets (data.labeled) take these"
+                )
+        return self
 
 
 class ModelSpec(_Params):
