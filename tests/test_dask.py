@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 RUN = """
 import json, sys
-from flows.pipeline import ensemble_inference
+from flows.stages import ensemble_inference
 for wd, infer in json.loads(sys.argv[1]):
     print(json.dumps(ensemble_inference(work_dir=wd, infer=infer)), flush=True)
 """

@@ -387,3 +387,24 @@ def test_one_inference_loop_behind_infer_ensemble_and_evaluation(tmp_path, train
     ds.records[1].path = broken
     with pytest.raises(DatasetError, match="broken.jpg"):
         predict_dataset(model, ds, "cpu", epsilon=eps)
+
+
+def test_decoding_ahead_is_bounded_and_bad_ensemble_settings_are_named(monkeypatch, tmp_path):
+    """Decoding threads run a few images ahead of the model, never the whole folder (memory); a bad ensemble
+    setting is an error naming it, not a traceback."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import i3cl_core.infer.loop as loop
+    from i3cl_core.pseudo.ensemble import run_ensemble
+
+    calls = []
+    monkeypatch.setattr(loop, "decode", lambda job: (calls.append(job), (None, "unreadable"))[1])
+    with ThreadPoolExecutor(2) as pool:
+        decoded = loop._decoded([(f"{k}.jpg", f"image {k}") for k in range(1000)], pool, ahead=6)
+        assert next(decoded) == (None, "unreadable")
+        time.sleep(0.2)
+        assert 6 <= len(calls) <= 7
+        decoded.close()
+    with pytest.raises(DatasetError, match=r"ensemble: score_thr: .*less than or equal to 1"):
+        run_ensemble(["a.pth"], str(tmp_path), tmp_path / "out", score_thr=1.5)

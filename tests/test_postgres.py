@@ -115,7 +115,7 @@ def test_a_stage_flow_runs_against_a_prefect_server_on_postgresql(postgres, tmp_
             monkeypatch.setenv(k, server.env[k])
         code = f"""
 import json, sys
-from flows.pipeline import train_teachers
+from flows.stages import train_teachers
 from i3cl_core.pipeline.params import DataParams, TrainParams
 sys.path.insert(0, {str(REPO / "tests")!r})
 from test_flows import tiny_params

@@ -188,7 +188,7 @@ def slurm(tmp_path_factory):
 
 RUN = """
 import json, sys
-from flows.pipeline import train_teachers
+from flows.stages import train_teachers
 print(json.dumps(train_teachers(**json.loads(sys.argv[1]))), flush=True)
 """
 TINY = [

@@ -3,6 +3,10 @@ ground truth by the evaluation protocols (:mod:`i3cl_core.evaluation`)."""
 
 from __future__ import annotations
 
+from i3cl_core.utils import get_logger
+
+log = get_logger("evaluate")
+
 
 def predict_dataset(
     model,
@@ -35,7 +39,13 @@ def predict_dataset(
         for p in predict_images(model, images, epsilon, device, batch_size, decoder=decoder):
             if p.error is not None:
                 raise DatasetError(p.error)
-            results[records[p.index].image_id] = p.polygons
+            r = records[p.index]
+            if (p.height, p.width) != (r.height, r.width):
+                log.warning(
+                    "%s: image %s is %dx%d but the json says %dx%d; its predictions are in the image's pixels",
+                    r.path, r.image_id, p.width, p.height, r.width, r.height,
+                )  # fmt: skip
+            results[r.image_id] = p.polygons
             bar.update(1)
     finally:
         bar.close()

@@ -7,16 +7,18 @@ around it (per-image files, shard files, scores) is theirs.
 
 Images are read by the one image reader (:func:`i3cl_core.data.image_io.read_image`), in a pool of
 decoding threads when one is given (threads, not processes: the decoders release the GIL, and forking a
-process whose other threads compute can deadlock), in order and ahead of the model. A PyTorch model gets
-``batch_size`` images per forward pass, copied to its device as bytes (pinned, without blocking, on
-CUDA) and converted there; an exported model (:class:`~i3cl_core.deploy.onnx_runtime.OnnxDetector`) gets
-one RGB array at a time. An unreadable image is yielded with its error, never raised.
+process whose other threads compute can deadlock), in order and a few images ahead of the model. A PyTorch
+model gets ``batch_size`` images per forward pass, scaled to [0, 1] on the CPU as the training data are and
+copied to its device (pinned, without blocking, on CUDA); an exported model
+(:class:`~i3cl_core.deploy.onnx_runtime.OnnxDetector`) gets one RGB array at a time. An unreadable image is
+yielded with its error, never raised.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -96,12 +98,14 @@ def predict_images(
             yield ImagePrediction(j, polygons, rgb.shape[0], rgb.shape[1], rgb if keep_rgb else None)
         batch.clear()
 
-    for j, (rgb, err) in enumerate(_decoded(images, decoder)):
+    for j, (rgb, err) in enumerate(_decoded(images, decoder, ahead=2 * batch_size + 2)):
         if err is not None:
             yield ImagePrediction(j, [], error=err)
             continue
-        x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
-        x = (x.pin_memory() if pin else x).to(device, non_blocking=True).float().div_(255.0)
+        # scaled to [0, 1] on the CPU, exactly as the training data (a CUDA division by a scalar multiplies by
+        # its reciprocal, one ulp off for half the pixel values)
+        x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float().div_(255.0)
+        x = (x.pin_memory() if pin else x).to(device, non_blocking=True)
         batch.append((j, rgb, x))
         if len(batch) == batch_size:
             yield from flush()
@@ -109,14 +113,29 @@ def predict_images(
         yield from flush()
 
 
-def _decoded(images, decoder):
-    jobs = [(str(path), what) for path, what in images]
-    return decoder.map(decode, jobs) if decoder is not None else map(decode, jobs)
+def _decoded(images, decoder, ahead: int) -> Iterator[tuple[np.ndarray | None, str | None]]:
+    """The decoded images in order; with a ``decoder``, at most ``ahead`` of them decoded before the model
+    takes them (memory stays bounded over any number of images)."""
+    jobs = ((str(path), what) for path, what in images)
+    if decoder is None:
+        yield from map(decode, jobs)
+        return
+    pending: deque = deque()
+    try:
+        for job in jobs:
+            pending.append(decoder.submit(decode, job))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # a consumer that stops early leaves nothing queued
+        for f in pending:
+            f.cancel()
 
 
 def _predict_exported(detector, images, epsilon, decoder, keep_rgb) -> Iterator[ImagePrediction]:
     """An exported model (``detector.predict(rgb, epsilon)``): one RGB array at a time, no torch."""
-    for j, (rgb, err) in enumerate(_decoded(images, decoder)):
+    for j, (rgb, err) in enumerate(_decoded(images, decoder, ahead=4)):
         if err is not None:
             yield ImagePrediction(j, [], error=err)
             continue

@@ -80,7 +80,7 @@ class DeviceWorkers:
         return self._decoders[worker]
 
     def release(self) -> None:
-        """Drop every loaded model (and the CUDA cache) and stop the decoding processes, e.g. before a
+        """Drop every loaded model (and the CUDA cache) and stop the decoding threads, e.g. before a
         training needs the GPUs."""
         for cache in self._models:
             cache.clear()

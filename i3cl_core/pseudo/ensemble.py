@@ -29,6 +29,8 @@ import os
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from i3cl_core.data.errors import DatasetError
 from i3cl_core.devices import resolve_devices
 from i3cl_core.infer.precision import resolve_precision
@@ -95,13 +97,17 @@ def run_ensemble(
 
     if not checkpoints and not extra:
         raise DatasetError("ensemble: give at least one checkpoint (or --extra prediction file)")
-    settings = ShardSettings(
-        score_thr=score_thr,
-        flips=tuple(flips),
-        scales=tuple(scales),
-        batch_size=batch_size,
-        precision=precision,
-    )
+    try:
+        settings = ShardSettings(
+            score_thr=score_thr,
+            flips=tuple(flips),
+            scales=tuple(scales),
+            batch_size=batch_size,
+            precision=precision,
+        )
+    except ValidationError as e:  # a bad --score-thr, --batch-size, ... named, as the CLI reports errors
+        err = e.errors()[0]
+        raise DatasetError(f"ensemble: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
     devs = resolve_devices(devices)
     for d in devs:
         resolve_precision(precision, d)  # refuse fp16 on a CPU before any work
