@@ -1,19 +1,22 @@
 """Does the semi-supervised loop help? A controlled benchmark where labels are scarce.
 
-Synthetic data (seed 0, ``--size`` px, 320 by default): 25 labeled train images, 400 unlabeled images (their
-ground truth hidden: read only to measure), a labeled validation split of 100 images (every threshold is chosen
-there, as a user would) and 300 test images. Per seed (each seed has its own teachers and data order):
+Synthetic data (seed 0, ``--size`` px, 320 by default): 10 labeled train images (``--labeled``), 400 unlabeled
+images (their ground truth hidden: read only to measure), a labeled validation split of 100 images (every threshold
+is chosen there, as a user would) and 300 test images. Per seed (each seed has its own teachers and data order):
 
-1. teachers: two demo teachers (I3CL and plain Mask R-CNN) trained from scratch on the labeled images;
-   1,000 iterations each (close to convergence on 25 images);
-2. ensemble: every teacher (with the test-time augmentation of ``--tta-flips``/``--tta-scales``) over
+1. teachers: two demo teachers (``--teachers``, by default teacher_a, I3CL, and teacher_b, its IntraCL-only
+   variant) trained from scratch on the labeled images; 1,000 iterations each;
+2. ensemble: every teacher (with the test-time augmentation of ``--tta-flips``, h by default, and ``--tta-scales``) over
    the unlabeled images and the validation split;
 3. fusion: Weighted Polygon Fusion; ``keep_thr`` is the best-F (``--set-fuse keep_thr_beta=0.5``: F0.5) threshold
    of the fused validation predictions (``i3cl_core.pseudo.thresholds``);
-4. arms, all from the first teacher's checkpoint, the same iterations, learning rate and seed of the data order
-   (protocol ``continue``, the default: the teacher's own final learning rate, no warm-up, no decay, so no arm gains
-   from a learning-rate restart; the control is that teacher's schedule continued, and ``control - teacher`` < 1 F
-   shows the start converged):
+4. arms (default: control, ssl_strong_bg, oracle, control_long), by default (``--protocol scratch``, the STAC
+   protocol) each trained from scratch with the first teacher's config, seed and 1,000-iteration schedule, only
+   the added images changed; the control is that teacher itself (the same training), so it costs no training.
+   ``--protocol continue`` starts every arm from the first teacher's checkpoint instead, with the same
+   iterations, learning rate and seed of the data order (the teacher's own final learning rate, no warm-up, no
+   decay, so no arm gains from a learning-rate restart; the control is that teacher's schedule continued, and
+   ``control - teacher`` < 1 F shows the start converged); the rounds (ssl_r2, control_r2) need it:
      control        labeled images only
      ssl            labeled + pseudo labels, each weighted by its lossweight
      ssl_uniform    labeled + the same pseudo labels, every weight 1 (isolates the weighting)
@@ -32,9 +35,6 @@ there, as a user would) and 300 test images. Per seed (each seed has its own tea
      control_long   (--protocol scratch) the control trained twice as long, each epoch twice its iterations: how
                     much more training alone would give, next to what the added images give
    The labeled images keep the default augmentation in every arm: the one thing an arm changes is what it adds.
-   ``--protocol scratch`` (the STAC protocol) trains every arm from scratch instead, with the first teacher's config,
-   seed and 1,000-iteration schedule; its control is that teacher itself (the same training), so it costs no
-   training; the rounds are not available there.
 5. every model on the validation split, where its best-F score threshold is chosen, and on the test
    split (ArT protocol), both at that threshold and at its own best test threshold (both printed).
 
@@ -43,12 +43,15 @@ per seed with the verdict (a gain holds only if its mean reaches the goal and ev
 headroom (oracle - control), the gate (pseudo labels' F on the unlabeled split next to the control's on the same
 images, and next to the best teacher's), and the share of unlabeled images each arm drew at least once.
 
-    .venv/bin/python benchmarks/bench_ssl.py [--seeds 1 2 3] [--work-dir work_dirs/bench_ssl]
-        [--arms control ssl ...] [--set-arms key=value ...] [--set-fuse key=value ...] [--devices auto]
+    .venv/bin/python benchmarks/bench_ssl.py [--seeds 1 2 3] [--work-dir work_dirs/bench_ssl_l10]
+        [--arms control ssl_strong_bg ...] [--set-arms key=value ...] [--set-fuse key=value ...]
+        [--variant NAME] [--devices auto]
 
-On 2 CPU cores about 50 minutes per seed (2 x 1,000 teacher iterations at 2.5-3 training images/s, 300
-iterations per arm, ensembles over 500 images, evaluations over 400); finished trainings, ensemble shards and
-evaluations are reused when the benchmark runs again on the same work dir with the same settings.
+On 2 idle CPU cores about 80 minutes per seed with the default arms (teachers 2 x 11 minutes at about 3 training
+images/s, ensemble 4, ssl_strong_bg and oracle 11 each, control_long 22, evaluations 5); finished trainings,
+ensemble shards and evaluations are reused when the benchmark runs again on the same work dir with the same
+settings (give the paths the same way: a relative and an absolute path are different inputs). ``--variant NAME``
+keeps a lever's run (its pseudo labels, arms and results) beside the others.
 ``benchmarks/gpu_ssl.sh`` runs it on a GPU at a larger scale.
 """
 
@@ -80,7 +83,7 @@ ARMS = (
     "control_ema",
     "control_long",
 )
-DEFAULT_ARMS = ["control", "ssl", "ssl_strong", "ssl_strong_bg", "oracle"]
+DEFAULT_ARMS = ["control", "ssl_strong_bg", "oracle", "control_long"]
 
 
 def ensure_data(data: Path, args) -> dict:
@@ -571,12 +574,12 @@ def print_table(results: list[dict], args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="data/bench_ssl")
-    ap.add_argument("--work-dir", default="work_dirs/bench_ssl")
+    ap.add_argument("--data", default="data/bench_ssl_l10")
+    ap.add_argument("--work-dir", default="work_dirs/bench_ssl_l10")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=ARMS)
-    ap.add_argument("--teachers", nargs="+", default=["teacher_a", "teacher_c"])
-    ap.add_argument("--labeled", type=int, default=25)
+    ap.add_argument("--teachers", nargs="+", default=["teacher_a", "teacher_b"])
+    ap.add_argument("--labeled", type=int, default=10)
     ap.add_argument("--unlabeled", type=int, default=400)
     ap.add_argument("--val", type=int, default=100)
     ap.add_argument("--test", type=int, default=300)
@@ -585,7 +588,7 @@ def main() -> None:
     ap.add_argument(
         "--protocol",
         choices=sorted(PROTOCOL_TEXT),
-        default="continue",
+        default="scratch",
         help="continue: arms at the teacher's final learning rate (no restart); restart: the student "
         "config's schedule; scratch: every arm trained from scratch like the first teacher",
     )
@@ -606,7 +609,7 @@ def main() -> None:
         "--devices", nargs="+", default=["cpu"], help="ensemble devices (cpu, cuda:0, ... or auto)"
     )
     ap.add_argument("--infer-batch", type=int, default=1, help="images per forward pass in the ensemble")
-    ap.add_argument("--tta-flips", nargs="*", default=[], choices=["h", "v"])
+    ap.add_argument("--tta-flips", nargs="*", default=["h"], choices=["h", "v"])
     ap.add_argument("--tta-scales", nargs="*", type=int, default=[])
     ap.add_argument(
         "--pseudo-fraction",
