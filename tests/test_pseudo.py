@@ -495,6 +495,13 @@ def test_ensemble_then_fuse_round_trip(tmp_path, two_checkpoints):
     )
     assert f["images"] == 5 and f["models"] == 2
     assert f["pseudo_labels"] == len(json.loads(out.read_text())["annotations"])
+    # a re-run reuses the shards only when they came from the same checkpoint, images and settings
+    again = run_ensemble(ckpts, data["img_root"], tmp_path / "ens", shard_size=2, progress=False, flips=["h"])
+    assert [m["skipped_done"] for m in again["models"]] == [3, 3]
+    no_tta = run_ensemble(ckpts, data["img_root"], tmp_path / "ens", shard_size=2, progress=False)
+    assert [m["computed"] for m in no_tta["models"]] == [3, 3]
+    resharded = run_ensemble(ckpts, data["img_root"], tmp_path / "ens", shard_size=3, progress=False)
+    assert [m["computed"] for m in resharded["models"]] == [2, 2]
 
 
 # ------------------------------------------------------------------------------------ thresholds from val

@@ -5,12 +5,15 @@ Layout written under ``--out``::
     images.json                       the unlabeled set (COCO images with sizes): IMAGES.json for fuse
     predictions/<model>/shard_00000.json   COCO results of one model on one shard, written atomically
     predictions/<model>/coverage.json      image ids the model has run on (written when it is complete)
+    predictions/<model>/inputs.stamp       the checkpoint's fingerprint, the shards and the settings they came from
     members.json                      the prediction sources to fuse (ours, then --extra files)
 
 A shard file that exists is finished and is skipped on a re-run, so a killed ensemble resumes where
-it stopped and ends with the same files. Optional test-time augmentation (horizontal/vertical flips,
-extra test scales) runs each model on every variant and merges the variants per model with the same
-polygon fusion (equal weights, ``avg``) before the ensemble fusion sees them.
+it stopped and ends with the same files; when the checkpoint, the images, the shard size or a setting
+(threshold, test-time augmentation, batch size, precision) changed, its shards are recomputed. Optional
+test-time augmentation (horizontal/vertical flips, extra test scales) runs each model on every variant and
+merges the variants per model with the same polygon fusion (equal weights, ``avg``) before the ensemble
+fusion sees them.
 
 Workers: one per entry of ``--devices`` (``auto``: every visible GPU, else the CPU). The (model,
 shard) jobs go to whichever worker is free; a worker loads each model once and keeps it, decodes
@@ -25,6 +28,8 @@ shard's inference is the one loop of :mod:`i3cl_core.infer.loop`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -37,7 +42,7 @@ from i3cl_core.infer.precision import resolve_precision
 from i3cl_core.infer.run import ImageItem, collect_images
 from i3cl_core.infer.shards import ShardSettings, infer_shard, plan_shards
 from i3cl_core.infer.workers import device_workers, release_device_workers
-from i3cl_core.utils import atomic_write_json, get_logger
+from i3cl_core.utils import atomic_write_json, atomic_write_text, get_logger
 
 log = get_logger("ensemble")
 
@@ -123,6 +128,15 @@ def run_ensemble(
         out / "images.json", {"images": table, "annotations": [], "categories": [{"id": 1, "name": "text"}]}
     )
     shards = plan_shards(items, shard_size)
+    image_list = hashlib.sha1(
+        json.dumps([[s.index, [it.image_id for it in s.items]] for s in shards]).encode()
+    )
+    image_list = image_list.hexdigest()
+    shard_inputs = {
+        "settings": settings.model_dump(mode="json"),
+        "shard_size": shard_size,
+        "precision": [resolve_precision(precision, d) for d in devs],  # what "auto" means on these devices
+    }
     taken: set[str] = set()
     members, per_model, jobs = [], [], []
     t0 = time.time()
@@ -130,11 +144,17 @@ def run_ensemble(
         name = model_name(ckpt, taken)
         pred_dir = out / "predictions" / name
         pred_dir.mkdir(parents=True, exist_ok=True)
-        stamp, fp = pred_dir / "checkpoint.sha1", fingerprint(ckpt)
-        if stamp.exists() and stamp.read_text() != fp:
-            stale = sorted(pred_dir.glob("shard_*.json"))
+        # what the shard files were computed from: when any of it changed, or is unknown (shards of an earlier
+        # version), they are recomputed (a shard file that exists is otherwise taken as finished)
+        stamp = pred_dir / "inputs.stamp"  # not .json: a member folder's json files are its shards
+        inputs = json.dumps(
+            {"checkpoint": fingerprint(ckpt), "shards": image_list, **shard_inputs}, sort_keys=True
+        )
+        stale = sorted(pred_dir.glob("shard_*.json"))
+        if stale and (not stamp.exists() or stamp.read_text() != inputs):
             log.warning(
-                "%s: the checkpoint %s changed since its shards were written; recomputing %d shards",
+                "%s: the checkpoint %s, the images or the settings changed since its shards were written (or "
+                "were not recorded); recomputing %d shards",
                 pred_dir,
                 ckpt,
                 len(stale),
@@ -142,7 +162,8 @@ def run_ensemble(
             for f in stale:
                 f.unlink()
             (pred_dir / "coverage.json").unlink(missing_ok=True)
-        stamp.write_text(fp)
+        (pred_dir / "checkpoint.sha1").unlink(missing_ok=True)  # the stamp of earlier versions
+        atomic_write_text(stamp, inputs)
         todo = [s for s in shards if not (pred_dir / s.name).exists()]
         jobs += [(ckpt, s, pred_dir) for s in todo]
         members.append(str(pred_dir))
