@@ -16,7 +16,9 @@ import argparse
 import json
 import sys
 
-PROTOCOL_CHOICES = ("art", "totaltext", "ctw1500", "icdar2015", "all")
+from i3cl_core.evaluation.protocols import PROTOCOLS
+
+PROTOCOL_CHOICES = (*PROTOCOLS, "all")
 GT_FORMATS = "a COCO dataset json or an ArT json ({'gt_<n>': [...]})"
 PRED_FORMATS = (
     "a COCO results json (a list), a COCO dataset json with scored annotations, or an ArT submission json "

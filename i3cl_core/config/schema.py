@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from i3cl_core.evaluation.protocols import Protocol
+
 _LOGGED: set[str] = set()
 
 
@@ -330,7 +332,7 @@ class TrainConfig(_Strict):
     keep_last: int = Field(3, ge=1)
     load_from: str | None = Field(None, description="checkpoint to start from (non-strict)")
     eval_interval: int = Field(1, ge=0, description="epochs between evaluations on data.val (0: never)")
-    eval_protocol: Literal["art", "totaltext", "ctw1500", "icdar2015"] = "art"
+    eval_protocol: Protocol = "art"
     seed: int = Field(0, ge=0)
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N (under torchrun: cuda:LOCAL_RANK)")
     log_interval: int = Field(20, ge=1)

@@ -29,7 +29,7 @@ _EXPORTS = {
     "evaluate_polygons": "core",
     "prepare_polygons": "core",
     "PreparedEval": "core",
-    "PROTOCOLS": "core",
+    "PROTOCOLS": "protocols",
     "DEFAULT_SWEEP": "core",
     "coco_map": "coco",
 }

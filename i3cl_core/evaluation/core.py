@@ -17,9 +17,8 @@ import numpy as np
 import shapely
 
 from .geometry import STATUS_INVALID, STATUS_REPAIRED, build_geometries, candidate_pairs, intersection_areas
+from .protocols import IOU_PROTOCOLS, PROTOCOLS  # noqa: F401  (PROTOCOLS re-exported)
 
-PROTOCOLS = ("art", "totaltext", "ctw1500", "icdar2015")
-IOU_PROTOCOLS = ("art", "ctw1500", "icdar2015")
 MATCH_MODES = ("greedy", "best_iou")
 # ``strict``: the one-to-one pass needs one detection that passes both sigma and tau (our reading of the
 # protocol); ``official``: the rules of Total-Text's published ``Deteval.py`` (see _deteval_image)

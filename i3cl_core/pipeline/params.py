@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from i3cl_core.config import DatasetSource, FuseConfig  # noqa: F401  (FuseConfig re-exported: the fuse stage's)
 from i3cl_core.engine.launch import SlurmLauncher, TorchrunLauncher
+from i3cl_core.evaluation.protocols import Protocol
 from i3cl_core.infer.shards import ShardSettings
 
 DEMO_CONFIGS = "configs/demo"
@@ -254,7 +255,7 @@ class RoundParams(_Params):
 
 
 class EvalParams(_Params):
-    protocol: Literal["art", "totaltext", "ctw1500", "icdar2015"] = "art"
+    protocol: Protocol = "art"
     score_thr: float | None = Field(
         None,
         ge=0.0,
