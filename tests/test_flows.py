@@ -678,12 +678,9 @@ def test_stage_runs_without_data_params_reuse_the_work_dirs_data(tmp_path):
     assert not (tmp_path / "data").exists()
     # one class for a data set in the config and in the flow parameters (DatasetSource): a labeled set takes its
     # training fields, which reach data.json only when set (so earlier work dirs' data.json stays the same)
-    mixed = explicit.model_copy(
-        update={
-            "labeled": [*explicit.labeled, {"ann_file": "/d/p.json", "img_root": "/d/u", "augment": "strong"}]
-        }
-    )
-    mixed = DataParams.model_validate(mixed.model_dump())
+    raw = explicit.model_dump()  # every field, as Prefect stores a run's parameters
+    raw["labeled"].append({"ann_file": "/d/p.json", "img_root": "/d/u", "augment": "strong"})
+    mixed = DataParams.model_validate(raw)
     sets = resolve_data(mixed, check_work_dir(tmp_path / "run2"))["labeled"]
     assert sets == [first["labeled"][0], {"ann_file": "/d/p.json", "img_root": "/d/u", "augment": "strong"}]
     assert first["labeled"][0] == {"ann_file": "/d/train.json", "img_root": "/d/train"}
