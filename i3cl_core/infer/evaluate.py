@@ -3,6 +3,8 @@ ground truth by the evaluation protocols (:mod:`i3cl_core.evaluation`)."""
 
 from __future__ import annotations
 
+import contextlib
+
 from i3cl_core.utils import get_logger
 
 log = get_logger("evaluate")
@@ -23,19 +25,14 @@ def predict_dataset(
     from tqdm import tqdm
 
     from i3cl_core.data.errors import DatasetError
-    from i3cl_core.infer.loop import predict_images
+    from i3cl_core.infer.loop import decoding_threads, predict_images
 
     model.eval()
     records = dataset.records
     images = [(r.path, f"image {r.image_id}") for r in records]
     results = {}
     bar = tqdm(total=len(records), desc="inference", unit="img", disable=not progress, leave=False)
-    decoder = None
-    if num_workers > 0:
-        from concurrent.futures import ThreadPoolExecutor
-
-        decoder = ThreadPoolExecutor(num_workers, thread_name_prefix="decode")
-    try:
+    with decoding_threads(num_workers) as decoder, contextlib.closing(bar):
         for p in predict_images(model, images, epsilon, device, batch_size, decoder=decoder):
             if p.error is not None:
                 raise DatasetError(p.error)
@@ -47,10 +44,6 @@ def predict_dataset(
                 )  # fmt: skip
             results[r.image_id] = p.polygons
             bar.update(1)
-    finally:
-        bar.close()
-        if decoder is not None:
-            decoder.shutdown(wait=True, cancel_futures=True)
     return results
 
 

@@ -16,6 +16,7 @@ yielded with its error, never raised.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections import deque
@@ -43,6 +44,22 @@ class ImagePrediction:
 def is_exported(model_file: str | os.PathLike) -> bool:
     """Whether a model file is an exported model (``.onnx`` from ``i3cl export``) rather than a checkpoint."""
     return str(model_file).lower().endswith(".onnx")
+
+
+@contextlib.contextmanager
+def decoding_threads(threads: int) -> Iterator:
+    """A pool of ``threads`` decoding threads for :func:`predict_images` (None when 0: decode inline),
+    shut down on leaving, pending decodes cancelled."""
+    if threads < 1:
+        yield None
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def decode(job: tuple[str, str]) -> tuple[np.ndarray | None, str | None]:

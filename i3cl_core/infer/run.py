@@ -17,6 +17,7 @@ the settings of the per-image files beside it (what the resume check reads).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -258,12 +259,10 @@ def infer_images(
     ``checkpoint`` is a file from ``i3cl export``, run by :class:`~i3cl_core.deploy.onnx_runtime.OnnxDetector`
     on ``threads`` CPU threads without importing torch (``device``, ``precision`` and ``batch_size`` do not
     apply; ``model_overrides`` may set the test sides)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from tqdm import tqdm
 
     from i3cl_core.infer.export import art_entries, coco_result, draw_results, txt_lines
-    from i3cl_core.infer.loop import predict_images
+    from i3cl_core.infer.loop import decoding_threads, predict_images
 
     if engine not in ENGINES:
         raise DatasetError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
@@ -303,8 +302,7 @@ def infer_images(
         dynamic_ncols=True,
     )
     images = [(items[i].path, f"image {items[i].image_id}") for i in todo]
-    decoder = ThreadPoolExecutor(num_workers, thread_name_prefix="decode") if num_workers > 0 else None
-    try:
+    with decoding_threads(num_workers) as decoder, contextlib.closing(bar):
         for p in predict_images(model, images, eps, dev, batch_size, decoder=decoder, keep_rgb=visualize):
             bar.update(1)
             if p.error is not None:
@@ -323,10 +321,6 @@ def infer_images(
             if visualize:
                 draw_results(p.rgb, results, root / "vis" / f"{item.stem}.png")
             atomic_write_json(per_image / f"{item.key}.json", record)
-    finally:
-        bar.close()
-        if decoder is not None:
-            decoder.shutdown(wait=True, cancel_futures=True)
     seconds = time.time() - t0
     summary = {
         "images": len(items),
