@@ -43,3 +43,6 @@ def _unlock(flow, flow_run, state) -> None:  # noqa: ARG001  (Prefect's state-ho
 LOCK_HOOKS = dict(
     on_completion=[_unlock], on_failure=[_unlock], on_cancellation=[_unlock], on_crashed=[_unlock]
 )
+# what every pipeline flow is decorated with: the lock's hooks, printed lines in the run's logs, its result kept
+# as JSON
+FLOW_OPTIONS = dict(**LOCK_HOOKS, log_prints=True, persist_result=True, result_serializer="json")

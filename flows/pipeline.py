@@ -27,7 +27,7 @@ from prefect import flow
 from pydantic import Field
 
 from flows.artifacts import summary_artifact
-from flows.locking import LOCK_HOOKS, open_work_dir
+from flows.locking import FLOW_OPTIONS, open_work_dir
 from flows.stages import ensemble_inference, evaluate, fuse_pseudo_labels, train_student, train_teachers
 from flows.tasks import flow_run_id
 from i3cl_core.pipeline import stages
@@ -45,7 +45,7 @@ from i3cl_core.pipeline.workdir import WorkDir
 from i3cl_core.utils import atomic_write_json
 
 
-@flow(name="ssl-pipeline", **LOCK_HOOKS, log_prints=True, persist_result=True, result_serializer="json")
+@flow(name="ssl-pipeline", **FLOW_OPTIONS)
 def ssl_pipeline(
     work_dir: str = "runs/demo",
     data: DataParams = DataParams(),

@@ -19,7 +19,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.artifacts import pseudo_label_artifacts, pseudo_variants_artifact
-from flows.locking import LOCK_HOOKS, open_work_dir
+from flows.locking import FLOW_OPTIONS, open_work_dir
 from flows.tasks import (
     evaluate_task,
     flow_run_id,
@@ -47,7 +47,7 @@ from i3cl_core.pipeline.workdir import WorkDir
 from i3cl_core.utils import atomic_write_json, fingerprint
 
 
-@flow(name="train-teachers", **LOCK_HOOKS, log_prints=True, persist_result=True, result_serializer="json")
+@flow(name="train-teachers", **FLOW_OPTIONS)
 def train_teachers(
     work_dir: str = "runs/demo", data: DataParams = DataParams(), train: TrainParams = TrainParams()
 ) -> dict:
@@ -150,10 +150,7 @@ def _task_runner(infer: InferParams):
 
 @flow(
     name="ensemble-inference",
-    **LOCK_HOOKS,
-    log_prints=True,
-    persist_result=True,
-    result_serializer="json",
+    **FLOW_OPTIONS,
     flow_run_name="ensemble-inference-r{ssl_round}",
 )
 def ensemble_inference(
@@ -213,10 +210,7 @@ def ensemble_inference(
 
 @flow(
     name="fuse-pseudo-labels",
-    **LOCK_HOOKS,
-    log_prints=True,
-    persist_result=True,
-    result_serializer="json",
+    **FLOW_OPTIONS,
     flow_run_name="fuse-pseudo-labels-r{ssl_round}",
 )
 def fuse_pseudo_labels(
@@ -257,10 +251,7 @@ def fuse_pseudo_labels(
 
 @flow(
     name="train-student",
-    **LOCK_HOOKS,
-    log_prints=True,
-    persist_result=True,
-    result_serializer="json",
+    **FLOW_OPTIONS,
     flow_run_name="train-student-r{ssl_round}",
 )
 def train_student(
@@ -311,7 +302,7 @@ def train_student(
     return result
 
 
-@flow(name="evaluate", **LOCK_HOOKS, log_prints=True, persist_result=True, result_serializer="json")
+@flow(name="evaluate", **FLOW_OPTIONS)
 def evaluate(
     work_dir: str = "runs/demo", data: DataParams = DataParams(), evaluation: EvalParams = EvalParams()
 ) -> dict:
