@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from i3cl_core.pipeline.workdir import WorkDir
+from i3cl_core.pipeline.workdir import FUSION_REPORT, WorkDir
 
 
 def slug(text: str) -> str:
@@ -75,7 +75,7 @@ def training_curve_artifact(name: str, out: Path, when: str) -> None:
 
 
 def pseudo_label_artifacts(variant_dir: Path, summary: dict, ssl_round: int = 1) -> None:
-    report = json.loads((variant_dir / "report.json").read_text())
+    report = json.loads((variant_dir / FUSION_REPORT).read_text())
     rows = [
         {"stat": k, "value": summary[k]}
         for k in ("images", "models", "pseudo_labels", "dontcare", "images_with_labels")

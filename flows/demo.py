@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from i3cl_core.pipeline.workdir import WorkDir
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"ssl-pipeline ended {run.state.name}: {run.state.message}; see {ui} and {server.home}/serve.log"
             )
             return 1
-        summary = json.loads((Path(args.work_dir) / "summary.json").read_text())
+        summary = json.loads((WorkDir(Path(args.work_dir)).summary_json).read_text())
         print_table(summary, ui)
         if args.keep_server:
             print("server and serve keep running; press Ctrl-C to stop them")

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from i3cl_core.pipeline.workdir import COVERAGE, PLAN
+
 TRAIN_LINE = re.compile(r"epoch (\d+)/(\d+) iter (\d+)/(\d+) loss ([0-9.naninf]+).*?([0-9.]+) img/s")
 
 
@@ -66,15 +68,13 @@ def scan(work_dir: Path) -> list[Activity]:
     for pred_root in layout.prediction_dirs():
         if not pred_root.exists():
             continue
-        plan = pred_root / "plan.json"
+        plan = pred_root / PLAN
         for model in sorted(p for p in pred_root.iterdir() if p.is_dir() and p.name != "extra"):
             done = len(list(model.glob("shard_*.json")))
             total = _planned_shards(plan) or max(done, 1)
             label = f"ensemble {pred_root.parent.name + '/' if pred_root.parent != wd else ''}{model.name}"
             out.append(
-                Activity(
-                    label, done, total, f"{done}/{total} shards", finished=(model / "coverage.json").exists()
-                )
+                Activity(label, done, total, f"{done}/{total} shards", finished=(model / COVERAGE).exists())
             )
     return out
 

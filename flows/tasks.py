@@ -17,6 +17,7 @@ from i3cl_core.infer.shards import ShardSettings
 from i3cl_core.pipeline import stages, variants
 from i3cl_core.pipeline.errors import PipelineError
 from i3cl_core.pipeline.params import FuseConfig, ModelSpec, TrainParams
+from i3cl_core.pipeline.workdir import WorkDir
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = INPUTS + TASK_SOURCE
@@ -24,7 +25,7 @@ CACHE = INPUTS + TASK_SOURCE
 
 def result_storage(wd: Path) -> Path:
     """Task results (and cache records) of a run live in its work_dir."""
-    return wd / stages.RESULTS_DIR  # checked by stages.check_work_dir before any task reads it
+    return WorkDir(wd).results_dir  # checked by stages.check_work_dir before any task reads it
 
 
 def config_path_of(p: str) -> str:

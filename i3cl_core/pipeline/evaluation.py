@@ -13,7 +13,7 @@ from pathlib import Path
 
 from i3cl_core.pipeline.errors import PipelineError
 from i3cl_core.pipeline.params import EvalParams
-from i3cl_core.pipeline.workdir import WorkDir
+from i3cl_core.pipeline.workdir import TEST_EVAL, WorkDir
 from i3cl_core.utils import atomic_write_json, fingerprint
 
 
@@ -81,7 +81,7 @@ def record_evaluation(plan: ModelEvaluation, result: dict) -> dict:
     """The test result with how its threshold was chosen, also kept beside the model (``test_eval.json`` in
     its variant's folder)."""
     result = {**result, "threshold_chosen_on": plan.chosen_on}
-    atomic_write_json(Path(plan.checkpoint).parents[1] / "test_eval.json", result, indent=2)
+    atomic_write_json(Path(plan.checkpoint).parents[1] / TEST_EVAL, result, indent=2)
     return result
 
 

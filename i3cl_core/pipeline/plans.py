@@ -12,7 +12,7 @@ from i3cl_core.config import FuseConfig
 from i3cl_core.pipeline import variants
 from i3cl_core.pipeline.errors import PipelineError, require
 from i3cl_core.pipeline.params import InferParams, TrainParams
-from i3cl_core.pipeline.workdir import WorkDir
+from i3cl_core.pipeline.workdir import MEMBERS, PLAN, WorkDir
 from i3cl_core.utils import fingerprint
 
 
@@ -53,9 +53,7 @@ def plan_ensemble(
     for name, images, root, extra in sources:
         shards = plan_inference(images, root, infer.shard_size)
         pred_root = layout.predictions(ssl_round, name)
-        atomic_write_json(
-            pred_root / "plan.json", {"shards": len(shards), "images": sum(len(x) for x in shards)}
-        )
+        atomic_write_json(pred_root / PLAN, {"shards": len(shards), "images": sum(len(x) for x in shards)})
         splits.append(SplitPlan(name, pred_root, shards, list(extra)))
     return EnsemblePlan(models, splits)
 
@@ -68,7 +66,7 @@ def finish_split(split: SplitPlan, models: dict[str, str]) -> list[str]:
 
     members = [finish_model_predictions(split.pred_root / name, split.shards) for name in models]
     members += extra_members(split.extra, split.shards, split.pred_root / "extra")
-    atomic_write_json(split.pred_root / "members.json", members, indent=2)
+    atomic_write_json(split.pred_root / MEMBERS, members, indent=2)
     return members
 
 
@@ -92,10 +90,10 @@ def plan_fusion(layout: WorkDir, data: dict, fuse: FuseConfig, ssl_round: int = 
     variant of the pseudo labels has its own folder, keyed by what it is made from, so re-fusing with other
     parameters adds a variant and overwrites nothing."""
     members_file = require(
-        layout.predictions(ssl_round) / "members.json", "ensemble-inference", "run ensemble-inference first"
+        layout.members_file(ssl_round), "ensemble-inference", "run ensemble-inference first"
     )
     members = json.loads(members_file.read_text())
-    val_file = layout.predictions(ssl_round, "val") / "members.json"
+    val_file = layout.members_file(ssl_round, "val")
     val_members = json.loads(val_file.read_text()) if data.get("val") and val_file.exists() else None
     if val_members is not None and len(val_members) != len(members):
         raise PipelineError(
@@ -118,7 +116,7 @@ def plan_fusion(layout: WorkDir, data: dict, fuse: FuseConfig, ssl_round: int = 
         images=fingerprint(data["unlabeled_images"]),
         val=fingerprint(data["val"]["ann_file"]) if val_members else None,
     )
-    out = layout.pseudo_dir(ssl_round) / key / "train_lossweight.json"
+    out = layout.pseudo_file(ssl_round, key)
     return FusionPlan(members, val_members, members_fp, fuse_params, key, out)
 
 

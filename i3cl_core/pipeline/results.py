@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from i3cl_core.pipeline import variants
-from i3cl_core.pipeline.workdir import WorkDir
+from i3cl_core.pipeline.workdir import FUSION_REPORT, WorkDir
 
 # the keys of each model's scores that evaluate returns and summary.json keeps
 SCORE_KEYS = ("precision", "recall", "hmean", "best_hmean", "best_thr", "score_thr", "threshold_chosen_on")
@@ -25,7 +25,7 @@ def best_member_on_unlabeled(report: dict) -> dict | None:
 def round_record(layout: WorkDir, ssl_round: int, trained: dict, fused: dict) -> dict:
     """Round ``ssl_round`` as summary.json lists it: its student (and control), its pseudo labels and their
     quality next to the best ensemble member's, from the current variant's fusion report."""
-    report_file = variants.pseudo_file(layout.pseudo_dir(ssl_round)).parent / "report.json"
+    report_file = variants.pseudo_file(layout.pseudo_dir(ssl_round)).parent / FUSION_REPORT
     report = json.loads(report_file.read_text())
     return {
         "round": ssl_round,

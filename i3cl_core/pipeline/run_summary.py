@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from i3cl_core.pipeline.workdir import FUSION_REPORT
 from i3cl_core.utils import atomic_write_text
 
 COLOURS = ["#1f77b4", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
@@ -75,7 +76,7 @@ def sample_panels(wd: Path, data: dict, figs: Path, n: int = 3) -> list[Path]:
         by_image.setdefault(a["image_id"], []).append(a)
     chosen = sorted(by_image, key=lambda i: (-sum(1 for a in by_image[i] if not a["iscrowd"]), i))[:n]
     names = {im["id"]: im["file_name"] for im in pseudo["images"]}
-    report_file = pseudo_file.parent / "report.json"
+    report_file = pseudo_file.parent / FUSION_REPORT
     report = json.loads(report_file.read_text()) if report_file.exists() else {}
     thr = {
         Path(m["source"]).name: m["best_threshold"] for m in (report.get("quality") or {}).get("models", [])
@@ -129,7 +130,7 @@ def write_summary(wd: Path, summary: dict, data: dict) -> dict:
     from i3cl_core.pipeline.variants import pseudo_file
 
     current = pseudo_file(layout.pseudo_dir())
-    report = current.parent / "report.json" if current else layout.pseudo_dir() / "report.json"
+    report = current.parent / FUSION_REPORT if current else layout.pseudo_dir() / FUSION_REPORT
     if report.exists():
         pr = json.loads(report.read_text()).get("figures", {}).get("pr_curve")
         if pr and Path(pr).exists():

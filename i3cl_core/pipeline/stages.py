@@ -21,6 +21,8 @@ from pathlib import Path
 
 from i3cl_core.infer.shards import ShardSettings
 from i3cl_core.pipeline.errors import PipelineError, require
+from i3cl_core.pipeline.training import trained_checkpoint  # noqa: F401  (re-exported: the stages' callers use it)
+from i3cl_core.pipeline.workdir import COVERAGE, MARKER, RESULTS_DIR
 from i3cl_core.utils import atomic_write_json, fingerprint, get_logger
 
 log = get_logger("pipeline")
@@ -31,7 +33,7 @@ PIPELINE_VERSION = 1
 def check_work_dir(work_dir: str | os.PathLike, create: bool = True) -> Path:
     """The work_dir, with its version marker checked (and written when new)."""
     wd = Path(work_dir).resolve()
-    marker = wd / "pipeline.json"
+    marker = wd / MARKER
     if marker.exists():
         try:
             version = json.loads(marker.read_text()).get("pipeline_version")
@@ -54,7 +56,6 @@ def check_work_dir(work_dir: str | os.PathLike, create: bool = True) -> Path:
     return wd
 
 
-RESULTS_DIR = ".prefect-results"
 # what this pipeline's JSON result records name as their decoder; Prefect imports whatever a record names
 JSON_DECODER = "prefect.serializers.prefect_json_object_decoder"
 
@@ -224,14 +225,6 @@ def train_command(
     return torchrun_command(config_path, work_dir, nproc_per_node, resume, launcher)
 
 
-def trained_checkpoint(work_dir: Path) -> Path | None:
-    """``latest.pth`` of a finished training (metrics.json written at the end), else None."""
-    from i3cl_core.engine.train import checkpoint_dir
-
-    ckpt = checkpoint_dir(work_dir) / "latest.pth"
-    return ckpt if ckpt.exists() and (Path(work_dir) / "metrics.json").exists() else None
-
-
 def iterations_per_epoch(work_dir: Path) -> int:
     """Iterations per epoch (per process) of a finished training, from its metrics.json: what a
     control run is given (``train.iters_per_epoch``) to train exactly as long on less data."""
@@ -326,7 +319,7 @@ def finish_model_predictions(pred_dir: Path, shards: list[list[dict]]) -> str:
     missing = [i for i in range(len(shards)) if not (pred_dir / Shard(i, []).name).exists()]
     if missing:
         raise PipelineError(f"{pred_dir}: shards {missing[:5]} are missing")
-    atomic_write_json(pred_dir / "coverage.json", {"images": [d["id"] for s in shards for d in s]})
+    atomic_write_json(pred_dir / COVERAGE, {"images": [d["id"] for s in shards for d in s]})
     return str(pred_dir)
 
 

@@ -31,7 +31,6 @@ def training_start(
 
     ``out/inputs.fingerprint`` records the inputs of what the folder holds from now on."""
     from i3cl_core.engine.train import checkpoint_dir
-    from i3cl_core.pipeline.stages import trained_checkpoint
 
     out = Path(out)
     ckpt_dir = checkpoint_dir(out)
@@ -63,3 +62,11 @@ def _world_size(out: Path) -> int:
         return int(json.loads((out / "metrics.json").read_text())["summary"].get("world_size", 1))
     except (OSError, ValueError, KeyError, TypeError):
         return -1  # unreadable: not reused
+
+
+def trained_checkpoint(work_dir: Path) -> Path | None:
+    """``latest.pth`` of a finished training (metrics.json written at the end), else None."""
+    from i3cl_core.engine.train import checkpoint_dir  # deferred: the engine imports torch
+
+    ckpt = checkpoint_dir(work_dir) / "latest.pth"
+    return ckpt if ckpt.exists() and (Path(work_dir) / "metrics.json").exists() else None

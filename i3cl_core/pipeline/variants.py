@@ -28,7 +28,7 @@ import shutil
 import time
 from pathlib import Path
 
-from i3cl_core.pipeline.workdir import CURRENT, WorkDir
+from i3cl_core.pipeline.workdir import CURRENT, FUSION_REPORT, PSEUDO_LABELS, TEST_EVAL, WorkDir
 from i3cl_core.utils import atomic_write_json
 
 LEGACY = "legacy"
@@ -57,7 +57,7 @@ def current_variant(stage_dir: Path) -> str | None:
     f = stage_dir / CURRENT
     if f.exists():
         return json.loads(f.read_text())["variant"]
-    if (stage_dir / "train_lossweight.json").exists():
+    if (stage_dir / PSEUDO_LABELS).exists():
         return LEGACY
     return None
 
@@ -68,11 +68,7 @@ def pseudo_file(stage_dir: Path, variant: str | None = None) -> Path | None:
     variant = variant or current_variant(stage_dir)
     if variant is None:
         return None
-    path = (
-        stage_dir / "train_lossweight.json"
-        if variant == LEGACY
-        else stage_dir / variant / "train_lossweight.json"
-    )
+    path = stage_dir / PSEUDO_LABELS if variant == LEGACY else stage_dir / variant / PSEUDO_LABELS
     return path if path.exists() else None
 
 
@@ -80,12 +76,12 @@ def variants(stage_dir: Path) -> list[dict]:
     """Every variant of a pseudo-label folder, oldest first: key, path, parameters, counts, quality."""
     stage_dir = Path(stage_dir)
     out = []
-    if (stage_dir / "train_lossweight.json").exists():
+    if (stage_dir / PSEUDO_LABELS).exists():
         out.append(_describe(stage_dir, LEGACY, stage_dir))
     for d in (
         sorted(
-            (p for p in stage_dir.iterdir() if p.is_dir() and (p / "train_lossweight.json").exists()),
-            key=lambda p: (p / "train_lossweight.json").stat().st_mtime,
+            (p for p in stage_dir.iterdir() if p.is_dir() and (p / PSEUDO_LABELS).exists()),
+            key=lambda p: (p / PSEUDO_LABELS).stat().st_mtime,
         )
         if stage_dir.exists()
         else []
@@ -98,15 +94,15 @@ def variants(stage_dir: Path) -> list[dict]:
 
 
 def _describe(stage_dir: Path, key: str, folder: Path) -> dict:
-    report = json.loads((folder / "report.json").read_text()) if (folder / "report.json").exists() else {}
+    report = json.loads((folder / FUSION_REPORT).read_text()) if (folder / FUSION_REPORT).exists() else {}
     params = report.get("fuse") or {}
     if not params:
-        info = json.loads((folder / "train_lossweight.json").read_text()).get("info", {})
+        info = json.loads((folder / PSEUDO_LABELS).read_text()).get("info", {})
         params = info.get("fuse", {})
     quality = (report.get("quality") or {}).get("fused")
     return {
         "variant": key,
-        "path": str(folder / "train_lossweight.json"),
+        "path": str(folder / PSEUDO_LABELS),
         "fuse": params,
         "pseudo_labels": report.get("pseudo_labels"),
         "dontcare": report.get("dontcare"),
@@ -179,13 +175,11 @@ def compare(work_dir: Path) -> list[dict]:
     lineages = _lineages(wd)
     scores = {}
     files = (
-        sorted(f for f in (wd / "eval").glob("*.json") if not f.name.endswith(".val.json"))
-        if (wd / "eval").exists()
+        sorted(f for f in WorkDir(wd).eval_dir.glob("*.json") if not f.name.endswith(".val.json"))
+        if WorkDir(wd).eval_dir.exists()
         else []
     )  # <model>.val.json: the validation split, where thresholds are chosen
-    files += [
-        d / "test_eval.json" for d, _ in lineages if (d / "test_eval.json").exists()
-    ]  # every variant's own
+    files += [d / TEST_EVAL for d, _ in lineages if (d / TEST_EVAL).exists()]  # every variant's own
     for f in files:
         try:
             r = json.loads(f.read_text())

@@ -6,7 +6,8 @@
       teachers/<name>/               one training per teacher; teachers/teachers.json lists their checkpoints
       predictions/<model>/           round 1's ensemble over the unlabeled images (members.json lists them)
       predictions_val/<model>/       ... and over the labeled validation split (where keep_thr is chosen)
-      pseudo/<variant>/              fused pseudo labels, one folder per variant; pseudo/current.json names one
+      pseudo/<variant>/              fused pseudo labels (train_lossweight.json, report.json), one folder per
+                                     variant; pseudo/current.json names one
       student/<name>/<variant>/      round 1's student, one folder per variant; student/<name>/current.json
       control/<name>/<variant>/      its control: the labeled data alone
       rounds/r<k>/                   round k >= 2: its own predictions/, predictions_val/, pseudo/, student/
@@ -22,8 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from i3cl_core.pipeline.errors import PipelineError, require
+from i3cl_core.pipeline.training import trained_checkpoint
 
 CURRENT = "current.json"  # in a stage folder: names the variant the next stage uses
+MARKER = "pipeline.json"  # the work dir's version marker
+RESULTS_DIR = ".prefect-results"  # the persisted task results
+PSEUDO_LABELS = "train_lossweight.json"  # in pseudo/<variant>/: the fused labels the student trains on
+FUSION_REPORT = "report.json"  # ... beside them: the fusion's report (counts, quality, chosen keep_thr)
+MEMBERS = "members.json"  # in predictions/ and predictions_val/: the ensemble's members, what fusion reads
+PLAN = "plan.json"  # ... beside it: the number of shards and images planned
+COVERAGE = "coverage.json"  # in predictions/<model>/: written once every shard of the model is there
+TEST_EVAL = "test_eval.json"  # in a student's or control's variant folder: its scores on the test split
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,14 @@ class WorkDir:
     @property
     def eval_dir(self) -> Path:
         return self.root / "eval"
+
+    @property
+    def marker(self) -> Path:
+        return self.root / MARKER
+
+    @property
+    def results_dir(self) -> Path:
+        return self.root / RESULTS_DIR
 
     @property
     def summary_json(self) -> Path:
@@ -85,8 +103,16 @@ class WorkDir:
             raise ValueError(f"split: 'unlabeled' or 'val', got {split!r}")
         return self.round_dir(ssl_round) / ("predictions" if split == "unlabeled" else "predictions_val")
 
+    def members_file(self, ssl_round: int = 1, split: str = "unlabeled") -> Path:
+        """The list of the ensemble's members of a round and split (what fusion reads)."""
+        return self.predictions(ssl_round, split) / MEMBERS
+
     def pseudo_dir(self, ssl_round: int = 1) -> Path:
         return self.round_dir(ssl_round) / "pseudo"
+
+    def pseudo_file(self, ssl_round: int, variant: str) -> Path:
+        """The pseudo labels of one variant of a round (``pseudo/<variant>/train_lossweight.json``)."""
+        return self.pseudo_dir(ssl_round) / variant / PSEUDO_LABELS
 
     def student_dir(self, ssl_round: int = 1) -> Path:
         return self.round_dir(ssl_round) / "student"
@@ -122,8 +148,6 @@ class WorkDir:
 
     def student_checkpoint(self, ssl_round: int) -> str:
         """The checkpoint of round ``ssl_round``'s (current) student."""
-        from i3cl_core.pipeline.stages import trained_checkpoint
-
         folder = self.student_dir(ssl_round)
         done = [c for c in (trained_checkpoint(d) for _, d in model_runs(folder)) if c is not None]
         if not done:
@@ -143,8 +167,6 @@ class WorkDir:
     def trained_models(self) -> dict[str, str]:
         """``role:name`` -> checkpoint of every finished training (students and controls: their current
         variant), in the order of :meth:`model_folders`."""
-        from i3cl_core.pipeline.stages import trained_checkpoint
-
         models = {}
         for role, folder in self.model_folders():
             for name, out in model_runs(folder):
