@@ -253,7 +253,9 @@ def mean_shape_polygon(
 
 # ------------------------------------------------------------------------------------ scores
 def cluster_score(members: list[Member], conf_type: str, weights: np.ndarray) -> float:
-    """WBF's fused confidence of one cluster (get_weighted_box followed by the rescaling step)."""
+    """WBF's fused confidence of one cluster (get_weighted_box followed by the rescaling step); or, with
+    ``model_max_avg``, the weighted mean over the models of each model's best score in the cluster (a model
+    that found nothing there counts 0), so that a model's own low-scoring duplicates cannot lower it."""
     ws = np.array([m.weighted_score for m in members])
     n = len(members)
     w_sum = float(sum(m.weight for m in members))
@@ -262,6 +264,13 @@ def cluster_score(members: list[Member], conf_type: str, weights: np.ndarray) ->
     conf = float(ws.sum()) / n
     if conf_type == "avg":
         return conf * min(len(weights), n) / float(weights.sum())
+    if (
+        conf_type == "model_max_avg"
+    ):  # each model's best member counts once: agreement counts, duplicates do not
+        best: dict[int, float] = {}
+        for m in members:
+            best[m.model] = max(best.get(m.model, 0.0), m.weighted_score)
+        return float(sum(best.values())) / float(weights.sum())
     models = sorted({m.model for m in members})
     if conf_type == "box_and_model_avg":
         conf = conf * n / w_sum
@@ -282,12 +291,15 @@ def cluster_predictions(
     conf_type: str = "avg",
     geometry: bool = True,
     epsilon: float = 0.002,
+    one_per_model: bool = False,
 ) -> list[Cluster]:
     """Cluster one image's predictions of K models (``predictions[k]`` = [(polygon, score), ...]).
 
     Returns every cluster with its fused score and (with ``geometry``) its output polygon, highest score
     first. Invalid polygons (fewer than 3 points, non-finite, zero area) must be filtered before;
-    here they are skipped silently.
+    here they are skipped silently. ``one_per_model``: a cluster takes at most one member of each model (a
+    model's own overlapping detections start clusters of their own instead of joining, and lowering, the
+    cluster of its better detection), as for the views of one model under test-time augmentation.
     """
     import shapely
 
@@ -328,6 +340,8 @@ def cluster_predictions(
             for j in np.flatnonzero(
                 (x0[:n] < bx1) & (x1[:n] > bx0) & (y0[:n] < by1) & (y1[:n] > by0)
             ).tolist():
+                if one_per_model and any(o.model == m.model for o in clusters[j].members):
+                    continue
                 # IoU <= I / (a + a_c - I) with I <= min(box intersection, a, a_c): skip clusters that cannot pass
                 iw = min(float(x1[j]), bx1) - max(float(x0[j]), bx0)
                 ih = min(float(y1[j]), by1) - max(float(y0[j]), by0)

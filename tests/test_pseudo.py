@@ -65,6 +65,26 @@ def with_edge_midpoints(r):
     )
 
 
+def test_a_models_duplicate_does_not_lower_the_score_with_model_max_avg_or_one_member_per_model():
+    """Two models (or two TTA views) find the same word (0.9 and 0.8); the first also left a weaker overlapping
+    detection (0.2). WBF's avg lets the duplicate join and pull the mean down; model_max_avg counts each
+    model's best member once; one_per_model keeps the duplicate out of the cluster altogether."""
+    word = rect(100, 100, 200, 140)
+    dup = rect(104, 100, 204, 142)
+    preds = [[(word, 0.9), (dup, 0.2)], [(word, 0.8)]]
+    top = cluster_predictions(preds, conf_type="avg")[0]
+    assert len(top.members) == 3 and top.score == pytest.approx((0.9 + 0.2 + 0.8) / 3)
+    top = cluster_predictions(preds, conf_type="model_max_avg")[0]
+    assert len(top.members) == 3 and top.score == pytest.approx((0.9 + 0.8) / 2)
+    clusters = cluster_predictions(preds, conf_type="avg", one_per_model=True)
+    assert [len(c.members) for c in clusters] == [2, 1]
+    assert [c.score for c in clusters] == pytest.approx([(0.9 + 0.8) / 2, 0.2 / 2])
+    # a word only one model found: half its score under both rules (the other model's vote is 0)
+    alone = cluster_predictions([[(word, 0.9)], []], conf_type="model_max_avg")[0]
+    assert alone.score == pytest.approx(0.45)
+    assert FuseConfig(conf_type="model_max_avg").conf_type == "model_max_avg"
+
+
 @pytest.mark.parametrize("conf_type", ["avg", "max", "box_and_model_avg", "absent_model_aware_avg"])
 def test_rectangles_cluster_and_score_exactly_like_wbf(conf_type):
     from ensemble_boxes import weighted_boxes_fusion

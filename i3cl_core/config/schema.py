@@ -410,10 +410,11 @@ class FuseConfig(_Strict):
         "value from 1 to the number of models, each with its own best keep_thr, the best F-beta winning (ties: more "
         "votes); without a validation split, min_votes as given",
     )
-    conf_type: Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"] = Field(
+    conf_type: Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg", "model_max_avg"] = Field(
         "max",
         description="fused score as in ensemble-boxes WBF; the defaults (max, min_votes 2, keep_thr 0.6) beat "
-        "the best single teacher on the demo data, where avg needed keep_thr near 0.35",
+        "the best single teacher on the demo data, where avg needed keep_thr near 0.35; model_max_avg: the mean "
+        "over the models of each one's best score in the cluster (agreement counts, a model's duplicates do not)",
     )
     model_weights: list[float] | None = None
     uncertain_band: tuple[float, float] | None = Field(
