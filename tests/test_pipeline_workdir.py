@@ -74,3 +74,42 @@ def test_a_training_folder_is_reused_resumed_or_cleared_by_its_inputs(tmp_path):
     assert training_start(out, "b").how == "fresh"  # other inputs: the old training goes
     assert not (out / "checkpoints" / "latest.pth").exists() and not (out / "metrics.json").exists()
     assert (out / "inputs.fingerprint").read_text() == "b"
+
+
+def test_the_students_folder_key_names_its_pseudo_images_augmentation_and_background_weight(tmp_path):
+    """Students trained before the augmentation and background weight of the pseudo-labelled images were settings
+    (default augmentation, weight 1) keep their folder; the current defaults (strong, 0.5) and any other setting
+    get folders of their own, so a work dir made before the defaults changed never reuses the wrong student."""
+    from i3cl_core.pipeline import variants
+    from i3cl_core.pipeline.params import TrainParams
+    from i3cl_core.pipeline.plans import plan_student
+    from i3cl_core.utils import fingerprint
+
+    wd = WorkDir(tmp_path)
+    ckpt = _finished(wd.teachers_dir / "teacher_c")
+    wd.teachers_listing.write_text(json.dumps({"teacher_c": str(ckpt)}))
+    pseudo = wd.pseudo_file(1, "v1")
+    pseudo.parent.mkdir(parents=True)
+    pseudo.write_text(json.dumps({"images": [], "annotations": [], "info": {"fuse": {}}}))
+    variants.set_current(wd.pseudo_dir(1), "v1", {})
+    data = {"unlabeled_root": str(tmp_path / "u")}
+    base = TrainParams().model_dump()
+    base["teachers"] = [{"name": "teacher_c", "config": "configs/demo/teacher_c.yaml"}]
+
+    def plan(**changes):
+        return plan_student(wd, data, TrainParams(**{**base, **changes}))
+
+    default = plan()
+    assert (default.extra_sets[0]["augment"], default.extra_sets[0]["background_weight"]) == ("strong", 0.5)
+    before = plan(pseudo_augment="default", pseudo_background_weight=1.0)
+    keys = {
+        default.key,
+        before.key,
+        plan(pseudo_background_weight=0.25).key,
+        plan(pseudo_augment="default").key,
+    }
+    assert len(keys) == 4
+    # the old settings make the key they always made: the fields left out
+    spec = {"spec": base["student"], "overrides": [], "load_from": fingerprint(str(ckpt))}
+    old_key = variants.variant_key(pseudo=fingerprint(pseudo), fraction=base["pseudo_fraction"], **spec)
+    assert before.key == old_key and default.out.parent == before.out.parent

@@ -120,6 +120,11 @@ def plan_fusion(layout: WorkDir, data: dict, fuse: FuseConfig, ssl_round: int = 
     return FusionPlan(members, val_members, members_fp, fuse_params, key, out)
 
 
+# the pseudo-labelled images' augmentation and background weight of every student trained before the two
+# were settings (and so left out of its key); the defaults have since changed to strong and 0.5
+NOISE_BEFORE_KEYED = {"augment": "default", "background_weight": 1.0}
+
+
 @dataclass(frozen=True)
 class StudentPlan:
     name: str  # the training's name (round r > 1: <student>-r<r>)
@@ -182,8 +187,8 @@ def plan_student(
     noise = {
         k: v
         for k, v in (("augment", train.pseudo_augment), ("background_weight", train.pseudo_background_weight))
-        if v != TrainParams.model_fields[f"pseudo_{k}"].default
-    }  # non-default only: earlier keys stay valid
+        if v != NOISE_BEFORE_KEYED[k]
+    }  # only what differs from the settings of the students keyed before these existed: their keys stay valid
     key = variants.variant_key(
         pseudo=lineage_pseudo["fingerprint"], fraction=train.pseudo_fraction, **noise, **spec
     )
