@@ -47,7 +47,7 @@ from i3cl_core.pipeline.workdir import WorkDir
 from i3cl_core.utils import atomic_write_json, fingerprint
 
 
-@flow(name="train-teachers", **FLOW_OPTIONS)
+@flow(name="train-teachers", flow_run_name="train-teachers", **FLOW_OPTIONS)
 def train_teachers(
     work_dir: str = "runs/demo", data: DataParams = DataParams(), train: TrainParams = TrainParams()
 ) -> dict:
@@ -302,7 +302,7 @@ def train_student(
     return result
 
 
-@flow(name="evaluate", **FLOW_OPTIONS)
+@flow(name="evaluate", flow_run_name="evaluate", **FLOW_OPTIONS)
 def evaluate(
     work_dir: str = "runs/demo", data: DataParams = DataParams(), evaluation: EvalParams = EvalParams()
 ) -> dict:
