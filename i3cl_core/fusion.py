@@ -264,9 +264,8 @@ def cluster_score(members: list[Member], conf_type: str, weights: np.ndarray) ->
     conf = float(ws.sum()) / n
     if conf_type == "avg":
         return conf * min(len(weights), n) / float(weights.sum())
-    if (
-        conf_type == "model_max_avg"
-    ):  # each model's best member counts once: agreement counts, duplicates do not
+    if conf_type == "model_max_avg":
+        # each model's best member counts once: agreement counts, duplicates do not
         best: dict[int, float] = {}
         for m in members:
             best[m.model] = max(best.get(m.model, 0.0), m.weighted_score)
