@@ -282,8 +282,21 @@ def run_id_from(output: str) -> str:
     return m.group(1)
 
 
-def task_states(server, root_id: str) -> dict[str, str]:
-    """Task run name -> state name over the whole run tree under ``root_id``."""
+def task_states(
+    server, root_id: str, min_tasks: int = 0, prefix: str = "", timeout: float = 30.0
+) -> dict[str, str]:
+    """Task run name -> state name over the whole run tree under ``root_id``. The server records task runs from
+    their events, a moment after the flow run ends: with ``min_tasks``, read again (up to ``timeout`` seconds)
+    until at least that many whose names start with ``prefix`` are there."""
+    deadline = time.time() + timeout
+    while True:
+        states = _task_states(root_id)
+        if sum(k.startswith(prefix) for k in states) >= min_tasks or time.time() > deadline:
+            return states
+        time.sleep(0.5)
+
+
+def _task_states(root_id: str) -> dict[str, str]:
     from prefect import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter,
@@ -837,7 +850,7 @@ def test_a_prefect_server_killed_and_restarted_during_a_run_loses_none_of_the_wo
         assert json.loads((shards / teacher / "coverage.json").read_text())["images"] == list(range(1, 13))
     res = deployment_run(served, "ensemble-inference/default", params)
     assert res.returncode == 0 and "Completed" in res.stdout, res.stdout[-3000:]
-    states = task_states(served, run_id_from(res.stdout))
+    states = task_states(served, run_id_from(res.stdout), min_tasks=24, prefix="infer-")
     infer_states = {k: v for k, v in states.items() if k.startswith("infer-")}
     assert len(infer_states) == 24 and set(infer_states.values()) == {"Cached"}, infer_states
     assert {p: p.stat().st_mtime_ns for p in shards.rglob("shard_*.json")} == written
