@@ -193,20 +193,30 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
         scales=args.tta_scales,
         progress=False,
     )
-    ens_u = run_ensemble(
-        list(teachers.values()),
-        d["unlabeled_images"],
-        sd / "ensemble_unlabeled",
-        img_root=d["unlabeled_root"],
-        **ens_kw,
-    )
-    ens_v = run_ensemble(
-        list(teachers.values()),
-        d["val"]["ann_file"],
-        sd / "ensemble_val",
-        img_root=d["val"]["img_root"],
-        **ens_kw,
-    )
+
+    def ensemble(members: list[str], folder: str, suffix: str, kw: dict) -> tuple[dict, dict]:
+        """``members`` over the unlabeled images and the validation split (``<folder>_unlabeled<suffix>``, ...)."""
+        u = run_ensemble(
+            members,
+            d["unlabeled_images"],
+            sd / f"{folder}_unlabeled{suffix}",
+            img_root=d["unlabeled_root"],
+            **kw,
+        )
+        v = run_ensemble(
+            members, d["val"]["ann_file"], sd / f"{folder}_val{suffix}", img_root=d["val"]["img_root"], **kw
+        )
+        return u, v
+
+    def fuse(ens: tuple[dict, dict], out: Path, cfg) -> dict:
+        """The fuse stage on an ensemble's unlabeled predictions, keep_thr chosen on its validation ones."""
+        u, v = ens
+        return fuse_stage(
+            u["members"], u["images_json"], str(out), cfg, d["unlabeled_gt"], d["unlabeled_root"],
+            v["members"], d["val"]["ann_file"],
+        )  # fmt: skip
+
+    ens = ensemble(list(teachers.values()), "ensemble", "", ens_kw)
     t_ensemble = time.time() - t1
 
     fuse_cfg = load_config(
@@ -214,32 +224,14 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
     ).fuse
     vs = f"_{args.variant}" if args.variant else ""  # a lever's run keeps the other runs' labels and arms
     pseudo = sd / f"pseudo{vs}" / "train_lossweight.json"
-    summary = fuse_stage(
-        ens_u["members"],
-        ens_u["images_json"],
-        str(pseudo),
-        fuse_cfg,
-        d["unlabeled_gt"],
-        d["unlabeled_root"],
-        ens_v["members"],
-        d["val"]["ann_file"],
-    )
+    summary = fuse(ens, pseudo, fuse_cfg)
     report = json.loads(Path(summary["report"]).read_text())
     quality, chosen = report["quality"], report["keep_thr_selection"]
     uniform = uniform_weights(pseudo, sd / f"pseudo{vs}" / "train_uniform.json")
     nodc = None
     if "ssl_nodc" in args.arms:
         nodc = sd / f"pseudo_nodc{vs}" / "train_lossweight.json"
-        fuse_stage(
-            ens_u["members"],
-            ens_u["images_json"],
-            str(nodc),
-            fuse_cfg.model_copy(update={"uncertain_band": None}),
-            d["unlabeled_gt"],
-            d["unlabeled_root"],
-            ens_v["members"],
-            d["val"]["ann_file"],
-        )
+        fuse(ens, nodc, fuse_cfg.model_copy(update={"uncertain_band": None}))
     teacher_unl = {
         n: {"hmean": m["hmean"], "thr": m["best_threshold"]} for n, m in zip(teachers, quality["models"])
     }
@@ -314,27 +306,11 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
             t2 = time.time()
             members = [arm_ckpts[r1], *(teachers.values() if args.r2_members == "all" else [])]
             r2 = "r2" if args.protocol == "continue" else f"r2_{args.protocol}"
-            r2_kw = {**ens_kw, "flips": args.r2_tta_flips}
-            e_u = run_ensemble(
-                members, d["unlabeled_images"], sd / f"{r2}_ensemble_unlabeled{vs}", img_root=u_root, **r2_kw
-            )
-            e_v = run_ensemble(
-                members,
-                d["val"]["ann_file"],
-                sd / f"{r2}_ensemble_val{vs}",
-                img_root=d["val"]["img_root"],
-                **r2_kw,
-            )
             pseudo2 = sd / f"{r2}_pseudo{vs}" / "train_lossweight.json"
-            s2 = fuse_stage(
-                e_u["members"],
-                e_u["images_json"],
-                str(pseudo2),
+            s2 = fuse(
+                ensemble(members, f"{r2}_ensemble", vs, {**ens_kw, "flips": args.r2_tta_flips}),
+                pseudo2,
                 fuse_cfg,
-                d["unlabeled_gt"],
-                u_root,
-                e_v["members"],
-                d["val"]["ann_file"],
             )
             round2 = {
                 "labeler": r1,
