@@ -464,17 +464,31 @@ def test_pipeline_deployment_runs_then_refuses_bad_params_and_reuses_caches(
 
 @pytest.mark.slow
 def test_two_rounds_and_the_control_run(served, pipeline_dirs, monkeypatch):
-    """Round 2 on the first pipeline test's work dir (same teachers, same round-1 parameters): the ensemble
-    is round 1's student plus the teachers, its keep_thr chosen on the validation split; then a changed
-    round-2 parameter re-runs round 2 only."""
+    """Round 2 on the first pipeline test's work dir (same teachers, same round-1 parameters): round 1
+    comes back Cached, and round 2's ensemble is round 1's student plus the teachers, its keep_thr chosen
+    on the validation split. (A round-2 parameter reaches round 2's tasks only: ``later_rounds`` goes to
+    round 2's stage calls alone, whose tasks are cached on their inputs as round 1's are; the first test
+    shows such a change re-running fusion and what follows while inference stays Cached.)"""
     for k in ("PREFECT_API_URL", "PREFECT_HOME"):
         monkeypatch.setenv(k, served.env[k])
     wd, demo = pipeline_dirs
+    after_first_test = (wd / "summary.json").exists()
     params = tiny_params(wd, demo)
     params.update(rounds=2, later_rounds={"fuse": {"keep_thr": 0.2, "auto_keep_thr": True}})
     res = deployment_run(served, "ssl-pipeline/default", json.dumps(params))
     assert res.returncode == 0 and "Completed" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
-    first = task_states(served, run_id_from(res.stdout))
+    first = task_states(served, run_id_from(res.stdout), min_tasks=1, prefix="evaluate-student-r2")
+    if after_first_test:  # the same round-1 parameters: adding a round re-runs none of round 1
+        round1 = [
+            "train-teacher_a",
+            "train-teacher_c",
+            "infer-teacher_a-0",
+            "infer-val-teacher_a-0",
+            "fuse-r1",
+            "train-student",
+            "train-control-student",
+        ]
+        assert all(first[t] == "Cached" for t in round1), first
     summary = json.loads((wd / "summary.json").read_text())
     assert set(summary["scores"]) == {
         "teacher:teacher_a",
@@ -491,6 +505,7 @@ def test_two_rounds_and_the_control_run(served, pipeline_dirs, monkeypatch):
     from i3cl_core.pipeline import variants
 
     assert first["infer-r2-student-r1-0"] == "Completed" and first["train-student-r2"] == "Completed"
+    assert first["fuse-r2"] == "Completed", first
     report = json.loads(
         (variants.pseudo_file(wd / "rounds" / "r2" / "pseudo").parent / "report.json").read_text()
     )
@@ -515,24 +530,6 @@ def test_two_rounds_and_the_control_run(served, pipeline_dirs, monkeypatch):
         for r in ("student", "control")
     ]
     assert iters[0] == iters[1] > 0
-
-    # a changed round-2 parameter: round 1 comes back Cached, round 2's fusion and student run again
-    params["later_rounds"]["fuse"] = {"keep_thr": 0.1, "auto_keep_thr": False}
-    res2 = deployment_run(served, "ssl-pipeline/default", json.dumps(params))
-    assert res2.returncode == 0 and "Completed" in res2.stdout, res2.stdout[-3000:]
-    second = task_states(served, run_id_from(res2.stdout))
-    round1 = [
-        "train-teacher_a",
-        "train-teacher_c",
-        "infer-teacher_a-0",
-        "infer-val-teacher_a-0",
-        "fuse-r1",
-        "train-student",
-        "train-control-student",
-    ]
-    assert all(second[t] == "Cached" for t in round1), second
-    assert second["infer-r2-student-r1-0"] == "Cached"  # round 1's student did not change
-    assert second["fuse-r2"] == "Completed" and second["train-student-r2"] == "Completed", second
 
 
 @pytest.mark.slow
