@@ -36,6 +36,8 @@ is chosen there, as a user would) and 300 test images. Per seed (each seed has i
      control_ema    its control: labeled images only, saved and scored as the same average of its weights
      control_long   (--protocol scratch) the control trained twice as long, each epoch twice its iterations: how
                     much more training alone would give, next to what the added images give
+     ssl_long       (--protocol scratch) ssl_strong_bg trained twice as long, as control_long: compared with
+                    control_long (the same schedule) and with the control (the labeled images' better schedule)
    The labeled images keep the default augmentation in every arm: the one thing an arm changes is what it adds.
 5. every model on the validation split, where its best-F score threshold is chosen, and on the test
    split (ArT protocol), both at that threshold and at its own best test threshold (both printed).
@@ -84,6 +86,7 @@ ARMS = (
     "ssl_online",
     "control_ema",
     "control_long",
+    "ssl_long",
 )
 DEFAULT_ARMS = ["control", "ssl_strong_bg", "ssl_r2", "oracle", "control_long"]
 
@@ -266,6 +269,7 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
             }
         ],
     }
+    arm_sets["ssl_long"] = arm_sets["ssl_strong_bg"]  # the same images and labels, twice the iterations
     # the online arm: a mean teacher relabels the pseudo-labelled images as the student learns (from scratch it
     # trains on the fused labels first, for train.mean_teacher.burn_in_iters; from a teacher it starts at once)
     online_overrides = [
@@ -285,8 +289,11 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
         arm_config, load_from = "configs/demo/student.yaml", start
         arm_overrides = [f"train.seed={seed}", *args.arm_schedule, *args.set_arms]
     iters_per_epoch = load_config(arm_config, arm_overrides).train.iters_per_epoch
-    if "control_long" in args.arms and iters_per_epoch is None:
-        sys.exit("--arms control_long: the arms' config needs train.iters_per_epoch (it doubles it)")
+    long_arms = {"control_long", "ssl_long"} & set(args.arms)
+    if long_arms and iters_per_epoch is None:
+        sys.exit(
+            f"--arms {' '.join(sorted(long_arms))}: the arms' config needs train.iters_per_epoch (it doubles it)"
+        )
     round2 = None
     for arm in args.arms:
         print(f"seed {seed}: arm {arm}", flush=True)
@@ -352,7 +359,7 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
         extra = {
             "ssl_online": online_overrides,
             "control_ema": ["train.mean_teacher.enabled=true"],
-            "control_long": [f"train.iters_per_epoch={2 * iters_per_epoch}"] if arm == "control_long" else [],
+            **dict.fromkeys(long_arms, [f"train.iters_per_epoch={2 * (iters_per_epoch or 0)}"]),
         }
         arm_ckpts[arm] = train(
             arm_config,
@@ -519,6 +526,9 @@ def print_table(results: list[dict], args) -> None:
     diff("control", first, what="  (convergence of the start: < +0.010 wanted)")
     diff("control_long", "control", what="  (twice the iterations on the labeled images alone)")
     diff("oracle", "control", what="  (headroom: >= +0.080 wanted for the regime to have room)")
+    diff("ssl_long", "control_long", goal=0.03, what="  (both twice as long: the same schedule)")
+    diff("ssl_long", "control", goal=0.03, what="  (against the control at its own, shorter schedule)")
+    diff("ssl_long", "ssl_strong_bg", what="  (twice the iterations with the pseudo labels)")
     for arm in ("ssl", "ssl_strong", "ssl_strong_bg", "ssl_nodc", "ssl_online"):
         if arm in args.arms:
             diff(arm, "control", goal=0.03)
@@ -669,8 +679,11 @@ def main() -> None:
         ap.error(f"--variant {args.variant!r}: letters, digits, '_', '.' and '-' only (it names folders)")
     args.set_teachers = TEACHER_SCHEDULE + args.set_teachers
     args.arm_schedule = ARM_SCHEDULES.get(args.protocol, [])
-    if "control_long" in args.arms and args.protocol != "scratch":
-        ap.error("--arms: control_long is the scratch protocol's longer control; use --protocol scratch")
+    for arm in ("control_long", "ssl_long"):
+        if arm in args.arms and args.protocol != "scratch":
+            ap.error(
+                f"--arms: {arm} is a scratch-protocol arm (twice the teacher's schedule); use --protocol scratch"
+            )
     if args.protocol == "scratch" and "control_r2" in args.arms:
         ap.error(
             "--arms: control_r2 continues from the control; use --protocol continue (or compare ssl_r2 "
