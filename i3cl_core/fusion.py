@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from i3cl_core.data.polygons import mask_to_polygon, signed_area
+from i3cl_core.data.polygons import mask_to_polygon, repaired_geometry, signed_area
 
 RESAMPLE_POINTS = 32
 MEAN_SHAPE_RESOLUTION = 160  # grid cells along the long side of a cluster for its mean shape
@@ -201,7 +201,7 @@ def _geometry(points: np.ndarray):
     g = shapely.polygons(points)
     if shapely.is_valid(g):
         return g, True
-    return shapely.make_valid(g), False
+    return repaired_geometry(g), False
 
 
 def _geometries(polys: list[np.ndarray]) -> list:
@@ -215,7 +215,8 @@ def _geometries(polys: list[np.ndarray]) -> list:
     geoms = shapely.polygons(shapely.linearrings(coords, indices=index))
     bad = ~shapely.is_valid(geoms)
     if bad.any():
-        geoms[bad] = shapely.make_valid(geoms[bad])
+        for k in np.flatnonzero(bad):
+            geoms[k] = repaired_geometry(geoms[k])
     return list(geoms)
 
 
@@ -341,7 +342,8 @@ def cluster_predictions(
             ).tolist():
                 if one_per_model and any(o.model == m.model for o in clusters[j].members):
                     continue
-                # IoU <= I / (a + a_c - I) with I <= min(box intersection, a, a_c): skip clusters that cannot pass
+                # IoU <= I / (a + a_c - I) with I <= min(box intersection, a, a_c): skip clusters that cannot
+                # pass
                 iw = min(float(x1[j]), bx1) - max(float(x0[j]), bx0)
                 ih = min(float(y1[j]), by1) - max(float(y0[j]), by0)
                 imax = min(min(iw * ih, a), areas[j])

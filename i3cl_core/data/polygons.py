@@ -9,6 +9,7 @@ its centre is (j + 0.5, i + 0.5) and an image of width W spans x in [0, W]. This
 polygon-to-mask rule. OpenCV's drawing and contour functions work on pixel centres instead (their
 integer coordinate j is our j + 0.5); every call into OpenCV converts with that half-pixel shift.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,7 +46,9 @@ def signed_area(poly) -> float:
     p = np.asarray(poly, dtype=np.float64)
     if len(p) < 3:
         return 0.0
-    p = p - p[0]  # relative to a vertex: exact for far coordinates (1e12 + 100), where products of 1e24 are not
+    p = (
+        p - p[0]
+    )  # relative to a vertex: exact for far coordinates (1e12 + 100), where products of 1e24 are not
     x, y = p[:, 0], p[:, 1]
     return float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2.0
 
@@ -71,6 +74,30 @@ def coco_bbox(parts) -> list[float]:
     x0, y0 = xy.min(axis=0)
     x1, y1 = xy.max(axis=0)
     return [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
+
+
+def polygonal_union(geom):
+    """The polygonal part of a shapely geometry: a Polygon or MultiPolygon as it is, the union of the polygons
+    of a collection (lines and points dropped), an empty polygon when none is left."""
+    import shapely
+
+    if geom is None or geom.is_empty:
+        return shapely.Polygon()
+    if shapely.get_type_id(geom) in (3, 6):  # Polygon, MultiPolygon
+        return geom
+    parts = [p for p in shapely.get_parts(geom) if shapely.get_type_id(p) in (3, 6)]
+    if not parts:
+        return shapely.Polygon()
+    return parts[0] if len(parts) == 1 else shapely.union_all(parts)
+
+
+def repaired_geometry(geom):
+    """The project's one repair of an invalid polygon (a shapely geometry): ``shapely.make_valid``, keeping its
+    polygonal part (:func:`polygonal_union`). Datasets, converters, clipping, fusion and evaluation all repair
+    through it; a bow-tie quadrilateral becomes its two triangles."""
+    import shapely
+
+    return polygonal_union(shapely.make_valid(geom))
 
 
 def _shapely_parts(geom, dtype=np.float32) -> list[Polygon]:
@@ -107,7 +134,6 @@ def repair_polygon(poly, keep: str = "largest", dtype=np.float32) -> RepairResul
         return RepairResult([], "too_large")
     if len(np.unique(p, axis=0)) < 3:
         return RepairResult([], "zero_area")
-    import shapely
     from shapely.geometry import Polygon as SPolygon
 
     g = SPolygon(p)
@@ -115,7 +141,7 @@ def repair_polygon(poly, keep: str = "largest", dtype=np.float32) -> RepairResul
         if g.area <= 0:
             return RepairResult([], "zero_area")
         return RepairResult([np.asarray(poly, dtype=dtype).reshape(-1, 2)], "ok")
-    parts = _shapely_parts(shapely.make_valid(g), dtype)
+    parts = _shapely_parts(repaired_geometry(g), dtype)
     if not parts:
         return RepairResult([], "zero_area")
     return RepairResult(parts if keep == "all" else parts[:1], "repaired")
@@ -124,17 +150,22 @@ def repair_polygon(poly, keep: str = "largest", dtype=np.float32) -> RepairResul
 def clip_instance(parts: Parts, width: float, height: float) -> Parts:
     """Intersect an instance with the image rectangle [0, width] x [0, height]."""
     pts = np.concatenate(parts, axis=0)
-    if pts[:, 0].min() >= 0 and pts[:, 1].min() >= 0 and pts[:, 0].max() <= width and pts[:, 1].max() <= height:
+    if (
+        pts[:, 0].min() >= 0
+        and pts[:, 1].min() >= 0
+        and pts[:, 0].max() <= width
+        and pts[:, 1].max() <= height
+    ):
         return parts
-    import shapely
-    from shapely.geometry import Polygon as SPolygon, box
+    from shapely.geometry import Polygon as SPolygon
+    from shapely.geometry import box
 
     frame = box(0, 0, width, height)
     out: list[Polygon] = []
     for p in parts:
         g = SPolygon(p)
         if not g.is_valid:
-            g = shapely.make_valid(g)
+            g = repaired_geometry(g)
         out.extend(_shapely_parts(g.intersection(frame)))
     return out
 
@@ -158,18 +189,23 @@ def mask_to_parts(mask: np.ndarray) -> list[np.ndarray]:
     import cv2
     import shapely
 
-    contours, _ = cv2.findContours(np.ascontiguousarray(mask, dtype=np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    contours, _ = cv2.findContours(
+        np.ascontiguousarray(mask, dtype=np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+    )
     shapes = []
     for c in contours:
         pts = c.reshape(-1, 2).astype(np.float64) + 0.5
         line = shapely.Point(pts[0]) if len(pts) == 1 else shapely.LineString(np.vstack([pts, pts[:1]]))
         shapes.append(shapely.buffer(line, 0.5, cap_style="square", join_style="mitre"))
         if len(pts) >= 3:
-            shapes.append(shapely.make_valid(shapely.Polygon(pts)))
+            shapes.append(repaired_geometry(shapely.Polygon(pts)))
     if not shapes:
         return []
-    parts = [np.asarray(g.exterior.coords)[:-1] for g in shapely.get_parts(shapely.union_all(shapes))
-             if shapely.get_type_id(g) == 3 and not g.is_empty]
+    parts = [
+        np.asarray(g.exterior.coords)[:-1]
+        for g in shapely.get_parts(shapely.union_all(shapes))
+        if shapely.get_type_id(g) == 3 and not g.is_empty
+    ]
     return sorted(parts, key=lambda q: -polygon_area(q))
 
 
@@ -200,7 +236,9 @@ def mask_to_polygon(mask: np.ndarray, epsilon: float = 0.005) -> np.ndarray | No
     return poly
 
 
-def paste_mask(prob: np.ndarray, box: np.ndarray, image_hw: tuple[int, int], thr: float) -> tuple[np.ndarray, int, int]:
+def paste_mask(
+    prob: np.ndarray, box: np.ndarray, image_hw: tuple[int, int], thr: float
+) -> tuple[np.ndarray, int, int]:
     """Binary mask of one detection inside its (integer, clipped) box: (mask, x0, y0). ``prob`` is the
     mask head's M x M probability grid covering the float ``box`` (x1, y1, x2, y2), mapped onto the
     integer crop with bilinear interpolation and binarised at ``thr``."""
@@ -215,15 +253,24 @@ def paste_mask(prob: np.ndarray, box: np.ndarray, image_hw: tuple[int, int], thr
     bw, bh = max(x1 - x0, 1), max(y1 - y0, 1)
     m = prob.shape[0]
     sx, sy = m / max(box[2] - box[0], 1e-3), m / max(box[3] - box[1], 1e-3)
-    affine = np.array([[sx, 0, (x0 - box[0]) * sx + 0.5 * sx - 0.5], [0, sy, (y0 - box[1]) * sy + 0.5 * sy - 0.5]],
-                      np.float32)
-    crop = cv2.warpAffine(prob.astype(np.float32), affine, (bw, bh), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+    affine = np.array(
+        [[sx, 0, (x0 - box[0]) * sx + 0.5 * sx - 0.5], [0, sy, (y0 - box[1]) * sy + 0.5 * sy - 0.5]],
+        np.float32,
+    )
+    crop = cv2.warpAffine(
+        prob.astype(np.float32),
+        affine,
+        (bw, bh),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0.0,
+    )
     return (crop >= thr).astype(np.uint8), x0, y0
 
 
-def masks_to_polygons(boxes: np.ndarray, probs: np.ndarray, image_hw: tuple[int, int], thr: float,
-                      epsilon: float) -> list[np.ndarray | None]:
+def masks_to_polygons(
+    boxes: np.ndarray, probs: np.ndarray, image_hw: tuple[int, int], thr: float, epsilon: float
+) -> list[np.ndarray | None]:
     """One polygon per detection (``boxes`` [N, 4] and mask ``probs`` [N, M, M] in image coordinates): the
     pasted mask's largest contour (:func:`mask_to_polygon`), ``None`` where the mask gives none, so that
     indices stay aligned with the boxes and scores. The PyTorch predictor and the ONNX runtime share it."""

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import shapely
 
+from i3cl_core.data.polygons import polygonal_union, repaired_geometry
+
 STATUS_OK = 0
 STATUS_REPAIRED = 1
 STATUS_INVALID = 2
@@ -70,25 +72,6 @@ def _flat_to_xy(flat) -> np.ndarray:
     return arr.reshape(-1, 2)
 
 
-def _polygonal_union(geom) -> shapely.Geometry:
-    """Union of the polygonal parts of ``geom`` (Polygon/MultiPolygon/GeometryCollection)."""
-    if geom is None or geom.is_empty:
-        return _EMPTY
-    kind = shapely.get_type_id(geom)
-    if kind in (3, 6):  # Polygon, MultiPolygon
-        return geom
-    parts = [p for p in shapely.get_parts(geom) if shapely.get_type_id(p) in (3, 6)]
-    if not parts:
-        return _EMPTY
-    if len(parts) == 1:
-        return parts[0]
-    return shapely.union_all(parts)
-
-
-def _repair(geom) -> shapely.Geometry:
-    return _polygonal_union(shapely.make_valid(geom))
-
-
 def build_geometries(instances: Sequence) -> tuple[np.ndarray, np.ndarray]:
     """Shapely geometries and status codes for a sequence of instances.
 
@@ -136,13 +119,13 @@ def build_geometries(instances: Sequence) -> tuple[np.ndarray, np.ndarray]:
         geoms[idx] = polys
         status[idx[valid]] = STATUS_OK
         for k in np.flatnonzero(~valid):
-            geoms[idx[k]] = _repair(polys[k])
+            geoms[idx[k]] = repaired_geometry(polys[k])
             status[idx[k]] = STATUS_REPAIRED
     for i, parts, dropped in multi:
         polys = [shapely.Polygon(p) for p in parts]
         broken = [not p.is_valid for p in polys]
-        geoms[i] = _polygonal_union(
-            shapely.union_all([_repair(p) if b else p for p, b in zip(polys, broken)])
+        geoms[i] = polygonal_union(
+            shapely.union_all([repaired_geometry(p) if b else p for p, b in zip(polys, broken)])
         )
         status[i] = STATUS_REPAIRED if (dropped or any(broken)) else STATUS_OK
     if n:

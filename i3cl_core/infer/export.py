@@ -38,6 +38,12 @@ def coco_result(image_id, poly: np.ndarray, score: float, category_id: int = 1) 
     }
 
 
+def coco_results(image_id, polygons, score_thr: float) -> list[dict]:
+    """One image's predictions ``[(polygon, score)]`` as COCO results, those scored at or above ``score_thr``:
+    the one rule by which ``i3cl infer``'s per-image records and the ensemble's shard files keep a prediction."""
+    return [coco_result(image_id, poly, score) for poly, score in polygons if score >= score_thr]
+
+
 def int_points(poly) -> list[list[int]] | None:
     """Integer points with consecutive duplicates removed; None with fewer than 3 left."""
     pts = np.rint(np.asarray(poly, dtype=np.float64).reshape(-1, 2)).astype(int).tolist()

@@ -261,7 +261,7 @@ def infer_images(
     apply; ``model_overrides`` may set the test sides)."""
     from tqdm import tqdm
 
-    from i3cl_core.infer.export import art_entries, coco_result, draw_results, txt_lines
+    from i3cl_core.infer.export import art_entries, coco_results, draw_results, txt_lines
     from i3cl_core.infer.loop import decoding_threads, predict_images
 
     if engine not in ENGINES:
@@ -310,7 +310,7 @@ def infer_images(
                 log.warning("skipping %s", p.error)
                 continue
             item = items[todo[p.index]]
-            results = [coco_result(item.image_id, poly, s) for poly, s in p.polygons if s >= score_thr]
+            results = coco_results(item.image_id, p.polygons, score_thr)
             record = {
                 "image_id": item.image_id,
                 "file_name": item.file_name,

@@ -52,7 +52,7 @@ def run_shard(
     """Predict one shard with one loaded model (:func:`~i3cl_core.infer.loop.predict_images`, decoding in
     ``decoder``, a worker's thread pool) and write its COCO results at or above ``settings.score_thr``
     atomically."""
-    from i3cl_core.infer.export import coco_result
+    from i3cl_core.infer.export import coco_results
     from i3cl_core.infer.loop import predict_images
 
     images = [(it.path, f"image {it.image_id}") for it in shard.items]
@@ -63,7 +63,7 @@ def run_shard(
             failures.append(p.error)
             continue
         image_id = shard.items[p.index].image_id
-        results.extend(coco_result(image_id, poly, sc) for poly, sc in p.polygons if sc >= s.score_thr)
+        results.extend(coco_results(image_id, p.polygons, s.score_thr))
     atomic_write_json(path, results)
     return {
         "shard": shard.index,
