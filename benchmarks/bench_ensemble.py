@@ -87,7 +87,8 @@ def main() -> None:
             first = first or ips
             outs[(len(devices), batch, precision)] = out
             print(
-                f"{len(devices):>8} {' '.join(devices):<18} {batch:>5} {precision:>9} {ips:7.2f} {ips / first:8.2f}x",
+                f"{len(devices):>8} {' '.join(devices):<18} {batch:>5} {precision:>9} "
+                f"{ips:7.2f} {ips / first:8.2f}x",
                 flush=True,
             )
         for batch, precision in ((1, "fp32"), (4, "fp32"), (4, "bf16")):
@@ -97,7 +98,8 @@ def main() -> None:
                 for p in a.rglob("shard_*.json")
             )
             print(
-                f"batch {batch} {precision}: 1 and 2 workers wrote {'identical' if same else 'DIFFERENT'} shard files"
+                f"batch {batch} {precision}: 1 and 2 workers wrote "
+                f"{'identical' if same else 'DIFFERENT'} shard files"
             )
 
 

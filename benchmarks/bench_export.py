@@ -154,7 +154,8 @@ def main() -> None:
     exp = export_onnx(ckpt, work / "model.onnx")
     t_export = time.time() - t0
     print(
-        f"exported {ckpt} -> {exp['out']} ({exp['bytes'] / 1e6:.1f} MB, opset {exp['opset']}) in {t_export:.1f} s; "
+        f"exported {ckpt} -> {exp['out']} ({exp['bytes'] / 1e6:.1f} MB, opset {exp['opset']}) "
+        f"in {t_export:.1f} s; "
         f"tracing image parity {exp.get('parity')}",
         flush=True,
     )
@@ -217,8 +218,10 @@ def main() -> None:
         rows.append((name, n / seconds[name], seconds[name] / base, f, a))
     print("\n" + "=" * 112)
     print(
-        f"bench_export: {Path(ckpt).name}, {n} demo test images ({images[0]['width']}x{images[0]['height']}), "
-        f"{args.threads} CPU threads, fp32 unless int8, batch 1; F (ArT) at infer.score_thr {thr} and at the best "
+        f"bench_export: {Path(ckpt).name}, {n} demo test images "
+        f"({images[0]['width']}x{images[0]['height']}), "
+        f"{args.threads} CPU threads, fp32 unless int8, batch 1; "
+        f"F (ArT) at infer.score_thr {thr} and at the best "
         f"threshold"
     )
     print(
@@ -234,12 +237,14 @@ def main() -> None:
             else f"{'-':>9} {'-':>7} {'-':>9} {'-':>14}"
         )
         print(
-            f"{name:<18} {ips:>9.2f} {ratio:>15.2f}x {f['f']:>7.4f} {f['best_f']:>7.4f} {f['f'] - f0:>+12.4f} {tail}"
+            f"{name:<18} {ips:>9.2f} {ratio:>15.2f}x {f['f']:>7.4f} {f['best_f']:>7.4f} "
+            f"{f['f'] - f0:>+12.4f} {tail}"
         )
     print("-" * 112)
     fp32 = next(r for r in rows if r[0] == "onnxruntime")
     print(
-        f"goals: F within 0.002 ({abs(fp32[3]['f'] - f0):.4f}), IoU mean >= 0.99 ({fp32[4]['iou_mean']:.4f}), "
+        f"goals: F within 0.002 ({abs(fp32[3]['f'] - f0):.4f}), "
+        f"IoU mean >= 0.99 ({fp32[4]['iou_mean']:.4f}), "
         f"onnxruntime time <= 0.8x ({fp32[2]:.2f}x)"
     )
     int8 = next((r for r in rows if r[0] == "onnxruntime-int8"), None)

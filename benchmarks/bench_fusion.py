@@ -106,17 +106,21 @@ def main() -> None:
     n = args.images
     print(f"{n} images x {args.models} models x {args.polygons} predictions")
     print(
-        f"  ensemble-boxes WBF (boxes), 1 process             : {t_wbf:8.2f} s  ({1000 * t_wbf / n:6.2f} s per 1,000 images), {n_wbf} clusters"
+        f"  ensemble-boxes WBF (boxes), 1 process             : {t_wbf:8.2f} s  "
+        f"({1000 * t_wbf / n:6.2f} s per 1,000 images), {n_wbf} clusters"
     )
     print(
-        f"  Weighted Polygon Fusion (polygons), 1 process     : {t_ours:8.2f} s  ({1000 * t_ours / n:6.2f} s per 1,000 images), {n_ours} clusters"
+        f"  Weighted Polygon Fusion (polygons), 1 process     : {t_ours:8.2f} s  "
+        f"({1000 * t_ours / n:6.2f} s per 1,000 images), {n_ours} clusters"
     )
     print(
-        f"  Weighted Polygon Fusion, {args.processes} processes             : {t_pool:8.2f} s  ({1000 * t_pool / n:6.2f} s per 1,000 images)"
+        f"  Weighted Polygon Fusion, {args.processes} processes             : {t_pool:8.2f} s  "
+        f"({1000 * t_pool / n:6.2f} s per 1,000 images)"
     )
     print(f"  ratio polygon / box, one process each             : {t_ours / t_wbf:8.2f}x")
     print(
-        f"  ratio polygon ({args.processes} processes) / box (1 process)     : {t_pool / t_wbf:8.2f}x  (goal: <= 1.5x)"
+        f"  ratio polygon ({args.processes} processes) / box (1 process)     : "
+        f"{t_pool / t_wbf:8.2f}x  (goal: <= 1.5x)"
     )
 
 

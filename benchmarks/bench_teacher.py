@@ -37,7 +37,8 @@ def main() -> None:
         dest="overrides",
         action="append",
         default=[],
-        help="extra overrides (the benchmark's schedule: 10 epochs, lr steps after 7 and 9, evaluation every 2 epochs)",
+        help="extra overrides (the benchmark's schedule: 10 epochs, lr steps after 7 and 9, "
+        "evaluation every 2 epochs)",
     )
     args = ap.parse_args()
 
@@ -78,7 +79,8 @@ def main() -> None:
     )
     for e in evals:
         print(
-            f"{e['epoch']:>5} {e['epoch'] * per_epoch:>7} {e['time']:>7.0f} {e['precision']:>6.3f} {e['recall']:>6.3f} "
+            f"{e['epoch']:>5} {e['epoch'] * per_epoch:>7} {e['time']:>7.0f} "
+            f"{e['precision']:>6.3f} {e['recall']:>6.3f} "
             f"{e['hmean']:>7.3f} {e['best_hmean']:>7.3f} {e['best_thr']:>6.2f}"
         )
     if not evals:
@@ -90,8 +92,10 @@ def main() -> None:
         print("no evaluation within 2,000 training images")
     else:
         print(
-            f"best F within 2,000 training images: {best['hmean']:.3f} after {best['epoch'] * per_epoch} images "
-            f"(goal 0.8); last evaluation: F {evals[-1]['hmean']:.3f} after {evals[-1]['epoch'] * per_epoch} images, "
+            f"best F within 2,000 training images: {best['hmean']:.3f} "
+            f"after {best['epoch'] * per_epoch} images "
+            f"(goal 0.8); last evaluation: F {evals[-1]['hmean']:.3f} "
+            f"after {evals[-1]['epoch'] * per_epoch} images, "
             f"{evals[-1]['time']:.0f} s"
         )
 

@@ -1,8 +1,9 @@
 """Training speed of the tiny teacher with and without the speed switches, side by side in one run.
 
 The same fixed batches (augmented once, held in memory, so data loading is not timed) go through
-forward, backward, gradient clipping and the optimizer step of the config for each setting; the baseline is float32 with contiguous (NCHW)
-tensors. Prints training images per second per setting and the ratio to the baseline.
+forward, backward, gradient clipping and the optimizer step of the config for each setting; the baseline is
+float32 with contiguous (NCHW) tensors. Prints training images per second per setting and the ratio to the
+baseline.
 
 Then torchvision's Mask R-CNN built to the tiny teacher's sizes (ResNet-18, 64-channel FPN, a 256-wide
 box head, two 64-channel mask convolutions, the same RPN and RoI sampling numbers; no IntraCL, no
@@ -120,7 +121,8 @@ def main() -> None:
     ]
     print(f"{'torchvision Mask R-CNN (same sizes)':32s} {tv_ips:7.2f} {tv_ips / baseline:11.2f}x")
     print(
-        f"time per training image, ours (recipe: bf16 {use_bf16}, channels_last {recipe.model.channels_last}) / "
+        f"time per training image, ours (recipe: bf16 {use_bf16}, "
+        f"channels_last {recipe.model.channels_last}) / "
         f"torchvision: {tv_ips / ours:.2f}x (goal <= 1.1x); both float32 NCHW: {tv_ips / baseline:.2f}x"
     )
 
@@ -216,7 +218,8 @@ def print_profile(spent: dict[str, float]) -> None:
     for name, sec in rows:
         print(f"{name:40s} {sec * 1000:8.1f} {sec / step:6.1%}")
     print(
-        f"{'data (decode, augment, collate; apart)':40s} {spent['data'] * 1000:8.1f} {spent['data'] / step:6.1%}"
+        f"{'data (decode, augment, collate; apart)':40s} {spent['data'] * 1000:8.1f} "
+        f"{spent['data'] / step:6.1%}"
     )
 
 

@@ -49,7 +49,8 @@ def main() -> None:
             results[name] = timed(lambda net=net: net(x), args.repeats)
     params = {n: sum(p.numel() for p in net[0].parameters()) / 1e6 for n, net in nets.items()}
     print(
-        f"backbone + FPN forward, {args.size}x{args.size}, batch 1, {args.threads} threads, median of {args.repeats} "
+        f"backbone + FPN forward, {args.size}x{args.size}, batch 1, {args.threads} threads, "
+        f"median of {args.repeats} "
         f"after a warm-up (torch {torch.__version__})"
     )
     for name, t in results.items():

@@ -9,8 +9,8 @@ Parts (each in its own process, so that peak memory and failures stay per part):
 * ``infer``     inference at the ArT test scale (short side 1185, long side <= 1950) on synthetic
                 images: I3CL with float16 features (AMP; heads float32, as ``infer.precision: auto``
                 runs it on CUDA), with bfloat16 features, in float32; torchvision's
-                maskrcnn_resnet50_fpn under float16 autocast in the same process (ratio). Polygons are traced as
-                the pipeline does. Random weights on both, one text class.
+                maskrcnn_resnet50_fpn under float16 autocast in the same process (ratio). Polygons are traced
+                as the pipeline does. Random weights on both, one text class.
 * ``pipeline``  the tiny ssl-pipeline on demo data (teachers, ensemble with ``infer.devices=auto``,
                 fusion, student, evaluation) on a local Prefect server: seconds per stage.
 

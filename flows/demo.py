@@ -116,13 +116,15 @@ def print_table(summary: dict, ui: str) -> None:
     if student is not None and control is not None:
         d = student - control
         print(
-            f"student F {student:.4f} vs control F {control:.4f} (same start, same iterations, labeled data only): "
+            f"student F {student:.4f} vs control F {control:.4f} "
+            "(same start, same iterations, labeled data only): "
             f"{'+' if d >= 0 else ''}{100 * d:.1f} F points from the pseudo labels"
         )
     if q and best:
         d = q["hmean"] - best["hmean"]
         print(
-            f"pseudo labels F {q['hmean']:.4f} vs the best teacher's {best['hmean']:.4f} on the unlabeled split: "
+            f"pseudo labels F {q['hmean']:.4f} vs the best teacher's {best['hmean']:.4f} "
+            "on the unlabeled split: "
             f"{'+' if d >= 0 else ''}{100 * d:.1f} F points from the ensemble"
         )
     print("=" * 78)
@@ -130,7 +132,8 @@ def print_table(summary: dict, ui: str) -> None:
         f"Prefect UI: {ui}  (flow run graph, task logs, artifacts: progress, tables, pseudo-label pictures)"
     )
     print(
-        f"Outputs: {summary['work_dir']} (summary.md with its figures, teachers/, predictions/, pseudo/<variant>/report.md, student/, control/, eval/)"
+        f"Outputs: {summary['work_dir']} (summary.md with its figures, teachers/, predictions/, "
+        "pseudo/<variant>/report.md, student/, control/, eval/)"
     )
 
 
@@ -169,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         wait_for_deployments(server.env, ["ssl-pipeline/default", "fuse-pseudo-labels/default"])
         print(
-            "deployments registered (ssl-pipeline/default and one per stage); running ssl-pipeline/default ...",
+            "deployments registered (ssl-pipeline/default and one per stage); "
+            "running ssl-pipeline/default ...",
             flush=True,
         )
         from prefect.deployments import run_deployment
@@ -188,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         run = follow(run.id, params["work_dir"])
         if not run.state.is_completed():
             print(
-                f"ssl-pipeline ended {run.state.name}: {run.state.message}; see {ui} and {server.home}/serve.log"
+                f"ssl-pipeline ended {run.state.name}: {run.state.message}; "
+                f"see {ui} and {server.home}/serve.log"
             )
             return 1
         summary = json.loads((WorkDir(Path(args.work_dir)).summary_json).read_text())

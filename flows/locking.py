@@ -12,9 +12,9 @@ _LOCKED_BY: dict[str, str] = {}  # flow run id -> the work dir whose lock it too
 
 
 def open_work_dir(work_dir: str, create: bool = True) -> Path:
-    """:func:`stages.check_work_dir` plus the work dir's lock (one writer at a time: a second run on the same work
-    dir refuses at once, naming this one), held until the flow run ends (:func:`_unlock`); the ssl-pipeline and
-    the stage flows it calls share it."""
+    """:func:`stages.check_work_dir` plus the work dir's lock (one writer at a time: a second run on the same
+    work dir refuses at once, naming this one), held until the flow run ends (:func:`_unlock`); the
+    ssl-pipeline and the stage flows it calls share it."""
     from prefect.runtime import flow_run
 
     holder = f"flow run {flow_run.flow_name}/{flow_run.name} ({flow_run.id})"
@@ -43,6 +43,6 @@ def _unlock(flow, flow_run, state) -> None:  # noqa: ARG001  (Prefect's state-ho
 LOCK_HOOKS = dict(
     on_completion=[_unlock], on_failure=[_unlock], on_cancellation=[_unlock], on_crashed=[_unlock]
 )
-# what every pipeline flow is decorated with: the lock's hooks, printed lines in the run's logs, its result kept
-# as JSON
+# what every pipeline flow is decorated with: the lock's hooks, printed lines in the run's logs, its result
+# kept as JSON
 FLOW_OPTIONS = dict(**LOCK_HOOKS, log_prints=True, persist_result=True, result_serializer="json")

@@ -92,5 +92,6 @@ def ssl_pipeline(
     return summary
 
 
-# the stage flows are also reachable here (deployments made before they moved to flows/stages.py name this file)
+# the stage flows are also reachable here (deployments made before they moved to flows/stages.py name this
+# file)
 ALL_FLOWS = [ssl_pipeline, train_teachers, ensemble_inference, fuse_pseudo_labels, train_student, evaluate]

@@ -1,4 +1,5 @@
-"""The stage flows of the ssl-pipeline, each runnable on its own (``prefect deployment run train-student/default``):
+"""The stage flows of the ssl-pipeline, each runnable on its own
+(``prefect deployment run train-student/default``):
 
     train-teachers        one task per teacher: torchrun subprocess, streamed logs, progress
     ensemble-inference    one task per (model, shard) on a thread pool or a Dask cluster
@@ -307,9 +308,9 @@ def evaluate(
     work_dir: str = "runs/demo", data: DataParams = DataParams(), evaluation: EvalParams = EvalParams()
 ) -> dict:
     """Every trained model of the work_dir on the test split -> eval/<model>.json and a table:
-    ``teacher:<name>``, ``control:<name>``, ``student:<name>`` (round 1) and ``student-r<r>:<name>``. Each model
-    is scored at its best-F threshold on the labeled validation split when the run has one (``hmean``; the test
-    split's own best threshold is ``best_hmean``, an upper bound no user could choose)."""
+    ``teacher:<name>``, ``control:<name>``, ``student:<name>`` (round 1) and ``student-r<r>:<name>``. Each
+    model is scored at its best-F threshold on the labeled validation split when the run has one (``hmean``;
+    the test split's own best threshold is ``best_hmean``, an upper bound no user could choose)."""
     wd = open_work_dir(work_dir, create=False)
     d, layout = resolve_data(data, wd), WorkDir(wd)
     cached = evaluate_task.with_options(result_storage=result_storage(wd))

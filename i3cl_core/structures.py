@@ -84,7 +84,8 @@ class Instances:
 
     # ------------------------------------------------------------------ indexing
     def __getitem__(self, item) -> Instances:
-        """The instances selected by ``item`` (bool mask, integer indices, slice or int), every field alike."""
+        """The instances selected by ``item`` (bool mask, integer indices, slice or int), every field
+        alike."""
         if isinstance(item, int):
             item = slice(item, item + 1 if item != -1 else None)
         elif getattr(item, "dtype", None) is not None and str(item.dtype) == "torch.bool":
@@ -111,7 +112,8 @@ class Instances:
 
     @staticmethod
     def cat(parts: list[Instances]) -> Instances:
-        """Concatenate instances with the same fields (tensors with torch.cat, arrays with numpy, lists joined)."""
+        """Concatenate instances with the same fields (tensors with torch.cat, arrays with numpy, lists
+        joined)."""
         if not parts:
             return Instances()
         names = list(parts[0]._fields)
@@ -148,7 +150,8 @@ def _positions(item, n: int) -> list[int]:
 
 
 def _for_array(item, value):
-    """``item`` in the form that ``value``'s type indexes with (a numpy mask for a numpy array, a tensor for a tensor)."""
+    """``item`` in the form that ``value``'s type indexes with (a numpy mask for a numpy array, a tensor for a
+    tensor)."""
     if isinstance(item, slice):
         return item
     is_tensor = hasattr(value, "new_empty")

@@ -30,8 +30,8 @@ def get_logger(name: str | None = None) -> logging.Logger:
 
 
 def _new_file_mode(path: Path) -> int:
-    """The permissions a plain ``open(path, "w")`` would leave: those of the file it replaces, else
-    0o666 less the umask (``mkstemp`` alone makes 0o600 files that colleagues on a shared cluster cannot read)."""
+    """The permissions a plain ``open(path, "w")`` would leave: those of the file it replaces, else 0o666 less
+    the umask (``mkstemp`` alone makes 0o600 files that colleagues on a shared cluster cannot read)."""
     try:
         return path.stat().st_mode & 0o777
     except OSError:

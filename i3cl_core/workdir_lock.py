@@ -1,13 +1,13 @@
 """One writer per work dir: an advisory lock that every stage writing into a work dir takes first.
 
-The lock is ``fcntl.flock`` on ``<work dir>/.i3cl-lock``, whose content names the holder (what it is, pid, host,
-since when). A second writer refuses at once with a :class:`WorkDirLocked` error that names the holder. The kernel
-drops the lock when its process dies (``kill -9`` included), so a dead holder never blocks: the next writer takes
-the lock over and logs a note naming the holder it replaces.
+The lock is ``fcntl.flock`` on ``<work dir>/.i3cl-lock``, whose content names the holder (what it is, pid,
+host, since when). A second writer refuses at once with a :class:`WorkDirLocked` error that names the holder.
+The kernel drops the lock when its process dies (``kill -9`` included), so a dead holder never blocks: the
+next writer takes the lock over and logs a note naming the holder it replaces.
 
-Within one process the lock is re-entrant: the ssl-pipeline flow and the stage flows it calls share it, counted,
-and the last :func:`release` unlocks. ``flock`` is per open file, so the lock holds across processes on one
-machine and, on Linux NFS clients, across machines.
+Within one process the lock is re-entrant: the ssl-pipeline flow and the stage flows it calls share it,
+counted, and the last :func:`release` unlocks. ``flock`` is per open file, so the lock holds across processes
+on one machine and, on Linux NFS clients, across machines.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def _describe(info: dict) -> str:
 
 def acquire(work_dir: str | os.PathLike, holder: str) -> Path:
     """Take the lock of ``work_dir`` (created if missing) for ``holder`` (e.g. "flow run ssl-pipeline/abc",
-    "i3cl train configs/x.yaml"); raises :class:`WorkDirLocked` naming the live holder. Returns the lock file."""
+    "i3cl train configs/x.yaml"); raises :class:`WorkDirLocked` naming the live holder. Returns the lock
+    file."""
     import fcntl
 
     wd = Path(work_dir).resolve()
@@ -102,9 +103,9 @@ def acquire(work_dir: str | os.PathLike, holder: str) -> Path:
 
 
 def release(work_dir: str | os.PathLike) -> None:
-    """Give back one hold of this process on ``work_dir``'s lock; the last one empties the lock file (a clean end:
-    the next writer takes it without a note) and unlocks; a folder that the lock created and nothing else wrote
-    into is removed again. No-op when this process does not hold it."""
+    """Give back one hold of this process on ``work_dir``'s lock; the last one empties the lock file (a clean
+    end: the next writer takes it without a note) and unlocks; a folder that the lock created and nothing else
+    wrote into is removed again. No-op when this process does not hold it."""
     import fcntl
 
     key = str(Path(work_dir).resolve())

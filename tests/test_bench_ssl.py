@@ -1,7 +1,7 @@
-"""The SSL benchmark's CPU smoke path (benchmarks/gpu_ssl.sh with SMOKE=1): teachers, ensemble, fusion with its
-threshold chosen on the validation split, a strongly augmented soft-background arm and its control, evaluation,
-and the one table with its protocol, paired differences, gate and coverage rows; and round 2 (the round-1
-student labels the unlabeled images again, round 1's arm continues from it on those labels)."""
+"""The SSL benchmark's CPU smoke path (benchmarks/gpu_ssl.sh with SMOKE=1): teachers, ensemble, fusion with
+its threshold chosen on the validation split, a strongly augmented soft-background arm and its control,
+evaluation, and the one table with its protocol, paired differences, gate and coverage rows; and round 2 (the
+round-1 student labels the unlabeled images again, round 1's arm continues from it on those labels)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def test_gpu_ssl_smoke_runs_the_benchmark_end_to_end_on_cpu(tmp_path):
         assert row in table, row
     result = json.loads((tmp_path / "wd" / "seed1" / "result.json").read_text())
     assert set(result["scores"]) == {"teacher:teacher_a", "control", "ssl_strong_bg", "ssl_r2"}
-    # the arm trained on a strongly augmented, soft-background pseudo set; the validation split chose thresholds
+    # the arm trained on a strongly augmented, soft-background pseudo set; the validation split chose
+    # thresholds
     cfg = (tmp_path / "wd" / "seed1" / "arms" / "ssl_strong_bg" / "config.yaml").read_text()
     assert "augment: strong" in cfg and "background_weight: 0.5" in cfg
     assert all(0.0 <= s["val_thr"] <= 1.0 for s in result["scores"].values())

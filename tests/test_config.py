@@ -28,7 +28,8 @@ def test_defaults_match_the_paper():
 def test_inheritance_chain_and_overrides(tmp_path):
     _w(
         tmp_path / "base.yaml",
-        "train:\n  lr: 0.01\n  epochs: 20\nmodel:\n  intra_cl: false\n  backbone: {name: resnet50, frozen_stages: 1}\n",
+        "train:\n  lr: 0.01\n  epochs: 20\n"
+        "model:\n  intra_cl: false\n  backbone: {name: resnet50, frozen_stages: 1}\n",
     )
     _w(
         tmp_path / "mid.yaml",
@@ -170,10 +171,12 @@ def test_a_training_fingerprint_follows_what_training_reads(tmp_path):
 
 
 def test_configs_written_by_earlier_versions_still_load(tmp_path, caplog, monkeypatch):
-    """A resolved config.yaml of an earlier version (a 'pipeline' section, fuse.lossweight) loads, with a note."""
+    """A resolved config.yaml of an earlier version (a 'pipeline' section, fuse.lossweight) loads, with a
+    note."""
     p = tmp_path / "old.yaml"
     p.write_text(
-        "fuse: {lossweight: votes}\npipeline: {work_dir: runs/demo, teacher_configs: [], student_config: null, "
+        "fuse: {lossweight: votes}\n"
+        "pipeline: {work_dir: runs/demo, teacher_configs: [], student_config: null, "
         "shard_size: 64}\n"
     )
     cfg = load_config(p)

@@ -156,7 +156,8 @@ def test_cli_convert_writes_json(tmp_path, capsys):
 
 
 def test_converted_dataset_evaluates(tmp_path):
-    """The converter's output is valid evaluation GT (ArT json -> COCO -> evaluate with the ArT json as preds)."""
+    """The converter's output is valid evaluation GT (ArT json -> COCO -> evaluate with the ArT json as
+    preds)."""
     from i3cl_core.evaluation import evaluate, load_ground_truth, load_predictions
 
     _img(tmp_path / "img" / "gt_7.jpg", (100, 100))

@@ -88,8 +88,12 @@ def test_every_original_key_has_a_counterpart_and_the_classes_land_right(r50_sta
         "intra_cl_module.1.v_layer_3x1.bias": "intra_cl.1.stages.2.vertical.bias",
         "intra_cl_module.0.q_layer_1x7.weight": "intra_cl.0.stages.0.horizontal.weight",
         "intra_cl_module.2.bn.running_var": "intra_cl.2.bn.running_var",
-        "roi_head.inter_cl_module.global_context_extract_module.conv1x1_list.3.weight": "roi_heads.inter_cl.context.convs.3.weight",
-        "roi_head.inter_cl_module.transformer_encoder_instance.layers.2.linear1.weight": "roi_heads.inter_cl.transformer.layers.2.linear1.weight",
+        "roi_head.inter_cl_module.global_context_extract_module.conv1x1_list.3.weight": (
+            "roi_heads.inter_cl.context.convs.3.weight"
+        ),
+        "roi_head.inter_cl_module.transformer_encoder_instance.layers.2.linear1.weight": (
+            "roi_heads.inter_cl.transformer.layers.2.linear1.weight"
+        ),
         "backbone.layer3.5.bn2.running_mean": "backbone.layer3.5.bn2.running_mean",
     }
     for theirs, ours in pairs.items():

@@ -265,7 +265,8 @@ def _strict_json(path):
     ],
 )
 def test_latin1_labels_are_a_named_error_or_decoded_with_encoding(tmp_path, capsys, fmt, name, content):
-    """Invalid UTF-8 is an error naming the file and the line (not U+FFFD in the data); --encoding decodes it."""
+    """Invalid UTF-8 is an error naming the file and the line (not U+FFFD in the data); --encoding decodes
+    it."""
     from i3cl_core.cli import main
 
     _img(tmp_path / "img" / "img_1.jpg")

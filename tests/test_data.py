@@ -276,9 +276,9 @@ def _shape_sample(h=240, w=320):
 
 
 def test_strong_augmentation_keeps_polygons_on_their_pixels():
-    """Each filled polygon's mask, transformed with the image by the strong policy's geometry (flip, affine with
-    zoom, rotation, shear and shift, resize), against the transformed polygon rasterised: IoU >= 0.95 for every
-    instance that survives, over many random draws; the pixel-only operations change no polygon."""
+    """Each filled polygon's mask, transformed with the image by the strong policy's geometry (flip, affine
+    with zoom, rotation, shear and shift, resize), against the transformed polygon rasterised: IoU >= 0.95 for
+    every instance that survives, over many random draws; the pixel-only operations change no polygon."""
     from i3cl_core.data.polygons import rasterize_instance
 
     geo = AugmentConfig(
@@ -303,8 +303,8 @@ def test_strong_augmentation_keeps_polygons_on_their_pixels():
             kept += 1
     assert kept >= 50 and min(ious) >= 0.95, (kept, min(ious))
 
-    # the pixel-only operations (colour, blur or noise, cutout) come after the geometry and never move a polygon:
-    # with the same seed the full policy gives the polygons of the geometry alone, bit for bit
+    # the pixel-only operations (colour, blur or noise, cutout) come after the geometry and never move a
+    # polygon: with the same seed the full policy gives the polygons of the geometry alone, bit for bit
     def policy(**probs):
         return build_strong_transform(
             AugmentConfig(scales=[(200, 400)], rotate_fill=0, strong={"affine_prob": 1.0, **probs})
@@ -325,8 +325,8 @@ def test_strong_augmentation_keeps_polygons_on_their_pixels():
 
 
 def test_online_views_share_their_pixels_and_polygons():
-    """augment: online: the weak view (flip, resize) keeps each polygon on its pixels, and the student's view is
-    the same image under colour, blur or noise and cutout only: same size, same polygons, other pixels."""
+    """augment: online: the weak view (flip, resize) keeps each polygon on its pixels, and the student's view
+    is the same image under colour, blur or noise and cutout only: same size, same polygons, other pixels."""
     from i3cl_core.data.polygons import rasterize_instance
     from i3cl_core.data.transforms import build_online_transform
 

@@ -1,8 +1,8 @@
 """Evaluation protocols against hand-made cases, plus I/O and CLI.
 
 Geometry is built here from the case descriptions. Expected numbers are the table's RRC-style columns
-(``curved`` / ``mm-van``) for art/ctw1500/icdar2015 and ``dtv.7/.6`` for totaltext, except where our documented
-choices differ (see the comments on cases 06 and 07, and docs/evaluation.md).
+(``curved`` / ``mm-van``) for art/ctw1500/icdar2015 and ``dtv.7/.6`` for totaltext, except where our
+documented choices differ (see the comments on cases 06 and 07, and docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -414,7 +414,8 @@ def test_coco_gt_and_coco_results(tmp_path):
     gt = load_ground_truth(gpath)
     preds = load_predictions(ppath, gt)
     r = evaluate(gt, preds, "art")
-    # care GT: ann 1 and the RLE ann 3 (traced to exactly its 40x20 pixel box); DC: ann 2 (ignore), ann 4 (iscrowd)
+    # care GT: ann 1 and the RLE ann 3 (traced to exactly its 40x20 pixel box); DC: ann 2 (ignore), ann 4
+    # (iscrowd)
     assert (r["num_gt_care"], r["num_gt_dontcare"], r["num_det_dontcare"]) == (2, 2, 1)
     assert (r["num_matched"], r["num_det_care"]) == (2, 3)
     assert r["unknown_image_ids"] == [42] and r["num_unknown_predictions"] == 1
@@ -568,7 +569,8 @@ def test_intersection_areas_in_threads_equal_one_vectorised_call():
 
 
 def test_cli_warns_when_one_file_name_has_two_ids(tmp_path, capsys):
-    """One picture listed twice (same file_name, two ids) is scored twice: evaluate says so, naming both ids."""
+    """One picture listed twice (same file_name, two ids) is scored twice: evaluate says so, naming both
+    ids."""
     from i3cl_core.cli import main
 
     g = {

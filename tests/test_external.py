@@ -191,7 +191,8 @@ def _convert_predictions(tmp_path, pred, *extra):
 
 
 def test_latin1_predictions_are_a_named_error_or_decoded_with_encoding(tmp_path, capsys):
-    """A latin-1 system_results.txt: a clear error naming the file and line, not a UnicodeDecodeError traceback."""
+    """A latin-1 system_results.txt: a clear error naming the file and line, not a UnicodeDecodeError
+    traceback."""
     pred = tmp_path / "system_results.txt"
     pred.write_bytes(
         (

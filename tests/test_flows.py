@@ -127,7 +127,8 @@ def test_run_streaming_streams_and_cancels_the_whole_group(tmp_path):
 
     script = (
         "import subprocess, sys, time\n"
-        "kids = [subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']) for _ in range(2)]\n"
+        "kids = [subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])"
+        " for _ in range(2)]\n"
         "print('epoch 1/2 iter 1/4 loss 1.0', flush=True)\n"
         "time.sleep(300)\n"
     )
@@ -285,9 +286,9 @@ def run_id_from(output: str) -> str:
 def task_states(
     server, root_id: str, min_tasks: int = 0, prefix: str = "", timeout: float = 30.0
 ) -> dict[str, str]:
-    """Task run name -> state name over the whole run tree under ``root_id``. The server records task runs from
-    their events, a moment after the flow run ends: with ``min_tasks``, read again (up to ``timeout`` seconds)
-    until at least that many whose names start with ``prefix`` are there."""
+    """Task run name -> state name over the whole run tree under ``root_id``. The server records task runs
+    from their events, a moment after the flow run ends: with ``min_tasks``, read again (up to ``timeout``
+    seconds) until at least that many whose names start with ``prefix`` are there."""
     deadline = time.time() + timeout
     while True:
         states = _task_states(root_id)
@@ -535,9 +536,9 @@ def test_two_rounds_and_the_control_run(served, pipeline_dirs, monkeypatch):
 @pytest.mark.slow
 def test_a_killed_teacher_training_resumes_on_a_deployment_rerun(served, tmp_path, monkeypatch):
     """kill -9 of the flow-run process while a teacher trains (after its first epoch checkpoint), then the
-    deployment run again: the training resumes from latest.pth and trains the remaining iterations only. That a resumed training ends with an
-    uninterrupted one's weights, tensor for tensor, is tested on the same command in test_train.py
-    (test_killed_run_resumes_to_identical_weights)."""
+    deployment run again: the training resumes from latest.pth and trains the remaining iterations only. That
+    a resumed training ends with an uninterrupted one's weights, tensor for tensor, is tested on the same
+    command in test_train.py (test_killed_run_resumes_to_identical_weights)."""
     import torch
 
     for k in ("PREFECT_API_URL", "PREFECT_HOME"):
@@ -590,15 +591,17 @@ def test_a_killed_teacher_training_resumes_on_a_deployment_rerun(served, tmp_pat
 
 
 def test_a_second_run_on_a_work_dir_in_use_fails_at_once_naming_the_first(served, tmp_path, monkeypatch):
-    """Two runs on one work dir: while another writer holds it (here a process standing for a running pipeline),
-    a deployment run on the same work dir fails before doing anything, its state message naming the holder;
-    nothing is written. (A holder killed mid-run is taken over: test_a_killed_teacher_training_resumes_...)"""
+    """Two runs on one work dir: while another writer holds it (here a process standing for a running
+    pipeline), a deployment run on the same work dir fails before doing anything, its state message naming the
+    holder; nothing is written. (A holder killed mid-run is taken over:
+    test_a_killed_teacher_training_resumes_...)"""
     for k in ("PREFECT_API_URL", "PREFECT_HOME"):
         monkeypatch.setenv(k, served.env[k])
     wd = tmp_path / "busy"
     code = (
         "import sys, time; from i3cl_core.workdir_lock import acquire; "
-        "acquire(sys.argv[1], 'flow run ssl-pipeline/first-run (abc)'); print('held', flush=True); time.sleep(600)"
+        "acquire(sys.argv[1], 'flow run ssl-pipeline/first-run (abc)'); "
+        "print('held', flush=True); time.sleep(600)"
     )
     holder = subprocess.Popen(
         [sys.executable, "-c", code, str(wd)], cwd=REPO, stdout=subprocess.PIPE, text=True
@@ -686,8 +689,9 @@ def test_stage_runs_without_data_params_reuse_the_work_dirs_data(tmp_path):
         resolve_data(DataParams(), wd) == first
     )  # defaults: the data the work_dir was made with, no demo generated
     assert not (tmp_path / "data").exists()
-    # one class for a data set in the config and in the flow parameters (DatasetSource): a labeled set takes its
-    # training fields, which reach data.json only when set (so earlier work dirs' data.json stays the same)
+    # one class for a data set in the config and in the flow parameters (DatasetSource): a labeled set takes
+    # its training fields, which reach data.json only when set (so earlier work dirs' data.json stays the
+    # same)
     raw = explicit.model_dump()  # every field, as Prefect stores a run's parameters
     raw["labeled"].append({"ann_file": "/d/p.json", "img_root": "/d/u", "augment": "strong"})
     mixed = DataParams.model_validate(raw)

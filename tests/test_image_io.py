@@ -1,5 +1,5 @@
-"""The image reader's rule (i3cl_core/data/image_io.py): stored orientation, EXIF tag ignored unless asked; one
-pixel limit, checked from the header before any pixel is decoded."""
+"""The image reader's rule (i3cl_core/data/image_io.py): stored orientation, EXIF tag ignored unless asked;
+one pixel limit, checked from the header before any pixel is decoded."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from i3cl_core.data.image_io import EXIF_TRANSPOSE_ENV, MAX_PIXELS_ENV, header, 
 
 
 def _oriented_jpeg(path, orientation=6, size=(320, 240)):
-    """A JPEG whose stored pixels are ``size`` (w, h) with a left-right ramp and a red top-left block, tagged."""
+    """A JPEG whose stored pixels are ``size`` (w, h) with a left-right ramp and a red top-left block,
+    tagged."""
     w, h = size
     arr = np.zeros((h, w, 3), np.uint8)
     arr[..., 1] = np.linspace(0, 255, w, dtype=np.uint8)[None, :]

@@ -16,11 +16,14 @@ PACKAGES = ("i3cl_core", "flows")
 ALONE = """
 import importlib, pkgutil, sys
 import i3cl_core, flows
-names = sorted({m.name for p in (i3cl_core, flows) for m in pkgutil.walk_packages(p.__path__, p.__name__ + ".")})
+names = sorted(
+    {m.name for p in (i3cl_core, flows) for m in pkgutil.walk_packages(p.__path__, p.__name__ + ".")}
+)
 failed = []
 for name in names:
     for k in [k for k in sys.modules if k.split(".")[0] in ("i3cl_core", "flows")]:
-        del sys.modules[k]  # as in a fresh interpreter (third-party modules stay loaded: they do not matter here)
+        # as in a fresh interpreter (third-party modules stay loaded: they do not matter here)
+        del sys.modules[k]
     try:
         importlib.import_module(name)
     except Exception as e:

@@ -153,8 +153,8 @@ def test_round_trip_model_infer_evaluate(tmp_path, trained, capsys):
     res = json.loads(capsys.readouterr().out.strip().splitlines()[0])
     assert res["protocol"] == "art" and res["num_det_care"] > 0
     # the model has seen these images: it finds some of their text. (Its F after 60 SGD steps depends on the
-    # CPU's kernels: 0.25 on an AVX512-BF16 EPYC, higher elsewhere; recall 0.54 there. What this test checks is
-    # the round trip, so only a margin-wide sanity bound.)
+    # CPU's kernels: 0.25 on an AVX512-BF16 EPYC, higher elsewhere; recall 0.54 there. What this test checks
+    # is the round trip, so only a margin-wide sanity bound.)
     assert res["num_matched"] >= 1 and res["recall"] >= 0.15, res
     # the ArT submission scores the same against the COCO ground truth
     assert (

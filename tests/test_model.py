@@ -146,8 +146,8 @@ def _losses(m, image, target, **changes):
 
 
 def test_background_weight_scales_the_negatives_of_its_image():
-    """An image's ``background_weight`` scales the classification terms of its negative anchors and RoIs: each term
-    is affine in it, 0 leaves only the positives (no box term changes), and the default is 1."""
+    """An image's ``background_weight`` scales the classification terms of its negative anchors and RoIs: each
+    term is affine in it, 0 leaves only the positives (no box term changes), and the default is 1."""
     torch.manual_seed(0)
     m = build_model(tiny_cfg()).train()
     image, target = text_image()
@@ -158,8 +158,8 @@ def test_background_weight_scales_the_negatives_of_its_image():
         assert L[1.0][term] - L[0.5][term] == pytest.approx(
             2 * (L[0.5][term] - L[0.25][term]), rel=1e-3, abs=1e-6
         )
-    # the RPN normalises by the sampled anchors (affine down to 0); the R-CNN CE by the samples of weight > 0, so
-    # at 0 the negatives leave its normaliser too
+    # the RPN normalises by the sampled anchors (affine down to 0); the R-CNN CE by the samples of weight > 0,
+    # so at 0 the negatives leave its normaliser too
     rpn = "loss_rpn_cls"
     assert L[0.5][rpn] - L[0.0][rpn] == pytest.approx(2 * (L[0.25][rpn] - L[0.0][rpn]), rel=1e-3, abs=1e-6)
     for term in ("loss_rpn_box", "loss_rcnn_box", "loss_mask"):

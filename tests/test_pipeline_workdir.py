@@ -77,9 +77,10 @@ def test_a_training_folder_is_reused_resumed_or_cleared_by_its_inputs(tmp_path):
 
 
 def test_the_students_folder_key_names_its_pseudo_images_augmentation_and_background_weight(tmp_path):
-    """Students trained before the augmentation and background weight of the pseudo-labelled images were settings
-    (default augmentation, weight 1) keep their folder; the current defaults (strong, 0.5) and any other setting
-    get folders of their own, so a work dir made before the defaults changed never reuses the wrong student."""
+    """Students trained before the augmentation and background weight of the pseudo-labelled images were
+    settings (default augmentation, weight 1) keep their folder; the current defaults (strong, 0.5) and any
+    other setting get folders of their own, so a work dir made before the defaults changed never reuses the
+    wrong student."""
     from i3cl_core.pipeline import variants
     from i3cl_core.pipeline.params import TrainParams
     from i3cl_core.pipeline.plans import plan_student

@@ -1,6 +1,6 @@
-"""The team set-up of the README, tested: a Prefect server on a real PostgreSQL (Debian's postgresql, a throw-away
-cluster started here on 127.0.0.1 on a free port) and one stage flow run against it. Skipped, with the reason,
-where no PostgreSQL server can be started."""
+"""The team set-up of the README, tested: a Prefect server on a real PostgreSQL (Debian's postgresql, a
+throw-away cluster started here on 127.0.0.1 on a free port) and one stage flow run against it. Skipped, with
+the reason, where no PostgreSQL server can be started."""
 
 from __future__ import annotations
 

@@ -66,9 +66,9 @@ def with_edge_midpoints(r):
 
 
 def test_a_models_duplicate_does_not_lower_the_score_with_model_max_avg_or_one_member_per_model():
-    """Two models (or two TTA views) find the same word (0.9 and 0.8); the first also left a weaker overlapping
-    detection (0.2). WBF's avg lets the duplicate join and pull the mean down; model_max_avg counts each
-    model's best member once; one_per_model keeps the duplicate out of the cluster altogether."""
+    """Two models (or two TTA views) find the same word (0.9 and 0.8); the first also left a weaker
+    overlapping detection (0.2). WBF's avg lets the duplicate join and pull the mean down; model_max_avg
+    counts each model's best member once; one_per_model keeps the duplicate out of the cluster altogether."""
     word = rect(100, 100, 200, 140)
     dup = rect(104, 100, 204, 142)
     preds = [[(word, 0.9), (dup, 0.2)], [(word, 0.8)]]
@@ -850,8 +850,8 @@ def test_keep_thr_beta_below_one_chooses_for_precision(monkeypatch):
 
 
 def test_min_votes_is_chosen_on_the_validation_split_with_its_keep_thr(monkeypatch):
-    """auto_min_votes: each min_votes from 1 to the number of models gets its own best keep_thr on the validation
-    split; the best F wins, ties go to more votes; switched off, min_votes stays as given."""
+    """auto_min_votes: each min_votes from 1 to the number of models gets its own best keep_thr on the
+    validation split; the best F wins, ties go to more votes; switched off, min_votes stays as given."""
     from i3cl_core.pseudo import thresholds
 
     def sweep(sources, images_json, cfg):  # one vote: more recall; two votes: precise but misses text

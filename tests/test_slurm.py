@@ -102,10 +102,12 @@ echo $! >"$FAKE_SLURM/$id.pid"; echo "$id"
 """,
     "squeue": """#!/bin/bash
 id=$3; pid=$(cat "$FAKE_SLURM/$id.pid" 2>/dev/null) || exit 0
-if [ -f "$FAKE_SLURM/$id.cancelled" ]; then echo CANCELLED; elif kill -0 "$pid" 2>/dev/null; then echo RUNNING; fi
+if [ -f "$FAKE_SLURM/$id.cancelled" ]; then echo CANCELLED; \
+elif kill -0 "$pid" 2>/dev/null; then echo RUNNING; fi
 """,
     "scancel": """#!/bin/bash
-touch "$FAKE_SLURM/$1.cancelled"; pkill -P "$(cat "$FAKE_SLURM/$1.pid")"; kill "$(cat "$FAKE_SLURM/$1.pid")" 2>/dev/null; exit 0
+touch "$FAKE_SLURM/$1.cancelled"; pkill -P "$(cat "$FAKE_SLURM/$1.pid")"; \
+kill "$(cat "$FAKE_SLURM/$1.pid")" 2>/dev/null; exit 0
 """,
     "sacct": "#!/bin/bash\nexit 1\n",
     "scontrol": """#!/bin/bash

@@ -119,9 +119,9 @@ def test_sampler_with_a_fixed_epoch_length_runs_one_stream_of_permutations_acros
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_sampler_draws_every_image_of_a_set_over_an_arm_of_enough_iterations(world):
-    """400 pseudo-labelled images, 25 labeled, half of each batch from each, 25 iterations of batch 2 per epoch:
-    16 epochs give the pseudo set 400 draws, and each of its images is drawn (a fresh permutation cut to its first
-    25 draws per epoch reached about 220 of 400)."""
+    """400 pseudo-labelled images, 25 labeled, half of each batch from each, 25 iterations of batch 2 per
+    epoch: 16 epochs give the pseudo set 400 draws, and each of its images is drawn (a fresh permutation cut
+    to its first 25 draws per epoch reached about 220 of 400)."""
     labeled, pseudo = list(range(25)), list(range(25, 425))
     mix = [(labeled, 0.5), (pseudo, 0.5)]
     samplers = [EpochSampler(425, world, r, seed=3, per_process=50 // world, mix=mix) for r in range(world)]
@@ -183,7 +183,8 @@ def test_training_set_fractions_are_validated(tmp_path):
         load_config(
             None,
             [
-                "data.train=[{ann_file: a, img_root: b, fraction: 0.6}, {ann_file: c, img_root: d, fraction: 0.6}]"
+                "data.train=[{ann_file: a, img_root: b, fraction: 0.6}, "
+                "{ann_file: c, img_root: d, fraction: 0.6}]"
             ],
         )
     with pytest.raises(ConfigError, match="fraction"):
@@ -259,15 +260,16 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_data):
 @pytest.mark.slow
 def test_two_process_gloo_ddp_matches_one_process(tmp_path, tiny_data):
     # per-process batch 1 x 2 processes == batch 2 x 1 process, checked on the one step whose outcome does not
-    # depend on the CPU's kernels: the losses of the first iteration, the gradients DDP all-reduces in it and the
-    # weights after it. Any later comparison is chaotic: summation-order noise (1e-7) flips a near-tied proposal or
-    # RoI match after the first update, and the runs drift apart by an amount that depends on the CPU's kernels
-    # (an AVX512 Xeon: 0.6626 vs 0.6600 in the second iteration's classification loss), not on DDP.
+    # depend on the CPU's kernels: the losses of the first iteration, the gradients DDP all-reduces in it and
+    # the weights after it. Any later comparison is chaotic: summation-order noise (1e-7) flips a near-tied
+    # proposal or RoI match after the first update, and the runs drift apart by an amount that depends on the
+    # CPU's kernels (an AVX512 Xeon: 0.6626 vs 0.6600 in the second iteration's classification loss), not on
+    # DDP.
     # The next epoch's sharding is the sampler's (test_epoch_sampler_*), tested without a model.
-    # IntraCL/InterCL off: their BatchNorm uses per-process statistics (as the release), which legitimately differs
-    # from a batch of 2. A positive fraction of 1/128 makes every image contribute exactly one positive RoI, so the
-    # batch-level normalisers (as in the release: the mask loss is a mean over all positives of the batch) equal
-    # the mean of per-process ones, as DDP's gradient averaging computes.
+    # IntraCL/InterCL off: their BatchNorm uses per-process statistics (as the release), which legitimately
+    # differs from a batch of 2. A positive fraction of 1/128 makes every image contribute exactly one
+    # positive RoI, so the batch-level normalisers (as in the release: the mask loss is a mean over all
+    # positives of the batch) equal the mean of per-process ones, as DDP's gradient averaging computes.
     common = dict(epochs=1, max_iters_per_epoch=1, warmup_iters=0, lr=0.005, weight_decay=0.0)
     one = write_cfg(tmp_path / "one.yaml", tiny_data, batch_size=2, **common)
     two = write_cfg(tmp_path / "two.yaml", tiny_data, batch_size=1, **common)
@@ -327,9 +329,9 @@ def test_two_process_gloo_ddp_matches_one_process(tmp_path, tiny_data):
     grads = [[st["momentum_buffer"] for _, st in sorted(c["optimizer"]["state"].items())] for c in ckpts]
     assert len(grads[0]) == len(grads[1]) > 0
     # The two runs sum in different orders (one batch of two padded images vs one image per process), and how
-    # many threads a run has changes that order again: single elements where the gradient nearly cancels differ
-    # by up to 2e-5 of the largest gradient (measured, 1 and 2 threads). A wrong reduction (a sum, one image)
-    # moves whole tensors by far more.
+    # many threads a run has changes that order again: single elements where the gradient nearly cancels
+    # differ by up to 2e-5 of the largest gradient (measured, 1 and 2 threads). A wrong reduction (a sum, one
+    # image) moves whole tensors by far more.
     scale = max(g.abs().max().item() for g in grads[0])
     for g1, g2 in zip(*grads):
         torch.testing.assert_close(g2, g1, atol=6e-5 * scale, rtol=1e-3)
@@ -450,8 +452,9 @@ def test_vitae_no_decay_keys_select_the_releases_parameters():
 
 
 def test_single_node_training_and_the_local_dask_cluster_listen_on_loopback_only(tmp_path, tiny_data):
-    """The pipeline's training command (2 processes) and its LocalCluster: every listening socket of theirs is on
-    127.0.0.1 (``torchrun --standalone`` bound two stores to every interface; Dask started an HTTP server on 8787)."""
+    """The pipeline's training command (2 processes) and its LocalCluster: every listening socket of theirs is
+    on 127.0.0.1 (``torchrun --standalone`` bound two stores to every interface; Dask started an HTTP server
+    on 8787)."""
     import time
 
     import psutil
@@ -508,8 +511,9 @@ def test_single_node_training_and_the_local_dask_cluster_listen_on_loopback_only
 
 
 def test_sampler_mix_gives_every_process_the_same_number_of_draws():
-    """10,001 images in two halves over 8 processes, batches of 2: every process gets exactly its share (dealing
-    each set round-robin gave ranks 0-3 one step more than ranks 4-7, which then waited in an all-reduce)."""
+    """10,001 images in two halves over 8 processes, batches of 2: every process gets exactly its share
+    (dealing each set round-robin gave ranks 0-3 one step more than ranks 4-7, which then waited in an
+    all-reduce)."""
     labeled, pseudo = list(range(5001)), list(range(5001, 10001))
     mix = [(labeled, 0.5), (pseudo, 0.5)]
     parts = [EpochSampler(10001, 8, r, seed=1, mix=mix).indices() for r in range(8)]

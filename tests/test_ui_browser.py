@@ -49,7 +49,8 @@ def artifact_check():
               ("Samples", [("sample 1", pics[2]), ("sample 2", pics[3])])]
     create_markdown_artifact(markdown_with_images("Pseudo labels", blocks, "12 pseudo labels from 2 models."),
                              key="browser-md")
-    create_table_artifact([{"model": "teacher:teacher_a", "hmean": 0.61}, {"model": "control:student", "hmean": 0.66}],
+    create_table_artifact([{"model": "teacher:teacher_a", "hmean": 0.61},
+                           {"model": "control:student", "hmean": 0.66}],
                           key="browser-table")
 
 artifact_check()

@@ -160,7 +160,8 @@ def test_one_image_reader_names_truncated_files_everywhere(tmp_path, capsys):
         == 0
     )
     assert "a.jpg: image id 1 is a truncated JPEG" in capsys.readouterr().err
-    # i3cl infer itself (its DataLoader's reader): the image is a named failure, counted; nothing usable -> exit 1
+    # i3cl infer itself (its DataLoader's reader): the image is a named failure, counted; nothing usable ->
+    # exit 1
     from conftest import random_teachers
 
     ckpt = random_teachers(tmp_path / "t", side=128, seeds=(0,))["teacher_0"]
@@ -288,7 +289,8 @@ def test_far_out_polygon_is_dropped_as_far_outside_not_as_too_few_points(tmp_pat
 
 
 def test_negative_bbox_is_refused_by_evaluate_fuse_and_train_alike(tmp_path):
-    """A bbox (used where there is no segmentation) with a negative width or height is not silently flipped."""
+    """A bbox (used where there is no segmentation) with a negative width or height is not silently
+    flipped."""
     from i3cl_core.config import FuseConfig
     from i3cl_core.data.coco import load_coco_records
     from i3cl_core.evaluation import load_ground_truth, load_predictions

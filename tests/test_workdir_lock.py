@@ -1,5 +1,5 @@
-"""One writer per work dir (i3cl_core/workdir_lock.py): a second writer refuses at once naming the holder; a dead
-holder's lock is taken over with a note; the CLI commands that write into a folder take it."""
+"""One writer per work dir (i3cl_core/workdir_lock.py): a second writer refuses at once naming the holder; a
+dead holder's lock is taken over with a note; the CLI commands that write into a folder take it."""
 
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ def test_a_second_writer_refuses_naming_the_holder_and_a_dead_holder_is_taken_ov
     )
     info = json.loads((wd / LOCK_NAME).read_text())
     assert info["holder"] == "i3cl train x.yaml" and info["pid"] == os.getpid()
-    # re-entrant within a process: the last release unlocks and leaves an empty file (no note for the next one)
+    # re-entrant within a process: the last release unlocks and leaves an empty file (no note for the next
+    # one)
     acquire(wd, "nested")
     release(wd)
     assert holds(wd)
@@ -71,8 +72,9 @@ def test_a_second_writer_refuses_naming_the_holder_and_a_dead_holder_is_taken_ov
 
 
 def test_two_trainings_on_one_work_dir_and_an_ensemble_into_a_locked_folder(tmp_path):
-    """`i3cl train` twice on one work dir: the second refuses at once (exit 2), naming the first; kill -9 of the
-    first, then `--resume` takes the lock over. `i3cl ensemble --out` into a folder another writer holds: refused."""
+    """`i3cl train` twice on one work dir: the second refuses at once (exit 2), naming the first; kill -9 of
+    the first, then `--resume` takes the lock over. `i3cl ensemble --out` into a folder another writer holds:
+    refused."""
     from i3cl_core.data.synth import generate_dataset
 
     data = generate_dataset(tmp_path / "d", 4, seed=3, size=(128, 128), progress=False, cjk=False)

@@ -1,5 +1,6 @@
 """``i3cl runs compare|gc WORK_DIR``: a work dir's pseudo-label variants and the models trained on each;
-removing old variants (:func:`i3cl_core.pipeline.variants.compare`, :func:`i3cl_core.pipeline.variants.gc`)."""
+removing old variants (:func:`i3cl_core.pipeline.variants.compare`,
+:func:`i3cl_core.pipeline.variants.gc`)."""
 
 from __future__ import annotations
 

@@ -26,8 +26,9 @@ class _Strict(BaseModel):
 
 
 def _drop_removed(data, section: str, removed: dict[str, str]):
-    """``data`` without the ``removed`` fields (name -> where the setting lives now), each dropped with a note:
-    every run's resolved config.yaml written by an earlier version holds them, and it must still load."""
+    """``data`` without the ``removed`` fields (name -> where the setting lives now), each dropped with a
+    note: every run's resolved config.yaml written by an earlier version holds them, and it must still
+    load."""
     if not isinstance(data, dict) or not removed.keys() & data.keys():
         return data
     for name in sorted(removed.keys() & data.keys()):
@@ -47,29 +48,31 @@ class DatasetSource(_Strict):
         gt=0.0,
         le=1.0,
         description="share of every training epoch drawn from this set, spread evenly over "
-        "the batches (sets without one share the rest in proportion to their sizes); e.g. 0.5 for the pseudo labels",
+        "the batches (sets without one share the rest in proportion to their sizes); "
+        "e.g. 0.5 for the pseudo labels",
     )
     augment: Literal["default", "strong", "online"] = Field(
         "default",
         description="default: data.augment's policies; strong: data.augment.strong (scale, translation, "
         "rotation, shear, colour, blur/noise, cutout), the noise a student needs on pseudo-labelled images; "
-        "online: two views of each image, a weak one (flip, training resize) that train.mean_teacher labels and "
-        "the same pixels under data.augment.strong's colour, blur/noise and cutout for the student",
+        "online: two views of each image, a weak one (flip, training resize) that train.mean_teacher labels "
+        "and the same pixels under data.augment.strong's colour, blur/noise and cutout for the student",
     )
     background_weight: float = Field(
         1.0,
         ge=0.0,
         le=1.0,
         description="weight of the negative anchors and RoIs of this set's images in the "
-        "classification losses: below 1 on pseudo-labelled images, where text no teacher found would otherwise be "
-        "taught as confident background",
+        "classification losses: below 1 on pseudo-labelled images, where text no teacher found would "
+        "otherwise be taught as confident background",
     )
 
 
 class StrongAugmentConfig(_Strict):
-    """The strong augmentation of sets with ``augment: strong`` (after the flip): one random affine map (scale,
-    rotation, shear, translation) on the same canvas, then the training resize, colour operations, blur or noise,
-    and cutout. Polygons follow the pixels exactly; instances that leave the image are dropped."""
+    """The strong augmentation of sets with ``augment: strong`` (after the flip): one random affine map
+    (scale, rotation, shear, translation) on the same canvas, then the training resize, colour operations,
+    blur or noise, and cutout. Polygons follow the pixels exactly; instances that leave the image are
+    dropped."""
 
     scale: tuple[float, float] = Field((0.5, 1.5), description="zoom range of the affine map")
     translate: float = Field(0.1, ge=0.0, le=0.5, description="largest shift, as a fraction of each side")
@@ -217,8 +220,8 @@ class ModelConfig(_Strict):
     bf16_features: bool | Literal["auto"] = Field(
         False,
         description="run backbone, FPN and IntraCL under bfloat16 autocast (heads, boxes and losses stay "
-        "float32); 'auto': only where the device computes bfloat16 natively (CPUs with AVX512-BF16/AMX, CUDA with "
-        "bf16 support), elsewhere it would be slower",
+        "float32); 'auto': only where the device computes bfloat16 natively (CPUs with AVX512-BF16/AMX, "
+        "CUDA with bf16 support), elsewhere it would be slower",
     )
     channels_last: bool = Field(
         False, description="NHWC memory format for the convolutions (faster with oneDNN on CPU)"
@@ -247,8 +250,8 @@ class ModelConfig(_Strict):
     )
     mask_lossweight: bool = Field(
         False,
-        description="scale each positive's mask loss by its instance's lossweight too (the release weights only "
-        "the classification and box terms)",
+        description="scale each positive's mask loss by its instance's lossweight too "
+        "(the release weights only the classification and box terms)",
     )
     # test
     score_thr: float = Field(0.05, ge=0.0, le=1.0)
@@ -350,7 +353,8 @@ class TrainConfig(_Strict):
         ge=1,
         le=10_000_000,
         description="exact iterations per epoch, whatever the dataset size (further "
-        "shuffled passes follow when one pass is shorter): equal training budgets on datasets of different sizes",
+        "shuffled passes follow when one pass is shorter): equal training budgets on datasets of "
+        "different sizes",
     )
     mean_teacher: MeanTeacherConfig = Field(default_factory=MeanTeacherConfig)
 
@@ -398,8 +402,8 @@ class FuseConfig(_Strict):
         gt=0.0,
         le=4.0,
         description="auto_keep_thr maximises F-beta on the validation split: 1 is F; below 1 "
-        "favours precision (0.5: precision counts twice as much as recall), as detection self-training keeps labels "
-        "for precision",
+        "favours precision (0.5: precision counts twice as much as recall), as detection self-training "
+        "keeps labels for precision",
     )
     min_votes: int = Field(
         2, ge=1, description="minimum number of models in a cluster (capped at the number of models)"
@@ -407,21 +411,22 @@ class FuseConfig(_Strict):
     auto_min_votes: bool = Field(
         True,
         description="with auto_keep_thr and a labeled validation split, min_votes is chosen there too: every "
-        "value from 1 to the number of models, each with its own best keep_thr, the best F-beta winning (ties: more "
-        "votes); without a validation split, min_votes as given",
+        "value from 1 to the number of models, each with its own best keep_thr, the best F-beta winning "
+        "(ties: more votes); without a validation split, min_votes as given",
     )
     conf_type: Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg", "model_max_avg"] = Field(
         "max",
-        description="fused score as in ensemble-boxes WBF; the defaults (max, min_votes 2, keep_thr 0.6) beat "
-        "the best single teacher on the demo data, where avg needed keep_thr near 0.35; model_max_avg: the mean "
-        "over the models of each one's best score in the cluster (agreement counts, a model's duplicates do not)",
+        description="fused score as in ensemble-boxes WBF; the defaults (max, min_votes 2, keep_thr 0.6) "
+        "beat the best single teacher on the demo data, where avg needed keep_thr near 0.35; "
+        "model_max_avg: the mean over the models of each one's best score in the cluster "
+        "(agreement counts, a model's duplicates do not)",
     )
     model_weights: list[float] | None = None
     uncertain_band: tuple[float, float] | None = Field(
         (0.2, 0.6),
         description="(low, high): clusters not kept whose fused score is in [low, high), or >= low with "
-        "too few votes, become do-not-care regions instead of being dropped (the student is not taught they are "
-        "background); null drops them. With auto_keep_thr, high follows the chosen keep_thr",
+        "too few votes, become do-not-care regions instead of being dropped (the student is not taught "
+        "they are background); null drops them. With auto_keep_thr, high follows the chosen keep_thr",
     )
     lossweight_formula: Literal["score_x_votes", "score", "votes", "one"] = Field(
         "score_x_votes",

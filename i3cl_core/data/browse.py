@@ -7,14 +7,16 @@ annotation id (plus ``w=<lossweight>`` when present and not 1). One PNG per imag
 This module reads the json itself (no dependency on the dataset loader) and keeps heavy imports (cv2,
 pycocotools) inside functions.
 """
+
 from __future__ import annotations
 
 import os
 import sys
 import warnings
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from i3cl_core.utils import read_json
 
@@ -58,7 +60,9 @@ def read_results(pred_file: str | os.PathLike) -> dict[int, list[dict]]:
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
         data = data["annotations"]  # a dataset-shaped file with scores also works
     if not isinstance(data, list):
-        raise _dataset_error(f"{pred_file}: COCO results must be a json list of {{image_id, segmentation, score}}")
+        raise _dataset_error(
+            f"{pred_file}: COCO results must be a json list of {{image_id, segmentation, score}}"
+        )
     by_image: dict[int, list[dict]] = defaultdict(list)
     for k, det in enumerate(data):
         if not isinstance(det, dict) or "image_id" not in det or "segmentation" not in det:
@@ -123,7 +127,9 @@ def _label(img, text: str, anchor, colour, scale: float) -> None:
     cv2.putText(img, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
 
 
-def draw(img, anns: Iterable[dict], preds: Iterable[dict] = (), min_score: float = 0.0, far: list | None = None):
+def draw(
+    img, anns: Iterable[dict], preds: Iterable[dict] = (), min_score: float = 0.0, far: list | None = None
+):
     """Draw annotations (and predictions) on a BGR uint8 image in place and return it (``far``: see
     :func:`polygons_of`)."""
     import cv2
@@ -220,6 +226,10 @@ def browse_dataset(
             raise RuntimeError(f"could not encode PNG for image id {im['id']}")
         written.append(atomic_write_bytes(out / name, png.tobytes()))
     if far:
-        print(f"i3cl browse: {ann_file}: {len(far)} polygons with points more than one image size outside their image "
-              "were not drawn; check the coordinate scale", file=sys.stderr)
+        print(
+            f"i3cl browse: {ann_file}: {len(far)} polygons with points more than one image size "
+            "outside their image "
+            "were not drawn; check the coordinate scale",
+            file=sys.stderr,
+        )
     return written

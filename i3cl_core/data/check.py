@@ -4,11 +4,13 @@ For each image listed in ``data.train``, ``data.val`` and ``data.test``: the fil
 decodes (Pillow reads the header only; ``--decode`` decodes every pixel too), the file is not cut
 short (a JPEG ends with its end-of-image marker, a PNG with its IEND chunk: the same rule as the image
 reader's, from the file's first and last bytes), it is within the pixel limit, and its size equals the json's
-``width`` x ``height`` (in the stored frame, or the displayed one with ``--exif-transpose``, as the reader). The
-summary counts the images that carry an EXIF orientation tag: their pixels are read as stored. Images are checked in a thread pool
-(``--workers``), at a few seconds per thousand images on local disks. All problems are listed at once,
-before any training starts; training runs the same header check first (``data.check_images``).
+``width`` x ``height`` (in the stored frame, or the displayed one with ``--exif-transpose``, as the reader).
+The summary counts the images that carry an EXIF orientation tag: their pixels are read as stored. Images are
+checked in a thread pool (``--workers``), at a few seconds per thousand images on local disks. All problems
+are listed at once, before any training starts; training runs the same header check first
+(``data.check_images``).
 """
+
 from __future__ import annotations
 
 import time
@@ -29,12 +31,17 @@ class CheckResult:
 
     def summary(self) -> str:
         rate = 1000 * self.seconds / max(self.images, 1)
-        head = (f"checked {self.images} images in {self.seconds:.2f} s ({rate:.2f} s per 1000 images): "
-                f"{len(self.problems)} problem(s)")
+        head = (
+            f"checked {self.images} images in {self.seconds:.2f} s ({rate:.2f} s per 1000 images): "
+            f"{len(self.problems)} problem(s)"
+        )
         if self.oriented:
-            head += (f"; {self.oriented} image(s) carry an EXIF orientation tag: read in their stored orientation, as "
-                     f"the annotations of the text datasets assume (--exif-transpose if yours were drawn on the "
-                     f"displayed pictures)")
+            head += (
+                f"; {self.oriented} image(s) carry an EXIF orientation tag: "
+                "read in their stored orientation, as "
+                f"the annotations of the text datasets assume (--exif-transpose if yours were drawn on the "
+                f"displayed pictures)"
+            )
         return head
 
 
@@ -66,12 +73,18 @@ def check_sources(sources, workers: int = 8, decode: bool = False) -> CheckResul
     t0 = time.time()
     items = []
     for ann_file, img_root in sources:
-        records, _ = load_coco_records(ann_file, img_root, keep_empty=True, check_files=False, min_image_size=1)
+        records, _ = load_coco_records(
+            ann_file, img_root, keep_empty=True, check_files=False, min_image_size=1
+        )
         items.extend((str(ann_file), r.image_id, str(r.path), r.width, r.height) for r in records)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         checked = list(pool.map(lambda it: _check_one(it, decode), items))
-    return CheckResult(images=len(items), problems=[p for p, _ in checked if p], seconds=time.time() - t0,
-                       oriented=sum(o not in (0, 1) for _, o in checked))
+    return CheckResult(
+        images=len(items),
+        problems=[p for p, _ in checked if p],
+        seconds=time.time() - t0,
+        oriented=sum(o not in (0, 1) for _, o in checked),
+    )
 
 
 def config_sources(cfg) -> list[tuple[str, str]]:
@@ -86,5 +99,6 @@ def raise_on_problems(result: CheckResult, limit: int = 20) -> None:
     if result.problems:
         shown = "\n  ".join(result.problems[:limit])
         more = f"\n  ... and {len(result.problems) - limit} more" if len(result.problems) > limit else ""
-        raise DatasetError(f"{len(result.problems)} of {result.images} images cannot be used:\n  {shown}{more}")
-
+        raise DatasetError(
+            f"{len(result.problems)} of {result.images} images cannot be used:\n  {shown}{more}"
+        )

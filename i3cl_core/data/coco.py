@@ -23,20 +23,28 @@ Each sample is ``(image, target)``: a float tensor [3, H, W] in [0, 1] (RGB) and
 this image) and ``index``. The fields of an instance travel together, so a weight can never shift
 against its box.
 """
+
 from __future__ import annotations
 
 import math
 import os
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from i3cl_core.data.errors import DatasetError
+from i3cl_core.data.polygons import (
+    flat_to_polygon,
+    instance_area,
+    instance_box,
+    mask_to_instance,
+    repair_polygon,
+)
 from i3cl_core.data.validate import coco_images, far_outside
-from i3cl_core.data.polygons import flat_to_polygon, instance_area, instance_box, mask_to_instance, repair_polygon
 from i3cl_core.utils import get_logger, read_json, safe_join
 
 if TYPE_CHECKING:
@@ -92,8 +100,10 @@ class LoadReport:
 
     def summary(self) -> str:
         dropped = ", ".join(
-            f"{n} {reason.replace('_', ' ')} (annotation ids {', '.join(map(str, self.examples.get(reason, [])))}"
-            + (", ..." if n > len(self.examples.get(reason, [])) else "") + ")"
+            f"{n} {reason.replace('_', ' ')} "
+            f"(annotation ids {', '.join(map(str, self.examples.get(reason, [])))}"
+            + (", ..." if n > len(self.examples.get(reason, [])) else "")
+            + ")"
             for reason, n in sorted(self.dropped.items())
         )
         return (
@@ -127,9 +137,13 @@ def _parse_segmentation(seg, ann_id, ann_file, height, width) -> list[np.ndarray
         parts = []
         for i, flat in enumerate(seg):
             if not isinstance(flat, (list, tuple)) or not all(isinstance(v, (int, float)) for v in flat):
-                raise DatasetError(f"{ann_file}: annotation {ann_id}: segmentation[{i}] is not a list of numbers")
+                raise DatasetError(
+                    f"{ann_file}: annotation {ann_id}: segmentation[{i}] is not a list of numbers"
+                )
             if len(flat) % 2:
-                raise DatasetError(f"{ann_file}: annotation {ann_id}: segmentation[{i}] has an odd number of values")
+                raise DatasetError(
+                    f"{ann_file}: annotation {ann_id}: segmentation[{i}] has an odd number of values"
+                )
             parts.append(flat_to_polygon(flat))
         return parts
     if isinstance(seg, dict) and "counts" in seg:
@@ -142,7 +156,9 @@ def _parse_segmentation(seg, ann_id, ann_file, height, width) -> list[np.ndarray
                 rle = mask_utils.frPyObjects(seg, h, w)
             mask = mask_utils.decode(rle)
         except Exception as e:  # pycocotools raises plain Exceptions on bad RLE
-            raise DatasetError(f"{ann_file}: annotation {ann_id}: unreadable RLE segmentation ({e})") from None
+            raise DatasetError(
+                f"{ann_file}: annotation {ann_id}: unreadable RLE segmentation ({e})"
+            ) from None
         return mask_to_instance(mask)
     raise DatasetError(f"{ann_file}: annotation {ann_id}: segmentation must be a polygon list or an RLE dict")
 
@@ -187,8 +203,15 @@ def load_coco_records(
             raise DatasetError(f"{ann_file}: annotation {ann_id} points to unknown image id {image_id!r}")
         report.annotations += 1
         weight = ann.get("lossweight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-            raise DatasetError(f"{ann_file}: annotation {ann_id}: lossweight must be a finite number >= 0 (got {weight!r})")
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not math.isfinite(weight)
+            or weight < 0
+        ):
+            raise DatasetError(
+                f"{ann_file}: annotation {ann_id}: lossweight must be a finite number >= 0 (got {weight!r})"
+            )
         is_dontcare = bool(ann.get("iscrowd", 0)) or bool(ann.get("ignore", False))
         if is_dontcare and not dontcare:
             report.note("do_not_care_disabled", ann_id)
@@ -199,7 +222,9 @@ def load_coco_records(
             if seg
             else _bbox_parts(ann.get("bbox"), ann_id, ann_file)
         )
-        if any(np.isfinite(poly).all() and far_outside(poly, record.width, record.height) for poly in raw_parts):
+        if any(
+            np.isfinite(poly).all() and far_outside(poly, record.width, record.height) for poly in raw_parts
+        ):
             # before the repair: in float32, points far out (1e12) merge and would read as "zero area"
             report.note("far_outside_image", ann_id)  # e.g. coordinates of another scale or file
             continue
@@ -224,7 +249,9 @@ def load_coco_records(
         if repaired:
             report.repaired += 1
             report.note("repaired", ann_id)
-        record.instances.append(TextInstance(parts, is_dontcare, float(weight), int(ann_id) if isinstance(ann_id, int) else -1))
+        record.instances.append(
+            TextInstance(parts, is_dontcare, float(weight), int(ann_id) if isinstance(ann_id, int) else -1)
+        )
         if is_dontcare:
             report.dontcare += 1
         else:
@@ -278,7 +305,12 @@ class CocoTextDataset:
         self.reports: list[LoadReport] = []
         for k, (ann_file, img_root) in enumerate(sources):
             records, report = load_coco_records(
-                ann_file, img_root, source=k, min_image_size=min_image_size, keep_empty=not train, dontcare=dontcare
+                ann_file,
+                img_root,
+                source=k,
+                min_image_size=min_image_size,
+                keep_empty=not train,
+                dontcare=dontcare,
             )
             log.info(report.summary())
             self.records.extend(records)
@@ -290,8 +322,12 @@ class CocoTextDataset:
             raise ValueError(f"{len(transform)} transforms for {len(sources)} datasets")
         if background_weights is not None and len(background_weights) != len(sources):
             raise ValueError(f"{len(background_weights)} background weights for {len(sources)} datasets")
-        self.transform = transform  # one callable, or one per dataset (e.g. strong augmentation on pseudo labels)
-        self.background_weights = list(background_weights) if background_weights is not None else [1.0] * len(sources)
+        self.transform = (
+            transform  # one callable, or one per dataset (e.g. strong augmentation on pseudo labels)
+        )
+        self.background_weights = (
+            list(background_weights) if background_weights is not None else [1.0] * len(sources)
+        )
         self.train = train
         self.seed = seed
         self.epoch = 0
@@ -302,7 +338,7 @@ class CocoTextDataset:
     def __len__(self) -> int:
         return len(self.records)
 
-    def load_sample(self, idx: int) -> "Sample":
+    def load_sample(self, idx: int) -> Sample:
         from i3cl_core.data.transforms import Sample
         from i3cl_core.structures import Instances
 
@@ -326,7 +362,12 @@ class CocoTextDataset:
             sx, sy = w / record.width, h / record.height
             log.warning(
                 "%s: image %s is %dx%d but the json says %dx%d; polygons rescaled",
-                record.path, record.image_id, w, h, record.width, record.height,
+                record.path,
+                record.image_id,
+                w,
+                h,
+                record.width,
+                record.height,
             )
             scale = np.array([sx, sy], dtype=np.float32)
             sample = sample.with_polygons([[p * scale for p in parts] for parts in sample.instances.polygons])

@@ -1,13 +1,15 @@
 """Text-detection annotations as datasets and tools ship them -> our COCO layout (``i3cl convert-dataset``).
 
 Output: ``{"images": [{id, file_name, width, height}], "annotations": [{id, image_id, category_id: 1,
-segmentation: [[x0, y0, ...], ...], bbox, area, iscrowd, transcription}], "categories": [{id: 1, name: "text"}]}``
-with ``file_name`` relative to ``--img-root`` and the size read from the image header (Pillow, lazily).
+segmentation: [[x0, y0, ...], ...], bbox, area, iscrowd, transcription}], "categories": [{id: 1, name:
+"text"}]}`` with ``file_name`` relative to ``--img-root`` and the size read from the image header (Pillow,
+lazily).
 
 Input formats (``--ann``):
 
 * ``art`` / ``lsvt``: one json ``{"gt_<n>": [{"points", "transcription", "illegibility", ...}]}``; image
-  ``gt_<n>.jpg``; image id ``n``. Do-not-care (``iscrowd: 1``): ``illegibility`` true or transcription ``###``.
+  ``gt_<n>.jpg``; image id ``n``. Do-not-care (``iscrowd: 1``): ``illegibility`` true or transcription
+  ``###``.
 * ``totaltext``: a folder of ``poly_gt_img<N>.txt`` files (or one such file) with records
   ``x: [[x0 x1 ...]], y: [[y0 y1 ...]], ornt: [u'c'], transcriptions: [u'TEXT']`` (a record may wrap over
   several lines); image ``img<N>.<ext>``. Do-not-care: orientation ``#`` (or transcription ``#``).
@@ -49,9 +51,9 @@ their image (where the size is known: coordinates of another scale or file) are 
 Label files are decoded as UTF-8 (``encoding``, ``--encoding``: another encoding, e.g. ``latin-1``); a byte
 that does not decode is an error naming the file and the line. The output is strict JSON.
 """
+
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -61,7 +63,18 @@ from i3cl_core.data.errors import DatasetError
 from i3cl_core.data.image_io import IMAGE_EXTENSIONS
 from i3cl_core.data.validate import far_outside, read_json, read_lines, read_tab_json_lines, text_encoding
 
-FORMATS = ("art", "lsvt", "totaltext", "ctw1500", "plain", "icdar2015", "mlt2017", "rctw17", "mmocr", "paddleocr")
+FORMATS = (
+    "art",
+    "lsvt",
+    "totaltext",
+    "ctw1500",
+    "plain",
+    "icdar2015",
+    "mlt2017",
+    "rctw17",
+    "mmocr",
+    "paddleocr",
+)
 
 
 @dataclass
@@ -80,15 +93,24 @@ class ConvertStats:
     warnings: list = field(default_factory=list)
 
     def summary(self) -> str:
-        s = (f"{self.images} images, {self.annotations} annotations ({self.dontcare} do-not-care); "
-             f"repaired {self.repaired} self-intersecting polygons; skipped {self.skipped} polygons")
+        s = (
+            f"{self.images} images, {self.annotations} annotations ({self.dontcare} do-not-care); "
+            f"repaired {self.repaired} self-intersecting polygons; skipped {self.skipped} polygons"
+        )
         if self.skipped_reasons:
-            s += " (" + ", ".join(f"{n} with {reason}" for reason, n in self.skipped_reasons.most_common()) + ")"
+            s += (
+                " ("
+                + ", ".join(f"{n} with {reason}" for reason, n in self.skipped_reasons.most_common())
+                + ")"
+            )
         if self.skipped_where:
             s += " (first: " + "; ".join(self.skipped_where[:5]) + ")"
         if self.oriented:
-            s += (f"; {self.oriented} image(s) carry an EXIF orientation tag: sizes are those of the stored pixels, "
-                  f"as the official annotations assume")
+            s += (
+                f"; {self.oriented} image(s) carry an EXIF orientation tag: "
+                "sizes are those of the stored pixels, "
+                f"as the official annotations assume"
+            )
         return s
 
 
@@ -116,8 +138,16 @@ class _Images:
         raise DatasetError(f"{where}: image {name!r} not found under {self.root} (also tried its base name)")
 
 
-def convert(fmt: str, ann, img_root=None, *, no_images: bool = False, sizes=None,
-            image_ext: str = ".jpg", encoding: str = "utf-8") -> tuple[dict, ConvertStats]:
+def convert(
+    fmt: str,
+    ann,
+    img_root=None,
+    *,
+    no_images: bool = False,
+    sizes=None,
+    image_ext: str = ".jpg",
+    encoding: str = "utf-8",
+) -> tuple[dict, ConvertStats]:
     """Convert and return ``(coco_dataset, stats)``. Raises DatasetError / FileNotFoundError on bad input.
 
     ``no_images``: read no image (names derived with ``image_ext``; sizes from ``sizes``, a json path or
@@ -136,9 +166,18 @@ def convert(fmt: str, ann, img_root=None, *, no_images: bool = False, sizes=None
         if not img_root.is_dir():
             raise FileNotFoundError(f"{img_root}: image root is not a folder")
         images = _Images(img_root)
-    readers = {"art": _read_art, "lsvt": _read_art, "totaltext": _read_totaltext, "ctw1500": _read_ctw1500,
-               "plain": _read_plain, "icdar2015": _read_quads, "mlt2017": _read_quads, "rctw17": _read_quads,
-               "mmocr": _read_mmocr, "paddleocr": _read_paddleocr}
+    readers = {
+        "art": _read_art,
+        "lsvt": _read_art,
+        "totaltext": _read_totaltext,
+        "ctw1500": _read_ctw1500,
+        "plain": _read_plain,
+        "icdar2015": _read_quads,
+        "mlt2017": _read_quads,
+        "rctw17": _read_quads,
+        "mmocr": _read_mmocr,
+        "paddleocr": _read_paddleocr,
+    }
     if fmt not in readers:
         raise DatasetError(f"unknown format {fmt!r}; choose from {FORMATS}")
     if fmt in ("art", "lsvt"):
@@ -160,7 +199,10 @@ def _load_sizes(sizes) -> dict:
     if isinstance(data, dict) and isinstance(data.get("images"), list):
         from i3cl_core.data.validate import coco_images
 
-        data = {im["file_name"]: (im["width"], im["height"]) for im in coco_images(data, str(sizes), ids="optional", unique_file_names=True)}
+        data = {
+            im["file_name"]: (im["width"], im["height"])
+            for im in coco_images(data, str(sizes), ids="optional", unique_file_names=True)
+        }
     if not isinstance(data, dict):
         raise DatasetError(f"{sizes}: expected {{file_name: [width, height]}} or a COCO json with 'images'")
     out = {}
@@ -219,29 +261,41 @@ def _build(records, img_root: Path | None, size_table: dict | None = None) -> tu
                 stats.far_outside += 1
                 stats.far_outside_where.append(f"{where} #{k}")
             flat = [[round(float(v), 2) for v in p.ravel()] for p in polys]
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": 1, "segmentation": flat,
-                "bbox": coco_bbox(polys),
-                "area": instance_area(polys), "iscrowd": int(bool(dc)), "transcription": text,
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": 1,
+                    "segmentation": flat,
+                    "bbox": coco_bbox(polys),
+                    "area": instance_area(polys),
+                    "iscrowd": int(bool(dc)),
+                    "transcription": text,
+                }
+            )
             stats.dontcare += int(bool(dc))
     stats.images = len(images)
     stats.annotations = len(annotations)
     if stats.far_outside:
-        stats.warnings.append(f"{stats.far_outside} polygons have points more than one image size outside their image "
-                              f"(first: {'; '.join(stats.far_outside_where[:5])}); kept, but training drops them and "
-                              "evaluation counts them: check the coordinate scale")
+        stats.warnings.append(
+            f"{stats.far_outside} polygons have points more than one image size outside their image "
+            f"(first: {'; '.join(stats.far_outside_where[:5])}); kept, but training drops them and "
+            "evaluation counts them: check the coordinate scale"
+        )
     if stats.without_size:
-        stats.warnings.append(f"{stats.without_size} of {stats.images} images have no width/height (no image read, "
-                              "not in --sizes); training and --coco-map need them: convert with the images or "
-                              "give --sizes")
+        stats.warnings.append(
+            f"{stats.without_size} of {stats.images} images have no width/height (no image read, "
+            "not in --sizes); training and --coco-map need them: convert with the images or "
+            "give --sizes"
+        )
     dataset = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "text"}]}
     return dataset, stats
 
 
 def _clean_polygon(points):
     """-> (list of (N, 2) float64 arrays, repaired flag, why it is skipped) by the project's one polygon rule
-    (:func:`i3cl_core.data.polygons.repair_polygon`, every part of a repaired polygon kept). Empty list = skip."""
+    (:func:`i3cl_core.data.polygons.repair_polygon`, every part of a repaired polygon kept). Empty list =
+    skip."""
     import numpy as np
 
     from i3cl_core.data.polygons import REPAIR_REASONS, repair_polygon
@@ -318,7 +372,9 @@ def _read_art(ann: Path, encoding: str = "utf-8"):
 # ------------------------------------------------------------------ Total-Text
 _TT_RECORD = re.compile(
     r"x:\s*\[\[(?P<x>[^\]]*)\]\]\s*,\s*y:\s*\[\[(?P<y>[^\]]*)\]\]\s*,\s*ornt:\s*\[\s*u?(?P<q1>['\"])(?P<o>.*?)(?P=q1)\s*\]"
-    r"\s*,\s*transcriptions:\s*\[\s*u?(?P<q2>['\"])(?P<t>.*?)(?P=q2)\s*\]", re.S)
+    r"\s*,\s*transcriptions:\s*\[\s*u?(?P<q2>['\"])(?P<t>.*?)(?P=q2)\s*\]",
+    re.S,
+)
 _NUM = re.compile(r"-?\d+(?:\.\d+)?")
 
 
@@ -342,9 +398,11 @@ def _read_totaltext(ann: Path, images: _Images, encoding: str = "utf-8"):
             ornt, trans = m["o"], m["t"]
             items.append((list(zip(xs, ys)), trans, ornt.strip() == "#" or trans.strip() == "#"))
         if not matched and text.strip():
-            raise DatasetError(f"{where}: no 'x: [[...]], y: [[...]], ornt: [...], transcriptions: [...]' records")
+            raise DatasetError(
+                f"{where}: no 'x: [[...]], y: [[...]], ornt: [...], transcriptions: [...]' records"
+            )
         stem = f.stem
-        img_stem = stem[len("poly_gt_"):] if stem.startswith("poly_gt_") else stem
+        img_stem = stem[len("poly_gt_") :] if stem.startswith("poly_gt_") else stem
         records.append((_int_suffix(img_stem), images.find([img_stem], where), where, items))
     return records
 
@@ -458,7 +516,9 @@ def _plain_line(line: str, where: str):
     if n % 2:
         n -= 1
     if n < 6:
-        raise DatasetError(f"{where}: expected x1,y1,...,xn,yn[,text] with at least 3 points, got {line[:80]!r}")
+        raise DatasetError(
+            f"{where}: expected x1,y1,...,xn,yn[,text] with at least 3 points, got {line[:80]!r}"
+        )
     vals = [float(t) for t in toks[:n]]
     text = ",".join(toks[n:]).strip()
     if text.startswith("####"):  # CTW1500 2020: ####text
@@ -476,14 +536,17 @@ def _label_stem(f: Path) -> str:
     stem = f.stem
     for prefix in ("poly_gt_", "gt_"):
         if stem.startswith(prefix) and len(stem) > len(prefix):
-            return stem[len(prefix):]
+            return stem[len(prefix) :]
     return stem
 
 
 def _plain_record(f: Path, lines: list[str], images: _Images):
     where = str(f)
-    items = [_plain_line(line.strip(), f"{where} line {n}")
-             for n, line in enumerate(lines, start=1) if line.strip()]
+    items = [
+        _plain_line(line.strip(), f"{where} line {n}")
+        for n, line in enumerate(lines, start=1)
+        if line.strip()
+    ]
     stem = _label_stem(f)
     if Path(stem).suffix.lower() in IMAGE_EXTENSIONS:  # img1.jpg.txt
         name = stem if images.root is None else images.resolve(stem, where)
@@ -493,8 +556,10 @@ def _plain_record(f: Path, lines: list[str], images: _Images):
 
 
 def _read_plain(ann: Path, images: _Images, encoding: str = "utf-8"):
-    return [_plain_record(f, read_lines(f, encoding), images)
-            for f in sorted(_label_files(ann, (".txt",)), key=_natural_key)]
+    return [
+        _plain_record(f, read_lines(f, encoding), images)
+        for f in sorted(_label_files(ann, (".txt",)), key=_natural_key)
+    ]
 
 
 # ------------------------------------------------------------------ ICDAR2015 / MLT 2017 / RCTW-17
@@ -512,13 +577,16 @@ def _read_quads(ann: Path, images: _Images, fmt: str, encoding: str = "utf-8"):
             lw = f"{where} line {n}"
             extra = 0 if fmt == "icdar2015" else 1
             if len(toks) < 8 + extra:
-                raise DatasetError(f"{lw}: expected x1,y1,...,x4,y4,{'' if not extra else 'script,' if fmt == 'mlt2017' else 'difficulty,'}"
-                                   f"text, got {line[:80]!r}")
+                raise DatasetError(
+                    f"{lw}: expected x1,y1,...,x4,y4,"
+                    f"{'' if not extra else 'script,' if fmt == 'mlt2017' else 'difficulty,'}"
+                    f"text, got {line[:80]!r}"
+                )
             try:
                 vals = [float(t) for t in toks[:8]]
             except ValueError:
                 raise DatasetError(f"{lw}: the first 8 values must be numbers, got {line[:80]!r}") from None
-            text = ",".join(toks[8 + extra:]).strip()
+            text = ",".join(toks[8 + extra :]).strip()
             if len(text) >= 2 and text[0] == text[-1] == '"':
                 text = text[1:-1]
             dc = text == "###"

@@ -13,6 +13,7 @@ the displayed orientation, ``I3CL_EXIF_TRANSPOSE=1`` (the commands' ``--exif-tra
 pixels and sizes alike. ``I3CL_MAX_IMAGE_PIXELS`` (default 150 million, 12,000 x 12,500) is the pixel limit:
 a larger image is refused from its header, before any pixel is decoded, and a run goes on with the others.
 """
+
 from __future__ import annotations
 
 import threading
@@ -63,8 +64,9 @@ def max_pixels() -> int:
     except ValueError:
         value = 0
     if value < 1:
-        raise DatasetError(f"{MAX_PIXELS_ENV}={raw!r}: expected a whole number of pixels >= 1 "
-                           f"(default {DEFAULT_MAX_PIXELS})")
+        raise DatasetError(
+            f"{MAX_PIXELS_ENV}={raw!r}: expected a whole number of pixels >= 1 (default {DEFAULT_MAX_PIXELS})"
+        )
     return value
 
 
@@ -81,7 +83,8 @@ def exif_transpose() -> bool:
 
 
 def set_exif_transpose(on: bool) -> None:
-    """Set the orientation rule for this process and the processes it starts (DataLoader workers, torchrun)."""
+    """Set the orientation rule for this process and the processes it starts (DataLoader workers,
+    torchrun)."""
     import os
 
     os.environ[EXIF_TRANSPOSE_ENV] = "1" if on else "0"
@@ -89,9 +92,9 @@ def set_exif_transpose(on: bool) -> None:
 
 def header(source, label: str | None = None) -> tuple[int, int, int]:
     """``(width, height, orientation)`` from the file's header alone, no pixel decoded: the size in the stored
-    frame, or in the displayed frame when the EXIF rule is on (orientations 5-8 swap the sides); ``orientation``
-    is the EXIF tag (1 = none). ``source`` is a path or the encoded bytes. Raises DatasetError naming
-    ``label`` for files that are not images or exceed the pixel limit."""
+    frame, or in the displayed frame when the EXIF rule is on (orientations 5-8 swap the sides);
+    ``orientation`` is the EXIF tag (1 = none). ``source`` is a path or the encoded bytes. Raises DatasetError
+    naming ``label`` for files that are not images or exceed the pixel limit."""
     import io
     import warnings
 
@@ -116,8 +119,10 @@ def header(source, label: str | None = None) -> tuple[int, int, int]:
         raise DatasetError(f"{label} is unreadable or not an image ({type(e).__name__})") from e
     limit = max_pixels()
     if width * height > limit:
-        raise DatasetError(f"{label} is {width}x{height} = {width * height:,} pixels, over the limit of "
-                           f"{limit:,} ({MAX_PIXELS_ENV} raises it)")
+        raise DatasetError(
+            f"{label} is {width}x{height} = {width * height:,} pixels, over the limit of "
+            f"{limit:,} ({MAX_PIXELS_ENV} raises it)"
+        )
     if exif_transpose() and orientation in (5, 6, 7, 8):
         width, height = height, width
     return width, height, orientation
@@ -125,9 +130,15 @@ def header(source, label: str | None = None) -> tuple[int, int, int]:
 
 def _orient(img: np.ndarray, orientation: int) -> np.ndarray:
     """Turn stored pixels to the displayed frame of EXIF ``orientation`` (1-8)."""
-    ops = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
-           5: lambda a: a.transpose(1, 0, 2), 6: lambda a: a.transpose(1, 0, 2)[:, ::-1],
-           7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1], 8: lambda a: a.transpose(1, 0, 2)[::-1]}
+    ops = {
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.transpose(1, 0, 2),
+        6: lambda a: a.transpose(1, 0, 2)[:, ::-1],
+        7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],
+        8: lambda a: a.transpose(1, 0, 2)[::-1],
+    }
     return np.ascontiguousarray(ops[orientation](img)) if orientation in ops else img
 
 

@@ -69,7 +69,8 @@ def instance_box(parts: Parts) -> np.ndarray:
 
 
 def coco_bbox(parts) -> list[float]:
-    """COCO ``bbox`` [x, y, width, height] (Python floats, float64 arithmetic) around all parts of an instance."""
+    """COCO ``bbox`` [x, y, width, height] (Python floats, float64 arithmetic) around all parts of an
+    instance."""
     xy = np.concatenate([np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in parts])
     x0, y0 = xy.min(axis=0)
     x1, y1 = xy.max(axis=0)
@@ -92,9 +93,9 @@ def polygonal_union(geom):
 
 
 def repaired_geometry(geom):
-    """The project's one repair of an invalid polygon (a shapely geometry): ``shapely.make_valid``, keeping its
-    polygonal part (:func:`polygonal_union`). Datasets, converters, clipping, fusion and evaluation all repair
-    through it; a bow-tie quadrilateral becomes its two triangles."""
+    """The project's one repair of an invalid polygon (a shapely geometry): ``shapely.make_valid``, keeping
+    its polygonal part (:func:`polygonal_union`). Datasets, converters, clipping, fusion and evaluation all
+    repair through it; a bow-tie quadrilateral becomes its two triangles."""
     import shapely
 
     return polygonal_union(shapely.make_valid(geom))

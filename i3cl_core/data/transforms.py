@@ -8,10 +8,11 @@ so the original release's bug of loss weights left behind when a rotation remove
 of the following instances shift by one) cannot happen. Boxes are never stored: they are
 recomputed from the transformed polygons when the sample becomes tensors.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -30,7 +31,9 @@ class Sample:
     file_name: str = ""
     orig_size: tuple[int, int] = (0, 0)
     log: list = field(default_factory=list)  # names of the transforms applied, for debugging
-    student_image: np.ndarray | None = None  # sets with augment: online: the student's (strong) view, same pixels
+    student_image: np.ndarray | None = (
+        None  # sets with augment: online: the student's (strong) view, same pixels
+    )
 
     def __len__(self) -> int:
         return len(self.instances)
@@ -39,13 +42,13 @@ class Sample:
     def size(self) -> tuple[int, int]:
         return self.image.shape[0], self.image.shape[1]
 
-    def keep(self, mask: np.ndarray) -> "Sample":
+    def keep(self, mask: np.ndarray) -> Sample:
         """Keep the instances where ``mask`` is True, every per-instance field in lockstep."""
         mask = np.asarray(mask, dtype=bool)
         assert mask.shape == (len(self),), (mask.shape, len(self))
         return replace(self, instances=self.instances[mask])
 
-    def with_polygons(self, polygons: list, **changes) -> "Sample":
+    def with_polygons(self, polygons: list, **changes) -> Sample:
         """A copy whose instances have ``polygons`` (same count, same order) instead of their own."""
         inst = Instances(**self.instances.fields())
         inst.polygons = polygons
@@ -80,14 +83,18 @@ class Sample:
                 lossweight=torch.from_numpy(text.lossweight.astype(np.float32)),
                 ann_id=torch.from_numpy(text.ann_id),
             ),
-            "dontcare": Instances(boxes=torch.from_numpy(boxes[~care]).reshape(-1, 4), polygons=dontcare.polygons),
+            "dontcare": Instances(
+                boxes=torch.from_numpy(boxes[~care]).reshape(-1, 4), polygons=dontcare.polygons
+            ),
             "image_id": self.image_id,
             "file_name": self.file_name,
             "orig_size": self.orig_size,
         }
         if self.student_image is not None:
             target["student_image"] = (
-                torch.from_numpy(np.ascontiguousarray(self.student_image.transpose(2, 0, 1))).float().div_(255.0)
+                torch.from_numpy(np.ascontiguousarray(self.student_image.transpose(2, 0, 1)))
+                .float()
+                .div_(255.0)
             )
         return image, target
 
@@ -124,9 +131,15 @@ class RandomFlip:
         h, w = s.size
         for d in flips:
             if d == "h":
-                s = s.with_polygons(image=s.image[:, ::-1], polygons=s.map_points(lambda p: np.stack([w - p[:, 0], p[:, 1]], 1)[::-1]))
+                s = s.with_polygons(
+                    image=s.image[:, ::-1],
+                    polygons=s.map_points(lambda p: np.stack([w - p[:, 0], p[:, 1]], 1)[::-1]),
+                )
             else:
-                s = s.with_polygons(image=s.image[::-1], polygons=s.map_points(lambda p: np.stack([p[:, 0], h - p[:, 1]], 1)[::-1]))
+                s = s.with_polygons(
+                    image=s.image[::-1],
+                    polygons=s.map_points(lambda p: np.stack([p[:, 0], h - p[:, 1]], 1)[::-1]),
+                )
             s = replace(s, log=[*s.log, f"flip_{d}"])
         # reversing the point order keeps clockwise polygons clockwise after a mirror
         return replace(s, image=np.ascontiguousarray(s.image))
@@ -232,7 +245,9 @@ class Resize:
         self.filter = ClipAndFilter(min_area)
 
     def __call__(self, s: Sample, rng: np.random.Generator) -> Sample:
-        short, cap = self.scales[int(rng.integers(len(self.scales)))] if len(self.scales) > 1 else self.scales[0]
+        short, cap = (
+            self.scales[int(rng.integers(len(self.scales)))] if len(self.scales) > 1 else self.scales[0]
+        )
         h, w = s.size
         scale = keep_ratio_scale(h, w, short, cap)
         nw, nh = max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5))
@@ -263,12 +278,20 @@ class OneOf:
 
 class RandomAffine:
     """One random affine map about the image centre on the same canvas: zoom in ``scale``, rotation up to
-    ``rotate`` degrees, shear up to ``shear`` degrees in x and y, shift up to ``translate`` of each side; applied
-    with probability ``prob``. Polygons go through the same matrix (an affine map keeps straight edges straight,
-    so they stay exact); instances that leave the canvas are dropped."""
+    ``rotate`` degrees, shear up to ``shear`` degrees in x and y, shift up to ``translate`` of each side;
+    applied with probability ``prob``. Polygons go through the same matrix (an affine map keeps straight edges
+    straight, so they stay exact); instances that leave the canvas are dropped."""
 
-    def __init__(self, scale=(0.5, 1.5), rotate: float = 30.0, shear: float = 15.0, translate: float = 0.1,
-                 prob: float = 1.0, fill: int = 128, min_area: float = 4.0):
+    def __init__(
+        self,
+        scale=(0.5, 1.5),
+        rotate: float = 30.0,
+        shear: float = 15.0,
+        translate: float = 0.1,
+        prob: float = 1.0,
+        fill: int = 128,
+        min_area: float = 4.0,
+    ):
         self.scale, self.rotate, self.shear, self.translate = tuple(scale), rotate, shear, translate
         self.prob, self.fill = prob, fill
         self.filter = ClipAndFilter(min_area)
@@ -351,8 +374,8 @@ class BlurOrNoise:
 
 
 class Cutout:
-    """With probability ``prob``: ``patches`` (min, max) grey rectangles, each side up to ``size`` of the image's.
-    The instances stay as they are (as in STAC): the student must find text partly hidden."""
+    """With probability ``prob``: ``patches`` (min, max) grey rectangles, each side up to ``size`` of the
+    image's. The instances stay as they are (as in STAC): the student must find text partly hidden."""
 
     def __init__(self, patches=(1, 5), size: float = 0.2, prob: float = 0.5, fill: int = 128):
         self.patches, self.size, self.prob, self.fill = tuple(patches), size, prob, fill
@@ -377,21 +400,31 @@ def build_strong_transform(aug) -> Compose:
     """The strong policy of sets with ``augment: strong`` from an :class:`i3cl_core.config.AugmentConfig`:
     flip, random affine, the training resize, colour, blur or noise, cutout."""
     st = aug.strong
-    return Compose([
-        RandomFlip(aug.flip, aug.hflip_prob, aug.vflip_prob),
-        RandomAffine(st.scale, st.rotate, st.shear, st.translate, st.affine_prob, aug.rotate_fill, aug.min_instance_area),
-        Resize(aug.scales, aug.min_instance_area),
-        ColorJitter(st.color_strength, st.color_prob),
-        BlurOrNoise(st.blur_noise_prob),
-        Cutout(st.cutout_patches, st.cutout_size, st.cutout_prob, aug.rotate_fill),
-        ClipAndFilter(aug.min_instance_area),
-    ])
+    return Compose(
+        [
+            RandomFlip(aug.flip, aug.hflip_prob, aug.vflip_prob),
+            RandomAffine(
+                st.scale,
+                st.rotate,
+                st.shear,
+                st.translate,
+                st.affine_prob,
+                aug.rotate_fill,
+                aug.min_instance_area,
+            ),
+            Resize(aug.scales, aug.min_instance_area),
+            ColorJitter(st.color_strength, st.color_prob),
+            BlurOrNoise(st.blur_noise_prob),
+            Cutout(st.cutout_patches, st.cutout_size, st.cutout_prob, aug.rotate_fill),
+            ClipAndFilter(aug.min_instance_area),
+        ]
+    )
 
 
 class StudentView:
     """The student's view of an ``augment: online`` image: the pixel-only operations of the strong policy
-    (colour, blur or noise, cutout) on a copy, kept as ``student_image``; the sample's own image stays the weak
-    view the teacher labels. No pixel moves, so the teacher's labels fit both views."""
+    (colour, blur or noise, cutout) on a copy, kept as ``student_image``; the sample's own image stays the
+    weak view the teacher labels. No pixel moves, so the teacher's labels fit both views."""
 
     def __init__(self, ops: Sequence[Callable]):
         self.ops = Compose(ops)
@@ -408,23 +441,31 @@ def build_online_transform(aug) -> Compose:
     """Sets with ``augment: online``: a weak view (flip, the training resize) and the student's strong view of
     the same pixels (:class:`StudentView`)."""
     st = aug.strong
-    return Compose([
-        RandomFlip(aug.flip, aug.hflip_prob, aug.vflip_prob),
-        Resize(aug.scales, aug.min_instance_area),
-        ClipAndFilter(aug.min_instance_area),
-        StudentView([
-            ColorJitter(st.color_strength, st.color_prob),
-            BlurOrNoise(st.blur_noise_prob),
-            Cutout(st.cutout_patches, st.cutout_size, st.cutout_prob, aug.rotate_fill),
-        ]),
-    ])
+    return Compose(
+        [
+            RandomFlip(aug.flip, aug.hflip_prob, aug.vflip_prob),
+            Resize(aug.scales, aug.min_instance_area),
+            ClipAndFilter(aug.min_instance_area),
+            StudentView(
+                [
+                    ColorJitter(st.color_strength, st.color_prob),
+                    BlurOrNoise(st.blur_noise_prob),
+                    Cutout(st.cutout_patches, st.cutout_size, st.cutout_prob, aug.rotate_fill),
+                ]
+            ),
+        ]
+    )
 
 
 def build_source_transforms(aug, kinds: Sequence[str]) -> list[Compose]:
     """One transform per training set by its ``augment`` kind: ``"default"`` -> :func:`build_train_transform`,
     ``"strong"`` -> :func:`build_strong_transform`, ``"online"`` -> :func:`build_online_transform` (each built
     once and shared)."""
-    builders = {"default": build_train_transform, "strong": build_strong_transform, "online": build_online_transform}
+    builders = {
+        "default": build_train_transform,
+        "strong": build_strong_transform,
+        "online": build_online_transform,
+    }
     built = {kind: builders[kind](aug) for kind in set(kinds)}
     return [built[k] for k in kinds]
 
@@ -434,15 +475,26 @@ def build_train_transform(aug) -> Compose:
     resize = Resize(aug.scales, aug.min_instance_area)
 
     def photometric():
-        return [Photometric(k, aug.photometric_factor, aug.photometric_prob) for k in ("color", "brightness", "contrast")]
+        return [
+            Photometric(k, aug.photometric_factor, aug.photometric_prob)
+            for k in ("color", "brightness", "contrast")
+        ]
 
     rot1 = Rotate(aug.rotate_angles[0], aug.rotate_prob, aug.rotate_fill, aug.min_instance_area)
     rot3 = Rotate(aug.rotate_angles[1], aug.rotate_prob, aug.rotate_fill, aug.min_instance_area)
-    policies = [Compose([rot1, resize]), Compose([*photometric(), resize]), Compose([*photometric(), rot3, resize])]
+    policies = [
+        Compose([rot1, resize]),
+        Compose([*photometric(), resize]),
+        Compose([*photometric(), rot3, resize]),
+    ]
     if aug.policies == "vitae":
         policies = [Compose([resize]), *policies]
     elif aug.policies == "resize_only":
         policies = [Compose([resize])]
     return Compose(
-        [RandomFlip(aug.flip, aug.hflip_prob, aug.vflip_prob), OneOf(policies), ClipAndFilter(aug.min_instance_area)]
+        [
+            RandomFlip(aug.flip, aug.hflip_prob, aug.vflip_prob),
+            OneOf(policies),
+            ClipAndFilter(aug.min_instance_area),
+        ]
     )

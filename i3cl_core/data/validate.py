@@ -17,6 +17,7 @@ Text files of other tools (the converters' label files and detector outputs) are
 (``--encoding``); bytes that do not decode raise a DatasetError naming the file and the line. The json
 those commands write is strict (:func:`write_json`: no ``NaN`` or ``Infinity``).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,9 @@ def score_value(value, where: str, missing: float = 1.0) -> float:
     if value is None:
         return missing
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DatasetError(f"{where}: score must be a number in [0, 1], got {value!r} ({type(value).__name__})")
+        raise DatasetError(
+            f"{where}: score must be a number in [0, 1], got {value!r} ({type(value).__name__})"
+        )
     s = float(value)
     if not math.isfinite(s) or not 0.0 <= s <= 1.0:
         raise DatasetError(f"{where}: score must be a number in [0, 1], got {value!r}")
@@ -43,13 +46,18 @@ def score_value(value, where: str, missing: float = 1.0) -> float:
 def bbox_value(bbox, where: str) -> tuple[float, float, float, float]:
     """A COCO ``bbox``: four numbers ``[x, y, width, height]``, width and height >= 0 (non-finite values pass:
     geometry checks count them later)."""
-    if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
-            or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in bbox)):
+    if (
+        not isinstance(bbox, (list, tuple))
+        or len(bbox) != 4
+        or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in bbox)
+    ):
         raise DatasetError(f"{where}: bbox must be [x, y, width, height] numbers, got {bbox!r}")
     x, y, w, h = (float(v) for v in bbox)
     if w < 0 or h < 0:
-        raise DatasetError(f"{where}: bbox width and height must be >= 0, got {bbox!r} "
-                           "(COCO boxes are [x, y, width, height], not [x1, y1, x2, y2])")
+        raise DatasetError(
+            f"{where}: bbox width and height must be >= 0, got {bbox!r} "
+            "(COCO boxes are [x, y, width, height], not [x1, y1, x2, y2])"
+        )
     return x, y, w, h
 
 
@@ -63,14 +71,23 @@ def image_size(width, height, where: str, required: bool = True) -> tuple[int, i
     return width, height
 
 
-def coco_images(data, where: str, *, size: str = "required", file_name: str = "required", ids: str = "required",
-                unique_file_names: bool = False, non_empty: bool = False) -> list[dict]:
+def coco_images(
+    data,
+    where: str,
+    *,
+    size: str = "required",
+    file_name: str = "required",
+    ids: str = "required",
+    unique_file_names: bool = False,
+    non_empty: bool = False,
+) -> list[dict]:
     """The one parser of a COCO ``images`` list (datasets, IMAGES.json, image lists for inference).
 
     ``data`` is the loaded json (a dict with an ``images`` list); ``where`` names it in errors. Each entry
     must be an object with an ``id`` (unique); ``file_name`` is a string (``file_name="optional"``: may be
     absent, ``None`` is returned for it); ``width`` and ``height`` are positive integers (``size="optional"``:
-    both may be absent); ``ids="optional"`` (a table of image sizes): ``id`` may be absent. Returns ``[{"id", "file_name", "width", "height"}]`` in json order."""
+    both may be absent); ``ids="optional"`` (a table of image sizes): ``id`` may be absent. Returns
+    ``[{"id", "file_name", "width", "height"}]`` in json order."""
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DatasetError(f"{where}: not a COCO json (needs an 'images' list)")
     out: list[dict] = []
@@ -86,19 +103,28 @@ def coco_images(data, where: str, *, size: str = "required", file_name: str = "r
             if isinstance(key, (bool, float, list, dict)) or key is None:
                 raise DatasetError(f"{where}: images[{k}]: id must be an integer or a string, got {key!r}")
             if key in seen_ids:
-                raise DatasetError(f"{where}: images[{seen_ids[key]}] and images[{k}] have the same id {key!r}")
+                raise DatasetError(
+                    f"{where}: images[{seen_ids[key]}] and images[{k}] have the same id {key!r}"
+                )
             seen_ids[key] = k
         else:
             key = f"#{k}"
         name = im.get("file_name")
         if not isinstance(name, str) or not name:
             if name is not None or file_name == "required":
-                raise DatasetError(f"{where}: image {key!r} (images[{k}]): file_name must be a non-empty string, got {name!r}")
+                raise DatasetError(
+                    f"{where}: image {key!r} (images[{k}]): "
+                    f"file_name must be a non-empty string, got {name!r}"
+                )
         if unique_file_names and name is not None:
             if name in seen_names:
-                raise DatasetError(f"{where}: images {seen_names[name]!r} and {key!r} have the same file_name {name!r}")
+                raise DatasetError(
+                    f"{where}: images {seen_names[name]!r} and {key!r} have the same file_name {name!r}"
+                )
             seen_names[name] = key
-        wh = image_size(im.get("width"), im.get("height"), f"{where}: image {key!r}", required=size == "required")
+        wh = image_size(
+            im.get("width"), im.get("height"), f"{where}: image {key!r}", required=size == "required"
+        )
         out.append({"id": im.get("id"), "file_name": name, "width": wh and wh[0], "height": wh and wh[1]})
     if non_empty and not out:
         raise DatasetError(f"{where}: the images list is empty")
@@ -127,7 +153,9 @@ def text_encoding(encoding: str) -> str:
     try:
         codec = codecs.lookup(encoding).name
     except (LookupError, TypeError):
-        raise DatasetError(f"unknown text encoding {encoding!r} (--encoding); e.g. utf-8, latin-1, cp1252, gbk") from None
+        raise DatasetError(
+            f"unknown text encoding {encoding!r} (--encoding); e.g. utf-8, latin-1, cp1252, gbk"
+        ) from None
     return "utf-8-sig" if codec == "utf-8" else codec
 
 
@@ -149,9 +177,11 @@ def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> str:
         breaks = list(_LINE_BREAK_BYTES.finditer(data, 0, e.start))  # lines counted as read_lines counts them
         line = len(breaks) + 1
         column = e.start - (breaks[-1].end() if breaks else 0) + 1
-        raise DatasetError(f"{path} line {line}: not valid {encoding} text (byte 0x{data[e.start]:02x} at byte column "
-                           f"{column}); if the file is in another encoding, name it with --encoding "
-                           "(e.g. --encoding latin-1)") from None
+        raise DatasetError(
+            f"{path} line {line}: not valid {encoding} text (byte 0x{data[e.start]:02x} at byte column "
+            f"{column}); if the file is in another encoding, name it with --encoding "
+            "(e.g. --encoding latin-1)"
+        ) from None
 
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -185,7 +215,8 @@ def read_tab_json_lines(path: str | os.PathLike, encoding: str = "utf-8"):
 
 
 def read_json(path: str | os.PathLike, encoding: str = "utf-8"):
-    """A json input file decoded by :func:`read_text`; malformed json raises DatasetError with its position."""
+    """A json input file decoded by :func:`read_text`; malformed json raises DatasetError with its
+    position."""
     from i3cl_core.utils import parse_json
 
     return parse_json(read_text(path, encoding), path)

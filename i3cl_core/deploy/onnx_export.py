@@ -88,14 +88,18 @@ def metadata(cfg, checkpoint: str, opset: int) -> dict[str, str]:
         "i3cl.config": json.dumps(cfg.model_dump(mode="json")),
         "i3cl.preprocess": metadata_preprocess(m),
         "i3cl.postprocess": json.dumps(postprocess),
-        "i3cl.inputs": "image float32 [1, 3, H, W] normalised and padded; image_size int64 [2] (h, w) before padding",
-        "i3cl.outputs": "boxes float32 [N, 4] in the resized image; scores float32 [N]; mask_probs float32 [N, M, M]",
+        "i3cl.inputs": (
+            "image float32 [1, 3, H, W] normalised and padded; image_size int64 [2] (h, w) before padding"
+        ),
+        "i3cl.outputs": (
+            "boxes float32 [N, 4] in the resized image; scores float32 [N]; mask_probs float32 [N, M, M]"
+        ),
     }
 
 
 def sample_image(size: tuple[int, int] = (480, 320)) -> np.ndarray:
-    """An RGB uint8 image (w, h = ``size``) with text on it, from the synthetic renderer: a trained model finds
-    detections in it, so that tracing follows every step of the post-processing."""
+    """An RGB uint8 image (w, h = ``size``) with text on it, from the synthetic renderer: a trained model
+    finds detections in it, so that tracing follows every step of the post-processing."""
     from i3cl_core.data.synth.render import render_sample
 
     image, _ = render_sample(seed=7, index=1, size=size)
@@ -128,8 +132,9 @@ def metadata_preprocess(model_cfg) -> str:
             "std": list(PIXEL_STD),
             "test_short_side": model_cfg.test_short_side,
             "test_long_side": model_cfg.test_long_side,
-            "resize": "scale = min(long_side / max(h, w), short_side / min(h, w)); new size round(h * scale), "
-            "round(w * scale) (at least 1); bilinear, half-pixel centres, no antialiasing",
+            "resize": "scale = min(long_side / max(h, w), short_side / min(h, w)); "
+            "new size round(h * scale), round(w * scale) (at least 1); "
+            "bilinear, half-pixel centres, no antialiasing",
             "size_divisible": model_cfg.size_divisible,
             "pad": "zeros at the bottom and right, after normalising",
         }

@@ -183,7 +183,10 @@ def sbatch_script(
         *launcher.setup,
         f"cd {shlex.quote(str(Path.cwd()))}",
         'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-        'echo "i3cl: job $SLURM_JOB_ID on $SLURM_JOB_NUM_NODES node(s): $SLURM_JOB_NODELIST, rendezvous $head"',
+        (
+            'echo "i3cl: job $SLURM_JOB_ID on $SLURM_JOB_NUM_NODES node(s): $SLURM_JOB_NODELIST, '
+            'rendezvous $head"'
+        ),
         "srun --kill-on-bad-exit=1 " + " ".join(torchrun[:1]) + " " + " ".join(torchrun[1:]),
     ]
     return "\n".join(lines) + "\n"

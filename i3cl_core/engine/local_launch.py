@@ -32,7 +32,8 @@ USAGE = "usage: python -m i3cl_core.engine.local_launch [--nproc_per_node=N] PYT
 
 
 def _parse(argv: list[str]) -> tuple[int, list[str]]:
-    """``(nproc, trainer's python arguments)``: the launcher's options come first, the rest is the trainer's."""
+    """``(nproc, trainer's python arguments)``: the launcher's options come first, the rest is the
+    trainer's."""
     nproc, rest = 1, list(argv)
     while rest and rest[0].startswith(("--nproc_per_node", "--nproc-per-node", "-h", "--help")):
         opt = rest.pop(0)

@@ -141,8 +141,8 @@ class EpochSampler(torch.utils.data.Sampler):
         return torch.randperm(n, generator=g).tolist()
 
     def _stream(self, n: int, length: int, group: int = 0) -> list[int]:
-        """This epoch's ``length`` draws: positions ``[epoch * length, (epoch + 1) * length)`` of one stream of
-        permutations of ``range(n)`` (pass k seeded by (seed, k, group), not by the epoch)."""
+        """This epoch's ``length`` draws: positions ``[epoch * length, (epoch + 1) * length)`` of one stream
+        of permutations of ``range(n)`` (pass k seeded by (seed, k, group), not by the epoch)."""
         start = self.epoch * length
         first, last = start // n, (start + length - 1) // n
         order = [i for k in range(first, last + 1) for i in self._permutation(n, k, group, epoch=0)]
@@ -176,10 +176,10 @@ class EpochSampler(torch.utils.data.Sampler):
         return order[self.rank :: self.num_replicas]
 
     def _mixed(self) -> list[int]:
-        """Each group's share of the epoch's ``share x N`` draws (largest remainders), every group spread evenly
-        over the epoch's order, which is then cut into N consecutive parts of exactly ``share`` draws, one per
-        process: every process takes the same number of steps (a process with one step more would wait in an
-        all-reduce the others never join) and every draw is used."""
+        """Each group's share of the epoch's ``share x N`` draws (largest remainders), every group spread
+        evenly over the epoch's order, which is then cut into N consecutive parts of exactly ``share`` draws,
+        one per process: every process takes the same number of steps (a process with one step more would wait
+        in an all-reduce the others never join) and every draw is used."""
         share = self._share()
         total = share * self.num_replicas
         exact = [f * total for _, f in self.mix]
@@ -235,8 +235,9 @@ def dataset_mix(dataset, sources) -> list[tuple[list[int], float]] | None:
 
 # ------------------------------------------------------------------------------------ optimisation
 def build_optimizer(model: torch.nn.Module, tcfg, fused: bool = False) -> torch.optim.Optimizer:
-    """SGD or AdamW over the trainable parameters, ``no_decay_keys`` without weight decay. ``fused`` (on a GPU)
-    takes one kernel per step and lets the AMP grad scaler skip a non-finite step without asking the host."""
+    """SGD or AdamW over the trainable parameters, ``no_decay_keys`` without weight decay. ``fused`` (on a
+    GPU) takes one kernel per step and lets the AMP grad scaler skip a non-finite step without asking the
+    host."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -509,8 +510,8 @@ class Trainer:
         iters = tcfg.iters_per_epoch if tcfg.iters_per_epoch is not None else whole
         if tcfg.max_iters_per_epoch:
             iters = min(iters, tcfg.max_iters_per_epoch)
-        # an epoch of a fixed length (or cut short) takes exactly its draws from the stream of permutations, so
-        # the next epoch goes on where it stopped
+        # an epoch of a fixed length (or cut short) takes exactly its draws from the stream of permutations,
+        # so the next epoch goes on where it stopped
         per_process = None if iters == whole and tcfg.iters_per_epoch is None else iters * tcfg.batch_size
         self.sampler = EpochSampler(
             len(self.dataset),
@@ -639,10 +640,10 @@ class Trainer:
     def trim_metrics(self) -> None:
         """Drop the rows of ``metrics.jsonl`` that the checkpoint this run starts from does not cover: steps
         past its iteration (``global_iter``) and evaluations not in its history, i.e. rows logged after the
-        last checkpoint that was written (then came a kill, or a full disk failed the next one), which this run
-        is about to log again. So no step or evaluation ever has two rows. A fresh run (no ``--resume``, or no
-        checkpoint to resume from) starts at 0 with no history, hence with an empty file. Unparsable lines (a
-        partial last line written by an older version) go too."""
+        last checkpoint that was written (then came a kill, or a full disk failed the next one), which this
+        run is about to log again. So no step or evaluation ever has two rows. A fresh run (no ``--resume``,
+        or no checkpoint to resume from) starts at 0 with no history, hence with an empty file. Unparsable
+        lines (a partial last line written by an older version) go too."""
         path = self.work_dir / "metrics.jsonl"
         if not self.info.main or not path.exists():
             return
@@ -727,8 +728,9 @@ class Trainer:
 
     def student_views(self, images: list, targets: list) -> tuple[list, list]:
         """What the student trains on: images of ``augment: online`` sets are replaced by their strong view,
-        and once ``train.mean_teacher`` is past its burn-in their labels by the teacher's detections on the weak
-        view (kept at ``score_thr``; those in [``ignore_thr``, ``score_thr``) become do-not-care regions)."""
+        and once ``train.mean_teacher`` is past its burn-in their labels by the teacher's detections on the
+        weak view (kept at ``score_thr``; those in [``ignore_thr``, ``score_thr``) become do-not-care
+        regions)."""
         online = [i for i, t in enumerate(targets) if "student_image" in t]
         if not online:
             return images, targets
@@ -774,7 +776,8 @@ class Trainer:
         latest = find_latest(self.work_dir)
         terms = {k: v.item() for k, v in bad.losses.items()}
         raise TrainingError(
-            f"loss became non-finite at iteration {bad.iteration} (epoch {bad.epoch + 1}, step {bad.it + 1}); "
+            f"loss became non-finite at iteration {bad.iteration} "
+            f"(epoch {bad.epoch + 1}, step {bad.it + 1}); "
             f"image ids of the batch: {bad.image_ids}; loss terms: {terms}; "
             f"last good checkpoint: {latest if latest else 'none yet'} (nothing saved after it)"
         )
@@ -889,7 +892,8 @@ class Trainer:
         return evaluation
 
     def run(self) -> dict:
-        """Every remaining epoch (evaluate, checkpoint, keep ``best.pth``), then ``metrics.json``; the summary."""
+        """Every remaining epoch (evaluate, checkpoint, keep ``best.pth``), then ``metrics.json``; the
+        summary."""
         tcfg, info = self.tcfg, self.info
         self.t_start = time.time()
         self.images_seen = 0

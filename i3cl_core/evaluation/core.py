@@ -198,8 +198,8 @@ class PreparedEval:
     def sweep(
         self, protocol: str = "art", thresholds: Iterable[float] | None = None, **options
     ) -> list[dict]:
-        """``evaluate`` at every score threshold; the entry with the best H-mean (lowest threshold on ties) has
-        ``best: True``."""
+        """``evaluate`` at every score threshold; the entry with the best H-mean (lowest threshold on ties)
+        has ``best: True``."""
         ths = list(DEFAULT_SWEEP if thresholds is None else thresholds)
         rows = [self.evaluate(protocol, score_thr=float(t), **options) for t in ths]
         if rows:

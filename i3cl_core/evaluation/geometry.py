@@ -30,8 +30,8 @@ _EMPTY = shapely.Polygon()
 def as_parts(instance) -> list[np.ndarray]:
     """Normalise an instance to a list of float64 ``(N, 2)`` arrays (no validity checks beyond shape).
 
-    Accepted: an ``(N, 2)`` array, a flat ``[x0, y0, x1, y1, ...]`` list/array, a list of ``[x, y]`` points, or
-    a list of any of those (a multi-part instance).
+    Accepted: an ``(N, 2)`` array, a flat ``[x0, y0, x1, y1, ...]`` list/array, a list of ``[x, y]`` points,
+    or a list of any of those (a multi-part instance).
     """
     if isinstance(instance, np.ndarray) and instance.dtype != object:
         if instance.ndim == 2 and instance.shape[1] == 2:
@@ -168,7 +168,8 @@ def intersection_areas(a: np.ndarray, b: np.ndarray, workers: int | None = None)
 
 
 def candidate_pairs(ab: np.ndarray, bb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs whose bounding boxes overlap with positive area (NaN bounds of empty geometries never do)."""
+    """Index pairs whose bounding boxes overlap with positive area (NaN bounds of empty geometries never
+    do)."""
     overlap = (
         (ab[:, None, 0] < bb[None, :, 2])
         & (bb[None, :, 0] < ab[:, None, 2])

@@ -71,7 +71,8 @@ class GroundTruth:
                 tok = art_token(img.file_name)
                 if tok in index and index[tok] != key:
                     raise DatasetError(
-                        f"{self.source}: images {self.images[index[tok]].file_name!r} and {img.file_name!r} share the "
+                        f"{self.source}: images {self.images[index[tok]].file_name!r} "
+                        f"and {img.file_name!r} share the "
                         f"token {tok!r}; ArT-style predictions (res_<n>) cannot be matched unambiguously"
                     )
                 index[tok] = key
@@ -94,7 +95,8 @@ class Predictions:
 
 
 def name_token(name: str) -> str:
-    """The last ``_``-separated token of a file name's stem: ``gt_123.jpg`` -> '123', ``img_0042.png`` -> '0042'."""
+    """The last ``_``-separated token of a file name's stem:
+    ``gt_123.jpg`` -> '123', ``img_0042.png`` -> '0042'."""
     stem = Path(str(name)).name
     if "." in stem:
         stem = stem.rsplit(".", 1)[0]
@@ -102,7 +104,8 @@ def name_token(name: str) -> str:
 
 
 def art_token(name: str):
-    """What ArT keys match on: ``gt_123.jpg`` -> 123, ``res_7`` -> 7, ``img_0042.png`` -> 42, ``foo.jpg`` -> 'foo'."""
+    """What ArT keys match on:
+    ``gt_123.jpg`` -> 123, ``res_7`` -> 7, ``img_0042.png`` -> 42, ``foo.jpg`` -> 'foo'."""
     tok = name_token(name)
     return int(tok) if tok.isdigit() else tok
 
@@ -159,9 +162,10 @@ def _bbox_points(bbox, where: str) -> np.ndarray:
 def rle_to_parts(rle: dict, where: str, size: tuple[int, int] | None = None) -> list[np.ndarray]:
     """Trace an RLE mask into polygons (outer boundaries of each blob; holes dropped).
 
-    Pixel ``(x, y)`` covers ``[x, x+1) x [y, y+1)`` (the convention of :mod:`i3cl_core.data.polygons`). OpenCV contours run through pixel centres; we offset them
-    outwards by half a pixel (mitre joins, square caps), so a rectilinear blob becomes exactly its pixel
-    boundary (a 40x20 block at column 100, row 10 -> the box [100, 140] x [10, 30]).
+    Pixel ``(x, y)`` covers ``[x, x+1) x [y, y+1)`` (the convention of :mod:`i3cl_core.data.polygons`). OpenCV
+    contours run through pixel centres; we offset them outwards by half a pixel (mitre joins, square caps), so
+    a rectilinear blob becomes exactly its pixel boundary (a 40x20 block at column 100, row 10 -> the box
+    [100, 140] x [10, 30]).
     """
     from pycocotools import mask as mask_utils
 

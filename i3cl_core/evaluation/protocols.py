@@ -1,5 +1,5 @@
-"""The evaluation protocols by name: one list for the evaluator, the training config, the flow parameters and the
-command line (``docs/evaluation.md`` defines them)."""
+"""The evaluation protocols by name: one list for the evaluator, the training config, the flow parameters and
+the command line (``docs/evaluation.md`` defines them)."""
 
 from __future__ import annotations
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 
 def local_dask_cluster_kwargs(workers: int, resource: str | None = None) -> dict:
-    """``distributed.LocalCluster`` arguments of the pipeline's own cluster: every listener (scheduler, workers,
-    nannies, the scheduler's HTTP server) on 127.0.0.1, no dashboard. ``dashboard_address=None`` alone still
-    starts the scheduler's HTTP server on port 8787."""
+    """``distributed.LocalCluster`` arguments of the pipeline's own cluster: every listener (scheduler,
+    workers, nannies, the scheduler's HTTP server) on 127.0.0.1, no dashboard. ``dashboard_address=None``
+    alone still starts the scheduler's HTTP server on port 8787."""
     kwargs = {
         "n_workers": workers,
         "threads_per_worker": 1,

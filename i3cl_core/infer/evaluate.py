@@ -39,7 +39,8 @@ def predict_dataset(
             r = records[p.index]
             if (p.height, p.width) != (r.height, r.width):
                 log.warning(
-                    "%s: image %s is %dx%d but the json says %dx%d; its predictions are in the image's pixels",
+                    "%s: image %s is %dx%d but the json says %dx%d; "
+                    "its predictions are in the image's pixels",
                     r.path, r.image_id, p.width, p.height, r.width, r.height,
                 )  # fmt: skip
             results[r.image_id] = p.polygons

@@ -21,7 +21,8 @@ from i3cl_core.data.polygons import coco_bbox
 
 
 def art_key(file_name: str) -> str:
-    """The ArT submission key of an image: ``res_`` + the last ``_`` token of its stem (``gt_12.jpg`` -> ``res_12``)."""
+    """The ArT submission key of an image: ``res_`` + the last ``_`` token of its stem (``gt_12.jpg`` ->
+    ``res_12``)."""
     from i3cl_core.evaluation.io import name_token
 
     return "res_" + name_token(file_name)
@@ -39,8 +40,9 @@ def coco_result(image_id, poly: np.ndarray, score: float, category_id: int = 1) 
 
 
 def coco_results(image_id, polygons, score_thr: float) -> list[dict]:
-    """One image's predictions ``[(polygon, score)]`` as COCO results, those scored at or above ``score_thr``:
-    the one rule by which ``i3cl infer``'s per-image records and the ensemble's shard files keep a prediction."""
+    """One image's predictions ``[(polygon, score)]`` as COCO results, those scored at or above
+    ``score_thr``: the one rule by which ``i3cl infer``'s per-image records and the ensemble's shard files
+    keep a prediction."""
     return [coco_result(image_id, poly, score) for poly, score in polygons if score >= score_thr]
 
 

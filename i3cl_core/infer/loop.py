@@ -94,7 +94,8 @@ def predict_images(
         if flips or scales:
             raise DatasetError(
                 f"{getattr(model, 'path', 'an exported model')}: test-time augmentation (flips, scales) is "
-                "not available for exported models; leave infer.tta_flips/tta_scales empty or use the checkpoint"
+                "not available for exported models; "
+                "leave infer.tta_flips/tta_scales empty or use the checkpoint"
             )
         yield from _predict_exported(model, images, epsilon, decoder, keep_rgb)
         return

@@ -68,7 +68,8 @@ def check_output_names(items: list[ImageItem]) -> None:
 
 
 def art_key_clashes(items: list[ImageItem]) -> tuple[str, str] | None:
-    """Two file names with the same ArT submission key (``d1/x.jpg`` and ``d2/x.jpg``: both ``res_x``), or None."""
+    """Two file names with the same ArT submission key (``d1/x.jpg`` and ``d2/x.jpg``: both ``res_x``), or
+    None."""
     from i3cl_core.infer.export import art_key
 
     seen: dict[str, str] = {}
@@ -252,10 +253,10 @@ def infer_images(
     engine: str = "torch",
     threads: int | None = None,
 ) -> dict:
-    """Run one checkpoint over ``items`` by the one inference loop (:func:`~i3cl_core.infer.loop.predict_images`,
-    ``num_workers`` decoding threads, ``batch_size`` images per forward pass); returns a summary (counts,
-    seconds, failures). ``precision``:
-    see :mod:`i3cl_core.infer.precision` (ignored when a ``model`` is given). ``engine="onnxruntime"``:
+    """Run one checkpoint over ``items`` by the one inference loop
+    (:func:`~i3cl_core.infer.loop.predict_images`, ``num_workers`` decoding threads, ``batch_size`` images
+    per forward pass); returns a summary (counts, seconds, failures). ``precision``: see
+    :mod:`i3cl_core.infer.precision` (ignored when a ``model`` is given). ``engine="onnxruntime"``:
     ``checkpoint`` is a file from ``i3cl export``, run by :class:`~i3cl_core.deploy.onnx_runtime.OnnxDetector`
     on ``threads`` CPU threads without importing torch (``device``, ``precision`` and ``batch_size`` do not
     apply; ``model_overrides`` may set the test sides)."""

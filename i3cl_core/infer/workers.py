@@ -42,8 +42,8 @@ class DeviceWorkers:
             self._free.put(i)
 
     def model(self, worker: int, checkpoint: str, precision: str):
-        """(model, polygon epsilon, precision) of ``checkpoint`` on this worker's device, loaded on first use (a
-        checkpoint file replaced under the same name is loaded again). An exported model (``.onnx``, from
+        """(model, polygon epsilon, precision) of ``checkpoint`` on this worker's device, loaded on first use
+        (a checkpoint file replaced under the same name is loaded again). An exported model (``.onnx``, from
         ``i3cl export``) is an :class:`~i3cl_core.deploy.onnx_runtime.OnnxDetector` on the CPU, in float32."""
         st = os.stat(checkpoint)
         device = self.devices[worker]

@@ -6,14 +6,16 @@ our classes, and the result is loaded strictly into ``build_model(cfg)`` and wri
 i3cl checkpoint. Every key of the original is either mapped or deliberately dropped; anything else
 is listed and makes the command fail.
 
-=========================================================  ====================================================
+=========================================================  ===================================================
 original (mmdetection)                                      ours
-=========================================================  ====================================================
-backbone.*                                                  backbone.* (torchvision / ViTAEv2 names, unchanged)
+=========================================================  ===================================================
+backbone.*                                                  backbone.* (torchvision / ViTAEv2 names,
+                                                            unchanged)
 neck.lateral_convs.{i}.conv.*                               neck.fpn.inner_blocks.{i}.0.*
 neck.fpn_convs.{i}.conv.*                                   neck.fpn.layer_blocks.{i}.0.*
 intra_cl_module.{l}.conv1x1_reduce_channel.*                intra_cl.{l}.reduce.*
-intra_cl_module.{l}.{c,v,q}_layer_{kxk,kx1,1xk}.*           intra_cl.{l}.stages.{7:0,5:1,3:2}.{square,vertical,horizontal}.*
+intra_cl_module.{l}.{c,v,q}_layer_{kxk,kx1,1xk}.*           intra_cl.{l}.stages.{7:0,5:1,3:2}
+                                                              .{square,vertical,horizontal}.*
 intra_cl_module.{l}.conv1x1_return_channel.*                intra_cl.{l}.expand.*
 intra_cl_module.{l}.bn.*                                    intra_cl.{l}.bn.*
 rpn_head.rpn_conv.* / rpn_cls.* / rpn_reg.*                 rpn.head.conv.0.0.* / cls_logits.* / bbox_pred.*
@@ -30,7 +32,7 @@ roi_head.inter_cl_module.conv3x3_out.* / conv1x1_out.*      roi_heads.inter_cl.f
 roi_head.inter_cl_module.bn.*                               roi_heads.inter_cl.bn.*
 roi_head.inter_cl_module.global_context_extract_module      roi_heads.inter_cl.context.convs.{i}.weight
   .conv1x1_list.{i}.weight
-=========================================================  ====================================================
+=========================================================  ===================================================
 
 C = the original's foreground classes (63: 'text' first, then 0-9, A-Z, a-z), K = ours (1: text).
 Dropped on purpose: buffers we recompute (``relative_position_index``, ``attn_mask``).
@@ -203,7 +205,8 @@ def convert_state(
     if c_orig != k_ours:
         report["notes"].append(
             f"classes: the original's {c_orig}-class heads were cut to {k_ours} (cls rows [{c_orig}, "
-            f"{', '.join(map(str, range(k_ours)))}], reg rows 0-{4 * k_ours - 1}, mask channels 0-{k_ours - 1})"
+            f"{', '.join(map(str, range(k_ours)))}], reg rows 0-{4 * k_ours - 1}, "
+            f"mask channels 0-{k_ours - 1})"
         )
     if "roi_heads.inter_cl.context.convs.0.weight" in state and "inter_cl" not in report["fresh"]:
         report["notes"].append(GCG_NOTE)
@@ -236,10 +239,11 @@ def read_original(path: str) -> dict[str, torch.Tensor]:
             text = str(first)
             if "unsupported global" in text.lower():  # a pickled object, not a corrupt file
                 raise CheckpointError(
-                    f"{path}: cannot read the original checkpoint: {pickled_code(text)} Nothing in it was run. "
-                    "Besides tensors only numpy scalars are accepted here (mmcv's meta). If the file comes from a "
-                    "source you trust, re-save only its 'state_dict' of tensors with the release's own environment "
-                    "on a trusted machine, then convert that file"
+                    f"{path}: cannot read the original checkpoint: {pickled_code(text)} "
+                    "Nothing in it was run. "
+                    "Besides tensors only numpy scalars are accepted here (mmcv's meta). "
+                    "If the file comes from a source you trust, re-save only its 'state_dict' of tensors "
+                    "with the release's own environment on a trusted machine, then convert that file"
                 ) from None
             msg = text.splitlines()[0][:200] if text else type(first).__name__
             raise CheckpointError(
@@ -280,11 +284,13 @@ def convert_checkpoint(original_path: str, out_path: str, cfg, echo=print) -> di
         by_reason.setdefault(reason.rstrip(")"), []).append(key)
     for reason, keys in by_reason.items():
         echo(
-            f"  dropped {len(keys)} tensors ({reason}): {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+            f"  dropped {len(keys)} tensors ({reason}): "
+            f"{', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
         )
     for module, n in report["fresh"].items():
         echo(
-            f"  {module}: not in the original ({n} tensors): keeps its fresh initialisation (the config switches it on)"
+            f"  {module}: not in the original ({n} tensors): "
+            "keeps its fresh initialisation (the config switches it on)"
         )
     for note in report["notes"]:
         echo(f"  {note}")
@@ -310,6 +316,7 @@ def convert_checkpoint(original_path: str, out_path: str, cfg, echo=print) -> di
     load_state_strict(model, state, original_path)
     save_checkpoint(out_path, model, cfg, extra={"converted_from": str(original_path)})
     echo(
-        f"wrote {out_path} (backbone {cfg.model.backbone.name}, intra_cl {cfg.model.intra_cl}, inter_cl {cfg.model.inter_cl})"
+        f"wrote {out_path} (backbone {cfg.model.backbone.name}, "
+        f"intra_cl {cfg.model.intra_cl}, inter_cl {cfg.model.inter_cl})"
     )
     return report

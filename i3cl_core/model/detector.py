@@ -62,7 +62,8 @@ def build_backbone(cfg) -> nn.Module:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 convolutions natively (else bf16 autocast is emulated and slow)."""
+    """Whether ``device`` computes bfloat16 convolutions natively (else bf16 autocast is emulated and
+    slow)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":

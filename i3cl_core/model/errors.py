@@ -6,7 +6,8 @@ class CheckpointError(RuntimeError):
 
 
 def pickled_code(torch_message: str) -> str:
-    """One sentence on a file that ``torch.load(weights_only=True)`` refused for a pickled global, naming it."""
+    """One sentence on a file that ``torch.load(weights_only=True)`` refused for a pickled global, naming
+    it."""
     import re
 
     m = re.search(r"GLOBAL ([\w.]+)", torch_message)
@@ -24,7 +25,8 @@ def unreadable_checkpoint(path: str, what: str, exc: BaseException) -> Checkpoin
     text = str(exc)
     if "unsupported global" in text.lower():  # a pickled object, not a corrupt file
         return CheckpointError(
-            f"{path}: cannot read {what}: {pickled_code(text)} Nothing in it was run. If the file comes from a "
+            f"{path}: cannot read {what}: {pickled_code(text)} "
+            "Nothing in it was run. If the file comes from a "
             "source you trust, convert it on a trusted machine: `i3cl convert-checkpoint` for the original "
             "mmdetection release, or re-save only its tensors (its state_dict) with the program that wrote it"
         )

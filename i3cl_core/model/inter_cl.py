@@ -179,7 +179,8 @@ class InterCL(nn.Module):
         self, rois: torch.Tensor, features: list[torch.Tensor], image_sizes, padded_hw
     ) -> torch.Tensor:
         """:meth:`forward` for the RoIs of one image with no branch on their number (ONNX export: the graph
-        holds every step whatever the number of detections; ``image_sizes[0]`` and ``padded_hw`` are tensors)."""
+        holds every step whatever the number of detections; ``image_sizes[0]`` and ``padded_hw`` are
+        tensors)."""
         context = self.context.forward_traced(features, image_sizes[0], padded_hw)  # [1, C]
         size = (int(rois.shape[-2]), int(rois.shape[-1]))  # the mask RoIAlign's fixed output size
         tokens = adaptive_max_pool_unrolled(self.to_tokens(rois), self.token_pool).flatten(1)  # [N, d]

@@ -45,7 +45,8 @@ class IntraCL(nn.Module):
         self.reduce = nn.Conv2d(channels, reduced, 1)
         self.stages = nn.Sequential(*[MultiKernelStage(reduced, k) for k in kernels])
         self.expand = nn.Conv2d(reduced, channels, 1)
-        # named `bn` as in the release, so that a `norm` no-decay key (ViTAE recipe) leaves it decayed as there
+        # named `bn` as in the release, so that a `norm` no-decay key (ViTAE recipe) leaves it decayed as
+        # there
         self.bn = nn.BatchNorm2d(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

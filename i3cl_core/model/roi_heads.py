@@ -136,9 +136,9 @@ def weighted_fastrcnn_loss(
 
 
 def mask_loss(mask_logits: Tensor, targets: Tensor, lossweight: Tensor | None = None) -> Tensor:
-    """Mean per-pixel BCE over all positives of the batch; with ``lossweight`` (one per positive) each positive's
-    pixels are scaled by its weight (the mean stays over all pixels, as the classification loss keeps its
-    normaliser when weights change)."""
+    """Mean per-pixel BCE over all positives of the batch; with ``lossweight`` (one per positive) each
+    positive's pixels are scaled by its weight (the mean stays over all pixels, as the classification loss
+    keeps its normaliser when weights change)."""
     if lossweight is None:
         return F.binary_cross_entropy_with_logits(mask_logits, targets)
     bce = F.binary_cross_entropy_with_logits(mask_logits, targets, reduction="none")
@@ -166,13 +166,13 @@ def polygon_mask_targets(polygons: list, boxes: Tensor, size: int) -> Tensor:
 class RoIHeads(nn.Module):
     """Box and mask branches on the RPN's proposals.
 
-    Training: proposals (plus the GT boxes) are matched to the GT at IoU 0.5, sampled (``box_batch_size_per_image``
-    per image, a positive fraction), and carry their GT's box, mask polygon and per-instance loss weight;
-    proposals on do-not-care regions are neither positives nor negatives. The box branch
-    (:class:`BoxHead` on 7x7 RoIAlign) gives the weighted classification and box losses; the mask
-    branch (14x14 RoIAlign of the positives, :class:`InterCL`, :class:`MaskHead`) the mask loss against
-    28x28 targets rasterised from the polygons. Inference: class scores and decoded boxes, per-class
-    NMS, then masks for the kept boxes."""
+    Training: proposals (plus the GT boxes) are matched to the GT at IoU 0.5, sampled
+    (``box_batch_size_per_image`` per image, a positive fraction), and carry their GT's box, mask polygon and
+    per-instance loss weight; proposals on do-not-care regions are neither positives nor negatives. The box
+    branch (:class:`BoxHead` on 7x7 RoIAlign) gives the weighted classification and box losses; the mask
+    branch (14x14 RoIAlign of the positives, :class:`InterCL`, :class:`MaskHead`) the mask loss against 28x28
+    targets rasterised from the polygons. Inference: class scores and decoded boxes, per-class NMS, then masks
+    for the kept boxes."""
 
     def __init__(self, cfg, channels: int):
         super().__init__()

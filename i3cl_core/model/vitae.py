@@ -456,8 +456,8 @@ class ViTAEv2Backbone(FreezableBackbone):
         loaded = len(state) - len(result.unexpected_keys)
         missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
         log.info(
-            "ViTAEv2 weights %s: %d tensors loaded, %d missing, %d unexpected, %d shape mismatches, %d dropped "
-            "(classifier/recomputed buffers)",
+            "ViTAEv2 weights %s: %d tensors loaded, %d missing, %d unexpected, %d shape mismatches, "
+            "%d dropped (classifier/recomputed buffers)",
             path,
             loaded,
             len(missing),

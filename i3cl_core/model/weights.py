@@ -1,6 +1,7 @@
 """Weights from other origins, read from local paths only: pretrained backbones, the original release's
 checkpoints, self-supervised encoders (``torch.load(weights_only=True)``, wrapper prefixes removed, the
-sub-dict that matches a module chosen). The project's own checkpoints are :mod:`i3cl_core.model.checkpoint`."""
+sub-dict that matches a module chosen). The project's own checkpoints are
+:mod:`i3cl_core.model.checkpoint`."""
 
 from __future__ import annotations
 

@@ -106,7 +106,8 @@ class TrainParams(_Params):
         "strong",
         description="augmentation of the pseudo-labelled images in the student's training: default (the "
         "config's policies), strong (data.augment.strong: scale, shift, rotation, shear, colour, blur/noise, "
-        "cutout; with soft background, +2.9 F over the control on 3 seeds of bench_ssl) or online (a mean teacher, train.mean_teacher in the config, relabels them as the student "
+        "cutout; with soft background, +2.9 F over the control on 3 seeds of bench_ssl) or online "
+        "(a mean teacher, train.mean_teacher in the config, relabels them as the student "
         "learns on a strongly coloured, blurred and cut-out view; the control keeps the same weight average)",
     )
     pseudo_background_weight: float = Field(
@@ -125,9 +126,9 @@ class TrainParams(_Params):
     launcher: TorchrunLauncher | SlurmLauncher = Field(
         default_factory=TorchrunLauncher,
         discriminator="kind",
-        description="how trainings start: torchrun on this machine (kind: torchrun; nnodes, rdzv_endpoint for a "
-        "static multi-node run) or a Slurm batch job per training (kind: slurm; nodes, gpus_per_node, time, "
-        "partition, account)",
+        description="how trainings start: torchrun on this machine "
+        "(kind: torchrun; nnodes, rdzv_endpoint for a static multi-node run) "
+        "or a Slurm batch job per training (kind: slurm; nodes, gpus_per_node, time, partition, account)",
     )
     overrides: list[str] = Field(
         default_factory=list, description="--set overrides applied to every training"
@@ -170,8 +171,8 @@ class InferParams(_Params):
     tta_scales: list[int] = Field(default_factory=list)
     extra_members: list[str] = Field(
         default_factory=list,
-        description="predictions of other detectors on the unlabeled images, fused next to the teachers: a COCO "
-        "results or ArT json, or FORMAT:PATH with FORMAT paddleocr, rapidocr, doctr or mmocr",
+        description="predictions of other detectors on the unlabeled images, fused next to the teachers: "
+        "a COCO results or ArT json, or FORMAT:PATH with FORMAT paddleocr, rapidocr, doctr or mmocr",
     )
     exported_members: list[str] = Field(
         default_factory=list,
@@ -200,7 +201,8 @@ class InferParams(_Params):
         if isinstance(data, dict):
             if "device" in data:
                 raise ValueError(
-                    "infer.device was replaced by infer.devices: 'auto' or a list such as ['cuda:0', 'cuda:1']"
+                    "infer.device was replaced by infer.devices: "
+                    "'auto' or a list such as ['cuda:0', 'cuda:1']"
                 )
             if "workers" in data:
                 raise ValueError(
@@ -264,6 +266,7 @@ class EvalParams(_Params):
     )
     threshold: Literal["val", "config"] = Field(
         "val",
-        description="val: each model's best-F threshold on the labeled validation split (when the run has one; "
-        "as a user would choose it, never on the test or unlabeled labels); config: each model's infer.score_thr",
+        description="val: each model's best-F threshold on the labeled validation split "
+        "(when the run has one; as a user would choose it, never on the test or unlabeled labels); "
+        "config: each model's infer.score_thr",
     )

@@ -59,8 +59,8 @@ def plan_ensemble(
 
 
 def finish_split(split: SplitPlan, models: dict[str, str]) -> list[str]:
-    """The members of one split once its shards are done: each model's predictions checked complete and joined,
-    the extra detectors' converted; listed in the split's ``members.json``, which fusion reads."""
+    """The members of one split once its shards are done: each model's predictions checked complete and
+    joined, the extra detectors' converted; listed in the split's ``members.json``, which fusion reads."""
     from i3cl_core.pipeline.stages import extra_members, finish_model_predictions
     from i3cl_core.utils import atomic_write_json
 
@@ -106,7 +106,8 @@ def plan_fusion(layout: WorkDir, data: dict, fuse: FuseConfig, ssl_round: int = 
             "validation split, on which fuse.auto_keep_thr chooses keep_thr)"
         )
     members_fp = fingerprint(*members, *(val_members or []))
-    # keep_thr_beta at its default (F) is left out: pseudo labels fused before it existed keep their key and cache
+    # keep_thr_beta at its default (F) is left out: pseudo labels fused before it existed keep their key and
+    # cache
     fuse_params = fuse.model_dump(
         mode="json", exclude={"keep_thr_beta"} if fuse.keep_thr_beta == 1.0 else None
     )
@@ -148,10 +149,10 @@ def plan_student(
     ssl_round: int = 1,
     extra_overrides: list[str] | None = None,
 ) -> StudentPlan:
-    """Round ``ssl_round``'s student: the current pseudo labels of that round next to the labeled data, starting
-    from the first teacher (round 1, ``train.student_init``) or the previous round's student. Each student has
-    its own folder, keyed by what it is trained from and on: re-training after a re-fusion keeps the earlier
-    student (and its lineage and score)."""
+    """Round ``ssl_round``'s student: the current pseudo labels of that round next to the labeled data,
+    starting from the first teacher (round 1, ``train.student_init``) or the previous round's student. Each
+    student has its own folder, keyed by what it is trained from and on: re-training after a re-fusion keeps
+    the earlier student (and its lineage and score)."""
     overrides = list(extra_overrides or [])
     if train.pseudo_augment == "online":  # the student and its control are both saved as a weight average
         overrides.append("train.mean_teacher.enabled=true")

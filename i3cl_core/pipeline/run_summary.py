@@ -35,7 +35,8 @@ def _claims(summary: dict) -> list[str]:
     control = next((v for k, v in scores.items() if k.startswith("control:")), None)
     if student and control:
         out.append(
-            f"* SSL gain (student - control, same start and iterations): **{student['hmean'] - control['hmean']:+.4f} F**"
+            "* SSL gain (student - control, same start and iterations): "
+            f"**{student['hmean'] - control['hmean']:+.4f} F**"
         )
     pq, bt = summary.get("pseudo_quality"), summary.get("best_teacher_on_unlabeled")
     if pq and bt:
@@ -160,10 +161,12 @@ def write_summary(wd: Path, summary: dict, data: dict) -> dict:
             )
         )
     lines = ["# SSL pipeline summary", "", *_table(summary), "", *_claims(summary)]
+    root = wd.resolve()
     for heading, images in blocks:
         lines += ["", f"## {heading}", ""]
         lines += [
-            f"![{alt}]({Path(p).resolve().relative_to(wd.resolve()) if Path(p).resolve().is_relative_to(wd.resolve()) else p})"
+            f"![{alt}]"
+            f"({Path(p).resolve().relative_to(root) if Path(p).resolve().is_relative_to(root) else p})"
             for alt, p in images
         ]
     md = atomic_write_text(layout.summary_md, "\n".join(lines) + "\n")

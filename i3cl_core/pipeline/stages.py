@@ -7,7 +7,8 @@ One run is one ``work_dir``::
     teachers/<name>/config.yaml, checkpoints/latest.pth, metrics.json, train.log
     predictions/<teacher>/shard_NNNNN.json     COCO results, one file per shard (+ coverage.json)
     pseudo/<key>/train_lossweight.json, report.json, report.md, report_figures/; pseudo/current.json
-    student/<name>/<key>/..., current.json     as teachers, one folder per variant (see i3cl_core.pipeline.variants)
+    student/<name>/<key>/..., current.json     as teachers, one folder per variant
+                                               (see i3cl_core.pipeline.variants)
     eval/<model>.json                          P/R/F on the test split
 """
 
@@ -89,7 +90,8 @@ def check_result_records(wd: Path) -> int:
             problem = f"it is not a JSON result record ({type(e).__name__}: {e})"
         if problem:
             raise PipelineError(
-                f"{f}: a task-result record this pipeline did not write: {problem}; reading it could run code. "
+                f"{f}: a task-result record this pipeline did not write: {problem}; "
+                "reading it could run code. "
                 f"If this work dir came from elsewhere, delete {folder} (every stage then checks its outputs "
                 "again and recomputes only what is missing or changed), or the one file if you know where it "
                 "came from"
@@ -179,8 +181,9 @@ def write_train_config(
 
 def _as_first_fingerprinted(cfg: dict) -> dict:
     """``cfg`` (a dumped config) as trainings were first fingerprinted: without the fields added since, where
-    they hold their defaults (which reproduce the earlier behaviour), and with the fields removed since: finished
-    trainings of a work dir made before stay valid, and a field that is set changes the fingerprint."""
+    they hold their defaults (which reproduce the earlier behaviour), and with the fields removed since:
+    finished trainings of a work dir made before stay valid, and a field that is set changes the
+    fingerprint."""
     from i3cl_core.config.schema import MeanTeacherConfig, StrongAugmentConfig
 
     model, data = cfg.get("model", {}), cfg.get("data", {})
@@ -204,9 +207,9 @@ def _as_first_fingerprinted(cfg: dict) -> dict:
 
 
 def training_fingerprint(config_path: Path, train_sets: list[dict], load_from: str | None = None) -> str:
-    """What a finished training depends on: its resolved config (every section but ``fuse``, which no
-    training reads, as canonical JSON: comments and key order do not count) and the contents of its
-    annotation files and start checkpoint (a rewritten pseudo-label file under the same name counts as new)."""
+    """What a finished training depends on: its resolved config (every section but ``fuse``, which no training
+    reads, as canonical JSON: comments and key order do not count) and the contents of its annotation files
+    and start checkpoint (a rewritten pseudo-label file under the same name counts as new)."""
     from i3cl_core.config import load_config
 
     cfg = _as_first_fingerprinted(load_config(config_path).model_dump(mode="json", exclude={"fuse"}))
@@ -269,8 +272,8 @@ def preflight(d: dict, workers: int = 8) -> dict:
 
 
 def exported_members(paths: list[str]) -> dict[str, str]:
-    """``{"exported-<stem>": path}`` of the exported models (``infer.exported_members``) that join the ensemble
-    next to the teachers; a missing file is refused before any inference."""
+    """``{"exported-<stem>": path}`` of the exported models (``infer.exported_members``) that join the
+    ensemble next to the teachers; a missing file is refused before any inference."""
     out = {}
     for p in paths:
         if not Path(p).is_file():

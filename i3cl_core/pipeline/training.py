@@ -22,8 +22,8 @@ def training_start(
     files, start checkpoint: :func:`i3cl_core.pipeline.stages.training_fingerprint`) and the number of
     processes it runs on (``world_size``: it sets the batch and the iterations per epoch):
 
-    - ``done``: a finished training of the same inputs and world size is there; nothing to do (its checkpoint is
-      the result);
+    - ``done``: a finished training of the same inputs and world size is there; nothing to do (its checkpoint
+      is the result);
     - ``attach``: a Slurm job of an earlier attempt on the same inputs still runs: follow it, touch nothing
       (``resume`` says whether a job submitted in its place, should it have ended meanwhile, resumes);
     - ``resume``: an interrupted training of the same inputs left ``latest.pth``: continue from it;
@@ -57,7 +57,8 @@ def training_start(
 
 
 def _world_size(out: Path) -> int:
-    """The number of processes a finished training ran on (metrics.json; 1 where an early version left it out)."""
+    """The number of processes a finished training ran on (metrics.json; 1 where an early version left it
+    out)."""
     try:
         return int(json.loads((out / "metrics.json").read_text())["summary"].get("world_size", 1))
     except (OSError, ValueError, KeyError, TypeError):

@@ -9,8 +9,8 @@ re-fusing with earlier parameters finds that variant again. Nothing is overwritt
 Trained students and controls are kept the same way: ``student/<name>/<key>/`` (and
 ``control/<name>/<key>/``), ``key`` a fingerprint of what the training starts from (the pseudo-label
 variant, the model spec and overrides, the start checkpoint), with ``student/<name>/current.json``
-naming the one downstream stages use (:func:`i3cl_core.pipeline.workdir.current_model_dir`). Re-training after a re-fusion adds a
-folder; the earlier student, its lineage and its test score stay.
+naming the one downstream stages use (:func:`i3cl_core.pipeline.workdir.current_model_dir`). Re-training after
+a re-fusion adds a folder; the earlier student, its lineage and its test score stay.
 
 A work dir made before variants existed (``pseudo/train_lossweight.json``, ``student/<name>/checkpoints``
 directly) keeps loading: its files are read as a variant named ``legacy``.

@@ -2,7 +2,8 @@
 ``i3cl runs`` ask it.
 
     <work_dir>/
-      data.json                      the run's resolved data paths (a stage run without data parameters reuses them)
+      data.json                      the run's resolved data paths (a stage run without data
+                                     parameters reuses them)
       teachers/<name>/               one training per teacher; teachers/teachers.json lists their checkpoints
       predictions/<model>/           round 1's ensemble over the unlabeled images (members.json lists them)
       predictions_val/<model>/       ... and over the labeled validation split (where keep_thr is chosen)
@@ -92,8 +93,8 @@ class WorkDir:
         return self.root if ssl_round == 1 else self.root / "rounds" / f"r{ssl_round}"
 
     def later_rounds(self) -> list[int]:
-        """The rounds >= 2 that have a folder (``rounds/r2``, ``rounds/r10``; stray names such as ``r0``, ``r1``
-        or ``r02`` are not rounds), in order."""
+        """The rounds >= 2 that have a folder (``rounds/r2``, ``rounds/r10``; stray names such as ``r0``,
+        ``r1`` or ``r02`` are not rounds), in order."""
         folder = self.root / "rounds"
         found = [p.name[1:] for p in folder.glob("r*") if p.is_dir()] if folder.exists() else []
         return sorted(int(r) for r in found if r.isdigit() and int(r) >= 2 and r == str(int(r)))
@@ -158,7 +159,8 @@ class WorkDir:
         return str(done[0])
 
     def ensemble_models(self, ssl_round: int, with_teachers: bool = True) -> dict[str, str]:
-        """Round 1: the teachers. Round r > 1: round r-1's student (plus the teachers with ``with_teachers``)."""
+        """Round 1: the teachers. Round r > 1: round r-1's student (plus the teachers with
+        ``with_teachers``)."""
         if ssl_round == 1:
             return self.teachers()
         models = {f"student-r{ssl_round - 1}": self.student_checkpoint(ssl_round - 1)}

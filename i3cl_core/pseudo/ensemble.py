@@ -5,7 +5,8 @@ Layout written under ``--out``::
     images.json                       the unlabeled set (COCO images with sizes): IMAGES.json for fuse
     predictions/<model>/shard_00000.json   COCO results of one model on one shard, written atomically
     predictions/<model>/coverage.json      image ids the model has run on (written when it is complete)
-    predictions/<model>/inputs.stamp       the checkpoint's fingerprint, the shards and the settings they came from
+    predictions/<model>/inputs.stamp       the checkpoint's fingerprint, the shards and the settings
+                                           they came from
     members.json                      the prediction sources to fuse (ours, then --extra files)
 
 A shard file that exists is finished and is skipped on a re-run, so a killed ensemble resumes where

@@ -298,7 +298,8 @@ def write_report(
         ]
         for row in q["table"]:
             md.append(
-                f"| {row['source']} | {row['threshold']} | {row['precision']:.4f} | {row['recall']:.4f} | {row['hmean']:.4f} |"
+                f"| {row['source']} | {row['threshold']} | {row['precision']:.4f} | "
+                f"{row['recall']:.4f} | {row['hmean']:.4f} |"
             )
         md.append("")
     md += [f"![{k}]({Path(p).relative_to(report_dir)})" for k, p in pngs.items()]

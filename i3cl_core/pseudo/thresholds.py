@@ -46,7 +46,8 @@ def val_sweep(sources: list[str], images_json: str | os.PathLike, cfg) -> list[d
 
 
 def f_beta(precision: float, recall: float, beta: float) -> float:
-    """F-beta of ``precision`` and ``recall``: beta < 1 weighs precision more (recall counts beta times as much)."""
+    """F-beta of ``precision`` and ``recall``: beta < 1 weighs precision more (recall counts beta times as
+    much)."""
     b2 = beta * beta
     den = b2 * precision + recall
     return (1 + b2) * precision * recall / den if den > 0 else 0.0

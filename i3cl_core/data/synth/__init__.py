@@ -17,11 +17,30 @@ and 7 on the bottom edge (right to left), i.e. clockwise on screen, like CTW1500
 
 Public API: :func:`generate_dataset`, :func:`generate_demo`, :func:`render_sample`, :func:`find_cjk_font`.
 """
+
 from __future__ import annotations
 
 from i3cl_core.data.synth.dataset import CATEGORY, GENERATOR_VERSION, generate_dataset, generate_demo
 from i3cl_core.data.synth.fonts import find_cjk_font, find_latin_fonts, load_wordlist
-from i3cl_core.data.synth.render import DONTCARE, MAX_INSTANCES, MIN_INSTANCES, list_backgrounds, render_sample
+from i3cl_core.data.synth.render import (
+    DONTCARE,
+    MAX_INSTANCES,
+    MIN_INSTANCES,
+    list_backgrounds,
+    render_sample,
+)
 
-__all__ = ["CATEGORY", "DONTCARE", "GENERATOR_VERSION", "MAX_INSTANCES", "MIN_INSTANCES", "find_cjk_font",
-           "find_latin_fonts", "generate_dataset", "generate_demo", "list_backgrounds", "load_wordlist", "render_sample"]
+__all__ = [
+    "CATEGORY",
+    "DONTCARE",
+    "GENERATOR_VERSION",
+    "MAX_INSTANCES",
+    "MIN_INSTANCES",
+    "find_cjk_font",
+    "find_latin_fonts",
+    "generate_dataset",
+    "generate_demo",
+    "list_backgrounds",
+    "load_wordlist",
+    "render_sample",
+]

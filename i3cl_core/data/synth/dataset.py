@@ -1,12 +1,13 @@
 """Whole datasets: images rendered in worker processes, written with their COCO json
 (:func:`generate_dataset`), and the demo's splits (:func:`generate_demo`)."""
+
 from __future__ import annotations
 
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

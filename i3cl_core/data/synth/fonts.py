@@ -1,5 +1,6 @@
 """Fonts (DejaVu for Latin, a CJK font found with fc-list or ``$I3CL_CJK_FONT``), word lists, glyph
 rendering with a cache, and the random words and Chinese strings the generator draws."""
+
 from __future__ import annotations
 
 import functools
@@ -46,7 +47,7 @@ def _font_has_cjk(path: str) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def find_cjk_font() -> str | None:
     """Path of an installed font with Chinese glyphs, or None.
 
@@ -72,11 +73,13 @@ def find_cjk_font() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def find_latin_fonts() -> tuple[str, ...]:
     """Sorted Latin font files (DejaVu when installed). Empty tuple: use Pillow's bundled font."""
     fonts = sorted(
-        str(p) for p in LATIN_FONT_DIR.glob("DejaVu*.ttf") if "Math" not in p.name and "ExtraLight" not in p.name
+        str(p)
+        for p in LATIN_FONT_DIR.glob("DejaVu*.ttf")
+        if "Math" not in p.name and "ExtraLight" not in p.name
     )
     if not fonts:
         fonts = [p for p in _fc_list(":lang=en") if p.lower().endswith((".ttf", ".otf"))][:24]
@@ -100,7 +103,7 @@ def _resolve_cjk(cjk: bool | None) -> str | None:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_wordlist(name: str) -> tuple[str, ...]:
     """Words from the bundled list ``wordlists/<name>.txt`` (``en`` or ``zh``)."""
     path = Path(__file__).with_name("wordlists") / f"{name}.txt"
@@ -188,5 +191,3 @@ def _make_text(rng: np.random.Generator, chinese: bool) -> str:
         text = "".join(words[rng.integers(len(words))] for _ in range(nwords))
         return text[:10]
     return " ".join(_latin_token(rng) for _ in range(nwords))
-
-

@@ -1,11 +1,11 @@
 """Baseline curves (straight, arc, sine, cubic Bezier) parametrised by arc length, and the per-instance
 rotation and perspective transform."""
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
-
 
 # ------------------------------------------------------------------------------------------------ curves
 
@@ -122,5 +122,3 @@ def _instance_transform(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
 def _apply(hmat: np.ndarray, pts: np.ndarray) -> np.ndarray:
     q = np.concatenate([pts, np.ones((len(pts), 1))], 1) @ hmat.T
     return q[:, :2] / q[:, 2:3]
-
-

@@ -1,26 +1,36 @@
 """One synthetic image: text instances drawn along their curves onto a background, their polygons,
 colours with enough contrast, occluders, noise and blur (:func:`render_sample`)."""
+
 from __future__ import annotations
 
 import math
 import os
 import warnings
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from i3cl_core.data.polygons import polygon_area
 from i3cl_core.data.image_io import IMAGE_EXTENSIONS
+from i3cl_core.data.polygons import polygon_area
 from i3cl_core.data.synth.fonts import _glyph, _make_text, find_latin_fonts
 from i3cl_core.data.synth.geometry import _apply, _extrapolated, _instance_transform, _make_curve
 
 DONTCARE = "###"
 SKIMAGE_BACKGROUNDS = (
-    "astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina", "stereo_motorcycle",
-    "brick", "grass", "gravel",
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "retina",
+    "stereo_motorcycle",
+    "brick",
+    "grass",
+    "gravel",
 )
 # instances per image, share of deliberately unreadable instances
 MIN_INSTANCES, MAX_INSTANCES = 2, 8
@@ -243,6 +253,15 @@ def _contrast_colour(rng: np.random.Generator, bg: np.ndarray, min_diff: float =
 # ------------------------------------------------------------------------------------------------ one image
 
 
+def _warp_to_roi(m: np.ndarray, roi_h: np.ndarray, dsize: tuple[int, int]) -> np.ndarray:
+    """A uint8 text mask through the homography ``roi_h`` into a ``dsize`` region, as float32 in [0, 1]."""
+    import cv2  # deferred as in the rest of this module: OpenCV loads only when images are rendered
+
+    return (
+        cv2.warpPerspective(m, roi_h, dsize, flags=cv2.INTER_LINEAR, borderValue=0).astype(np.float32) / 255.0
+    )
+
+
 def render_sample(
     seed: int,
     index: int,
@@ -258,7 +277,6 @@ def render_sample(
     With ``return_debug=True`` a third item is returned: ``{"ink": [mask per annotation], "text_layer":
     union mask}``, boolean (H, W) arrays of the text ink (fill and outline) before compositing.
     """
-    import cv2
     from shapely.geometry import Polygon
 
     w, h = int(size[0]), int(size[1])
@@ -295,7 +313,9 @@ def render_sample(
             if fsize < (5 if dc_kind == "tiny" else 10):
                 continue
             tracking = min(tracking, 0.12 * fsize)
-        mask, outline, poly_local, kind = _render_local(text, font_path, fsize, tracking, kind, geo, outline_px)
+        mask, outline, poly_local, kind = _render_local(
+            text, font_path, fsize, tracking, kind, geo, outline_px
+        )
         lh, lw = mask.shape
         hmat = _instance_transform(geo, lw, lh)
         poly0 = _apply(hmat, poly_local)
@@ -311,9 +331,7 @@ def render_sample(
             shape = Polygon(cand)
             if not shape.is_valid or shape.area < 4:
                 break
-            if all(
-                shape.intersection(o).area <= MAX_OVERLAP * min(shape.area, o.area) for o in shapes
-            ):
+            if all(shape.intersection(o).area <= MAX_OVERLAP * min(shape.area, o.area) for o in shapes):
                 poly = cand
                 break
         if poly is None:
@@ -324,13 +342,9 @@ def render_sample(
         x1 = min(int(math.ceil(pmax[0] + tx)) + 3, w)
         y1 = min(int(math.ceil(pmax[1] + ty)) + 3, h)
         roi_h = np.array([[1, 0, -x0], [0, 1, -y0], [0, 0, 1]]) @ full
-
-        def warp(m: np.ndarray) -> np.ndarray:
-            dsize = (x1 - x0, y1 - y0)
-            return cv2.warpPerspective(m, roi_h, dsize, flags=cv2.INTER_LINEAR, borderValue=0).astype(np.float32) / 255.0
-
-        ink = warp(mask)
-        out = warp(outline) if outline is not None else None
+        dsize = (x1 - x0, y1 - y0)
+        ink = _warp_to_roi(mask, roi_h, dsize)
+        out = _warp_to_roi(outline, roi_h, dsize) if outline is not None else None
         placed.append(RenderedText(text, poly, ink, out, (x0, y0, x1, y1), dontcare, {"dc": dc_kind}))
         shapes.append(shape)
 
@@ -410,8 +424,17 @@ def _occlude(canvas: np.ndarray, placed: list[RenderedText], pix: np.random.Gene
         layer = np.zeros(canvas.shape[:2], np.uint8)
         shape = pix.integers(3)
         if shape == 0:
-            cv2.ellipse(layer, (int(cx), int(cy)), (int(r), int(r * pix.uniform(0.4, 1.0))),
-                        float(pix.uniform(0, 180)), 0, 360, 255, -1, cv2.LINE_AA)
+            cv2.ellipse(
+                layer,
+                (int(cx), int(cy)),
+                (int(r), int(r * pix.uniform(0.4, 1.0))),
+                float(pix.uniform(0, 180)),
+                0,
+                360,
+                255,
+                -1,
+                cv2.LINE_AA,
+            )
         elif shape == 1:
             ang = np.sort(pix.uniform(0, 2 * math.pi, size=5))
             pts = np.stack([cx + r * np.cos(ang), cy + r * np.sin(ang)], 1).astype(np.int32)
@@ -450,5 +473,3 @@ def _annotation(inst: RenderedText) -> dict:
         "iscrowd": 1 if inst.dontcare else 0,
         "transcription": DONTCARE if inst.dontcare else inst.text,
     }
-
-
