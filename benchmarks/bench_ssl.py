@@ -1,22 +1,23 @@
 """Does the semi-supervised loop help? A controlled benchmark where labels are scarce.
 
 Synthetic data (seed 0, ``--size`` px, 320 by default): 10 labeled train images (``--labeled``), 400 unlabeled
-images (their ground truth hidden: read only to measure), a labeled validation split of 100 images (every threshold
-is chosen there, as a user would) and 300 test images. Per seed (each seed has its own teachers and data order):
+images (their ground truth hidden: read only to measure), a labeled validation split of 100 images (every
+threshold is chosen there, as a user would) and 300 test images. Per seed (each seed has its own
+teachers and data order):
 
 1. teachers: two demo teachers (``--teachers``, by default teacher_a, I3CL, and teacher_b, its IntraCL-only
    variant) trained from scratch on the labeled images; 1,000 iterations each;
-2. ensemble: every teacher (with the test-time augmentation of ``--tta-flips``, h by default, and ``--tta-scales``) over
-   the unlabeled images and the validation split;
-3. fusion: Weighted Polygon Fusion; ``keep_thr`` is the best-F (``--set-fuse keep_thr_beta=0.5``: F0.5) threshold
-   of the fused validation predictions (``i3cl_core.pseudo.thresholds``);
-4. arms (default: control, ssl_strong_bg, ssl_r2, oracle, control_long), by default (``--protocol scratch``, the STAC
-   protocol) each trained from scratch with the first teacher's config, seed and 1,000-iteration schedule, only
-   the added images changed; the control is that teacher itself (the same training), so it costs no training.
-   ``--protocol continue`` starts every arm from the first teacher's checkpoint instead, with the same
-   iterations, learning rate and seed of the data order (the teacher's own final learning rate, no warm-up, no
-   decay, so no arm gains from a learning-rate restart; the control is that teacher's schedule continued, and
-   ``control - teacher`` < 1 F shows the start converged); control_r2 needs it:
+2. ensemble: every teacher (with the test-time augmentation of ``--tta-flips``, h by default, and
+   ``--tta-scales``) over the unlabeled images and the validation split;
+3. fusion: Weighted Polygon Fusion; ``keep_thr`` is the best-F (``--set-fuse keep_thr_beta=0.5``: F0.5)
+   threshold of the fused validation predictions (``i3cl_core.pseudo.thresholds``);
+4. arms (default: control, ssl_strong_bg, ssl_r2, oracle, control_long), by default (``--protocol scratch``,
+   the STAC protocol) each trained from scratch with the first teacher's config, seed and 1,000-iteration
+   schedule, only the added images changed; the control is that teacher itself (the same training), so it
+   costs no training. ``--protocol continue`` starts every arm from the first teacher's checkpoint instead,
+   with the same iterations, learning rate and seed of the data order (the teacher's own final learning rate,
+   no warm-up, no decay, so no arm gains from a learning-rate restart; the control is that teacher's schedule
+   continued, and ``control - teacher`` < 1 F shows the start converged); control_r2 needs it:
      control        labeled images only
      ssl            labeled + pseudo labels, each weighted by its lossweight
      ssl_uniform    labeled + the same pseudo labels, every weight 1 (isolates the weighting)
@@ -30,32 +31,36 @@ is chosen there, as a user would) and 300 test images. Per seed (each seed has i
                     is trained again with only those labels changed: from scratch (scratch protocol), or as
                     long again from the round-1 student (continue protocol)
      control_r2     round 2 of the control: as long again on the labeled images, from the control
-     ssl_online     as ssl_strong_bg, but a mean teacher (train.mean_teacher: an exponential moving average of the
-                    student) relabels the pseudo-labelled images online, the student learning its labels on a
-                    pixel-only strong view (augment: online); the fused labels seed it (--set-online KEY=VALUE)
+     ssl_online     as ssl_strong_bg, but a mean teacher (train.mean_teacher: an exponential moving average of
+                    the student) relabels the pseudo-labelled images online, the student learning its labels
+                    on a pixel-only strong view (augment: online); the fused labels seed it
+                    (--set-online KEY=VALUE)
      control_ema    its control: labeled images only, saved and scored as the same average of its weights
-     control_long   (--protocol scratch) the control trained twice as long, each epoch twice its iterations: how
-                    much more training alone would give, next to what the added images give
+     control_long   (--protocol scratch) the control trained twice as long, each epoch twice its iterations:
+                    how much more training alone would give, next to what the added images give
      ssl_long       (--protocol scratch) ssl_strong_bg trained twice as long, as control_long: compared with
-                    control_long (the same schedule) and with the control (the labeled images' better schedule)
-   The labeled images keep the default augmentation in every arm: the one thing an arm changes is what it adds.
+                    control_long (the same schedule) and with the control
+                    (the labeled images' better schedule)
+   The labeled images keep the default augmentation in every arm: the one thing an arm changes
+   is what it adds.
 5. every model on the validation split, where its best-F score threshold is chosen, and on the test
    split (ArT protocol), both at that threshold and at its own best test threshold (both printed).
 
-Prints the protocol, then one table: mean and spread (min..max) over seeds of F per arm, the paired differences
-per seed with the verdict (a gain holds only if its mean reaches the goal and every seed is positive), the
-headroom (oracle - control), the gate (pseudo labels' F on the unlabeled split next to the control's on the same
-images, and next to the best teacher's), and the share of unlabeled images each arm drew at least once.
+Prints the protocol, then one table: mean and spread (min..max) over seeds of F per arm, the paired
+differences per seed with the verdict (a gain holds only if its mean reaches the goal and every seed is
+positive), the headroom (oracle - control), the gate (pseudo labels' F on the unlabeled split next to the
+control's on the same images, and next to the best teacher's), and the share of unlabeled images each
+arm drew at least once.
 
     .venv/bin/python benchmarks/bench_ssl.py [--seeds 1 2 3] [--work-dir work_dirs/bench_ssl_l10]
         [--arms control ssl_strong_bg ...] [--set-arms key=value ...] [--set-fuse key=value ...]
         [--variant NAME] [--devices auto]
 
-On 2 idle CPU cores about 95 minutes per seed with the default arms (teachers 2 x 11 minutes at about 3 training
-images/s, ensemble 4, ssl_strong_bg, ssl_r2 and oracle 12 each, control_long 22, evaluations 5); finished trainings,
-ensemble shards and evaluations are reused when the benchmark runs again on the same work dir with the same
-settings (give the paths the same way: a relative and an absolute path are different inputs). ``--variant NAME``
-keeps a lever's run (its pseudo labels, arms and results) beside the others.
+On 2 idle CPU cores about 95 minutes per seed with the default arms (teachers 2 x 11 minutes at about 3
+training images/s, ensemble 4, ssl_strong_bg, ssl_r2 and oracle 12 each, control_long 22, evaluations 5);
+finished trainings, ensemble shards and evaluations are reused when the benchmark runs again on the same work
+dir with the same settings (give the paths the same way: a relative and an absolute path are different
+inputs). ``--variant NAME`` keeps a lever's run (its pseudo labels, arms and results) beside the others.
 ``benchmarks/gpu_ssl.sh`` runs it on a GPU at a larger scale.
 """
 
@@ -145,7 +150,8 @@ def train(
 
 
 def drawn_share(train_log: Path) -> list[int] | None:
-    """``[drawn, size]`` of the unlabeled set (data.train[1]) from the training's log, None when it has none."""
+    """``[drawn, size]`` of the unlabeled set (data.train[1]) from the training's log, None when it has
+    none."""
     if not train_log.exists():
         return None
     m = re.search(
@@ -198,7 +204,8 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
     )
 
     def ensemble(members: list[str], folder: str, suffix: str, kw: dict) -> tuple[dict, dict]:
-        """``members`` over the unlabeled images and the validation split (``<folder>_unlabeled<suffix>``, ...)."""
+        """``members`` over the unlabeled images and the validation split (``<folder>_unlabeled<suffix>``,
+        ...)."""
         u = run_ensemble(
             members,
             d["unlabeled_images"],
@@ -270,8 +277,9 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
         ],
     }
     arm_sets["ssl_long"] = arm_sets["ssl_strong_bg"]  # the same images and labels, twice the iterations
-    # the online arm: a mean teacher relabels the pseudo-labelled images as the student learns (from scratch it
-    # trains on the fused labels first, for train.mean_teacher.burn_in_iters; from a teacher it starts at once)
+    # the online arm: a mean teacher relabels the pseudo-labelled images as the student learns (from scratch
+    # it trains on the fused labels first, for train.mean_teacher.burn_in_iters; from a teacher it starts
+    # at once)
     online_overrides = [
         "train.mean_teacher.enabled=true",
         *([] if args.protocol == "scratch" else ["train.mean_teacher.burn_in_iters=0"]),
@@ -292,7 +300,8 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
     long_arms = {"control_long", "ssl_long"} & set(args.arms)
     if long_arms and iters_per_epoch is None:
         sys.exit(
-            f"--arms {' '.join(sorted(long_arms))}: the arms' config needs train.iters_per_epoch (it doubles it)"
+            f"--arms {' '.join(sorted(long_arms))}: the arms' config needs train.iters_per_epoch "
+            "(it doubles it)"
         )
     round2 = None
     for arm in args.arms:
@@ -327,8 +336,8 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
                 "keep_thr": s2["keep_thr"],
                 "pseudo_labels": s2["pseudo_labels"],
             }
-            # the round-1 arm's training with only its labels changed: from scratch under the scratch protocol,
-            # from the round-1 student (as long again) under the continue protocol
+            # the round-1 arm's training with only its labels changed: from scratch under the scratch
+            # protocol, from the round-1 student (as long again) under the continue protocol
             r2_sets = [{**arm_sets[r1][0], "ann_file": str(pseudo2)}]
             if args.protocol == "scratch":
                 arm_ckpts[arm] = train(arm_config, arm_dir / arm, d["labeled"] + r2_sets, arm_overrides)
@@ -439,10 +448,10 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
     return result
 
 
-# every arm: same start, same number of iterations (12 epochs x 25 iterations of 2 images), same learning rate and
-# seed. "continue": the teacher's final learning rate (5e-4 x 0.1 after its decay), constant, no warm-up: the
-# arms continue the teacher's schedule without a restart. "restart": the student config's own schedule (2.5e-4 with
-# warm-up and a decay), as the pipeline trains its student.
+# every arm: same start, same number of iterations (12 epochs x 25 iterations of 2 images), same learning rate
+# and seed. "continue": the teacher's final learning rate (5e-4 x 0.1 after its decay), constant, no warm-up:
+# the arms continue the teacher's schedule without a restart. "restart": the student config's own schedule
+# (2.5e-4 with warm-up and a decay), as the pipeline trains its student.
 ARM_SCHEDULES = {
     "continue": [
         "train.epochs=12",
@@ -468,13 +477,19 @@ def spread(values: list[float]) -> str:
 
 
 PROTOCOL_TEXT = {
-    "continue": "arms start from the first teacher at its final learning rate (constant 5e-5, no warm-up, fresh AdamW "
-    "moments), the same iterations each; the control is the teacher's schedule continued (convergence: "
-    "control - teacher < 1 F)",
-    "scratch": "every arm trains from scratch with the first teacher's config, seed and schedule (1,000 iterations), "
-    "only the added images changed; the control is that teacher itself (the STAC protocol)",
-    "restart": "arms start from the first teacher with the student config's schedule (lr 2.5e-4, warm-up, decay): "
-    "every arm, the control included, also gains from the learning-rate restart",
+    "continue": (
+        "arms start from the first teacher at its final learning rate (constant 5e-5, no warm-up, fresh "
+        "AdamW moments), the same iterations each; the control is the teacher's schedule continued "
+        "(convergence: control - teacher < 1 F)"
+    ),
+    "scratch": (
+        "every arm trains from scratch with the first teacher's config, seed and schedule (1,000 "
+        "iterations), only the added images changed; the control is that teacher itself (the STAC protocol)"
+    ),
+    "restart": (
+        "arms start from the first teacher with the student config's schedule (lr 2.5e-4, warm-up, decay): "
+        "every arm, the control included, also gains from the learning-rate restart"
+    ),
 }
 
 
@@ -482,15 +497,16 @@ def print_table(results: list[dict], args) -> None:
     w = 104
     print("\n" + "=" * w)
     print(
-        f"SSL benchmark: {args.labeled} labeled / {args.unlabeled} unlabeled / {args.val} val / {args.test} test images "
-        f"at {args.size} px, seeds {[r['seed'] for r in results]}"
+        f"SSL benchmark: {args.labeled} labeled / {args.unlabeled} unlabeled / {args.val} val / "
+        f"{args.test} test images at {args.size} px, seeds {[r['seed'] for r in results]}"
     )
     print(
-        f"protocol: {PROTOCOL_TEXT[args.protocol]}; the labeled images keep the default augmentation in every arm; "
-        f"every threshold chosen on the validation split, never on the unlabeled ground truth"
+        f"protocol: {PROTOCOL_TEXT[args.protocol]}; the labeled images keep the default augmentation in "
+        f"every arm; every threshold chosen on the validation split, never on the unlabeled ground truth"
     )
     print(
-        f"{'row':<28} {'F at val thr (min..max)':>24} {'P':>6} {'R':>6}  per seed            | best test F (min..max)"
+        f"{'row':<28} {'F at val thr (min..max)':>24} {'P':>6} {'R':>6}  per seed            "
+        "| best test F (min..max)"
     )
     print("-" * w)
     rows = [f"teacher:{n}" for n in args.teachers] + list(args.arms)
@@ -502,7 +518,8 @@ def print_table(results: list[dict], args) -> None:
         fb = [v["best_hmean"] for v in vals]
         print(
             f"{row:<28} {spread(fv):>24} {statistics.fmean(v['precision_at_val_thr'] for v in vals):>6.3f} "
-            f"{statistics.fmean(v['recall_at_val_thr'] for v in vals):>6.3f}  {' '.join(f'{x:.3f}' for x in fv):<19} | "
+            f"{statistics.fmean(v['recall_at_val_thr'] for v in vals):>6.3f}  "
+            f"{' '.join(f'{x:.3f}' for x in fv):<19} | "
             f"{spread(fb)}"
         )
     print("-" * w)
@@ -519,7 +536,8 @@ def print_table(results: list[dict], args) -> None:
                 f"goal >= {goal:+.3f}, every seed > 0, >= 3 seeds: {'HOLDS' if holds else 'not reached'}"
             )
         print(
-            f"{a + ' - ' + b:<28} {spread(d):>24}  per seed {' '.join(f'{x:+.3f}' for x in d)}  {verdict}{what}"
+            f"{a + ' - ' + b:<28} {spread(d):>24}  per seed "
+            f"{' '.join(f'{x:+.3f}' for x in d)}  {verdict}{what}"
         )
 
     first = f"teacher:{args.teachers[0]}"
@@ -554,21 +572,24 @@ def print_table(results: list[dict], args) -> None:
     print("-" * w)
     pf = [r["pseudo"]["hmean"] for r in results]
     print(
-        f"{'pseudo labels vs hidden GT':<28} {spread(pf):>24} {statistics.fmean(r['pseudo']['precision'] for r in results):>6.3f} "
-        f"{statistics.fmean(r['pseudo']['recall'] for r in results):>6.3f}  keep_thr {[r['keep_thr'] for r in results]}"
+        f"{'pseudo labels vs hidden GT':<28} {spread(pf):>24} "
+        f"{statistics.fmean(r['pseudo']['precision'] for r in results):>6.3f} "
+        f"{statistics.fmean(r['pseudo']['recall'] for r in results):>6.3f}  "
+        f"keep_thr {[r['keep_thr'] for r in results]}"
     )
     best_t = [max(v["hmean"] for v in r["teachers_on_unlabeled"].values()) for r in results]
     for n in args.teachers:
         tf = [r["teachers_on_unlabeled"][n]["hmean"] for r in results]
         print(
-            f"{'teacher ' + n + ' on unlabeled':<28} {spread(tf):>24}  (its best threshold there: an upper bound)"
+            f"{'teacher ' + n + ' on unlabeled':<28} {spread(tf):>24}  "
+            "(its best threshold there: an upper bound)"
         )
     gates = [r["gate"]["control_hmean"] for r in results if r.get("gate")]
     if gates:
         print(f"{'control on unlabeled':<28} {spread(gates):>24}  (its best threshold there: an upper bound)")
         print(
-            f"{'gate: pseudo - control':<28} {spread([p - g for p, g in zip(pf, gates)]):>24}  (>= 0 wanted: labels "
-            "worse than what the student already predicts cannot teach it)"
+            f"{'gate: pseudo - control':<28} {spread([p - g for p, g in zip(pf, gates)]):>24}  "
+            "(>= 0 wanted: labels worse than what the student already predicts cannot teach it)"
         )
     print(
         f"{'pseudo - best teacher':<28} {spread([p - b for p, b in zip(pf, best_t)]):>24}  (goal >= +0.020)"
@@ -584,12 +605,13 @@ def print_table(results: list[dict], args) -> None:
             f"keep_thr {[r['round2']['keep_thr'] for r in results]}"
         )
         print(
-            f"{'round-2 pseudo - best teacher':<28} {spread([p - b for p, b in zip(p2, best_t)]):>24}  (goal >= "
-            "+0.020; per seed " + " ".join(f"{p - b:+.3f}" for p, b in zip(p2, best_t)) + ")"
+            f"{'round-2 pseudo - best teacher':<28} {spread([p - b for p, b in zip(p2, best_t)]):>24}  "
+            "(goal >= +0.020; per seed " + " ".join(f"{p - b:+.3f}" for p, b in zip(p2, best_t)) + ")"
         )
         if gates:
             print(
-                f"{'round-2 pseudo - control':<28} {spread([p - g for p, g in zip(p2, gates)]):>24}  (the gate)"
+                f"{'round-2 pseudo - control':<28} {spread([p - g for p, g in zip(p2, gates)]):>24}  "
+                "(the gate)"
             )
     print("-" * w)
     for arm in args.arms:
@@ -668,8 +690,9 @@ def main() -> None:
     ap.add_argument(
         "--variant",
         default="",
-        help="name of a lever's run: its pseudo labels, arms, evaluations and results go to folders and files "
-        "with this suffix, so the runs of other settings are kept (the teachers and the ensemble are shared)",
+        help="name of a lever's run: its pseudo labels, arms, evaluations and results go to folders and "
+        "files with this suffix, so the runs of other settings are kept (the teachers and the ensemble "
+        "are shared)",
     )
     ap.add_argument("--set-teachers", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--set-arms", action="append", default=[], metavar="KEY=VALUE")
@@ -682,7 +705,8 @@ def main() -> None:
     for arm in ("control_long", "ssl_long"):
         if arm in args.arms and args.protocol != "scratch":
             ap.error(
-                f"--arms: {arm} is a scratch-protocol arm (twice the teacher's schedule); use --protocol scratch"
+                f"--arms: {arm} is a scratch-protocol arm (twice the teacher's schedule); "
+                "use --protocol scratch"
             )
     if args.protocol == "scratch" and "control_r2" in args.arms:
         ap.error(
