@@ -4,6 +4,7 @@ pseudo-label report, the run summary) and table artifacts, each kept under a siz
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 from pathlib import Path
@@ -11,7 +12,10 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from i3cl_core.pipeline.run_summary import write_summary
+from i3cl_core.pipeline.variants import compare
 from i3cl_core.pipeline.workdir import FUSION_REPORT, WorkDir
+from i3cl_core.pseudo.report import training_curve_png
 
 
 def slug(text: str) -> str:
@@ -23,9 +27,7 @@ ARTIFACT_BUDGET = 450_000  # bytes of markdown per artifact (pictures included):
 
 def _image_uri(path: str | Path, max_side: int = 560, quality: int = 80) -> str:
     """A compact JPEG thumbnail of ``path`` as a data URI (charts and sample pictures alike)."""
-    import io
-
-    from PIL import Image
+    from PIL import Image  # deferred: Pillow loads only when a thumbnail is made
 
     with Image.open(path) as im:
         im = im.convert("RGB")
@@ -59,8 +61,6 @@ def markdown_with_images(
 
 def training_curve_artifact(name: str, out: Path, when: str) -> None:
     """The training's loss and learning-rate curve as a markdown artifact (one version per epoch)."""
-    from i3cl_core.pseudo.report import training_curve_png
-
     try:
         png = training_curve_png(out / "metrics.jsonl", out / "train_curve.png", f"{name} ({when})")
     except Exception as e:  # a figure must never stop a training
@@ -123,8 +123,6 @@ def pseudo_label_artifacts(variant_dir: Path, summary: dict, ssl_round: int = 1)
 
 def pseudo_variants_artifact(wd: Path, pseudo_dir: Path, ssl_round: int) -> None:
     """A table of every fused variant of one round's pseudo labels and the models trained on each."""
-    from i3cl_core.pipeline.variants import compare
-
     rows = [
         {
             "variant": r["variant"] + (" (current)" if r["current"] else ""),
@@ -148,8 +146,6 @@ def pseudo_variants_artifact(wd: Path, pseudo_dir: Path, ssl_round: int) -> None
 
 def summary_artifact(wd: Path, summary: dict) -> None:
     """summary.md with its figures, and the same as the parent run's markdown artifact."""
-    from i3cl_core.pipeline.run_summary import write_summary
-
     written = write_summary(wd, summary, json.loads(WorkDir(wd).data_file.read_text()))
     text = markdown_with_images("SSL pipeline summary", written["blocks"], written["text_head"].strip())
     create_markdown_artifact(text, key="ssl-pipeline-summary", description="final table, figures and samples")

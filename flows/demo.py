@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from flows.progress import ProgressView, scan
+from flows.server import LocalServer, free_port
 from i3cl_core.pipeline.workdir import WorkDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +32,7 @@ def wait_for_deployments(env: dict, names: list[str], timeout: float = 120) -> N
     os.environ.update(
         {k: env[k] for k in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")}
     )
+    # deferred: Prefect reads its settings at import; they are set in os.environ first
     from prefect import get_client
 
     deadline = time.time() + timeout
@@ -47,10 +50,9 @@ def wait_for_deployments(env: dict, names: list[str], timeout: float = 120) -> N
 def follow(run_id, work_dir: str | None = None, poll: float = 2.0, plain_every: float = 30.0):
     """Print each stage as it changes state and, from the work dir, each training's and each ensemble
     model's progress (flows/progress.py); return the final flow run."""
+    # deferred: Prefect reads its settings at import; they are set in os.environ first
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
-
-    from flows.progress import ProgressView, scan
 
     view = ProgressView(plain_every=plain_every)
     seen: dict = {}
@@ -153,8 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
 
-    from flows.server import LocalServer, free_port
-
     os.chdir(REPO)
     server = LocalServer(args.prefect_home, port=free_port(args.port))
     print(f"starting a local Prefect server on {server.url} (SQLite in {server.home}) ...", flush=True)
@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             "running ssl-pipeline/default ...",
             flush=True,
         )
+        # deferred: Prefect reads its settings at import (set above)
         from prefect.deployments import run_deployment
 
         params = {

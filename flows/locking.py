@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prefect.runtime import flow_run
+
 from i3cl_core import workdir_lock
 from i3cl_core.pipeline import stages
 
@@ -15,8 +17,6 @@ def open_work_dir(work_dir: str, create: bool = True) -> Path:
     """:func:`stages.check_work_dir` plus the work dir's lock (one writer at a time: a second run on the same
     work dir refuses at once, naming this one), held until the flow run ends (:func:`_unlock`); the
     ssl-pipeline and the stage flows it calls share it."""
-    from prefect.runtime import flow_run
-
     holder = f"flow run {flow_run.flow_name}/{flow_run.name} ({flow_run.id})"
     if str(flow_run.id) in _LOCKED_BY:  # this flow run holds it already
         return stages.check_work_dir(work_dir, create=create)

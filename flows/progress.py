@@ -8,13 +8,14 @@ per activity every ``plain_every`` seconds, so that CI logs and ``tee`` stay rea
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from i3cl_core.pipeline.workdir import COVERAGE, PLAN
+from i3cl_core.pipeline.workdir import COVERAGE, PLAN, WorkDir, model_runs
 
 TRAIN_LINE = re.compile(r"epoch (\d+)/(\d+) iter (\d+)/(\d+) loss ([0-9.naninf]+).*?([0-9.]+) img/s")
 
@@ -42,8 +43,6 @@ def _last_match(path: Path, pattern: re.Pattern, tail_bytes: int = 4096):
 
 def scan(work_dir: Path) -> list[Activity]:
     """Every training and every ensemble model of the work dir that has started, with its progress."""
-    from i3cl_core.pipeline.workdir import WorkDir, model_runs
-
     wd = Path(work_dir)
     layout = WorkDir(wd)
     out = []
@@ -80,8 +79,6 @@ def scan(work_dir: Path) -> list[Activity]:
 
 
 def _planned_shards(plan: Path) -> int | None:
-    import json
-
     try:
         return int(json.loads(plan.read_text())["shards"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -101,6 +98,7 @@ class ProgressView:
         self._progress = None
         self._tasks: dict[str, int] = {}
         if self.tty:
+            # deferred: rich loads only for the live view
             from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 

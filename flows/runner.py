@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 
+from i3cl_core.engine.launch import SlurmJob, sbatch_script
 from i3cl_core.utils import terminate_with_parent
 
 PROGRESS = re.compile(r"epoch (\d+)/(\d+) iter (\d+)/(\d+)")
@@ -108,8 +109,6 @@ def run_slurm(
     """One training as a Slurm job. ``attach``: a job this work_dir submitted earlier for the same
     inputs that is still queued or running is followed instead of submitting another; otherwise such
     a job is cancelled first. Returns the job's exit code."""
-    from i3cl_core.engine.launch import SlurmJob, sbatch_script
-
     job = SlurmJob.recorded(out_dir)
     if job is not None and not attach:
         log_line(f"cancelling slurm job {job.job_id}: it trains on earlier inputs")

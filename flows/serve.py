@@ -12,7 +12,7 @@ import argparse
 
 
 def deployments():
-    from flows.pipeline import ALL_FLOWS
+    from flows.pipeline import ALL_FLOWS  # deferred: pulls prefect (serve --help stays fast)
 
     return [f.to_deployment(name="default", tags=["i3cl"]) for f in ALL_FLOWS]
 
@@ -21,7 +21,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=2, help="flow runs at once in this process")
     args = ap.parse_args()
-    from prefect import serve
+    from prefect import serve  # deferred: prefect loads only when serving
 
     serve(*deployments(), limit=args.limit)
 

@@ -13,6 +13,7 @@ tasks of :mod:`flows.tasks` and publishes artifacts (:mod:`flows.artifacts`).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from prefect import flow
@@ -30,7 +31,10 @@ from flows.tasks import (
     run_cached,
     train_spec,
 )
+from i3cl_core.devices import resolve_devices
 from i3cl_core.infer.dask_cluster import check_dask_cluster, local_dask_cluster_kwargs
+from i3cl_core.infer.shards import Shard
+from i3cl_core.infer.workers import release_device_workers
 from i3cl_core.pipeline import stages, variants
 from i3cl_core.pipeline.data import resolve_data
 from i3cl_core.pipeline.errors import PipelineError
@@ -79,14 +83,10 @@ def _infer_all(
 ) -> dict:
     """One task per (model, shard), model by model, so that each inference worker loads a model once
     and keeps it for that model's shards; with Dask each task requests one ``infer.dask_resource``."""
-    import contextlib
-
-    from i3cl_core.infer.shards import Shard
-
     storage = result_storage(Path(wd))
     resources = contextlib.nullcontext()
     if (infer.dask_address or infer.dask_workers) and infer.dask_resource:
-        import dask
+        import dask  # deferred: optional [dask] extra
 
         resources = dask.annotate(resources={infer.dask_resource: 1})
     futures = {}
@@ -124,15 +124,13 @@ def _task_runner(infer: InferParams):
     """The engine the shard tasks run on: a thread pool with one thread per inference worker (one per
     ``infer.devices`` entry), an existing Dask scheduler, or a local Dask cluster started for the stage."""
     if not (infer.dask_address or infer.dask_workers):
-        from i3cl_core.devices import resolve_devices
-
         try:
             devices = resolve_devices(infer.devices)
         except ValueError as e:
             raise PipelineError(str(e)) from None
         return ThreadPoolTaskRunner(max_workers=len(devices)), devices
     try:
-        from prefect_dask import DaskTaskRunner
+        from prefect_dask import DaskTaskRunner  # deferred: optional [dask] extra
     except ImportError:
         raise PipelineError(
             "infer.dask_address / infer.dask_workers need prefect-dask: pip install 'i3cl[dask]'"
@@ -187,8 +185,6 @@ def ensemble_inference(
                 dask_local=bool(infer.dask_workers),
             )
         finally:  # the models the thread-pool workers kept: free them (and the GPUs) for the trainings
-            from i3cl_core.infer.workers import release_device_workers
-
             release_device_workers()
         members = finish_split(split, models)
         result[split.name] = {"members": members, "shards": len(split.shards), "detections": detections}

@@ -7,16 +7,19 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import get_client, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.runtime import flow_run
 
 from flows.artifacts import slug, training_curve_artifact
 from flows.runner import run_slurm, run_streaming
+from i3cl_core.engine.launch import SlurmLauncher, TorchrunLauncher
 from i3cl_core.infer.shards import ShardSettings
 from i3cl_core.pipeline import stages, variants
 from i3cl_core.pipeline.errors import PipelineError
 from i3cl_core.pipeline.params import FuseConfig, ModelSpec, TrainParams
+from i3cl_core.pipeline.training import training_start
 from i3cl_core.pipeline.workdir import WorkDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,15 +43,11 @@ def config_path_of(p: str) -> str:
 def cancelled_checker():
     """A function that tells whether the root flow run is being cancelled (read the run id here, in
     the task's thread, where Prefect's context is available)."""
-    from prefect.runtime import flow_run
-
     root = flow_run.root_flow_run_id
     if not root:
         return None
 
     def cancelled() -> bool:
-        from prefect import get_client
-
         with get_client(sync_client=True) as client:
             state = client.read_flow_run(root).state
             return bool(state and (state.is_cancelling() or state.is_cancelled()))
@@ -57,8 +56,6 @@ def cancelled_checker():
 
 
 def flow_run_id() -> str | None:
-    from prefect.runtime import flow_run
-
     return str(flow_run.id) if flow_run.id else None
 
 
@@ -82,9 +79,6 @@ def train_model(
 ) -> str:
     """One training, launched by ``launcher`` (torchrun here, or a Slurm job); returns the checkpoint
     path. How it is launched is not part of the cache key: the same inputs give the same model."""
-    from i3cl_core.engine.launch import SlurmLauncher, TorchrunLauncher
-    from i3cl_core.pipeline.training import training_start
-
     launch = (
         SlurmLauncher(**launcher)
         if (launcher or {}).get("kind") == "slurm"

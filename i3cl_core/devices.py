@@ -13,7 +13,7 @@ def resolve_device(name: str = "auto", field: str = "device", local_rank: int | 
     ``cuda`` (the first GPU) or ``cuda:N``. Under torchrun (``local_rank`` given) a CUDA device is the
     process's own GPU, ``cuda:LOCAL_RANK``. A name that is not a device, or a GPU this machine does not
     have, is a ``ValueError`` naming ``field``."""
-    import torch  # deferred: the pipeline's flows resolve devices without loading torch at import
+    import torch  # deferred: the flows and CLI import this module without loading torch
 
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,7 +38,7 @@ def resolve_devices(
     """The devices of a list of workers: ``auto`` is every visible GPU (``cuda:0`` .. ``cuda:N-1``), else one
     CPU worker; a list is checked entry by entry with :func:`resolve_device` (an entry may repeat: two
     workers on one device)."""
-    import torch
+    import torch  # deferred: the flows and CLI import this module without loading torch
 
     if spec == "auto" or spec == ["auto"]:
         visible = torch.cuda.device_count() if torch.cuda.is_available() else 0

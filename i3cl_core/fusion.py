@@ -196,7 +196,7 @@ def resample_many(polys: list[np.ndarray], n: int = RESAMPLE_POINTS) -> np.ndarr
 
 def _geometry(points: np.ndarray):
     """(shapely geometry, whether ``points`` form a simple polygon); invalid ones are made valid."""
-    import shapely
+    import shapely  # deferred: shapely loads on first use (importing fusion stays light)
 
     g = shapely.polygons(points)
     if shapely.is_valid(g):
@@ -206,7 +206,7 @@ def _geometry(points: np.ndarray):
 
 def _geometries(polys: list[np.ndarray]) -> list:
     """Valid shapely polygons for many point arrays at once (vectorised creation and checks)."""
-    import shapely
+    import shapely  # deferred: shapely loads on first use (importing fusion stays light)
 
     if not polys:
         return []
@@ -224,7 +224,7 @@ def mean_shape_polygon(
     members: list[Member], resolution: int = MEAN_SHAPE_RESOLUTION, epsilon: float = 0.002
 ) -> np.ndarray | None:
     """The weighted mean shape of the members (see the module docstring); None if it is empty."""
-    import cv2
+    import cv2  # deferred: OpenCV loads only when mean shapes are computed
 
     allpts = np.concatenate([m.polygon for m in members])
     s = resolution / max(float(np.ptp(allpts[:, 0])), float(np.ptp(allpts[:, 1])), 1e-6)
@@ -301,7 +301,7 @@ def cluster_predictions(
     model's own overlapping detections start clusters of their own instead of joining, and lowering, the
     cluster of its better detection), as for the views of one model under test-time augmentation.
     """
-    import shapely
+    import shapely  # deferred: shapely loads on first use (importing fusion stays light)
 
     k = len(predictions)
     weights = np.ones(k) if weights is None else np.asarray(weights, dtype=np.float64)

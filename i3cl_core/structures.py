@@ -27,6 +27,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 
 class Instances:
     """Fields of equal length, indexed together (in the spirit of detectron2's ``Instances``)."""
@@ -127,12 +129,10 @@ class Instances:
             if isinstance(first, list):
                 out._fields[name] = [x for v in values for x in v]
             elif hasattr(first, "new_empty"):  # torch tensor
-                import torch
+                import torch  # deferred: numpy-only users of Instances never load torch
 
                 out._fields[name] = torch.cat(values)
             else:
-                import numpy as np
-
                 out._fields[name] = np.concatenate(values)
         return out
 
@@ -156,7 +156,7 @@ def _for_array(item, value):
         return item
     is_tensor = hasattr(value, "new_empty")
     if is_tensor and not hasattr(item, "new_empty"):
-        import torch
+        import torch  # deferred: numpy-only users of Instances never load torch
 
         return torch.as_tensor(item, device=value.device)
     if not is_tensor and hasattr(item, "new_empty"):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno as errno_mod
 import hashlib
 import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -239,9 +241,6 @@ def die_with_parent(sig: int | None = None) -> None:
     """Ask the kernel to send ``sig`` (default SIGKILL) to this process when its parent dies (Linux
     ``prctl(PR_SET_PDEATHSIG)``; a no-op elsewhere). Called in DataLoader workers and in the children the
     training task starts, so that a ``kill -9`` of the parent leaves no process behind."""
-    import ctypes
-    import signal
-
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL if sig is None else sig))
     except (OSError, AttributeError):
@@ -251,8 +250,6 @@ def die_with_parent(sig: int | None = None) -> None:
 def terminate_with_parent() -> None:
     """``preexec_fn`` for a child that runs torchrun: SIGTERM when its parent dies (torchrun then stops its
     trainers, which stop their DataLoader workers the same way)."""
-    import signal
-
     die_with_parent(signal.SIGTERM)
 
 

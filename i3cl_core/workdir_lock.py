@@ -43,7 +43,7 @@ def acquire(work_dir: str | os.PathLike, holder: str) -> Path:
     """Take the lock of ``work_dir`` (created if missing) for ``holder`` (e.g. "flow run ssl-pipeline/abc",
     "i3cl train configs/x.yaml"); raises :class:`WorkDirLocked` naming the live holder. Returns the lock
     file."""
-    import fcntl
+    import fcntl  # deferred: POSIX-only; the CLI imports this module on every platform
 
     wd = Path(work_dir).resolve()
     key = str(wd)
@@ -106,7 +106,7 @@ def release(work_dir: str | os.PathLike) -> None:
     """Give back one hold of this process on ``work_dir``'s lock; the last one empties the lock file (a clean
     end: the next writer takes it without a note) and unlocks; a folder that the lock created and nothing else
     wrote into is removed again. No-op when this process does not hold it."""
-    import fcntl
+    import fcntl  # deferred: POSIX-only; the CLI imports this module on every platform
 
     key = str(Path(work_dir).resolve())
     with _guard:

@@ -16,6 +16,10 @@ import argparse
 import importlib
 import sys
 
+from i3cl_core import __version__
+from i3cl_core.data.errors import DatasetError
+from i3cl_core.model.errors import CheckpointError
+
 # subcommand -> (its module in this package, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": (
@@ -85,8 +89,6 @@ def _load(module: str):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="i3cl", description="I3CL arbitrary-shaped scene text detection")
-    from i3cl_core import __version__
-
     parser.add_argument("--version", action="version", version=f"i3cl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
@@ -116,15 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    # deferred: config pulls pydantic (--help exits before); the lock keeps `import i3cl_core.cli` small
     from i3cl_core.config import ConfigError
-    from i3cl_core.data.errors import DatasetError
-    from i3cl_core.model.errors import CheckpointError
     from i3cl_core.workdir_lock import WorkDirLocked, locked
 
     out_dir = getattr(args, "out", None) if args.command in WRITES_OUT_DIR else None
     try:
         if getattr(args, "exif_transpose", False):
-            from i3cl_core.data.image_io import set_exif_transpose
+            from i3cl_core.data.image_io import set_exif_transpose  # deferred: pulls numpy; this flag only
 
             set_exif_transpose(True)  # the environment carries it to DataLoader workers and torchrun children
         if out_dir:

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from i3cl_core.data.browse import browse_dataset
+    from i3cl_core.data.browse import browse_dataset  # deferred: i3cl --help loads every command module
 
     written = browse_dataset(
         args.ann,

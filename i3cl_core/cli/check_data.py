@@ -4,6 +4,7 @@ checked before training (:mod:`i3cl_core.data.check`)."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from i3cl_core.cli.options import add_set_option
 
@@ -18,8 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
+    # deferred: i3cl --help loads every command module; the library loads on run
     from i3cl_core.config import load_config
     from i3cl_core.data.check import check_sources, config_sources
 

@@ -15,6 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: pydantic; i3cl --help loads every command module
     from i3cl_core.config import config_to_dict, load_config
 
     cfg = load_config(args.config, args.overrides)

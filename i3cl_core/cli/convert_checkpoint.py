@@ -20,6 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: i3cl --help loads every command module; the library loads on run
     from i3cl_core.config import load_config
     from i3cl_core.model.convert import convert_checkpoint
 

@@ -4,8 +4,11 @@ our COCO layout (:func:`i3cl_core.data.convert.convert`; the formats are in :mod
 from __future__ import annotations
 
 import argparse
+import sys
 
-from i3cl_core.data.convert import FORMATS
+from i3cl_core.data.convert import FORMATS, convert
+from i3cl_core.data.errors import DatasetError
+from i3cl_core.data.validate import write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,12 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
-    from i3cl_core.data.convert import convert
-    from i3cl_core.data.errors import DatasetError
-    from i3cl_core.data.validate import write_json
-
     if args.img_root is None and not args.no_images:
         raise DatasetError("--img-root is required (or --no-images to convert the annotations alone)")
     dataset, stats = convert(

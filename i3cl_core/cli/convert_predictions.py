@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from i3cl_core.pseudo.external import EXTERNAL_FORMATS
+from i3cl_core.pseudo.external import EXTERNAL_FORMATS, convert_predictions, skipped_message
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from i3cl_core.pseudo.external import convert_predictions, skipped_message
-
     stats = convert_predictions(args.format, args.pred, args.images, args.out, encoding=args.encoding)
     if stats.get("unknown_images"):
         print(

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from i3cl_core.infer.precision import PRECISIONS
+from i3cl_core.data.errors import DatasetError
+from i3cl_core.devices import resolve_devices
+from i3cl_core.infer.precision import PRECISIONS, resolve_precision
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,10 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from i3cl_core.data.errors import DatasetError
-    from i3cl_core.devices import resolve_devices
-    from i3cl_core.infer.precision import resolve_precision
-    from i3cl_core.pseudo.ensemble import run_ensemble
+    from i3cl_core.pseudo.ensemble import run_ensemble  # deferred: pydantic; i3cl --help loads every command
 
     for flag, value in (("--shard-size", args.shard_size), ("--batch-size", args.batch_size)):
         if value < 1:
@@ -92,8 +92,6 @@ def run(args: argparse.Namespace) -> int:
     )
     print(json.dumps(summary))
     if summary["num_unreadable"]:
-        import sys
-
         print(
             f"i3cl ensemble: {summary['num_unreadable']} of {summary['listed']} images could not be read; "
             f"first: {summary['unreadable'][0]}",

@@ -15,8 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
+from i3cl_core.data.errors import DatasetError
 from i3cl_core.evaluation.protocols import PROTOCOLS
+from i3cl_core.utils import atomic_write_json
 
 PROTOCOL_CHOICES = (*PROTOCOLS, "all")
 GT_FORMATS = "a COCO dataset json or an ArT json ({'gt_<n>': [...]})"
@@ -89,8 +92,6 @@ def _options(protocol: str, args) -> dict:
 def _parse_thresholds(text: str | None):
     if text is None:
         return None
-    from i3cl_core.data.errors import DatasetError
-
     try:
         return [float(t) for t in text.split(",") if t.strip()]
     except ValueError as e:
@@ -98,10 +99,8 @@ def _parse_thresholds(text: str | None):
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from i3cl_core.data.errors import DatasetError
-    from i3cl_core.evaluation.core import PROTOCOLS, prepare
+    # deferred: shapely; i3cl --help loads every command module
+    from i3cl_core.evaluation.core import prepare
     from i3cl_core.evaluation.io import load_ground_truth, load_predictions
 
     for flag, path, formats in (("--gt", args.gt, GT_FORMATS), ("--pred", args.pred, PRED_FORMATS)):
@@ -122,7 +121,7 @@ def run(args) -> int:
         else:
             objects.append(prep.evaluate(p, args.score_thr, **opts))
     if args.coco_map:
-        from i3cl_core.evaluation.coco import coco_map
+        from i3cl_core.evaluation.coco import coco_map  # deferred: pycocotools, only for --coco-map
 
         objects.append(coco_map(gt, preds))
     if args.json:
@@ -153,8 +152,6 @@ def run(args) -> int:
             file=sys.stderr,
         )
     if args.out:
-        from i3cl_core.utils import atomic_write_json
-
         atomic_write_json(args.out, objects, indent=1)
     if serious and args.strict:
         print(f"--strict: exit {EXIT_STRICT}", file=sys.stderr)

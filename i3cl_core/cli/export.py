@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from i3cl_core.deploy.onnx_export import DEFAULT_OPSET
+from i3cl_core.data.image_io import read_image
+from i3cl_core.deploy.onnx_export import DEFAULT_OPSET, ExportError, export_onnx
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,18 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from i3cl_core.deploy.onnx_export import ExportError, export_onnx
-
     sample = None
     if args.sample_image:
-        from i3cl_core.data.image_io import read_image
-
         sample = read_image(args.sample_image, "--sample-image")
     try:
         summary = export_onnx(args.checkpoint, args.out, args.opset, sample)
     except ExportError as e:
-        import sys
-
         print(f"i3cl export: error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(summary))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from i3cl_core.infer.submission import FORMATS
+from i3cl_core.infer.submission import FORMATS, export_submission
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,8 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from i3cl_core.infer.submission import export_submission
-
     s = export_submission(args.format, args.pred, args.images, args.out, args.score_thr)
     if s["unknown_images"]:
         print(

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from i3cl_core.cli.options import add_set_option
+from i3cl_core.data.errors import DatasetError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,10 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
+    # deferred: i3cl --help loads every command module; the library loads on run
     from i3cl_core.config import ConfigError, load_config
-    from i3cl_core.data.errors import DatasetError
     from i3cl_core.pseudo.fuse import fuse_predictions
 
     if args.workers is not None and args.workers < 1:

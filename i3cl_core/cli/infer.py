@@ -8,8 +8,10 @@ import json
 import sys
 from pathlib import Path
 
+from i3cl_core.data.errors import DatasetError
+from i3cl_core.devices import resolve_device
 from i3cl_core.infer.precision import PRECISIONS
-from i3cl_core.infer.run import ENGINES
+from i3cl_core.infer.run import ENGINES, collect_images, infer_images
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,9 +58,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from i3cl_core.data.errors import DatasetError
-    from i3cl_core.infer.run import collect_images, infer_images
-
     if args.batch_size < 1:
         raise DatasetError("--batch-size must be >= 1")
     detector = None
@@ -68,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
                 "--engine onnxruntime runs --model MODEL.onnx (from `i3cl export`), not --checkpoint"
             )
         source = args.model
-        from i3cl_core.deploy.onnx_runtime import OnnxDetector
+        from i3cl_core.deploy.onnx_runtime import OnnxDetector  # deferred: only for --engine onnxruntime
 
         detector = OnnxDetector(
             source, threads=args.threads
@@ -81,8 +80,6 @@ def run(args: argparse.Namespace) -> int:
             )
         source = args.checkpoint
     if args.engine == "torch":
-        from i3cl_core.devices import resolve_device
-
         try:  # a bad device name is refused before any work, naming the option
             resolve_device(args.device, "--device")
         except ValueError as e:
@@ -99,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     if score_thr is None and detector is not None:
         score_thr = detector.score_thr
     elif score_thr is None:
+        # deferred: pulls torch (the ONNX engine runs without it)
         from i3cl_core.model.checkpoint import config_from_checkpoint, load_checkpoint
 
         score_thr = config_from_checkpoint(load_checkpoint(source), source).infer.score_thr

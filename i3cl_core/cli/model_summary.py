@@ -7,6 +7,7 @@ import argparse
 import json
 
 from i3cl_core.cli.options import add_set_option
+from i3cl_core.model.summary import config_summary
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,8 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from i3cl_core.config import load_config
-    from i3cl_core.model.summary import config_summary
+    from i3cl_core.config import load_config  # deferred: pydantic; i3cl --help loads every command module
 
     cfg = load_config(args.config, args.overrides)
     info = config_summary(cfg)

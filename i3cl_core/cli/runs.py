@@ -8,6 +8,8 @@ import argparse
 import json
 from pathlib import Path
 
+from i3cl_core.data.errors import DatasetError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="runs_command", metavar="ACTION", required=True)
@@ -23,8 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from i3cl_core.data.errors import DatasetError
-    from i3cl_core.pipeline.variants import compare, gc
+    from i3cl_core.pipeline.variants import compare, gc  # deferred: i3cl --help loads every command module
 
     wd = Path(args.work_dir)
     if not wd.is_dir():

@@ -90,7 +90,7 @@ def _line(name: str, s: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from i3cl_core.data import synth
+    from i3cl_core.data import synth  # deferred: i3cl --help loads every command module
 
     cjk = False if args.no_cjk else None
     progress = not args.no_progress

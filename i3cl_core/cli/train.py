@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from i3cl_core.cli.options import add_set_option
+from i3cl_core.utils import die_with_parent
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,21 +29,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
+    # deferred: pulls torch (i3cl --help stays torch-free)
     from i3cl_core.config import load_config
     from i3cl_core.engine.train import TrainingError, default_work_dir, train
 
     if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: die with it, even when it is SIGKILLed
-        from i3cl_core.utils import die_with_parent
-
         parent = os.getppid()
         die_with_parent()
         if os.getppid() != parent:  # it died before the request took effect
             return 1
     cfg = load_config(args.config, args.overrides)
     work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(args.config)
-    from i3cl_core import workdir_lock
+    from i3cl_core import workdir_lock  # deferred: i3cl --help loads every command module
 
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if main_rank:  # one training per work dir (the other ranks are rank 0's)

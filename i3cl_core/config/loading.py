@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from i3cl_core.config.errors import ConfigError, format_validation_error
 from i3cl_core.config.schema import I3CLConfig
+from i3cl_core.utils import atomic_write_text
 
 BASE_KEY = "_base_"
 
@@ -122,6 +123,4 @@ def config_to_dict(cfg: BaseModel) -> dict:
 
 def save_config(cfg: BaseModel, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML, atomically."""
-    from i3cl_core.utils import atomic_write_text
-
     return atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -3,6 +3,7 @@ field typed, with its range and a description."""
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Literal
 
@@ -16,8 +17,6 @@ _LOGGED: set[str] = set()
 def _log_once(message: str) -> None:
     if message not in _LOGGED:
         _LOGGED.add(message)
-        import logging
-
         logging.getLogger("i3cl.config").warning(message)
 
 

@@ -18,7 +18,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from i3cl_core.utils import read_json
+import numpy as np
+
+from i3cl_core.data.errors import DatasetError
+from i3cl_core.data.image_io import read_image
+from i3cl_core.data.validate import coco_images, far_outside, score_value
+from i3cl_core.utils import atomic_write_bytes, read_json, safe_join
 
 # BGR (OpenCV) colours
 CARE_COLOUR = (0, 255, 0)  # green
@@ -30,15 +35,11 @@ PRED_COLOUR = (255, 128, 0)  # blue
 
 
 def _dataset_error(msg: str) -> Exception:
-    from i3cl_core.data.errors import DatasetError
-
     return DatasetError(msg)
 
 
 def read_dataset(ann_file: str | os.PathLike) -> tuple[list[dict], dict[int, list[dict]]]:
     """Images (json order) and annotations grouped by image id, with basic checks naming the file."""
-    from i3cl_core.data.validate import coco_images
-
     data = read_json(ann_file)
     images = coco_images(data, str(ann_file), size="optional")
     anns = data.get("annotations") or []
@@ -54,8 +55,6 @@ def read_dataset(ann_file: str | os.PathLike) -> tuple[list[dict], dict[int, lis
 
 def read_results(pred_file: str | os.PathLike) -> dict[int, list[dict]]:
     """COCO results (a list of {image_id, segmentation, score}) grouped by image id."""
-    from i3cl_core.data.validate import score_value
-
     data = read_json(pred_file)
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
         data = data["annotations"]  # a dataset-shaped file with scores also works
@@ -77,12 +76,9 @@ def polygons_of(segmentation: Any, height: int, width: int, far: list | None = N
     """Polygons (int32 arrays of shape (K, 2)) from a COCO segmentation: polygon list, flat list or RLE.
     A polygon with a point more than one image size outside the image is not drawn; with ``far`` given,
     one entry is appended to it per such polygon."""
-    import numpy as np
-
-    from i3cl_core.data.validate import far_outside
-
     polys = []
     if isinstance(segmentation, dict):  # RLE
+        # deferred: OpenCV and pycocotools load only for RLE segmentations
         import cv2
         from pycocotools import mask as mask_utils
 
@@ -117,7 +113,7 @@ def polygons_of(segmentation: Any, height: int, width: int, far: list | None = N
 
 
 def _label(img, text: str, anchor, colour, scale: float) -> None:
-    import cv2
+    import cv2  # deferred: OpenCV loads only when images are drawn
 
     h, w = img.shape[:2]
     (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
@@ -132,7 +128,7 @@ def draw(
 ):
     """Draw annotations (and predictions) on a BGR uint8 image in place and return it (``far``: see
     :func:`polygons_of`)."""
-    import cv2
+    import cv2  # deferred: OpenCV loads only when images are drawn
 
     h, w = img.shape[:2]
     thickness = max(1, round(min(h, w) / 600))
@@ -181,11 +177,7 @@ def browse_dataset(
     A ``file_name`` that escapes ``img_root`` raises DatasetError; a missing or unreadable image is
     reported on stderr and skipped. Returns the PNG paths written, in json order.
     """
-    import cv2
-
-    from i3cl_core.data.errors import DatasetError
-    from i3cl_core.data.image_io import read_image
-    from i3cl_core.utils import atomic_write_bytes, safe_join
+    import cv2  # deferred: OpenCV loads only when images are drawn
 
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from i3cl_core.data.coco import load_coco_records
 from i3cl_core.data.errors import DatasetError
 from i3cl_core.data.image_io import file_truncation, header, read_image
 
@@ -68,8 +69,6 @@ def _check_one(item, decode: bool) -> tuple[str | None, int]:
 def check_sources(sources, workers: int = 8, decode: bool = False) -> CheckResult:
     """Check every image of ``sources`` (``(ann_file, img_root)`` pairs): see the module docstring.
     Structural errors of the json itself raise DatasetError as when loading it."""
-    from i3cl_core.data.coco import load_coco_records
-
     t0 = time.time()
     items = []
     for ann_file, img_root in sources:

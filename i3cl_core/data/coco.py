@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from i3cl_core.data.errors import DatasetError
+from i3cl_core.data.image_io import read_image as decode_image
 from i3cl_core.data.polygons import (
     flat_to_polygon,
     instance_area,
@@ -44,7 +45,8 @@ from i3cl_core.data.polygons import (
     mask_to_instance,
     repair_polygon,
 )
-from i3cl_core.data.validate import coco_images, far_outside
+from i3cl_core.data.validate import bbox_value, coco_images, far_outside
+from i3cl_core.structures import Instances
 from i3cl_core.utils import get_logger, read_json, safe_join
 
 if TYPE_CHECKING:
@@ -147,7 +149,7 @@ def _parse_segmentation(seg, ann_id, ann_file, height, width) -> list[np.ndarray
             parts.append(flat_to_polygon(flat))
         return parts
     if isinstance(seg, dict) and "counts" in seg:
-        from pycocotools import mask as mask_utils
+        from pycocotools import mask as mask_utils  # deferred: only RLE segmentations need pycocotools
 
         try:
             rle = seg
@@ -164,8 +166,6 @@ def _parse_segmentation(seg, ann_id, ann_file, height, width) -> list[np.ndarray
 
 
 def _bbox_parts(bbox, ann_id, ann_file) -> list[np.ndarray]:
-    from i3cl_core.data.validate import bbox_value
-
     x, y, w, h = bbox_value(bbox, f"{ann_file}: annotation {ann_id}")  # the rule of every reader
     return [np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]], dtype=np.float32)]
 
@@ -277,9 +277,7 @@ def load_coco_records(
 
 def read_image(record: ImageRecord) -> np.ndarray:
     """RGB uint8 image (H, W, 3); a missing or unreadable file raises DatasetError."""
-    from i3cl_core.data.image_io import read_image as decode
-
-    return decode(record.path, f"image {record.image_id}")
+    return decode_image(record.path, f"image {record.image_id}")
 
 
 class CocoTextDataset:
@@ -339,8 +337,7 @@ class CocoTextDataset:
         return len(self.records)
 
     def load_sample(self, idx: int) -> Sample:
-        from i3cl_core.data.transforms import Sample
-        from i3cl_core.structures import Instances
+        from i3cl_core.data.transforms import Sample  # deferred: pulls OpenCV (loading records stays light)
 
         record = self.records[idx]
         image = read_image(record)

@@ -59,9 +59,20 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from i3cl_core.data.errors import DatasetError
-from i3cl_core.data.image_io import IMAGE_EXTENSIONS
-from i3cl_core.data.validate import far_outside, read_json, read_lines, read_tab_json_lines, text_encoding
+from i3cl_core.data.image_io import IMAGE_EXTENSIONS, header
+from i3cl_core.data.validate import (
+    coco_images,
+    far_outside,
+    read_json,
+    read_lines,
+    read_tab_json_lines,
+    read_text,
+    text_encoding,
+)
+from i3cl_core.utils import safe_join
 
 FORMATS = (
     "art",
@@ -197,8 +208,6 @@ def _load_sizes(sizes) -> dict:
     else:
         data = read_json(sizes)
     if isinstance(data, dict) and isinstance(data.get("images"), list):
-        from i3cl_core.data.validate import coco_images
-
         data = {
             im["file_name"]: (im["width"], im["height"])
             for im in coco_images(data, str(sizes), ids="optional", unique_file_names=True)
@@ -220,8 +229,8 @@ def _load_sizes(sizes) -> dict:
 # each record: (image_id or None, file_name relative to img_root, source description,
 #               [(points, text, dontcare)], (width, height) from the annotations or None)
 def _build(records, img_root: Path | None, size_table: dict | None = None) -> tuple[dict, ConvertStats]:
+    # deferred: i3cl --help imports this module (for FORMATS)
     from i3cl_core.data.polygons import coco_bbox, instance_area
-    from i3cl_core.utils import safe_join
 
     stats = ConvertStats()
     images, annotations = [], []
@@ -296,8 +305,7 @@ def _clean_polygon(points):
     """-> (list of (N, 2) float64 arrays, repaired flag, why it is skipped) by the project's one polygon rule
     (:func:`i3cl_core.data.polygons.repair_polygon`, every part of a repaired polygon kept). Empty list =
     skip."""
-    import numpy as np
-
+    # deferred: i3cl --help imports this module (for FORMATS)
     from i3cl_core.data.polygons import REPAIR_REASONS, repair_polygon
 
     try:
@@ -310,8 +318,6 @@ def _clean_polygon(points):
 
 def _image_size(path: Path, where: str) -> tuple[int, int, int]:
     """``(width, height, EXIF orientation)`` from the header, by the image reader's rule."""
-    from i3cl_core.data.image_io import header
-
     if not path.is_file():
         raise DatasetError(f"{where}: image {path} not found")
     return header(path, f"{where}: image {path}")
@@ -454,9 +460,7 @@ def _ctw_line(line: str, where: str):
 
 
 def _read_ctw_xml(f: Path, images: _Images, encoding: str = "utf-8"):
-    import xml.etree.ElementTree as ET
-
-    from i3cl_core.data.validate import read_text
+    import xml.etree.ElementTree as ET  # deferred: i3cl --help imports this module (for FORMATS)
 
     try:  # decoded by the one text rule (an encoding declaration in the file is not used)
         root = ET.fromstring(read_text(f, encoding))

@@ -16,7 +16,10 @@ a larger image is refused from its header, before any pixel is decoded, and a ru
 
 from __future__ import annotations
 
+import io
+import os
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +57,6 @@ def file_truncation(path, tail: int = 1024) -> str | None:
 
 def max_pixels() -> int:
     """The pixel limit of every reader: ``I3CL_MAX_IMAGE_PIXELS`` or :data:`DEFAULT_MAX_PIXELS`."""
-    import os
-
     raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
     if not raw:
         return DEFAULT_MAX_PIXELS
@@ -72,8 +73,6 @@ def max_pixels() -> int:
 
 def exif_transpose() -> bool:
     """Whether images are turned to their EXIF orientation (``I3CL_EXIF_TRANSPOSE=1``); off by default."""
-    import os
-
     raw = os.environ.get(EXIF_TRANSPOSE_ENV, "").strip().lower()
     if raw in ("", "0", "false", "no", "off"):
         return False
@@ -85,8 +84,6 @@ def exif_transpose() -> bool:
 def set_exif_transpose(on: bool) -> None:
     """Set the orientation rule for this process and the processes it starts (DataLoader workers,
     torchrun)."""
-    import os
-
     os.environ[EXIF_TRANSPOSE_ENV] = "1" if on else "0"
 
 
@@ -95,10 +92,7 @@ def header(source, label: str | None = None) -> tuple[int, int, int]:
     frame, or in the displayed frame when the EXIF rule is on (orientations 5-8 swap the sides);
     ``orientation`` is the EXIF tag (1 = none). ``source`` is a path or the encoded bytes. Raises DatasetError
     naming ``label`` for files that are not images or exceed the pixel limit."""
-    import io
-    import warnings
-
-    from PIL import Image
+    from PIL import Image  # deferred: Pillow loads only when an image header is read
 
     label = label or str(source)
     try:
@@ -145,7 +139,7 @@ def _orient(img: np.ndarray, orientation: int) -> np.ndarray:
 def read_image(path, what: str | None = None, rgb: bool = True) -> np.ndarray:
     """Decode ``path`` (``what`` names it in errors, e.g. ``"image 12"``); RGB unless ``rgb=False`` (BGR).
     Stored orientation unless the EXIF rule is on (module docstring); the pixel limit is checked first."""
-    import cv2
+    import cv2  # deferred: OpenCV loads only when pixels are decoded
 
     path = Path(path)
     label = f"{path}" + (f": {what}" if what else "")

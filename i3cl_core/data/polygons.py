@@ -80,7 +80,7 @@ def coco_bbox(parts) -> list[float]:
 def polygonal_union(geom):
     """The polygonal part of a shapely geometry: a Polygon or MultiPolygon as it is, the union of the polygons
     of a collection (lines and points dropped), an empty polygon when none is left."""
-    import shapely
+    import shapely  # deferred: shapely loads on first use (importing polygons stays light)
 
     if geom is None or geom.is_empty:
         return shapely.Polygon()
@@ -96,14 +96,14 @@ def repaired_geometry(geom):
     """The project's one repair of an invalid polygon (a shapely geometry): ``shapely.make_valid``, keeping
     its polygonal part (:func:`polygonal_union`). Datasets, converters, clipping, fusion and evaluation all
     repair through it; a bow-tie quadrilateral becomes its two triangles."""
-    import shapely
+    import shapely  # deferred: shapely loads on first use (importing polygons stays light)
 
     return polygonal_union(shapely.make_valid(geom))
 
 
 def _shapely_parts(geom, dtype=np.float32) -> list[Polygon]:
     """Exterior rings of the polygonal parts of a shapely geometry, largest first."""
-    import shapely
+    import shapely  # deferred: shapely loads on first use (importing polygons stays light)
 
     polys = []
     for g in shapely.get_parts(geom):
@@ -135,6 +135,7 @@ def repair_polygon(poly, keep: str = "largest", dtype=np.float32) -> RepairResul
         return RepairResult([], "too_large")
     if len(np.unique(p, axis=0)) < 3:
         return RepairResult([], "zero_area")
+    # deferred: shapely loads on first use (importing polygons stays light)
     from shapely.geometry import Polygon as SPolygon
 
     g = SPolygon(p)
@@ -158,6 +159,7 @@ def clip_instance(parts: Parts, width: float, height: float) -> Parts:
         and pts[:, 1].max() <= height
     ):
         return parts
+    # deferred: shapely loads on first use (importing polygons stays light)
     from shapely.geometry import Polygon as SPolygon
     from shapely.geometry import box
 
@@ -173,7 +175,7 @@ def clip_instance(parts: Parts, width: float, height: float) -> Parts:
 
 def rasterize_instance(parts: Parts, height: int, width: int) -> np.ndarray:
     """Binary uint8 mask (H, W) of an instance, through pycocotools (the COCO convention)."""
-    from pycocotools import mask as mask_utils
+    from pycocotools import mask as mask_utils  # deferred: pycocotools loads only to rasterize
 
     flat = [p.astype(np.float64).reshape(-1).tolist() for p in parts if len(p) >= 3]
     if not flat:
@@ -187,6 +189,7 @@ def mask_to_parts(mask: np.ndarray) -> list[np.ndarray]:
     pixel-area convention: pixel ``(x, y)`` covers ``[x, x+1) x [y, y+1)``, so a 40x20 block at column
     100, row 10 becomes exactly the box [100, 140] x [10, 30]. OpenCV's contours run through pixel
     centres; they are offset outwards by half a pixel (mitre joins, square caps for lines and points)."""
+    # deferred: OpenCV and shapely load only when masks are traced
     import cv2
     import shapely
 
@@ -220,7 +223,7 @@ def mask_to_polygon(mask: np.ndarray, epsilon: float = 0.005) -> np.ndarray | No
     """Largest outer contour of a binary mask, simplified with approxPolyDP (epsilon x perimeter),
     clockwise on screen (positive shoelace area with y pointing down), in pixel-index coordinates;
     None when nothing usable remains."""
-    import cv2
+    import cv2  # deferred: OpenCV loads only when masks are traced
 
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     contours = [c for c in contours if len(c) >= 3]
@@ -243,9 +246,7 @@ def paste_mask(
     """Binary mask of one detection inside its (integer, clipped) box: (mask, x0, y0). ``prob`` is the
     mask head's M x M probability grid covering the float ``box`` (x1, y1, x2, y2), mapped onto the
     integer crop with bilinear interpolation and binarised at ``thr``."""
-    import math
-
-    import cv2
+    import cv2  # deferred: OpenCV loads only when masks are pasted
 
     h, w = image_hw
     x0, y0 = int(math.floor(box[0])), int(math.floor(box[1]))

@@ -62,7 +62,7 @@ class Sample:
         ``boxes``, ``labels``, ``polygons``, ``lossweight``, ``ann_id`` as tensors and lists), ``dontcare``
         (``boxes``, ``polygons`` of the do-not-care regions) and the image's ``image_id``, ``file_name``,
         ``orig_size``."""
-        import torch
+        import torch  # deferred: only this conversion needs torch; the numpy transforms load without it
 
         h, w = self.size
         image = torch.from_numpy(np.ascontiguousarray(self.image.transpose(2, 0, 1))).float().div_(255.0)

@@ -20,13 +20,17 @@ those commands write is strict (:func:`write_json`: no ``NaN`` or ``Infinity``).
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import os
 import re
 from pathlib import Path
 
+import numpy as np
+
 from i3cl_core.data.errors import DatasetError
+from i3cl_core.utils import atomic_write_text, parse_json
 
 
 def score_value(value, where: str, missing: float = 1.0) -> float:
@@ -133,8 +137,6 @@ def coco_images(
 
 def far_outside(points, width: int | None, height: int | None) -> bool:
     """True when a point of ``points`` ((N, 2)) lies more than one image size outside the image."""
-    import numpy as np
-
     if not width or not height:
         return False
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
@@ -148,8 +150,6 @@ def far_outside(points, width: int | None, height: int | None) -> bool:
 def text_encoding(encoding: str) -> str:
     """The codec that decodes input text named ``encoding`` (``utf-8`` drops a leading BOM); an unknown name
     is a DatasetError."""
-    import codecs
-
     try:
         codec = codecs.lookup(encoding).name
     except (LookupError, TypeError):
@@ -198,8 +198,6 @@ def read_lines(path: str | os.PathLike, encoding: str = "utf-8") -> list[str]:
 def read_tab_json_lines(path: str | os.PathLike, encoding: str = "utf-8"):
     """PaddleOCR's line format, for its labels (PPOCRLabel's ``Label.txt``) and its predictions
     (``system_results.txt``) alike: ``(where, name, value)`` of each non-empty line ``name<TAB>JSON``."""
-    import json
-
     for n, line in enumerate(read_lines(path, encoding), start=1):
         if not line.strip():
             continue
@@ -217,16 +215,12 @@ def read_tab_json_lines(path: str | os.PathLike, encoding: str = "utf-8"):
 def read_json(path: str | os.PathLike, encoding: str = "utf-8"):
     """A json input file decoded by :func:`read_text`; malformed json raises DatasetError with its
     position."""
-    from i3cl_core.utils import parse_json
-
     return parse_json(read_text(path, encoding), path)
 
 
 def write_json(path: str | os.PathLike, obj, indent: int | None = None) -> Path:
     """Write ``obj`` as strict JSON (atomically): a NaN or infinity, which other json readers refuse, is a
     DatasetError instead of a bare ``NaN`` in the file."""
-    from i3cl_core.utils import atomic_write_text
-
     try:
         text = json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False)
     except ValueError as e:

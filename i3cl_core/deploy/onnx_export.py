@@ -17,15 +17,17 @@ settings, so the runtime needs nothing else.
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import json
 import os
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from i3cl_core.utils import get_logger
+import numpy as np
 
-if TYPE_CHECKING:
-    import numpy as np
+from i3cl_core import __version__
+from i3cl_core.utils import atomic_write_bytes, get_logger
 
 log = get_logger("export")
 
@@ -41,6 +43,7 @@ class ExportError(RuntimeError):
 
 def export_graph(model):
     """The detector as a module with tensor inputs and outputs (see the module docstring)."""
+    # deferred: torch loads only when exporting (this module imports torch-free)
     import torch
     from torch import nn
     from torchvision.models.detection.image_list import ImageList
@@ -70,8 +73,6 @@ def export_graph(model):
 
 def metadata(cfg, checkpoint: str, opset: int) -> dict[str, str]:
     """The file's ``metadata_props``: format version, the whole config, pre- and post-processing settings."""
-    from i3cl_core import __version__
-
     m = cfg.model
     postprocess = {
         "mask_thr": m.mask_thr,
@@ -100,6 +101,7 @@ def metadata(cfg, checkpoint: str, opset: int) -> dict[str, str]:
 def sample_image(size: tuple[int, int] = (480, 320)) -> np.ndarray:
     """An RGB uint8 image (w, h = ``size``) with text on it, from the synthetic renderer: a trained model
     finds detections in it, so that tracing follows every step of the post-processing."""
+    # deferred: i3cl --help imports this module (cli.export); the renderer is large
     from i3cl_core.data.synth.render import render_sample
 
     image, _ = render_sample(seed=7, index=1, size=size)
@@ -108,6 +110,7 @@ def sample_image(size: tuple[int, int] = (480, 320)) -> np.ndarray:
 
 def _graph_inputs(model, rgb):
     """(image, image_size) tensors for ``rgb`` by the runtime's pre-processing rule."""
+    # deferred: torch loads only when exporting; i3cl --help imports this module (cli.export)
     import torch
 
     from i3cl_core.deploy.onnx_runtime import preprocess
@@ -122,7 +125,7 @@ def preprocess_settings(model_cfg) -> dict:
 
 
 def metadata_preprocess(model_cfg) -> str:
-    from i3cl_core.model.detector import PIXEL_MEAN, PIXEL_STD
+    from i3cl_core.model.detector import PIXEL_MEAN, PIXEL_STD  # deferred: pulls torch
 
     return json.dumps(
         {
@@ -143,8 +146,7 @@ def metadata_preprocess(model_cfg) -> str:
 
 def _failing_part(graph, inputs, opset: int) -> str:
     """Which part of the detector stops the export: the feature extractor alone is tried first."""
-    import io
-
+    # deferred: torch loads only when exporting (this module imports torch-free)
     import torch
     from torch import nn
 
@@ -174,15 +176,11 @@ def export_onnx(
 ) -> dict:
     """Export ``checkpoint`` to ``out`` (written atomically); returns a summary with the parity of the
     exported graph against PyTorch on the tracing image (its detections, scores and masks)."""
-    import io
-    import warnings
-
-    import numpy as np
+    # deferred: onnx is the optional [deploy] extra; torch loads only when exporting
     import onnx
     import torch
 
     from i3cl_core.model.checkpoint import load_model
-    from i3cl_core.utils import atomic_write_bytes
 
     if opset < 16:
         raise ExportError(f"--opset must be >= 16 (RoiAlign with half-pixel centres), got {opset}")
@@ -242,10 +240,10 @@ def export_onnx(
         "bytes": out.stat().st_size,
         "sample_detections": int(expected[0].shape[0]),
     }
-    try:
-        from i3cl_core.deploy.onnx_runtime import OnnxDetector
-    except ImportError:  # onnxruntime not installed: exported, not checked
+    if importlib.util.find_spec("onnxruntime") is None:  # the [deploy] extra is absent: exported, not checked
         return summary
+    from i3cl_core.deploy.onnx_runtime import OnnxDetector  # deferred: only the parity check runs the graph
+
     got = OnnxDetector(out).run_graph(*(t.numpy() for t in inputs))
     ref = [t.numpy() for t in expected]
     if got[0].shape != ref[0].shape:

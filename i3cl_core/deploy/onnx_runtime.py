@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from i3cl_core.data.polygons import masks_to_polygons
 from i3cl_core.model.errors import CheckpointError
 
 REQUIRED_KEYS = ("i3cl.format_version", "i3cl.preprocess", "i3cl.postprocess")
@@ -23,7 +24,7 @@ REQUIRED_KEYS = ("i3cl.format_version", "i3cl.preprocess", "i3cl.postprocess")
 def preprocess(rgb: np.ndarray, settings: dict) -> tuple[np.ndarray, np.ndarray, float]:
     """``(image [1, 3, H, W] float32, image_size [2] int64, scale)`` for an RGB uint8 ``rgb`` [h, w, 3]: the
     test-scale rule of :meth:`i3cl_core.model.detector.I3CL.preprocess` in numpy/OpenCV."""
-    import cv2
+    import cv2  # deferred: infer.run and the workers import this module; OpenCV loads on use
 
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an RGB image of shape [H, W, 3], got {rgb.shape}")
@@ -48,7 +49,7 @@ class OnnxDetector:
     ``threads``: onnxruntime's intra-op threads (default: its own choice)."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
-        import onnxruntime as ort
+        import onnxruntime as ort  # deferred: optional [deploy] extra
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -101,8 +102,6 @@ class OnnxDetector:
 
     def predict(self, rgb: np.ndarray, epsilon: float | None = None) -> list[tuple[np.ndarray, float]]:
         """``[(polygon (K, 2) float32, score), ...]``; detections whose mask gives no polygon are left out."""
-        from i3cl_core.data.polygons import masks_to_polygons
-
         det = self.detect(rgb)
         eps = self.polygon_epsilon if epsilon is None else epsilon
         polys = masks_to_polygons(

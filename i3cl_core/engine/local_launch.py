@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 
+from i3cl_core.utils import terminate_with_parent
+
 GRACE_S = 15.0
 
 
@@ -55,7 +57,7 @@ def _parse(argv: list[str]) -> tuple[int, list[str]]:
 def loopback_store(world_size: int):
     """``(store, port)``: a TCP store served on a socket bound to 127.0.0.1 (a free port); the store owns the
     socket from then on."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # deferred: torch loads only for a multi-process store
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -89,8 +91,6 @@ def _stop(procs: list[subprocess.Popen], grace: float = GRACE_S) -> None:
 
 def launch(nproc: int, command: list[str]) -> int:
     """Run ``python *command`` as ``nproc`` ranks; the first non-zero exit code, else 0."""
-    from i3cl_core.utils import terminate_with_parent
-
     store = None
     env = dict(
         os.environ,

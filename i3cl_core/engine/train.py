@@ -26,16 +26,28 @@ import copy
 import json
 import math
 import os
+import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from i3cl_core.config import ConfigError, save_config
+from i3cl_core.data.check import check_sources, raise_on_problems
+from i3cl_core.data.coco import CocoTextDataset, collate
+from i3cl_core.data.polygons import instance_box
 from i3cl_core.devices import resolve_device
+from i3cl_core.infer.evaluate import evaluate_model
+from i3cl_core.model.checkpoint import load_checkpoint, load_state_strict, save_checkpoint, upgrade_state
 from i3cl_core.model.errors import CheckpointError
+from i3cl_core.model.weights import read_state_dict, strip_prefixes
+from i3cl_core.structures import Instances
 from i3cl_core.utils import (
     append_text,
     atomic_write_json,
@@ -286,8 +298,6 @@ def _link_atomic(src: Path, dst: Path) -> None:
         try:
             os.link(src, tmp)
         except OSError:  # file systems without hard links
-            import shutil
-
             shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
     except OSError as e:
@@ -320,9 +330,6 @@ def _prune(ckpt_dir: Path, keep_last: int) -> None:
 def load_from(model: torch.nn.Module, path: str) -> tuple[list[str], list[str]]:
     """Non-strict initialisation from a checkpoint of an earlier stage; logs the keys that are new
     here (e.g. IntraCL/InterCL switched on) and those the checkpoint has that we don't."""
-    from i3cl_core.model.checkpoint import upgrade_state
-    from i3cl_core.model.weights import read_state_dict, strip_prefixes
-
     state = upgrade_state(
         strip_prefixes(read_state_dict(path, "load_from checkpoint"), prefixes=("module.",))
     )
@@ -347,8 +354,6 @@ def load_from(model: torch.nn.Module, path: str) -> tuple[list[str], list[str]]:
 
 def _group_keys(keys: list[str]) -> str:
     """'roi_heads.inter_cl.* (38), intra_cl.* (60)': keys grouped by their first two name parts."""
-    from collections import Counter
-
     groups = Counter(".".join(k.split(".")[:2]) for k in keys)
     return ", ".join(f"{g}.* ({n})" for g, n in groups.most_common())
 
@@ -370,11 +375,6 @@ def teacher_targets(pred: dict, score_thr: float, ignore_thr: float | None) -> d
     """A training target (``instances`` and ``dontcare``) from a teacher's detections on one image: those
     scored >= ``score_thr`` with a polygon are text (weight 1), those in [``ignore_thr``, ``score_thr``)
     do-not-care regions."""
-    import numpy as np
-
-    from i3cl_core.data.polygons import instance_box
-    from i3cl_core.structures import Instances
-
     scores = pred["scores"].float().cpu().tolist()
     text, unsure = [], []
     for poly, score in zip(pred["polygons"], scores):
@@ -450,8 +450,6 @@ class Trainer:
     # ------------------------------------------------------------------ build
     def check_images(self) -> None:
         """Every image of every set now, not hours in when training reaches it."""
-        from i3cl_core.data.check import check_sources, raise_on_problems
-
         cfg = self.cfg
         sources = [(s.ann_file, s.img_root) for s in cfg.data.train]
         if cfg.data.val is not None and self.tcfg.eval_interval > 0:
@@ -462,7 +460,7 @@ class Trainer:
 
     def build(self, load_weights: bool = True) -> None:
         """Datasets, model (plus ``train.load_from`` unless resuming), optimizer and gradient scaler."""
-        from i3cl_core.data.coco import CocoTextDataset
+        # deferred: OpenCV and torchvision; the flows import this module for checkpoint_dir only
         from i3cl_core.data.transforms import build_source_transforms
         from i3cl_core.model.detector import build_model
 
@@ -501,10 +499,6 @@ class Trainer:
 
     def build_loader(self) -> None:
         """The epoch sampler (mixing the sets by their ``fraction``) and the DataLoader."""
-        from torch.utils.data import DataLoader
-
-        from i3cl_core.data.coco import collate
-
         tcfg, info = self.tcfg, self.info
         whole = math.ceil(math.ceil(len(self.dataset) / info.world_size) / tcfg.batch_size)
         iters = tcfg.iters_per_epoch if tcfg.iters_per_epoch is not None else whole
@@ -556,7 +550,7 @@ class Trainer:
         if not (self.tcfg.tensorboard and self.info.main):
             return None
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # deferred: optional [tensorboard] extra
 
             return SummaryWriter(str(self.work_dir / "tb"))
         except ImportError:
@@ -569,8 +563,6 @@ class Trainer:
     # ------------------------------------------------------------------ resume and checkpoints
     def resume(self) -> None:
         """Model, optimizer, scaler, position, best score, history and RNG state from ``latest.pth``."""
-        from i3cl_core.model.checkpoint import load_checkpoint, load_state_strict
-
         latest = find_latest(self.work_dir)
         if latest is None:
             log.warning("--resume: no checkpoint in %s, starting from scratch", self.ckpt_dir)
@@ -611,8 +603,6 @@ class Trainer:
 
     def checkpoint(self, name: str, epoch_done: int, iter_in_epoch: int) -> Path:
         """Save everything a resume needs as ``checkpoints/<name>`` and point ``latest.pth`` at it."""
-        from i3cl_core.model.checkpoint import save_checkpoint
-
         path = self.ckpt_dir / name
         cuda = self.info.device.type == "cuda"
         extra = {}
@@ -785,8 +775,6 @@ class Trainer:
     def train_epoch(self, epoch: int) -> None:
         """The iterations of one epoch (from ``start_iter`` after a resume), with logging and the optional
         iteration checkpoints."""
-        from tqdm import tqdm
-
         tcfg, info = self.tcfg, self.info
         self.dataset.set_epoch(epoch)
         self.sampler.set_epoch(epoch, skip=self.start_iter * tcfg.batch_size)
@@ -862,8 +850,6 @@ class Trainer:
 
     def evaluate(self, epoch: int) -> dict:
         """F of the model on the validation set (``train.eval_protocol``), recorded in the history."""
-        from i3cl_core.infer.evaluate import evaluate_model
-
         cfg = self.cfg
         evaluation = evaluate_model(
             self.teacher if self.teacher is not None else self.model,

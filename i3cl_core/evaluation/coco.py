@@ -31,6 +31,7 @@ def _flat_parts(instance) -> list[list[float]]:
 def coco_map(gt, preds, max_dets: int = 100) -> dict:
     """bbox and segm AP (IoU .50:.95), AP50 and AP75. ``gt`` must come from a COCO dataset json with image
     ``width``/``height``."""
+    # deferred: pycocotools loads only when COCO mAP is asked for
     from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval

@@ -14,11 +14,13 @@ Conventions used by every protocol:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import shapely
 
 from i3cl_core.data.polygons import polygonal_union, repaired_geometry
+from i3cl_core.utils import cpu_workers
 
 STATUS_OK = 0
 STATUS_REPAIRED = 1
@@ -144,8 +146,6 @@ def intersection_areas(a: np.ndarray, b: np.ndarray, workers: int | None = None)
     skip the overlay; the rest are split over ``workers`` threads (default: the CPUs, at most 8), since
     shapely's vectorised operations release the GIL. The same numbers as one
     ``shapely.area(shapely.intersection(a, b))`` call, pair for pair."""
-    from i3cl_core.utils import cpu_workers
-
     out = np.zeros(len(a), dtype=np.float64)
     if not len(a):
         return out
@@ -160,8 +160,6 @@ def intersection_areas(a: np.ndarray, b: np.ndarray, workers: int | None = None)
     if len(chunks) == 1:
         run(chunks[0])
     else:
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(len(chunks), thread_name_prefix="intersections") as pool:
             list(pool.map(run, chunks))
     return out

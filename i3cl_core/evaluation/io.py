@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from i3cl_core.data.errors import DatasetError
-from i3cl_core.data.validate import far_outside
+from i3cl_core.data.polygons import mask_to_parts
+from i3cl_core.data.validate import bbox_value, coco_images, far_outside, score_value
 from i3cl_core.utils import read_json
 
 
@@ -153,8 +154,6 @@ def _missing(where):
 
 
 def _bbox_points(bbox, where: str) -> np.ndarray:
-    from i3cl_core.data.validate import bbox_value
-
     x, y, w, h = bbox_value(bbox, where)  # the rule of every reader: numbers, width and height >= 0
     return np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]], dtype=np.float64)
 
@@ -167,7 +166,7 @@ def rle_to_parts(rle: dict, where: str, size: tuple[int, int] | None = None) -> 
     a rectilinear blob becomes exactly its pixel boundary (a 40x20 block at column 100, row 10 -> the box
     [100, 140] x [10, 30]).
     """
-    from pycocotools import mask as mask_utils
+    from pycocotools import mask as mask_utils  # deferred: only RLE predictions need pycocotools
 
     try:
         if isinstance(rle.get("counts"), list):
@@ -180,8 +179,6 @@ def rle_to_parts(rle: dict, where: str, size: tuple[int, int] | None = None) -> 
         raise DatasetError(f"{where}: unreadable RLE segmentation ({e})") from e
     if m.ndim == 3:
         m = m.max(axis=2)
-    from i3cl_core.data.polygons import mask_to_parts
-
     return mask_to_parts(m) or [np.zeros((0, 2))]
 
 
@@ -211,8 +208,6 @@ def load_ground_truth(path) -> GroundTruth:
 
 
 def _gt_from_coco(data: dict, src: str) -> GroundTruth:
-    from i3cl_core.data.validate import coco_images
-
     if not isinstance(data["annotations"], list):
         raise DatasetError(f"{src}: 'annotations' must be a list")
     images: dict = {}
@@ -270,8 +265,6 @@ def _gt_from_art(data: dict, src: str) -> GroundTruth:
 
 
 def _score(value, where: str) -> float:
-    from i3cl_core.data.validate import score_value
-
     return score_value(value, where)
 
 

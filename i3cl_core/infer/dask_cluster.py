@@ -24,7 +24,7 @@ def local_dask_cluster_kwargs(workers: int, resource: str | None = None) -> dict
 def check_dask_cluster(address: str, resource: str | None) -> None:
     """Refuse a scheduler that cannot be reached, has no workers, or whose workers offer no
     ``resource`` (the shard tasks would wait for ever)."""
-    from distributed import Client
+    from distributed import Client  # deferred: optional [dask] extra
 
     try:
         with Client(address, timeout=30) as client:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 
+from i3cl_core.data.errors import DatasetError
+from i3cl_core.infer.loop import decoding_threads, predict_images
 from i3cl_core.utils import get_logger
 
 log = get_logger("evaluate")
@@ -22,10 +24,7 @@ def predict_dataset(
     """``{image_id: [(polygon, score), ...]}`` over the images of a :class:`CocoTextDataset` (its records;
     no transform), by the one inference loop (:func:`i3cl_core.infer.loop.predict_images`) with
     ``num_workers`` decoding threads. An unreadable image raises: a score must cover every image."""
-    from tqdm import tqdm
-
-    from i3cl_core.data.errors import DatasetError
-    from i3cl_core.infer.loop import decoding_threads, predict_images
+    from tqdm import tqdm  # deferred: tqdm costs ~40 ms at import; only a run needs it
 
     model.eval()
     records = dataset.records
@@ -65,7 +64,7 @@ def evaluate_model(
 ) -> dict:
     """P/R/F of ``model`` on ``dataset`` at ``score_thr``, plus a sweep of thresholds (``sweep``: P/R/F at
     0.05, 0.10, ..., 0.95) and its best one."""
-    from i3cl_core.evaluation import prepare_polygons
+    from i3cl_core.evaluation import prepare_polygons  # deferred: pulls shapely (evaluation.core)
 
     preds = predict_dataset(model, dataset, device, batch_size, num_workers, progress=progress)
     prepared = prepare_polygons(dataset_ground_truth(dataset), preds)

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from i3cl_core.data.polygons import coco_bbox
+from i3cl_core.evaluation.io import name_token
+from i3cl_core.utils import atomic_write_bytes
 
 
 def art_key(file_name: str) -> str:
     """The ArT submission key of an image: ``res_`` + the last ``_`` token of its stem (``gt_12.jpg`` ->
     ``res_12``)."""
-    from i3cl_core.evaluation.io import name_token
-
     return "res_" + name_token(file_name)
 
 
@@ -96,7 +96,7 @@ def ctw1500_lines(results: list[dict]) -> str:
 
 def draw_results(image_rgb: np.ndarray, results: list[dict], path: Path) -> None:
     """PNG of the image with polygons and scores."""
-    import cv2
+    import cv2  # deferred: OpenCV loads only when results are drawn
 
     canvas = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
     thickness = max(1, round(min(canvas.shape[:2]) / 400))
@@ -117,6 +117,4 @@ def draw_results(image_rgb: np.ndarray, results: list[dict], path: Path) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     ok, buf = cv2.imencode(".png", canvas)
     if ok:
-        from i3cl_core.utils import atomic_write_bytes
-
         atomic_write_bytes(path, buf.tobytes())

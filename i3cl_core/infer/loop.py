@@ -21,11 +21,13 @@ import os
 import sys
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from i3cl_core.data.errors import DatasetError
+from i3cl_core.data.image_io import read_image
 
 
 @dataclass
@@ -53,8 +55,6 @@ def decoding_threads(threads: int) -> Iterator:
     if threads < 1:
         yield None
         return
-    from concurrent.futures import ThreadPoolExecutor
-
     pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
     try:
         yield pool
@@ -64,8 +64,6 @@ def decoding_threads(threads: int) -> Iterator:
 
 def decode(job: tuple[str, str]) -> tuple[np.ndarray | None, str | None]:
     """``(path, what)`` -> (RGB array, None) or (None, error)."""
-    from i3cl_core.data.image_io import read_image
-
     try:
         return read_image(job[0], job[1]), None
     except DatasetError as e:
@@ -99,6 +97,7 @@ def predict_images(
             )
         yield from _predict_exported(model, images, epsilon, decoder, keep_rgb)
         return
+    # deferred: torch; the ONNX engine runs this loop without it
     import torch
 
     from i3cl_core.infer.predictor import predict_polygons

@@ -16,6 +16,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 def resolve_precision(precision: str, device: str) -> str:
     """``precision`` (one of :data:`PRECISIONS`) on ``device`` -> fp32, bf16 or fp16; a clear error for
     fp16 on a CPU or an unknown name."""
+    # deferred: pulls torch; the ONNX path and the flows import this module torch-free
     import torch
 
     from i3cl_core.model.detector import native_bf16
@@ -42,7 +43,7 @@ def load_inference_model(
     channels_last: bool = True,
 ):
     """(model in eval mode, config, resolved precision) of ``checkpoint`` on ``device``."""
-    from i3cl_core.model.checkpoint import load_model
+    from i3cl_core.model.checkpoint import load_model  # deferred: pulls torch (as in resolve_precision)
 
     prec = resolve_precision(precision, str(device))
     model, cfg = load_model(

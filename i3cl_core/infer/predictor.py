@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from i3cl_core.fusion import cluster_predictions
 from i3cl_core.utils import get_logger
 
 log = get_logger("infer")
@@ -29,8 +30,6 @@ def predict_polygons(
     well, and the variants are fused per image (Weighted Polygon Fusion, at most one detection of each
     variant per cluster, score average over the variants); the model's
     config is never changed (other scales go through ``predict(test_sides=)``)."""
-    import torch
-
     variants = [(None, None)] + [(f, None) for f in flips] + [(None, s) for s in scales]
     per_image: list[list[list]] = [[] for _ in images]
     for flip, short in variants:
@@ -57,8 +56,6 @@ def predict_polygons(
             )
     if len(variants) == 1:
         return [v[0] for v in per_image]
-    from i3cl_core.fusion import cluster_predictions
-
     fused = []
     for outputs in per_image:
         # one member per view in a cluster: a view's own lower-scoring overlapping detections must not pull

@@ -21,12 +21,16 @@ import contextlib
 import glob
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from i3cl_core.data.errors import DatasetError
 from i3cl_core.data.image_io import IMAGE_EXTENSIONS
+from i3cl_core.data.validate import coco_images
+from i3cl_core.devices import resolve_device
+from i3cl_core.infer.precision import load_inference_model
 from i3cl_core.utils import atomic_write_json, atomic_write_text, get_logger, read_json, safe_join, writing
 
 log = get_logger("infer")
@@ -70,7 +74,7 @@ def check_output_names(items: list[ImageItem]) -> None:
 def art_key_clashes(items: list[ImageItem]) -> tuple[str, str] | None:
     """Two file names with the same ArT submission key (``d1/x.jpg`` and ``d2/x.jpg``: both ``res_x``), or
     None."""
-    from i3cl_core.infer.export import art_key
+    from i3cl_core.infer.export import art_key  # deferred: i3cl --help imports this module (for ENGINES)
 
     seen: dict[str, str] = {}
     for it in items:
@@ -89,8 +93,6 @@ def collect_images(spec: str, img_root: str | None = None) -> list[ImageItem]:
         files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
         return [ImageItem(i + 1, f, f.name) for i, f in enumerate(files)]
     if p.suffix.lower() == ".json" and p.is_file():
-        from i3cl_core.data.validate import coco_images
-
         root = Path(img_root) if img_root else p.parent
         items = []
         for im in coco_images(read_json(p), str(p), size="optional", unique_file_names=True):
@@ -158,8 +160,6 @@ def _read_manifest(path: Path) -> dict | None:
 
 
 def _remove(path: Path) -> None:
-    import shutil
-
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     else:
@@ -260,6 +260,7 @@ def infer_images(
     ``checkpoint`` is a file from ``i3cl export``, run by :class:`~i3cl_core.deploy.onnx_runtime.OnnxDetector`
     on ``threads`` CPU threads without importing torch (``device``, ``precision`` and ``batch_size`` do not
     apply; ``model_overrides`` may set the test sides)."""
+    # deferred: i3cl --help imports this module (for ENGINES); tqdm costs ~40 ms
     from tqdm import tqdm
 
     from i3cl_core.infer.export import art_entries, coco_results, draw_results, txt_lines
@@ -350,9 +351,6 @@ def infer_images(
 def _torch_engine(checkpoint, epsilon, model_overrides, device, precision, model):
     """(model, device, epsilon, precision) of the PyTorch engine: the checkpoint loaded on ``device`` in
     ``precision`` (:func:`~i3cl_core.infer.precision.load_inference_model`), or ``model`` as given."""
-    from i3cl_core.devices import resolve_device
-    from i3cl_core.infer.precision import load_inference_model
-
     dev = resolve_device(device)
     cfg, prec = None, None
     if model is None:
@@ -366,6 +364,7 @@ def _onnx_engine(path, epsilon, model_overrides, threads, detector=None):
     """(detector, None, epsilon, precision) of the torch-free engine: an exported model in an onnxruntime
     session (:class:`~i3cl_core.deploy.onnx_runtime.OnnxDetector`, ``detector`` when given), one image at a
     time."""
+    # deferred: i3cl --help imports this module (for ENGINES)
     from i3cl_core.deploy.onnx_runtime import OnnxDetector
 
     detector = detector if detector is not None else OnnxDetector(path, threads=threads)
@@ -383,7 +382,7 @@ def write_outputs(items: list[ImageItem], out: Path, txt_lines, art_entries) -> 
     """Assemble results.json, submission.json, images.json and txt/ from the per-image files. An ArT
     submission keys images by the last ``_`` token of their names; when two names share a key it cannot
     hold both, so it is not written (``submission`` is None and ``submission_skipped`` says why)."""
-    from i3cl_core.infer.export import art_key
+    from i3cl_core.infer.export import art_key  # deferred: i3cl --help imports this module (for ENGINES)
 
     clash = art_key_clashes(items)  # output-name clashes were refused by infer_images before any work
     results, submission, images = [], {}, []

@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from i3cl_core.infer.export import coco_results
+from i3cl_core.infer.loop import predict_images
 from i3cl_core.infer.run import ImageItem
 from i3cl_core.infer.workers import device_workers
 from i3cl_core.utils import atomic_write_json
@@ -52,9 +54,6 @@ def run_shard(
     """Predict one shard with one loaded model (:func:`~i3cl_core.infer.loop.predict_images`, decoding in
     ``decoder``, a worker's thread pool) and write its COCO results at or above ``settings.score_thr``
     atomically."""
-    from i3cl_core.infer.export import coco_results
-    from i3cl_core.infer.loop import predict_images
-
     images = [(it.path, f"image {it.image_id}") for it in shard.items]
     s = settings
     results, failures = [], []

@@ -20,25 +20,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
+from i3cl_core.data.errors import DatasetError
+from i3cl_core.utils import atomic_write_json, atomic_write_text
+
 FORMATS = ("totaltext", "ctw1500", "art")
 
 
 def _largest_part(instance):
-    import numpy as np
-
-    parts = instance if isinstance(instance, list) else [instance]
+    # deferred: i3cl --help imports this module (for FORMATS)
     from i3cl_core.data.polygons import polygon_area
 
+    parts = instance if isinstance(instance, list) else [instance]
     parts = [np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in parts]
     return max(parts, key=polygon_area) if parts else np.zeros((0, 2))
 
 
 def export_submission(fmt: str, pred_path, images_path, out, score_thr: float = 0.0) -> dict:
     """Write the files; returns ``{"images", "detections", "skipped", "unknown_images", "out"}``."""
-    from i3cl_core.data.errors import DatasetError
+    # deferred: i3cl --help imports this module (for FORMATS)
     from i3cl_core.evaluation.io import load_ground_truth, load_predictions
-    from i3cl_core.infer.export import art_entries, ctw1500_lines, totaltext_lines
-    from i3cl_core.utils import atomic_write_json, atomic_write_text
+    from i3cl_core.infer.export import art_entries, art_key, ctw1500_lines, totaltext_lines
 
     if fmt not in FORMATS:
         raise DatasetError(f"unknown format {fmt!r}; choose from {FORMATS}")
@@ -67,8 +70,6 @@ def export_submission(fmt: str, pred_path, images_path, out, score_thr: float = 
     submission = {}
     for img, stem, results in per_image:
         if fmt == "art":
-            from i3cl_core.infer.export import art_key
-
             entries = art_entries(results)
             submission[art_key(img.file_name)] = entries
             n_written = len(entries)

@@ -12,7 +12,9 @@ import os
 import queue
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
+from i3cl_core.deploy.onnx_runtime import OnnxDetector
 from i3cl_core.devices import resolve_devices
 from i3cl_core.infer.loop import is_exported
 from i3cl_core.infer.precision import load_inference_model, resolve_precision
@@ -53,8 +55,6 @@ class DeviceWorkers:
         cache = self._models[worker]
         if key not in cache:
             if onnx:
-                from i3cl_core.deploy.onnx_runtime import OnnxDetector
-
                 model = OnnxDetector(checkpoint)
                 cache[key] = (model, model.polygon_epsilon)
             else:
@@ -74,8 +74,6 @@ class DeviceWorkers:
         if threads < 1:
             return None
         if self._decoders[worker] is None:
-            from concurrent.futures import ThreadPoolExecutor
-
             self._decoders[worker] = ThreadPoolExecutor(threads, thread_name_prefix=f"decode-{worker}")
         return self._decoders[worker]
 
@@ -88,7 +86,7 @@ class DeviceWorkers:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
             self._decoders[k] = None
-        import torch
+        import torch  # deferred: ONNX-only workers never load torch
 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -101,7 +99,7 @@ def worker_devices(spec: str | list[str] = "auto", dask_local: bool = False) -> 
     worker is expected to see its own GPU as the first (``CUDA_VISIBLE_DEVICES=k dask worker ...``
     or dask-cuda's ``dask cuda worker``), so ``auto`` means ``cuda:0`` there, else the CPU."""
     try:
-        from distributed import get_worker
+        from distributed import get_worker  # deferred: optional [dask] extra
 
         worker = get_worker()
     except (ImportError, ValueError):

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+import torchvision
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -64,8 +65,6 @@ class FreezableBackbone(nn.Module):
 class ResNetBackbone(FreezableBackbone):
     def __init__(self, name: str = "resnet50", frozen_stages: int = 1, norm_eval: bool = True):
         super().__init__()
-        import torchvision
-
         net = getattr(torchvision.models, name)(weights=None)
         self.name = name
         # torchvision's own names, so torchvision / RegionCL state dicts load as they are
@@ -128,7 +127,7 @@ class TimmBackbone(FreezableBackbone):
 
     def __init__(self, model_name: str, frozen_stages: int = -1, norm_eval: bool = True):
         super().__init__()
-        import timm
+        import timm  # deferred: timm loads only for timm backbones
 
         self.body = timm.create_model(
             model_name, pretrained=False, features_only=True, out_indices=(1, 2, 3, 4)

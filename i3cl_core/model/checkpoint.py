@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from i3cl_core.config import build_config
 from i3cl_core.model.errors import CheckpointError, unreadable_checkpoint
 from i3cl_core.utils import atomic_write_bytes
 
@@ -53,8 +54,6 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def config_from_checkpoint(ckpt: dict, path: str = "checkpoint"):
-    from i3cl_core.config import build_config
-
     try:
         return build_config(ckpt["config"], {})
     except Exception as e:
@@ -108,6 +107,7 @@ def load_model(
 ):
     """(model in eval mode, I3CLConfig) from a checkpoint; ``model_overrides`` may change test-time
     settings (score_thr, nms_thr, ...), never the architecture."""
+    # deferred: pulls torchvision; reading a checkpoint needs torch only
     from i3cl_core.model.detector import build_model
 
     ckpt = load_checkpoint(path)

@@ -46,8 +46,13 @@ converted model's outputs are close to, but not bit-identical with, the original
 
 from __future__ import annotations
 
+import os
 import re
 from typing import TYPE_CHECKING
+
+import numpy as np
+
+from i3cl_core.model.errors import CheckpointError, pickled_code
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that `i3cl --help` stays fast
     import torch
@@ -139,8 +144,6 @@ def convert_state(
     with no counterpart), ``fresh`` (our keys the original lacks, by module), ``missing`` (other
     keys of ours the original lacks), ``shapes`` (shape mismatches) and ``classes`` (C, K).
     """
-    from i3cl_core.model.errors import CheckpointError
-
     report: dict = {
         "mapped": 0,
         "dropped": [],
@@ -216,11 +219,7 @@ def convert_state(
 def read_original(path: str) -> dict[str, torch.Tensor]:
     """The tensor dict of an original checkpoint (``{'meta', 'state_dict', 'optimizer'}`` or a bare
     state dict), loaded with ``weights_only=True`` (numpy scalars in ``meta`` are allowed)."""
-    import os
-
-    import torch
-
-    from i3cl_core.model.errors import CheckpointError, pickled_code
+    import torch  # deferred: only reading the original needs torch, the key mapping does not
 
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: original checkpoint not found")
@@ -228,8 +227,6 @@ def read_original(path: str) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as first:  # mmcv's meta may hold numpy scalars; allow just those
         try:
-            import numpy as np
-
             core = np._core if hasattr(np, "_core") else np.core
             scalar = core.multiarray.scalar
             dtypes = [type(np.dtype(t)) for t in ("int64", "int32", "float64", "float32", "bool")]
@@ -265,9 +262,9 @@ def read_original(path: str) -> dict[str, torch.Tensor]:
 
 def convert_checkpoint(original_path: str, out_path: str, cfg, echo=print) -> dict:
     """Convert ``original_path`` for the model of ``cfg`` (an I3CLConfig) and write ``out_path``."""
+    # deferred: these pull torch and torchvision, as read_original's torch
     from i3cl_core.model.checkpoint import load_state_strict, save_checkpoint
     from i3cl_core.model.detector import build_model
-    from i3cl_core.model.errors import CheckpointError
 
     original = read_original(original_path)
     cfg.model.backbone.weights = None  # every weight comes from the original

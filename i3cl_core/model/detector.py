@@ -28,6 +28,7 @@ from i3cl_core.model.backbone import FPN, TORCHVISION_RESNETS, ResNetBackbone, T
 from i3cl_core.model.intra_cl import IntraCL
 from i3cl_core.model.roi_heads import RoIHeads
 from i3cl_core.model.rpn import I3CLRPN
+from i3cl_core.model.vitae import ViTAEv2Backbone
 from i3cl_core.structures import Instances
 
 # ImageNet statistics of the release (RGB, 0-255), here on the 0-1 scale
@@ -43,8 +44,6 @@ def build_backbone(cfg) -> nn.Module:
     elif name.startswith("timm:"):
         backbone = TimmBackbone(name[5:], cfg.frozen_stages, cfg.norm_eval)
     elif name == "vitaev2_s":
-        from i3cl_core.model.vitae import ViTAEv2Backbone
-
         backbone = ViTAEv2Backbone(
             drop_path_rate=cfg.drop_path_rate,
             grad_checkpointing=cfg.grad_checkpointing,

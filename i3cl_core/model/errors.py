@@ -1,5 +1,7 @@
 """Errors of the model package that commands must catch without importing torch."""
 
+import re
+
 
 class CheckpointError(RuntimeError):
     """A weights or checkpoint file that cannot be used; the message names the file."""
@@ -8,8 +10,6 @@ class CheckpointError(RuntimeError):
 def pickled_code(torch_message: str) -> str:
     """One sentence on a file that ``torch.load(weights_only=True)`` refused for a pickled global, naming
     it."""
-    import re
-
     m = re.search(r"GLOBAL ([\w.]+)", torch_message)
     named = f" (it names {m.group(1)})" if m else ""
     return (
@@ -31,8 +31,6 @@ def unreadable_checkpoint(path: str, what: str, exc: BaseException) -> Checkpoin
             "mmdetection release, or re-save only its tensors (its state_dict) with the program that wrote it"
         )
     if "weights only load failed" in text.lower():  # PyTorch's text goes on with how to load it unsafely
-        import re
-
         m = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
         why = m.group(1).strip()[:160] if m else "pickled content other than tensors"
         return CheckpointError(

@@ -147,7 +147,7 @@ def mask_loss(mask_logits: Tensor, targets: Tensor, lossweight: Tensor | None = 
 
 def polygon_mask_targets(polygons: list, boxes: Tensor, size: int) -> Tensor:
     """Rasterise each instance (list of (K, 2) parts) inside its box at ``size`` x ``size``."""
-    from pycocotools import mask as mask_utils
+    from pycocotools import mask as mask_utils  # deferred: pycocotools loads only to rasterize targets
 
     out = np.zeros((len(polygons), size, size), dtype=np.float32)
     boxes_np = boxes.detach().cpu().numpy().astype(np.float64)

@@ -32,7 +32,7 @@ def summarize(model) -> dict:
 def config_summary(cfg) -> dict:
     """:func:`summarize` of the model of ``cfg`` (an I3CLConfig; built without pretrained weights), plus
     ``backbone``: the backbone's name."""
-    from i3cl_core.model.detector import build_model
+    from i3cl_core.model.detector import build_model  # deferred: pulls torch, needed only to build
 
     cfg.model.backbone.weights = None  # counting needs no weights
     info = summarize(build_model(cfg))

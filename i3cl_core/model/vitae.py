@@ -58,6 +58,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from i3cl_core.model.backbone import FreezableBackbone, freeze
+from i3cl_core.model.errors import CheckpointError
+from i3cl_core.model.weights import read_state_dict, select_prefix, strip_prefixes
 from i3cl_core.utils import get_logger
 
 log = get_logger("model")
@@ -432,9 +434,6 @@ class ViTAEv2Backbone(FreezableBackbone):
         """Non-strict load of ImageNet ViTAEv2 weights from a local file. The classifier (``head.*``)
         and the final norm (``norm.*``) are dropped, as are buffers we recompute; missing and
         skipped keys are logged. Raises :class:`CheckpointError` when nothing matches."""
-        from i3cl_core.model.errors import CheckpointError
-        from i3cl_core.model.weights import read_state_dict, select_prefix, strip_prefixes
-
         own = self.state_dict()
         state, prefix = select_prefix(strip_prefixes(read_state_dict(path, "ViTAEv2 weights")), own.keys())
         if prefix:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from i3cl_core.pipeline.params import DataParams
+from i3cl_core.pipeline.stages import ensure_demo_data
 from i3cl_core.pipeline.workdir import WorkDir
 from i3cl_core.utils import atomic_write_json
 
@@ -24,8 +25,6 @@ def resolve_data(data: DataParams, wd: Path) -> dict:
 
 
 def _from_params(data: DataParams) -> dict:
-    from i3cl_core.pipeline.stages import ensure_demo_data
-
     demo = None
     if data.uses_demo():
         demo_dir = Path(data.demo_dir)

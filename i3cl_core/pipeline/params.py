@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from i3cl_core.config import DatasetSource, FuseConfig  # noqa: F401  (FuseConfig re-exported: the fuse stage's)
 from i3cl_core.engine.launch import SlurmLauncher, TorchrunLauncher
 from i3cl_core.evaluation.protocols import Protocol
+from i3cl_core.infer.loop import is_exported
 from i3cl_core.infer.shards import ShardSettings
 
 DEMO_CONFIGS = "configs/demo"
@@ -220,8 +221,6 @@ class InferParams(_Params):
             )
         if isinstance(self.devices, list) and not self.devices:
             raise ValueError("infer.devices: the list is empty; give 'auto' or at least one device")
-        from i3cl_core.infer.loop import is_exported
-
         bad = [m for m in self.exported_members if not is_exported(m)]
         if bad:
             raise ValueError(

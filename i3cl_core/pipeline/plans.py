@@ -12,8 +12,14 @@ from i3cl_core.config import FuseConfig
 from i3cl_core.pipeline import variants
 from i3cl_core.pipeline.errors import PipelineError, require
 from i3cl_core.pipeline.params import InferParams, TrainParams
+from i3cl_core.pipeline.stages import (
+    exported_members,
+    extra_members,
+    finish_model_predictions,
+    plan_inference,
+)
 from i3cl_core.pipeline.workdir import MEMBERS, PLAN, WorkDir
-from i3cl_core.utils import fingerprint
+from i3cl_core.utils import atomic_write_json, fingerprint
 
 
 @dataclass(frozen=True)
@@ -36,9 +42,6 @@ def plan_ensemble(
     """Round ``ssl_round``'s ensemble (round 1: the teachers; round r > 1: round r-1's student, plus the
     teachers with ``with_teachers``; then any exported members) over the unlabeled images and, where the run
     has one, the validation split; each split's shards recorded in its ``plan.json``."""
-    from i3cl_core.pipeline.stages import exported_members, plan_inference
-    from i3cl_core.utils import atomic_write_json
-
     models = {**layout.ensemble_models(ssl_round, with_teachers), **exported_members(infer.exported_members)}
     val = data.get("val")
     if val and len(infer.extra_members) != len(infer.extra_val_members):
@@ -61,9 +64,6 @@ def plan_ensemble(
 def finish_split(split: SplitPlan, models: dict[str, str]) -> list[str]:
     """The members of one split once its shards are done: each model's predictions checked complete and
     joined, the extra detectors' converted; listed in the split's ``members.json``, which fusion reads."""
-    from i3cl_core.pipeline.stages import extra_members, finish_model_predictions
-    from i3cl_core.utils import atomic_write_json
-
     members = [finish_model_predictions(split.pred_root / name, split.shards) for name in models]
     members += extra_members(split.extra, split.shards, split.pred_root / "extra")
     atomic_write_json(split.pred_root / MEMBERS, members, indent=2)

@@ -14,8 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from i3cl_core.pipeline.workdir import FUSION_REPORT
-from i3cl_core.utils import atomic_write_text
+from i3cl_core.data.errors import DatasetError
+from i3cl_core.data.image_io import read_image
+from i3cl_core.pipeline.variants import pseudo_file as current_pseudo
+from i3cl_core.pipeline.workdir import FUSION_REPORT, WorkDir, model_runs
+from i3cl_core.pseudo.report import f_per_model_png, side_by_side_png, training_curve_png
+from i3cl_core.utils import atomic_write_text, safe_join
 
 COLOURS = ["#1f77b4", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 
@@ -60,13 +64,6 @@ def _predictions_by_image(folder: Path, ids: set, thr: float) -> dict:
 
 def sample_panels(wd: Path, data: dict, figs: Path, n: int = 3) -> list[Path]:
     """``n`` unlabeled images (those with the most pseudo labels), teachers / fused / GT side by side."""
-    from i3cl_core.data.errors import DatasetError
-    from i3cl_core.data.image_io import read_image
-    from i3cl_core.pipeline.variants import pseudo_file as current_pseudo
-    from i3cl_core.pipeline.workdir import WorkDir
-    from i3cl_core.pseudo.report import side_by_side_png
-    from i3cl_core.utils import safe_join
-
     layout = WorkDir(wd)
     pseudo_file = current_pseudo(layout.pseudo_dir())
     if pseudo_file is None:
@@ -118,9 +115,6 @@ def sample_panels(wd: Path, data: dict, figs: Path, n: int = 3) -> list[Path]:
 def write_summary(wd: Path, summary: dict, data: dict) -> dict:
     """Write ``summary.md`` and its figures; returns ``{"md": path, "blocks": [(heading, [(alt, png)])]}``
     (the blocks are what the pipeline's artifact shows)."""
-    from i3cl_core.pipeline.workdir import WorkDir
-    from i3cl_core.pseudo.report import f_per_model_png, training_curve_png
-
     wd = Path(wd)
     layout = WorkDir(wd)
     figs = layout.summary_figures
@@ -128,17 +122,13 @@ def write_summary(wd: Path, summary: dict, data: dict) -> dict:
     if summary.get("scores"):
         bar = f_per_model_png(summary["scores"], figs / "f_per_model.png")
         blocks.append(("F per model on the test split", [("F per model", bar)]))
-    from i3cl_core.pipeline.variants import pseudo_file
-
-    current = pseudo_file(layout.pseudo_dir())
+    current = current_pseudo(layout.pseudo_dir())
     report = current.parent / FUSION_REPORT if current else layout.pseudo_dir() / FUSION_REPORT
     if report.exists():
         pr = json.loads(report.read_text()).get("figures", {}).get("pr_curve")
         if pr and Path(pr).exists():
             blocks.append(("Pseudo labels over the score threshold", [("PR curve", Path(pr))]))
     curves = []
-    from i3cl_core.pipeline.workdir import model_runs
-
     for _, folder in layout.model_folders():
         where = folder.relative_to(wd).as_posix()  # teachers, control, student, rounds/r2/student
         for name, run in model_runs(folder):

@@ -20,10 +20,25 @@ import os
 import time
 from pathlib import Path
 
-from i3cl_core.infer.shards import ShardSettings
+from i3cl_core.config import load_config, save_config
+from i3cl_core.config.schema import MeanTeacherConfig, StrongAugmentConfig
+from i3cl_core.data.check import check_sources, raise_on_problems
+from i3cl_core.data.coco import CocoTextDataset
+from i3cl_core.data.synth import generate_demo
+from i3cl_core.devices import resolve_device
+from i3cl_core.engine.launch import torchrun_command
+from i3cl_core.infer.evaluate import evaluate_model
+from i3cl_core.infer.precision import load_inference_model
+from i3cl_core.infer.run import ImageItem, collect_images
+from i3cl_core.infer.shards import Shard, ShardSettings, plan_shards
+from i3cl_core.infer.shards import infer_shard as run_infer_shard
+from i3cl_core.infer.workers import worker_devices
 from i3cl_core.pipeline.errors import PipelineError, require
 from i3cl_core.pipeline.training import trained_checkpoint  # noqa: F401  (re-exported: the stages' callers use it)
 from i3cl_core.pipeline.workdir import COVERAGE, MARKER, RESULTS_DIR
+from i3cl_core.pseudo.external import prepare_extra
+from i3cl_core.pseudo.fuse import fuse_predictions
+from i3cl_core.pseudo.thresholds import choose_fusion, with_keep_thr
 from i3cl_core.utils import atomic_write_json, fingerprint, get_logger
 
 log = get_logger("pipeline")
@@ -111,8 +126,6 @@ def ensure_demo_data(
     num_val: int = 0,
 ) -> dict:
     """Generate the synthetic demo splits unless they already exist with these settings."""
-    from i3cl_core.data.synth import generate_demo
-
     d = Path(data_dir)
     stamp = d / "demo.json"
     settings = {
@@ -167,8 +180,6 @@ def write_train_config(
     load_from: str | None = None,
 ) -> Path:
     """Resolve ``base_config`` with the run's data and overrides into ``out_dir/config.yaml``."""
-    from i3cl_core.config import load_config, save_config
-
     keys = ("ann_file", "img_root", "fraction", "augment", "background_weight")  # DatasetSource's fields
     sets = [{k: s[k] for k in keys if s.get(k) is not None} for s in train_sets]
     extra = [f"data.train={json.dumps(sets)}", "data.val=null", "train.eval_interval=0"]
@@ -184,8 +195,6 @@ def _as_first_fingerprinted(cfg: dict) -> dict:
     they hold their defaults (which reproduce the earlier behaviour), and with the fields removed since:
     finished trainings of a work dir made before stay valid, and a field that is set changes the
     fingerprint."""
-    from i3cl_core.config.schema import MeanTeacherConfig, StrongAugmentConfig
-
     model, data = cfg.get("model", {}), cfg.get("data", {})
     if model.get("mask_lossweight") is False:
         model.pop("mask_lossweight")
@@ -210,8 +219,6 @@ def training_fingerprint(config_path: Path, train_sets: list[dict], load_from: s
     """What a finished training depends on: its resolved config (every section but ``fuse``, which no training
     reads, as canonical JSON: comments and key order do not count) and the contents of its annotation files
     and start checkpoint (a rewritten pseudo-label file under the same name counts as new)."""
-    from i3cl_core.config import load_config
-
     cfg = _as_first_fingerprinted(load_config(config_path).model_dump(mode="json", exclude={"fuse"}))
     h = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode())
     h.update(fingerprint(*[s["ann_file"] for s in train_sets], *([load_from] if load_from else [])).encode())
@@ -223,8 +230,6 @@ def train_command(
 ) -> list[str]:
     """The torchrun command line of one training (127.0.0.1 rendezvous on one node unless ``launcher``,
     a :class:`~i3cl_core.engine.launch.TorchrunLauncher`, says ``nnodes > 1``)."""
-    from i3cl_core.engine.launch import torchrun_command
-
     return torchrun_command(config_path, work_dir, nproc_per_node, resume, launcher)
 
 
@@ -246,9 +251,6 @@ def iterations_per_epoch(work_dir: Path) -> int:
 # ------------------------------------------------------------------------------------ ensemble
 def plan_inference(images_json: str, img_root: str, shard_size: int) -> list[list[dict]]:
     """Shards of the unlabeled set as lists of {id, path, file_name} (JSON-able, for task inputs)."""
-    from i3cl_core.infer.run import collect_images
-    from i3cl_core.infer.shards import plan_shards
-
     items = collect_images(images_json, img_root)
     if not items:
         raise PipelineError(f"{images_json}: the unlabeled image set is empty")
@@ -261,8 +263,6 @@ def plan_inference(images_json: str, img_root: str, shard_size: int) -> list[lis
 def preflight(d: dict, workers: int = 8) -> dict:
     """Check every image of a pipeline's data (labeled sets, validation and test splits, unlabeled images)
     before any stage runs; all problems are raised at once (DatasetError)."""
-    from i3cl_core.data.check import check_sources, raise_on_problems
-
     sources = [(s["ann_file"], s["img_root"]) for s in d["labeled"]]
     sources += [(d[k]["ann_file"], d[k]["img_root"]) for k in ("val", "test") if d.get(k)]
     sources.append((d["unlabeled_images"], d["unlabeled_root"]))
@@ -288,8 +288,6 @@ def exported_members(paths: list[str]) -> dict[str, str]:
 def extra_members(specs: list[str], shards: list[list[dict]], out_dir) -> list[str]:
     """Member paths of other detectors' predictions (``infer.extra_members``) on the images of ``shards``;
     ``FORMAT:PATH`` entries are converted to COCO results in ``out_dir``."""
-    from i3cl_core.pseudo.external import prepare_extra
-
     images = [{"id": d["id"], "file_name": d["file_name"]} for shard in shards for d in shard]
     return [prepare_extra(spec, images, out_dir, k) for k, spec in enumerate(specs)]
 
@@ -306,19 +304,14 @@ def infer_shard(
 ) -> dict:
     """One teacher on one shard -> ``out_dir/shard_NNNNN.json`` (atomic), on a free inference worker
     of this process (see :func:`i3cl_core.infer.workers.worker_devices`)."""
-    from i3cl_core.infer.run import ImageItem
-    from i3cl_core.infer.shards import Shard
-    from i3cl_core.infer.shards import infer_shard as run
-    from i3cl_core.infer.workers import worker_devices
-
     s = Shard(shard_index, [ImageItem(d["id"], Path(d["path"]), d["file_name"]) for d in shard])
-    return run(checkpoint, s, out_dir, settings, worker_devices(devices, dask_local), loader_workers)
+    return run_infer_shard(
+        checkpoint, s, out_dir, settings, worker_devices(devices, dask_local), loader_workers
+    )
 
 
 def finish_model_predictions(pred_dir: Path, shards: list[list[dict]]) -> str:
     """Write coverage.json once every shard file of a model exists; returns the folder."""
-    from i3cl_core.infer.shards import Shard
-
     missing = [i for i in range(len(shards)) if not (pred_dir / Shard(i, []).name).exists()]
     if missing:
         raise PipelineError(f"{pred_dir}: shards {missing[:5]} are missing")
@@ -340,9 +333,6 @@ def fuse_stage(
     """Weighted Polygon Fusion into ``out``. With ``cfg.auto_keep_thr`` and the teachers' predictions
     on a labeled validation split (``val_members`` over ``val_ann_file``), ``keep_thr`` is chosen
     there first; ``gt`` (the unlabeled set's hidden ground truth) only measures the result."""
-    from i3cl_core.pseudo.fuse import fuse_predictions
-    from i3cl_core.pseudo.thresholds import choose_fusion, with_keep_thr
-
     chosen = None
     if cfg.auto_keep_thr and val_members and val_ann_file:
         chosen = choose_fusion(val_members, val_ann_file, cfg)
@@ -389,11 +379,6 @@ def evaluate_checkpoint(
     """P/R/F of a checkpoint on a labeled split (at ``score_thr``, default the checkpoint's
     ``infer.score_thr``, plus the best threshold of a sweep) -> ``out_json``; in the precision that
     ``i3cl infer`` and the ensemble use (:mod:`i3cl_core.infer.precision`), so the score is the outputs'."""
-    from i3cl_core.data.coco import CocoTextDataset
-    from i3cl_core.devices import resolve_device
-    from i3cl_core.infer.evaluate import evaluate_model
-    from i3cl_core.infer.precision import load_inference_model
-
     dev = resolve_device(device)
     model, cfg, prec = load_inference_model(checkpoint, dev, precision)
     ds = CocoTextDataset([(ann_file, img_root)], train=False)

@@ -30,7 +30,7 @@ def training_start(
     - ``fresh``: anything else; the checkpoints and metrics of other inputs are removed first.
 
     ``out/inputs.fingerprint`` records the inputs of what the folder holds from now on."""
-    from i3cl_core.engine.train import checkpoint_dir
+    from i3cl_core.engine.train import checkpoint_dir  # deferred: the engine imports torch
 
     out = Path(out)
     ckpt_dir = checkpoint_dir(out)
@@ -42,7 +42,7 @@ def training_start(
     resume = same_inputs and not finished and (ckpt_dir / "latest.pth").exists()
     how = "resume" if resume else "fresh"
     if same_inputs and slurm:
-        from i3cl_core.engine.launch import SlurmJob
+        from i3cl_core.engine.launch import SlurmJob  # deferred: pydantic; `i3cl runs` imports this module
 
         if SlurmJob.recorded(out) is not None:
             how = "attach"

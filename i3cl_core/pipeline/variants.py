@@ -25,11 +25,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
+from i3cl_core import __version__
 from i3cl_core.pipeline.workdir import CURRENT, FUSION_REPORT, PSEUDO_LABELS, TEST_EVAL, WorkDir
-from i3cl_core.utils import atomic_write_json
+from i3cl_core.utils import atomic_write_json, fingerprint
 
 LEGACY = "legacy"
 
@@ -113,10 +115,6 @@ def _describe(stage_dir: Path, key: str, folder: Path) -> dict:
 
 # ------------------------------------------------------------------ lineage
 def code_version() -> dict:
-    import subprocess
-
-    from i3cl_core import __version__
-
     commit = None
     try:
         repo = Path(__file__).resolve().parents[1]
@@ -140,8 +138,6 @@ def write_lineage(
     flow_run_id: str | None = None,
 ) -> Path:
     """``model_dir/lineage.json``: what this model was made from."""
-    from i3cl_core.utils import fingerprint
-
     sets = [{**s, "fingerprint": fingerprint(s["ann_file"])} for s in data_sets]
     record = {
         "data": sets,

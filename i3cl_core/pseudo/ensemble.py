@@ -33,17 +33,20 @@ import hashlib
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from i3cl_core.data.errors import DatasetError
+from i3cl_core.data.image_io import header
 from i3cl_core.devices import resolve_devices
 from i3cl_core.infer.precision import resolve_precision
 from i3cl_core.infer.run import ImageItem, collect_images
 from i3cl_core.infer.shards import ShardSettings, infer_shard, plan_shards
 from i3cl_core.infer.workers import device_workers, release_device_workers
-from i3cl_core.utils import atomic_write_json, atomic_write_text, get_logger
+from i3cl_core.pseudo.external import prepare_extra
+from i3cl_core.utils import atomic_write_json, atomic_write_text, fingerprint, get_logger
 
 log = get_logger("ensemble")
 
@@ -62,9 +65,6 @@ def model_name(checkpoint: str, taken: set[str]) -> str:
 def image_table(items: list[ImageItem]) -> tuple[list[ImageItem], list[dict], list[str]]:
     """Sizes from the image headers (the image reader's rule); unreadable or too large images are reported
     and left out."""
-    from i3cl_core.data.errors import DatasetError
-    from i3cl_core.data.image_io import header
-
     good, images, failures = [], [], []
     for it in items:
         try:
@@ -95,11 +95,7 @@ def run_ensemble(
 ) -> dict:
     """Every checkpoint over ``images``: (model, shard) jobs, model by model, on one worker per
     device (``devices``); finished shard files are kept and skipped."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm import tqdm
-
-    from i3cl_core.utils import fingerprint
+    from tqdm import tqdm  # deferred: tqdm costs ~40 ms at import; only a run needs it
 
     if not checkpoints and not extra:
         raise DatasetError("ensemble: give at least one checkpoint (or --extra prediction file)")
@@ -201,8 +197,6 @@ def run_ensemble(
         release_device_workers()
     for pred_dir in members:
         atomic_write_json(Path(pred_dir) / "coverage.json", {"images": [it.image_id for it in items]})
-    from i3cl_core.pseudo.external import prepare_extra
-
     members.extend(prepare_extra(e, table, out / "extra", k) for k, e in enumerate(extra or []))
     atomic_write_json(out / "members.json", members, indent=2)
     seconds = time.time() - t0

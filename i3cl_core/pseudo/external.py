@@ -29,12 +29,20 @@ into ``<out>/extra/`` before fusing; ``i3cl convert-predictions`` writes the COC
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from pathlib import Path
 
 from i3cl_core.data.errors import DatasetError
-from i3cl_core.data.validate import read_json, read_tab_json_lines, score_value, text_encoding
+from i3cl_core.data.validate import (
+    coco_images,
+    read_json,
+    read_tab_json_lines,
+    score_value,
+    text_encoding,
+    write_json,
+)
 
 EXTERNAL_FORMATS = ("paddleocr", "rapidocr", "doctr", "mmocr")
 
@@ -289,10 +297,6 @@ def skipped_message(stats: dict) -> str | None:
 
 def prepare_extra(spec: str, images: list[dict], out_dir, index: int) -> str:
     """A member path for fusion: ``spec`` itself, or ``FORMAT:PATH`` converted into ``out_dir``."""
-    import logging
-
-    from i3cl_core.data.validate import write_json
-
     fmt, path = parse_extra(spec)
     if fmt is None:
         return path
@@ -315,8 +319,6 @@ def convert_predictions(fmt: str, pred_path, images_json, out, encoding: str = "
     """Convert one detector's output ``pred_path`` (format ``fmt``) for the images of the COCO json
     ``images_json`` and write the COCO results to ``out`` (``i3cl convert-predictions``); returns the stats
     of :func:`to_coco_results`."""
-    from i3cl_core.data.validate import coco_images, write_json
-
     images = coco_images(read_json(images_json), str(images_json), size="optional", non_empty=True)
     results, stats = to_coco_results(fmt, pred_path, images, encoding=encoding)
     write_json(out, results)

@@ -13,6 +13,7 @@ reported.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import time
 from collections import Counter
@@ -21,11 +22,21 @@ from pathlib import Path
 import numpy as np
 
 from i3cl_core.data.errors import DatasetError
+from i3cl_core.data.image_io import read_image
 from i3cl_core.data.polygons import coco_bbox, polygon_area
 from i3cl_core.fusion import cluster_predictions, pseudo_labels
 from i3cl_core.pseudo.report import histogram_png, pr_curve_png
 from i3cl_core.pseudo.sources import load_images, load_model_predictions
-from i3cl_core.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, get_logger, writing
+from i3cl_core.utils import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    cpu_workers,
+    die_with_parent,
+    get_logger,
+    safe_join,
+    writing,
+)
 
 log = get_logger("fuse")
 
@@ -99,19 +110,13 @@ def _fuse_images(
 ) -> list:
     """``_fuse_one`` over every image (in a process pool with ``workers`` > 1), in image order; the
     result does not depend on ``workers``."""
-    from tqdm import tqdm
-
-    from i3cl_core.utils import cpu_workers
+    from tqdm import tqdm  # deferred: tqdm costs ~40 ms at import; only a run needs it
 
     workers = cpu_workers() if workers is None else workers  # the pool starts above 64 images only
     jobs = [([m.get(im["id"], []) for m in models], cfg, weights) for im in images]
     results = []
     bar = tqdm(total=len(jobs), desc="fuse", unit="img", disable=not progress, dynamic_ncols=True)
     if workers > 1 and len(jobs) > 64:
-        import multiprocessing as mp
-
-        from i3cl_core.utils import die_with_parent
-
         with mp.get_context("spawn").Pool(
             workers, initializer=die_with_parent
         ) as pool:  # no orphans on kill -9
@@ -312,6 +317,7 @@ def pseudo_label_quality(dataset, gt_path, models, all_clusters, sources) -> dic
     """P/R/F (ArT protocol) against the hidden ground truth: of the pseudo labels as written, of all
     fused clusters per score threshold (what another ``keep_thr`` would give), and of every input
     model at its best threshold."""
+    # deferred: pulls shapely (evaluation.core)
     from i3cl_core.evaluation import load_ground_truth, prepare_polygons
 
     gt = load_ground_truth(gt_path)
@@ -359,10 +365,7 @@ def _prf(r: dict) -> dict:
 
 
 def _draw_samples(dataset, img_root, figs: Path, n: int) -> list[Path]:
-    import cv2
-
-    from i3cl_core.data.image_io import read_image
-    from i3cl_core.utils import safe_join
+    import cv2  # deferred: OpenCV loads only when samples are drawn
 
     by_image = {}
     for a in dataset["annotations"]:

@@ -8,16 +8,17 @@ training curve (loss terms, learning rate) per model.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # deferred: matplotlib loads only when a figure is drawn
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: only after the Agg backend is chosen
 
     return plt
 
@@ -113,8 +114,6 @@ def f_per_model_png(scores: dict[str, dict], path: Path, title: str = "F per mod
 def training_curve_png(metrics_jsonl: Path, path: Path, title: str) -> Path | None:
     """Loss terms and learning rate by iteration from a training's ``metrics.jsonl`` (None without
     iteration records)."""
-    import json
-
     rows = []
     for line in Path(metrics_jsonl).read_text().splitlines():
         try:
@@ -153,6 +152,7 @@ def side_by_side_png(
 ) -> Path:
     """One picture per panel (``(title, polygons, colour)``; a polygon is an (N, 2) array, or
     ``(array, "dashed")`` for a do-not-care region), side by side, with a legend."""
+    # deferred: matplotlib loads only when a figure is drawn
     from matplotlib.lines import Line2D
     from matplotlib.patches import Polygon
 

@@ -18,13 +18,15 @@ from pathlib import Path
 import numpy as np
 
 from i3cl_core.data.errors import DatasetError
+from i3cl_core.data.polygons import signed_area
+from i3cl_core.data.validate import coco_images, far_outside
+from i3cl_core.evaluation.io import GroundTruth, GtImage, parse_predictions
+from i3cl_core.fusion import canonical
 from i3cl_core.utils import read_json
 
 
 def load_images(path: str | os.PathLike) -> list[dict]:
     """The ``images`` of IMAGES.json (``id``, ``file_name``, ``width``, ``height``, all required)."""
-    from i3cl_core.data.validate import coco_images
-
     p = Path(path)
     try:
         data = read_json(p)
@@ -34,8 +36,6 @@ def load_images(path: str | os.PathLike) -> list[dict]:
 
 
 def _image_list(images: list[dict]):
-    from i3cl_core.evaluation.io import GroundTruth, GtImage
-
     return GroundTruth(
         images={
             im["id"]: GtImage(key=im["id"], file_name=im["file_name"], width=im["width"], height=im["height"])
@@ -48,9 +48,6 @@ def _image_list(images: list[dict]):
 
 def _fusion_polygon(instance: list) -> np.ndarray | None:
     """One polygon per prediction: the largest valid part (an RLE mask may trace into several)."""
-    from i3cl_core.data.polygons import signed_area
-    from i3cl_core.fusion import canonical
-
     best, best_area = None, 0.0
     for part in instance:
         poly = canonical(part)
@@ -63,9 +60,6 @@ def _fusion_polygon(instance: list) -> np.ndarray | None:
 
 def load_model_predictions(source: str | os.PathLike, images: list[dict]) -> tuple[dict, dict]:
     """``({image_id: [(polygon, score)]}, stats)`` for one model on ``images`` (see the module docstring)."""
-    from i3cl_core.data.validate import far_outside
-    from i3cl_core.evaluation.io import parse_predictions
-
     src = Path(source)
     gt = _image_list(images)
     coverage = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+from i3cl_core.pseudo.fuse import fuse_clusters
 from i3cl_core.utils import get_logger
 
 log = get_logger("fuse")
@@ -21,8 +22,8 @@ SWEEP = [round(0.05 * k, 2) for k in range(1, 20)]
 def val_sweep(sources: list[str], images_json: str | os.PathLike, cfg) -> list[dict]:
     """P/R/F of the fused clusters (votes >= ``cfg.min_votes``) on the labeled split ``images_json``
     (a COCO json with annotations) at every threshold of :data:`SWEEP`."""
+    # deferred: pulls shapely (evaluation.core)
     from i3cl_core.evaluation import load_ground_truth, prepare_polygons
-    from i3cl_core.pseudo.fuse import fuse_clusters
 
     gt = load_ground_truth(images_json)
     gt_by_image = {key: list(zip(im.polygons, im.dontcare)) for key, im in gt.images.items()}

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import multiprocessing as mp
 import os
 import sys
 import time
@@ -13,6 +15,7 @@ import numpy as np
 
 from i3cl_core.data.synth.fonts import _resolve_cjk
 from i3cl_core.data.synth.render import list_backgrounds, render_sample
+from i3cl_core.utils import atomic_write_json, die_with_parent
 
 GENERATOR_VERSION = "1.0"
 CATEGORY = {"id": 1, "name": "text"}
@@ -22,11 +25,9 @@ CATEGORY = {"id": 1, "name": "text"}
 
 
 def _init_worker() -> None:
-    from i3cl_core.utils import die_with_parent
-
     die_with_parent()  # a kill -9 of the generating process leaves no worker behind
     try:
-        import cv2
+        import cv2  # deferred: OpenCV loads in the render workers only
 
         cv2.setNumThreads(1)
     except Exception:
@@ -35,7 +36,7 @@ def _init_worker() -> None:
 
 def _work(task: tuple) -> tuple[int, str, int, int, list[dict]]:
     """Render one image, write its JPEG, return (index, file_name, width, height, annotations)."""
-    import cv2
+    import cv2  # deferred: OpenCV loads only when images are rendered
 
     index, seed, size, img_dir, cjk_font, backgrounds = task
     img, anns = render_sample(seed, index, size, cjk_font, backgrounds)
@@ -78,9 +79,7 @@ def generate_dataset(
     The json depends only on ``seed``, ``num_images``, ``size``, the backgrounds and the fonts, not on
     ``workers``. Returns a summary dict.
     """
-    from tqdm import tqdm
-
-    from i3cl_core.utils import atomic_write_json
+    from tqdm import tqdm  # deferred: tqdm costs ~40 ms at import; only generating needs it
 
     w, h = _check_args(num_images, size, workers)
     seed = int(seed)
@@ -100,8 +99,6 @@ def generate_dataset(
                 results.append(_work(task))
                 bar.update(1)
         else:
-            import multiprocessing as mp
-
             ctx = mp.get_context("spawn")  # no fork: safe with threads (torch, cv2) in the parent
             with ctx.Pool(min(int(workers), len(tasks)), initializer=_init_worker) as pool:
                 for res in pool.imap(_work, tasks, chunksize=max(1, min(8, len(tasks) // (4 * workers)))):
@@ -160,8 +157,6 @@ def generate_demo(
     """The demo dataset: ``train/`` (labeled), ``unlabeled/`` (images.json without annotations plus the
     hidden gt.json), ``test/`` and, with ``num_val`` > 0, a small labeled ``val/`` split (what the
     pipeline chooses fusion thresholds on), each split from its own seed derived from ``seed``."""
-    from i3cl_core.utils import atomic_write_json
-
     out = Path(out_dir)
     common = dict(size=size, workers=workers, progress=progress, cjk=cjk, backgrounds_dir=backgrounds_dir)
     summary = {
@@ -173,8 +168,6 @@ def generate_demo(
     }
     if num_val > 0:
         summary["val"] = generate_dataset(out / "val", num_val, seed=_split_seed(seed, 3), **common)
-    import json
-
     gt_path = Path(summary["unlabeled"]["ann_file"])
     gt = json.loads(gt_path.read_text(encoding="utf-8"))
     images_only = {

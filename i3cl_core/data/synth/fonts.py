@@ -38,7 +38,7 @@ def _fc_list(pattern: str) -> list[str]:
 
 
 def _font_has_cjk(path: str) -> bool:
-    from PIL import ImageFont
+    from PIL import ImageFont  # deferred: Pillow loads only when text is drawn
 
     try:
         font = ImageFont.truetype(path, 24)
@@ -117,7 +117,7 @@ def load_wordlist(name: str) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=512)
 def _font(path: str | None, size: int):
-    from PIL import ImageFont
+    from PIL import ImageFont  # deferred: Pillow loads only when text is drawn
 
     if path is None:
         return ImageFont.load_default(size)
@@ -139,7 +139,7 @@ def _glyph(font_path: str | None, size: int, ch: str) -> tuple[np.ndarray, float
     if hit is not None:
         _GLYPHS.move_to_end(key)
         return hit
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw  # deferred: Pillow loads only when text is drawn
 
     font = _font(font_path, size)
     advance = float(font.getlength(ch))

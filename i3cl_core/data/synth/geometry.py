@@ -100,7 +100,7 @@ def _extrapolated(curve: Curve, ss: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 def _instance_transform(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     """Rotation and mild perspective about the local canvas centre (3x3, translation added later)."""
-    import cv2
+    import cv2  # deferred: OpenCV loads only when images are rendered
 
     r = rng.random()
     if r < 0.65:

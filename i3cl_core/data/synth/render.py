@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from i3cl_core.data.errors import DatasetError
 from i3cl_core.data.image_io import IMAGE_EXTENSIONS
 from i3cl_core.data.polygons import polygon_area
 from i3cl_core.data.synth.fonts import _glyph, _make_text, find_latin_fonts
@@ -66,7 +67,7 @@ def _layout(text: str, font_path: str | None, size: int, tracking: float):
 
 def _render_local(text, font_path, size, tracking, kind, rng, outline_px):
     """Draw the text along a curve in a local canvas; return mask, polygon and the curve bits."""
-    import cv2
+    import cv2  # deferred: OpenCV loads only when images are rendered
 
     glyphs, advances, top, bottom = _layout(text, font_path, size, tracking)
     total = float(advances.sum())
@@ -146,7 +147,7 @@ _BAD_BG: set[str] = set()
 def _skimage_background(name: str) -> np.ndarray:
     img = _BG_CACHE.get(name)
     if img is None:
-        from skimage import data
+        from skimage import data  # deferred: scikit-image loads only for its sample backgrounds
 
         img = getattr(data, name)()
         if isinstance(img, tuple):
@@ -166,7 +167,7 @@ def _user_background(path: str, size: tuple[int, int]) -> np.ndarray | None:
         return img
     if path in _BAD_BG:
         return None
-    import cv2
+    import cv2  # deferred: OpenCV loads only when images are rendered
 
     data = np.fromfile(path, dtype=np.uint8) if os.path.isfile(path) else None
     img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data is not None and data.size else None
@@ -194,14 +195,12 @@ def list_backgrounds(backgrounds_dir: str | os.PathLike | None) -> list[str]:
         raise FileNotFoundError(f"backgrounds folder {root} does not exist")
     files = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
-        from i3cl_core.data.errors import DatasetError
-
         raise DatasetError(f"backgrounds folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files
 
 
 def _background(rng: np.random.Generator, size: tuple[int, int], user_files: Sequence[str]) -> np.ndarray:
-    import cv2
+    import cv2  # deferred: OpenCV loads only when images are rendered
 
     w, h = size
     src = None
@@ -255,7 +254,7 @@ def _contrast_colour(rng: np.random.Generator, bg: np.ndarray, min_diff: float =
 
 def _warp_to_roi(m: np.ndarray, roi_h: np.ndarray, dsize: tuple[int, int]) -> np.ndarray:
     """A uint8 text mask through the homography ``roi_h`` into a ``dsize`` region, as float32 in [0, 1]."""
-    import cv2  # deferred as in the rest of this module: OpenCV loads only when images are rendered
+    import cv2  # deferred: OpenCV loads only when images are rendered
 
     return (
         cv2.warpPerspective(m, roi_h, dsize, flags=cv2.INTER_LINEAR, borderValue=0).astype(np.float32) / 255.0
@@ -277,7 +276,7 @@ def render_sample(
     With ``return_debug=True`` a third item is returned: ``{"ink": [mask per annotation], "text_layer":
     union mask}``, boolean (H, W) arrays of the text ink (fill and outline) before compositing.
     """
-    from shapely.geometry import Polygon
+    from shapely.geometry import Polygon  # deferred: shapely loads only when images are rendered
 
     w, h = int(size[0]), int(size[1])
     geo = np.random.default_rng([seed, index, 0])
@@ -371,7 +370,7 @@ def render_sample(
 
 def _composite(canvas: np.ndarray, inst: RenderedText, pix: np.random.Generator) -> np.ndarray:
     """Blend one instance into ``canvas`` in place; return its ink mask (ROI-sized, bool)."""
-    import cv2
+    import cv2  # deferred: OpenCV loads only when images are rendered
 
     x0, y0, x1, y1 = inst.roi
     region = canvas[y0:y1, x0:x1]
@@ -409,7 +408,7 @@ def _composite(canvas: np.ndarray, inst: RenderedText, pix: np.random.Generator)
 
 def _occlude(canvas: np.ndarray, placed: list[RenderedText], pix: np.random.Generator) -> None:
     """Random filled shapes partly over some instances (poles, leaves, stickers...)."""
-    import cv2
+    import cv2  # deferred: OpenCV loads only when images are rendered
 
     if not placed or pix.random() > 0.35:
         return
@@ -450,7 +449,7 @@ def _occlude(canvas: np.ndarray, placed: list[RenderedText], pix: np.random.Gene
 
 
 def _finish(canvas: np.ndarray, pix: np.random.Generator) -> np.ndarray:
-    import cv2
+    import cv2  # deferred: OpenCV loads only when images are rendered
 
     img = canvas
     if pix.random() < 0.3:
