@@ -57,10 +57,11 @@ arm drew at least once.
         [--variant NAME] [--devices auto]
 
 On 2 idle CPU cores about 95 minutes per seed with the default arms (teachers 2 x 11 minutes at about 3
-training images/s, ensemble 4, ssl_strong_bg, ssl_r2 and oracle 12 each, control_long 22, evaluations 5);
-finished trainings, ensemble shards and evaluations are reused when the benchmark runs again on the same work
-dir with the same settings (give the paths the same way: a relative and an absolute path are different
-inputs). ``--variant NAME`` keeps a lever's run (its pseudo labels, arms and results) beside the others.
+training images/s, ensemble 4, ssl_strong_bg, ssl_r2 and oracle 12 each, control_long 22, evaluations 5;
+ssl_long, not a default arm, 22-25); finished trainings, ensemble shards and evaluations are reused when the
+benchmark runs again on the same work dir with the same settings (give the paths the same way: a relative and
+an absolute path are different inputs). ``--variant NAME`` keeps a lever's run (its pseudo labels, arms and
+results) beside the others.
 ``benchmarks/gpu_ssl.sh`` runs it on a GPU at a larger scale.
 """
 
