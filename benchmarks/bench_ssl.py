@@ -304,6 +304,8 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
             f"--arms {' '.join(sorted(long_arms))}: the arms' config needs train.iters_per_epoch "
             "(it doubles it)"
         )
+    # the long arms' schedule: each epoch twice its iterations (learning-rate steps at the same fractions)
+    long_schedule = [f"train.iters_per_epoch={2 * iters_per_epoch}"] if long_arms else []
     round2 = None
     for arm in args.arms:
         print(f"seed {seed}: arm {arm}", flush=True)
@@ -369,7 +371,7 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
         extra = {
             "ssl_online": online_overrides,
             "control_ema": ["train.mean_teacher.enabled=true"],
-            **dict.fromkeys(long_arms, [f"train.iters_per_epoch={2 * (iters_per_epoch or 0)}"]),
+            **dict.fromkeys(long_arms, long_schedule),
         }
         arm_ckpts[arm] = train(
             arm_config,
