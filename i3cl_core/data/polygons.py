@@ -46,9 +46,8 @@ def signed_area(poly) -> float:
     p = np.asarray(poly, dtype=np.float64)
     if len(p) < 3:
         return 0.0
-    p = (
-        p - p[0]
-    )  # relative to a vertex: exact for far coordinates (1e12 + 100), where products of 1e24 are not
+    # relative to a vertex: exact for far coordinates (1e12 + 100), where products of 1e24 are not
+    p = p - p[0]
     x, y = p[:, 0], p[:, 1]
     return float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2.0
 
