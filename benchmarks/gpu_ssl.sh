@@ -4,7 +4,7 @@
 # arm of the continue protocol (control, ssl, ssl_strong, ssl_strong_bg, oracle), ensembles on the GPU in batches of 8.
 # Meant to finish within 9 minutes on one H100-class GPU (never measured yet: a timeout of 540 s ends it
 # and the per-seed results written so far stay in work_dirs/gpu_ssl/seed*/result.json).
-# SMOKE=1 runs the same path at toy size on the CPU in about a minute (what tests/test_bench_ssl.py runs).
+# SMOKE=1 runs the same path at toy size on the CPU in about a minute (what tests/benchmarks/test_bench_ssl.py runs).
 # Extra arguments go to the script, e.g. --arms control ssl_strong_bg oracle.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -16,7 +16,7 @@ from i3cl_core.infer.run import collect_images, infer_images
 from i3cl_core.model.checkpoint import save_checkpoint
 from i3cl_core.model.detector import build_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from i3cl_core.data.errors import DatasetError
 from i3cl_core.fusion import Member, canonical, cluster_predictions, mean_shape_polygon, pseudo_labels
 from i3cl_core.pseudo.fuse import fuse_predictions
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 W, H = 640, 480
 
 

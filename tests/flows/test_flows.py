@@ -19,7 +19,7 @@ from i3cl_core.pipeline.stages import PIPELINE_VERSION, check_work_dir
 from i3cl_core.pipeline.workdir import current_model_dir
 from i3cl_core.utils import fingerprint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------ no server

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _pg_bin(name: str) -> str | None:
@@ -117,7 +117,7 @@ def test_a_stage_flow_runs_against_a_prefect_server_on_postgresql(postgres, tmp_
 import json, sys
 from flows.stages import train_teachers
 from i3cl_core.pipeline.params import DataParams, TrainParams
-sys.path.insert(0, {str(REPO / "tests")!r})
+sys.path[:0] = [{str(REPO / "tests" / "flows")!r}, {str(REPO / "tests")!r}]
 from test_flows import tiny_params
 p = tiny_params({str(tmp_path / "run")!r}, {str(tmp_path / "demo")!r}, teachers=("teacher_c",))
 out = train_teachers(p["work_dir"], DataParams(**p["data"]), TrainParams(**p["train"]))

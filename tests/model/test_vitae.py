@@ -12,7 +12,7 @@ from i3cl_core.config import load_config
 from i3cl_core.model.errors import CheckpointError
 from i3cl_core.model.vitae import GlobalAttention, ViTAEv2Backbone, WindowAttention
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "demo" / "tiny_model.yaml"
 VITAE = REPO / "configs" / "i3cl_vitae" / "train.yaml"
 

@@ -19,7 +19,7 @@ from i3cl_core.data.errors import DatasetError
 from i3cl_core.engine.train import EpochSampler, TrainingError, lr_at, train
 from i3cl_core.model.errors import CheckpointError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 
 

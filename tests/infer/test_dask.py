@@ -20,7 +20,7 @@ from conftest import ensemble_work_dir, random_teachers
 if importlib.util.find_spec("prefect_dask") is None:
     pytest.skip("the [dask] extra is not installed (pip install -e '.[dask]')", allow_module_level=True)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 RUN = """
 import json, sys

@@ -17,10 +17,10 @@ from i3cl_core.model.convert import convert_checkpoint, convert_state, rename
 from i3cl_core.model.errors import CheckpointError
 from i3cl_core.model.weights import select_prefix
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 R50 = REPO / "configs" / "_base_" / "i3cl_r50_fpn.yaml"
 # every parameter/buffer name and shape of the original I3CL R50 checkpoint (copy of shared/ spec data)
-KEYS = REPO / "tests" / "data" / "original_i3cl_r50_keys.json"
+KEYS = Path(__file__).resolve().parent / "original_i3cl_r50_keys.json"
 
 TEXT_ROW, BG_ROW = 11.0, -7.0
 

@@ -23,7 +23,7 @@ from i3cl_core.model.rpn import weighted_rpn_loss
 from i3cl_core.model.sampling import box_iof
 from i3cl_core.structures import Instances
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "demo" / "tiny_model.yaml"
 
 

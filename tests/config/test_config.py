@@ -10,7 +10,7 @@ import yaml
 
 from i3cl_core.config import ConfigError, I3CLConfig, load_config, save_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _w(path: Path, text: str) -> Path:

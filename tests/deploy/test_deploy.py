@@ -14,7 +14,7 @@ from conftest import random_teachers
 
 pytest.importorskip("onnxruntime")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def synth_images(sizes, seed=3):

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _dataset(root: Path) -> Path:

@@ -24,7 +24,7 @@ from i3cl_core.engine.launch import (
     torchrun_command,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------ no Slurm needed
