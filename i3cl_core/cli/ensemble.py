@@ -27,7 +27,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--img-root", help="image root for a COCO json (default: its folder)")
     p.add_argument("--out", required=True)
     p.add_argument("--shard-size", type=int, default=64)
-    p.add_argument("--score-thr", type=float, default=0.05, help="keep detections with score >= this")
+    p.add_argument(
+        "--min-score",
+        "--score-thr",  # its name in earlier versions
+        dest="min_score",
+        type=float,
+        default=0.05,
+        help="keep each model's detections with score >= this as candidates for fusion (the pipeline's "
+        "infer.min_score)",
+    )
     p.add_argument(
         "--devices",
         nargs="+",
@@ -80,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         args.shard_size,
         args.img_root,
-        args.score_thr,
+        args.min_score,
         devices,
         args.tta_flips,
         args.tta_scales,

@@ -27,6 +27,7 @@ class ShardSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    # the pipeline's infer.min_score (this name is part of the shard files' cache key, so it stays)
     score_thr: float = Field(0.05, ge=0.0, le=1.0)
     flips: tuple[Literal["h", "v"], ...] = ()
     scales: tuple[int, ...] = ()

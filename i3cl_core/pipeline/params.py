@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from i3cl_core.config import DatasetSource, FuseConfig  # noqa: F401  (FuseConfig re-exported: the fuse stage's)
+from i3cl_core.config.schema import _log_once
 from i3cl_core.engine.launch import SlurmLauncher, TorchrunLauncher
 from i3cl_core.evaluation.protocols import Protocol
 from i3cl_core.infer.loop import is_exported
@@ -138,7 +139,14 @@ class TrainParams(_Params):
 
 class InferParams(_Params):
     shard_size: int = Field(64, ge=1, le=100000, description="images per inference shard (one task each)")
-    score_thr: float = Field(0.05, ge=0.0, le=1.0, description="keep teacher detections with score >= this")
+    min_score: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="the ensemble keeps each member's detections with score >= this as candidates for "
+        "fusion (low on purpose; fuse.skip_thr and keep_thr decide later; not the config's infer.score_thr, "
+        "a model's output filter)",
+    )
     devices: Literal["auto"] | list[Annotated[str, Field(pattern=r"^(cpu|cuda(:[0-9]+)?)$")]] = Field(
         "auto",
         description="inference workers, one per entry: 'auto' (every visible GPU, else the CPU) or a list "
@@ -189,7 +197,7 @@ class InferParams(_Params):
     def shard_settings(self) -> ShardSettings:
         """What this stage's shard files depend on besides their images and models."""
         return ShardSettings(
-            score_thr=self.score_thr,
+            score_thr=self.min_score,
             flips=tuple(self.tta_flips),
             scales=tuple(self.tta_scales),
             batch_size=self.batch_size,
@@ -200,6 +208,15 @@ class InferParams(_Params):
     @classmethod
     def _renamed(cls, data):
         if isinstance(data, dict):
+            if "score_thr" in data:  # saved deployments and scripts of earlier versions
+                if "min_score" in data:
+                    raise ValueError("infer.score_thr was renamed infer.min_score; give only min_score")
+                _log_once(
+                    "infer.score_thr was renamed infer.min_score (the ensemble's candidate threshold; "
+                    "a model's output filter is the config's infer.score_thr); read as min_score, please "
+                    "rename the key"
+                )
+                data = {("min_score" if k == "score_thr" else k): v for k, v in data.items()}
             if "device" in data:
                 raise ValueError(
                     "infer.device was replaced by infer.devices: "

@@ -801,6 +801,12 @@ def test_infer_params_name_the_renamed_fields():
     with pytest.raises(ValidationError, match="give one"):
         InferParams(dask_address="tcp://127.0.0.1:8786", dask_workers=2)
     assert InferParams(devices=["cuda:0", "cuda:1"]).devices == ["cuda:0", "cuda:1"]
+    # the candidate threshold's old name (a saved deployment's parameters) is read as the new one, into the
+    # same shard cache key; both at once are refused
+    old = InferParams(score_thr=0.2)
+    assert old.min_score == 0.2 and old.shard_settings() == InferParams(min_score=0.2).shard_settings()
+    with pytest.raises(ValidationError, match="give only min_score"):
+        InferParams(score_thr=0.2, min_score=0.3)
 
 
 def test_fuse_reads_what_evaluate_reads_rle_masks_included(tmp_path):
