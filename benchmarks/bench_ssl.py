@@ -71,14 +71,12 @@ import argparse
 import json
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from i3cl_core.utils import atomic_write_json, terminate_with_parent
+from i3cl_core.utils import atomic_write_json
 
-REPO = Path(__file__).resolve().parents[1]
 ARMS = (
     "control",
     "ssl",
@@ -115,15 +113,12 @@ def ensure_data(data: Path, args) -> dict:
 def train(
     config: str, out: Path, sets: list[dict], overrides: list[str], load_from: str | None = None
 ) -> str:
-    """One training (the pipeline's torchrun command) by the pipeline's rule for its folder
-    (:func:`i3cl_core.pipeline.training.training_start`): a finished run of the same resolved config and input
-    files is reused, an interrupted one resumed, anything else cleared first."""
-    from i3cl_core.pipeline.stages import (
-        train_command,
-        trained_checkpoint,
-        training_fingerprint,
-        write_train_config,
-    )
+    """One training as the pipeline runs it (:func:`i3cl_core.pipeline.runner.run_training`, one process),
+    by the pipeline's rule for its folder (:func:`i3cl_core.pipeline.training.training_start`): a finished
+    run of the same resolved config and input files is reused, an interrupted one resumed, anything else
+    cleared first."""
+    from i3cl_core.pipeline.runner import run_training
+    from i3cl_core.pipeline.stages import trained_checkpoint, training_fingerprint, write_train_config
     from i3cl_core.pipeline.training import training_start
 
     cfg_path = write_train_config(config, out, sets, overrides, load_from)
@@ -131,34 +126,28 @@ def train(
     if start.how == "done":
         return str(trained_checkpoint(out))
     t0 = time.time()
-    with open(out / "train.log", "a" if start.resume else "w", encoding="utf-8") as log:
-        rc = subprocess.run(
-            train_command(cfg_path, out, resume=start.resume),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            preexec_fn=terminate_with_parent,
-        ).returncode
-    if rc != 0:
-        sys.exit(f"training {out} failed (exit {rc}); see {out / 'train.log'} (a rerun resumes it)")
+    try:
+        ckpt = run_training(out.name, cfg_path, out, start)
+    except RuntimeError as e:
+        sys.exit(f"{e} (a rerun resumes it)")
     summary = json.loads((out / "metrics.json").read_text())["summary"]
     print(
         f"  trained {out.relative_to(out.parents[1])}: {summary.get('iterations')} iterations, "
         f"{summary.get('images_per_s', 0):.2f} img/s, {time.time() - t0:.0f} s",
         flush=True,
     )
-    return str(trained_checkpoint(out))
+    return str(ckpt)
 
 
 def drawn_share(train_log: Path) -> list[int] | None:
-    """``[drawn, size]`` of the unlabeled set (data.train[1]) from the training's log, None when it has
-    none."""
+    """``[drawn, size]`` of the unlabeled set (data.train[1]) from the training's log (its last run: the
+    log is appended to), None when it has none."""
     if not train_log.exists():
         return None
-    m = re.search(
+    found = re.findall(
         r"data\.train\[1\]: the run draws (\d+) of its (\d+) images", train_log.read_text(errors="replace")
     )
-    return [int(m.group(1)), int(m.group(2))] if m else None
+    return [int(found[-1][0]), int(found[-1][1])] if found else None
 
 
 def uniform_weights(src: Path, dst: Path) -> Path:

@@ -14,9 +14,10 @@ recomputes fusion and what follows only. Before using a cache entry the flow che
 output files still exist; if they are gone the task runs again (``refresh_cache``).
 
 Layout: the ssl-pipeline flow is here, the stage flows in :mod:`flows.stages`, their tasks in
-:mod:`flows.tasks`, the work dir's lock in :mod:`flows.locking`, the UI artifacts in :mod:`flows.artifacts`,
-subprocess streaming in :mod:`flows.runner`; what each stage does, without Prefect, in
-:mod:`i3cl_core.pipeline` (typed parameters in :mod:`i3cl_core.pipeline.params`).
+:mod:`flows.tasks`, the work dir's lock in :mod:`flows.locking`, the UI artifacts in :mod:`flows.artifacts`;
+what each stage does, without Prefect, in :mod:`i3cl_core.pipeline` (typed parameters in
+:mod:`i3cl_core.pipeline.params`, launching a training and streaming its output in
+:mod:`i3cl_core.pipeline.runner`).
 """
 
 from __future__ import annotations

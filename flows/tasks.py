@@ -13,12 +13,12 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.runtime import flow_run
 
 from flows.artifacts import slug, training_curve_artifact
-from flows.runner import run_slurm, run_streaming
 from i3cl_core.engine.launch import SlurmLauncher, TorchrunLauncher
 from i3cl_core.infer.shards import ShardSettings
 from i3cl_core.pipeline import stages, variants
 from i3cl_core.pipeline.errors import PipelineError
 from i3cl_core.pipeline.params import FuseConfig, ModelSpec, TrainParams
+from i3cl_core.pipeline.runner import run_training
 from i3cl_core.pipeline.training import training_start
 from i3cl_core.pipeline.workdir import WorkDir
 
@@ -92,59 +92,31 @@ def train_model(
     if start.how == "done":
         logger.info("%s: a finished training of the same inputs is in %s; reused", name, out)
         return str(stages.trained_checkpoint(out))
-    resume, attach = start.resume, start.how == "attach"
     progress_id = create_progress_artifact(0.0, key=f"train-{slug(name)}", description=f"training {name}")
     epoch = {"seen": 0}
-    with open(out / "train.log", "a", encoding="utf-8") as log_file:
 
-        def log_line(line: str) -> None:
-            logger.info("[%s] %s", name, line)
-            log_file.write(line + "\n")
-            log_file.flush()
-            m = EPOCH.search(line)
-            if m and int(m.group(1)) > epoch["seen"]:  # a new epoch began: publish the curve so far
-                if epoch["seen"]:
-                    training_curve_artifact(name, out, f"epoch {epoch['seen']}/{m.group(2)}")
-                epoch["seen"] = int(m.group(1))
+    def on_line(line: str) -> None:
+        logger.info("[%s] %s", name, line)
+        m = EPOCH.search(line)
+        if m and int(m.group(1)) > epoch["seen"]:  # a new epoch began: publish the curve so far
+            if epoch["seen"]:
+                training_curve_artifact(name, out, f"epoch {epoch['seen']}/{m.group(2)}")
+            epoch["seen"] = int(m.group(1))
 
-        progress = lambda f: update_progress_artifact(progress_id, 100.0 * f)  # noqa: E731
-        if isinstance(launch, SlurmLauncher):
-            logger.info(
-                "%s: Slurm job, %d node(s) x %d process(es)%s",
-                name,
-                launch.nodes,
-                nproc_per_node,
-                " (resuming)" if resume else "",
-            )
-            rc = run_slurm(
-                name,
-                config_path,
-                out,
-                launch,
-                nproc_per_node,
-                resume,
-                attach,
-                log_line,
-                cancelled=cancelled_checker(),
-                on_progress=progress,
-            )
-        else:
-            cmd = stages.train_command(Path(config_path), out, nproc_per_node, resume=resume, launcher=launch)
-            logger.info("%s: %s%s", name, " ".join(cmd), " (resuming)" if resume else "")
-            if launch.nnodes > 1:
-                logger.info(
-                    "%s: start the same command on the other %d node(s), each with its --node_rank",
-                    name,
-                    launch.nnodes - 1,
-                )
-            rc = run_streaming(cmd, log_line, cancelled=cancelled_checker(), on_progress=progress)
-    if rc != 0:
-        raise RuntimeError(f"training {name} failed with exit code {rc}; see {out / 'train.log'}")
+    ckpt = run_training(
+        name,
+        config_path,
+        out,
+        start,
+        nproc_per_node=nproc_per_node,
+        launcher=launch,
+        on_line=on_line,
+        on_note=lambda note: logger.info("%s: %s", name, note),
+        cancelled=cancelled_checker(),
+        on_progress=lambda f: update_progress_artifact(progress_id, 100.0 * f),
+    )
     update_progress_artifact(progress_id, 100.0)
     training_curve_artifact(name, out, "finished")
-    ckpt = stages.trained_checkpoint(out)
-    if ckpt is None:
-        raise RuntimeError(f"training {name} ended without a final checkpoint in {out}")
     return str(ckpt)
 
 

@@ -104,3 +104,18 @@ def server(tmp_path_factory):
 
     with LocalServer(tmp_path_factory.mktemp("prefect-home"), timeout=240) as srv:
         yield srv
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, theirs, ...), from /proc."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                stat = (p / "stat").read_text().split()
+            except OSError:
+                continue
+            if int(stat[3]) == pid:
+                out.append(int(p.name))
+                out.extend(descendants(int(p.name)))
+    return out

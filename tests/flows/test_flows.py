@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ensemble_work_dir, random_teachers
+from conftest import descendants, ensemble_work_dir, random_teachers
 
 from i3cl_core.pipeline.errors import PipelineError, require
 from i3cl_core.pipeline.stages import PIPELINE_VERSION, check_work_dir
@@ -106,66 +106,6 @@ def test_a_planted_result_record_is_refused_before_any_task_reads_it(tmp_path):
         (records / name).unlink()
     assert not marker.exists()
     check_work_dir(wd)
-
-
-def _descendants(pid: int) -> list[int]:
-    out = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                stat = (p / "stat").read_text().split()
-            except OSError:
-                continue
-            if int(stat[3]) == pid:
-                out.append(int(p.name))
-                out.extend(_descendants(int(p.name)))
-    return out
-
-
-def test_run_streaming_streams_and_cancels_the_whole_group(tmp_path):
-    from flows.runner import run_streaming
-
-    script = (
-        "import subprocess, sys, time\n"
-        "kids = [subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])"
-        " for _ in range(2)]\n"
-        "print('epoch 1/2 iter 1/4 loss 1.0', flush=True)\n"
-        "time.sleep(300)\n"
-    )
-    lines, progress = [], []
-    flag = {"cancel": False}
-    start = time.time()
-    import threading
-
-    before = set(_descendants(os.getpid()))  # this session's Prefect server, if a test started it
-    threading.Timer(2.0, lambda: flag.__setitem__("cancel", True)).start()
-    pids_seen = []
-
-    def log_line(line):
-        lines.append(line)
-
-    def cancelled():
-        if not pids_seen:  # the run's processes only
-            pids_seen.extend(p for p in _descendants(os.getpid()) if p not in before)
-        return flag["cancel"]
-
-    with pytest.raises(RuntimeError, match="cancelled"):
-        run_streaming(
-            [sys.executable, "-c", script],
-            log_line,
-            cancelled=cancelled,
-            on_progress=progress.append,
-            poll=0.5,
-        )
-    assert time.time() - start < 15
-    assert lines == ["epoch 1/2 iter 1/4 loss 1.0"] and progress == [pytest.approx(1 / 8)]
-    time.sleep(0.5)
-    alive = [
-        p
-        for p in pids_seen
-        if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]
-    ]
-    assert len(pids_seen) >= 3 and alive == []
 
 
 # ------------------------------------------------------------------------------------ real server
@@ -563,7 +503,7 @@ def test_a_killed_teacher_training_resumes_on_a_deployment_rerun(served, tmp_pat
     deadline = time.time() + 240
     while time.time() < deadline and not (ckpts / "epoch_1.pth").exists():
         time.sleep(0.05)
-    for pid in _descendants(serve_pid):  # the flow-run process and its torchrun and trainer
+    for pid in descendants(serve_pid):  # the flow-run process and its torchrun and trainer
         try:
             os.kill(pid, 9)
         except ProcessLookupError:
@@ -775,7 +715,7 @@ def test_a_killed_ensemble_run_retried_from_the_api_reuses_finished_shards(serve
     deadline = time.time() + 240
     while time.time() < deadline and len(list(shards.rglob("shard_*.json"))) < 3:
         time.sleep(0.05)
-    flow_procs = _descendants(serve_pid)
+    flow_procs = descendants(serve_pid)
     assert flow_procs, "no flow-run process under the serve process"
     for pid in flow_procs:  # the flow-run process (and anything it started)
         try:

@@ -1,6 +1,7 @@
-"""Run a training from a task, as a torchrun subprocess or a Slurm batch job: stream its output into
-the run's logs, update a progress artifact, and stop it (the whole process group, or ``scancel``)
-within seconds when the run is cancelled."""
+"""Run one training as a torchrun subprocess or a Slurm batch job: its output into ``train.log`` and to an
+observer (the flows' run logs), its progress to a callback (their progress artifact), and a stop (the whole
+process group, or ``scancel``) within seconds of a cancellation. The flows and the SSL benchmark launch
+their trainings through :func:`run_training`."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
-from i3cl_core.engine.launch import SlurmJob, sbatch_script
+from i3cl_core.engine.launch import SlurmJob, SlurmLauncher, TorchrunLauncher, sbatch_script, torchrun_command
+from i3cl_core.pipeline.training import TrainingStart, trained_checkpoint
 from i3cl_core.utils import terminate_with_parent
 
 PROGRESS = re.compile(r"epoch (\d+)/(\d+) iter (\d+)/(\d+)")
@@ -131,3 +135,66 @@ def run_slurm(
             last["t"] = time.time()
 
     return job.follow(on_line, cancelled, poll=launcher.poll_s)
+
+
+def run_training(
+    name: str,
+    config_path: str | Path,
+    out: Path,
+    start: TrainingStart,
+    *,
+    nproc_per_node: int = 1,
+    launcher: TorchrunLauncher | SlurmLauncher | None = None,
+    on_line: Callable[[str], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    on_progress: Callable[[float], None] | None = None,
+) -> Path:
+    """Launch the training of ``config_path`` into ``out`` as ``start`` says
+    (:func:`~i3cl_core.pipeline.training.training_start`: resume, attach to a Slurm job, or afresh; not
+    called for ``done``) and return its final checkpoint. Every output line is appended to
+    ``out/train.log`` and passed to ``on_line``; ``on_note`` gets what the launch itself has to say (the
+    command, the Slurm job). A failed or checkpoint-less training raises RuntimeError naming the log."""
+    if start.how == "done":
+        raise ValueError("run_training: a 'done' training has nothing to launch; use its checkpoint")
+    launcher = launcher or TorchrunLauncher()
+    note = on_note or (lambda _: None)
+    out = Path(out)
+    with open(out / "train.log", "a", encoding="utf-8") as log_file:
+
+        def log_line(line: str) -> None:
+            log_file.write(line + "\n")
+            log_file.flush()
+            if on_line is not None:
+                on_line(line)
+
+        resuming = " (resuming)" if start.resume else ""
+        if isinstance(launcher, SlurmLauncher):
+            note(f"Slurm job, {launcher.nodes} node(s) x {nproc_per_node} process(es){resuming}")
+            rc = run_slurm(
+                name,
+                config_path,
+                out,
+                launcher,
+                nproc_per_node,
+                start.resume,
+                start.how == "attach",
+                log_line,
+                cancelled=cancelled,
+                on_progress=on_progress,
+            )
+        else:
+            cmd = torchrun_command(Path(config_path), out, nproc_per_node, start.resume, launcher)
+            note(" ".join(cmd) + resuming)
+            if launcher.nnodes > 1:
+                note(
+                    f"start the same command on the other {launcher.nnodes - 1} node(s), each with its "
+                    "--node_rank"
+                )
+            rc = run_streaming(cmd, log_line, cancelled=cancelled, on_progress=on_progress)
+    if rc != 0:
+        raise RuntimeError(f"training {name} failed with exit code {rc}; see {out / 'train.log'}")
+    ckpt = trained_checkpoint(out)
+    if ckpt is None:
+        raise RuntimeError(f"training {name} ended without a final checkpoint in {out}")
+    return ckpt
