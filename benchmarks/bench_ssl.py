@@ -184,7 +184,7 @@ def run_seed(seed: int, d: dict, args, wd: Path) -> dict:
     t1 = time.time()
     ens_kw = dict(
         shard_size=50,
-        score_thr=0.05,
+        min_score=0.05,
         devices=args.devices,
         batch_size=args.infer_batch,
         precision="fp32" if args.devices == ["cpu"] else "auto",

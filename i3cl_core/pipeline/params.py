@@ -147,6 +147,14 @@ class InferParams(_Params):
         "fusion (low on purpose; fuse.skip_thr and keep_thr decide later; not the config's infer.score_thr, "
         "a model's output filter)",
     )
+    score_thr: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        exclude=True,
+        description="the earlier name of min_score, read as min_score (kept so that saved runs and scripts "
+        "still validate; give min_score)",
+    )
     devices: Literal["auto"] | list[Annotated[str, Field(pattern=r"^(cpu|cuda(:[0-9]+)?)$")]] = Field(
         "auto",
         description="inference workers, one per entry: 'auto' (every visible GPU, else the CPU) or a list "

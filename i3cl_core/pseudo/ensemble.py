@@ -83,7 +83,7 @@ def run_ensemble(
     out: str | os.PathLike,
     shard_size: int = 64,
     img_root: str | None = None,
-    score_thr: float = 0.05,
+    min_score: float = 0.05,
     devices: str | list[str] = "auto",
     flips=(),
     scales=(),
@@ -101,15 +101,16 @@ def run_ensemble(
         raise DatasetError("ensemble: give at least one checkpoint (or --extra prediction file)")
     try:
         settings = ShardSettings(
-            score_thr=score_thr,
+            score_thr=min_score,
             flips=tuple(flips),
             scales=tuple(scales),
             batch_size=batch_size,
             precision=precision,
         )
-    except ValidationError as e:  # a bad --score-thr, --batch-size, ... named, as the CLI reports errors
+    except ValidationError as e:  # a bad --min-score, --batch-size, ... named, as the CLI reports errors
         err = e.errors()[0]
-        raise DatasetError(f"ensemble: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        field = ".".join(map(str, err["loc"])).replace("score_thr", "min_score")  # the shard key's name
+        raise DatasetError(f"ensemble: {field}: {err['msg']}") from None
     devs = resolve_devices(devices)
     for d in devs:
         resolve_precision(precision, d)  # refuse fp16 on a CPU before any work

@@ -611,6 +611,24 @@ def test_cancelled_training_leaves_no_child_processes(served, tmp_path, monkeypa
         assert state.name in ("Cancelled", "Cancelling")
 
 
+def test_a_renamed_parameter_still_passes_the_deployments_schema():
+    """Prefect validates a deployment run's parameters against the flow's schema on the server: the old
+    name of infer.min_score (score_thr) must pass it, and still be read as min_score; a typo must not."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import ValidationError, validate
+
+    from flows.stages import ensemble_inference
+    from i3cl_core.pipeline.params import InferParams
+
+    schema = parameter_schema(ensemble_inference.fn).model_dump_for_openapi()
+    for infer in ({"score_thr": 0.1}, {"min_score": 0.1}):
+        validate({"infer": infer}, schema, raise_on_error=True, ignore_required=True)
+        assert InferParams(**infer).min_score == 0.1
+    assert "score_thr" not in InferParams(score_thr=0.1).model_dump()  # not written back under the old name
+    with pytest.raises(ValidationError, match="min_scor"):
+        validate({"infer": {"min_scor": 0.1}}, schema, raise_on_error=True, ignore_required=True)
+
+
 def test_stage_runs_without_data_params_reuse_the_work_dirs_data(tmp_path):
     from i3cl_core.pipeline.data import resolve_data
     from i3cl_core.pipeline.params import DataParams

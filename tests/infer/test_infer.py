@@ -406,5 +406,5 @@ def test_decoding_ahead_is_bounded_and_bad_ensemble_settings_are_named(monkeypat
         time.sleep(0.2)
         assert 6 <= len(calls) <= 7
         decoded.close()
-    with pytest.raises(DatasetError, match=r"ensemble: score_thr: .*less than or equal to 1"):
-        run_ensemble(["a.pth"], str(tmp_path), tmp_path / "out", score_thr=1.5)
+    with pytest.raises(DatasetError, match=r"ensemble: min_score: .*less than or equal to 1"):
+        run_ensemble(["a.pth"], str(tmp_path), tmp_path / "out", min_score=1.5)
