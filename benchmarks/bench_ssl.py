@@ -615,7 +615,9 @@ def print_table(results: list[dict], args) -> None:
                 + ", ".join(f"{c[0]}/{c[1]}" for c in cov)
             )
     secs = [r["seconds"] for r in results]
-    print(f"time per seed (s): {secs}")
+    keys = list(dict.fromkeys(k for s in secs for k in s))  # teachers, ensemble, arm_..., total
+    per_step = [f"{k.removeprefix('arm_')} " + " / ".join(f"{s.get(k, 0):.0f}" for s in secs) for k in keys]
+    print("time per seed (s, this run; a step reused from the cache takes ~0): " + ", ".join(per_step))
     print("=" * w)
 
 
