@@ -111,6 +111,14 @@ def test_every_shipped_config_validates():
         load_config(f)
 
 
+def test_the_long_student_recipe_is_the_first_teachers_with_twice_the_iterations():
+    teacher = load_config(REPO / "configs/demo/teacher_a.yaml").train
+    student = load_config(REPO / "configs/demo/student_long.yaml").train
+    assert student.iters_per_epoch == 2 * teacher.iters_per_epoch
+    same = ("epochs", "lr_steps", "lr", "optimizer", "batch_size", "warmup_iters", "weight_decay")
+    assert [getattr(student, k) for k in same] == [getattr(teacher, k) for k in same]
+
+
 def test_stage_recipes_chain_through_the_trainers_checkpoint_layout():
     """Each stage's load_from is where `i3cl train configs/<family>/<previous stage>.yaml` (default work
     dir) leaves its latest checkpoint (``<work_dir>/checkpoints/latest.pth``)."""

@@ -114,3 +114,8 @@ def test_the_students_folder_key_names_its_pseudo_images_augmentation_and_backgr
     spec = {"spec": base["student"], "overrides": [], "load_from": fingerprint(str(ckpt))}
     old_key = variants.variant_key(pseudo=fingerprint(pseudo), fraction=base["pseudo_fraction"], **spec)
     assert before.key == old_key and default.out.parent == before.out.parent
+    # the longer recipe: from scratch on student_long.yaml, no start checkpoint, a folder of its own
+    long = plan(
+        student_init="scratch", student={"name": "student", "config": "configs/demo/student_long.yaml"}
+    )
+    assert default.load_from == str(ckpt) and long.load_from is None and long.key not in keys
