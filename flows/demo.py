@@ -154,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         "--keep-server", action="store_true", help="leave the server and serve running afterwards"
     )
     args = ap.parse_args(argv)
+    try:  # refused before any server starts
+        extra = json.loads(args.params)
+    except json.JSONDecodeError as e:
+        ap.error(f"--params: not JSON ({e}): {args.params!r}; give an object such as '{{\"fuse\": {{...}}}}'")
+    if not isinstance(extra, dict):
+        ap.error(f"--params: a JSON object of ssl-pipeline parameters is needed, got {args.params!r}")
 
     os.chdir(REPO)
     server = LocalServer(args.prefect_home, port=free_port(args.port))
@@ -183,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             "work_dir": str(Path(args.work_dir).resolve()),
             "data": {"demo_dir": str(Path(args.data_dir).resolve())},
         }
-        for k, v in json.loads(args.params).items():
+        for k, v in extra.items():
             params[k] = (
                 {**params.get(k, {}), **v} if isinstance(v, dict) and isinstance(params.get(k), dict) else v
             )

@@ -611,6 +611,16 @@ def test_cancelled_training_leaves_no_child_processes(served, tmp_path, monkeypa
         assert state.name in ("Cancelled", "Cancelling")
 
 
+def test_the_demo_refuses_bad_params_before_starting_a_server(tmp_path, capsys):
+    from flows.demo import main
+
+    for bad, why in (("{train: 1}", "--params: not JSON"), ("[1]", "a JSON object")):
+        with pytest.raises(SystemExit) as e:
+            main(["--params", bad, "--prefect-home", str(tmp_path / "home")])
+        assert e.value.code == 2 and why in capsys.readouterr().err
+    assert not (tmp_path / "home").exists()  # no server was started
+
+
 def test_a_renamed_parameter_still_passes_the_deployments_schema():
     """Prefect validates a deployment run's parameters against the flow's schema on the server: the old
     name of infer.min_score (score_thr) must pass it, and still be read as min_score; a typo must not."""
