@@ -24,19 +24,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def demo_checkpoint(data: dict, work: Path) -> str:
     """The demo's teacher_a trained on the demo's labeled split (its own schedule), reused when present."""
-    from i3cl_core.pipeline.stages import train_command, trained_checkpoint, write_train_config
+    from i3cl_core.pipeline.runner import run_training
+    from i3cl_core.pipeline.stages import trained_checkpoint, write_train_config
+    from i3cl_core.pipeline.training import TrainingStart
 
     out = work / "teacher_a"
     ckpt = trained_checkpoint(out)
@@ -44,13 +43,10 @@ def demo_checkpoint(data: dict, work: Path) -> str:
         return str(ckpt)
     cfg = write_train_config("configs/demo/teacher_a.yaml", out, data["labeled"], [], None)
     print(f"training the demo teacher_a into {out} (no --checkpoint given)", flush=True)
-    with open(out / "train.log", "w", encoding="utf-8") as log:
-        rc = subprocess.run(
-            train_command(cfg, out), stdout=log, stderr=subprocess.STDOUT, cwd=REPO
-        ).returncode
-    if rc != 0:
-        sys.exit(f"training failed (exit {rc}); see {out / 'train.log'}")
-    return str(trained_checkpoint(out))
+    try:
+        return str(run_training(out.name, cfg, out, TrainingStart("fresh", False)))
+    except RuntimeError as e:
+        sys.exit(str(e))
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
