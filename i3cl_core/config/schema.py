@@ -24,6 +24,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def renamed_key(data, section: str, old: str, new: str, meaning: str):
+    """``data`` with the field ``old`` read as ``new`` (a note once per process; both at once are refused):
+    the files, saved runs and scripts of earlier versions keep loading after a field is renamed."""
+    if not isinstance(data, dict) or old not in data:
+        return data
+    if new in data:
+        raise ValueError(f"{section}.{old} was renamed {section}.{new}; give only {new}")
+    _log_once(
+        f"{section}.{old} was renamed {section}.{new} ({meaning}); read as {new}, please rename the key"
+    )
+    return {(new if k == old else k): v for k, v in data.items()}
+
+
 def _drop_removed(data, section: str, removed: dict[str, str]):
     """``data`` without the ``removed`` fields (name -> where the setting lives now), each dropped with a
     note: every run's resolved config.yaml written by an earlier version holds them, and it must still
@@ -436,15 +449,8 @@ class FuseConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _renamed(cls, data):
-        if isinstance(data, dict) and "lossweight" in data:
-            if "lossweight_formula" in data:
-                raise ValueError("lossweight was renamed lossweight_formula; give only lossweight_formula")
-            _log_once(
-                "fuse.lossweight was renamed fuse.lossweight_formula (the formula that gives each pseudo "
-                "label its lossweight); read as lossweight_formula, please rename the key"
-            )
-            data = {("lossweight_formula" if k == "lossweight" else k): v for k, v in data.items()}
-        return data
+        meaning = "the formula that gives each pseudo label its lossweight"
+        return renamed_key(data, "fuse", "lossweight", "lossweight_formula", meaning)
 
     @model_validator(mode="after")
     def _check_band(self) -> FuseConfig:

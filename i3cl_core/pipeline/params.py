@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from i3cl_core.config import DatasetSource, FuseConfig  # noqa: F401  (FuseConfig re-exported: the fuse stage's)
-from i3cl_core.config.schema import _log_once
+from i3cl_core.config.schema import renamed_key
 from i3cl_core.engine.launch import SlurmLauncher, TorchrunLauncher
 from i3cl_core.evaluation.protocols import Protocol
 from i3cl_core.infer.loop import is_exported
@@ -215,16 +215,14 @@ class InferParams(_Params):
     @model_validator(mode="before")
     @classmethod
     def _renamed(cls, data):
+        data = renamed_key(  # saved deployments and scripts of earlier versions
+            data,
+            "infer",
+            "score_thr",
+            "min_score",
+            "the ensemble's candidate threshold; a model's output filter is the config's infer.score_thr",
+        )
         if isinstance(data, dict):
-            if "score_thr" in data:  # saved deployments and scripts of earlier versions
-                if "min_score" in data:
-                    raise ValueError("infer.score_thr was renamed infer.min_score; give only min_score")
-                _log_once(
-                    "infer.score_thr was renamed infer.min_score (the ensemble's candidate threshold; "
-                    "a model's output filter is the config's infer.score_thr); read as min_score, please "
-                    "rename the key"
-                )
-                data = {("min_score" if k == "score_thr" else k): v for k, v in data.items()}
             if "device" in data:
                 raise ValueError(
                     "infer.device was replaced by infer.devices: "
