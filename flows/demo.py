@@ -87,6 +87,27 @@ def follow(run_id, work_dir: str | None = None, poll: float = 2.0, plain_every: 
         view.close()
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``, from /proc (empty where there is none)."""
+    out = []
+    for p in Path("/proc").glob("[0-9]*"):
+        try:
+            if int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(p.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def wait_for_run_processes(serve_pid: int, timeout: float = 60.0) -> None:
+    """Wait until serve's flow-run processes have exited. A run is Completed before its process has finished
+    exiting (hooks, result records), and stopping serve cancels every run whose process is still alive: the
+    UI would show the finished run as Cancelled."""
+    deadline = time.time() + timeout
+    while child_pids(serve_pid) and time.time() < deadline:
+        time.sleep(0.5)
+
+
 def print_table(summary: dict, ui: str) -> None:
     scores = summary["scores"]
     print("\n" + "=" * 78)
@@ -165,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     server = LocalServer(args.prefect_home, port=free_port(args.port))
     print(f"starting a local Prefect server on {server.url} (SQLite in {server.home}) ...", flush=True)
     server.start()
-    serve = None
+    serve, run_ended = None, False
     try:
         serve_log = open(server.home / "serve.log", "ab")
         serve = subprocess.Popen(
@@ -197,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         ui = f"{server.url}/runs/flow-run/{run.id}"
         print(f"flow run {run.name}: {ui}", flush=True)
         run = follow(run.id, params["work_dir"])
+        run_ended = True  # a final state; its process may still be exiting
         if not run.state.is_completed():
             print(
                 f"ssl-pipeline ended {run.state.name}: {run.state.message}; "
@@ -213,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if serve is not None and serve.poll() is None:
+            if run_ended:  # not on Ctrl-C: then the run is meant to stop
+                wait_for_run_processes(serve.pid)
             os.killpg(serve.pid, signal.SIGTERM)
             try:
                 serve.wait(timeout=30)

@@ -621,6 +621,31 @@ def test_the_demo_refuses_bad_params_before_starting_a_server(tmp_path, capsys):
     assert not (tmp_path / "home").exists()  # no server was started
 
 
+def test_the_demo_stops_serve_only_after_the_run_processes_have_exited():
+    """A finished run's process may still be exiting when the demo stops serve, and serve cancels the runs
+    whose process is alive: the demo waits for serve's children first (at most its timeout)."""
+    from flows.demo import child_pids, wait_for_run_processes
+
+    code = (
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(1.5)']).wait()\n"
+        "time.sleep(30)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.time() + 10
+        while not child_pids(parent.pid) and time.time() < deadline:
+            time.sleep(0.05)
+        assert child_pids(parent.pid), "the stand-in run process never appeared"
+        t0 = time.time()
+        wait_for_run_processes(parent.pid, timeout=20)
+        assert child_pids(parent.pid) == [] and time.time() - t0 < 15  # returned once it exited
+    finally:
+        parent.kill()
+        parent.wait()
+    assert parent.pid not in child_pids(os.getpid())
+
+
 def test_a_renamed_parameter_still_passes_the_deployments_schema():
     """Prefect validates a deployment run's parameters against the flow's schema on the server: the old
     name of infer.min_score (score_thr) must pass it, and still be read as min_score; a typo must not."""
