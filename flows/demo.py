@@ -23,6 +23,7 @@ from pathlib import Path
 
 from flows.progress import ProgressView, scan
 from flows.server import LocalServer, free_port
+from i3cl_core.pipeline.results import gate_text
 from i3cl_core.pipeline.workdir import WorkDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,6 +151,9 @@ def print_table(summary: dict, ui: str) -> None:
             "on the unlabeled split: "
             f"{'+' if d >= 0 else ''}{100 * d:.1f} F points from the ensemble"
         )
+    gate_line = gate_text(summary.get("validation_gate"))
+    if gate_line:
+        print(gate_line)
     print("=" * 78)
     print(
         f"Prefect UI: {ui}  (flow run graph, task logs, artifacts: progress, tables, pseudo-label pictures)"

@@ -315,7 +315,7 @@ def evaluate(
         val = run_cached(cached, model.val.out_json.exists(), **model.val.inputs()) if model.val else None
         test = model.test(val, d, layout, evaluation.protocol)
         results[model.name] = record_evaluation(
-            model, run_cached(cached, test.out_json.exists(), **test.inputs())
+            model, run_cached(cached, test.out_json.exists(), **test.inputs()), val
         )
     create_table_artifact(
         metrics_rows(results),

@@ -77,10 +77,12 @@ def plan_evaluation(layout: WorkDir, d: dict, evaluation: EvalParams) -> list[Mo
     return plans
 
 
-def record_evaluation(plan: ModelEvaluation, result: dict) -> dict:
-    """The test result with how its threshold was chosen, also kept beside the model (``test_eval.json`` in
-    its variant's folder)."""
-    result = {**result, "threshold_chosen_on": plan.chosen_on}
+def record_evaluation(plan: ModelEvaluation, result: dict, val_result: dict | None = None) -> dict:
+    """The test result with how its threshold was chosen and the model's F on the validation split at that
+    threshold (``val_hmean``, None without one), also kept beside the model (``test_eval.json`` in its
+    variant's folder)."""
+    val_hmean = float(val_result["best_hmean"]) if val_result is not None else None
+    result = {**result, "threshold_chosen_on": plan.chosen_on, "val_hmean": val_hmean}
     atomic_write_json(Path(plan.checkpoint).parents[1] / TEST_EVAL, result, indent=2)
     return result
 

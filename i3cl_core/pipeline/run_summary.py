@@ -16,6 +16,7 @@ import numpy as np
 
 from i3cl_core.data.errors import DatasetError
 from i3cl_core.data.image_io import read_image
+from i3cl_core.pipeline.results import gate_text
 from i3cl_core.pipeline.variants import pseudo_file as current_pseudo
 from i3cl_core.pipeline.workdir import FUSION_REPORT, WorkDir, model_runs
 from i3cl_core.pseudo.report import f_per_model_png, side_by_side_png, training_curve_png
@@ -50,6 +51,9 @@ def _claims(summary: dict) -> list[str]:
         )
     if summary.get("keep_thr") is not None:
         out.append(f"* keep_thr {summary['keep_thr']}, {summary.get('pseudo_labels')} pseudo labels")
+    gate = gate_text(summary.get("validation_gate"))
+    if gate:
+        out += [f"* {line}" for line in gate.splitlines()]
     return out
 
 

@@ -38,7 +38,7 @@ from i3cl_core.pipeline.training import trained_checkpoint  # noqa: F401  (re-ex
 from i3cl_core.pipeline.workdir import COVERAGE, MARKER, RESULTS_DIR
 from i3cl_core.pseudo.external import prepare_extra
 from i3cl_core.pseudo.fuse import fuse_predictions
-from i3cl_core.pseudo.thresholds import choose_fusion, with_keep_thr
+from i3cl_core.pseudo.thresholds import choose_fusion, quality_at_keep_thr, with_keep_thr
 from i3cl_core.utils import atomic_write_json, fingerprint, get_logger
 
 log = get_logger("pipeline")
@@ -332,16 +332,21 @@ def fuse_stage(
 ) -> dict:
     """Weighted Polygon Fusion into ``out``. With ``cfg.auto_keep_thr`` and the teachers' predictions
     on a labeled validation split (``val_members`` over ``val_ann_file``), ``keep_thr`` is chosen
-    there first; ``gt`` (the unlabeled set's hidden ground truth) only measures the result."""
-    chosen = None
+    there first; ``gt`` (the unlabeled set's hidden ground truth) only measures the result. With a
+    validation split, the selection's ``val`` is the fused labels' P/R/F there at the final ``keep_thr``
+    (chosen or fixed): the pipeline's validation gate compares it with the models' F on that split."""
+    chosen, val = None, None
     if cfg.auto_keep_thr and val_members and val_ann_file:
         chosen = choose_fusion(val_members, val_ann_file, cfg)
         cfg = with_keep_thr(cfg.model_copy(update={"min_votes": chosen["min_votes"]}), chosen["keep_thr"])
+        val = chosen["val"]
+    elif val_members and val_ann_file:
+        val = quality_at_keep_thr(val_members, val_ann_file, cfg)
     selection = {
         "keep_thr": cfg.keep_thr,
         "min_votes": cfg.min_votes,
         "chosen_on": val_ann_file if chosen else None,
-        "val": chosen["val"] if chosen else None,
+        "val": val,
         "val_sweep": chosen["sweep"] if chosen else None,
         # keys as JSON writes them (report.json, the flow's persisted result): strings
         "val_by_min_votes": {str(k): v for k, v in chosen["by_min_votes"].items()} if chosen else None,

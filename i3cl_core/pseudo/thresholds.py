@@ -19,9 +19,11 @@ log = get_logger("fuse")
 SWEEP = [round(0.05 * k, 2) for k in range(1, 20)]
 
 
-def val_sweep(sources: list[str], images_json: str | os.PathLike, cfg) -> list[dict]:
+def val_sweep(
+    sources: list[str], images_json: str | os.PathLike, cfg, thresholds: list[float] = SWEEP
+) -> list[dict]:
     """P/R/F of the fused clusters (votes >= ``cfg.min_votes``) on the labeled split ``images_json``
-    (a COCO json with annotations) at every threshold of :data:`SWEEP`."""
+    (a COCO json with annotations) at every threshold of ``thresholds``."""
     # deferred: pulls shapely (evaluation.core)
     from i3cl_core.evaluation import load_ground_truth, prepare_polygons
 
@@ -33,7 +35,7 @@ def val_sweep(sources: list[str], images_json: str | os.PathLike, cfg) -> list[d
         image_id: [(lab["polygon"], lab["score"]) for lab in labs if not lab["iscrowd"]]
         for image_id, labs in labels.items()
     }
-    rows = prepare_polygons(gt_by_image, fused).sweep("art", SWEEP)
+    rows = prepare_polygons(gt_by_image, fused).sweep("art", list(thresholds))
     return [
         {
             "threshold": r["score_thr"],
@@ -89,6 +91,13 @@ def choose_keep_thr(sources: list[str], images_json: str | os.PathLike, cfg) -> 
         "val": {k: best[k] for k in ("precision", "recall", "hmean")},
         "sweep": rows,
     }
+
+
+def quality_at_keep_thr(sources: list[str], images_json: str | os.PathLike, cfg) -> dict:
+    """P/R/F of the fused labels on the labeled validation split at the given ``cfg.keep_thr`` (what
+    :func:`choose_keep_thr` reports for the threshold it chooses), for a run whose ``keep_thr`` is fixed."""
+    row = val_sweep(sources, images_json, cfg, thresholds=[cfg.keep_thr])[0]
+    return {k: row[k] for k in ("precision", "recall", "hmean")}
 
 
 def choose_fusion(sources: list[str], images_json: str | os.PathLike, cfg) -> dict:

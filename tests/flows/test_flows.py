@@ -305,9 +305,15 @@ def test_pipeline_deployment_runs_then_refuses_bad_params_and_reuses_caches(
     assert lineage["pseudo"]["variant"] == first_variant and lineage["pseudo"]["fuse"]["keep_thr"] == 0.3
     assert lineage["load_from"].endswith("teacher_a/checkpoints/latest.pth") and lineage["code"]["package"]
     assert summary["lineage"]["pseudo_variant"] == first_variant
+    # the gate a user can read without hidden ground truth: on the validation split, at the given keep_thr
+    gate = summary["validation_gate"]
+    assert gate["split"] == "val" and gate["keep_thr"] == 0.3 and gate["control"]["name"] == "control:student"
+    assert gate["best_teacher"]["name"] in ("teacher:teacher_a", "teacher:teacher_c")
+    assert all(summary["scores"][n]["val_hmean"] is not None for n in summary["scores"])
     # the run summary: summary.md with its figures, and the same as the parent run's markdown artifact
     md = (wd / "summary.md").read_text()
     assert "| control:student |" in md and "SSL gain (student - control" in md
+    assert "validation split (each model at its threshold chosen there): pseudo labels F" in md
     figs = sorted(p.name for p in (wd / "summary_figures").iterdir())
     assert "f_per_model.png" in figs and any(f.startswith("sample_") for f in figs)
     assert any(f.startswith("train_teachers_teacher_a") for f in figs)

@@ -634,6 +634,10 @@ def test_keep_thr_is_chosen_on_the_validation_split_without_the_unlabeled_ground
     )
     assert s_off["keep_thr"] == 0.05 and s_off["pseudo_labels"] == 12 and s_off["keep_thr_chosen_on"] is None
     assert s_off["dontcare"] == 0  # the band [0.3, 0.4) lies above keep_thr 0.05: nothing is left out
+    # the fused labels' quality on validation is still measured at the given keep_thr (the pipeline's gate)
+    at_005 = next(r for r in chosen["sweep"] if r["threshold"] == 0.05)
+    assert s_off["keep_thr_selection"]["val"] == {k: at_005[k] for k in ("precision", "recall", "hmean")}
+    assert s_off["keep_thr_selection"]["val"]["hmean"] < chosen["val"]["hmean"]
 
 
 def test_ensemble_recomputes_shards_when_the_checkpoint_changed(tmp_path, two_checkpoints, caplog):
