@@ -81,7 +81,7 @@ def part_train(args, device, tmp: Path) -> list[dict]:
     batches = [collate([dataset[(2 * i + j) % len(dataset)] for j in range(2)]) for i in range(len(dataset))]
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
-    optimizer = build_optimizer(model, cfg.train, fused=device.type == "cuda")
+    optimizer = build_optimizer(model, cfg.train)
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     iters, warmup = (3, 1) if args.quick else (args.iters, 10)

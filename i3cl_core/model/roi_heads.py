@@ -27,18 +27,28 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes, roi_align
 
 from i3cl_core.model.inter_cl import InterCL
+from i3cl_core.model.roi_align import roi_align_sparse
 from i3cl_core.model.sampling import balanced_sample, dontcare_boxes, dontcare_mask, sample_generator
 from i3cl_core.structures import Instances
 
 
 class RoIPooler(nn.Module):
-    """Multi-level RoIAlign (``aligned=True``) over P2-P5."""
+    """Multi-level RoIAlign (``aligned=True``) over P2-P5. ``impl`` (``model.roi_align``): torchvision's
+    kernel, or :func:`~i3cl_core.model.roi_align.roi_align_sparse` (the same values, faster on CPU);
+    ``auto`` takes the sparse one for CPU tensors."""
 
-    def __init__(self, output_size: int, strides=(4, 8, 16, 32), canonical_scale: float = 56.0):
+    def __init__(
+        self,
+        output_size: int,
+        strides=(4, 8, 16, 32),
+        canonical_scale: float = 56.0,
+        impl: str = "auto",
+    ):
         super().__init__()
         self.output_size = output_size
         self.strides = strides
         self.canonical_scale = canonical_scale
+        self.impl = impl
 
     def levels(self, boxes: Tensor) -> Tensor:
         scale = torch.sqrt(
@@ -55,11 +65,13 @@ class RoIPooler(nn.Module):
             return self.forward_traced(features, rois)
         if rois.shape[0] == 0:
             return out
+        sparse = self.impl == "sparse" or (self.impl == "auto" and features[0].device.type == "cpu")
+        align = roi_align_sparse if sparse else roi_align
         levels = self.levels(rois[:, 1:])
         for lvl, (feat, stride) in enumerate(zip(features, self.strides)):
             idx = torch.where(levels == lvl)[0]
             if idx.numel():
-                out[idx] = roi_align(
+                out[idx] = align(
                     feat, rois[idx], self.output_size, 1.0 / stride, sampling_ratio=0, aligned=True
                 ).to(out.dtype)
         return out
@@ -176,8 +188,8 @@ class RoIHeads(nn.Module):
 
     def __init__(self, cfg, channels: int):
         super().__init__()
-        self.box_pooler = RoIPooler(7)
-        self.mask_pooler = RoIPooler(14)
+        self.box_pooler = RoIPooler(7, impl=cfg.roi_align)
+        self.mask_pooler = RoIPooler(14, impl=cfg.roi_align)
         self.box_head = BoxHead(channels, 7, cfg.representation_size, cfg.num_classes)
         self.inter_cl = None
         if cfg.inter_cl:

@@ -198,6 +198,8 @@ def _as_first_fingerprinted(cfg: dict) -> dict:
     model, data = cfg.get("model", {}), cfg.get("data", {})
     if model.get("mask_lossweight") is False:
         model.pop("mask_lossweight")
+    if model.get("roi_align") == "auto":
+        model.pop("roi_align")
     augment = data.get("augment", {})
     if augment.get("strong") == StrongAugmentConfig().model_dump(mode="json"):
         augment.pop("strong")

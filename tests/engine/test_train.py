@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -423,6 +424,30 @@ def test_nan_loss_stops_with_iteration_images_and_terms(tmp_path, tiny_data, mon
     assert sorted(p.name for p in (tmp_path / "w" / "checkpoints").glob("epoch_*.pth")) == ["epoch_1.pth"]
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_the_fused_optimizer_updates_as_the_per_parameter_loop(optimizer):
+    """The trainer's optimizer is fused (one kernel per step on the CPU too); it must take the same steps."""
+    from i3cl_core.config.schema import TrainConfig
+    from i3cl_core.engine.train import build_optimizer
+
+    tcfg = TrainConfig(optimizer=optimizer, lr=0.01, weight_decay=0.05)
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))]
+    nets.append(copy.deepcopy(nets[0]))
+    start = copy.deepcopy(nets[0])
+    opts = [build_optimizer(nets[0], tcfg), build_optimizer(nets[1], tcfg, fused=False)]
+    assert opts[0].defaults["fused"] and not opts[1].defaults["fused"]
+    for _ in range(5):
+        x = torch.randn(16, 6)
+        for net, opt in zip(nets, opts):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (nets[0][0].weight - start[0].weight).abs().max() > 1e-3  # the steps moved the weights
+
+
 def test_vitae_no_decay_keys_select_the_releases_parameters():
     """mmdet's custom_keys match substrings of parameter names; with the release's names the ViTAE
     recipe's `norm` key exempts LayerNorms (backbone, InterCL transformer) but not the IntraCL/InterCL
@@ -540,7 +565,9 @@ def test_a_training_step_waits_for_the_device_only_inside_the_model(tmp_path, ti
         x[1].item(), x[x > 1], x.tolist(), bool(x.sum() > 0)
     assert probe.total == 4 and probe.where("test_train.py") == 4, probe.table()
 
-    trainer = Trainer(load_config(write_cfg(tmp_path / "c.yaml", tiny_data)), tmp_path / "w", progress=False)
+    # RoIAlign as a GPU runs it (torchvision's kernel; the sparse product is the CPU's and reads the boxes)
+    cfg = load_config(write_cfg(tmp_path / "c.yaml", tiny_data), ["model.roi_align=torchvision"])
+    trainer = Trainer(cfg, tmp_path / "w", progress=False)
     trainer.images_seen = 0
     trainer.ddp_model.train()
     batches = iter(trainer.loader)
