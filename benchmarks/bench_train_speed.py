@@ -14,7 +14,12 @@ training image of ours (the recipe now) over its time per image is the ratio the
 rasterised before timing, as a data loader would.
 
     .venv/bin/python benchmarks/bench_train_speed.py [--config configs/demo/teacher_a.yaml]
-        [--data data/bench] [--batches 30] [--warmup 5] [--profile]
+        [--data data/bench] [--batches 20] [--warmup 5] [--rounds 3] [--profile]
+
+The machines we measure on are shared and their speed drifts by 10-20 % within minutes, so the settings run
+in ``--rounds`` interleaved rounds (each round runs every setting once, in turn): each setting's images/s
+is the median over the rounds (min..max printed), and the recipe's now/before ratio is taken within each
+round, then the median.
 
 ``--profile`` first prints where one training step of the recipe spends its time (milliseconds per step
 and share): data (decode, augmentation and collation of a batch, which the loader's workers take off the
@@ -29,6 +34,7 @@ without AVX512-BF16/AMX bfloat16 is emulated and slower, which is why the recipe
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -61,22 +67,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/demo/teacher_a.yaml")
     ap.add_argument("--data", default="data/bench")
-    ap.add_argument("--batches", type=int, default=30, help="timed batches per setting (>= 1)")
+    ap.add_argument("--batches", type=int, default=20, help="timed batches per setting (>= 1)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the settings (>= 1)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed batches first (oneDNN kernel selection)")
     ap.add_argument(
         "--profile", action="store_true", help="first, the time per part of one step of the recipe"
     )
     args = ap.parse_args()
-    if args.batches < 1 or args.warmup < 0:
-        ap.error("--batches must be >= 1 and --warmup >= 0")
+    if args.batches < 1 or args.warmup < 0 or args.rounds < 1:
+        ap.error("--batches and --rounds must be >= 1 and --warmup >= 0")
 
     from bench_teacher import ensure_bench_data  # benchmarks/ is on sys.path when run as a script
 
     from i3cl_core.config import load_config
     from i3cl_core.data.coco import CocoTextDataset, collate
     from i3cl_core.data.transforms import build_train_transform
-    from i3cl_core.engine.train import build_optimizer
-    from i3cl_core.model.detector import build_model, native_bf16
+    from i3cl_core.model.detector import native_bf16
 
     data = Path(args.data)
     ensure_bench_data(data)
@@ -100,43 +106,57 @@ def main() -> None:
     if args.profile:
         print_profile(profile_step(load_config(args.config, base), dataset, batches, args.warmup))
 
-    results = {}
-    for name, (overrides, fused) in SETTINGS.items():
-        cfg = load_config(args.config, base + overrides)
-        torch.manual_seed(0)
-        model = build_model(cfg).train()
-        optimizer = build_optimizer(model, cfg.train, fused=fused)
-        for i, (images, targets) in enumerate(batches):
-            if i == args.warmup:
-                t0 = time.perf_counter()
-            losses = model(images, targets)
-            optimizer.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            if cfg.train.grad_clip:  # as the trainer does
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-        results[name] = args.batches * bs / (time.perf_counter() - t0)
-
+    results: dict[str, list[float]] = {name: [] for name in SETTINGS}
+    tv: list[float] = []
     recipe = load_config(args.config, base)
-    tv_ips = torchvision_images_per_s(recipe, batches, args.warmup)
+    for r in range(args.rounds):
+        for name, (overrides, fused) in SETTINGS.items():
+            results[name].append(
+                images_per_s(load_config(args.config, base + overrides), fused, batches, args)
+            )
+        tv.append(torchvision_images_per_s(recipe, batches, args.warmup))
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
 
-    baseline = results["float32, NCHW (baseline)"]
-    print(f"{'setting':48s} {'img/s':>7s} {'vs baseline':>12s}")
-    for name, ips in results.items():
-        print(f"{name:48s} {ips:7.2f} {ips / baseline:11.2f}x")
-    print(f"{'torchvision Mask R-CNN (same sizes)':48s} {tv_ips:7.2f} {tv_ips / baseline:11.2f}x")
+    def med(xs: list[float]) -> float:
+        return statistics.median(xs)
+
+    baseline = med(results["float32, NCHW (baseline)"])
+    print(f"{'setting (median over rounds, min..max)':48s} {'img/s':>7s} {'':>13s} {'vs baseline':>11s}")
+    for name, ips in [*results.items(), ("torchvision Mask R-CNN (same sizes)", tv)]:
+        print(f"{name:48s} {med(ips):7.2f} ({min(ips):.2f}..{max(ips):.2f}) {med(ips) / baseline:10.2f}x")
     use_bf16 = recipe.model.bf16_features is True or (
         recipe.model.bf16_features == "auto" and native_bf16(torch.device("cpu"))
     )
-    ours = results[NOW]
+    ratios = [now / before for now, before in zip(results[NOW], results[BEFORE])]
     print(
-        f"the recipe (bf16 {use_bf16}, channels_last {recipe.model.channels_last}) now / before: "
-        f"{ours / results[BEFORE]:.2f}x training images/s (goal >= 1.5x)"
+        f"the recipe (bf16 {use_bf16}, channels_last {recipe.model.channels_last}) now / before, per round: "
+        + " ".join(f"{x:.2f}x" for x in ratios)
+        + f"; median {med(ratios):.2f}x training images/s (goal >= 1.5x)"
     )
     print(
-        f"time per training image, the recipe now / torchvision: {tv_ips / ours:.2f}x (goal <= 1.1x); "
-        f"both float32 NCHW with torchvision's RoIAlign: {tv_ips / baseline:.2f}x"
+        f"time per training image, the recipe now / torchvision: {med(tv) / med(results[NOW]):.2f}x "
+        f"(goal <= 1.1x); both float32 NCHW with torchvision's RoIAlign: {med(tv) / baseline:.2f}x"
     )
+
+
+def images_per_s(cfg, fused: bool, batches, args) -> float:
+    """Training images/s of ``cfg`` on ``batches`` after ``args.warmup`` untimed ones."""
+    from i3cl_core.engine.train import build_optimizer
+    from i3cl_core.model.detector import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    optimizer = build_optimizer(model, cfg.train, fused=fused)
+    for i, (images, targets) in enumerate(batches):
+        if i == args.warmup:
+            t0 = time.perf_counter()
+        losses = model(images, targets)
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        if cfg.train.grad_clip:  # as the trainer does
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+    return args.batches * len(batches[0][0]) / (time.perf_counter() - t0)
 
 
 PARTS = {

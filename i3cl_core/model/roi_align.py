@@ -7,7 +7,7 @@ sample is a bilinear interpolation, which is separable (a weight per feature-map
 column), and the bin's average of its samples stays separable. So every output cell (RoI, bin row, bin
 column) is a fixed weighted sum of feature-map pixels: a sparse matrix with one row per output cell and one
 column per pixel, applied to the feature map laid out as pixels x channels (free for channels-last tensors).
-The backward is the transposed product, which autograd derives from the forward.
+The backward is the transposed product.
 
 The weights follow torchvision's rules exactly (``aligned`` half-pixel offset, the adaptive sampling ratio
 when ``sampling_ratio`` is 0, samples more than one pixel outside the map count as zero, the clamp at the
@@ -101,12 +101,34 @@ def roi_align_sparse(
     )
     values = wy[:, :, None, :, None] * wx[:, None, :, None, :]
     cells = k * p * p
-    crow = torch.arange(cells + 1, device=features.device) * (by * bx)
+    pixels = features.to(work).permute(0, 2, 3, 1).reshape(n * h * w, c)
+    out = _SparseProduct.apply(index.reshape(-1), values.reshape(-1), cells, by * bx, pixels)
+    return out.view(k, p, p, c).permute(0, 3, 1, 2).to(features.dtype)
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is not
         warnings.simplefilter("ignore", UserWarning)
-        matrix = torch.sparse_csr_tensor(
-            crow, index.reshape(-1), values.reshape(-1), (cells, n * h * w), check_invariants=False
-        )
-    pixels = features.to(work).permute(0, 2, 3, 1).reshape(n * h * w, c)
-    out = torch.sparse.mm(matrix, pixels)
-    return out.view(k, p, p, c).permute(0, 3, 1, 2).to(features.dtype)
+        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+
+
+class _SparseProduct(torch.autograd.Function):
+    """``matrix @ pixels`` for a CSR matrix with ``per_row`` entries in each of its ``cells`` rows (given as
+    column indices and values in row order), differentiable in ``pixels``. The backward builds the transposed
+    matrix itself (a stable sort of the column indices), faster than autograd's generic sparse transpose."""
+
+    @staticmethod
+    def forward(ctx, col: Tensor, values: Tensor, cells: int, per_row: int, pixels: Tensor) -> Tensor:
+        crow = torch.arange(cells + 1, device=pixels.device) * per_row
+        ctx.save_for_backward(col, values)
+        ctx.cells, ctx.per_row, ctx.npix = cells, per_row, pixels.shape[0]
+        return torch.sparse.mm(_csr(crow, col, values, (cells, pixels.shape[0])), pixels)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        col, values = ctx.saved_tensors
+        order = torch.argsort(col, stable=True)
+        crow = torch.zeros(ctx.npix + 1, dtype=torch.int64, device=grad.device)
+        crow[1:] = torch.bincount(col, minlength=ctx.npix).cumsum(0)
+        transposed = _csr(crow, order // ctx.per_row, values[order], (ctx.npix, ctx.cells))
+        return None, None, None, None, torch.sparse.mm(transposed, grad.contiguous())
