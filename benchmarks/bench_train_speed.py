@@ -4,7 +4,7 @@ The same fixed batches (augmented once, held in memory, so data loading is not t
 forward, backward, gradient clipping and the optimizer step of the config for each setting; the baseline is
 float32 with contiguous (NCHW) tensors, torchvision's RoIAlign and the per-parameter optimizer loop. Prints
 training images per second per setting and the ratio to the baseline, then the recipe now (the sparse
-RoIAlign on CPU, the fused optimizer, bfloat16 heads in training) against the recipe before those changes.
+RoIAlign on CPU, the fused optimizer) against the recipe before those two changes.
 
 Then torchvision's Mask R-CNN built to the tiny teacher's sizes (ResNet-18, 64-channel FPN, a 256-wide
 box head, two 64-channel mask convolutions, the same RPN and RoI sampling numbers; no IntraCL, no
@@ -41,11 +41,11 @@ from pathlib import Path
 import torch
 
 # name -> (config overrides, fused optimizer). The first four isolate the speed switches with torchvision's
-# RoIAlign, float32 heads and the per-parameter optimizer loop; the last four are the recipe's own config
-# (its bf16_features and channels_last as it sets them) before and after each change of issue [5/5].
+# RoIAlign and the per-parameter optimizer loop; the last three are the recipe's own config (its
+# bf16_features and channels_last as it sets them) before and after the two changes of issue [5/5].
 BEFORE = "recipe before: torchvision RoIAlign, AdamW loop"
-NOW = "recipe now: + bf16 heads (training)"
-OLD_PATH = ["model.roi_align=torchvision", "model.bf16_heads=false"]
+NOW = "recipe now: + fused AdamW"
+OLD_PATH = ["model.roi_align=torchvision"]
 SETTINGS = {
     "float32, NCHW (baseline)": (
         ["model.bf16_features=false", "model.channels_last=false", *OLD_PATH],
@@ -58,9 +58,8 @@ SETTINGS = {
         False,
     ),
     BEFORE: (OLD_PATH, False),
-    "recipe + sparse RoIAlign (CPU)": (["model.roi_align=auto", "model.bf16_heads=false"], False),
-    "recipe + sparse RoIAlign + fused AdamW": (["model.roi_align=auto", "model.bf16_heads=false"], True),
-    NOW: ([], True),
+    "recipe + sparse RoIAlign (CPU)": (["model.roi_align=auto"], False),
+    NOW: (["model.roi_align=auto"], True),
 }
 
 

@@ -235,12 +235,6 @@ class ModelConfig(_Strict):
         "float32); 'auto': only where the device computes bfloat16 natively (CPUs with AVX512-BF16/AMX, "
         "CUDA with bf16 support), elsewhere it would be slower",
     )
-    bf16_heads: bool | Literal["auto"] = Field(
-        False,
-        description="training only: also run the RPN head and the RoI heads' layers (box head, InterCL, "
-        "mask head) under bfloat16 autocast; proposals, RoIAlign, boxes and losses stay float32, and "
-        "inference keeps the heads in float32 (infer.precision). 'auto' as bf16_features",
-    )
     channels_last: bool = Field(
         False, description="NHWC memory format for the convolutions (faster with oneDNN on CPU)"
     )

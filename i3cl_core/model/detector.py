@@ -26,7 +26,6 @@ from torchvision.models.detection.image_list import ImageList
 from i3cl_core.data.polygons import masks_to_polygons, paste_mask  # noqa: F401 (paste_mask: re-exported)
 from i3cl_core.model.backbone import FPN, TORCHVISION_RESNETS, ResNetBackbone, TimmBackbone
 from i3cl_core.model.intra_cl import IntraCL
-from i3cl_core.model.precision import native_bf16, uses_bf16  # noqa: F401 (native_bf16: re-exported)
 from i3cl_core.model.roi_heads import RoIHeads
 from i3cl_core.model.rpn import I3CLRPN
 from i3cl_core.model.vitae import ViTAEv2Backbone
@@ -59,6 +58,19 @@ def build_backbone(cfg) -> nn.Module:
     if cfg.weights:
         backbone.load_weights(cfg.weights)
     return backbone
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 convolutions natively (else bf16 autocast is emulated and
+    slow)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        try:  # x86 with AVX512-BF16 or AMX; elsewhere oneDNN emulates bfloat16
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
 
 
 class I3CL(nn.Module):
@@ -131,7 +143,9 @@ class I3CL(nn.Module):
         if self.cfg.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         # no context at all when off: a disabled autocast would also switch off the trainer's CUDA AMP here
-        use_bf16 = uses_bf16(self.cfg.bf16_features, batch.device)
+        use_bf16 = self.cfg.bf16_features is True or (
+            self.cfg.bf16_features == "auto" and native_bf16(batch.device)
+        )
         dtype = (
             torch.float16
             if self.fp16_features and not self.training

@@ -27,7 +27,6 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes, roi_align
 
 from i3cl_core.model.inter_cl import InterCL
-from i3cl_core.model.precision import heads_autocast
 from i3cl_core.model.roi_align import roi_align_sparse
 from i3cl_core.model.sampling import balanced_sample, dontcare_boxes, dontcare_mask, sample_generator
 from i3cl_core.structures import Instances
@@ -252,19 +251,17 @@ class RoIHeads(nn.Module):
     # -------------------------------------------------------------------- mask branch
     def mask_forward(self, features: list[Tensor], boxes: list[Tensor], image_sizes, padded_hw) -> Tensor:
         x = self.mask_pooler(features, boxes)
-        with heads_autocast(self.cfg.bf16_heads, x.device, self.training):
-            if self.inter_cl is not None:
-                x = self.inter_cl(x, [b.shape[0] for b in boxes], features, image_sizes, padded_hw)
-            return self.mask_head(x).float()
+        if self.inter_cl is not None:
+            x = self.inter_cl(x, [b.shape[0] for b in boxes], features, image_sizes, padded_hw)
+        return self.mask_head(x)
 
     def forward(self, features: list[Tensor], proposals: list[Tensor], image_sizes, padded_hw, targets=None):
         features = features[:4]  # P2-P5
         if self.training:
             samples = self.sample(proposals, targets)
-            pooled = self.box_pooler(features, [r.boxes for r in samples])
-            with heads_autocast(self.cfg.bf16_heads, pooled.device, True):
-                class_logits, box_regression = self.box_head(pooled)
-            class_logits, box_regression = class_logits.float(), box_regression.float()
+            class_logits, box_regression = self.box_head(
+                self.box_pooler(features, [r.boxes for r in samples])
+            )
             loss_cls, loss_box = weighted_fastrcnn_loss(class_logits, box_regression, Instances.cat(samples))
             # mask branch on the positives of each image
             pos_boxes, pos_labels, pos_weights, mask_targets = [], [], [], []

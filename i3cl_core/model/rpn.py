@@ -27,7 +27,6 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, con
 from torchvision.ops import box_iou, nms
 from torchvision.ops import boxes as box_ops
 
-from i3cl_core.model.precision import heads_autocast
 from i3cl_core.model.sampling import balanced_sample, dontcare_boxes, dontcare_mask, sample_generator
 from i3cl_core.structures import Instances
 
@@ -103,7 +102,6 @@ class I3CLRPN(RegionProposalNetwork):
         self.proposal_matcher = FlooredMatcher(0.7, 0.3, min_pos_iou=0.3)
         self.dontcare_iof_thr = cfg.dontcare_iof_thr
         self.ignore_dontcare = cfg.ignore_dontcare
-        self.bf16_heads = cfg.bf16_heads
 
     def assign(self, anchors: Tensor, target: dict) -> Instances:
         """The anchors of one image as :class:`Instances`: ``labels`` (1 positive, 0 negative, -1 ignored),
@@ -167,9 +165,7 @@ class I3CLRPN(RegionProposalNetwork):
         return final_boxes, final_scores
 
     def forward(self, images, features: list[Tensor], targets: list[dict] | None = None):
-        with heads_autocast(self.bf16_heads, features[0].device, self.training):
-            objectness, deltas = self.head(features)
-        objectness, deltas = [o.float() for o in objectness], [d.float() for d in deltas]
+        objectness, deltas = self.head(features)
         anchors = self.anchor_generator(images, features)
         num_images = len(anchors)
         num_anchors_per_level = [o[0].numel() for o in objectness]

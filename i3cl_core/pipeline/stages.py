@@ -200,8 +200,6 @@ def _as_first_fingerprinted(cfg: dict) -> dict:
         model.pop("mask_lossweight")
     if model.get("roi_align") == "auto":
         model.pop("roi_align")
-    if model.get("bf16_heads") is False:
-        model.pop("bf16_heads")
     augment = data.get("augment", {})
     if augment.get("strong") == StrongAugmentConfig().model_dump(mode="json"):
         augment.pop("strong")

@@ -322,32 +322,6 @@ def test_bf16_features_and_channels_last():
         tiny_cfg("model.bf16_features=sometimes")
 
 
-def test_bf16_heads_compute_the_heads_in_bfloat16_in_training_only():
-    """bf16_heads: the RPN head, box head, InterCL and mask head see bfloat16 in training; the losses,
-    the gradients and inference stay float32."""
-    image, target = text_image()
-    for setting, want in (("true", torch.bfloat16), ("false", torch.float32)):
-        torch.manual_seed(0)
-        m = build_model(tiny_cfg(f"model.bf16_heads={setting}")).train()
-        seen: dict[str, set] = {}
-        for name in ("rpn.head.conv", "roi_heads.box_head.fc6", "roi_heads.mask_head"):
-            m.get_submodule(name).register_forward_hook(
-                lambda mod, inp, out, name=name, seen=seen: seen.setdefault(name, set()).add(
-                    (out[0] if isinstance(out, (list, tuple)) else out).dtype
-                )
-            )
-        losses = m([image], [target])
-        assert seen == {k: {want} for k in seen} and len(seen) == 3, seen
-        assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
-        sum(losses.values()).backward()
-        grad = m.roi_heads.box_head.fc6.weight.grad
-        assert grad is not None and grad.dtype == torch.float32 and grad.abs().sum() > 0
-        seen.clear()
-        with torch.no_grad():
-            m.eval()([image])
-        assert all(v == {torch.float32} for v in seen.values()), seen  # inference: float32 heads
-
-
 def test_mask_to_polygon_largest_contour_clockwise():
     mask = np.zeros((60, 100), np.uint8)
     mask[5:10, 5:10] = 1
