@@ -241,7 +241,7 @@ class ModelConfig(_Strict):
     roi_align: Literal["auto", "torchvision", "sparse"] = Field(
         "auto",
         description="RoIAlign of the box and mask poolers: torchvision's kernel, or the same operation as "
-        "one sparse matrix product (i3cl_core/model/roi_align.py; about 3x faster on CPU with its "
+        "one sparse matrix product (i3cl_core/model/roi_align.py; 2-5x faster on CPU with its "
         "backward); 'auto': sparse on CPU, torchvision elsewhere. Both give the same values",
     )
     # RPN
