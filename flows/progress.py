@@ -22,7 +22,7 @@ TRAIN_LINE = re.compile(r"epoch (\d+)/(\d+) iter (\d+)/(\d+) loss ([0-9.naninf]+
 
 @dataclass
 class Activity:
-    key: str  # "train teachers/teacher_a", "ensemble teacher_a"
+    key: str  # "train teacher:teacher_a", "train student-r2:student", "ensemble teacher_a"
     done: float  # units done
     total: float
     detail: str  # "epoch 3/10 iter 12/25 loss 1.41 2.0 img/s"
@@ -43,13 +43,11 @@ def _last_match(path: Path, pattern: re.Pattern, tail_bytes: int = 4096):
 
 def scan(work_dir: Path) -> list[Activity]:
     """Every training and every ensemble model of the work dir that has started, with its progress."""
-    wd = Path(work_dir)
-    layout = WorkDir(wd)
+    layout = WorkDir(Path(work_dir))
     out = []
     runs = []
-    for _, folder in layout.model_folders():
-        where = folder.relative_to(wd).as_posix().removeprefix("rounds/")  # teachers, student, r2/student
-        runs += [(f"{where}/{name}", p) for name, p in model_runs(folder, running=True)]
+    for role, folder in layout.model_folders():  # named role:name, as in the run's scores
+        runs += [(f"{role}:{name}", p) for name, p in model_runs(folder, running=True)]
     for name, run in runs:
         m = _last_match(run / "train.log", TRAIN_LINE)
         if m is None:
@@ -64,17 +62,11 @@ def scan(work_dir: Path) -> list[Activity]:
                 finished=(run / "metrics.json").exists(),
             )
         )
-    for pred_root in layout.prediction_dirs():
-        if not pred_root.exists():
-            continue
-        plan = pred_root / PLAN
-        for model in sorted(p for p in pred_root.iterdir() if p.is_dir() and p.name != "extra"):
-            done = len(list(model.glob("shard_*.json")))
-            total = _planned_shards(plan) or max(done, 1)
-            label = f"ensemble {pred_root.parent.name + '/' if pred_root.parent != wd else ''}{model.name}"
-            out.append(
-                Activity(label, done, total, f"{done}/{total} shards", finished=(model / COVERAGE).exists())
-            )
+    for label, model in layout.ensemble_folders():
+        done = len(list(model.glob("shard_*.json")))
+        total = _planned_shards(model.parent / PLAN) or max(done, 1)
+        finished = (model / COVERAGE).exists()
+        out.append(Activity(f"ensemble {label}", done, total, f"{done}/{total} shards", finished=finished))
     return out
 
 

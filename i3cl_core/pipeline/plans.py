@@ -18,7 +18,7 @@ from i3cl_core.pipeline.stages import (
     finish_model_predictions,
     plan_inference,
 )
-from i3cl_core.pipeline.workdir import MEMBERS, PLAN, WorkDir
+from i3cl_core.pipeline.workdir import EXTRA, MEMBERS, PLAN, WorkDir
 from i3cl_core.utils import atomic_write_json, fingerprint
 
 
@@ -65,7 +65,7 @@ def finish_split(split: SplitPlan, models: dict[str, str]) -> list[str]:
     """The members of one split once its shards are done: each model's predictions checked complete and
     joined, the extra detectors' converted; listed in the split's ``members.json``, which fusion reads."""
     members = [finish_model_predictions(split.pred_root / name, split.shards) for name in models]
-    members += extra_members(split.extra, split.shards, split.pred_root / "extra")
+    members += extra_members(split.extra, split.shards, split.pred_root / EXTRA)
     atomic_write_json(split.pred_root / MEMBERS, members, indent=2)
     return members
 

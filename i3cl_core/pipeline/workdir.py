@@ -33,6 +33,7 @@ PSEUDO_LABELS = "train_lossweight.json"  # in pseudo/<variant>/: the fused label
 FUSION_REPORT = "report.json"  # ... beside them: the fusion's report (counts, quality, chosen keep_thr)
 MEMBERS = "members.json"  # in predictions/ and predictions_val/: the ensemble's members, what fusion reads
 PLAN = "plan.json"  # ... beside it: the number of shards and images planned
+EXTRA = "extra"  # in predictions/: the external members' converted predictions
 COVERAGE = "coverage.json"  # in predictions/<model>/: written once every shard of the model is there
 TEST_EVAL = "test_eval.json"  # in a student's or control's variant folder: its scores on the test split
 
@@ -122,9 +123,18 @@ class WorkDir:
         """The pseudo-label folder of every round that has one."""
         return [self.pseudo_dir(r) for r in [1, *self.later_rounds()]]
 
-    def prediction_dirs(self) -> list[Path]:
-        """The unlabeled predictions of every round."""
-        return [self.predictions(r) for r in [1, *self.later_rounds()]]
+    def ensemble_folders(self) -> list[tuple[str, Path]]:
+        """``(label, folder)`` of every model's shard folder in every round's unlabeled predictions (the
+        external members' ``extra/`` left out), labelled ``teacher_a`` in round 1 and ``r2/student`` in
+        round 2; the round's :data:`PLAN` lies in the folder's parent."""
+        out = []
+        for r in [1, *self.later_rounds()]:
+            root = self.predictions(r)
+            if root.is_dir():
+                prefix = "" if r == 1 else f"r{r}/"
+                models = sorted(p for p in root.iterdir() if p.is_dir() and p.name != EXTRA)
+                out += [(prefix + p.name, p) for p in models]
+        return out
 
     def model_folders(self) -> list[tuple[str, Path]]:
         """``(role, folder)`` of every kind of trained model: ``teacher``, ``control``, ``student`` (round 1),

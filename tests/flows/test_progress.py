@@ -28,8 +28,8 @@ def _work_dir(tmp_path):
 
 def test_scan_reads_trainings_and_shards(tmp_path):
     acts = {a.key: a for a in scan(_work_dir(tmp_path))}
-    assert set(acts) == {"train teachers/teacher_a", "ensemble teacher_a"}
-    t = acts["train teachers/teacher_a"]
+    assert set(acts) == {"train teacher:teacher_a", "ensemble teacher_a"}
+    t = acts["train teacher:teacher_a"]
     assert (t.done, t.total, t.finished) == (35, 100, False)
     assert t.detail == "epoch 2/4 iter 10/25 loss 1.7321 2.05 img/s"
     e = acts["ensemble teacher_a"]
@@ -42,7 +42,7 @@ def test_plain_lines_are_rate_limited_and_finished_ones_said_once(tmp_path):
     view = ProgressView(stream=out, plain_every=3600, force_plain=True)
     view.update(scan(wd))
     first = out.getvalue().splitlines()
-    assert len(first) == 2 and "teachers/teacher_a:  35.0%  epoch 2/4 iter 10/25 loss 1.7321" in first[0]
+    assert len(first) == 2 and "teacher:teacher_a:  35.0%  epoch 2/4 iter 10/25 loss 1.7321" in first[0]
     view.update(scan(wd))  # within plain_every: nothing more
     assert out.getvalue().splitlines() == first
     (wd / "teachers" / "teacher_a" / "metrics.json").write_text("{}")
@@ -50,4 +50,4 @@ def test_plain_lines_are_rate_limited_and_finished_ones_said_once(tmp_path):
     view.update(scan(wd))
     view.update(scan(wd))
     lines = out.getvalue().splitlines()
-    assert sum("teachers/teacher_a" in ln and "done" in ln for ln in lines) == 1
+    assert sum("teacher:teacher_a" in ln and "done" in ln for ln in lines) == 1

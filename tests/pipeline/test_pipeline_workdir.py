@@ -32,7 +32,14 @@ def test_rounds_live_under_rounds_in_numeric_order(tmp_path):
         "student-r2",
         "student-r10",
     ]
-    assert wd.prediction_dirs()[-1] == tmp_path / "rounds" / "r10" / "predictions"
+    for folder in ("teacher_a", "extra"):
+        (wd.predictions(1) / folder).mkdir(parents=True)
+    (wd.predictions(1) / "plan.json").write_text("{}")
+    (wd.predictions(10) / "student").mkdir(parents=True)
+    assert wd.ensemble_folders() == [
+        ("teacher_a", tmp_path / "predictions" / "teacher_a"),
+        ("r10/student", tmp_path / "rounds" / "r10" / "predictions" / "student"),
+    ]
     with pytest.raises(PipelineError, match="ssl_round: must be >= 1"):
         wd.round_dir(0)
     with pytest.raises(ValueError, match="split"):
