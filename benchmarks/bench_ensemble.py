@@ -1,6 +1,8 @@
 """Ensemble-inference throughput on this machine: images/s of ``run_ensemble`` (the code the pipeline's
 ensemble stage runs) with 1 and 2 workers, batch 1 and 4, float32 and bfloat16 features, all in one run
-on the same images and teachers. Outputs of the 1- and 2-worker runs are compared byte for byte.
+on the same images and teachers. Outputs of the 1- and 2-worker runs are compared byte for byte. The last
+rows run the same teachers with torchvision's RoIAlign kernel (``model.roi_align: torchvision``, the path
+before the sparse one became the CPU's default) and compare its shards with the default's.
 
     .venv/bin/python benchmarks/bench_ensemble.py [--images 60] [--side 320] [--devices cpu]
 
@@ -12,9 +14,12 @@ image has detections to trace); throughput does not depend on what they learned.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,28 +57,35 @@ def main() -> None:
             cjk=False,
             workers=2,
         )
-        ckpts = []
-        for seed in (0, 1):
-            cfg = load_config(REPO / "configs" / "demo" / "teacher_a.yaml", ["model.backbone.weights=null"])
-            torch.manual_seed(seed)
-            m = build_model(cfg).eval()
-            m.roi_heads.box_head.cls_score.bias.data = torch.tensor([0.0, 0.6])
-            ckpts.append(str(save_checkpoint(tmp / f"teacher_{seed}.pth", m, cfg)))
+        ckpts = {"auto": [], "torchvision": []}
+        for impl, paths in ckpts.items():
+            for seed in (0, 1):
+                overrides = ["model.backbone.weights=null", f"model.roi_align={impl}"]
+                cfg = load_config(REPO / "configs" / "demo" / "teacher_a.yaml", overrides)
+                torch.manual_seed(seed)
+                m = build_model(cfg).eval()
+                m.roi_heads.box_head.cls_score.bias.data = torch.tensor([0.0, 0.6])
+                paths.append(str(save_checkpoint(tmp / impl / f"teacher_{seed}.pth", m, cfg)))
         print(f"{args.images} images of {args.side} px, 2 teachers, torch threads {torch.get_num_threads()}")
-        print(f"{'workers':>8} {'devices':<18} {'batch':>5} {'precision':>9} {'img/s':>7} {'vs first':>9}")
+        print(
+            f"{'workers':>8} {'devices':<18} {'batch':>5} {'precision':>9} {'roi_align':>11} {'img/s':>7} "
+            f"{'vs first':>9}"
+        )
         first, outs = None, {}
-        for devices, batch, precision in (
-            (one, 1, "fp32"),
-            (two, 1, "fp32"),
-            (one, 4, "fp32"),
-            (two, 4, "fp32"),
-            (one, 4, "bf16"),
-            (two, 4, "bf16"),
+        for devices, batch, precision, impl in (
+            (one, 1, "fp32", "auto"),
+            (two, 1, "fp32", "auto"),
+            (one, 4, "fp32", "auto"),
+            (two, 4, "fp32", "auto"),
+            (one, 4, "bf16", "auto"),
+            (two, 4, "bf16", "auto"),
+            (one, 4, "fp32", "torchvision"),
+            (one, 4, "bf16", "torchvision"),
         ):
-            out = tmp / f"ens_{len(devices)}_{batch}_{precision}"
+            out = tmp / f"ens_{len(devices)}_{batch}_{precision}_{impl}"
             t0 = time.perf_counter()
             s = run_ensemble(
-                ckpts,
+                ckpts[impl],
                 data["img_root"],
                 out,
                 shard_size=10,
@@ -85,22 +97,43 @@ def main() -> None:
             )
             ips = 2 * s["images"] / (time.perf_counter() - t0)  # model-images per second
             first = first or ips
-            outs[(len(devices), batch, precision)] = out
+            outs[(len(devices), batch, precision, impl)] = (out, ips)
             print(
-                f"{len(devices):>8} {' '.join(devices):<18} {batch:>5} {precision:>9} "
+                f"{len(devices):>8} {' '.join(devices):<18} {batch:>5} {precision:>9} {impl:>11} "
                 f"{ips:7.2f} {ips / first:8.2f}x",
                 flush=True,
             )
         for batch, precision in ((1, "fp32"), (4, "fp32"), (4, "bf16")):
-            a, b = outs[(1, batch, precision)], outs[(2, batch, precision)]
-            same = all(
-                (a / p.relative_to(a)).read_bytes() == (b / p.relative_to(a)).read_bytes()
-                for p in a.rglob("shard_*.json")
-            )
+            a, b = outs[(1, batch, precision, "auto")][0], outs[(2, batch, precision, "auto")][0]
+            print(f"batch {batch} {precision}: 1 and 2 workers wrote {_same_shards(a, b)} shard files")
+        for precision in ("fp32", "bf16"):
+            (a, new), (b, old) = outs[(1, 4, precision, "auto")], outs[(1, 4, precision, "torchvision")]
             print(
-                f"batch {batch} {precision}: 1 and 2 workers wrote "
-                f"{'identical' if same else 'DIFFERENT'} shard files"
+                f"batch 4 {precision}, one worker: default RoIAlign {new / old:.2f}x torchvision's kernel; "
+                f"{_same_shards(a, b)} shard files"
             )
+
+
+def _same_shards(a: Path, b: Path) -> str:
+    """'identical', or how the detections of two ensemble outputs differ (count, largest score and
+    polygon-vertex differences of the detections matched in order)."""
+    files = sorted(p.relative_to(a) for p in a.rglob("shard_*.json"))
+    if all((a / f).read_bytes() == (b / f).read_bytes() for f in files):
+        return "identical"
+    n_a = n_b = 0
+    d_score = d_xy = 0.0
+    for f in files:
+        ra, rb = json.loads((a / f).read_text()), json.loads((b / f).read_text())  # COCO results
+        n_a, n_b = n_a + len(ra), n_b + len(rb)
+        for x, y in zip(ra, rb):
+            d_score = max(d_score, abs(x["score"] - y["score"]))
+            pa, pb = np.asarray(x["segmentation"][0]), np.asarray(y["segmentation"][0])
+            if pa.shape == pb.shape:
+                d_xy = max(d_xy, float(np.abs(pa - pb).max(initial=0.0)))
+    return (
+        f"DIFFERENT ({n_a} vs {n_b} detections; in order, largest score difference {d_score:.2g}, "
+        f"largest vertex difference {d_xy:.2g} px where the vertex counts agree)"
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -63,6 +64,9 @@ def test_layout_and_coco_fields(ten_images):
     assert summary["num_images"] == 10 and summary["ann_file"].endswith("annotations.json")
     assert coco["categories"] == [{"id": 1, "name": "text"}]
     assert coco["info"]["seed"] == 0 and coco["info"]["size"] == list(SIZE)
+    latin = [Path(f).name for f in synth.find_latin_fonts()]
+    assert coco["info"]["fonts"][: len(latin)] == latin  # then the CJK font, where one was found
+    assert len(coco["info"]["fonts"]) == len(latin) + coco["info"]["cjk"]
     assert [im["id"] for im in coco["images"]] == list(range(1, 11))
     for im in coco["images"]:
         path = out / "images" / im["file_name"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from i3cl_core.data.synth.fonts import _resolve_cjk
+from i3cl_core.data.synth.fonts import _resolve_cjk, find_latin_fonts
 from i3cl_core.data.synth.render import list_backgrounds, render_sample
 from i3cl_core.utils import atomic_write_json, die_with_parent
 
@@ -120,6 +120,8 @@ def generate_dataset(
         "seed": seed,
         "size": [w, h],
         "cjk": cjk_font is not None,
+        # the rendered pixels depend on the machine's fonts: a data set made elsewhere differs if these do
+        "fonts": [Path(f).name for f in (*find_latin_fonts(), cjk_font) if f],
         "backgrounds": "skimage" + (f"+{len(backgrounds)} user images" if backgrounds else ""),
     }
     coco = {"info": info, "images": images, "annotations": annotations, "categories": [dict(CATEGORY)]}
