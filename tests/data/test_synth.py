@@ -42,10 +42,11 @@ def ten_images(tmp_path_factory):
     return out, summary
 
 
-def test_same_seed_same_json_across_runs_and_workers(ten_images, tmp_path):
+def test_same_seed_same_json_across_runs_and_workers(ten_images, tmp_path, monkeypatch):
     out, summary = ten_images
     first = (out / "annotations.json").read_bytes()
     again = _gen(tmp_path / "again", n=10, seed=0, workers=1)
+    monkeypatch.setattr(synth.dataset, "POOL_MIN_IMAGES_PER_WORKER", 1)  # ten images through the pool
     two = _gen(tmp_path / "two", n=10, seed=0, workers=2)
     assert (tmp_path / "again" / "annotations.json").read_bytes() == first
     assert (tmp_path / "two" / "annotations.json").read_bytes() == first
