@@ -4,7 +4,7 @@ on the same images and teachers. Outputs of the 1- and 2-worker runs are compare
 rows run the same teachers with torchvision's RoIAlign kernel (``model.roi_align: torchvision``, the path
 before the sparse one became the CPU's default) and compare its shards with the default's.
 
-    .venv/bin/python benchmarks/bench_ensemble.py [--images 60] [--side 320] [--devices cpu]
+    .venv/bin/python benchmarks/bench_ensemble.py [--images 60] [--side 320] [--rounds 3] [--devices cpu]
 
 Teachers: two demo-sized I3CL models with random weights and a biased classifier (so that each
 image has detections to trace); throughput does not depend on what they learned. On a GPU node pass
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +30,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=60)
     ap.add_argument("--side", type=int, default=320)
+    ap.add_argument("--rounds", type=int, default=3, help="passes over every row, interleaved")
     ap.add_argument(
         "--devices",
         nargs="+",
@@ -44,8 +47,8 @@ def main() -> None:
     from i3cl_core.model.detector import build_model
     from i3cl_core.pseudo.ensemble import run_ensemble
 
-    one = args.devices[:1]
-    two = args.devices[:2] if len(args.devices) > 1 else one * 2
+    one = tuple(args.devices[:1])  # tuples: the rows are dict keys
+    two = tuple(args.devices[:2]) if len(args.devices) > 1 else one * 2
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = generate_dataset(
@@ -66,13 +69,11 @@ def main() -> None:
                 m = build_model(cfg).eval()
                 m.roi_heads.box_head.cls_score.bias.data = torch.tensor([0.0, 0.6])
                 paths.append(str(save_checkpoint(tmp / impl / f"teacher_{seed}.pth", m, cfg)))
-        print(f"{args.images} images of {args.side} px, 2 teachers, torch threads {torch.get_num_threads()}")
         print(
-            f"{'workers':>8} {'devices':<18} {'batch':>5} {'precision':>9} {'roi_align':>11} {'img/s':>7} "
-            f"{'vs first':>9}"
+            f"{args.images} images of {args.side} px, 2 teachers, torch threads {torch.get_num_threads()}, "
+            f"{args.rounds} interleaved rounds (img/s: the median, then min..max; a shared machine drifts)"
         )
-        first, outs = None, {}
-        for devices, batch, precision, impl in (
+        rows = [
             (one, 1, "fp32", "auto"),
             (two, 1, "fp32", "auto"),
             (one, 4, "fp32", "auto"),
@@ -81,36 +82,53 @@ def main() -> None:
             (two, 4, "bf16", "auto"),
             (one, 4, "fp32", "torchvision"),
             (one, 4, "bf16", "torchvision"),
-        ):
-            out = tmp / f"ens_{len(devices)}_{batch}_{precision}_{impl}"
-            t0 = time.perf_counter()
-            s = run_ensemble(
-                ckpts[impl],
-                data["img_root"],
-                out,
-                shard_size=10,
-                devices=devices,
-                batch_size=batch,
-                loader_workers=1,
-                precision=precision,
-                progress=False,
-            )
-            ips = 2 * s["images"] / (time.perf_counter() - t0)  # model-images per second
-            first = first or ips
-            outs[(len(devices), batch, precision, impl)] = (out, ips)
+        ]
+        speeds = {row: [] for row in rows}
+        outs = {}
+        for r in range(args.rounds):
+            for row in rows:
+                devices, batch, precision, impl = row
+                out = tmp / f"r{r}_ens_{len(devices)}_{batch}_{precision}_{impl}"  # fresh: no shard reused
+                t0 = time.perf_counter()
+                s = run_ensemble(
+                    ckpts[impl],
+                    data["img_root"],
+                    out,
+                    shard_size=10,
+                    devices=list(devices),
+                    batch_size=batch,
+                    loader_workers=1,
+                    precision=precision,
+                    progress=False,
+                )
+                speeds[row].append(2 * s["images"] / (time.perf_counter() - t0))  # model-images per second
+                if r < args.rounds - 1:
+                    shutil.rmtree(out)
+                outs[(len(devices), batch, precision, impl)] = (out, statistics.median(speeds[row]))
+            print(f"round {r + 1}/{args.rounds} done", flush=True)
+        print(
+            f"{'workers':>8} {'devices':<18} {'batch':>5} {'precision':>9} {'roi_align':>11} {'img/s':>7} "
+            f"{'min..max':>12} {'vs first':>9}"
+        )
+        first = statistics.median(speeds[rows[0]])
+        for row in rows:
+            devices, batch, precision, impl = row
+            med = statistics.median(speeds[row])
+            span = f"{min(speeds[row]):.2f}..{max(speeds[row]):.2f}"
             print(
                 f"{len(devices):>8} {' '.join(devices):<18} {batch:>5} {precision:>9} {impl:>11} "
-                f"{ips:7.2f} {ips / first:8.2f}x",
-                flush=True,
+                f"{med:7.2f} {span:>12} {med / first:8.2f}x"
             )
         for batch, precision in ((1, "fp32"), (4, "fp32"), (4, "bf16")):
             a, b = outs[(1, batch, precision, "auto")][0], outs[(2, batch, precision, "auto")][0]
             print(f"batch {batch} {precision}: 1 and 2 workers wrote {_same_shards(a, b)} shard files")
         for precision in ("fp32", "bf16"):
             (a, new), (b, old) = outs[(1, 4, precision, "auto")], outs[(1, 4, precision, "torchvision")]
+            pairs = zip(speeds[(one, 4, precision, "auto")], speeds[(one, 4, precision, "torchvision")])
+            per_round = " ".join(f"{x / y:.2f}" for x, y in pairs)
             print(
-                f"batch 4 {precision}, one worker: default RoIAlign {new / old:.2f}x torchvision's kernel; "
-                f"{_same_shards(a, b)} shard files"
+                f"batch 4 {precision}, one worker: default RoIAlign {new / old:.2f}x torchvision's kernel "
+                f"(per round {per_round}); {_same_shards(a, b)} shard files"
             )
 
 
