@@ -84,7 +84,7 @@ def main() -> None:
             (one, 4, "bf16", "torchvision"),
         ]
         speeds = {row: [] for row in rows}
-        outs = {}
+        outs = {}  # row -> its last round's output folder (the shards compared below)
         for r in range(args.rounds):
             for row in rows:
                 devices, batch, precision, impl = row
@@ -102,33 +102,31 @@ def main() -> None:
                     progress=False,
                 )
                 speeds[row].append(2 * s["images"] / (time.perf_counter() - t0))  # model-images per second
-                if r < args.rounds - 1:
-                    shutil.rmtree(out)
-                outs[(len(devices), batch, precision, impl)] = (out, statistics.median(speeds[row]))
+                if row in outs:
+                    shutil.rmtree(outs[row])
+                outs[row] = out
             print(f"round {r + 1}/{args.rounds} done", flush=True)
+        med = {row: statistics.median(v) for row, v in speeds.items()}
         print(
             f"{'workers':>8} {'devices':<18} {'batch':>5} {'precision':>9} {'roi_align':>11} {'img/s':>7} "
             f"{'min..max':>12} {'vs first':>9}"
         )
-        first = statistics.median(speeds[rows[0]])
         for row in rows:
             devices, batch, precision, impl = row
-            med = statistics.median(speeds[row])
             span = f"{min(speeds[row]):.2f}..{max(speeds[row]):.2f}"
             print(
                 f"{len(devices):>8} {' '.join(devices):<18} {batch:>5} {precision:>9} {impl:>11} "
-                f"{med:7.2f} {span:>12} {med / first:8.2f}x"
+                f"{med[row]:7.2f} {span:>12} {med[row] / med[rows[0]]:8.2f}x"
             )
         for batch, precision in ((1, "fp32"), (4, "fp32"), (4, "bf16")):
-            a, b = outs[(1, batch, precision, "auto")][0], outs[(2, batch, precision, "auto")][0]
+            a, b = outs[(one, batch, precision, "auto")], outs[(two, batch, precision, "auto")]
             print(f"batch {batch} {precision}: 1 and 2 workers wrote {_same_shards(a, b)} shard files")
         for precision in ("fp32", "bf16"):
-            (a, new), (b, old) = outs[(1, 4, precision, "auto")], outs[(1, 4, precision, "torchvision")]
-            pairs = zip(speeds[(one, 4, precision, "auto")], speeds[(one, 4, precision, "torchvision")])
-            per_round = " ".join(f"{x / y:.2f}" for x, y in pairs)
+            new, old = (one, 4, precision, "auto"), (one, 4, precision, "torchvision")
+            per_round = " ".join(f"{x / y:.2f}" for x, y in zip(speeds[new], speeds[old]))
             print(
-                f"batch 4 {precision}, one worker: default RoIAlign {new / old:.2f}x torchvision's kernel "
-                f"(per round {per_round}); {_same_shards(a, b)} shard files"
+                f"batch 4 {precision}, one worker: default RoIAlign {med[new] / med[old]:.2f}x torchvision's "
+                f"kernel (per round {per_round}); {_same_shards(outs[new], outs[old])} shard files"
             )
 
 
